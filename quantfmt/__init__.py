@@ -1,0 +1,37 @@
+"""quantfmt: pluggable weight-quantization formats keyed by FourCC tags.
+
+Importing this package is cheap (no numba, no plugins loaded); names below are
+resolved on first use.
+
+    import quantfmt
+    t = quantfmt.QTensor.quantize(w, "Q4_0")
+    y = t.matmul(x)
+"""
+
+from __future__ import annotations
+
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "QTensor": ("quantfmt.tensor", "QTensor"),
+    "Model": ("quantfmt.tensor", "Model"),
+    "Format": ("quantfmt.format", "Format"),
+    "get_format": ("quantfmt.plugins", "get_format"),
+    "formats": ("quantfmt.plugins", "formats"),
+    "QuantfmtError": ("quantfmt.errors", "QuantfmtError"),
+}
+
+__all__ = ["hookimpl", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'quantfmt' has no attribute {name!r}")

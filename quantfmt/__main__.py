@@ -1,0 +1,5 @@
+"""`python -m quantfmt` runs the CLI."""
+
+from .cli import main
+
+main()

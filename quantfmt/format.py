@@ -1,0 +1,268 @@
+"""The kernel contract every format implements, and the checks they all share.
+
+A format is a subclass of `Format` that declares its block geometry and implements
+four private kernels on a validated 2-D problem:
+
+    _quantize(w)                     w: float32 (rows, cols), C-contiguous -> uint8 (nbytes,)
+    _dequantize(data, rows, cols)    data: uint8 (nbytes,) -> float32 (rows, cols)
+    _get_rows(data, rows, cols, idx) idx: int64, in range -> float32 (len(idx), cols)
+    _qmatmul(data, rows, cols, x, mode)  x: float32 (n, cols), C-contiguous -> float32 (n, rows)
+
+The public methods (quantize, dequantize, get_row(s), qmatmul) do everything else once,
+here: dtype and shape checks, non-finite input, byte counts, index bounds, modes,
+flattening higher-rank tensors to (prod(leading dims), last dim), and keeping numpy
+warnings in. Defaults for _get_rows and _qmatmul work from _dequantize on row groups,
+so a new format needs only _quantize and _dequantize to be correct; it overrides the
+others to be fast.
+
+Byte layout rule shared by all formats: a tensor's bytes are its row groups in order,
+a row group being `block_shape[0]` consecutive rows stored in `row_group_bytes(cols)`
+bytes. So rows [r0, r1) of a tensor are one contiguous byte range, whatever the format.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from .errors import (
+    ByteSizeError,
+    DTypeError,
+    NonFiniteError,
+    RowIndexError,
+    ShapeError,
+    UnsupportedModeError,
+)
+
+TAG_RE = re.compile(r"^[A-Z0-9_]{1,4}$")
+# A bound on element counts, far above any real tensor, so a hostile header cannot
+# make us allocate or loop over absurd sizes.
+MAX_ELEMENTS = 1 << 40
+# Rows dequantized per tile by the default qmatmul: a few MB of float32 at most.
+TILE_ELEMENTS = 1 << 20
+# Accepted input dtypes for quantize and qmatmul activations; all computed in float32.
+FLOAT_KINDS = (np.float16, np.float32, np.float64)
+
+
+class Format:
+    """Base class of every quantization format. Subclass, set the attributes, implement kernels."""
+
+    tag: str = ""
+    #: Layout version: bump when the byte layout changes, so old files are not misread.
+    version: int = 1
+    #: (rows, cols) of one block: (1, 32) = 32 weights along a row; (128, 1) = 128 down a column.
+    block_shape: tuple[int, int] = (1, 1)
+    #: Bytes one block occupies.
+    block_bytes: int = 4
+    #: qmatmul modes: "f32" (float activations) always; "q8_0" = activations quantized per
+    #: 32 to ggml's Q8_0 and integer dot products.
+    modes: tuple[str, ...] = ("f32",)
+    #: One line for `quantfmt formats`.
+    summary: str = ""
+    #: Filled in by the registry: the plugin that registered this format.
+    plugin: str = "?"
+
+    # ---- geometry ---------------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.block_shape[0] * self.block_shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.block_bytes / self.block_size
+
+    def row_group_bytes(self, cols: int) -> int:
+        """Bytes of one row group (block_shape[0] rows of `cols` columns)."""
+        return cols // self.block_shape[1] * self.block_bytes
+
+    def matrix_shape(self, shape) -> tuple[int, int]:
+        """The (rows, cols) a tensor of `shape` is quantized as; ShapeError if it cannot be."""
+        try:
+            dims = tuple(int(d) for d in shape)
+        except (TypeError, ValueError):
+            raise ShapeError(f"{self.tag}: shape {shape!r} is not a tuple of integers") from None
+        if not dims:
+            raise ShapeError(f"{self.tag}: a scalar (shape ()) cannot be stored; give it at least one dimension")
+        if any(d < 0 for d in dims):
+            raise ShapeError(f"{self.tag}: shape {dims} has a negative dimension")
+        if math.prod(dims) > MAX_ELEMENTS:
+            raise ShapeError(f"{self.tag}: shape {dims} has more than 2**40 elements")
+        cols = dims[-1]
+        rows = math.prod(dims[:-1])
+        br, bc = self.block_shape
+        if cols % bc or rows % br:
+            need = []
+            if cols % bc:
+                need.append(f"the last dimension ({cols}) to be a multiple of {bc}")
+            if rows % br:
+                need.append(f"the product of the leading dimensions ({rows}) to be a multiple of {br}")
+            raise ShapeError(f"{self.tag}: shape {dims} does not fit blocks of {br}x{bc}: needs " + " and ".join(need))
+        return rows, cols
+
+    def nbytes(self, shape) -> int:
+        rows, cols = self.matrix_shape(shape)
+        return rows // self.block_shape[0] * self.row_group_bytes(cols)
+
+    def accepts(self, shape) -> bool:
+        try:
+            self.matrix_shape(shape)
+        except ShapeError:
+            return False
+        return True
+
+    # ---- public kernels ---------------------------------------------------------------
+
+    def quantize(self, w) -> np.ndarray:
+        """Quantize a float array (any rank >= 1) to this format's bytes (uint8, 1-D)."""
+        w = self._float_input(w, "weights")
+        rows, cols = self.matrix_shape(w.shape)
+        w2 = np.ascontiguousarray(w.reshape(rows, cols), dtype=np.float32)
+        if w2.size and not np.isfinite(w2).all():
+            bad = np.argwhere(~np.isfinite(w2))[0]
+            idx = np.unravel_index(int(bad[0]) * cols + int(bad[1]), w.shape)
+            raise NonFiniteError(
+                f"{self.tag}: weights of shape {w.shape} hold a non-finite value "
+                f"({w2[bad[0], bad[1]]}) at index {tuple(int(i) for i in idx)}"
+            )
+        if w2.size == 0:
+            return np.zeros(0, np.uint8)
+        with np.errstate(all="ignore"):
+            out = self._quantize(w2)
+        expect = self.nbytes(w.shape)
+        if out.dtype != np.uint8 or out.ndim != 1 or out.size != expect:
+            raise AssertionError(f"{self.tag}._quantize returned {out.dtype}{out.shape}, expected uint8 ({expect},)")
+        return out
+
+    def dequantize(self, data, shape) -> np.ndarray:
+        """The float32 tensor of `shape` that `data` encodes."""
+        shape = tuple(int(d) for d in shape)
+        rows, cols = self.matrix_shape(shape)
+        data = self._bytes_input(data, shape)
+        if rows * cols == 0:
+            return np.zeros(shape, np.float32)
+        with np.errstate(all="ignore"):
+            out = self._dequantize(data, rows, cols)
+        return out.reshape(shape)
+
+    def get_rows(self, data, shape, indices) -> np.ndarray:
+        """Rows `indices` of the (rows, cols) matrix, float32 (len(indices), cols); touches only those rows."""
+        rows, cols = self.matrix_shape(shape)
+        data = self._bytes_input(data, shape)
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or not (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)):
+            raise RowIndexError(f"{self.tag}: row indices must be a 1-D integer array, got {idx.dtype}{idx.shape}")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < -rows or idx.max() >= rows):
+            bad = idx[(idx < -rows) | (idx >= rows)][0]
+            raise RowIndexError(f"{self.tag}: row {bad} is out of range for a tensor of {rows} rows (shape {shape})")
+        idx = np.where(idx < 0, idx + rows, idx)
+        if idx.size == 0 or cols == 0:
+            return np.zeros((idx.size, cols), np.float32)
+        with np.errstate(all="ignore"):
+            return self._get_rows(data, rows, cols, idx)
+
+    def get_row(self, data, shape, i: int) -> np.ndarray:
+        return self.get_rows(data, shape, np.array([i], np.int64))[0]
+
+    def qmatmul(self, data, shape, x, mode: str | None = None) -> np.ndarray:
+        """`x @ W.T` on the quantized bytes, for x of shape (cols,) or (n, cols)."""
+        rows, cols = self.matrix_shape(shape)
+        data = self._bytes_input(data, shape)
+        mode = mode or "f32"
+        if mode not in self.modes:
+            raise UnsupportedModeError(
+                f"{self.tag}: qmatmul mode {mode!r} is not supported; this format supports {', '.join(self.modes)}"
+            )
+        x = self._float_input(x, "activations")
+        if x.ndim not in (1, 2) or x.shape[-1] != cols:
+            raise ShapeError(
+                f"{self.tag}: activations of shape {x.shape} do not fit weights of shape {shape}: "
+                f"expected (cols,) or (n, cols) with cols = {cols}"
+            )
+        x2 = np.ascontiguousarray(x.reshape(-1, cols), dtype=np.float32)
+        if x2.shape[0] == 0 or rows == 0 or cols == 0:
+            out = np.zeros((x2.shape[0], rows), np.float32)
+        else:
+            with np.errstate(all="ignore"):
+                out = self._qmatmul(data, rows, cols, x2, mode)
+        return out[0] if x.ndim == 1 else out
+
+    # ---- kernels to implement ---------------------------------------------------------
+
+    def _quantize(self, w: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _dequantize(self, data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _get_rows(self, data: np.ndarray, rows: int, cols: int, idx: np.ndarray) -> np.ndarray:
+        # Default: dequantize each wanted row's group only.
+        br = self.block_shape[0]
+        gb = self.row_group_bytes(cols)
+        out = np.empty((idx.size, cols), np.float32)
+        for k, r in enumerate(idx):
+            g = int(r) // br
+            out[k] = self._dequantize(data[g * gb : (g + 1) * gb], br, cols)[int(r) - g * br]
+        return out
+
+    def _qmatmul(self, data: np.ndarray, rows: int, cols: int, x: np.ndarray, mode: str) -> np.ndarray:
+        # Default: dequantize a tile of row groups into a small float buffer, BLAS on it.
+        br = self.block_shape[0]
+        gb = self.row_group_bytes(cols)
+        step = max(br, (TILE_ELEMENTS // max(cols, 1)) // br * br)
+        out = np.empty((x.shape[0], rows), np.float32)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            w = self._dequantize(data[r0 // br * gb : r1 // br * gb], r1 - r0, cols)
+            out[:, r0:r1] = x @ w.T
+        return out
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _float_input(self, a, what: str) -> np.ndarray:
+        a = np.asarray(a)
+        if a.dtype not in FLOAT_KINDS:
+            raise DTypeError(
+                f"{self.tag}: {what} of dtype {a.dtype} (shape {a.shape}) are not accepted: "
+                "expected float32, float16 or float64"
+            )
+        return a
+
+    def _bytes_input(self, data, shape) -> np.ndarray:
+        if isinstance(data, np.ndarray):
+            if not data.flags.c_contiguous:
+                raise ByteSizeError(f"{self.tag}: quantized data for shape {tuple(shape)} must be a contiguous buffer")
+            buf = data.reshape(-1).view(np.uint8)
+        else:
+            try:
+                buf = np.frombuffer(data, np.uint8)
+            except TypeError:
+                raise ByteSizeError(
+                    f"{self.tag}: quantized data must be bytes-like or a numpy array, got {type(data).__name__}"
+                ) from None
+        expect = self.nbytes(shape)
+        if buf.size != expect:
+            raise ByteSizeError(
+                f"{self.tag}: {buf.size} bytes given for shape {tuple(shape)}, which needs {expect} bytes "
+                f"({self.bits_per_weight:g} bits per weight, blocks of {self.block_shape[0]}x{self.block_shape[1]})"
+            )
+        return buf
+
+    def info(self) -> dict:
+        """What `quantfmt formats --json` prints for this format."""
+        return {
+            "tag": self.tag,
+            "version": self.version,
+            "block_shape": list(self.block_shape),
+            "block_bytes": self.block_bytes,
+            "bits_per_weight": self.bits_per_weight,
+            "modes": list(self.modes),
+            "plugin": self.plugin,
+            "summary": self.summary,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Format {self.tag} v{self.version} {self.bits_per_weight:g} bpw from {self.plugin}>"

@@ -1,0 +1,202 @@
+"""The format registry: loads plugins and maps FourCC tags to formats.
+
+Plugins come from three places, all registered the same way (the `register_formats`
+hook, see hookspecs.py):
+  1. the built-in formats, every module of the `quantfmt_formats` package (plugins/);
+  2. installed distributions with an entry point in the group "quantfmt";
+  3. .py files in plugin directories (`--plugins-dir`, or QUANTFMT_PLUGINS_DIR, os.pathsep-separated).
+A third-party plugin that fails to load, or registers an invalid or duplicate format, is
+reported as a warning and skipped, unless strict mode is on (`--strict-plugins` or
+QUANTFMT_STRICT_PLUGINS=1), where it is an error. A built-in that fails is always an error.
+Loading happens once, on first use, so importing quantfmt stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UnknownFormatError
+from .format import TAG_RE, Format
+
+BUILTIN_PACKAGE = "quantfmt_formats"
+ENTRY_POINT_GROUP = "quantfmt"
+
+
+class PluginWarning(UserWarning):
+    """A third-party plugin was skipped (not in strict mode)."""
+
+
+class _Registry:
+    def __init__(self):
+        self.pm = pluggy.PluginManager("quantfmt")
+        self.pm.add_hookspecs(hookspecs)
+        self.formats: dict[str, Format] = {}
+        self.plugins: list[dict] = []  # one record per plugin: name, source, formats, error
+
+
+_lock = threading.RLock()
+_registry: _Registry | None = None
+_config = {"plugins_dirs": None, "strict": None}
+
+
+def configure(plugins_dirs=None, strict: bool | None = None) -> None:
+    """Set plugin directories and strictness before first use (the CLI's options). Resets the registry."""
+    global _registry
+    with _lock:
+        _config["plugins_dirs"] = [str(p) for p in plugins_dirs] if plugins_dirs else None
+        _config["strict"] = strict
+        _registry = None
+
+
+def _strict() -> bool:
+    if _config["strict"] is not None:
+        return bool(_config["strict"])
+    return os.environ.get("QUANTFMT_STRICT_PLUGINS", "") not in ("", "0", "false", "no")
+
+
+def _plugin_dirs() -> list[str]:
+    if _config["plugins_dirs"] is not None:
+        return list(_config["plugins_dirs"])
+    env = os.environ.get("QUANTFMT_PLUGINS_DIR", "")
+    return [p for p in env.split(os.pathsep) if p]
+
+
+def _builtin_modules() -> list[str]:
+    pkg = importlib.import_module(BUILTIN_PACKAGE)
+    return sorted(
+        f"{BUILTIN_PACKAGE}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")
+    )
+
+
+def _load_dir_module(path: Path):
+    name = f"quantfmt_plugin_dir_{abs(hash(str(path.parent)))}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def _candidates():
+    """(name, source, loader) for every plugin, built-ins first."""
+    for mod in _builtin_modules():
+        yield mod, "built-in", (lambda mod=mod: importlib.import_module(mod))
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist = getattr(ep, "dist", None)
+        label = f"{dist.name}:{ep.name}" if dist is not None else ep.name
+        yield label, f"entry point {ep.value}", ep.load
+    for d in _plugin_dirs():
+        p = Path(d)
+        if not p.is_dir():
+            yield str(p), "plugins dir", (lambda p=p: (_ for _ in ()).throw(PluginError(f"{p} is not a directory")))
+            continue
+        for f in sorted(p.glob("*.py")):
+            if not f.name.startswith("_"):
+                yield f"{f.stem}", f"plugins dir {p}", (lambda f=f: _load_dir_module(f))
+
+
+def _validate(fmt, plugin: str) -> None:
+    if not isinstance(fmt, Format):
+        raise PluginError(f"plugin {plugin!r} registered {fmt!r}, which is not a quantfmt.format.Format instance")
+    if not isinstance(fmt.tag, str) or not TAG_RE.match(fmt.tag):
+        raise PluginError(f"plugin {plugin!r} registered a format with tag {fmt.tag!r}: a tag is 1-4 characters of A-Z, 0-9, _")
+    br, bc = fmt.block_shape
+    if not (isinstance(br, int) and isinstance(bc, int) and br >= 1 and bc >= 1):
+        raise PluginError(f"plugin {plugin!r}: format {fmt.tag} has an invalid block_shape {fmt.block_shape!r}")
+    if not (isinstance(fmt.block_bytes, int) and fmt.block_bytes >= 1):
+        raise PluginError(f"plugin {plugin!r}: format {fmt.tag} has an invalid block_bytes {fmt.block_bytes!r}")
+    if not (isinstance(fmt.version, int) and fmt.version >= 1):
+        raise PluginError(f"plugin {plugin!r}: format {fmt.tag} has an invalid layout version {fmt.version!r}")
+    if "f32" not in fmt.modes:
+        raise PluginError(f"plugin {plugin!r}: format {fmt.tag} must support the 'f32' qmatmul mode")
+
+
+def _load() -> _Registry:
+    reg = _Registry()
+    strict = _strict()
+    for name, source, loader in _candidates():
+        record = {"name": name, "source": source, "formats": [], "error": None}
+        reg.plugins.append(record)
+        builtin = source == "built-in"
+        try:
+            module = loader()
+            if reg.pm.is_registered(module):
+                continue
+            reg.pm.register(module, name=name)
+            problems: list[str] = []
+
+            def register(fmt, _name=name, _record=record, _problems=problems):
+                try:
+                    _validate(fmt, _name)
+                    if fmt.tag in reg.formats:
+                        other = reg.formats[fmt.tag].plugin
+                        raise PluginError(
+                            f"format tag {fmt.tag!r} from plugin {_name!r} is already registered by plugin {other!r}"
+                        )
+                except PluginError as e:
+                    _problems.append(str(e))
+                    return
+                fmt.plugin = _name
+                reg.formats[fmt.tag] = fmt
+                _record["formats"].append(fmt.tag)
+
+            for impl in reg.pm.hook.register_formats.get_hookimpls():
+                if impl.plugin is module:
+                    impl.function(register=register)
+            if problems:
+                raise PluginError("; ".join(problems))
+        except Exception as e:  # a plugin is foreign code: any failure is reported, not a crash
+            msg = str(e) if isinstance(e, PluginError) else f"plugin {name!r} ({source}) failed to load: {type(e).__name__}: {e}"
+            record["error"] = msg
+            if builtin or strict:
+                raise PluginError(msg + ("" if builtin else " (strict plugin mode)")) from e
+            warnings.warn(msg, PluginWarning, stacklevel=3)
+    return reg
+
+
+def registry() -> _Registry:
+    global _registry
+    with _lock:
+        if _registry is None:
+            _registry = _load()
+        return _registry
+
+
+def formats() -> dict[str, Format]:
+    """Every registered format, by tag, in registration order."""
+    return dict(registry().formats)
+
+
+def get_format(tag: str) -> Format:
+    """The format registered under `tag`, or UnknownFormatError listing the known tags."""
+    reg = registry()
+    fmt = reg.formats.get(tag) if isinstance(tag, str) else None
+    if fmt is None:
+        known = ", ".join(reg.formats) or "none"
+        raise UnknownFormatError(
+            f"unknown format tag {tag!r}: no loaded plugin provides it (known tags: {known}); "
+            "install or enable the plugin that defines it"
+        )
+    return fmt
+
+
+def plugin_list() -> list[dict]:
+    """One record per plugin seen: name, source, formats registered, error (None if loaded)."""
+    return [dict(p) for p in registry().plugins]
