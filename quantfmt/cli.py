@@ -110,6 +110,18 @@ def plugins(as_json):
     _echo_table(["plugin", "source", "formats", "status"], rows)
 
 
+# ---- check: the conformance kit (quantfmt.testing) -----------------------------------
+
+
+# ---- model files: convert, inspect, dequantize, compare -------------------------------
+
+
+# ---- gguf ------------------------------------------------------------------------------
+
+
+# ---- bench -----------------------------------------------------------------------------
+
+
 def main() -> None:
     cli(prog_name="quantfmt")
 
