@@ -6,7 +6,8 @@ four private kernels on a validated 2-D problem:
     _quantize(w)                     w: float32 (rows, cols), C-contiguous -> uint8 (nbytes,)
     _dequantize(data, rows, cols)    data: uint8 (nbytes,) -> float32 (rows, cols)
     _get_rows(data, rows, cols, idx) idx: int64, in range -> float32 (len(idx), cols)
-    _qmatmul(data, rows, cols, x, mode)  x: float32 (n, cols), C-contiguous -> float32 (n, rows)
+    _qmatmul(prep, rows, cols, x, mode)  x: float32 (n, cols), C-contiguous -> float32 (n, rows);
+                                     prep = prepare(data, rows, cols), the bytes unless overridden
 
 The public methods (quantize, dequantize, get_row(s), qmatmul) do everything else once,
 here: dtype and shape checks, non-finite input, byte counts, index bounds, modes,
@@ -167,8 +168,12 @@ class Format:
     def get_row(self, data, shape, i: int) -> np.ndarray:
         return self.get_rows(data, shape, np.array([i], np.int64))[0]
 
-    def qmatmul(self, data, shape, x, mode: str | None = None) -> np.ndarray:
-        """`x @ W.T` on the quantized bytes, for x of shape (cols,) or (n, cols)."""
+    def qmatmul(self, data, shape, x, mode: str | None = None, *, prepared=None) -> np.ndarray:
+        """`x @ W.T` on the quantized bytes, for x of shape (cols,) or (n, cols).
+
+        `prepared` is what `prepare(data, rows, cols)` returned for these bytes (QTensor
+        caches it); without it, the bytes are prepared for this one call.
+        """
         rows, cols = self.matrix_shape(shape)
         data = self._bytes_input(data, shape)
         mode = mode or "f32"
@@ -187,10 +192,21 @@ class Format:
             out = np.zeros((x2.shape[0], rows), np.float32)
         else:
             with np.errstate(all="ignore"):
-                out = self._qmatmul(data, rows, cols, x2, mode)
+                if prepared is None:
+                    prepared = self.prepare(data, rows, cols)
+                out = self._qmatmul(prepared, rows, cols, x2, mode)
         return out[0] if x.ndim == 1 else out
 
     # ---- kernels to implement ---------------------------------------------------------
+
+    def prepare(self, data: np.ndarray, rows: int, cols: int):
+        """A kernel-ready form of validated bytes, for repeated qmatmul (e.g. a repacked layout).
+
+        The default is the bytes themselves. A format that repacks returns its own object;
+        `_qmatmul` then receives that object in place of the bytes. It must be a pure
+        function of the bytes.
+        """
+        return data
 
     def _quantize(self, w: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -208,7 +224,8 @@ class Format:
             out[k] = self._dequantize(data[g * gb : (g + 1) * gb], br, cols)[int(r) - g * br]
         return out
 
-    def _qmatmul(self, data: np.ndarray, rows: int, cols: int, x: np.ndarray, mode: str) -> np.ndarray:
+    def _qmatmul(self, data, rows: int, cols: int, x: np.ndarray, mode: str) -> np.ndarray:
+        # `data` is what prepare() returned (the bytes, by default).
         # Default: dequantize a tile of row groups into a small float buffer, BLAS on it.
         br = self.block_shape[0]
         gb = self.row_group_bytes(cols)

@@ -19,13 +19,14 @@ from .plugins import get_format
 class QTensor:
     """A tensor stored in a format: name, tag, logical shape, bytes."""
 
-    __slots__ = ("name", "fmt", "shape", "data", "source")
+    __slots__ = ("name", "fmt", "shape", "data", "source", "_prepared")
 
     def __init__(self, name: str, fmt: Format | str, shape, data, *, source: str | None = None):
         self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
         self.name = name
         self.shape = tuple(int(d) for d in shape)
         self.source = source  # the file it came from, for error messages
+        self._prepared = None  # the format's kernel-ready form of data, made on first matmul
         with self._context():
             self.data = self.fmt._bytes_input(data, self.shape)
 
@@ -75,7 +76,10 @@ class QTensor:
     def matmul(self, x, mode: str | None = None) -> np.ndarray:
         """`x @ W.T` for x of shape (cols,) or (n, cols), straight on the quantized bytes."""
         with self._context():
-            return self.fmt.qmatmul(self.data, self.shape, x, mode)
+            if self._prepared is None:
+                rows, cols = self.fmt.matrix_shape(self.shape)
+                self._prepared = self.fmt.prepare(self.data, rows, cols)
+            return self.fmt.qmatmul(self.data, self.shape, x, mode, prepared=self._prepared)
 
     def __repr__(self) -> str:
         return f"QTensor({self.name!r}, {self.tag}, shape={self.shape}, {self.nbytes} bytes)"
