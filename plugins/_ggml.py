@@ -58,6 +58,12 @@ def f32_to_f16_bits(f):
     return np.uint16(sign | h)
 
 
+def n_chunks(rows: int, cols: int) -> int:
+    """How many row ranges a prange driver splits `rows` rows into: about 64K weights each,
+    enough to balance two or more threads without per-row scheduling overhead."""
+    return max(1, min(rows, rows * cols // 65536))
+
+
 # ---- activation quantizers of qmatmul mode "q8_0" --------------------------------------
 
 

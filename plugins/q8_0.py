@@ -33,6 +33,7 @@ from ._ggml import (
     f32_to_f16_bits,
     first_bad_block,
     fp16_table,
+    n_chunks,
     quantize_activations,
     quantize_activations_ref,
     scale_range_error,
@@ -123,17 +124,25 @@ def _quantize_kernel(w, out, outq, bad):
                 oq[2 + j] = np.int8(-q if t < 0 else q)
 
 
-@numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(blocks, blocksq, lut, idx, out):
+@numba.njit(cache=True)
+def _dequantize_rows(blocks, blocksq, lut, idx, out, k0, k1, qk):
+    # Direct 3-D indexing and a run-time trip count `qk` let the loop vectorizer emit
+    # packed int8 -> float converts and multiplies (a constant 32-long loop is unrolled
+    # into scalar code: numba runs no SLP vectorizer).
     nb = blocks.shape[1]
-    for k in numba.prange(idx.size):
+    for k in range(k0, k1):
         r = idx[k]
         for b in range(nb):
             d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
-            q = blocksq[r, b]
-            o = out[k, b * 32 : b * 32 + 32]
-            for j in range(32):
-                o[j] = np.float32(q[2 + j]) * d
+            for j in range(qk):
+                out[k, b * 32 + j] = np.float32(blocksq[r, b, 2 + j]) * d
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(blocks, blocksq, lut, idx, out, nchunk):
+    n = idx.size
+    for c in numba.prange(nchunk):
+        _dequantize_rows(blocks, blocksq, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 32)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -201,7 +210,7 @@ class Q8_0(Format):
     def _get_rows(self, data, rows, cols, idx):
         blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
         out = np.empty((idx.size, cols), np.float32)
-        _dequantize_kernel(blocks, blocks.view(np.int8), fp16_table(), idx, out)
+        _dequantize_kernel(blocks, blocks.view(np.int8), fp16_table(), idx, out, n_chunks(idx.size, cols))
         return out
 
     def _qmatmul(self, data, rows, cols, x, mode):
