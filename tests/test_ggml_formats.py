@@ -409,3 +409,41 @@ def test_higher_rank_and_errors(tag, rng):
     assert fmt.dequantize(data, w.shape).shape == w.shape
     with pytest.raises(NonFiniteError):
         fmt.quantize(np.array([[np.inf] + [0.0] * 31], np.float32))
+
+
+# ---- larger matrices, and the no-fastmath rule ------------------------------------------------
+
+
+def _random_weights(rng, rows, cols):
+    w = rng.standard_normal((rows, cols)) * 10.0 ** rng.uniform(-3, 2, (rows, 1))
+    w[rng.random((rows, cols)) < 0.01] = 0.0
+    return f32(w)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_quantize_byte_identical_on_a_model_sized_slab(tag, rng):
+    w = _random_weights(rng, 256, 2048)
+    ours = get_format(tag).quantize(w)
+    assert_same_as_gguf(tag, w, ours)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", TAGS)
+def test_quantize_byte_identical_4096x4096(tag, rng):
+    w = _random_weights(rng, 4096, 4096)
+    fmt = get_format(tag)
+    ours = fmt.quantize(w)
+    assert_same_as_gguf(tag, w, ours)
+    theirs = gguf_dequantize(ours.reshape(4096, -1), GGUF_TYPE[tag])
+    np.testing.assert_array_equal(fmt.dequantize(ours, w.shape), theirs)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_quantize_and_dequantize_kernels_are_compiled_without_fastmath(tag):
+    """fastmath allows FMA contraction, which changes last bits: byte-identity forbids it."""
+    mod = MODULES[tag]
+    kernels = {n: getattr(mod, n) for n in dir(mod) if n.startswith(("_quantize", "_dequantize"))}
+    names = [n for n, k in kernels.items() if hasattr(k, "targetoptions")]
+    assert len(names) >= 2
+    for n in names:
+        assert not getattr(mod, n).targetoptions.get("fastmath"), n
