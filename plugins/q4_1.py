@@ -45,8 +45,8 @@ from ._ggml import (
     fp16_table,
     n_chunks,
     quantize_activations,
-    quantize_activations_ref,
     scale_range_error,
+    vec_dot_ref,
 )
 
 BLOCK_BYTES = 20
@@ -94,18 +94,12 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
     """ggml_vec_dot_q4_1_q8_1: sum over blocks of sumi * (d_w*d_x) + m_w * s_x, with
-    sumi = sum(q_w * q_x), the products in float32 from the fp16 fields (float64 sum here)."""
+    sumi = sum(q_w * q_x)."""
     blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
     dw = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     mw = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    qw = np.concatenate([blk[..., 4:] & 15, blk[..., 4:] >> 4], axis=-1).astype(np.int64)
-    d16, s16, qx = quantize_activations_ref(x, with_sum=True)
-    dx = d16.view(np.float16).astype(np.float32)
-    sx = s16.view(np.float16).astype(np.float32)
-    sumi = np.einsum("rbj,nbj->nrb", qw, qx.astype(np.int64))
-    scale = (dw[None, :, :] * dx[:, None, :]).astype(np.float32)
-    ms = (mw[None, :, :] * sx[:, None, :]).astype(np.float32)
-    return (sumi * scale.astype(np.float64) + ms).sum(axis=-1).astype(np.float32)
+    qw = np.concatenate([blk[..., 4:] & 15, blk[..., 4:] >> 4], axis=-1)
+    return vec_dot_ref(qw, dw, x, mw)
 
 
 # ---- numba kernels ------------------------------------------------------------------------

@@ -35,8 +35,8 @@ from ._ggml import (
     fp16_table,
     n_chunks,
     quantize_activations,
-    quantize_activations_ref,
     scale_range_error,
+    vec_dot_ref,
 )
 
 BLOCK_BYTES = 34
@@ -75,15 +75,10 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
     """ggml_vec_dot_q8_0_q8_0: per block sumi = sum(q_w * q_x), then sum over blocks of
-    sumi * (d_w * d_x), the scale product in float32 from the fp16 scales (float64 sum here)."""
+    sumi * (d_w * d_x)."""
     blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
     dw = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    qw = blk[..., 2:].view(np.int8).astype(np.int64)
-    d16, _, qx = quantize_activations_ref(x, with_sum=False)
-    dx = d16.view(np.float16).astype(np.float32)
-    sumi = np.einsum("rbj,nbj->nrb", qw, qx.astype(np.int64))
-    scale = (dw[None, :, :] * dx[:, None, :]).astype(np.float32)
-    return (sumi * scale.astype(np.float64)).sum(axis=-1).astype(np.float32)
+    return vec_dot_ref(blk[..., 2:].view(np.int8), dw, x)
 
 
 # ---- numba kernels ------------------------------------------------------------------------
