@@ -92,8 +92,8 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 
 
 @numba.njit(cache=True)
-def _quantize_rows(w, wi, out, bad, r0, r1):
-    # Rows r0..r1-1 of w (float32, and wi: the same memory as int32) into out (rows, nb, 18).
+def _quantize_rows(w, out, bad, r0, r1):
+    # Rows r0..r1-1 of w (float32) into out (rows, nb, 18).
     nb = w.shape[1] // 32
     # 32, computed so LLVM cannot see it: a constant 32-long loop is fully unrolled into
     # scalar code (numba runs no SLP vectorizer); a run-time trip count gets vectorized.
@@ -102,14 +102,19 @@ def _quantize_rows(w, wi, out, bad, r0, r1):
         bad[r] = -1
         for b in range(nb):
             c0 = b * 32
-            # The first largest |x| in one integer max: key = |x| bits * 32 + (31 - j).
-            # The bits of |x| (sign cleared) order like the floats; the low 5 bits make
-            # the smallest j win a tie, as numpy's argmax does. All zeros give x[0].
-            key = np.int64(0)
+            # The first largest |x|: the bits of |x| (sign cleared) order like the floats,
+            # and int32 max/min reductions vectorize where float ones (without fastmath)
+            # do not. The smallest index wins a tie, as numpy's argmax; all zeros give x[0].
+            amax = np.int32(0)
             for j in range(qk):
-                kj = (np.int64(wi[r, c0 + j] & 0x7FFFFFFF) << 5) | (31 - j)
-                key = kj if kj > key else key
-            d = w[r, c0 + 31 - (key & 31)] / np.float32(-8.0)
+                a = np.float32(abs(w[r, c0 + j])).view(np.int32)
+                amax = a if a > amax else amax
+            first = np.int32(32)
+            for j in range(qk):
+                a = np.float32(abs(w[r, c0 + j])).view(np.int32)
+                cand = np.int32(j) if a == amax else np.int32(32)
+                first = cand if cand < first else first
+            d = w[r, c0 + first] / np.float32(-8.0)
             if not (abs(d) < np.float32(65520.0)):
                 if bad[r] < 0:
                     bad[r] = b
@@ -130,9 +135,8 @@ def _quantize_rows(w, wi, out, bad, r0, r1):
 @numba.njit(cache=True, parallel=True)
 def _quantize_kernel(w, out, bad, nchunk):
     rows = w.shape[0]
-    wi = w.view(np.int32)
     for c in numba.prange(nchunk):
-        _quantize_rows(w, wi, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+        _quantize_rows(w, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
 
 
 @numba.njit(cache=True)

@@ -82,25 +82,27 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 
 
 # ---- numba kernels ------------------------------------------------------------------------
-# No fastmath in quantize/dequantize (FMA would change last bits). |x| max runs on the
-# integer bit patterns (sign cleared), which vectorizes without fastmath.
+# No fastmath in quantize/dequantize (FMA would change last bits).
 
 
-@numba.njit(cache=True, parallel=True)
-def _quantize_kernel(w, out, outq, bad):
-    # out: (rows, nb, 34) uint8; outq: the same memory as int8
-    rows, cols = w.shape
-    nb = cols // 32
-    wu = w.view(np.uint32)
-    for r in numba.prange(rows):
+@numba.njit(cache=True)
+def _quantize_rows(w, out, outq, bad, r0, r1):
+    # Rows r0..r1-1 of w into out (rows, nb, 34) uint8; outq: the same memory as int8.
+    nb = w.shape[1] // 32
+    # 32, computed so LLVM cannot see it: a constant 32-long loop is fully unrolled into
+    # scalar code (numba runs no SLP vectorizer); a run-time trip count gets vectorized.
+    qk = w.shape[1] // nb
+    for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
-            xb = w[r, b * 32 : b * 32 + 32]
-            ub = wu[r, b * 32 : b * 32 + 32]
-            amaxu = np.uint32(0)
-            for j in range(32):
-                amaxu = max(amaxu, ub[j] & np.uint32(0x7FFFFFFF))
-            d = np.uint32(amaxu).view(np.float32) / np.float32(127.0)
+            c0 = b * 32
+            # max |x| as an int32 max of the bits of |x|, which order like the floats and
+            # vectorize where a float max reduction (without fastmath) does not
+            amaxi = np.int32(0)
+            for j in range(qk):
+                a = np.float32(abs(w[r, c0 + j])).view(np.int32)
+                amaxi = a if a > amaxi else amaxi
+            d = np.int32(amaxi).view(np.float32) / np.float32(127.0)
             if not (d < np.float32(65520.0)):
                 if bad[r] < 0:
                     bad[r] = b
@@ -109,14 +111,21 @@ def _quantize_kernel(w, out, outq, bad):
             h = f32_to_f16_bits(d)
             out[r, b, 0] = np.uint8(h & 0xFF)
             out[r, b, 1] = np.uint8(h >> 8)
-            oq = outq[r, b]
-            for j in range(32):
-                t = xb[j] * idd
+            for j in range(qk):
+                t = w[r, c0 + j] * idd
                 a = abs(t)
                 f = np.floor(a)
+                # round half away from zero (a - floor(a) is exact); inf/NaN give 0 like numpy's cast
                 q = f + np.float32(1.0) if a - f >= np.float32(0.5) else f
                 q = q if a < np.float32(256.0) else np.float32(0.0)
-                oq[2 + j] = np.int8(-q if t < 0 else q)
+                outq[r, b, 2 + j] = np.int8(-q if t < 0 else q)
+
+
+@numba.njit(cache=True, parallel=True)
+def _quantize_kernel(w, out, outq, bad, nchunk):
+    rows = w.shape[0]
+    for c in numba.prange(nchunk):
+        _quantize_rows(w, out, outq, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
 
 
 @numba.njit(cache=True)
@@ -193,7 +202,7 @@ class Q8_0(Format):
         rows, cols = w.shape
         out = np.empty((rows, cols // QK, BLOCK_BYTES), np.uint8)
         bad = np.empty(rows, np.int64)
-        _quantize_kernel(w, out, out.view(np.int8), bad)
+        _quantize_kernel(w, out, out.view(np.int8), bad, n_chunks(rows, cols))
         hit = first_bad_block(bad)
         if hit is not None:
             raise scale_range_error(self.tag, w, *hit, RULE)

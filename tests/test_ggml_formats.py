@@ -489,3 +489,12 @@ def test_real_model_tensors(smollm2, name, rng):
     if tag == "Q8_0":
         # Q8_0 of Q8_0-decoded weights gives back the file's bytes (amax = 127*d exactly)
         np.testing.assert_array_equal(fmt.quantize(ours[:4096]), data[: 4096 * fmt.row_group_bytes(cols)])
+
+
+@pytest.mark.parametrize("tag", TAGS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_other_float_inputs_match_gguf(tag, dtype, rng):
+    """float16/float64 weights are rounded to float32 first, as gguf-py does."""
+    w = (rng.standard_normal((8, 96)) * 3).astype(dtype)
+    ours = get_format(tag).quantize(w)
+    np.testing.assert_array_equal(ours, gguf_bytes(w, tag))
