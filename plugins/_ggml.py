@@ -5,11 +5,11 @@ fp16 values travel as uint16 bit patterns), the activation quantizers of qmatmul
 "q8_0" (Q8_0 and Q8_1 blocks exactly as ggml's CPU backend makes them), and the
 RangeError raised when a block's fp16 scale would overflow.
 
-Activation quantization follows ggml's SIMD `quantize_row_q8_0` / `quantize_row_q8_1`
-(the x86 AVX/AVX2 and ARM NEON paths, i.e. what llama.cpp runs on every common CPU),
-which differ from the `_ref` functions used for model files in two details:
-    id = 127 / amax            (the reference uses 1 / (amax / 127): one rounding fewer)
-    q  = round-half-to-even(x * id)   (the reference rounds half away from zero)
+Activation quantization follows ggml-cpu's x86 AVX/AVX2 `quantize_row_q8_0` /
+`quantize_row_q8_1` (what llama.cpp runs on this kind of machine), which differ from the
+`_ref` functions used for model files in two details:
+    id = 127 / amax                  (one rounding; the reference's 1 / (amax / 127) has two)
+    q  = round-half-to-even(x * id)  (the reference rounds half away from zero)
 The Q8_1 block also carries s = fp16(d * sum(q)) with d = amax / 127 in float32
 (the unrounded scale), which ggml pairs with Q4_1 weights.
 This module is private (its name starts with "_"), so the registry does not load it
