@@ -26,15 +26,16 @@ RECIPE_KEY = container.RECIPE_KEY
 
 
 def _gguf_io():
+    import importlib
+
     try:
-        from . import gguf_io
+        return importlib.import_module("quantfmt.gguf_io")
     except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("quantfmt"):
+        if e.name == "quantfmt.gguf_io":
             raise FileFormatError(
                 "GGUF support (the module quantfmt.gguf_io) is not available in this quantfmt installation"
             ) from None
-        raise
-    return gguf_io
+        raise FileFormatError(f"GGUF support needs the Python package {e.name!r}, which is not installed") from None
 
 
 def is_gguf(path) -> bool:
