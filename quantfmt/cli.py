@@ -206,7 +206,7 @@ def dequantize(src, dst, dtype, overwrite):
     """Write a plain float safetensors file: every tensor of IN dequantized to --dtype."""
     from .recipe import Recipe
 
-    recipe = Recipe(default=dtype, rules=[("*", dtype)], fallback=None)
+    recipe = Recipe(default=dtype, fallback=None, protect=False)
     rep = _run_convert(src, dst, recipe, overwrite, label="dequantizing")
     _print_report(rep)
 

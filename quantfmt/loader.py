@@ -87,7 +87,7 @@ def load(path, recipe=None, *, strict: bool = False):
     try:
         r = Recipe.coerce(recipe)
         if strict:
-            r = Recipe(r.default, r.rules, None)
+            r = Recipe(r.default, r.rules, None, r.protect)
         steps = r.plan(src)
         tensors = {}
         for s in steps:
@@ -161,7 +161,7 @@ def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool 
 
     r = Recipe.coerce(recipe)
     if strict:
-        r = Recipe(r.default, r.rules, None)
+        r = Recipe(r.default, r.rules, None, r.protect)
     inputs = container.input_files(in_path)
     container.check_output(out_path, overwrite=overwrite, inputs=inputs)  # fail before any work
     src = open_model(in_path)

@@ -97,13 +97,13 @@ def mixed_model(rng, extra_tags=()) -> Model:
         "tq8": QTensor.quantize(rng.standard_normal((16, 64)), "TQ8", "tq8"),
     }
     for tag in extra_tags:
-        t[f"x.{tag}"] = QTensor.quantize(rng.standard_normal((64, 256)).astype(np.float32), tag, f"x.{tag}")
+        t[f"x.{tag}"] = QTensor.quantize(rng.standard_normal((128, 256)).astype(np.float32), tag, f"x.{tag}")
     return Model(t, {"arch": "test", "layers": 2, "nested": {"a": [1, 2.5, "x"]}})
 
 
 def all_quantized_tags():
     return [tag for tag, f in plugins.formats().items() if tag not in container.NATIVE_TAGS
-            and f.accepts((64, 256))]
+            and f.accepts((128, 256))]
 
 
 def test_mixed_round_trip_is_bit_identical(toy, tmp_path, rng):

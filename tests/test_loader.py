@@ -61,8 +61,15 @@ def test_rules_first_match_wins_and_can_name_norms(toy, tmp_path, rng):  # noqa:
     r = Recipe(default="F16", rules=[("*norm*", "F32"), ("blk.*", "TQ8"), ("tok_embd.*", "keep")], fallback="BF16")
     with quantfmt.load(p, r) as m:
         tags = {n: t.tag for n, t in m.items()}
+    # blk.* does not name the 1-D bias explicitly: it stays BF16
     assert tags == {"tok_embd.weight": "F32", "blk.0.attn_q.weight": "TQ8", "blk.0.attn_norm.weight": "F32",
-                    "blk.0.ffn_norm.weight": "F32", "blk.0.bias": "TQ8", "blk.0.odd.weight": "BF16"}
+                    "blk.0.ffn_norm.weight": "F32", "blk.0.bias": "BF16", "blk.0.odd.weight": "BF16"}
+    r = Recipe(default="F16", rules=[("blk.*", "TQ8"), ("blk.0.bias", "TQ8")])
+    with quantfmt.load(p, r) as m:
+        tags = {n: t.tag for n, t in m.items()}
+    assert tags["blk.0.bias"] == "TQ8" and tags["blk.0.ffn_norm.weight"] == "F16" and tags["tok_embd.weight"] == "F16"
+    with quantfmt.load(p, Recipe(default="F32", protect=False)) as m:
+        assert {t.tag for t in m.values()} == {"F32"}
 
 
 def test_strict_recipe_refuses_a_fallback(toy, tmp_path, rng):  # noqa: F811
@@ -76,7 +83,7 @@ def test_recipe_files_and_errors(toy, tmp_path):  # noqa: F811
     f = tmp_path / "r.json"
     f.write_text(json.dumps({"default": "TQ8", "fallback": "F32", "rules": [{"pattern": "a*", "tag": "F16"}]}))
     r = Recipe.from_options(rules=["b*=keep"], file=str(f))
-    assert r.to_dict() == {"default": "TQ8", "fallback": "F32",
+    assert r.to_dict() == {"default": "TQ8", "fallback": "F32", "protect": True,
                            "rules": [{"pattern": "b*", "tag": "keep"}, {"pattern": "a*", "tag": "F16"}]}
     assert Recipe.from_options(to="F16", strict=True).fallback is None
     for text in ["noequals", "=F16", "x="]:
