@@ -3,7 +3,8 @@
 GGUF (llama.cpp's file format, little-endian) is, in order:
     magic "GGUF" · u32 version · u64 tensor_count · u64 kv_count
     kv_count key-values:   string key · u32 value type · value
-    tensor_count infos:    string name · u32 n_dims · n_dims x u64 dims (innermost first) · u32 ggml type · u64 offset
+    tensor_count infos:    string name · u32 n_dims · n_dims x u64 dims (innermost first)
+                           · u32 ggml type · u64 offset
     zero padding to the alignment (key general.alignment, default 32)
     the data section; each tensor's offset is relative to its start and aligned.
 A string is u64 length + bytes; an array is u32 item type + u64 count + items.
@@ -59,8 +60,10 @@ STRING, ARRAY = 8, 9
 TYPE_NAMES = {**{k: v[0] for k, v in _SCALARS.items()}, STRING: "STRING", ARRAY: "ARRAY"}
 TYPE_IDS = {v: k for k, v in TYPE_NAMES.items()}
 _INT_RANGES = {
-    "UINT8": (0, 2**8 - 1), "INT8": (-(2**7), 2**7 - 1), "UINT16": (0, 2**16 - 1), "INT16": (-(2**15), 2**15 - 1),
-    "UINT32": (0, 2**32 - 1), "INT32": (-(2**31), 2**31 - 1), "UINT64": (0, 2**64 - 1), "INT64": (-(2**63), 2**63 - 1),
+    "UINT8": (0, 2**8 - 1), "INT8": (-(2**7), 2**7 - 1),
+    "UINT16": (0, 2**16 - 1), "INT16": (-(2**15), 2**15 - 1),
+    "UINT32": (0, 2**32 - 1), "INT32": (-(2**31), 2**31 - 1),
+    "UINT64": (0, 2**64 - 1), "INT64": (-(2**63), 2**63 - 1),
 }
 # The fewest bytes one array item of each type can take (a string: its u64 length;
 # an inner array: its u32 type and u64 count), used to bound counts before reading.
@@ -183,7 +186,7 @@ def _read_array(cur: _Cursor, what: str, depth: int):
             return name, [bool(x) for x in a.tolist()]
         if code in "fd" and count and not np.isfinite(a).all():
             bits = a.view("<u4" if code == "f" else "<u8").tolist()
-            return name, [_float_json(x, b, code) for x, b in zip(a.tolist(), bits)]
+            return name, [_float_json(x, b, code) for x, b in zip(a.tolist(), bits, strict=True)]
         return name, a.tolist()
     if itype == STRING:
         # The hot loop of real files (tokenizer vocabularies): kept inline and lean.
@@ -310,7 +313,8 @@ def _scan(buf, size: int, path: str) -> GGUFHeader:
     prev = None
     for t in sorted(hdr.tensors, key=lambda t: t.offset):
         if t.offset % align:
-            raise cur.fail(f"data offset {t.offset} is not a multiple of the alignment {align}", tensor=t.name)
+            raise cur.fail(f"data offset {t.offset} is not a multiple of the alignment {align}",
+                           tensor=t.name)
         if t.nbytes > data_size - t.offset:
             raise cur.fail(f"its {t.nbytes} bytes of {t.type_name} data at offset {t.offset} run past "
                            f"the end of the file (data section of {max(data_size, 0)} bytes)", tensor=t.name)
@@ -330,6 +334,11 @@ def _map(path) -> tuple[mmap.mmap | None, int]:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
     except OSError as e:
         raise FileFormatError(f"cannot read: {e.strerror or e}", file=str(path)) from None
+
+
+def scan_gguf_bytes(blob: bytes, name: str = "<bytes>") -> GGUFHeader:
+    """scan_gguf on a GGUF file's bytes in memory (for tests and fuzzing)."""
+    return _scan(blob, len(blob), name)
 
 
 def scan_gguf(path) -> GGUFHeader:
@@ -381,7 +390,8 @@ def read_gguf(path, *, unsupported: str = "error"):
         fmts = {t.type_name: _tag_for(t.type_name) for t in hdr.tensors}
         bad = [t for t in hdr.tensors if fmts[t.type_name] is None]
         if bad and unsupported == "error":
-            listed = ", ".join(f"{t.name} ({t.type_name})" for t in bad[:8]) + (", ..." if len(bad) > 8 else "")
+            listed = ", ".join(f"{t.name} ({t.type_name})" for t in bad[:8])
+            listed += ", ..." if len(bad) > 8 else ""
             have = ", ".join(n for n in GGML_TAGS if _tag_for(n) is not None)
             raise FileFormatError(
                 f"{len(bad)} tensor(s) have a ggml type with no quantfmt format: {listed}. Supported ggml "
@@ -443,7 +453,8 @@ def _dequantize(raw: np.ndarray, t: TensorInfo, path: str) -> np.ndarray:
                               file=path, tensor=t.name) from None
     w = np.asarray(w, dtype=np.float32).reshape(t.shape)
     if not np.isfinite(w).all():
-        raise FileFormatError(f"dequantizing its {t.type_name} data gives non-finite values", file=path, tensor=t.name)
+        raise FileFormatError(f"dequantizing its {t.type_name} data gives non-finite values",
+                              file=path, tensor=t.name)
     return np.ascontiguousarray(w, dtype="<f4").reshape(-1).view(np.uint8)
 
 
@@ -466,7 +477,8 @@ def _pack_scalar(tname: str, v, key: str) -> bytes:
                 bits = int(v, 16)
                 return struct.pack("<I" if code == "f" else "<Q", bits)
             except (ValueError, struct.error):
-                raise _bad_meta(f"key {key!r}: {tname} value {v!r} is neither a number nor IEEE bits in hex") from None
+                raise _bad_meta(f"key {key!r}: {tname} value {v!r} is neither a number nor "
+                                "IEEE bits in hex") from None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise _bad_meta(f"key {key!r}: {tname} value {v!r} is not a number")
         if code == "f" and math.isfinite(v) and abs(v) > 3.4028234663852886e38:
@@ -561,7 +573,8 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
         raise _bad_meta("is not a JSON object")
     bad = gguf_incompatible(model)
     if bad:
-        listed = ", ".join(f"{n} ({t})" for n, t in bad[:10]) + (f", and {len(bad) - 10} more" if len(bad) > 10 else "")
+        listed = ", ".join(f"{n} ({t})" for n, t in bad[:10])
+        listed += f", and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise FileFormatError(
             f"cannot write GGUF: {len(bad)} tensor(s) have formats with no ggml type: {listed}. "
             f"GGUF can hold {', '.join(GGML_TAGS)}; requantize those tensors to one of them first",
@@ -574,8 +587,10 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
     for e in kv:
         if isinstance(e, (list, tuple)) and len(e) == 3 and e[0] == "general.alignment":
             align = e[2]
-            if e[1] != "UINT32" or type(align) is not int or not 1 <= align <= MAX_ALIGNMENT or align & (align - 1):
-                raise _bad_meta(f"general.alignment {e[1]} {align!r} is not a power of two up to {MAX_ALIGNMENT}")
+            if (e[1] != "UINT32" or type(align) is not int or not 1 <= align <= MAX_ALIGNMENT
+                    or align & (align - 1)):
+                raise _bad_meta(f"general.alignment {e[1]} {align!r} is not a UINT32 power of two "
+                                f"up to {MAX_ALIGNMENT}")
     if len({e[0] for e in kv if isinstance(e, (list, tuple)) and e}) != len(kv):
         raise _bad_meta("kv has duplicate or malformed keys")
     order = [n for n in g.get("tensor_order", []) if isinstance(n, str) and n in model]
@@ -592,14 +607,19 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
                                   "each at least 1", file=str(path), tensor=name)
         dims = tuple(reversed(t.shape))
         parts.append(_pack_string(name, name))
-        parts.append(struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, int(GGMLQuantizationType[t.tag]), offset))
+        gtype = int(GGMLQuantizationType[t.tag])
+        parts.append(struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, gtype, offset))
         plan.append(t)
         offset += -(-t.nbytes // align) * align
     header = b"".join(parts)
     inputs = [model.path] if getattr(model, "path", None) else []
-    with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp, open(tmp, "wb") as f:
-        f.write(header)
-        f.write(b"\0" * (-len(header) % align))
-        for t in plan:
-            f.write(memoryview(t.data))
-            f.write(b"\0" * (-t.nbytes % align))
+    with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(b"\0" * (-len(header) % align))
+                for t in plan:
+                    f.write(memoryview(t.data))
+                    f.write(b"\0" * (-t.nbytes % align))
+        except OSError as e:
+            raise FileFormatError(f"cannot write: {e.strerror or e}", file=str(path)) from None
