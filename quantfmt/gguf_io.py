@@ -47,6 +47,8 @@ MAX_ARRAY_DEPTH = 8
 #: Keys and tensor names longer than this are refused (GGUF caps keys at 65535 bytes).
 MAX_NAME_BYTES = 65535
 
+#: Environment variable giving read_gguf's `unsupported` when the caller does not.
+UNSUPPORTED_ENV = "QUANTFMT_GGUF_UNSUPPORTED"
 #: ggml types whose bytes are a quantfmt format's bytes, under the same name.
 GGML_TAGS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 
@@ -372,17 +374,22 @@ def _tag_for(type_name: str):
     return fmt
 
 
-def read_gguf(path, *, unsupported: str = "error"):
+def read_gguf(path, *, unsupported: str | None = None):
     """Open a GGUF file as a Model whose tensors are zero-copy views of the mapped file.
 
     unsupported="error": a tensor of a ggml type with no quantfmt format is an error;
     "dequantize": such tensors are dequantized to F32 with gguf.quants.dequantize (listed in
-    metadata["gguf"]["dequantized"]). Close the Model (or use `with`) to release the map.
+    metadata["gguf"]["dequantized"]). None (the default): the environment variable
+    QUANTFMT_GGUF_UNSUPPORTED if set (how CLI users choose), else "error".
+    Close the Model (or use `with`) to release the map.
     """
     from .tensor import Model, QTensor
 
+    if unsupported is None:
+        unsupported = os.environ.get(UNSUPPORTED_ENV) or "error"
     if unsupported not in ("error", "dequantize"):
-        raise QuantfmtError(f"unsupported={unsupported!r}: expected 'error' or 'dequantize'", file=str(path))
+        raise QuantfmtError(f"unsupported={unsupported!r} (or {UNSUPPORTED_ENV}): expected 'error' or "
+                            "'dequantize'", file=str(path))
     path = str(path)
     m, size = _map(path)
     try:
@@ -395,8 +402,8 @@ def read_gguf(path, *, unsupported: str = "error"):
             have = ", ".join(n for n in GGML_TAGS if _tag_for(n) is not None)
             raise FileFormatError(
                 f"{len(bad)} tensor(s) have a ggml type with no quantfmt format: {listed}. Supported ggml "
-                f"types: {have}. Pass unsupported='dequantize' (CLI: --dequantize-unsupported) to convert "
-                "them to F32", file=path)
+                f"types: {have}. To convert them to F32 instead, pass unsupported='dequantize' (from the "
+                f"command line: set {UNSUPPORTED_ENV}=dequantize)", file=path)
         data = np.frombuffer(m, np.uint8) if m is not None else np.zeros(0, np.uint8)
         tensors = {}
         dequantized = {}

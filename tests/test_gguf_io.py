@@ -73,7 +73,7 @@ def test_metadata_matches_gguf_reader(sample):
     json.dumps(g, allow_nan=False)  # JSON-able, no NaN literals
 
 
-def test_unsupported_type_is_an_error_or_dequantized(tmp_path):
+def test_unsupported_type_is_an_error_or_dequantized(tmp_path, monkeypatch):
     w = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
     tensors = {"norm": (np.ones(32, np.float32), T.F32),
                "blk.0.q5": (gguf.quants.quantize(w, T.Q5_0), T.Q5_0),
@@ -83,7 +83,7 @@ def test_unsupported_type_is_an_error_or_dequantized(tmp_path):
     with pytest.raises(errors.FileFormatError) as e:
         read_gguf(p)
     msg = str(e.value)
-    assert str(p) in msg and "blk.0.q5 (Q5_0)" in msg and "blk.0.k4 (Q5_1)" in msg and "dequantize" in msg
+    assert str(p) in msg and "blk.0.q5 (Q5_0)" in msg and "blk.0.k4 (Q5_1)" in msg and "QUANTFMT_GGUF_UNSUPPORTED=dequantize" in msg
     with read_gguf(p, unsupported="dequantize") as m:
         assert m["blk.0.q5"].tag == "F32" and m["blk.0.q5"].shape == (4, 256)
         ref = gguf.GGUFReader(str(p))
@@ -93,6 +93,10 @@ def test_unsupported_type_is_an_error_or_dequantized(tmp_path):
         assert m.metadata["gguf"]["dequantized"] == {"blk.0.q5": "Q5_0", "blk.0.k4": "Q5_1"}
     with pytest.raises(errors.QuantfmtError, match="unsupported='maybe'"):
         read_gguf(p, unsupported="maybe")
+    monkeypatch.setenv("QUANTFMT_GGUF_UNSUPPORTED", "dequantize")  # the CLI's way to choose
+    with read_gguf(p) as m:
+        assert m["blk.0.q5"].tag == "F32"
+    monkeypatch.delenv("QUANTFMT_GGUF_UNSUPPORTED")
     # a ggml type the gguf package cannot dequantize either
     write_sample(p2 := tmp_path / "i8.gguf", tensors={"ids": (np.arange(32, dtype=np.int8), T.I8)})
     with pytest.raises(errors.FileFormatError, match="cannot dequantize ggml type I8") as e:
