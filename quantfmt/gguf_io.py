@@ -630,3 +630,59 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
                     f.write(b"\0" * (-t.nbytes % align))
         except OSError as e:
             raise FileFormatError(f"cannot write: {e.strerror or e}", file=str(path)) from None
+
+
+# ---- checking a written file ------------------------------------------------------------
+
+
+def check_gguf(path, against=None) -> dict:
+    """Check a GGUF file three ways and report: our pre-scan and reader; the gguf package's
+    own reader (tensor names, types, shapes and bytes must agree with ours); and, with
+    `against` (any model file quantfmt opens), every tensor's tag, shape and bytes and the
+    GGUF key-values compared with that model. Raises FileFormatError on any difference.
+    """
+    import gguf
+
+    from .loader import open_model
+
+    path = str(path)
+    hdr = scan_gguf(path)
+    report = {"file": path, "version": hdr.version, "alignment": hdr.alignment, "key_values": len(hdr.kv),
+              "tensors": len(hdr.tensors), "by_type": {}}
+    for t in hdr.tensors:
+        report["by_type"][t.type_name] = report["by_type"].get(t.type_name, 0) + 1
+    with read_gguf(path, unsupported="dequantize") as m:
+        try:
+            ref = gguf.GGUFReader(path)
+        except Exception as e:  # noqa: BLE001 - foreign reader: any failure is the finding
+            raise FileFormatError(f"the gguf package cannot read it: {type(e).__name__}: {e}",
+                                  file=path) from None
+        if [t.name for t in ref.tensors] != list(m):
+            raise FileFormatError("the gguf package's reader sees other tensors than ours", file=path)
+        for rt in ref.tensors:
+            t = m[rt.name]
+            same = (rt.tensor_type.name == m.metadata["gguf"].get("dequantized", {}).get(rt.name, t.tag)
+                    and tuple(int(d) for d in reversed(rt.shape)) == t.shape)
+            if same and rt.name not in m.metadata["gguf"].get("dequantized", {}):
+                same = np.array_equal(rt.data.reshape(-1).view(np.uint8), t.data)
+            if not same:
+                raise FileFormatError("the gguf package's reader disagrees with ours on type, shape or bytes",
+                                      file=path, tensor=rt.name)
+        report["gguf_package_agrees"] = True
+        if against is not None:
+            with open_model(against) as other:
+                if list(other) != list(m) and set(other) != set(m):
+                    missing = sorted(set(other) ^ set(m))[:5]
+                    raise FileFormatError(f"tensor names differ from {against}: e.g. {missing}", file=path)
+                for name, t in other.items():
+                    u = m[name]
+                    if (u.tag, u.shape) != (t.tag, t.shape) or not np.array_equal(u.data, t.data):
+                        raise FileFormatError(f"differs from {against}: {u.tag} {u.shape} here, "
+                                              f"{t.tag} {t.shape} there, or other bytes",
+                                              file=path, tensor=name)
+                theirs = other.metadata.get("gguf", {}).get("kv")
+                if theirs is not None and theirs != m.metadata["gguf"]["kv"]:
+                    raise FileFormatError(f"its key-values differ from those recorded in {against}",
+                                          file=path)
+            report["identical_to"] = str(against)
+    return report

@@ -83,7 +83,8 @@ def test_unsupported_type_is_an_error_or_dequantized(tmp_path, monkeypatch):
     with pytest.raises(errors.FileFormatError) as e:
         read_gguf(p)
     msg = str(e.value)
-    assert str(p) in msg and "blk.0.q5 (Q5_0)" in msg and "blk.0.k4 (Q5_1)" in msg and "QUANTFMT_GGUF_UNSUPPORTED=dequantize" in msg
+    assert str(p) in msg and "blk.0.q5 (Q5_0)" in msg and "blk.0.k4 (Q5_1)" in msg
+    assert "QUANTFMT_GGUF_UNSUPPORTED=dequantize" in msg
     with read_gguf(p, unsupported="dequantize") as m:
         assert m["blk.0.q5"].tag == "F32" and m["blk.0.q5"].shape == (4, 256)
         ref = gguf.GGUFReader(str(p))
@@ -381,3 +382,58 @@ def test_unreadable_path(tmp_path):
 
 def test_sample_covers_each_mapped_type():
     assert {q.name for _, q in sample_tensors().values()} == set(GGML_TAGS)
+
+
+# ---- the command line -----------------------------------------------------------------
+
+
+def _cli(*args, env=None):
+    from click.testing import CliRunner
+
+    from quantfmt.cli import cli
+
+    return CliRunner().invoke(cli, list(map(str, args)), env=env)
+
+
+def test_cli_bad_gguf_is_one_line_error(tmp_path):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(raw_gguf([kv("k", 9, struct.pack("<IQ", 0, 2**63))], alignment=1))
+    for cmd in (["inspect", p], ["gguf-check", p], ["convert", p, tmp_path / "o.safetensors", "--to", "F16"]):
+        r = _cli(*cmd)
+        assert r.exit_code == 1, (cmd, r.output)
+        assert "Error:" in r.output and "array of 9223372036854775808 UINT8" in r.output
+        assert "Traceback" not in r.output
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_gguf_check(tmp_path):
+    src = tmp_path / "plain.gguf"
+    write_sample(src, tensors={k: v for k, v in sample_tensors().items() if v[1] in (T.F32, T.F16, T.BF16)})
+    mid, back = tmp_path / "mid.safetensors", tmp_path / "back.gguf"
+    assert _cli("convert", src, mid, "--rule", "*=keep").exit_code == 0
+    r = _cli("convert", mid, back, "--rule", "*=keep")
+    assert r.exit_code == 0, r.output
+    r = _cli("gguf-check", back, "--against", src)
+    assert r.exit_code == 0, r.output
+    assert "gguf package's reader agrees" in r.output and f"equal {src}" in r.output
+    # a model with other bytes is a difference
+    other = tmp_path / "other.safetensors"
+    assert _cli("convert", mid, other, "--rule", "blk.0.cube=F16").exit_code == 0
+    r = _cli("gguf-check", back, "--against", other)
+    assert r.exit_code == 1 and "blk.0.cube" in r.output
+
+
+def test_cli_convert_unsupported_types_with_env(tmp_path):
+    w = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
+    p = tmp_path / "q5.gguf"
+    write_sample(p, tensors={"q5": (gguf.quants.quantize(w, T.Q5_0), T.Q5_0)})
+    out = tmp_path / "q5.safetensors"
+    r = _cli("convert", p, out, "--rule", "*=keep")
+    assert r.exit_code == 1 and "q5 (Q5_0)" in r.output and "QUANTFMT_GGUF_UNSUPPORTED" in r.output
+    r = _cli("convert", p, out, "--rule", "*=keep", env={"QUANTFMT_GGUF_UNSUPPORTED": "dequantize"})
+    assert r.exit_code == 0, r.output
+    with read_gguf(p, unsupported="dequantize") as a:
+        from quantfmt.loader import open_model
+
+        with open_model(out) as b:
+            assert b["q5"].tag == "F32" and np.array_equal(a["q5"].data, b["q5"].data)
