@@ -284,6 +284,30 @@ def compare(path, tags, pattern, n_inputs, seed, as_json):
 # ---- gguf ------------------------------------------------------------------------------
 
 
+@cli.command("gguf-check")
+@click.argument("path", metavar="FILE.gguf", type=click.Path(exists=True, dir_okay=False))
+@click.option("--against", type=click.Path(exists=True), metavar="MODEL",
+              help="Also require every tensor (tag, shape, bytes) and the GGUF key-values to equal MODEL's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def gguf_check(path, against, as_json):
+    """Validate a GGUF file: quantfmt's bounded pre-scan and reader, then the gguf package's own
+    reader must agree with ours on every tensor's type, shape and bytes; --against compares with a
+    model file (e.g. the quantfmt file it was exported from). Exit 1 on any problem."""
+    from .gguf_io import check_gguf
+
+    rep = check_gguf(path, against)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+        return
+    types = ", ".join(f"{n} {t}" for t, n in sorted(rep["by_type"].items()))
+    click.echo(f"{path}: GGUF v{rep['version']}, alignment {rep['alignment']}, {rep['key_values']} key-values, "
+               f"{rep['tensors']} tensors ({types})")
+    click.echo("ok: quantfmt's pre-scan and reader accept it; "
+               "the gguf package's reader agrees on every tensor")
+    if against:
+        click.echo(f"ok: every tensor (tag, shape, bytes) and the key-values equal {against}")
+
+
 # ---- bench -----------------------------------------------------------------------------
 
 
