@@ -68,8 +68,8 @@ class Step:
 
     @property
     def requantize(self) -> bool:
-        """A quantized tensor turned into another format: its error compounds."""
-        return not self.copy and self.src_tag not in FLOAT_TAGS
+        """A quantized tensor quantized again into another quantized format: errors compound."""
+        return not self.copy and self.src_tag not in FLOAT_TAGS and self.tag not in FLOAT_TAGS
 
 
 @dataclass

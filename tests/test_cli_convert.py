@@ -58,7 +58,9 @@ def test_convert_summary_and_result(toy, src, tmp_path):  # noqa: F811
 def test_convert_requantize_note_and_strict(toy, src, tmp_path):  # noqa: F811
     out, out2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     run(*pdir_args(toy), "convert", src, out, "--to", "TQ8")
-    r = run(*pdir_args(toy), "convert", out, out2, "--to", "F16", "--rule", "*attn_q*=TSLO")
+    r = run(*pdir_args(toy), "convert", out, out2, "--to", "F16")
+    assert "requantized" not in r.output  # TQ8 -> F16 is a dequantization, not a requantization
+    r = run(*pdir_args(toy), "convert", out, out2, "--overwrite", "--rule", "*attn_q*=TSLO")
     assert "requantized" in r.output and "compounds" in r.output
     r = run(*pdir_args(toy), "convert", src, tmp_path / "c.safetensors", "--to", "TQ8", "--strict", ok=False)
     assert "cannot take shape (8, 60)" in r.output

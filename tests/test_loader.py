@@ -131,8 +131,10 @@ def test_convert_copies_unchanged_tensors_byte_for_byte(toy, tmp_path, rng):  # 
             assert m[n].data.tobytes() == src[n].data.tobytes()
         assert m["f32"].tag == "F16"
     # requantizing an already quantized tensor is flagged
-    rep = loader.convert(p, out, Recipe(rules=[("tq8", "F16")]), overwrite=True)
+    rep = loader.convert(p, out, Recipe(rules=[("tq8", "TSLO")]), overwrite=True)
     assert [s.name for s in rep.requantized] == ["tq8"]
+    rep = loader.convert(p, out, Recipe(rules=[("tq8", "F16")]), overwrite=True)
+    assert rep.requantized == []  # back to float: not a requantization
     with pytest.raises(OutputExistsError):
         loader.convert(p, out, "F16")
     with pytest.raises(OutputExistsError, match="same file as the input"):
