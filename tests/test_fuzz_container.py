@@ -220,3 +220,37 @@ def test_many_mutations(base, data):
         else:
             b[i:i] = data.draw(st.binary(min_size=1, max_size=8))
     check(bytes(b), d)
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(data=st.data())
+def test_sharded_index_mutations(base, data):
+    """A *.safetensors.index.json with any JSON in it: only QuantfmtError."""
+    raw, header, d = base
+    shard = os.path.join(d, "shard-1.safetensors")
+    if not os.path.exists(shard):
+        with open(shard, "wb") as f:
+            f.write(raw)
+    names = [k for k in header if k != "__metadata__"]
+    wmap = {n: "shard-1.safetensors" for n in names}
+    what = data.draw(st.sampled_from(["value", "name", "map", "doc", "bytes"]))
+    idx = {"metadata": {"total_size": 1}, "weight_map": wmap}
+    if what == "value":
+        wmap[data.draw(st.sampled_from(names))] = data.draw(st.one_of(json_values, st.sampled_from(
+            ["../base.safetensors", "/etc/passwd", "", "base.safetensors", "shard-2.safetensors", "."])))
+    elif what == "name":
+        wmap[data.draw(st.text(max_size=6))] = "shard-1.safetensors"
+    elif what == "map":
+        idx["weight_map"] = data.draw(json_values)
+    elif what == "doc":
+        idx = data.draw(json_values)
+    text = json.dumps(idx).encode() if what != "bytes" else data.draw(st.binary(max_size=40))
+    p = os.path.join(d, "m.safetensors.index.json")
+    with open(p, "wb") as f:
+        f.write(text)
+    try:
+        with container.open_sharded(p) as m:
+            for t in m.values():
+                t.dequantize()
+    except QuantfmtError:
+        pass
