@@ -173,6 +173,15 @@ def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool 
         rec = record(r, rep.steps)
         if str(out_path).endswith(".gguf"):
             gguf_io = _gguf_io()
+            # Refuse before any work a tag GGUF cannot hold (write_gguf checks again).
+            allowed = getattr(gguf_io, "GGML_TAGS", None)
+            bad = [s for s in rep.steps if allowed is not None and s.tag not in allowed]
+            if bad:
+                listed = ", ".join(f"{s.name} ({s.tag})" for s in bad[:5]) + (", ..." if len(bad) > 5 else "")
+                raise FileFormatError(
+                    f"cannot write GGUF: {len(bad)} tensor(s) would get formats GGUF cannot hold: {listed}; "
+                    f"GGUF holds {', '.join(allowed)}", file=str(out_path))
+            # GGUF output is assembled in memory (converted tensors; kept ones stay mapped), then written.
             tensors = {}
             for s in rep.steps:
                 t = src[s.name]

@@ -258,8 +258,8 @@ def _smollm2():
 
 def test_gguf_in_and_out(tmp_path, rng):
     gguf_io = pytest.importorskip("quantfmt.gguf_io")
-    m = Model({"a.weight": QTensor.quantize(rng.standard_normal((4, 64)).astype(np.float32), "F32", "a.weight"),
-               "b.weight": QTensor.quantize(rng.standard_normal((8, 64)).astype(np.float32), "F16", "b.weight")},
+    m = Model({"a.weight": QTensor.quantize(rng.standard_normal((4, 256)).astype(np.float32), "F32", "a.weight"),
+               "b.weight": QTensor.quantize(rng.standard_normal((8, 256)).astype(np.float32), "F16", "b.weight")},
               {"general.architecture": "llama"})
     g = tmp_path / "m.gguf"
     gguf_io.write_gguf(str(g), m)
@@ -272,6 +272,10 @@ def test_gguf_in_and_out(tmp_path, rng):
     r = run("convert", out, back, "--rule", "*=keep", ok=False)  # exists
     assert "--overwrite" in r.output
     run("convert", g, g, "--to", "F16", "--overwrite", ok=False)
+    r = run("convert", g, tmp_path / "q.gguf", "--to", "Q8_B", ok=False)
+    if "Q8_B" in plugins.formats():
+        assert "GGUF cannot hold" in r.output
+    assert not (tmp_path / "q.gguf").exists()
 
 
 @pytest.mark.model
