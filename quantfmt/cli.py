@@ -189,7 +189,8 @@ def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite):
     """Convert a model (safetensors, sharded index, GGUF) to quantfmt/safetensors, or GGUF if OUT ends in .gguf.
 
     Streams tensor by tensor; OUT appears only when complete. Tensors that keep their format
-    are copied byte for byte. 1-D tensors and norms stay as they are unless a rule names them.
+    are copied byte for byte. 1-D tensors and norms stay as they are unless a rule names them
+    explicitly (its pattern has no '*', or mentions 'norm').
     """
     from .recipe import Recipe
 
