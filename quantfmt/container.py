@@ -44,6 +44,7 @@ from .format import MAX_ELEMENTS
 
 CONTAINER_VERSION = 1
 META_KEY = "quantfmt"  # the __metadata__ key holding quantfmt's JSON document
+RECIPE_KEY = "quantfmt.recipe"  # Model.metadata key of the recipe a file was made with
 # The same cap as the safetensors library: a header is small; a hostile length prefix must
 # not make us read (or allocate) gigabytes before we can say the file is bad.
 MAX_HEADER_BYTES = 100_000_000
@@ -348,9 +349,6 @@ def open_safetensors(path):
     if hdr.recipe is not None:
         meta[RECIPE_KEY] = hdr.recipe
     return Model(tensors, meta, path=file, closers=[_closer(mm)])
-
-
-RECIPE_KEY = "quantfmt.recipe"  # Model.metadata key of the recipe a file was made with
 
 
 @contextlib.contextmanager
