@@ -25,6 +25,7 @@ when the original was laid out the standard way (tensors packed in order, zero p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -353,7 +354,10 @@ def scan_gguf(path) -> GGUFHeader:
         return _scan(m if m is not None else b"", size, str(path))
     finally:
         if m is not None:
-            m.close()
+            # An error raised mid-array leaves a numpy view of the map in its traceback;
+            # then the map is released with that view instead.
+            with contextlib.suppress(BufferError):
+                m.close()
 
 
 # ---- the reader -----------------------------------------------------------------------
@@ -391,38 +395,37 @@ def read_gguf(path, *, unsupported: str | None = None):
         raise QuantfmtError(f"unsupported={unsupported!r} (or {UNSUPPORTED_ENV}): expected 'error' or "
                             "'dequantize'", file=str(path))
     path = str(path)
-    m, size = _map(path)
-    try:
-        hdr = _scan(m if m is not None else b"", size, path)
-        fmts = {t.type_name: _tag_for(t.type_name) for t in hdr.tensors}
-        bad = [t for t in hdr.tensors if fmts[t.type_name] is None]
-        if bad and unsupported == "error":
-            listed = ", ".join(f"{t.name} ({t.type_name})" for t in bad[:8])
-            listed += ", ..." if len(bad) > 8 else ""
-            have = ", ".join(n for n in GGML_TAGS if _tag_for(n) is not None)
-            raise FileFormatError(
-                f"{len(bad)} tensor(s) have a ggml type with no quantfmt format: {listed}. Supported ggml "
-                f"types: {have}. To convert them to F32 instead, pass unsupported='dequantize' (from the "
-                f"command line: set {UNSUPPORTED_ENV}=dequantize)", file=path)
-        data = np.frombuffer(m, np.uint8) if m is not None else np.zeros(0, np.uint8)
-        tensors = {}
-        dequantized = {}
+    hdr = scan_gguf(path)
+    fmts = {t.type_name: _tag_for(t.type_name) for t in hdr.tensors}
+    bad = [t for t in hdr.tensors if fmts[t.type_name] is None]
+    if bad and unsupported == "error":
+        listed = ", ".join(f"{t.name} ({t.type_name})" for t in bad[:8])
+        listed += ", ..." if len(bad) > 8 else ""
+        have = ", ".join(n for n in GGML_TAGS if _tag_for(n) is not None)
+        raise FileFormatError(
+            f"{len(bad)} tensor(s) have a ggml type with no quantfmt format: {listed}. Supported ggml "
+            f"types: {have}. To convert them to F32 instead, pass unsupported='dequantize' (from the "
+            f"command line: set {UNSUPPORTED_ENV}=dequantize)", file=path)
+    mm = None
+    tensors, dequantized = {}, {}
+    if hdr.tensors:
+        # A numpy memmap, like the container's, so streaming conversion can release pages as it goes.
+        try:
+            mm = np.memmap(path, mode="r", dtype=np.uint8)
+        except (OSError, ValueError) as e:
+            raise FileFormatError(f"cannot map the file: {e}", file=path) from None
+        if mm.size != hdr.file_size:
+            raise FileFormatError("the file changed size while being opened", file=path)
+        flat = mm.view(np.ndarray)
         for t in hdr.tensors:
             start = hdr.data_offset + t.offset
-            raw = data[start : start + t.nbytes]
+            raw = flat[start : start + t.nbytes]
             fmt = fmts[t.type_name]
             if fmt is not None:
                 tensors[t.name] = QTensor(t.name, fmt, t.shape, raw, source=path)
             else:
                 tensors[t.name] = QTensor(t.name, "F32", t.shape, _dequantize(raw, t, path), source=path)
                 dequantized[t.name] = t.type_name
-    except BaseException:
-        if m is not None:
-            try:
-                m.close()
-            except BufferError:
-                pass  # views of it live on in the traceback; it is released with them
-        raise
     meta = {
         "gguf": {
             "version": hdr.version,
@@ -435,12 +438,11 @@ def read_gguf(path, *, unsupported: str | None = None):
         meta["gguf"]["dequantized"] = dequantized
 
     def close():
-        tensors.clear()
-        try:
-            if m is not None:
-                m.close()
-        except BufferError:
-            pass  # someone still holds a tensor view; the map is released when they drop it
+        # The map goes away with its last view; Python's mmap refuses to close under live
+        # views (BufferError), which would otherwise crash them.
+        if mm is not None:
+            with contextlib.suppress(BufferError, ValueError, AttributeError):
+                mm._mmap.close()
 
     return Model(tensors, meta, path=path, closers=[close])
 
