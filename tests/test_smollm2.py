@@ -114,16 +114,20 @@ def test_requantize_to_a_mixed_recipe(path, tmp_path):
     from quantfmt.recipe import Recipe
 
     ffn = "Q4_A" if "Q4_A" in formats() else "Q4_0"
+    # Q4_A's 256-weight blocks fit ffn_down's rows (1536) but not ffn_up's (576): those fall back to Q4_0
     recipe = Recipe(rules=[("token_embd.*", "Q8_0"), ("*.attn_*norm*", "F32"), ("*.attn_*", "Q4_0"),
-                           ("*.ffn_norm*", "F32"), ("*.ffn_*", ffn)], fallback="F16")
+                           ("*.ffn_norm*", "F32"), ("*.ffn_*", ffn)], fallback="Q4_0")
     out = tmp_path / "mixed.safetensors"
     rep = convert(path, out, recipe)
-    assert len(rep.requantized) == 211  # every Q4_1/Q8_0 tensor went through float32
+    # the 210 Q4_1 matrices went through float32; the Q8_0 embedding, asked for Q8_0, was copied
+    assert len(rep.requantized) == 210 and "token_embd.weight" not in {s.name for s in rep.requantized}
     with open_model(out) as q, read_gguf(path) as g:
         assert q["token_embd.weight"].tag == "Q8_0" and q["blk.3.attn_q.weight"].tag == "Q4_0"
-        assert q["blk.3.ffn_up.weight"].tag == ffn and q["blk.3.ffn_norm.weight"].tag == "F32"
+        assert q["blk.3.ffn_down.weight"].tag == ffn and q["blk.3.ffn_up.weight"].tag == "Q4_0"
+        assert q["blk.3.ffn_norm.weight"].tag == "F32"
+        assert len(rep.fallbacks) == (60 if ffn == "Q4_A" else 0)
         assert q["token_embd.weight"].data.tobytes() == g["token_embd.weight"].data.tobytes()  # Q8_0 of Q8_0
-        for name in ("blk.3.attn_q.weight", "blk.3.ffn_up.weight"):
+        for name in ("blk.3.attn_q.weight", "blk.3.ffn_up.weight", "blk.3.ffn_down.weight"):
             a, b = q[name].dequantize(), g[name].dequantize()
             assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.2, name
         assert q.metadata["gguf"] == g.metadata["gguf"]
