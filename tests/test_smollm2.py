@@ -136,3 +136,27 @@ def test_requantize_to_a_mixed_recipe(path, tmp_path):
 def test_prescan_is_cheap_on_the_real_header(path):
     h = scan_gguf(path)
     assert h.version == 3 and h.alignment == 32 and len(h.tensors) == 272 and len(h.kv) == 33
+
+
+def test_export_a_mixed_ggml_recipe_to_gguf(path, tmp_path):
+    from quantfmt.gguf_io import check_gguf
+    from quantfmt.loader import convert
+    from quantfmt.recipe import Recipe
+
+    recipe = Recipe(rules=[("*norm*", "F32"), ("token_embd.*", "Q8_0"), ("*.attn_*", "Q4_0"),
+                           ("*.ffn_*", "keep")])
+    out = tmp_path / "mixed.gguf"
+    convert(path, out, recipe)  # straight from GGUF to GGUF
+    rep = check_gguf(out)  # our reader and the gguf package's agree on every tensor
+    assert rep["by_type"] == {"F32": 61, "Q8_0": 1, "Q4_0": 120, "Q4_1": 90}
+    ref = gguf.GGUFReader(str(out))
+    with read_gguf(path) as src:
+        for rt in ref.tensors:
+            w = src[rt.name].dequantize()
+            if rt.tensor_type == T.Q4_0:  # requantized by us == gguf's quantizer on the same floats
+                assert np.array_equal(rt.data.reshape(-1), gguf.quants.quantize(w, T.Q4_0).reshape(-1))
+            else:
+                assert np.array_equal(rt.data.reshape(-1).view(np.uint8), src[rt.name].data)
+        kv_src = {f.name: f.contents() for f in gguf.GGUFReader(str(path)).fields.values()}
+        kv_out = {f.name: f.contents() for f in ref.fields.values()}
+        assert kv_out == kv_src
