@@ -45,6 +45,9 @@ MAX_ALIGNMENT = 1 << 20
 MAX_DIMS = 4  # GGML_MAX_DIMS
 #: Arrays of arrays nest at most this deep (real files do not nest at all).
 MAX_ARRAY_DEPTH = 8
+#: Array items over all key-values: far above real files (a 256k vocabulary with scores and
+#: types is under 1M), and it bounds the memory a hostile header can make us spend on lists.
+MAX_ARRAY_ITEMS = 1 << 23
 #: Keys and tensor names longer than this are refused (GGUF caps keys at 65535 bytes).
 MAX_NAME_BYTES = 65535
 
@@ -114,6 +117,7 @@ class _Cursor:
 
     def __init__(self, buf, size: int, path: str):
         self.buf, self.size, self.path, self.pos = buf, size, path, 0
+        self.items = 0  # array items read so far, against MAX_ARRAY_ITEMS
 
     def fail(self, msg: str, tensor: str | None = None) -> FileFormatError:
         return FileFormatError(msg, file=self.path, tensor=tensor)
@@ -178,6 +182,9 @@ def _read_array(cur: _Cursor, what: str, depth: int):
     if count > (cur.size - cur.pos) // _MIN_ITEM[itype]:
         raise cur.fail(f"{what}: array of {count} {TYPE_NAMES[itype]} items cannot fit in the "
                        f"{cur.size - cur.pos} bytes left in the file")
+    cur.items += count
+    if cur.items > MAX_ARRAY_ITEMS:
+        raise cur.fail(f"{what}: the key-values hold more than {MAX_ARRAY_ITEMS} array items in all")
     if itype in _SCALARS:
         name, code = _SCALARS[itype]
         dt = np.dtype("<" + code)

@@ -337,6 +337,18 @@ def test_prescan_rejects(tmp_path, blob, match):
     assert str(e.value).startswith(str(p))
 
 
+def test_prescan_bounds_the_array_items_in_all(monkeypatch):
+    from quantfmt import gguf_io
+
+    monkeypatch.setattr(gguf_io, "MAX_ARRAY_ITEMS", 10)
+    six = kv("a", 9, struct.pack("<IQ", 0, 6) + bytes(6))
+    ok = raw_gguf([six, kv("b", 9, struct.pack("<IQ", 0, 4) + bytes(4))])
+    assert len(scan_gguf_bytes(ok).kv) == 2
+    bad = raw_gguf([six, kv("b", 9, struct.pack("<IQ", 8, 5) + s("") * 5)])
+    with pytest.raises(errors.FileFormatError, match="more than 10 array items in all"):
+        scan_gguf_bytes(bad)
+
+
 def test_prescan_names_the_tensor(tmp_path):
     p = tmp_path / "bad.gguf"
     p.write_bytes(raw_gguf([], [tinfo("blk.3.ffn_up.weight", [32], 0, 64)], bytes(64)))
