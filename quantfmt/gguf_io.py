@@ -48,6 +48,9 @@ MAX_ARRAY_DEPTH = 8
 #: Array items over all key-values: far above real files (a 256k vocabulary with scores and
 #: types is under 1M), and it bounds the memory a hostile header can make us spend on lists.
 MAX_ARRAY_ITEMS = 1 << 23
+#: Counts far above real files (tens of key-values, thousands of tensors), bounding memory.
+MAX_KV = 1 << 16
+MAX_TENSORS = 1 << 20
 #: Keys and tensor names longer than this are refused (GGUF caps keys at 65535 bytes).
 MAX_NAME_BYTES = 65535
 
@@ -254,6 +257,10 @@ def _scan(buf, size: int, path: str) -> GGUFHeader:
     # Each key-value takes at least 13 bytes (key length, type, a 1-byte value); each
     # tensor info at least 32 (name length, n_dims, one dim, type, offset).
     left = size - cur.pos
+    if n_kv > MAX_KV:
+        raise cur.fail(f"the header declares {n_kv} key-values; at most {MAX_KV} are accepted")
+    if n_tensors > MAX_TENSORS:
+        raise cur.fail(f"the header declares {n_tensors} tensors; at most {MAX_TENSORS} are accepted")
     if n_kv > left // 13:
         raise cur.fail(f"the header declares {n_kv} key-values, more than the {left} bytes left can hold")
     if n_tensors > (left - 13 * n_kv) // 32:

@@ -292,8 +292,10 @@ PRESCAN_CASES = [
     (b"GGML" + bytes(20), "not a GGUF file"),
     (raw_gguf(version=1), "version 1 is not supported"),
     (b"GGUF" + struct.pack(">IQQ", 3, 0, 0), "big-endian"),
-    (raw_gguf(n_kv=2**40), "declares 1099511627776 key-values"),
-    (raw_gguf(n_tensors=2**63), "declares 9223372036854775808 tensors"),
+    (raw_gguf(n_kv=2**40), "declares 1099511627776 key-values; at most 65536"),
+    (raw_gguf(n_tensors=2**63), "declares 9223372036854775808 tensors; at most 1048576"),
+    (raw_gguf(n_kv=1000), "declares 1000 key-values, more than the 8 bytes left"),
+    (raw_gguf(n_tensors=1000), "declares 1000 tensors, more than the 8 bytes left"),
     # the 43-byte file that makes gguf 0.19 hang: one key-value, an array of 2**63 UINT8
     (raw_gguf([kv("k", 9, struct.pack("<IQ", 0, 2**63))], alignment=1), "array of 9223372036854775808 UINT8"),
     (raw_gguf([kv("k", 9, struct.pack("<IQ", 9, 2**40))]), "array of 1099511627776 ARRAY"),
