@@ -33,6 +33,7 @@ from quantfmt.format import TILE_ELEMENTS, Format
 QK = 256
 NBINS = 16
 BLOCK_BYTES = 4 * NBINS + QK // 2
+ROW_CHUNK = 64  # rows per parallel work item in qmatmul
 
 
 # ---- numpy reference ------------------------------------------------------------------
@@ -136,20 +137,28 @@ def _get_rows_kernel(data, cols, idx, out):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def _matvec_kernel(data, rows, cols, x, out):
+def _matvec_kernel(blocks, cb, x, out):
+    # blocks: uint8 (rows, nb, 192), the bytes as they are; cb: float32 (rows, nb, 16), the
+    # codebooks unpacked once by prepare(). Accumulates c[idx] * x into a 256-wide vector
+    # across the row's blocks (one horizontal sum per row).
+    rows, nb = blocks.shape[0], blocks.shape[1]
     n = x.shape[0]
-    nb = cols // QK
-    for row in numba.prange(rows):
-        for k in range(n):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                o = (row * nb + b) * BLOCK_BYTES
-                c = data[o : o + 4 * NBINS].view(np.float32)
-                p = data[o + 4 * NBINS : o + BLOCK_BYTES]
-                xb = x[k, b * QK : (b + 1) * QK]
-                for i in range(QK // 2):
-                    acc += c[p[i] & 15] * xb[i] + c[p[i] >> 4] * xb[i + QK // 2]
-            out[k, row] = acc
+    xb = x.reshape(n, nb, QK)
+    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
+    for ch in numba.prange(nchunks):
+        accv = np.empty(QK, np.float32)
+        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+            for k in range(n):
+                accv[:] = 0.0
+                for b in range(nb):
+                    for i in range(QK // 2):
+                        p = blocks[row, b, 4 * NBINS + i]
+                        accv[i] += cb[row, b, p & 15] * xb[k, b, i]
+                        accv[i + QK // 2] += cb[row, b, p >> 4] * xb[k, b, i + QK // 2]
+                tot = np.float32(0.0)
+                for i in range(QK):
+                    tot += accv[i]
+                out[k, row] = tot
 
 
 # ---- the format -----------------------------------------------------------------------
@@ -180,11 +189,18 @@ class Q4A(Format):
         _get_rows_kernel(data, cols, idx, out)
         return out
 
-    def _qmatmul(self, data, rows, cols, x, mode):
+    def prepare(self, data, rows, cols):
+        # The bytes stay as they are (a view); the codebooks are unpacked to an aligned array.
+        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
+        cb = blocks[:, :, : 4 * NBINS].copy().view("<f4").astype(np.float32)
+        return data, blocks, cb
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        data, blocks, cb = prep
         if x.shape[0] > MATVEC_MAX_N and rows * cols > TILE_ELEMENTS:
             return super()._qmatmul(data, rows, cols, x, mode)
         out = np.empty((x.shape[0], rows), np.float32)
-        _matvec_kernel(data, rows, cols, x, out)
+        _matvec_kernel(blocks, cb, x, out)
         return out
 
 
