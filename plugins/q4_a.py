@@ -283,6 +283,8 @@ def _host_has_avx2() -> bool:
     # for portable caches): only then may the kernel use AVX2 instructions.
     if numba.config.CPU_NAME not in (None, "", "host"):
         return False
+    if numba.config.CPU_FEATURES:  # NUMBA_CPU_FEATURES overrides the host's features
+        return "+avx2" in numba.config.CPU_FEATURES.split(",")
     import llvmlite.binding as llvm
 
     return bool(llvm.get_host_cpu_features().get("avx2", False))

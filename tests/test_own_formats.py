@@ -364,23 +364,22 @@ def test_hypothesis_matrices(tag):
 
 
 @pytest.mark.parametrize("kernel", ["portable", "avx2"])
-def test_q4a_both_matvec_kernels(kernel, rng):
-    # qmatmul takes the AVX2 kernel where the CPU has it; check each kernel directly.
+def test_q4a_both_matvec_kernels(kernel, rng, monkeypatch):
+    # qmatmul takes the AVX2 kernel where the CPU has it; run each path through the public API.
     m = MODULES["Q4_A"]
     if kernel == "avx2" and not m.USE_AVX2:
-        pytest.skip("this CPU (or NUMBA_CPU_NAME) has no AVX2")
+        pytest.skip("this CPU (or NUMBA_CPU_NAME/NUMBA_CPU_FEATURES) has no AVX2")
+    monkeypatch.setattr(m, "USE_AVX2", kernel == "avx2")
     rows, cols = 24, 1024
     scale = np.float32(10.0) ** rng.integers(-3, 3, (rows, 1))
     w = rng.standard_normal((rows, cols)).astype(np.float32) * scale
-    data = fmt("Q4_A").quantize(w)
+    f = fmt("Q4_A")
+    data = f.quantize(w)
     x = rng.standard_normal((3, cols)).astype(np.float32)
-    deq = fmt("Q4_A").dequantize(data, w.shape).astype(np.float64)
-    out = np.empty((3, rows), np.float32)
-    if kernel == "avx2":
-        m._matvec_avx2(m._codebook_planes(data), data, m._permute_x(x), rows, cols, out)
-    else:
-        cb = data.reshape(-1, 192)[:, :64].copy().view(np.float32).reshape(rows, cols // 256, 16)
-        m._matvec_portable(data.reshape(rows, cols // 256, 192), cb, x, out)
+    deq = f.dequantize(data, w.shape).astype(np.float64)
+    prep = f.prepare(data, rows, cols)
+    assert prep[1].dtype == (np.uint8 if kernel == "avx2" else np.float32)  # the path really taken
+    out = f.qmatmul(data, w.shape, x, prepared=prep)
     ref = x.astype(np.float64) @ deq.T
     tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T) + 1e-6
     assert (np.abs(out - ref) <= tol).all()
