@@ -425,3 +425,20 @@ def test_real_model_tensors(tag):
         exact = x.astype(np.float64) @ w.T.astype(np.float64)
         rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
         assert rel < {"Q8_A": 0.02, "Q8_B": 0.02, "Q4_A": 0.2}[tag], (name, rel)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_unaligned_bytes(tag, rng):
+    # Bytes memory-mapped from a file can start at any address: the kernels view float32
+    # scales/codebooks straight out of them.
+    f = fmt(tag)
+    shape = shape_for(tag)
+    data = f.quantize(rng.standard_normal(shape).astype(np.float32))
+    x = rng.standard_normal((2, shape[1])).astype(np.float32)
+    for off in (1, 2, 3):
+        buf = np.empty(data.size + off, np.uint8)[off:]
+        buf[:] = data
+        assert buf.ctypes.data % 4
+        assert np.array_equal(f.dequantize(buf, shape), f.dequantize(data, shape))
+        assert np.array_equal(f.get_rows(buf, shape, [0, -1]), f.get_rows(data, shape, [0, -1]))
+        assert np.array_equal(f.qmatmul(buf, shape, x), f.qmatmul(data, shape, x))
