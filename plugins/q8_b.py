@@ -166,21 +166,36 @@ def _matvec_kernel(blocks, sm, x, out):
                 a += x[k, b * QK + j]
             xsum[k, b] = a
     xb = x.reshape(n, nb, QK)
-    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    for ch in numba.prange(nchunks):
-        accv = np.empty(QK, np.float32)
-        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-            for k in range(n):
-                accv[:] = 0.0
-                tot = np.float32(0.0)
+    # Four rows at a time: four independent FMA chains (one chain is latency-bound) that
+    # share each activation load.
+    for t in numba.prange((rows + 3) // 4):
+        r0 = 4 * t
+        for k in range(n):
+            if r0 + 4 <= rows:
+                t0 = t1 = t2 = t3 = np.float32(0.0)
                 for b in range(nb):
-                    d = sm[row, b, 0]
-                    tot += sm[row, b, 1] * xsum[k, b]
+                    d0 = d1 = d2 = d3 = np.float32(0.0)
                     for j in range(QK):
-                        accv[j] += d * np.float32(blocks[row, b, 8 + j]) * xb[k, b, j]
-                for j in range(QK):
-                    tot += accv[j]
-                out[k, row] = tot
+                        xv = xb[k, b, j]
+                        d0 += np.float32(blocks[r0, b, 8 + j]) * xv
+                        d1 += np.float32(blocks[r0 + 1, b, 8 + j]) * xv
+                        d2 += np.float32(blocks[r0 + 2, b, 8 + j]) * xv
+                        d3 += np.float32(blocks[r0 + 3, b, 8 + j]) * xv
+                    xs = xsum[k, b]
+                    t0 += sm[r0, b, 0] * d0 + sm[r0, b, 1] * xs
+                    t1 += sm[r0 + 1, b, 0] * d1 + sm[r0 + 1, b, 1] * xs
+                    t2 += sm[r0 + 2, b, 0] * d2 + sm[r0 + 2, b, 1] * xs
+                    t3 += sm[r0 + 3, b, 0] * d3 + sm[r0 + 3, b, 1] * xs
+                out[k, r0], out[k, r0 + 1], out[k, r0 + 2], out[k, r0 + 3] = t0, t1, t2, t3
+            else:
+                for row in range(r0, rows):
+                    tot = np.float32(0.0)
+                    for b in range(nb):
+                        dot = np.float32(0.0)
+                        for j in range(QK):
+                            dot += np.float32(blocks[row, b, 8 + j]) * xb[k, b, j]
+                        tot += sm[row, b, 0] * dot + sm[row, b, 1] * xsum[k, b]
+                    out[k, row] = tot
 
 
 # ---- the format -----------------------------------------------------------------------
