@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import FileFormatError, QuantfmtError
+from .errors import FileFormatError, QuantfmtError, context
 from .format import MAX_ELEMENTS
 
 MAGIC = b"GGUF"
@@ -584,24 +584,43 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
     model.metadata), key "gguf", in the JSON form read_gguf produces, with their types.
     Tensors are written in the recorded tensor_order, then any others in model order.
     """
+    from .container import plans_from_model
+
+    inputs = [model.path] if getattr(model, "path", None) else []
+    write_gguf_plans(path, plans_from_model(model), metadata=model.metadata if metadata is None else metadata,
+                     overwrite=overwrite, inputs=inputs)
+
+
+def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bool = False, inputs=(),
+                     progress=None) -> None:
+    """write_gguf, streaming: `plans` are container.TensorPlan (name, tag, shape, produce, after);
+    the header is written from tags and shapes, then each tensor is produced and written in
+    turn, so memory holds one tensor at a time. `progress(nbytes)` after each tensor."""
     from gguf.constants import GGMLQuantizationType
 
     from .container import atomic_output
+    from .plugins import get_format
 
-    meta = model.metadata if metadata is None else metadata
-    g = meta.get("gguf") if isinstance(meta, dict) else None
+    file = str(path)
+    g = metadata.get("gguf") if isinstance(metadata, dict) else None
     if g is None:
         g = {}
     if not isinstance(g, dict):
         raise _bad_meta("is not a JSON object")
-    bad = gguf_incompatible(model)
+    by_name = {}
+    for p in plans:
+        if not isinstance(p.name, str) or p.name in by_name:
+            raise FileFormatError(f"cannot write GGUF: invalid or duplicate tensor name {p.name!r}",
+                                  file=file)
+        by_name[p.name] = p
+    bad = [(p.name, p.tag) for p in plans if p.tag not in GGML_TAGS]
     if bad:
         listed = ", ".join(f"{n} ({t})" for n, t in bad[:10])
         listed += f", and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise FileFormatError(
             f"cannot write GGUF: {len(bad)} tensor(s) have formats with no ggml type: {listed}. "
             f"GGUF can hold {', '.join(GGML_TAGS)}; requantize those tensors to one of them first",
-            file=str(path))
+            file=file)
     version = g.get("version", 3)
     if version not in VERSIONS:
         raise _bad_meta(f"version {version!r} is not 2 or 3")
@@ -616,36 +635,51 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
                                 f"up to {MAX_ALIGNMENT}")
     if len({e[0] for e in kv if isinstance(e, (list, tuple)) and e}) != len(kv):
         raise _bad_meta("kv has duplicate or malformed keys")
-    order = [n for n in g.get("tensor_order", []) if isinstance(n, str) and n in model]
-    order = list(dict.fromkeys(order + list(model)))
+    order = [n for n in g.get("tensor_order", []) if isinstance(n, str) and n in by_name]
+    order = list(dict.fromkeys(order + list(by_name)))
 
     parts = [MAGIC, struct.pack("<IQQ", version, len(order), len(kv))]
     parts.extend(_pack_kv(e) for e in kv)
     offset = 0
-    plan = []
+    sizes = []
     for name in order:
-        t = model[name]
-        if not 1 <= len(t.shape) <= MAX_DIMS or min(t.shape) < 1:
-            raise FileFormatError(f"cannot write GGUF: shape {t.shape} is not 1 to {MAX_DIMS} dimensions "
-                                  "each at least 1", file=str(path), tensor=name)
-        dims = tuple(reversed(t.shape))
+        p = by_name[name]
+        shape = tuple(int(d) for d in p.shape)
+        if not 1 <= len(shape) <= MAX_DIMS or min(shape) < 1:
+            raise FileFormatError(f"cannot write GGUF: shape {shape} is not 1 to {MAX_DIMS} dimensions "
+                                  "each at least 1", file=file, tensor=name)
+        with context(file=file, tensor=name):
+            n = get_format(p.tag).nbytes(shape)
+        dims = tuple(reversed(shape))
         parts.append(_pack_string(name, name))
-        gtype = int(GGMLQuantizationType[t.tag])
+        gtype = int(GGMLQuantizationType[p.tag])
         parts.append(struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, gtype, offset))
-        plan.append(t)
-        offset += -(-t.nbytes // align) * align
+        sizes.append(n)
+        offset += -(-n // align) * align
     header = b"".join(parts)
-    inputs = [model.path] if getattr(model, "path", None) else []
     with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp:
         try:
             with open(tmp, "wb") as f:
                 f.write(header)
                 f.write(b"\0" * (-len(header) % align))
-                for t in plan:
-                    f.write(memoryview(t.data))
-                    f.write(b"\0" * (-t.nbytes % align))
+                for name, n in zip(order, sizes, strict=True):
+                    p = by_name[name]
+                    with context(file=file, tensor=name):
+                        data = p.produce()
+                    buf = np.ascontiguousarray(data if isinstance(data, np.ndarray)
+                                               else np.frombuffer(data, np.uint8)).reshape(-1).view(np.uint8)
+                    if buf.size != n:
+                        raise FileFormatError(f"{p.tag}: produced {buf.size} bytes, the header promised {n}",
+                                              file=file, tensor=name)
+                    f.write(memoryview(buf))
+                    f.write(b"\0" * (-n % align))
+                    del data, buf
+                    if p.after is not None:
+                        p.after()
+                    if progress is not None:
+                        progress(n)
         except OSError as e:
-            raise FileFormatError(f"cannot write: {e.strerror or e}", file=str(path)) from None
+            raise FileFormatError(f"cannot write: {e.strerror or e}", file=file) from None
 
 
 # ---- checking a written file ------------------------------------------------------------

@@ -200,6 +200,27 @@ def test_exotic_metadata_round_trips_exactly(tmp_path):
     assert out.read_bytes() == src.read_bytes()
 
 
+def test_streaming_writer_produces_one_tensor_at_a_time(tmp_path, sample):
+    from quantfmt.container import TensorPlan
+    from quantfmt.gguf_io import write_gguf_plans
+
+    events = []
+    with read_gguf(sample) as m:
+        plans = [TensorPlan(n, t.tag, t.shape, (lambda n=n, t=t: events.append(("produce", n)) or t.data),
+                            after=(lambda n=n: events.append(("after", n)))) for n, t in m.items()]
+        out = tmp_path / "streamed.gguf"
+        done = []
+        write_gguf_plans(out, plans, metadata=m.metadata, progress=done.append)
+        assert events == [(e, n) for n in m for e in ("produce", "after")]
+        assert done == [t.nbytes for t in m.values()]
+        assert out.read_bytes() == sample.read_bytes()
+        short = [*plans[:-1], TensorPlan(plans[-1].name, plans[-1].tag, plans[-1].shape, lambda: b"\0" * 3)]
+        bad = tmp_path / "short.gguf"
+        with pytest.raises(errors.FileFormatError, match="produced 3 bytes, the header promised"):
+            write_gguf_plans(bad, short, metadata=m.metadata)
+        assert not bad.exists() and not list(tmp_path.glob(".short.gguf*"))
+
+
 def test_write_refuses_formats_without_a_ggml_type(tmp_path, fresh_registry):
     plug = tmp_path / "plugs"
     plug.mkdir()
