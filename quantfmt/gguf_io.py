@@ -11,7 +11,7 @@ A string is u64 length + bytes; an array is u32 item type + u64 count + items.
 
 `scan_gguf` parses and checks all of that with our own code before anything is mapped,
 so a hostile file fails with a FileFormatError in time and memory linear in the file size
-(the gguf package's reader hangs on a 43-byte file declaring a 2**63-item array, and accepts
+(gguf 0.19's reader hangs on a 49-byte file declaring a 2**63-item array, and accepts
 overlapping tensors). Every count and length is checked against the bytes that remain
 before it is used; see formats.md, "GGUF interop", for the full list of rules.
 
@@ -21,6 +21,8 @@ shapes are reversed into numpy order. The key-values go into `Model.metadata["gg
 their GGUF value types (the JSON form is specified in formats.md), so `write_gguf` can write
 them back identically: GGUF -> quantfmt -> GGUF reproduces the original file byte for byte
 when the original was laid out the standard way (tensors packed in order, zero padding).
+`write_gguf_plans` is the same writer fed one tensor at a time; `check_gguf` cross-checks a
+file against the gguf package's own reader (and optionally against another model file).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ UNSUPPORTED_ENV = "QUANTFMT_GGUF_UNSUPPORTED"
 #: ggml types whose bytes are a quantfmt format's bytes, under the same name.
 GGML_TAGS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 
-# GGUF value types: id -> (name, struct code for scalars or None).
+# GGUF scalar value types: id -> (name, struct code).
 _SCALARS = {
     0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"),
     4: ("UINT32", "I"), 5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "B"),
