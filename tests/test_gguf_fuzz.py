@@ -10,7 +10,9 @@ under an alarm, so a hang fails the test instead of stalling the suite.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
 import signal
 import struct
 import tempfile
@@ -31,6 +33,7 @@ QUICK = settings(max_examples=120, deadline=None, suppress_health_check=[HealthC
 LONG = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 
 _DIR = Path(tempfile.mkdtemp(prefix="quantfmt-fuzz-"))
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 
 
 def _seed(name: str, **kw) -> bytes:
