@@ -247,7 +247,7 @@ class Q4_1(Format):
         blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
         out = np.empty((x.shape[0], rows), np.float32)
         if mode == "q8_0":
-            d16, s16, qx = quantize_activations(x, with_sum=True)
+            d16, s16, qx = quantize_activations(x, with_sum=True, tag=self.tag)
             lut = fp16_table()
             _qmatmul_q8_kernel(blocks, lut, lut[d16], lut[s16], qx, out)
         else:

@@ -221,7 +221,7 @@ class Q8_0(Format):
         blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
         out = np.empty((x.shape[0], rows), np.float32)
         if mode == "q8_0":
-            d16, _, qx = quantize_activations(x, with_sum=False)
+            d16, _, qx = quantize_activations(x, with_sum=False, tag=self.tag)
             _qmatmul_q8_kernel(blocks, blocks.view(np.int8), fp16_table(), fp16_table()[d16], qx, out)
         else:
             _qmatmul_f32_kernel(blocks, blocks.view(np.int8), fp16_table(), x, out)
