@@ -424,7 +424,7 @@ def test_real_model_tensors(tag):
 
 
 @pytest.mark.parametrize("tag", TAGS)
-def test_unaligned_bytes(tag, rng):
+def test_unaligned_and_read_only_bytes(tag, rng):
     # Bytes memory-mapped from a file can start at any address: the kernels view float32
     # scales/codebooks straight out of them.
     f = fmt(tag)
@@ -438,3 +438,6 @@ def test_unaligned_bytes(tag, rng):
         assert np.array_equal(f.dequantize(buf, shape), f.dequantize(data, shape))
         assert np.array_equal(f.get_rows(buf, shape, [0, -1]), f.get_rows(data, shape, [0, -1]))
         assert np.array_equal(f.qmatmul(buf, shape, x), f.qmatmul(data, shape, x))
+    ro = bytes(data)  # read-only, as from a read-only memory map
+    assert np.array_equal(f.qmatmul(ro, shape, x), f.qmatmul(data, shape, x))
+    assert np.array_equal(f.get_rows(ro, shape, [1]), f.get_rows(data, shape, [1]))
