@@ -29,7 +29,7 @@ import numpy as np
 
 import quantfmt
 from quantfmt.errors import RangeError
-from quantfmt.format import TILE_ELEMENTS, Format
+from quantfmt.format import Format
 
 QK = 128
 BLOCK_BYTES = 8 + QK
@@ -166,26 +166,41 @@ def _matvec_kernel(blocks, sm, x, out):
                 a += x[k, b * QK + j]
             xsum[k, b] = a
     xb = x.reshape(n, nb, QK)
-    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    for ch in numba.prange(nchunks):
-        accv = np.empty(QK, np.float32)
-        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-            for k in range(n):
-                accv[:] = 0.0
-                tot = np.float32(0.0)
+    # Four rows at a time: four independent FMA chains (one chain is latency-bound) that
+    # share each activation load.
+    for t in numba.prange((rows + 3) // 4):
+        r0 = 4 * t
+        for k in range(n):
+            if r0 + 4 <= rows:
+                t0 = t1 = t2 = t3 = np.float32(0.0)
                 for b in range(nb):
-                    d = sm[row, b, 0]
-                    tot += sm[row, b, 1] * xsum[k, b]
+                    d0 = d1 = d2 = d3 = np.float32(0.0)
                     for j in range(QK):
-                        accv[j] += d * np.float32(blocks[row, b, 8 + j]) * xb[k, b, j]
-                for j in range(QK):
-                    tot += accv[j]
-                out[k, row] = tot
+                        xv = xb[k, b, j]
+                        d0 += np.float32(blocks[r0, b, 8 + j]) * xv
+                        d1 += np.float32(blocks[r0 + 1, b, 8 + j]) * xv
+                        d2 += np.float32(blocks[r0 + 2, b, 8 + j]) * xv
+                        d3 += np.float32(blocks[r0 + 3, b, 8 + j]) * xv
+                    xs = xsum[k, b]
+                    t0 += sm[r0, b, 0] * d0 + sm[r0, b, 1] * xs
+                    t1 += sm[r0 + 1, b, 0] * d1 + sm[r0 + 1, b, 1] * xs
+                    t2 += sm[r0 + 2, b, 0] * d2 + sm[r0 + 2, b, 1] * xs
+                    t3 += sm[r0 + 3, b, 0] * d3 + sm[r0 + 3, b, 1] * xs
+                out[k, r0], out[k, r0 + 1], out[k, r0 + 2], out[k, r0 + 3] = t0, t1, t2, t3
+            else:
+                for row in range(r0, rows):
+                    tot = np.float32(0.0)
+                    for b in range(nb):
+                        dot = np.float32(0.0)
+                        for j in range(QK):
+                            dot += np.float32(blocks[row, b, 8 + j]) * xb[k, b, j]
+                        tot += sm[row, b, 0] * dot + sm[row, b, 1] * xsum[k, b]
+                    out[k, row] = tot
 
 
 # ---- the format -----------------------------------------------------------------------
 
-MATVEC_MAX_N = 4  # larger batches: BLAS on dequantized tiles
+MATVEC_MAX_N = 4  # larger batches: BLAS on dequantized tiles (_blas_tiles)
 
 
 class Q8B(Format):
@@ -194,6 +209,8 @@ class Q8B(Format):
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES
     summary = "int8 of (w - mean), float32 scale and mean per 128 weights along a row (llama2.c brainstorm)"
+    #: Weights per dequantized tile when qmatmul goes to BLAS (batches of > MATVEC_MAX_N).
+    prefill_tile_elements = 1 << 24
 
     def _quantize(self, w):
         rows, cols = w.shape
@@ -228,10 +245,24 @@ class Q8B(Format):
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         data, blocks, sm = prep
-        if x.shape[0] > MATVEC_MAX_N and rows * cols > TILE_ELEMENTS:
-            return super()._qmatmul(data, rows, cols, x, mode)
+        if x.shape[0] > MATVEC_MAX_N:
+            return self._blas_tiles(data, rows, cols, x)
         out = np.empty((x.shape[0], rows), np.float32)
         _matvec_kernel(blocks, sm, x, out)
+        return out
+
+    def _blas_tiles(self, data, rows, cols, x):
+        # Batches (prefill): dequantize tiles of rows and multiply with BLAS. Few, large tiles
+        # (up to prefill_tile_elements weights, 64 MB of float32): every BLAS call has a fixed
+        # threading cost, which on a busy machine dwarfs the arithmetic of a small tile.
+        br = self.block_shape[0]
+        gb = self.row_group_bytes(cols)
+        step = max(br, self.prefill_tile_elements // cols // br * br)
+        out = np.empty((x.shape[0], rows), np.float32)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            w = self._dequantize(data[r0 // br * gb : r1 // br * gb], r1 - r0, cols)
+            out[:, r0:r1] = x @ w.T
         return out
 
 

@@ -11,7 +11,7 @@ A string is u64 length + bytes; an array is u32 item type + u64 count + items.
 
 `scan_gguf` parses and checks all of that with our own code before anything is mapped,
 so a hostile file fails with a FileFormatError in time and memory linear in the file size
-(the gguf package's reader hangs on a 43-byte file declaring a 2**63-item array, and accepts
+(gguf 0.19's reader hangs on a 49-byte file declaring a 2**63-item array, and accepts
 overlapping tensors). Every count and length is checked against the bytes that remain
 before it is used; see formats.md, "GGUF interop", for the full list of rules.
 
@@ -21,10 +21,13 @@ shapes are reversed into numpy order. The key-values go into `Model.metadata["gg
 their GGUF value types (the JSON form is specified in formats.md), so `write_gguf` can write
 them back identically: GGUF -> quantfmt -> GGUF reproduces the original file byte for byte
 when the original was laid out the standard way (tensors packed in order, zero padding).
+`write_gguf_plans` is the same writer fed one tensor at a time; `check_gguf` cross-checks a
+file against the gguf package's own reader (and optionally against another model file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import FileFormatError, QuantfmtError
+from .errors import FileFormatError, QuantfmtError, context
 from .format import MAX_ELEMENTS
 
 MAGIC = b"GGUF"
@@ -44,6 +47,12 @@ MAX_ALIGNMENT = 1 << 20
 MAX_DIMS = 4  # GGML_MAX_DIMS
 #: Arrays of arrays nest at most this deep (real files do not nest at all).
 MAX_ARRAY_DEPTH = 8
+#: Array items over all key-values: far above real files (a 256k vocabulary with scores and
+#: types is under 1M), and it bounds the memory a hostile header can make us spend on lists.
+MAX_ARRAY_ITEMS = 1 << 23
+#: Counts far above real files (tens of key-values, thousands of tensors), bounding memory.
+MAX_KV = 1 << 16
+MAX_TENSORS = 1 << 20
 #: Keys and tensor names longer than this are refused (GGUF caps keys at 65535 bytes).
 MAX_NAME_BYTES = 65535
 
@@ -52,7 +61,7 @@ UNSUPPORTED_ENV = "QUANTFMT_GGUF_UNSUPPORTED"
 #: ggml types whose bytes are a quantfmt format's bytes, under the same name.
 GGML_TAGS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 
-# GGUF value types: id -> (name, struct code for scalars or None).
+# GGUF scalar value types: id -> (name, struct code).
 _SCALARS = {
     0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"),
     4: ("UINT32", "I"), 5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "B"),
@@ -113,6 +122,7 @@ class _Cursor:
 
     def __init__(self, buf, size: int, path: str):
         self.buf, self.size, self.path, self.pos = buf, size, path, 0
+        self.items = 0  # array items read so far, against MAX_ARRAY_ITEMS
 
     def fail(self, msg: str, tensor: str | None = None) -> FileFormatError:
         return FileFormatError(msg, file=self.path, tensor=tensor)
@@ -177,6 +187,9 @@ def _read_array(cur: _Cursor, what: str, depth: int):
     if count > (cur.size - cur.pos) // _MIN_ITEM[itype]:
         raise cur.fail(f"{what}: array of {count} {TYPE_NAMES[itype]} items cannot fit in the "
                        f"{cur.size - cur.pos} bytes left in the file")
+    cur.items += count
+    if cur.items > MAX_ARRAY_ITEMS:
+        raise cur.fail(f"{what}: the key-values hold more than {MAX_ARRAY_ITEMS} array items in all")
     if itype in _SCALARS:
         name, code = _SCALARS[itype]
         dt = np.dtype("<" + code)
@@ -246,6 +259,10 @@ def _scan(buf, size: int, path: str) -> GGUFHeader:
     # Each key-value takes at least 13 bytes (key length, type, a 1-byte value); each
     # tensor info at least 32 (name length, n_dims, one dim, type, offset).
     left = size - cur.pos
+    if n_kv > MAX_KV:
+        raise cur.fail(f"the header declares {n_kv} key-values; at most {MAX_KV} are accepted")
+    if n_tensors > MAX_TENSORS:
+        raise cur.fail(f"the header declares {n_tensors} tensors; at most {MAX_TENSORS} are accepted")
     if n_kv > left // 13:
         raise cur.fail(f"the header declares {n_kv} key-values, more than the {left} bytes left can hold")
     if n_tensors > (left - 13 * n_kv) // 32:
@@ -353,7 +370,10 @@ def scan_gguf(path) -> GGUFHeader:
         return _scan(m if m is not None else b"", size, str(path))
     finally:
         if m is not None:
-            m.close()
+            # An error raised mid-array leaves a numpy view of the map in its traceback;
+            # then the map is released with that view instead.
+            with contextlib.suppress(BufferError):
+                m.close()
 
 
 # ---- the reader -----------------------------------------------------------------------
@@ -391,38 +411,37 @@ def read_gguf(path, *, unsupported: str | None = None):
         raise QuantfmtError(f"unsupported={unsupported!r} (or {UNSUPPORTED_ENV}): expected 'error' or "
                             "'dequantize'", file=str(path))
     path = str(path)
-    m, size = _map(path)
-    try:
-        hdr = _scan(m if m is not None else b"", size, path)
-        fmts = {t.type_name: _tag_for(t.type_name) for t in hdr.tensors}
-        bad = [t for t in hdr.tensors if fmts[t.type_name] is None]
-        if bad and unsupported == "error":
-            listed = ", ".join(f"{t.name} ({t.type_name})" for t in bad[:8])
-            listed += ", ..." if len(bad) > 8 else ""
-            have = ", ".join(n for n in GGML_TAGS if _tag_for(n) is not None)
-            raise FileFormatError(
-                f"{len(bad)} tensor(s) have a ggml type with no quantfmt format: {listed}. Supported ggml "
-                f"types: {have}. To convert them to F32 instead, pass unsupported='dequantize' (from the "
-                f"command line: set {UNSUPPORTED_ENV}=dequantize)", file=path)
-        data = np.frombuffer(m, np.uint8) if m is not None else np.zeros(0, np.uint8)
-        tensors = {}
-        dequantized = {}
+    hdr = scan_gguf(path)
+    fmts = {t.type_name: _tag_for(t.type_name) for t in hdr.tensors}
+    bad = [t for t in hdr.tensors if fmts[t.type_name] is None]
+    if bad and unsupported == "error":
+        listed = ", ".join(f"{t.name} ({t.type_name})" for t in bad[:8])
+        listed += ", ..." if len(bad) > 8 else ""
+        have = ", ".join(n for n in GGML_TAGS if _tag_for(n) is not None)
+        raise FileFormatError(
+            f"{len(bad)} tensor(s) have a ggml type with no quantfmt format: {listed}. Supported ggml "
+            f"types: {have}. To convert them to F32 instead, pass unsupported='dequantize' (from the "
+            f"command line: set {UNSUPPORTED_ENV}=dequantize)", file=path)
+    mm = None
+    tensors, dequantized = {}, {}
+    if hdr.tensors:
+        # A numpy memmap, like the container's, so streaming conversion can release pages as it goes.
+        try:
+            mm = np.memmap(path, mode="r", dtype=np.uint8)
+        except (OSError, ValueError) as e:
+            raise FileFormatError(f"cannot map the file: {e}", file=path) from None
+        if mm.size != hdr.file_size:
+            raise FileFormatError("the file changed size while being opened", file=path)
+        flat = mm.view(np.ndarray)
         for t in hdr.tensors:
             start = hdr.data_offset + t.offset
-            raw = data[start : start + t.nbytes]
+            raw = flat[start : start + t.nbytes]
             fmt = fmts[t.type_name]
             if fmt is not None:
                 tensors[t.name] = QTensor(t.name, fmt, t.shape, raw, source=path)
             else:
                 tensors[t.name] = QTensor(t.name, "F32", t.shape, _dequantize(raw, t, path), source=path)
                 dequantized[t.name] = t.type_name
-    except BaseException:
-        if m is not None:
-            try:
-                m.close()
-            except BufferError:
-                pass  # views of it live on in the traceback; it is released with them
-        raise
     meta = {
         "gguf": {
             "version": hdr.version,
@@ -435,12 +454,11 @@ def read_gguf(path, *, unsupported: str | None = None):
         meta["gguf"]["dequantized"] = dequantized
 
     def close():
-        tensors.clear()
-        try:
-            if m is not None:
-                m.close()
-        except BufferError:
-            pass  # someone still holds a tensor view; the map is released when they drop it
+        # The map goes away with its last view; Python's mmap refuses to close under live
+        # views (BufferError), which would otherwise crash them.
+        if mm is not None:
+            with contextlib.suppress(BufferError, ValueError, AttributeError):
+                mm._mmap.close()
 
     return Model(tensors, meta, path=path, closers=[close])
 
@@ -568,24 +586,43 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
     model.metadata), key "gguf", in the JSON form read_gguf produces, with their types.
     Tensors are written in the recorded tensor_order, then any others in model order.
     """
+    from .container import plans_from_model
+
+    inputs = [model.path] if getattr(model, "path", None) else []
+    write_gguf_plans(path, plans_from_model(model), metadata=model.metadata if metadata is None else metadata,
+                     overwrite=overwrite, inputs=inputs)
+
+
+def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bool = False, inputs=(),
+                     progress=None) -> None:
+    """write_gguf, streaming: `plans` are container.TensorPlan (name, tag, shape, produce, after);
+    the header is written from tags and shapes, then each tensor is produced and written in
+    turn, so memory holds one tensor at a time. `progress(nbytes)` after each tensor."""
     from gguf.constants import GGMLQuantizationType
 
     from .container import atomic_output
+    from .plugins import get_format
 
-    meta = model.metadata if metadata is None else metadata
-    g = meta.get("gguf") if isinstance(meta, dict) else None
+    file = str(path)
+    g = metadata.get("gguf") if isinstance(metadata, dict) else None
     if g is None:
         g = {}
     if not isinstance(g, dict):
         raise _bad_meta("is not a JSON object")
-    bad = gguf_incompatible(model)
+    by_name = {}
+    for p in plans:
+        if not isinstance(p.name, str) or p.name in by_name:
+            raise FileFormatError(f"cannot write GGUF: invalid or duplicate tensor name {p.name!r}",
+                                  file=file)
+        by_name[p.name] = p
+    bad = [(p.name, p.tag) for p in plans if p.tag not in GGML_TAGS]
     if bad:
         listed = ", ".join(f"{n} ({t})" for n, t in bad[:10])
         listed += f", and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise FileFormatError(
             f"cannot write GGUF: {len(bad)} tensor(s) have formats with no ggml type: {listed}. "
             f"GGUF can hold {', '.join(GGML_TAGS)}; requantize those tensors to one of them first",
-            file=str(path))
+            file=file)
     version = g.get("version", 3)
     if version not in VERSIONS:
         raise _bad_meta(f"version {version!r} is not 2 or 3")
@@ -600,36 +637,51 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
                                 f"up to {MAX_ALIGNMENT}")
     if len({e[0] for e in kv if isinstance(e, (list, tuple)) and e}) != len(kv):
         raise _bad_meta("kv has duplicate or malformed keys")
-    order = [n for n in g.get("tensor_order", []) if isinstance(n, str) and n in model]
-    order = list(dict.fromkeys(order + list(model)))
+    order = [n for n in g.get("tensor_order", []) if isinstance(n, str) and n in by_name]
+    order = list(dict.fromkeys(order + list(by_name)))
 
     parts = [MAGIC, struct.pack("<IQQ", version, len(order), len(kv))]
     parts.extend(_pack_kv(e) for e in kv)
     offset = 0
-    plan = []
+    sizes = []
     for name in order:
-        t = model[name]
-        if not 1 <= len(t.shape) <= MAX_DIMS or min(t.shape) < 1:
-            raise FileFormatError(f"cannot write GGUF: shape {t.shape} is not 1 to {MAX_DIMS} dimensions "
-                                  "each at least 1", file=str(path), tensor=name)
-        dims = tuple(reversed(t.shape))
+        p = by_name[name]
+        shape = tuple(int(d) for d in p.shape)
+        if not 1 <= len(shape) <= MAX_DIMS or min(shape) < 1:
+            raise FileFormatError(f"cannot write GGUF: shape {shape} is not 1 to {MAX_DIMS} dimensions "
+                                  "each at least 1", file=file, tensor=name)
+        with context(file=file, tensor=name):
+            n = get_format(p.tag).nbytes(shape)
+        dims = tuple(reversed(shape))
         parts.append(_pack_string(name, name))
-        gtype = int(GGMLQuantizationType[t.tag])
+        gtype = int(GGMLQuantizationType[p.tag])
         parts.append(struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, gtype, offset))
-        plan.append(t)
-        offset += -(-t.nbytes // align) * align
+        sizes.append(n)
+        offset += -(-n // align) * align
     header = b"".join(parts)
-    inputs = [model.path] if getattr(model, "path", None) else []
     with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp:
         try:
             with open(tmp, "wb") as f:
                 f.write(header)
                 f.write(b"\0" * (-len(header) % align))
-                for t in plan:
-                    f.write(memoryview(t.data))
-                    f.write(b"\0" * (-t.nbytes % align))
+                for name, n in zip(order, sizes, strict=True):
+                    p = by_name[name]
+                    with context(file=file, tensor=name):
+                        data = p.produce()
+                    buf = np.ascontiguousarray(data if isinstance(data, np.ndarray)
+                                               else np.frombuffer(data, np.uint8)).reshape(-1).view(np.uint8)
+                    if buf.size != n:
+                        raise FileFormatError(f"{p.tag}: produced {buf.size} bytes, the header promised {n}",
+                                              file=file, tensor=name)
+                    f.write(memoryview(buf))
+                    f.write(b"\0" * (-n % align))
+                    del data, buf
+                    if p.after is not None:
+                        p.after()
+                    if progress is not None:
+                        progress(n)
         except OSError as e:
-            raise FileFormatError(f"cannot write: {e.strerror or e}", file=str(path)) from None
+            raise FileFormatError(f"cannot write: {e.strerror or e}", file=file) from None
 
 
 # ---- checking a written file ------------------------------------------------------------
@@ -671,7 +723,7 @@ def check_gguf(path, against=None) -> dict:
         report["gguf_package_agrees"] = True
         if against is not None:
             with open_model(against) as other:
-                if list(other) != list(m) and set(other) != set(m):
+                if set(other) != set(m):
                     missing = sorted(set(other) ^ set(m))[:5]
                     raise FileFormatError(f"tensor names differ from {against}: e.g. {missing}", file=path)
                 for name, t in other.items():

@@ -1,4 +1,5 @@
-"""Fuzzing the GGUF reader: mutated valid files must give a QuantfmtError or a usable Model, never hang.
+"""Fuzzing GGUF: mutated valid files must give a QuantfmtError or a usable Model, never hang;
+random typed key-values must survive a write, read back by our reader and by gguf's.
 
 The seeds are valid files written by gguf.GGUFWriter. Mutations: truncations, byte flips,
 crafted counts and lengths (0, 2**31, 2**63, 2**64-1, ...) written over 4- and 8-byte fields,
@@ -9,7 +10,9 @@ under an alarm, so a hang fails the test instead of stalling the suite.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
 import signal
 import struct
 import tempfile
@@ -30,6 +33,7 @@ QUICK = settings(max_examples=120, deadline=None, suppress_health_check=[HealthC
 LONG = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 
 _DIR = Path(tempfile.mkdtemp(prefix="quantfmt-fuzz-"))
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 
 
 def _seed(name: str, **kw) -> bytes:
@@ -175,3 +179,62 @@ def test_fuzz_random_headers(blob):
 @given(truncated() | flipped() | crafted() | spliced())
 def test_fuzz_long(blob):
     check(blob)
+
+
+# ---- the writer: random typed key-values survive a write and two independent readers ----
+
+_INT_BOUNDS = {"UINT8": (0, 255), "INT8": (-128, 127), "UINT16": (0, 2**16 - 1),
+               "INT16": (-(2**15), 2**15 - 1), "UINT32": (0, 2**32 - 1), "INT32": (-(2**31), 2**31 - 1),
+               "UINT64": (0, 2**64 - 1), "INT64": (-(2**63), 2**63 - 1)}
+
+
+def _scalar(t):
+    if t in _INT_BOUNDS:
+        return st.integers(*_INT_BOUNDS[t])
+    if t == "BOOL":
+        return st.booleans()
+    if t == "FLOAT32":
+        return st.floats(width=32, allow_nan=False, allow_infinity=False)
+    if t == "FLOAT64":
+        return st.floats(allow_nan=False, allow_infinity=False)
+    return st.text(max_size=20)  # STRING
+
+
+_SCALAR_TYPES = [*_INT_BOUNDS, "BOOL", "FLOAT32", "FLOAT64", "STRING"]
+
+
+@st.composite
+def typed_kv(draw):
+    t = draw(st.sampled_from(_SCALAR_TYPES))
+    if draw(st.booleans()):
+        return f"ARRAY[{t}]", draw(st.lists(_scalar(t), max_size=6))
+    return t, draw(_scalar(t))
+
+
+@QUICK
+@given(st.dictionaries(st.text(alphabet="abcdefghijklmnopqrstuvwxyz._", min_size=1, max_size=12),
+                       typed_kv(), max_size=8))
+def test_fuzz_written_key_values_read_back(kvs):
+    import gguf
+
+    from quantfmt.tensor import Model, QTensor
+
+    kv = [[k, t, v] for k, (t, v) in kvs.items() if k != "general.alignment"]
+    m = Model({"w": QTensor.quantize(np.arange(32, dtype=np.float32), "F32", "w")},
+              {"gguf": {"version": 3, "kv": kv}})
+    out = _DIR / "kv.gguf"
+    with _no_hang():
+        write_gguf(out, m, overwrite=True)
+        with read_gguf(out) as back:
+            assert back.metadata["gguf"]["kv"] == kv  # ours: exact, types included
+        ref = gguf.GGUFReader(str(out))  # theirs: same keys, types and values
+        fields = {f.name: f for f in ref.fields.values() if not f.name.startswith("GGUF.")}
+        assert list(fields) == [k for k, _, _ in kv]
+        for k, t, v in kv:
+            f = fields[k]
+            names = [gguf.GGUFValueType(x).name for x in f.types]
+            if t.startswith("ARRAY["):
+                assert names[0] == "ARRAY" and (not v or names[1] == t[6:-1])
+            else:
+                assert names == [t]
+            assert f.contents() == v

@@ -17,12 +17,14 @@ from quantfmt.gguf_io import GGML_TAGS, read_gguf, scan_gguf, scan_gguf_bytes, w
 from quantfmt.plugins import formats
 
 
-def ggml_registered() -> bool:
-    return all(t in formats() for t in GGML_TAGS)
+def test_every_ggml_tag_is_registered_with_ggmls_geometry():
+    # The zero-copy mapping relies on this; the tests below need it too.
+    from gguf.constants import GGML_QUANT_SIZES
 
-
-needs_ggml = pytest.mark.skipif(not ggml_registered(),
-                                reason="the ggml formats (Q4_0, Q4_1, Q8_0) are not registered")
+    for tag in GGML_TAGS:
+        fmt = formats()[tag]
+        bs, ts = GGML_QUANT_SIZES[T[tag]]
+        assert (fmt.block_shape, fmt.block_bytes) == ((1, bs), ts), tag
 
 
 @pytest.fixture
@@ -35,7 +37,6 @@ def sample(tmp_path):
 # ---- reading, checked against the gguf package's reader -------------------------------
 
 
-@needs_ggml
 def test_read_matches_gguf_reader(sample):
     ref = gguf.GGUFReader(str(sample))
     with read_gguf(sample) as m:
@@ -131,7 +132,6 @@ def _through_container(src, tmp_path):
     return out
 
 
-@needs_ggml
 def test_round_trip_through_the_container(tmp_path, sample):
     assert _through_container(sample, tmp_path).read_bytes() == sample.read_bytes()
 
@@ -150,7 +150,6 @@ def _kv_types(path):
     return {f.name: [V(t).name for t in f.types] for f in gguf.GGUFReader(str(path)).fields.values()}
 
 
-@needs_ggml
 @pytest.mark.parametrize("alignment", [None, 64])
 def test_write_reproduces_the_gguf_writer_file(tmp_path, alignment):
     src, out = tmp_path / "src.gguf", tmp_path / "out.gguf"
@@ -161,7 +160,7 @@ def test_write_reproduces_the_gguf_writer_file(tmp_path, alignment):
 
 
 def test_write_dequantized_model_reads_back(tmp_path, sample):
-    # Works without the ggml formats registered too: Q tensors come back as F32.
+    # The written file, read by the gguf package: same tensors, types and bytes; same typed key-values.
     out = tmp_path / "out.gguf"
     with read_gguf(sample, unsupported="dequantize") as m:
         write_gguf(out, m)
@@ -199,6 +198,27 @@ def test_exotic_metadata_round_trips_exactly(tmp_path):
         out = tmp_path / "out.gguf"
         write_gguf(out, m, metadata={"gguf": g2})
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_streaming_writer_produces_one_tensor_at_a_time(tmp_path, sample):
+    from quantfmt.container import TensorPlan
+    from quantfmt.gguf_io import write_gguf_plans
+
+    events = []
+    with read_gguf(sample) as m:
+        plans = [TensorPlan(n, t.tag, t.shape, (lambda n=n, t=t: events.append(("produce", n)) or t.data),
+                            after=(lambda n=n: events.append(("after", n)))) for n, t in m.items()]
+        out = tmp_path / "streamed.gguf"
+        done = []
+        write_gguf_plans(out, plans, metadata=m.metadata, progress=done.append)
+        assert events == [(e, n) for n in m for e in ("produce", "after")]
+        assert done == [t.nbytes for t in m.values()]
+        assert out.read_bytes() == sample.read_bytes()
+        short = [*plans[:-1], TensorPlan(plans[-1].name, plans[-1].tag, plans[-1].shape, lambda: b"\0" * 3)]
+        bad = tmp_path / "short.gguf"
+        with pytest.raises(errors.FileFormatError, match="produced 3 bytes, the header promised"):
+            write_gguf_plans(bad, short, metadata=m.metadata)
+        assert not bad.exists() and not list(tmp_path.glob(".short.gguf*"))
 
 
 def test_write_refuses_formats_without_a_ggml_type(tmp_path, fresh_registry):
@@ -293,8 +313,10 @@ PRESCAN_CASES = [
     (b"GGML" + bytes(20), "not a GGUF file"),
     (raw_gguf(version=1), "version 1 is not supported"),
     (b"GGUF" + struct.pack(">IQQ", 3, 0, 0), "big-endian"),
-    (raw_gguf(n_kv=2**40), "declares 1099511627776 key-values"),
-    (raw_gguf(n_tensors=2**63), "declares 9223372036854775808 tensors"),
+    (raw_gguf(n_kv=2**40), "declares 1099511627776 key-values; at most 65536"),
+    (raw_gguf(n_tensors=2**63), "declares 9223372036854775808 tensors; at most 1048576"),
+    (raw_gguf(n_kv=1000), "declares 1000 key-values, more than the 8 bytes left"),
+    (raw_gguf(n_tensors=1000), "declares 1000 tensors, more than the 8 bytes left"),
     # the 43-byte file that makes gguf 0.19 hang: one key-value, an array of 2**63 UINT8
     (raw_gguf([kv("k", 9, struct.pack("<IQ", 0, 2**63))], alignment=1), "array of 9223372036854775808 UINT8"),
     (raw_gguf([kv("k", 9, struct.pack("<IQ", 9, 2**40))]), "array of 1099511627776 ARRAY"),
@@ -338,6 +360,18 @@ def test_prescan_rejects(tmp_path, blob, match):
     assert str(e.value).startswith(str(p))
 
 
+def test_prescan_bounds_the_array_items_in_all(monkeypatch):
+    from quantfmt import gguf_io
+
+    monkeypatch.setattr(gguf_io, "MAX_ARRAY_ITEMS", 10)
+    six = kv("a", 9, struct.pack("<IQ", 0, 6) + bytes(6))
+    ok = raw_gguf([six, kv("b", 9, struct.pack("<IQ", 0, 4) + bytes(4))])
+    assert len(scan_gguf_bytes(ok).kv) == 2
+    bad = raw_gguf([six, kv("b", 9, struct.pack("<IQ", 8, 5) + s("") * 5)])
+    with pytest.raises(errors.FileFormatError, match="more than 10 array items in all"):
+        scan_gguf_bytes(bad)
+
+
 def test_prescan_names_the_tensor(tmp_path):
     p = tmp_path / "bad.gguf"
     p.write_bytes(raw_gguf([], [tinfo("blk.3.ffn_up.weight", [32], 0, 64)], bytes(64)))
@@ -363,7 +397,8 @@ def test_prescan_accepts_disjoint_out_of_order_tensors_and_empty_files(tmp_path)
 def test_every_truncation_of_a_real_file_is_an_error(tmp_path, sample):
     blob = sample.read_bytes()
     h = scan_gguf(sample)
-    for n in range(len(blob)):  # every cut, in the header or the data
+    # every cut inside the header, every 16th inside the data
+    for n in [*range(h.data_offset), *range(h.data_offset, len(blob), 16), len(blob) - 1]:
         with pytest.raises(errors.FileFormatError):
             scan_gguf_bytes(blob[:n])
     p = tmp_path / "cut.gguf"

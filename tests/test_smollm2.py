@@ -114,16 +114,20 @@ def test_requantize_to_a_mixed_recipe(path, tmp_path):
     from quantfmt.recipe import Recipe
 
     ffn = "Q4_A" if "Q4_A" in formats() else "Q4_0"
+    # Q4_A's 256-weight blocks fit ffn_down's rows (1536) but not ffn_up's (576): those fall back to Q4_0
     recipe = Recipe(rules=[("token_embd.*", "Q8_0"), ("*.attn_*norm*", "F32"), ("*.attn_*", "Q4_0"),
-                           ("*.ffn_norm*", "F32"), ("*.ffn_*", ffn)], fallback="F16")
+                           ("*.ffn_norm*", "F32"), ("*.ffn_*", ffn)], fallback="Q4_0")
     out = tmp_path / "mixed.safetensors"
     rep = convert(path, out, recipe)
-    assert len(rep.requantized) == 211  # every Q4_1/Q8_0 tensor went through float32
+    # the 210 Q4_1 matrices went through float32; the Q8_0 embedding, asked for Q8_0, was copied
+    assert len(rep.requantized) == 210 and "token_embd.weight" not in {s.name for s in rep.requantized}
     with open_model(out) as q, read_gguf(path) as g:
         assert q["token_embd.weight"].tag == "Q8_0" and q["blk.3.attn_q.weight"].tag == "Q4_0"
-        assert q["blk.3.ffn_up.weight"].tag == ffn and q["blk.3.ffn_norm.weight"].tag == "F32"
+        assert q["blk.3.ffn_down.weight"].tag == ffn and q["blk.3.ffn_up.weight"].tag == "Q4_0"
+        assert q["blk.3.ffn_norm.weight"].tag == "F32"
+        assert len(rep.fallbacks) == (60 if ffn == "Q4_A" else 0)
         assert q["token_embd.weight"].data.tobytes() == g["token_embd.weight"].data.tobytes()  # Q8_0 of Q8_0
-        for name in ("blk.3.attn_q.weight", "blk.3.ffn_up.weight"):
+        for name in ("blk.3.attn_q.weight", "blk.3.ffn_up.weight", "blk.3.ffn_down.weight"):
             a, b = q[name].dequantize(), g[name].dequantize()
             assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.2, name
         assert q.metadata["gguf"] == g.metadata["gguf"]
@@ -132,3 +136,27 @@ def test_requantize_to_a_mixed_recipe(path, tmp_path):
 def test_prescan_is_cheap_on_the_real_header(path):
     h = scan_gguf(path)
     assert h.version == 3 and h.alignment == 32 and len(h.tensors) == 272 and len(h.kv) == 33
+
+
+def test_export_a_mixed_ggml_recipe_to_gguf(path, tmp_path):
+    from quantfmt.gguf_io import check_gguf
+    from quantfmt.loader import convert
+    from quantfmt.recipe import Recipe
+
+    recipe = Recipe(rules=[("*norm*", "F32"), ("token_embd.*", "Q8_0"), ("*.attn_*", "Q4_0"),
+                           ("*.ffn_*", "keep")])
+    out = tmp_path / "mixed.gguf"
+    convert(path, out, recipe)  # straight from GGUF to GGUF
+    rep = check_gguf(out)  # our reader and the gguf package's agree on every tensor
+    assert rep["by_type"] == {"F32": 61, "Q8_0": 1, "Q4_0": 120, "Q4_1": 90}
+    ref = gguf.GGUFReader(str(out))
+    with read_gguf(path) as src:
+        for rt in ref.tensors:
+            w = src[rt.name].dequantize()
+            if rt.tensor_type == T.Q4_0:  # requantized by us == gguf's quantizer on the same floats
+                assert np.array_equal(rt.data.reshape(-1), gguf.quants.quantize(w, T.Q4_0).reshape(-1))
+            else:
+                assert np.array_equal(rt.data.reshape(-1).view(np.uint8), src[rt.name].data)
+        kv_src = {f.name: f.contents() for f in gguf.GGUFReader(str(path)).fields.values()}
+        kv_out = {f.name: f.contents() for f in ref.fields.values()}
+        assert kv_out == kv_src
