@@ -304,27 +304,42 @@ def _tiles_dot_f32(q, d, m, x, xs, out):
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
-def _dequant_tile_t(q, d, m, tl, wt, c0):
-    # Tile tl -> wt[:, c0:c0+T] as W.T: per weight column a contiguous run of T floats.
-    # Constant shifts on uint16, truncated back to uint16, stay 16 bits wide in LLVM.
+def _dequant_tile_t(q, d, m, tl, wt, i):
+    # Tile tl -> wt[:, i, :] of wt (cols, tiles in chunk, T), i.e. W.T: per weight column a
+    # contiguous run of T floats. (Indexing wt[e, i*T + t] instead would compute one
+    # negative-index check per element and turn the stores into scalar ones.) Constant
+    # shifts on uint16, truncated back to uint16, stay 16 bits wide in LLVM.
     has_m = m.shape[0] > 0
+    mm = np.empty(T, np.float32)
+    TT = wt.shape[2]  # == T; a runtime bound keeps LLVM from unrolling 32 scalar copies
     for b in range(q.shape[1]):
+        if has_m:
+            for t in range(TT):
+                mm[t] = m[tl, b, t]
+        else:
+            for t in range(TT):
+                mm[t] = np.float32(-8) * d[tl, b, t]
         for u in range(8):
             e = b * QK + 2 * u
-            for t in range(T):
-                sc = d[tl, b, t]
-                mm = m[tl, b, t] if has_m else np.float32(-8) * sc
-                v = q[tl, b, u, t]
-                wt[e, c0 + t] = np.float32(np.uint16(v & np.uint16(15))) * sc + mm
-                wt[e + 16, c0 + t] = np.float32(np.uint16((v >> np.uint16(4)) & np.uint16(15))) * sc + mm
-                wt[e + 1, c0 + t] = np.float32(np.uint16((v >> np.uint16(8)) & np.uint16(15))) * sc + mm
-                wt[e + 17, c0 + t] = np.float32(np.uint16(v >> np.uint16(12))) * sc + mm
+            for t in range(TT):
+                n = np.uint16(q[tl, b, u, t] & np.uint16(15))
+                wt[e, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
+            for t in range(TT):
+                n = np.uint16((q[tl, b, u, t] >> np.uint16(4)) & np.uint16(15))
+                wt[e + 16, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
+            for t in range(TT):
+                n = np.uint16((q[tl, b, u, t] >> np.uint16(8)) & np.uint16(15))
+                wt[e + 1, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
+            for t in range(TT):
+                n = np.uint16(q[tl, b, u, t] >> np.uint16(12))
+                wt[e + 17, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
 
 
 @numba.njit(cache=True, parallel=True)
 def _dequant_tiles_t(q, d, m, t0, t1, wt):
+    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
     for i in numba.prange(t1 - t0):
-        _dequant_tile_t(q, d, m, t0 + i, wt, i * T)
+        _dequant_tile_t(q, d, m, t0 + i, wt3, i)
 
 
 def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray) -> None:
