@@ -39,7 +39,18 @@ from ._ggml import (
     quantize_activations_ref,
     scale_range_error,
 )
-from ._qtiles import BLAS_MIN_ROWS, FASTMATH, G, Prepared, T, blas_matmul, pad_blocks, pad_cols, to_tiles
+from ._qtiles import (
+    BLAS_MIN_ROWS,
+    FASTMATH,
+    G,
+    Prepared,
+    T,
+    blas_matmul,
+    pad_blocks,
+    pad_cols,
+    tile_units,
+    to_tiles,
+)
 
 BLOCK_BYTES = 18
 
@@ -183,8 +194,8 @@ def tile_nibbles(data: np.ndarray, rows: int, cols: int, block_bytes: int):
     m = None
     if block_bytes == 20:
         m = lut[blk[:, :, 2].astype(np.uint16) | (blk[:, :, 3].astype(np.uint16) << 8)]
-    q = np.ascontiguousarray(blk[:, :, block_bytes - 16 :]).view("<u2").astype(np.uint16)
-    return to_tiles(q, rows), to_tiles(d, rows), (None if m is None else to_tiles(m, rows))
+    q = tile_units(blk, rows, block_bytes - 16, 2).view("<u2").astype(np.uint16, copy=False)[..., 0]
+    return q, to_tiles(d, rows), (None if m is None else to_tiles(m, rows))
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FASTMATH)

@@ -37,7 +37,17 @@ from ._ggml import (
     quantize_activations_ref,
     scale_range_error,
 )
-from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, to_tiles
+from ._qtiles import (
+    BLAS_MIN_ROWS,
+    FASTMATH,
+    Prepared,
+    T,
+    blas_matmul,
+    pad_blocks,
+    pad_cols,
+    tile_units,
+    to_tiles,
+)
 
 BLOCK_BYTES = 34
 RULE = "a block's max |w| must stay below 8321040 (= 65520*127)"
@@ -152,8 +162,8 @@ def _dequantize_kernel(blocks, blocksq, lut, idx, out):
 def tile_q8(data: np.ndarray, rows: int, cols: int) -> Prepared:
     blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
     d = fp16_table()[blk[:, :, 0].astype(np.uint16) | (blk[:, :, 1].astype(np.uint16) << 8)]
-    q = blk[:, :, 2:].view(np.int8)
-    return Prepared(rows, cols, to_tiles(q, rows), to_tiles(d, rows), np.zeros((0, 0, T), np.float32))
+    q = tile_units(blk, rows, 2, 1).view(np.int8)[..., 0]
+    return Prepared(rows, cols, q, to_tiles(d, rows), np.zeros((0, 0, T), np.float32))
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
