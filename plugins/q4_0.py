@@ -186,6 +186,9 @@ def _dequantize_kernel(blocks, lut, idx, out):
 # unrolls it into 32 scalar lines instead of vectorizing it.
 
 
+H = T // 2  # rows per int16 vector (16 lanes of a 256-bit register)
+
+
 def tile_nibbles(data: np.ndarray, rows: int, cols: int, block_bytes: int):
     """ggml nibble blocks -> (q, d, m) tiles; m is None unless the block has one (Q4_1)."""
     blk = data.reshape(rows, cols // QK, block_bytes)
@@ -217,19 +220,34 @@ def _tiles_dot_q8(q, d, m, qx, dx, sx, out):
             for g in range(G):
                 b = b0 + g
                 k = tl * nbp + b
-                for t in range(T):
-                    s0 = np.int16(0)
-                    s1 = np.int16(0)
-                    s2 = np.int16(0)
-                    s3 = np.int16(0)
+                # Two 16-row halves side by side: one int16 vector each, sharing every
+                # broadcast activation value (a loop over all 32 rows made LLVM hoist the
+                # 32 broadcasts out of it and spill them).
+                for t in range(H):
+                    a0 = np.int16(0)
+                    a1 = np.int16(0)
+                    a2 = np.int16(0)
+                    a3 = np.int16(0)
+                    c0 = np.int16(0)
+                    c1 = np.int16(0)
+                    c2 = np.int16(0)
+                    c3 = np.int16(0)
                     for u in range(8):
+                        x0, x1, x2, x3 = qx[b, 2 * u], qx[b, 2 * u + 16], qx[b, 2 * u + 1], qx[b, 2 * u + 17]
                         v = qf[k, u * T + t]
-                        s0 = np.int16(s0 + np.int16(v & 15) * qx[b, 2 * u])
-                        s1 = np.int16(s1 + np.int16((v >> 4) & 15) * qx[b, 2 * u + 16])
-                        s2 = np.int16(s2 + np.int16((v >> 8) & 15) * qx[b, 2 * u + 1])
-                        s3 = np.int16(s3 + np.int16(v >> 12) * qx[b, 2 * u + 17])
-                    lo[g, t] = np.int16(s0 + s2)
-                    hi[g, t] = np.int16(s1 + s3)
+                        a0 = np.int16(a0 + np.int16(v & 15) * x0)
+                        a1 = np.int16(a1 + np.int16((v >> 4) & 15) * x1)
+                        a2 = np.int16(a2 + np.int16((v >> 8) & 15) * x2)
+                        a3 = np.int16(a3 + np.int16(v >> 12) * x3)
+                        v = qf[k, u * T + H + t]
+                        c0 = np.int16(c0 + np.int16(v & 15) * x0)
+                        c1 = np.int16(c1 + np.int16((v >> 4) & 15) * x1)
+                        c2 = np.int16(c2 + np.int16((v >> 8) & 15) * x2)
+                        c3 = np.int16(c3 + np.int16(v >> 12) * x3)
+                    lo[g, t] = np.int16(a0 + a2)
+                    hi[g, t] = np.int16(a1 + a3)
+                    lo[g, H + t] = np.int16(c0 + c2)
+                    hi[g, H + t] = np.int16(c1 + c3)
             k = tl * nbp + b0
             c0, c1, c2, c3 = dx[b0], dx[b0 + 1], dx[b0 + 2], dx[b0 + 3]
             o0, o1, o2, o3 = sx[b0], sx[b0 + 1], sx[b0 + 2], sx[b0 + 3]
