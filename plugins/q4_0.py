@@ -198,6 +198,9 @@ def _dequantize_kernel(blocks, lut, idx, out, nchunk):
 # be promoted to int64 by numba. Four partial sums per row hide the FMA latency.
 # The scale pass loops over TT = T taken from an array shape: with a compile-time 32 LLVM
 # unrolls it into 32 scalar lines instead of vectorizing it.
+# From BLAS_MIN_ROWS activation rows on, both modes go to sgemm on tiles dequantized to
+# float32 (_qtiles.blas_matmul); mode "q8_0" then multiplies the dequantized activation
+# quants d_x*q_x, exact in float32 like the weights d*q, so only the summation order differs.
 
 
 H = T // 2  # rows per int16 vector (16 lanes of a 256-bit register)
