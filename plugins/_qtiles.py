@@ -149,7 +149,8 @@ def blas_matmul(dequant_tiles, prep: Prepared, x: np.ndarray) -> np.ndarray:
     buf = np.empty((prep.nbp * QK, chunk * T), np.float32)
     for t0 in range(0, tiles, chunk):
         t1 = min(tiles, t0 + chunk)
-        wt = buf if t1 - t0 == chunk else np.empty((prep.nbp * QK, (t1 - t0) * T), np.float32)
+        # the last, shorter chunk: the front of the same buffer, still C-contiguous
+        wt = buf.reshape(-1)[: buf.shape[0] * (t1 - t0) * T].reshape(buf.shape[0], (t1 - t0) * T)
         dequant_tiles(prep, t0, t1, wt)
         np.matmul(x, wt[:cols], out=out[:, t0 * T : t1 * T])
     return out[:, : prep.rows]
