@@ -44,10 +44,11 @@ from ._ggml import (
     first_bad_block,
     fp16_table,
     n_chunks,
-    quantize_activations,
     scale_range_error,
     vec_dot_ref,
 )
+from ._qtiles import Prepared
+from .q4_0 import nibble_qmatmul, tile_nibbles
 
 BLOCK_BYTES = 20
 RULE = "needs max - min below 982800 (= 65520*15) and |min| below 65520"
@@ -166,51 +167,11 @@ def _dequantize_kernel(blocks, lut, idx, out, nchunk):
         _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _qmatmul_f32_kernel(blocks, lut, x, out):
-    # Straightforward, not tuned: decode a row of weights to float32, dot it with each x.
-    rows, nb = blocks.shape[0], blocks.shape[1]
-    n = x.shape[0]
-    half = x.shape[1] // nb // 2  # 16, opaque to LLVM so the loop vectorizes
-    for r in numba.prange(rows):
-        wrow = np.empty(nb * 32, np.float32)
-        for b in range(nb):
-            d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
-            m = lut[np.int32(blocks[r, b, 2]) | (np.int32(blocks[r, b, 3]) << 8)]
-            for j in range(half):
-                v = np.float32(blocks[r, b, 4 + j])
-                hi = np.floor(v * np.float32(0.0625))
-                lo = v - np.float32(16.0) * hi
-                wrow[b * 32 + j] = d * lo + m
-                wrow[b * 32 + 16 + j] = d * hi + m
-        for i in range(n):
-            acc = np.float32(0.0)
-            for k in range(nb * 32):
-                acc += wrow[k] * x[i, k]
-            out[i, r] = acc
-
-
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _qmatmul_q8_kernel(blocks, lut, dx, sx, qx, out):
-    # ggml_vec_dot_q4_1_q8_1: acc = sum of sumi*(d_w*d_x); summs = sum of m_w*s_x; acc + summs.
-    # Straightforward, not tuned.
-    rows, nb = blocks.shape[0], blocks.shape[1]
-    n = qx.shape[0]
-    half = qx.shape[2] // 2  # 16, opaque to LLVM so the loop vectorizes
-    for r in numba.prange(rows):
-        for i in range(n):
-            acc = np.float32(0.0)
-            summs = np.float32(0.0)
-            for b in range(nb):
-                sumi = np.int32(0)
-                for j in range(half):
-                    v = np.int32(blocks[r, b, 4 + j])
-                    sumi += np.int32((v & 15) * np.int32(qx[i, b, j]) + (v >> 4) * np.int32(qx[i, b, 16 + j]))
-                dw = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
-                mw = lut[np.int32(blocks[r, b, 2]) | (np.int32(blocks[r, b, 3]) << 8)]
-                acc += np.float32(sumi) * (dw * dx[i, b])
-                summs += mw * sx[i, b]
-            out[i, r] = acc + summs
+# ---- fast qmatmul ---------------------------------------------------------------------------
+# Q4_1 shares Q4_0's row tiles and kernels (q4_0.py, "fast qmatmul"): the same nibbles
+# regrouped into tiles of 32 rows, plus the minimums m in a float32 array shaped like d
+# (0.75 byte per weight, 1.2x the bytes). Mode "q8_0" adds m_w * s_x per block with ggml's
+# fp16 s_x of the Q8_1 activation block, as ggml_vec_dot_q4_1_q8_1 does.
 
 
 # ---- the format ---------------------------------------------------------------------------
@@ -243,16 +204,12 @@ class Q4_1(Format):
         _dequantize_kernel(blocks, fp16_table(), idx, out, n_chunks(idx.size, cols))
         return out
 
-    def _qmatmul(self, data, rows, cols, x, mode):
-        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
-        out = np.empty((x.shape[0], rows), np.float32)
-        if mode == "q8_0":
-            d16, s16, qx = quantize_activations(x, with_sum=True, tag=self.tag)
-            lut = fp16_table()
-            _qmatmul_q8_kernel(blocks, lut, lut[d16], lut[s16], qx, out)
-        else:
-            _qmatmul_f32_kernel(blocks, fp16_table(), x, out)
-        return out
+    def prepare(self, data, rows, cols):
+        q, d, m = tile_nibbles(data, rows, cols, BLOCK_BYTES)
+        return Prepared(rows, cols, q, d, m)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return nibble_qmatmul(prep, x, mode, self.tag)
 
 
 @quantfmt.hookimpl
