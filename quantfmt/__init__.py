@@ -21,6 +21,9 @@ _LAZY = {
     "get_format": ("quantfmt.plugins", "get_format"),
     "formats": ("quantfmt.plugins", "formats"),
     "QuantfmtError": ("quantfmt.errors", "QuantfmtError"),
+    "load": ("quantfmt.loader", "load"),
+    "open_model": ("quantfmt.loader", "open_model"),
+    "Recipe": ("quantfmt.recipe", "Recipe"),
 }
 
 __all__ = ["hookimpl", "__version__", *_LAZY]

@@ -116,6 +116,171 @@ def plugins(as_json):
 # ---- model files: convert, inspect, dequantize, compare -------------------------------
 
 
+def _progress(length: int, label: str):
+    """A click progress bar on stderr when it is a terminal; else a no-op. Yields update(n)."""
+    import contextlib
+
+    if not sys.stderr.isatty() or length <= 0:
+        return contextlib.nullcontext(lambda n: None)
+
+    @contextlib.contextmanager
+    def bar():
+        with click.progressbar(length=length, label=label, file=sys.stderr, show_pos=False) as b:
+            yield b.update
+
+    return bar()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _run_convert(src, dst, recipe, overwrite, strict=False, label="converting"):
+    from .loader import convert, open_model, plan_convert
+
+    size = 0
+    if sys.stderr.isatty():
+        with open_model(src) as m:
+            size = sum(plan_convert(m, recipe).out_bytes.values())
+    with _progress(size, label) as update:
+        return convert(src, dst, recipe, overwrite=overwrite, strict=strict, progress=update)
+
+
+def _print_report(rep) -> None:
+    rows = []
+    for tag, (n, weights, nbytes) in sorted(rep.by_tag().items()):
+        rows.append([tag, n, weights, _size(nbytes), f"{8.0 * nbytes / weights:.3g}" if weights else "-"])
+    click.echo(f"wrote {rep.output}")
+    _echo_table(["tag", "tensors", "weights", "size", "bpw"], rows, right={1, 2, 3, 4})
+    tin, tout = sum(rep.in_bytes.values()), sum(rep.out_bytes.values())
+    copied = sum(1 for s in rep.steps if s.copy)
+    click.echo(f"total: {_size(tin)} -> {_size(tout)}; {len(rep.steps) - copied} tensors converted, "
+               f"{copied} copied unchanged")
+    for s in rep.fallbacks:
+        click.echo(f"fallback: {s.name} {list(rep.shapes[s.name])}: {s.wanted} does not fit this shape, "
+                   f"stored as {s.tag}")
+    if rep.requantized:
+        click.echo(f"note: {len(rep.requantized)} tensors were already quantized and were requantized "
+                   "(e.g. " + ", ".join(f"{s.name} {s.src_tag}->{s.tag}" for s in rep.requantized[:3])
+                   + "): quantization error compounds; convert from the float original when you can")
+
+
+@cli.command()
+@click.argument("src", metavar="IN", type=click.Path(exists=True))
+@click.argument("dst", metavar="OUT", type=click.Path())
+@click.option("--to", "to", metavar="TAG", help="Default format of the tensors no rule names.")
+@click.option("--rule", "rules", multiple=True, metavar="PATTERN=TAG",
+              help="Give tensors whose name matches PATTERN (fnmatch: *, ?, [..]) format TAG ('keep' = unchanged); "
+                   "first match wins; repeatable; before the recipe file's rules.")
+@click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False),
+              help="A JSON recipe file: {\"default\": TAG, \"fallback\": TAG, \"rules\": [{\"pattern\", \"tag\"}]}.")
+@click.option("--fallback", metavar="TAG", help="Format for tensors whose shape does not fit theirs (default F16).")
+@click.option("--strict", is_flag=True, help="A tensor whose shape does not fit its format is an error, not a fallback.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never an input).")
+def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite):
+    """Convert a model (safetensors, sharded index, GGUF) to quantfmt/safetensors, or GGUF if OUT ends in .gguf.
+
+    Streams tensor by tensor; OUT appears only when complete. Tensors that keep their format
+    are copied byte for byte. 1-D tensors and norms stay as they are unless a rule names them.
+    """
+    from .recipe import Recipe
+
+    if to is None and not rules and recipe_file is None:
+        raise click.UsageError("say what to convert to: --to TAG, --rule PATTERN=TAG or --recipe FILE")
+    recipe = Recipe.from_options(to=to, rules=rules, fallback=fallback, strict=strict, file=recipe_file)
+    rep = _run_convert(src, dst, recipe, overwrite, strict=strict)
+    _print_report(rep)
+
+
+@cli.command()
+@click.argument("src", metavar="IN", type=click.Path(exists=True))
+@click.argument("dst", metavar="OUT", type=click.Path())
+@click.option("--dtype", type=click.Choice(["F32", "F16", "BF16"]), default="F32", show_default=True,
+              help="Float format of every tensor of OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never an input).")
+def dequantize(src, dst, dtype, overwrite):
+    """Write a plain float safetensors file: every tensor of IN dequantized to --dtype."""
+    from .recipe import Recipe
+
+    recipe = Recipe(default=dtype, rules=[("*", dtype)], fallback=None)
+    rep = _run_convert(src, dst, recipe, overwrite, label="dequantizing")
+    _print_report(rep)
+
+
+@cli.command()
+@click.argument("path", metavar="FILE", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: tensors, totals, recipe, metadata.")
+def inspect(path, as_json):
+    """List every tensor of a model file: name, tag, shape, bytes, bits per weight; totals; recipe; metadata."""
+    from .loader import describe, open_model
+
+    with open_model(path) as m:
+        d = describe(m)
+    if as_json:
+        click.echo(json.dumps(d, indent=2, default=str))
+        return
+    _echo_table(["tensor", "tag", "shape", "bytes", "bpw"],
+                [[t["name"], t["tag"], "x".join(map(str, t["shape"])) or "()", t["bytes"],
+                  f"{t['bits_per_weight']:.4g}"] for t in d["tensors"]], right={3, 4})
+    tot = d["totals"]
+    click.echo("")
+    click.echo(f"{tot['tensors']} tensors, {tot['weights']} weights, {_size(tot['bytes'])} "
+               f"({tot['bits_per_weight']:.4g} bits per weight)")
+    for tag, a in sorted(tot["by_tag"].items()):
+        click.echo(f"  {tag}: {a['tensors']} tensors, {a['weights']} weights, {_size(a['bytes'])}")
+    if d["recipe"] is not None:
+        click.echo("recipe: " + json.dumps(d["recipe"]))
+    if d["metadata"]:
+        click.echo("metadata:")
+        for k, v in d["metadata"].items():
+            s = json.dumps(v, default=str)
+            click.echo(f"  {k}: {s if len(s) <= 100 else s[:97] + '...'}")
+
+
+@cli.command()
+@click.argument("path", metavar="FILE", type=click.Path(exists=True))
+@click.option("--formats", "tags", required=True, metavar="TAG,TAG,...", help="Formats to try, comma-separated.")
+@click.option("--tensors", "pattern", metavar="PATTERN", help="Only the tensors whose name matches (fnmatch).")
+@click.option("--inputs", "n_inputs", default=4, show_default=True, help="Random input vectors for the matmul error.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: per tensor and format, skipped, summary.")
+def compare(path, tags, pattern, n_inputs, seed, as_json):
+    """Quantize each 2-D tensor of FILE to each format and measure bits per weight, RMSE, max abs
+    error, SNR (dB) and the relative error of qmatmul on random inputs against the float matmul."""
+    from .loader import compare as run
+
+    fmts = [t.strip() for t in tags.split(",") if t.strip()]
+    if not fmts:
+        raise click.UsageError("--formats needs at least one tag")
+    res = run(path, fmts, pattern=pattern, n_inputs=n_inputs, seed=seed)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+
+    def snr(v):
+        return "inf" if v is None else f"{v:.2f}"
+
+    if res["tensors"]:
+        _echo_table(["tensor", "format", "bpw", "rmse", "max abs", "SNR dB", "matmul rel"],
+                    [[r["tensor"], r["tag"], f"{r['bits_per_weight']:.4g}", f"{r['rmse']:.4g}",
+                      f"{r['max_abs']:.4g}", snr(r["snr_db"]), f"{r['matmul_rel_err']:.3g}"]
+                     for r in res["tensors"]], right={2, 3, 4, 5, 6})
+        click.echo("")
+    click.echo("summary (all compared tensors of each format):")
+    _echo_table(["format", "tensors", "bpw", "rmse", "max abs", "SNR dB", "matmul rel"],
+                [[tag, s["tensors"], f"{s['bits_per_weight']:.4g}", f"{s['rmse']:.4g}", f"{s['max_abs']:.4g}",
+                  snr(s["snr_db"]), f"{s['matmul_rel_err']:.3g}"] if s["tensors"] else [tag, 0, "-", "-", "-", "-", "-"]
+                 for tag, s in res["summary"].items()], right={1, 2, 3, 4, 5, 6})
+    if res["skipped"]:
+        click.echo(f"skipped {len(res['skipped'])} (tensor, format) pairs:")
+        for s in res["skipped"]:
+            click.echo(f"  {s['tensor']} {s['shape']} {s['tag']}: {s['reason']}")
+
+
 # ---- gguf ------------------------------------------------------------------------------
 
 
