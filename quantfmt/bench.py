@@ -243,6 +243,7 @@ class Bench:
         progress: Callable[[str], None] | None = None,
         seed: int = 0,
         probe_mb: int = 256,
+        e2e_mb: int = 500,
     ):
         from .plugins import formats as registered
 
@@ -263,6 +264,7 @@ class Bench:
         self._progress = progress or (lambda msg: None)
         self.rng = np.random.default_rng(seed)
         self.probe_elements = max(1024, probe_mb << 18)  # float32 elements
+        self.e2e_mb = e2e_mb
 
     def add(self, rec: dict) -> dict:
         rec = _targets(rec)
@@ -695,9 +697,176 @@ def cache_cold_warm(b: Bench, tags=None) -> None:
     )
 
 
+# The child of end_to_end's open figure: open a file, read one row of one tensor; how long, how
+# much memory, and how many bytes of the file ended up mapped into this process. Prints JSON.
+_OPEN_ROW_CHILD = r"""
+import json, os, sys, time
+import numpy as np
+import quantfmt
+import quantfmt.loader  # noqa: F401  (imported here so the timed open is not an import)
+from quantfmt.tensor import QTensor
+
+path, name, row = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+
+def rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+
+
+def mapped(path):
+    # Resident bytes of this process's mappings of `path` (pages touched, plus kernel fault-around).
+    total, cur = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if head and "-" in head[0] and len(head) >= 5:
+                cur = len(head) == 6 and os.path.realpath(head[5].strip()) == os.path.realpath(path)
+            elif cur and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+# Load plugins and the row kernel (numba compile or cache load) first: not part of the figure.
+fmts = quantfmt.formats()
+for tag in {"F32", sys.argv[4]}:
+    fmt = fmts[tag]
+    br, bc = fmt.block_shape
+    QTensor.quantize(np.ones((br * 2, bc * 8), np.float32), tag).row(1)
+r0 = rss()
+t0 = time.perf_counter()
+m = quantfmt.open_model(path)
+t1 = time.perf_counter()
+v = m[name].row(row)
+t2 = time.perf_counter()
+out = {"open": t1 - t0, "row": t2 - t1, "rss_delta": rss() - r0, "mapped": mapped(path),
+       "row_bytes": v.nbytes, "tensors": len(m)}
+m.close()
+print(json.dumps(out))
+"""
+
+
+def _e2e_shapes(mb: int) -> list[tuple[int, int]]:
+    """A llama-like set of float32 matrices of about `mb` MB (the default 500: two FFN, two attention)."""
+    if mb >= 450:
+        return [(11008, 4096), (4096, 4096), (11008, 4096), (4096, 4096), (576, 1536)]
+    return [(max(32, (mb << 20) // (4 * 1024) // 32 * 32), 1024)]
+
+
+def _evict(path) -> None:
+    """Drop this file's pages from the OS page cache, so the next read is cold (best effort)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _wait4(cmd, env=None) -> tuple[float, int, int, str]:
+    """Run cmd; (wall seconds, peak RSS bytes of exactly this child, return code, output)."""
+    with tempfile.TemporaryFile() as log:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        text = log.read().decode("utf-8", "replace")
+    return wall, usage.ru_maxrss * 1024, p.returncode, text
+
+
 def end_to_end(b: Bench) -> None:
-    """File figures (open + one row, convert); needs the container (quantfmt.container)."""
-    b.add(record("e2e", None, note="not available: no container reader/writer in this build"))
+    """File figures: open a ~500 MB file and read one row (cold and warm page cache), and
+    `quantfmt convert` of a ~500 MB float32 model (wall time and peak RSS of the subprocess)."""
+    try:
+        from . import container
+    except ImportError:
+        b.add(record("e2e", None, note="not available: no container reader/writer in this build"))
+        return
+    from .plugins import formats as registered
+
+    tag = "Q4_0" if "Q4_0" in registered() else "BF16"
+    shapes = _e2e_shapes(b.e2e_mb)
+    names = [f"blk.{i}.weight" for i in range(len(shapes))]
+    with tempfile.TemporaryDirectory(prefix="quantfmt-bench-") as tmp:
+        src = os.path.join(tmp, "model-f32.safetensors")
+        dst = os.path.join(tmp, f"model-{tag}.safetensors")
+        rng = np.random.default_rng(1)
+        plans = [
+            container.TensorPlan(n, "F32", s, lambda s=s: rng.standard_normal(s, dtype=np.float32) * 0.02)
+            for n, s in zip(names, shapes, strict=True)
+        ]
+        b._progress(f"writing a {sum(r * c * 4 for r, c in shapes) / 1e6:.0f} MB float32 model")
+        container.write_safetensors(src, plans)
+        size = os.path.getsize(src)
+        env = thread_env(b.threads)
+        qf = _quantfmt_command()
+
+        for label, evict in (("input in page cache", False), ("input evicted from page cache", True)):
+            if os.path.exists(dst):
+                os.remove(dst)
+            if evict:
+                _evict(src)
+            wall, peak, rc, text = _wait4(qf + ["convert", src, dst, "--to", tag], env)
+            if rc != 0:
+                b.add(record("e2e", tag, note=f"convert failed: {text.strip().splitlines()[-1:]}"))
+                return
+            rec = record(
+                "convert",
+                tag,
+                None,
+                None,
+                wall,
+                "quantfmt --help (process start-up)",
+                None,
+                nbytes=size,
+                what=f"quantfmt convert F32 -> {tag} ({label})",
+                file_mb=size / 1e6,
+                out_mb=os.path.getsize(dst) / 1e6,
+                peak_rss_mb=peak / 1e6,
+            )
+            rec["baseline_seconds"] = next((r["seconds"] for r in b.records if r["op"] == "startup"), None)
+            rec["ratio"] = wall / rec["baseline_seconds"] if rec["baseline_seconds"] else None
+            b.add(_judge(rec, "gbps>=", CONVERT_GBPS))
+
+        big = max(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1])
+        row = shapes[big][0] // 2
+        for path, ftag in ((src, "F32"), (dst, tag)):
+            for label, evict in (("cold page cache", True), ("warm page cache", False)):
+                if evict:
+                    _evict(path)
+                p = subprocess.run(
+                    [sys.executable, "-c", _OPEN_ROW_CHILD, path, names[big], str(row), ftag],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
+                if p.returncode != 0:
+                    b.add(record("e2e", ftag, note=f"open+row failed: {p.stderr.strip().splitlines()[-1:]}"))
+                    continue
+                d = json.loads(p.stdout.strip().splitlines()[-1])
+                b.add(
+                    record(
+                        "open_row",
+                        ftag,
+                        shapes[big],
+                        1,
+                        d["open"] + d["row"],
+                        None,
+                        None,
+                        what=f"open + read row {row} of {names[big]} ({label})",
+                        file_mb=os.path.getsize(path) / 1e6,
+                        open_seconds=d["open"],
+                        row_seconds=d["row"],
+                        rss_delta_mb=d["rss_delta"] / 1e6,
+                        touched_mb=d["mapped"] / 1e6,
+                        tensors=d["tensors"],
+                    )
+                )
 
 
 # ---- printing ---------------------------------------------------------------------------
@@ -946,27 +1115,45 @@ def tables(records: list[dict], echo: Callable[[str], None] = print) -> None:
         right={1, 2},
     )
 
-    e = by.get("e2e", [])
     rows = [
         [
-            r.get("what", "-"),
-            _fmt(r.get("file_mb"), ".0f"),
+            r["what"],
+            _fmt(r["file_mb"], ".0f"),
+            _fmt(r["out_mb"], ".0f"),
             _fmt_s(r["seconds"]),
-            _fmt(r["gbps"], ".2f"),
-            _fmt(r.get("rss_delta_mb"), ".1f"),
-            _fmt(r.get("peak_rss_mb"), ".0f"),
+            _fmt(r["gbps"] * 1e3 if r["gbps"] else None, ".0f"),
+            _fmt(r["peak_rss_mb"], ".0f"),
             r.get("target", ""),
             r.get("status", ""),
-            r.get("note", ""),
         ]
-        for r in e
+        for r in by.get("convert", [])
     ]
     table(
-        "end to end (files in a temp dir)",
-        ["what", "file MB", "time", "GB/s", "RSS delta MB", "peak RSS MB", "target", "status", "note"],
+        "quantfmt convert of a float32 model (subprocess: wall time incl. start-up; its peak RSS)",
+        ["what", "in MB", "out MB", "wall", "MB/s in", "peak RSS MB", "target", "status"],
         rows,
         right={1, 2, 3, 4, 5},
     )
+    rows = [
+        [
+            r["format"],
+            r["what"],
+            _fmt(r["file_mb"], ".0f"),
+            _fmt_s(r["open_seconds"]),
+            _fmt_s(r["row_seconds"]),
+            _fmt(r["rss_delta_mb"], ".1f"),
+            _fmt(r["touched_mb"], ".2f"),
+        ]
+        for r in by.get("open_row", [])
+    ]
+    table(
+        "open a file and read one row (fresh process; 'file MB mapped' = resident pages of its mapping)",
+        ["format", "what", "file MB", "open", "row", "RSS delta MB", "file MB mapped"],
+        rows,
+        right={2, 3, 4, 5, 6},
+    )
+    for r in by.get("e2e", []):
+        echo(f"end to end: {r.get('note')}")
 
     skips = by.get("skip", [])
     if skips:

@@ -239,3 +239,19 @@ def test_cache_cold_then_warm_records():
     assert [r["format"] for r in recs] == ["F32", "all"], recs
     assert recs[0]["cold_seconds"] > 0 and recs[0]["warm_seconds"] > 0
     assert np.isfinite(recs[1]["ratio"])
+
+
+def test_end_to_end_records_on_a_small_model():
+    b = bench.Bench(formats=["F32"], shapes=[(32, 64)], ops=(), repeat=1, threads=1, probe_mb=1, e2e_mb=4)
+    bench.end_to_end(b)
+    conv = [r for r in b.records if r["op"] == "convert"]
+    rows = [r for r in b.records if r["op"] == "open_row"]
+    assert len(conv) == 2 and len(rows) == 4, b.records
+    for r in conv:
+        assert r["file_mb"] == pytest.approx(4.19, abs=0.1) and r["peak_rss_mb"] > 0
+        assert r["gbps"] == pytest.approx(r["file_mb"] / 1e3 / r["seconds"], rel=0.01)
+        assert r["status"] in ("PASS", "MISS")
+    for r in rows:
+        assert r["open_seconds"] > 0 and r["row_seconds"] > 0
+        # one row of a 1024-column float32 matrix: the file's mapping holds far less than the file
+        assert 0 < r["touched_mb"] < r["file_mb"]
