@@ -39,7 +39,7 @@ from collections.abc import Callable
 import numpy as np
 
 DEFAULT_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (576, 1536)]
-QUICK_SHAPES = [(11008, 4096), (576, 1536)]
+QUICK_SHAPES = [(11008, 4096)]  # the shape the qmatmul targets are stated for
 OPS = ("qmatmul", "quantize", "dequantize", "get_rows", "startup", "cache", "e2e")
 QUICK_OPS = ("qmatmul", "quantize", "dequantize", "get_rows", "startup")
 PREFILL_N = 128
@@ -68,6 +68,8 @@ CONVERT_GBPS = 1.0
 
 # A sample shorter than this is a loop of calls, divided: timer resolution and call jitter fade.
 MIN_SAMPLE_SECONDS = 0.005
+# Sampling one figure stops once its samples add up to this (after at least one sample).
+SAMPLE_BUDGET_SECONDS = 4.0
 
 
 # ---- thread settings --------------------------------------------------------------------
@@ -115,18 +117,31 @@ def set_numba_threads(threads: int) -> int:
 # ---- timing -----------------------------------------------------------------------------
 
 
-def median_time(fn: Callable[[], object], repeat: int) -> float:
-    """Median seconds per call of fn over `repeat` samples, after one untimed warm-up call."""
+def median_time(
+    fn: Callable[[], object], repeat: int, budget: float | None = None, info: dict | None = None
+) -> float:
+    """Median seconds per call of fn over up to `repeat` samples, after one untimed warm-up call.
+
+    Sampling stops early once the samples add up to `budget` seconds (at least one sample is
+    always taken), so a call of many seconds costs a warm-up and one or two samples, not
+    `repeat`; `info["samples"]` says how many were taken.
+    """
+    budget = SAMPLE_BUDGET_SECONDS if budget is None else budget
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
     inner = 1 if first >= MIN_SAMPLE_SECONDS else min(1000, math.ceil(MIN_SAMPLE_SECONDS / max(first, 1e-7)))
-    samples = []
-    for _ in range(max(1, repeat)):
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < max(1, repeat) and (not samples or spent < budget):
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
-        samples.append((time.perf_counter() - t0) / inner)
+        dt = time.perf_counter() - t0
+        spent += dt
+        samples.append(dt / inner)
+    if info is not None:
+        info["samples"] = len(samples)
     return float(np.median(samples))
 
 
@@ -472,8 +487,11 @@ class Bench:
                 for mode in fmt.modes:
                     for n, act in ((1, x), (PREFILL_N, xs)):
                         tm = QTensor("w", fmt, shape, t.data)
-                        tm.matmul(act, mode)  # prepare() and any remaining compile: untimed
-                        sec = median_time(lambda tm=tm, act=act, mode=mode: tm.matmul(act, mode), self.repeat)
+                        # the untimed warm-up call does prepare() and any compile left
+                        info: dict = {}
+                        sec = median_time(
+                            lambda tm=tm, act=act, mode=mode: tm.matmul(act, mode), self.repeat, info=info
+                        )
                         what = "numpy float32 W @ x" if n == 1 else "numpy float32 X @ W.T"
                         nbytes = qbytes + (cols * 4 + rows * 4) * n
                         r = self.add(
@@ -488,6 +506,7 @@ class Bench:
                                 nbytes=nbytes,
                                 mode=mode,
                                 prepare_seconds=prep,
+                                samples=info["samples"],
                                 **common,
                             )
                         )
@@ -625,6 +644,12 @@ import numpy as np
 from quantfmt import QTensor, formats
 fmts = formats()
 out = {"_import": time.perf_counter() - t0}
+# numba's one-time start in a process (LLVM and its target) is paid by whichever kernel runs
+# first; a trivial uncached function pays it here so the per-format figures exclude it.
+import numba
+t0 = time.perf_counter()
+numba.njit(lambda: 1)()
+out["_numba_init"] = time.perf_counter() - t0
 rng = np.random.default_rng(0)
 for tag in json.loads(sys.argv[1]) or list(fmts):
     fmt = fmts[tag]
@@ -679,6 +704,22 @@ def cache_cold_warm(b: Bench, tags=None) -> None:
                 warm,
                 cold_seconds=cold,
                 warm_seconds=warm,
+            )
+        )
+    for key, what in (
+        ("_import", "import numpy, numba, quantfmt + load plugins"),
+        ("_numba_init", "numba's one-time start (first jit in a process)"),
+    ):
+        b.add(
+            record(
+                "cache",
+                key.strip("_"),
+                None,
+                None,
+                runs["cold"][key],
+                "warm cache (second process)",
+                runs["warm"][key],
+                what=what,
             )
         )
     b.add(
