@@ -280,8 +280,11 @@ class Bench:
         self.rng = np.random.default_rng(seed)
         self.probe_elements = max(1024, probe_mb << 18)  # float32 elements
         self.e2e_mb = e2e_mb
+        self.probe_gbps = 0.0
 
     def add(self, rec: dict) -> dict:
+        if rec["op"] in ("qmatmul", "quantize", "dequantize") and rec["gbps"] and self.probe_gbps:
+            rec["of_probe"] = rec["gbps"] / self.probe_gbps  # the share of the best bandwidth probe
         rec = _targets(rec)
         self.records.append(rec)
         if self._emit:
@@ -438,10 +441,7 @@ class Bench:
                 else:
                     base = median_time(lambda w=w: w.copy(), self.repeat)
                     what = "numpy float32 copy"
-                r = self.add(
-                    record("quantize", fmt.tag, shape, None, sec, what, base, nbytes=w.nbytes, **common)
-                )
-                r["of_probe"] = r["gbps"] / probe_gbps if probe_gbps else None
+                self.add(record("quantize", fmt.tag, shape, None, sec, what, base, nbytes=w.nbytes, **common))
 
             if "dequantize" in self.ops:
                 sec = median_time(t.dequantize, self.repeat)
@@ -454,10 +454,9 @@ class Bench:
                 else:
                     base = median_time(lambda w=w: w.copy(), self.repeat)
                     what = "numpy float32 copy"
-                r = self.add(
+                self.add(
                     record("dequantize", fmt.tag, shape, None, sec, what, base, nbytes=w.nbytes, **common)
                 )
-                r["of_probe"] = r["gbps"] / probe_gbps if probe_gbps else None
 
             if "get_rows" in self.ops:
                 k = min(GET_ROWS_N, rows)
@@ -494,7 +493,7 @@ class Bench:
                         )
                         what = "numpy float32 W @ x" if n == 1 else "numpy float32 X @ W.T"
                         nbytes = qbytes + (cols * 4 + rows * 4) * n
-                        r = self.add(
+                        self.add(
                             record(
                                 "qmatmul",
                                 fmt.tag,
@@ -510,7 +509,6 @@ class Bench:
                                 **common,
                             )
                         )
-                        r["of_probe"] = r["gbps"] / probe_gbps if probe_gbps else None
 
     # -- the whole run --
 
@@ -519,13 +517,13 @@ class Bench:
         data = {s: self.matrices(s) for s in self.shapes}
         need_f32 = "qmatmul" in self.ops
         f32 = self.float_baselines(data, "before numba") if need_f32 else {}
-        probe = self.bandwidth_probes(numba_too=False)
+        # after the float baselines: the numba probe is the first numba kernel of the run
+        probe = self.probe_gbps = self.bandwidth_probes(numba_too=True)
         for tag in self.tags:
             fmt = self.all_formats[tag]
             self._progress(f"{tag}: first calls")
             self.compile_times(fmt)
             self.bench_format(fmt, data, f32, probe)
-        probe = max(probe, self.bandwidth_probes(numba_too=True))
         if need_f32:
             self._progress("float32 baselines after numba")
             self.float_baselines(data, "after numba")
@@ -1229,3 +1227,8 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     if not out:
         raise ValueError("no shape given")
     return out
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m quantfmt.bench RECORDS.jsonl` re-prints the tables
+    with open(sys.argv[1]) as f:
+        tables([json.loads(line) for line in f if line.startswith("{")])

@@ -299,7 +299,8 @@ _BENCH_CHILD = "QUANTFMT_BENCH_CHILD"
               help="Timed calls per figure (the median is reported; one warm-up call is never timed).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
               help="Threads for BLAS and numba (default: the number of CPUs).")
-@click.option("--quick", is_flag=True, help="A fast subset: shape 11008x4096 only, no cache or file figures, 3 repeats.")
+@click.option("--quick", is_flag=True,
+              help="A fast subset: shape 11008x4096 only, no cache or file figures, 3 repeats.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per measurement (JSON lines).")
 @click.pass_context
 def bench(ctx, tags, shapes, ops, repeat, threads, quick, as_json):

@@ -255,3 +255,18 @@ def test_end_to_end_records_on_a_small_model():
         assert r["open_seconds"] > 0 and r["row_seconds"] > 0
         # one row of a 1024-column float32 matrix: the file's mapping holds far less than the file
         assert 0 < r["touched_mb"] < r["file_mb"]
+
+
+def test_of_probe_is_the_share_of_the_best_bandwidth_probe(records):
+    best = max(r["gbps"] for r in records if r["op"] == "membw")
+    for r in records:
+        if r["op"] in ("qmatmul", "quantize", "dequantize"):
+            assert r["of_probe"] == pytest.approx(r["gbps"] / best)
+
+
+def test_no_numba_kernel_runs_before_the_float_baselines(records):
+    last_before = max(i for i, r in enumerate(records) if r.get("when") == "before numba")
+    first_numba = min(
+        i for i, r in enumerate(records) if r["op"] == "compile" or "numba" in (r.get("what") or "")
+    )
+    assert last_before < first_numba
