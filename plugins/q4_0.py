@@ -39,6 +39,7 @@ from ._ggml import (
     quantize_activations_ref,
     scale_range_error,
 )
+from ._qtiles import BLAS_MIN_ROWS, FASTMATH, G, Prepared, T, blas_matmul, pad_blocks, pad_cols, to_tiles
 
 BLOCK_BYTES = 18
 
@@ -151,47 +152,223 @@ def _dequantize_kernel(blocks, lut, idx, out):
                 o[j + 16] = (hi - np.float32(8.0)) * d
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _qmatmul_f32_kernel(blocks, lut, x, out):
-    rows, nb = blocks.shape[0], blocks.shape[1]
+# ---- fast qmatmul: row tiles (see _qtiles.py for why) ----------------------------------------
+# prepare() repacks the nibbles into tiles of T rows. Unit k (0..7) of a block is the
+# little-endian uint16 of ggml bytes qs[2k], qs[2k+1], so one word holds four weights:
+#     bits 0-3: element 2k    bits 4-7: element 2k+16    bits 8-11: element 2k+1    bits 12-15: element 2k+17
+#     q[tile, block, k, t]  uint16     d[tile, block, t]  float32     (and m for Q4_1, below)
+# The same bytes, regrouped: 0.5 byte per weight plus 4 bytes of float32 scale per block
+# (8 for Q4_1). Q4_1 uses these tiles and kernels too, with its minimums in m; Q4_0 passes
+# an empty m and the kernels use m = -8*d.
+#
+# Mode "q8_0" (_tiles_dot_q8): the integer dot of ggml. Nibbles (0..15) times activation
+# quants (|q| <= 127) summed over the 16 low or the 16 high nibbles of a block stay within
+# int16 (16*15*127 = 30480), so the inner loop runs in int16 lanes: 16 rows per vector,
+# vpsrlw/vpand to split nibbles, vpmullw/vpaddw; everything in the loop is 16 bits wide
+# so LLVM picks 16 lanes (a single 32-bit value in the loop halves that). The exact block
+# sums go through a small buffer to a scale pass in float32, G blocks at a time:
+#     out[r] += d*(dx*sumi) + m*sx       (Q4_0: m*sx = -8*d*dx*sum(q_x), i.e. ggml's q-8)
+# Mode "f32" (_tiles_dot_f32): the nibbles are split in float (f = word as float, hi =
+# floor(f/4096), ...): that vectorizes in 8 float lanes, where integer ops on uint16 would
+# be promoted to int64 by numba. Four partial sums per row hide the FMA latency.
+# The scale pass loops over TT = T taken from an array shape: with a compile-time 32 LLVM
+# unrolls it into 32 scalar lines instead of vectorizing it.
+
+
+def tile_nibbles(data: np.ndarray, rows: int, cols: int, block_bytes: int):
+    """ggml nibble blocks -> (q, d, m) tiles; m is None unless the block has one (Q4_1)."""
+    blk = data.reshape(rows, cols // QK, block_bytes)
+    lut = fp16_table()
+    d = lut[blk[:, :, 0].astype(np.uint16) | (blk[:, :, 1].astype(np.uint16) << 8)]
+    m = None
+    if block_bytes == 20:
+        m = lut[blk[:, :, 2].astype(np.uint16) | (blk[:, :, 3].astype(np.uint16) << 8)]
+    q = np.ascontiguousarray(blk[:, :, block_bytes - 16 :]).view("<u2").astype(np.uint16)
+    return to_tiles(q, rows), to_tiles(d, rows), (None if m is None else to_tiles(m, rows))
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _tiles_dot_q8(q, d, m, qx, dx, sx, out):
+    # q (tiles, nbp, 8, T) uint16; qx (nbp, 32) int16 activation quants; dx, sx (nbp,)
+    # float32: activation scale and the per-block term multiplied by m (Q4_0: 8*dx*sum(q_x),
+    # used as -d*sx). out (tiles*T,).
+    tiles, nbp = q.shape[0], q.shape[1]
+    has_m = m.shape[0] > 0
+    qf = q.reshape(tiles * nbp, 8 * T)
+    df = d.reshape(tiles * nbp, T)
+    mf = m.reshape(m.shape[0] * m.shape[1], T)
+    TT = out.shape[0] // tiles
+    for tl in numba.prange(tiles):
+        acc = np.zeros(TT, np.float32)
+        lo = np.empty((G, TT), np.int16)
+        hi = np.empty((G, TT), np.int16)
+        for b0 in range(0, nbp, G):
+            for g in range(G):
+                b = b0 + g
+                k = tl * nbp + b
+                for t in range(T):
+                    s0 = np.int16(0)
+                    s1 = np.int16(0)
+                    s2 = np.int16(0)
+                    s3 = np.int16(0)
+                    for u in range(8):
+                        v = qf[k, u * T + t]
+                        s0 = np.int16(s0 + np.int16(v & 15) * qx[b, 2 * u])
+                        s1 = np.int16(s1 + np.int16((v >> 4) & 15) * qx[b, 2 * u + 16])
+                        s2 = np.int16(s2 + np.int16((v >> 8) & 15) * qx[b, 2 * u + 1])
+                        s3 = np.int16(s3 + np.int16(v >> 12) * qx[b, 2 * u + 17])
+                    lo[g, t] = np.int16(s0 + s2)
+                    hi[g, t] = np.int16(s1 + s3)
+            k = tl * nbp + b0
+            c0, c1, c2, c3 = dx[b0], dx[b0 + 1], dx[b0 + 2], dx[b0 + 3]
+            o0, o1, o2, o3 = sx[b0], sx[b0 + 1], sx[b0 + 2], sx[b0 + 3]
+            if has_m:
+                for t in range(TT):
+                    i0 = np.float32(lo[0, t]) + np.float32(hi[0, t])
+                    i1 = np.float32(lo[1, t]) + np.float32(hi[1, t])
+                    i2 = np.float32(lo[2, t]) + np.float32(hi[2, t])
+                    i3 = np.float32(lo[3, t]) + np.float32(hi[3, t])
+                    f0 = df[k, t] * (c0 * i0) + mf[k, t] * o0
+                    f1 = df[k + 1, t] * (c1 * i1) + mf[k + 1, t] * o1
+                    f2 = df[k + 2, t] * (c2 * i2) + mf[k + 2, t] * o2
+                    f3 = df[k + 3, t] * (c3 * i3) + mf[k + 3, t] * o3
+                    acc[t] += (f0 + f1) + (f2 + f3)
+            else:
+                for t in range(TT):
+                    i0 = np.float32(lo[0, t]) + np.float32(hi[0, t])
+                    i1 = np.float32(lo[1, t]) + np.float32(hi[1, t])
+                    i2 = np.float32(lo[2, t]) + np.float32(hi[2, t])
+                    i3 = np.float32(lo[3, t]) + np.float32(hi[3, t])
+                    f0 = df[k, t] * (c0 * i0 - o0)
+                    f1 = df[k + 1, t] * (c1 * i1 - o1)
+                    f2 = df[k + 2, t] * (c2 * i2 - o2)
+                    f3 = df[k + 3, t] * (c3 * i3 - o3)
+                    acc[t] += (f0 + f1) + (f2 + f3)
+        for t in range(TT):
+            out[tl * TT + t] = acc[t]
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _tiles_dot_f32(q, d, m, x, xs, out):
+    # x (nbp*32,) float32, zero-padded; xs (nbp,) its block sums (Q4_0: times -8 via m = -8d).
+    tiles, nbp = q.shape[0], q.shape[1]
+    has_m = m.shape[0] > 0
+    qf = q.reshape(tiles * nbp, 8 * T)
+    df = d.reshape(tiles * nbp, T)
+    mf = m.reshape(m.shape[0] * m.shape[1], T)
+    xb = x.reshape(nbp, QK)
+    TT = out.shape[0] // tiles
+    for tl in numba.prange(tiles):
+        acc = np.zeros(TT, np.float32)
+        s = np.empty((G, TT), np.float32)
+        for b0 in range(0, nbp, G):
+            for g in range(G):
+                b = b0 + g
+                k = tl * nbp + b
+                for t in range(T):
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
+                    s2 = np.float32(0.0)
+                    s3 = np.float32(0.0)
+                    for u in range(8):
+                        f = np.float32(qf[k, u * T + t])
+                        n3 = np.floor(f * np.float32(1 / 4096))
+                        r = f - np.float32(4096) * n3
+                        n2 = np.floor(r * np.float32(1 / 256))
+                        r = r - np.float32(256) * n2
+                        n1 = np.floor(r * np.float32(1 / 16))
+                        n0 = r - np.float32(16) * n1
+                        s0 += n0 * xb[b, 2 * u]
+                        s1 += n1 * xb[b, 2 * u + 16]
+                        s2 += n2 * xb[b, 2 * u + 1]
+                        s3 += n3 * xb[b, 2 * u + 17]
+                    s[g, t] = (s0 + s1) + (s2 + s3)
+            k = tl * nbp + b0
+            o0, o1, o2, o3 = xs[b0], xs[b0 + 1], xs[b0 + 2], xs[b0 + 3]
+            if has_m:
+                for t in range(TT):
+                    f0 = df[k, t] * s[0, t] + mf[k, t] * o0
+                    f1 = df[k + 1, t] * s[1, t] + mf[k + 1, t] * o1
+                    f2 = df[k + 2, t] * s[2, t] + mf[k + 2, t] * o2
+                    f3 = df[k + 3, t] * s[3, t] + mf[k + 3, t] * o3
+                    acc[t] += (f0 + f1) + (f2 + f3)
+            else:
+                for t in range(TT):
+                    f0 = df[k, t] * (s[0, t] - np.float32(8) * o0)
+                    f1 = df[k + 1, t] * (s[1, t] - np.float32(8) * o1)
+                    f2 = df[k + 2, t] * (s[2, t] - np.float32(8) * o2)
+                    f3 = df[k + 3, t] * (s[3, t] - np.float32(8) * o3)
+                    acc[t] += (f0 + f1) + (f2 + f3)
+        for t in range(TT):
+            out[tl * TT + t] = acc[t]
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _dequant_tile_t(q, d, m, tl, wt, c0):
+    # Tile tl -> wt[:, c0:c0+T] as W.T: per weight column a contiguous run of T floats.
+    # Constant shifts on uint16, truncated back to uint16, stay 16 bits wide in LLVM.
+    has_m = m.shape[0] > 0
+    for b in range(q.shape[1]):
+        for u in range(8):
+            e = b * QK + 2 * u
+            for t in range(T):
+                sc = d[tl, b, t]
+                mm = m[tl, b, t] if has_m else np.float32(-8) * sc
+                v = q[tl, b, u, t]
+                wt[e, c0 + t] = np.float32(np.uint16(v & np.uint16(15))) * sc + mm
+                wt[e + 16, c0 + t] = np.float32(np.uint16((v >> np.uint16(4)) & np.uint16(15))) * sc + mm
+                wt[e + 1, c0 + t] = np.float32(np.uint16((v >> np.uint16(8)) & np.uint16(15))) * sc + mm
+                wt[e + 17, c0 + t] = np.float32(np.uint16(v >> np.uint16(12))) * sc + mm
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequant_tiles_t(q, d, m, t0, t1, wt):
+    for i in numba.prange(t1 - t0):
+        _dequant_tile_t(q, d, m, t0 + i, wt, i * T)
+
+
+def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray) -> None:
+    """Tiles [t0, t1) of a Q4_0/Q4_1 Prepared as W.T into wt (the BLAS path)."""
+    _dequant_tiles_t(prep.q, prep.d, prep.m, t0, t1, wt)
+
+
+def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str) -> np.ndarray:
+    """x (n, cols) float32 @ W.T for Q4_0 (prep.m empty) or Q4_1 tiles."""
     n = x.shape[0]
-    for r in numba.prange(rows):
-        wrow = np.empty(nb * 32, np.float32)
-        for b in range(nb):
-            blk = blocks[r, b]
-            d = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
-            for j in range(16):
-                v = np.float32(blk[2 + j])
-                hi = np.floor(v * np.float32(0.0625))
-                lo = v - np.float32(16.0) * hi
-                wrow[b * 32 + j] = (lo - np.float32(8.0)) * d
-                wrow[b * 32 + j + 16] = (hi - np.float32(8.0)) * d
+    nbp = prep.nbp
+    has_m = prep.m.shape[0] > 0
+    if mode == "q8_0":
+        d16, s16, qx = quantize_activations(x, with_sum=has_m)
+        lut = fp16_table()
+        dx = pad_blocks(lut[d16], nbp)
+        if n >= BLAS_MIN_ROWS:
+            # sum_j (d q_j + m) * (dx qx_j) by sgemm on exact float products; then ggml's
+            # Q8_1 term uses the fp16 s rather than dx*sum(qx): add m * (s - dx*sum(qx)).
+            xt = (qx.astype(np.float32) * lut[d16][:, :, None]).reshape(n, prep.cols)
+            out = blas_matmul(dequant_tiles, prep, xt)
+            if has_m:
+                nb = prep.cols // QK
+                e = lut[s16] - lut[d16] * qx.astype(np.float32).sum(-1)
+                mt = np.moveaxis(prep.m, 2, 1).reshape(-1, nbp)[: prep.rows, :nb]
+                out += e @ mt.T
+            return out
+        qxp = pad_blocks(qx.astype(np.int16), nbp)
+        if has_m:
+            sx = pad_blocks(lut[s16], nbp)
+        else:
+            sx = dx * np.float32(8) * qxp.sum(-1, dtype=np.int32).astype(np.float32)
+        out = np.empty((n, prep.tiles * T), np.float32)
         for i in range(n):
-            acc = np.float32(0.0)
-            xi = x[i]
-            for k in range(nb * 32):
-                acc += wrow[k] * xi[k]
-            out[i, r] = acc
-
-
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _qmatmul_q8_kernel(blocks, lut, dx, qx, out):
-    # ggml_vec_dot_q4_0_q8_0: integer dot per block, scaled by d_w*d_x, summed in float32.
-    rows, nb = blocks.shape[0], blocks.shape[1]
-    n = qx.shape[0]
-    for r in numba.prange(rows):
-        for i in range(n):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                blk = blocks[r, b]
-                qb = qx[i, b]
-                sumi = np.int32(0)
-                for j in range(16):
-                    v = np.int32(blk[2 + j])
-                    sumi += ((v & 15) - 8) * np.int32(qb[j]) + ((v >> 4) - 8) * np.int32(qb[j + 16])
-                dw = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
-                acc += np.float32(sumi) * (dw * dx[i, b])
-            out[i, r] = acc
+            _tiles_dot_q8(prep.q, prep.d, prep.m, qxp[i], dx[i], sx[i], out[i])
+        return out[:, : prep.rows]
+    if n >= BLAS_MIN_ROWS:
+        return blas_matmul(dequant_tiles, prep, x)
+    xp = pad_cols(x, nbp)
+    xs = xp.reshape(n, nbp, QK).sum(-1)
+    out = np.empty((n, prep.tiles * T), np.float32)
+    for i in range(n):
+        _tiles_dot_f32(prep.q, prep.d, prep.m, xp[i], xs[i], out[i])
+    return out[:, : prep.rows]
 
 
 # ---- the format ---------------------------------------------------------------------------
@@ -223,15 +400,13 @@ class Q4_0(Format):
         _dequantize_kernel(data.reshape(rows, cols // QK, BLOCK_BYTES), fp16_table(), idx, out)
         return out
 
-    def _qmatmul(self, data, rows, cols, x, mode):
-        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
-        out = np.empty((x.shape[0], rows), np.float32)
-        if mode == "q8_0":
-            d16, _, qx = quantize_activations(x, with_sum=False)
-            _qmatmul_q8_kernel(blocks, fp16_table(), fp16_table()[d16], qx, out)
-        else:
-            _qmatmul_f32_kernel(blocks, fp16_table(), x, out)
-        return out
+    def prepare(self, data, rows, cols):
+        # Tiles of T rows (see "fast qmatmul" above): 0.625 byte per weight, 1.11x the bytes.
+        q, d, _ = tile_nibbles(data, rows, cols, BLOCK_BYTES)
+        return Prepared(rows, cols, q, d, np.zeros((0, 0, T), np.float32))
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return nibble_qmatmul(prep, x, mode)
 
 
 @quantfmt.hookimpl

@@ -43,10 +43,11 @@ from ._ggml import (
     f32_to_f16_bits,
     first_bad_block,
     fp16_table,
-    quantize_activations,
     quantize_activations_ref,
     scale_range_error,
 )
+from ._qtiles import Prepared
+from .q4_0 import nibble_qmatmul, tile_nibbles
 
 BLOCK_BYTES = 20
 RULE = "needs max - min below 982800 (= 65520*15) and |min| below 65520"
@@ -165,51 +166,11 @@ def _dequantize_kernel(blocks, lut, idx, out):
                 o[j + 16] = d * hi + m
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _qmatmul_f32_kernel(blocks, lut, x, out):
-    rows, nb = blocks.shape[0], blocks.shape[1]
-    n = x.shape[0]
-    for r in numba.prange(rows):
-        wrow = np.empty(nb * 32, np.float32)
-        for b in range(nb):
-            blk = blocks[r, b]
-            d = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
-            m = lut[np.int32(blk[2]) | (np.int32(blk[3]) << 8)]
-            for j in range(16):
-                v = np.float32(blk[4 + j])
-                hi = np.floor(v * np.float32(0.0625))
-                lo = v - np.float32(16.0) * hi
-                wrow[b * 32 + j] = d * lo + m
-                wrow[b * 32 + j + 16] = d * hi + m
-        for i in range(n):
-            acc = np.float32(0.0)
-            xi = x[i]
-            for k in range(nb * 32):
-                acc += wrow[k] * xi[k]
-            out[i, r] = acc
-
-
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _qmatmul_q8_kernel(blocks, lut, dx, sx, qx, out):
-    # ggml_vec_dot_q4_1_q8_1: acc = sum of sumi*(d_w*d_x); summs = sum of m_w*s_x; acc + summs.
-    rows, nb = blocks.shape[0], blocks.shape[1]
-    n = qx.shape[0]
-    for r in numba.prange(rows):
-        for i in range(n):
-            acc = np.float32(0.0)
-            summs = np.float32(0.0)
-            for b in range(nb):
-                blk = blocks[r, b]
-                qb = qx[i, b]
-                sumi = np.int32(0)
-                for j in range(16):
-                    v = np.int32(blk[4 + j])
-                    sumi += (v & 15) * np.int32(qb[j]) + (v >> 4) * np.int32(qb[j + 16])
-                dw = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
-                mw = lut[np.int32(blk[2]) | (np.int32(blk[3]) << 8)]
-                acc += np.float32(sumi) * (dw * dx[i, b])
-                summs += mw * sx[i, b]
-            out[i, r] = acc + summs
+# ---- fast qmatmul ---------------------------------------------------------------------------
+# Q4_1 shares Q4_0's row tiles and kernels (q4_0.py, "fast qmatmul"): the same nibbles
+# regrouped into tiles of 32 rows, plus the minimums m in a float32 array shaped like d
+# (0.75 byte per weight, 1.2x the bytes). Mode "q8_0" adds m_w * s_x per block with ggml's
+# fp16 s_x of the Q8_1 activation block, as ggml_vec_dot_q4_1_q8_1 does.
 
 
 # ---- the format ---------------------------------------------------------------------------
@@ -241,16 +202,12 @@ class Q4_1(Format):
         _dequantize_kernel(data.reshape(rows, cols // QK, BLOCK_BYTES), fp16_table(), idx, out)
         return out
 
-    def _qmatmul(self, data, rows, cols, x, mode):
-        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
-        out = np.empty((x.shape[0], rows), np.float32)
-        if mode == "q8_0":
-            d16, s16, qx = quantize_activations(x, with_sum=True)
-            lut = fp16_table()
-            _qmatmul_q8_kernel(blocks, lut, lut[d16], lut[s16], qx, out)
-        else:
-            _qmatmul_f32_kernel(blocks, fp16_table(), x, out)
-        return out
+    def prepare(self, data, rows, cols):
+        q, d, m = tile_nibbles(data, rows, cols, BLOCK_BYTES)
+        return Prepared(rows, cols, q, d, m)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return nibble_qmatmul(prep, x, mode)
 
 
 @quantfmt.hookimpl

@@ -1,0 +1,127 @@
+"""Row tiles: the repacked weight layout behind the fast qmatmul of Q4_0, Q4_1 and Q8_0.
+
+Owns: the tile geometry, the `Prepared` object those formats' `prepare()` returns, the
+padding of activations to whole block groups, and the BLAS driver that serves batches.
+The kernels themselves live in the format files, next to the layout comment of each.
+
+Why tiles. ggml's bytes put the 32 weights of one block of one row together. A numba
+kernel walking them computes one row at a time: every block ends in a horizontal sum
+and a scalar scale, so it runs 2-3x slower than float32 BLAS although it reads 4-7x
+fewer bytes (see /work/shared/notes/numba-kernels.md). prepare() therefore repacks a
+matrix once into tiles of T = 32 rows, interleaved so that the fastest-varying index is
+the row within the tile:
+
+    q[tile, block, k, t]   the k-th quant unit of `block` of row tile*T + t
+    d[tile, block, t]      its scale, float32 (and m, Q4_1's minimum, the same way)
+
+Then the inner loop of a kernel is "for t in range(T)": T independent sums (one per
+row), each activation value loaded once and broadcast over T rows, no horizontal sums,
+contiguous vector loads. LLVM vectorizes it across t (checked with inspect_asm). Rows
+are padded to a multiple of T and blocks to a multiple of G = 4 with zero scales, so
+the kernels have no tail code; padded outputs are dropped.
+
+Batches (n >= BLAS_MIN_ROWS activation rows, e.g. a prompt) go to BLAS instead:
+CHUNK_BYTES of tiles at a time are dequantized into a float32 buffer laid out as W.T
+(cols x rows: contiguous runs of T per weight column, which is how tiles decode) and
+multiplied by sgemm. Dequantizing a weight costs a few operations; sgemm then spends
+n multiply-adds on it, so for large n the cost is that of float32 BLAS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QK = 32  # weights per ggml block
+T = 32  # rows per tile
+G = 4  # blocks are padded to a multiple of G: kernels finish G blocks per scale pass
+# From this many activation rows on, dequantized tiles + sgemm beat the per-row kernels.
+BLAS_MIN_ROWS = 8
+# Float32 bytes dequantized per sgemm call. Few large calls: each sgemm call synchronizes
+# BLAS's threads, which costs dearly on a busy machine; 16 MiB = 1024 rows of 4096.
+CHUNK_BYTES = 16 << 20
+
+# fastmath for qmatmul kernels, minus `reassoc`: with it LLVM re-chains the partial sums
+# we split on purpose (4 independent FMA chains hide the FMA latency).
+FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+
+
+class Prepared:
+    """The tiled form of one matrix: what Q4_0/Q4_1/Q8_0 `prepare()` return.
+
+    q: quants (tiles, nbp, k, T); d: scales (tiles, nbp, T) float32; m: Q4_1's minimums
+    like d, or an empty array. nbp = blocks per row padded to a multiple of G.
+    """
+
+    __slots__ = ("rows", "cols", "q", "d", "m")
+
+    def __init__(self, rows: int, cols: int, q: np.ndarray, d: np.ndarray, m: np.ndarray):
+        self.rows, self.cols, self.q, self.d, self.m = rows, cols, q, d, m
+
+    @property
+    def tiles(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def nbp(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.d.nbytes + self.m.nbytes
+
+    def __repr__(self) -> str:
+        return f"<Prepared {self.rows}x{self.cols} in {self.tiles} tiles of {T} rows, {self.nbytes} bytes>"
+
+
+def padded_blocks(cols: int) -> int:
+    nb = cols // QK
+    return -(-nb // G) * G
+
+
+def to_tiles(a: np.ndarray, rows: int) -> np.ndarray:
+    """(rows, nb, *unit) -> (tiles, nbp, *unit, T), zero-padded rows and blocks, C-contiguous."""
+    nb = a.shape[1]
+    nbp = -(-nb // G) * G
+    tiles = -(-rows // T)
+    z = np.zeros((tiles * T, nbp) + a.shape[2:], a.dtype)
+    z[:rows, :nb] = a
+    z = z.reshape((tiles, T, nbp) + a.shape[2:])
+    return np.ascontiguousarray(np.moveaxis(z, 1, -1))
+
+
+def pad_cols(x: np.ndarray, nbp: int) -> np.ndarray:
+    """(n, cols) -> (n, nbp*32) zero-padded, C-contiguous, same dtype."""
+    n, cols = x.shape
+    if cols == nbp * QK:
+        return np.ascontiguousarray(x)
+    out = np.zeros((n, nbp * QK), x.dtype)
+    out[:, :cols] = x
+    return out
+
+
+def pad_blocks(a: np.ndarray, nbp: int) -> np.ndarray:
+    """(n, nb, ...) -> (n, nbp, ...) zero-padded, C-contiguous."""
+    if a.shape[1] == nbp:
+        return np.ascontiguousarray(a)
+    out = np.zeros((a.shape[0], nbp) + a.shape[2:], a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def blas_matmul(dequant_tiles, prep: Prepared, x: np.ndarray) -> np.ndarray:
+    """x (n, cols) float32 @ W.T via dequantized chunks of tiles and sgemm -> (n, rows).
+
+    `dequant_tiles(prep, t0, t1, wt)` writes tiles [t0, t1) as W.T into wt
+    (nbp*32, (t1-t0)*T); the padded columns of x are dropped instead (rows of wt past cols).
+    """
+    n, cols = x.shape
+    tiles = prep.tiles
+    out = np.empty((n, tiles * T), np.float32)
+    chunk = max(1, min(tiles, CHUNK_BYTES // (prep.nbp * QK * T * 4)))
+    buf = np.empty((prep.nbp * QK, chunk * T), np.float32)
+    for t0 in range(0, tiles, chunk):
+        t1 = min(tiles, t0 + chunk)
+        wt = buf if t1 - t0 == chunk else np.empty((prep.nbp * QK, (t1 - t0) * T), np.float32)
+        dequant_tiles(prep, t0, t1, wt)
+        np.matmul(x, wt[:cols], out=out[:, t0 * T : t1 * T])
+    return out[:, : prep.rows]
