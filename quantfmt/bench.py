@@ -483,15 +483,23 @@ class Bench:
                 t0 = time.perf_counter()
                 fmt.prepare(t.data, rows, cols)
                 prep = time.perf_counter() - t0
-                for mode in fmt.modes:
-                    for n, act in ((1, x), (PREFILL_N, xs)):
+                for n, act in ((1, x), (PREFILL_N, xs)):
+                    # The float32 baseline again, right before this format's figures: the machine's
+                    # load drifts over a run and a ratio must compare like with like. The pause lets
+                    # numba's spinning pool threads go idle first (see the "interleaved" figures).
+                    time.sleep(0.05)
+                    if n == 1:
+                        base = median_time(lambda w=w, x=x: w @ x, self.repeat)
+                    else:
+                        base = median_time(lambda w=w, xs=xs: xs @ w.T, self.repeat, budget=2.0)
+                    what = "numpy float32 W @ x" if n == 1 else "numpy float32 X @ W.T"
+                    for mode in fmt.modes:
                         tm = QTensor("w", fmt, shape, t.data)
                         # the untimed warm-up call does prepare() and any compile left
                         info: dict = {}
                         sec = median_time(
                             lambda tm=tm, act=act, mode=mode: tm.matmul(act, mode), self.repeat, info=info
                         )
-                        what = "numpy float32 W @ x" if n == 1 else "numpy float32 X @ W.T"
                         nbytes = qbytes + (cols * 4 + rows * 4) * n
                         self.add(
                             record(
@@ -501,11 +509,12 @@ class Bench:
                                 n,
                                 sec,
                                 what,
-                                f32[(shape, n)],
+                                base,
                                 nbytes=nbytes,
                                 mode=mode,
                                 prepare_seconds=prep,
                                 samples=info["samples"],
+                                baseline_before_numba=f32[(shape, n)],
                                 **common,
                             )
                         )
@@ -1003,8 +1012,11 @@ def tables(records: list[dict], echo: Callable[[str], None] = print) -> None:
 
     q = by.get("qmatmul", [])
     for n, title in (
-        (1, "qmatmul decode (n=1), QTensor.matmul vs numpy float32 W @ x"),
-        (PREFILL_N, f"qmatmul prefill (n={PREFILL_N}), QTensor.matmul vs numpy float32 X @ W.T"),
+        (1, "qmatmul decode (n=1), QTensor.matmul vs numpy float32 W @ x measured just before"),
+        (
+            PREFILL_N,
+            f"qmatmul prefill (n={PREFILL_N}), QTensor.matmul vs numpy float32 X @ W.T measured just before",
+        ),
     ):
         rows = [
             [
@@ -1229,6 +1241,123 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _label(r: dict) -> str:
+    n = "" if r["n"] is None else f" n={r['n']}"
+    mode = f" {r['mode']}" if r.get("mode") else ""
+    return f"{r['op']}{n}{mode}"
+
+
+def markdown(records: list[dict], shape=TARGET_SHAPE) -> str:
+    """A compact Markdown summary (the README's performance section): kernels at `shape`, then the rest."""
+    shape = list(shape)
+    out = []
+    envs = [r for r in records if r["op"] == "env"]
+    if envs:
+        e = envs[0]
+        out.append(
+            f"Threads: {e.get('threads')} (OpenBLAS reports {e.get('blas_threads')}, "
+            f"numba {e.get('numba_threads')}, layer {e.get('numba_threading_layer')}); "
+            f"load average at start {e.get('loadavg')}, at end {envs[-1].get('loadavg')}."
+        )
+    f32 = {
+        (r["n"], r["when"]): r["seconds"] for r in records if r["op"] == "f32_matmul" and r["shape"] == shape
+    }
+    if f32:
+        out.append(
+            f"numpy float32 at {shape[0]}x{shape[1]}: W @ x {_fmt_s(f32.get((1, 'before numba')))} "
+            f"(after numba ran: {_fmt_s(f32.get((1, 'after numba')))}; right after a numba parallel kernel: "
+            f"{_fmt_s(f32.get((1, 'interleaved with a numba parallel kernel')))}); "
+            f"X @ W.T with 128 rows {_fmt_s(f32.get((PREFILL_N, 'before numba')))}."
+        )
+    probes = [r for r in records if r["op"] == "membw"]
+    if probes:
+        out.append(
+            "Bandwidth probes: " + ", ".join(f"{r['what']} {r['gbps']:.1f} GB/s" for r in probes) + "."
+        )
+    out += [
+        "",
+        f"Kernels at {shape[0]}x{shape[1]}; qmatmul as time / numpy float32 time (median), "
+        "quantize/dequantize as GB/s of float32 (and x faster than gguf's numpy code):",
+        "",
+        "| format | bpw | decode f32 | decode q8_0 | prefill f32 | prefill q8_0 | quantize GB/s "
+        "| dequantize GB/s | get_rows 64 | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    tags = list(dict.fromkeys(r["format"] for r in records if r["op"] in ("qmatmul", "quantize")))
+    for tag in tags:
+        mine = [r for r in records if r["format"] == tag and r["shape"] == shape]
+        if not mine:
+            continue
+
+        def q(n, mode, mine=mine):
+            r = next(
+                (r for r in mine if r["op"] == "qmatmul" and r["n"] == n and r.get("mode") == mode), None
+            )
+            return f"{r['ratio']:.2f}x ({_fmt_s(r['seconds'])})" if r else "-"
+
+        def g(op, mine=mine):
+            r = next((r for r in mine if r["op"] == op), None)
+            if not r:
+                return "-"
+            vs = f" ({1 / r['ratio']:.1f}x gguf)" if r["baseline"].startswith("gguf") else ""
+            return f"{r['gbps']:.2f}{vs}"
+
+        rows = next((r for r in mine if r["op"] == "get_rows"), None)
+        verdict = ", ".join(f"{_label(r)} {r['status']}" for r in mine if r.get("status")) or "-"
+        bpw = next((r.get("bpw") for r in mine if r.get("bpw")), 0)
+        cells = [
+            tag,
+            f"{bpw:g}",
+            q(1, "f32"),
+            q(1, "q8_0"),
+            q(PREFILL_N, "f32"),
+            q(PREFILL_N, "q8_0"),
+            g("quantize"),
+            g("dequantize"),
+            _fmt_s(rows["seconds"]) if rows else "-",
+            verdict,
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    cache = {r["format"]: r for r in records if r["op"] == "cache" and r["seconds"]}
+    comp = [r for r in records if r["op"] == "cache" and r["format"] in tags]
+    if comp:
+        line = "numba first calls per format in a fresh process (every kernel, tiny problem), "
+        line += "cold cache -> warm: "
+        line += ", ".join(
+            f"{r['format']} {r['seconds']:.1f} s -> {r['baseline_seconds']:.2f} s" for r in comp
+        )
+        if "numba_init" in cache:
+            line += f"; numba's own start {cache['numba_init']['baseline_seconds']:.1f} s"
+        if "import" in cache:
+            line += f"; import + plugins {cache['import']['baseline_seconds']:.1f} s"
+        if "all" in cache:
+            a = cache["all"]
+            line += f"; whole process {a['seconds']:.0f} s cold, {a['baseline_seconds']:.1f} s warm"
+        out.append(line + ".")
+    for r in records:
+        if r["op"] == "startup":
+            out.append(
+                f"`quantfmt --help`: {_fmt_s(r['seconds'])} (python -c pass {_fmt_s(r['baseline_seconds'])}; "
+                f"heavy imports: {r['heavy_imports']}); target < 0.3 s {r['status']}."
+            )
+        elif r["op"] == "convert":
+            out.append(
+                f"{r['what']}: {r['file_mb']:.0f} MB -> {r['out_mb']:.0f} MB in {r['seconds']:.2f} s "
+                f"({r['gbps'] * 1e3:.0f} MB/s of input, wall time incl. start-up), "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB; target >= 1 GB/s {r['status']}."
+            )
+        elif r["op"] == "open_row":
+            out.append(
+                f"{r['format']} file of {r['file_mb']:.0f} MB, {r['what']}: "
+                f"open {_fmt_s(r['open_seconds'])}, "
+                f"row {_fmt_s(r['row_seconds'])}, RSS +{r['rss_delta_mb']:.1f} MB, "
+                f"{r['touched_mb'] * 1e3:.0f} KB of the file mapped."
+            )
+    return "\n".join(out)
+
+
 if __name__ == "__main__":  # pragma: no cover - `python -m quantfmt.bench RECORDS.jsonl` re-prints the tables
     with open(sys.argv[1]) as f:
-        tables([json.loads(line) for line in f if line.startswith("{")])
+        recs = [json.loads(line) for line in f if line.startswith("{")]
+    print(markdown(recs)) if "--markdown" in sys.argv else tables(recs)

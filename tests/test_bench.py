@@ -68,7 +68,7 @@ def test_ratio_and_gbps_are_computed_from_the_measured_figures(records):
             assert r["prepare_seconds"] >= 0
 
 
-def test_qmatmul_ratio_uses_the_float_baseline_of_the_same_shape_and_n(records):
+def test_qmatmul_records_carry_the_float_baselines_of_their_shape_and_n(records):
     base = {
         (tuple(r["shape"]), r["n"]): r["seconds"]
         for r in records
@@ -76,7 +76,7 @@ def test_qmatmul_ratio_uses_the_float_baseline_of_the_same_shape_and_n(records):
     }
     for r in records:
         if r["op"] == "qmatmul":
-            assert r["baseline_seconds"] == base[(tuple(r["shape"]), r["n"])]
+            assert r["baseline_before_numba"] == base[(tuple(r["shape"]), r["n"])]
 
 
 def test_float_baselines_are_measured_before_after_and_interleaved(records):
@@ -270,3 +270,17 @@ def test_no_numba_kernel_runs_before_the_float_baselines(records):
         i for i, r in enumerate(records) if r["op"] == "compile" or "numba" in (r.get("what") or "")
     )
     assert last_before < first_numba
+
+
+def test_qmatmul_modes_of_one_format_share_the_adjacent_float_baseline(records):
+    seen = {}
+    for r in records:
+        if r["op"] == "qmatmul":
+            key = (r["format"], tuple(r["shape"]), r["n"])
+            assert seen.setdefault(key, r["baseline_seconds"]) == r["baseline_seconds"]
+
+
+def test_markdown_summary_has_a_row_per_format(records):
+    md = bench.markdown(records, shape=(64, 256))
+    assert "| F32 | 32 |" in md and "| BF16 | 16 |" in md
+    assert "quantize MISS" in md or "quantize PASS" in md  # BF16 is judged against gguf
