@@ -29,6 +29,7 @@ n multiply-adds on it, so for large n the cost is that of float32 BLAS.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 QK = 32  # weights per ggml block
@@ -87,6 +88,31 @@ def to_tiles(a: np.ndarray, rows: int) -> np.ndarray:
     z[:rows, :nb] = a
     z = z.reshape((tiles, T, nbp) + a.shape[2:])
     return np.ascontiguousarray(np.moveaxis(z, 1, -1))
+
+
+def tile_units(blocks: np.ndarray, rows: int, start: int, unit_bytes: int) -> np.ndarray:
+    """Quant bytes blocks[:, :, start:] (rows, nb, block bytes), read as units of unit_bytes,
+    -> uint8 (tiles, nbp, units, T, unit_bytes): to_tiles of the units, by a parallel kernel
+    (numpy's transpose of int8 data with 32-byte runs takes ~1 s for a 4096 x 11008 matrix)."""
+    nb = blocks.shape[1]
+    units = (blocks.shape[2] - start) // unit_bytes
+    nbp = -(-nb // G) * G
+    out = np.zeros((-(-rows // T), nbp, units, T, unit_bytes), np.uint8)
+    _tile_units(blocks, start, out)
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _tile_units(blocks, start, out):
+    rows, nb = blocks.shape[0], blocks.shape[1]
+    tiles, _, units, tt, ub = out.shape
+    for tl in numba.prange(tiles):
+        for t in range(min(tt, rows - tl * tt)):
+            r = tl * tt + t
+            for b in range(nb):
+                for k in range(units):
+                    for c in range(ub):
+                        out[tl, b, k, t, c] = blocks[r, b, start + k * ub + c]
 
 
 def pad_cols(x: np.ndarray, nbp: int) -> np.ndarray:

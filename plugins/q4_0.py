@@ -35,11 +35,23 @@ from ._ggml import (
     f32_to_f16_bits,
     first_bad_block,
     fp16_table,
+    n_chunks,
     quantize_activations,
-    quantize_activations_ref,
     scale_range_error,
+    vec_dot_ref,
 )
-from ._qtiles import BLAS_MIN_ROWS, FASTMATH, G, Prepared, T, blas_matmul, pad_blocks, pad_cols, to_tiles
+from ._qtiles import (
+    BLAS_MIN_ROWS,
+    FASTMATH,
+    G,
+    Prepared,
+    T,
+    blas_matmul,
+    pad_blocks,
+    pad_cols,
+    tile_units,
+    to_tiles,
+)
 
 BLOCK_BYTES = 18
 
@@ -78,78 +90,91 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
     """ggml_vec_dot_q4_0_q8_0 for every (activation row, weight row): per block the integer
-    dot sumi = sum((q_w - 8) * q_x), then sum over blocks of sumi * (d_w * d_x), the scale
-    product taken in float32 from the fp16 scales. Summed here in float64."""
+    dot sumi = sum((q_w - 8) * q_x), then sum over blocks of sumi * (d_w * d_x)."""
     blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
     dw = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     qw = np.concatenate([blk[..., 2:] & 15, blk[..., 2:] >> 4], axis=-1).astype(np.int64) - 8
-    d16, _, qx = quantize_activations_ref(x, with_sum=False)
-    dx = d16.view(np.float16).astype(np.float32)
-    sumi = np.einsum("rbj,nbj->nrb", qw, qx.astype(np.int64))
-    scale = (dw[None, :, :] * dx[:, None, :]).astype(np.float32)
-    return (sumi * scale.astype(np.float64)).sum(axis=-1).astype(np.float32)
+    return vec_dot_ref(qw, dw, x)
 
 
 # ---- numba kernels ------------------------------------------------------------------------
 # The block loops work on 2-D/3-D views indexed by loop variables, which compile to
 # contiguous vector loads. No fastmath in quantize/dequantize: it would allow FMA and break
-# byte-identity. Abs-max and the first-index search run on integer bit patterns (|x| is
-# the bits with the sign cleared; the integer order of those equals the float order), which
-# vectorizes where a float min/max reduction would not without fastmath.
+# byte-identity.
 
 
-@numba.njit(cache=True, parallel=True)
-def _quantize_kernel(w, out, bad):
-    rows, cols = w.shape
-    nb = cols // 32
-    wu = w.view(np.uint32)
-    for r in numba.prange(rows):
+@numba.njit(cache=True)
+def _quantize_rows(w, out, bad, r0, r1):
+    # Rows r0..r1-1 of w (float32) into out (rows, nb, 18).
+    nb = w.shape[1] // 32
+    # 32, computed so LLVM cannot see it: a constant 32-long loop is fully unrolled into
+    # scalar code (numba runs no SLP vectorizer); a run-time trip count gets vectorized.
+    qk = w.shape[1] // nb
+    for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
-            xb = w[r, b * 32 : b * 32 + 32]
-            ub = wu[r, b * 32 : b * 32 + 32]
-            amax = np.uint32(0)
-            for j in range(32):
-                amax = max(amax, ub[j] & np.uint32(0x7FFFFFFF))
-            first = 32
-            for j in range(32):
-                if (ub[j] & np.uint32(0x7FFFFFFF)) == amax:
-                    first = min(first, j)
-            d = xb[first] / np.float32(-8.0)
+            c0 = b * 32
+            # The first largest |x|: the bits of |x| (sign cleared) order like the floats,
+            # and int32 max/min reductions vectorize where float ones (without fastmath)
+            # do not. The smallest index wins a tie, as numpy's argmax; all zeros give x[0].
+            amax = np.int32(0)
+            for j in range(qk):
+                a = np.float32(abs(w[r, c0 + j])).view(np.int32)
+                amax = a if a > amax else amax
+            first = np.int32(32)
+            for j in range(qk):
+                a = np.float32(abs(w[r, c0 + j])).view(np.int32)
+                cand = np.int32(j) if a == amax else np.int32(32)
+                first = cand if cand < first else first
+            d = w[r, c0 + first] / np.float32(-8.0)
             if not (abs(d) < np.float32(65520.0)):
                 if bad[r] < 0:
                     bad[r] = b
                 continue
             idd = np.float32(1.0) / d if d != 0 else np.float32(0.0)
             h = f32_to_f16_bits(d)
-            o = out[r, b]
-            o[0] = np.uint8(h & 0xFF)
-            o[1] = np.uint8(h >> 8)
+            out[r, b, 0] = np.uint8(h & 0xFF)
+            out[r, b, 1] = np.uint8(h >> 8)
             for j in range(16):
-                t0 = np.floor(xb[j] * idd + np.float32(8.5))
-                t1 = np.floor(xb[j + 16] * idd + np.float32(8.5))
+                t0 = np.floor(w[r, c0 + j] * idd + np.float32(8.5))
+                t1 = np.floor(w[r, c0 + 16 + j] * idd + np.float32(8.5))
                 # floor == trunc on the valid range (t >= 0); inf and NaN become 0 like numpy's cast
                 t0 = min(t0, np.float32(15.0)) if (t0 >= 0 and t0 < 256) else np.float32(0.0)
                 t1 = min(t1, np.float32(15.0)) if (t1 >= 0 and t1 < 256) else np.float32(0.0)
-                o[2 + j] = np.uint8(t0 + np.float32(16.0) * t1)
+                out[r, b, 2 + j] = np.uint8(t0 + np.float32(16.0) * t1)
 
 
 @numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(blocks, lut, idx, out):
-    # blocks: (rows, nb, 18); idx: the rows to decode, out: (len(idx), cols)
+def _quantize_kernel(w, out, bad, nchunk):
+    rows = w.shape[0]
+    for c in numba.prange(nchunk):
+        _quantize_rows(w, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+
+
+@numba.njit(cache=True)
+def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
+    # Rows idx[k0:k1] of blocks (rows, nb, 18) into out[k0:k1]. Direct 3-D indexing and a
+    # trip count `half` known only at run time: numba runs no SLP vectorizer, and constant
+    # 16-long loops get fully unrolled into scalar code; this way the loop vectorizer
+    # makes packed converts and multiplies. The nibble split is done in float (exact).
     nb = blocks.shape[1]
-    for k in numba.prange(idx.size):
+    for k in range(k0, k1):
         r = idx[k]
         for b in range(nb):
-            blk = blocks[r, b]
-            d = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
-            o = out[k, b * 32 : b * 32 + 32]
-            for j in range(16):
-                v = np.float32(blk[2 + j])
+            d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
+            for j in range(half):
+                v = np.float32(blocks[r, b, 2 + j])
                 hi = np.floor(v * np.float32(0.0625))
                 lo = v - np.float32(16.0) * hi
-                o[j] = (lo - np.float32(8.0)) * d
-                o[j + 16] = (hi - np.float32(8.0)) * d
+                out[k, b * 32 + j] = (lo - np.float32(8.0)) * d
+                out[k, b * 32 + 16 + j] = (hi - np.float32(8.0)) * d
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(blocks, lut, idx, out, nchunk):
+    n = idx.size
+    for c in numba.prange(nchunk):
+        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
 
 
 # ---- fast qmatmul: row tiles (see _qtiles.py for why) ----------------------------------------
@@ -175,6 +200,9 @@ def _dequantize_kernel(blocks, lut, idx, out):
 # unrolls it into 32 scalar lines instead of vectorizing it.
 
 
+H = T // 2  # rows per int16 vector (16 lanes of a 256-bit register)
+
+
 def tile_nibbles(data: np.ndarray, rows: int, cols: int, block_bytes: int):
     """ggml nibble blocks -> (q, d, m) tiles; m is None unless the block has one (Q4_1)."""
     blk = data.reshape(rows, cols // QK, block_bytes)
@@ -183,8 +211,8 @@ def tile_nibbles(data: np.ndarray, rows: int, cols: int, block_bytes: int):
     m = None
     if block_bytes == 20:
         m = lut[blk[:, :, 2].astype(np.uint16) | (blk[:, :, 3].astype(np.uint16) << 8)]
-    q = np.ascontiguousarray(blk[:, :, block_bytes - 16 :]).view("<u2").astype(np.uint16)
-    return to_tiles(q, rows), to_tiles(d, rows), (None if m is None else to_tiles(m, rows))
+    q = tile_units(blk, rows, block_bytes - 16, 2).view("<u2").astype(np.uint16, copy=False)[..., 0]
+    return q, to_tiles(d, rows), (None if m is None else to_tiles(m, rows))
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -206,19 +234,34 @@ def _tiles_dot_q8(q, d, m, qx, dx, sx, out):
             for g in range(G):
                 b = b0 + g
                 k = tl * nbp + b
-                for t in range(T):
-                    s0 = np.int16(0)
-                    s1 = np.int16(0)
-                    s2 = np.int16(0)
-                    s3 = np.int16(0)
+                # Two 16-row halves side by side: one int16 vector each, sharing every
+                # broadcast activation value (a loop over all 32 rows made LLVM hoist the
+                # 32 broadcasts out of it and spill them).
+                for t in range(H):
+                    a0 = np.int16(0)
+                    a1 = np.int16(0)
+                    a2 = np.int16(0)
+                    a3 = np.int16(0)
+                    c0 = np.int16(0)
+                    c1 = np.int16(0)
+                    c2 = np.int16(0)
+                    c3 = np.int16(0)
                     for u in range(8):
+                        x0, x1, x2, x3 = qx[b, 2 * u], qx[b, 2 * u + 16], qx[b, 2 * u + 1], qx[b, 2 * u + 17]
                         v = qf[k, u * T + t]
-                        s0 = np.int16(s0 + np.int16(v & 15) * qx[b, 2 * u])
-                        s1 = np.int16(s1 + np.int16((v >> 4) & 15) * qx[b, 2 * u + 16])
-                        s2 = np.int16(s2 + np.int16((v >> 8) & 15) * qx[b, 2 * u + 1])
-                        s3 = np.int16(s3 + np.int16(v >> 12) * qx[b, 2 * u + 17])
-                    lo[g, t] = np.int16(s0 + s2)
-                    hi[g, t] = np.int16(s1 + s3)
+                        a0 = np.int16(a0 + np.int16(v & 15) * x0)
+                        a1 = np.int16(a1 + np.int16((v >> 4) & 15) * x1)
+                        a2 = np.int16(a2 + np.int16((v >> 8) & 15) * x2)
+                        a3 = np.int16(a3 + np.int16(v >> 12) * x3)
+                        v = qf[k, u * T + H + t]
+                        c0 = np.int16(c0 + np.int16(v & 15) * x0)
+                        c1 = np.int16(c1 + np.int16((v >> 4) & 15) * x1)
+                        c2 = np.int16(c2 + np.int16((v >> 8) & 15) * x2)
+                        c3 = np.int16(c3 + np.int16(v >> 12) * x3)
+                    lo[g, t] = np.int16(a0 + a2)
+                    hi[g, t] = np.int16(a1 + a3)
+                    lo[g, H + t] = np.int16(c0 + c2)
+                    hi[g, H + t] = np.int16(c1 + c3)
             k = tl * nbp + b0
             c0, c1, c2, c3 = dx[b0], dx[b0 + 1], dx[b0 + 2], dx[b0 + 3]
             o0, o1, o2, o3 = sx[b0], sx[b0 + 1], sx[b0 + 2], sx[b0 + 3]
@@ -304,27 +347,42 @@ def _tiles_dot_f32(q, d, m, x, xs, out):
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
-def _dequant_tile_t(q, d, m, tl, wt, c0):
-    # Tile tl -> wt[:, c0:c0+T] as W.T: per weight column a contiguous run of T floats.
-    # Constant shifts on uint16, truncated back to uint16, stay 16 bits wide in LLVM.
+def _dequant_tile_t(q, d, m, tl, wt, i):
+    # Tile tl -> wt[:, i, :] of wt (cols, tiles in chunk, T), i.e. W.T: per weight column a
+    # contiguous run of T floats. (Indexing wt[e, i*T + t] instead would compute one
+    # negative-index check per element and turn the stores into scalar ones.) Constant
+    # shifts on uint16, truncated back to uint16, stay 16 bits wide in LLVM.
     has_m = m.shape[0] > 0
+    mm = np.empty(T, np.float32)
+    TT = wt.shape[2]  # == T; a runtime bound keeps LLVM from unrolling 32 scalar copies
     for b in range(q.shape[1]):
+        if has_m:
+            for t in range(TT):
+                mm[t] = m[tl, b, t]
+        else:
+            for t in range(TT):
+                mm[t] = np.float32(-8) * d[tl, b, t]
         for u in range(8):
             e = b * QK + 2 * u
-            for t in range(T):
-                sc = d[tl, b, t]
-                mm = m[tl, b, t] if has_m else np.float32(-8) * sc
-                v = q[tl, b, u, t]
-                wt[e, c0 + t] = np.float32(np.uint16(v & np.uint16(15))) * sc + mm
-                wt[e + 16, c0 + t] = np.float32(np.uint16((v >> np.uint16(4)) & np.uint16(15))) * sc + mm
-                wt[e + 1, c0 + t] = np.float32(np.uint16((v >> np.uint16(8)) & np.uint16(15))) * sc + mm
-                wt[e + 17, c0 + t] = np.float32(np.uint16(v >> np.uint16(12))) * sc + mm
+            for t in range(TT):
+                n = np.uint16(q[tl, b, u, t] & np.uint16(15))
+                wt[e, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
+            for t in range(TT):
+                n = np.uint16((q[tl, b, u, t] >> np.uint16(4)) & np.uint16(15))
+                wt[e + 16, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
+            for t in range(TT):
+                n = np.uint16((q[tl, b, u, t] >> np.uint16(8)) & np.uint16(15))
+                wt[e + 1, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
+            for t in range(TT):
+                n = np.uint16(q[tl, b, u, t] >> np.uint16(12))
+                wt[e + 17, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
 
 
 @numba.njit(cache=True, parallel=True)
 def _dequant_tiles_t(q, d, m, t0, t1, wt):
+    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
     for i in numba.prange(t1 - t0):
-        _dequant_tile_t(q, d, m, t0 + i, wt, i * T)
+        _dequant_tile_t(q, d, m, t0 + i, wt3, i)
 
 
 def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray) -> None:
@@ -332,13 +390,13 @@ def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray) -> None:
     _dequant_tiles_t(prep.q, prep.d, prep.m, t0, t1, wt)
 
 
-def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str) -> np.ndarray:
+def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
     """x (n, cols) float32 @ W.T for Q4_0 (prep.m empty) or Q4_1 tiles."""
     n = x.shape[0]
     nbp = prep.nbp
     has_m = prep.m.shape[0] > 0
     if mode == "q8_0":
-        d16, s16, qx = quantize_activations(x, with_sum=has_m)
+        d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         lut = fp16_table()
         dx = pad_blocks(lut[d16], nbp)
         if n >= BLAS_MIN_ROWS:
@@ -386,7 +444,7 @@ class Q4_0(Format):
         rows, cols = w.shape
         out = np.empty((rows, cols // QK, BLOCK_BYTES), np.uint8)
         bad = np.empty(rows, np.int64)
-        _quantize_kernel(w, out, bad)
+        _quantize_kernel(w, out, bad, n_chunks(rows, cols))
         hit = first_bad_block(bad)
         if hit is not None:
             raise scale_range_error(self.tag, w, *hit, "a block's max |w| must stay below 524160 (= 65520*8)")
@@ -397,7 +455,8 @@ class Q4_0(Format):
 
     def _get_rows(self, data, rows, cols, idx):
         out = np.empty((idx.size, cols), np.float32)
-        _dequantize_kernel(data.reshape(rows, cols // QK, BLOCK_BYTES), fp16_table(), idx, out)
+        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
+        _dequantize_kernel(blocks, fp16_table(), idx, out, n_chunks(idx.size, cols))
         return out
 
     def prepare(self, data, rows, cols):
@@ -406,7 +465,7 @@ class Q4_0(Format):
         return Prepared(rows, cols, q, d, np.zeros((0, 0, T), np.float32))
 
     def _qmatmul(self, prep, rows, cols, x, mode):
-        return nibble_qmatmul(prep, x, mode)
+        return nibble_qmatmul(prep, x, mode, self.tag)
 
 
 @quantfmt.hookimpl
