@@ -302,8 +302,10 @@ _BENCH_CHILD = "QUANTFMT_BENCH_CHILD"
 @click.option("--quick", is_flag=True,
               help="A fast subset: shape 11008x4096 only, no cache or file figures, 3 repeats.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per measurement (JSON lines).")
+@click.option("--records", "records_path", type=click.Path(dir_okay=False, writable=True),
+              help="Also write the JSON records to this file (re-print: python -m quantfmt.bench FILE).")
 @click.pass_context
-def bench(ctx, tags, shapes, ops, repeat, threads, quick, as_json):
+def bench(ctx, tags, shapes, ops, repeat, threads, quick, as_json, records_path):
     """Time every format's kernels against numpy float32 and gguf, print ratios and PASS/MISS per target.
 
     Runs in a child process whose BLAS and numba thread counts are set before numpy loads.
@@ -337,23 +339,37 @@ def bench(ctx, tags, shapes, ops, repeat, threads, quick, as_json):
             env["QUANTFMT_STRICT_PLUGINS"] = "1"
         args = [sys.executable, "-m", "quantfmt.cli", "bench"]
         args += ["--repeat", str(repeat), "--threads", str(threads)]
-        for flag, val in (("--formats", tags), ("--shapes", shapes), ("--ops", ops)):
+        opts = (("--formats", tags), ("--shapes", shapes), ("--ops", ops), ("--records", records_path))
+        for flag, val in opts:
             if val:
                 args += [flag, val]
         args += ["--quick"] * quick + ["--json"] * as_json
         ctx.exit(subprocess.call(args, env=env))
 
+    sink = None
+
     def emit(rec):
-        click.echo(json.dumps(rec))
+        line = json.dumps(rec)
+        if as_json:
+            click.echo(line)
+        if sink is not None:
+            sink.write(line + "\n")
+            sink.flush()
 
     def progress(msg):
         click.echo(f"... {msg}", err=True)
 
     runner = b.Bench(
         formats=[t.strip() for t in tags.split(",") if t.strip()] or None, shapes=shape_list, ops=op_list,
-        repeat=repeat, threads=threads, quick=quick, emit=emit if as_json else None, progress=progress,
+        repeat=repeat, threads=threads, quick=quick, emit=emit, progress=progress,
     )
-    records = runner.run()
+    if records_path:
+        sink = open(records_path, "w")  # closed in the finally below
+    try:
+        records = runner.run()
+    finally:
+        if sink is not None:
+            sink.close()
     if not as_json:
         b.tables(records, click.echo)
 

@@ -157,29 +157,17 @@ def test_tables_print_every_family(records, capsys):
     assert "BF16" in out and "64x256" in out
 
 
-def test_cli_json_in_process(monkeypatch):
+def test_cli_json_in_process(monkeypatch, tmp_path):
     monkeypatch.setenv("QUANTFMT_BENCH_CHILD", "1")  # already the child for 1 thread: no re-exec
-    res = CliRunner().invoke(
-        cli,
-        [
-            "bench",
-            "--formats",
-            "F16",
-            "--shapes",
-            "32x64",
-            "--ops",
-            "quantize",
-            "--repeat",
-            "1",
-            "--threads",
-            "1",
-            "--json",
-        ],
-    )
+    saved = tmp_path / "recs.jsonl"
+    args = ["bench", "--formats", "F16", "--shapes", "32x64", "--ops", "quantize", "--repeat", "1"]
+    res = CliRunner().invoke(cli, args + ["--threads", "1", "--json", "--records", str(saved)])
     assert res.exit_code == 0, res.output
-    recs = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    lines = [line for line in res.output.splitlines() if line.startswith("{")]
+    recs = [json.loads(line) for line in lines]
     q = [r for r in recs if r["op"] == "quantize"]
     assert len(q) == 1 and q[0]["format"] == "F16" and q[0]["shape"] == [32, 64] and q[0]["n"] is None
+    assert saved.read_text().splitlines() == lines
 
 
 @pytest.mark.parametrize(
