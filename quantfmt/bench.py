@@ -362,9 +362,8 @@ class Bench:
         ]
         if numba_too:
             numba_parallel_sum(a[:1024])  # compile (or load) outside the timing
-            probes.append(
-                (f"numba parallel sum ({self.threads} threads)", lambda: numba_parallel_sum(a), a.nbytes)
-            )
+            threads = f"{self.threads} thread" + ("s" if self.threads > 1 else "")
+            probes.append((f"numba parallel sum ({threads})", lambda: numba_parallel_sum(a), a.nbytes))
         for what, fn, nbytes in probes:
             sec = median_time(fn, self.repeat)
             rec = self.add(record("membw", None, [a.size], None, sec, nbytes=nbytes, what=what))
