@@ -198,6 +198,9 @@ def _dequantize_kernel(blocks, lut, idx, out, nchunk):
 # be promoted to int64 by numba. Four partial sums per row hide the FMA latency.
 # The scale pass loops over TT = T taken from an array shape: with a compile-time 32 LLVM
 # unrolls it into 32 scalar lines instead of vectorizing it.
+# From BLAS_MIN_ROWS activation rows on, both modes go to sgemm on tiles dequantized to
+# float32 (_qtiles.blas_matmul); mode "q8_0" then multiplies the dequantized activation
+# quants d_x*q_x, exact in float32 like the weights d*q, so only the summation order differs.
 
 
 H = T // 2  # rows per int16 vector (16 lanes of a 256-bit register)
@@ -347,42 +350,46 @@ def _tiles_dot_f32(q, d, m, x, xs, out):
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
-def _dequant_tile_t(q, d, m, tl, wt, i):
-    # Tile tl -> wt[:, i, :] of wt (cols, tiles in chunk, T), i.e. W.T: per weight column a
-    # contiguous run of T floats. (Indexing wt[e, i*T + t] instead would compute one
-    # negative-index check per element and turn the stores into scalar ones.) Constant
-    # shifts on uint16, truncated back to uint16, stay 16 bits wide in LLVM.
-    has_m = m.shape[0] > 0
-    mm = np.empty(T, np.float32)
-    TT = wt.shape[2]  # == T; a runtime bound keeps LLVM from unrolling 32 scalar copies
-    for b in range(q.shape[1]):
-        if has_m:
-            for t in range(TT):
-                mm[t] = m[tl, b, t]
-        else:
-            for t in range(TT):
-                mm[t] = np.float32(-8) * d[tl, b, t]
-        for u in range(8):
-            e = b * QK + 2 * u
-            for t in range(TT):
-                n = np.uint16(q[tl, b, u, t] & np.uint16(15))
-                wt[e, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-            for t in range(TT):
-                n = np.uint16((q[tl, b, u, t] >> np.uint16(4)) & np.uint16(15))
-                wt[e + 16, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-            for t in range(TT):
-                n = np.uint16((q[tl, b, u, t] >> np.uint16(8)) & np.uint16(15))
-                wt[e + 1, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-            for t in range(TT):
-                n = np.uint16(q[tl, b, u, t] >> np.uint16(12))
-                wt[e + 17, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
+def _dequant_block_t(q, d, m, tl, b, wt, i):
+    # Block b of tile tl -> rows b*32..b*32+31 of wt[:, i, :], wt (cols, tiles in chunk, T)
+    # being W.T: per weight column a contiguous run of T floats. (Indexing wt[e, i*T + t]
+    # instead would compute one negative-index check per element and turn the stores into
+    # scalar ones.) Constant shifts on uint16, truncated back to uint16, stay 16 bits wide;
+    # one store stream per loop ran 2x faster than four; TT (== T) is a runtime bound so
+    # LLVM vectorizes these short loops instead of unrolling them into scalar lines.
+    TT = wt.shape[2]
+    mm = np.empty(TT, np.float32)
+    if m.shape[0] > 0:
+        for t in range(TT):
+            mm[t] = m[tl, b, t]
+    else:
+        for t in range(TT):
+            mm[t] = np.float32(-8) * d[tl, b, t]
+    for u in range(8):
+        e = b * QK + 2 * u
+        for t in range(TT):
+            n = np.uint16(q[tl, b, u, t] & np.uint16(15))
+            wt[e, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
+        for t in range(TT):
+            n = np.uint16((q[tl, b, u, t] >> np.uint16(4)) & np.uint16(15))
+            wt[e + 16, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
+        for t in range(TT):
+            n = np.uint16((q[tl, b, u, t] >> np.uint16(8)) & np.uint16(15))
+            wt[e + 1, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
+        for t in range(TT):
+            n = np.uint16(q[tl, b, u, t] >> np.uint16(12))
+            wt[e + 17, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
 
 
 @numba.njit(cache=True, parallel=True)
 def _dequant_tiles_t(q, d, m, t0, t1, wt):
+    # Parallel over blocks, tiles inner: each thread fills whole rows of wt in order
+    # (tiles outer wrote 128 bytes to every row, i.e. every page, of the buffer per tile:
+    # 8x slower once the buffer is larger than the caches).
     wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
-    for i in numba.prange(t1 - t0):
-        _dequant_tile_t(q, d, m, t0 + i, wt3, i)
+    for b in numba.prange(q.shape[1]):
+        for i in range(t1 - t0):
+            _dequant_block_t(q, d, m, t0 + i, b, wt3, i)
 
 
 def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray) -> None:

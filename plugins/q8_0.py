@@ -208,22 +208,22 @@ def _tiles_dot(q, d, x, cx, out):
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
-def _dequant_tile_t(q, d, tl, wt, i):
-    # Tile tl -> wt[:, i, :] of wt (cols, tiles in chunk, T), i.e. W.T: per weight column a
-    # contiguous run of T floats. (Indexing wt[e, i*T + t] instead would compute one
-    # negative-index check per element and turn the stores into scalar ones.)
-    TT = wt.shape[2]  # == T; a runtime bound keeps LLVM from unrolling 32 scalar copies
-    for b in range(q.shape[1]):
-        for j in range(QK):
-            for t in range(TT):
-                wt[b * QK + j, i, t] = np.float32(q[tl, b, j, t]) * d[tl, b, t]
+def _dequant_block_t(q, d, tl, b, wt, i):
+    # Block b of tile tl -> rows b*32..b*32+31 of wt[:, i, :], wt (cols, tiles in chunk, T)
+    # being W.T (see q4_0._dequant_block_t for the indexing and the runtime bound TT).
+    TT = wt.shape[2]
+    for j in range(QK):
+        for t in range(TT):
+            wt[b * QK + j, i, t] = np.float32(q[tl, b, j, t]) * d[tl, b, t]
 
 
 @numba.njit(cache=True, parallel=True)
 def _dequant_tiles_t(q, d, t0, t1, wt):
+    # Parallel over blocks, tiles inner: each thread fills whole rows of wt in order.
     wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
-    for i in numba.prange(t1 - t0):
-        _dequant_tile_t(q, d, t0 + i, wt3, i)
+    for b in numba.prange(q.shape[1]):
+        for i in range(t1 - t0):
+            _dequant_block_t(q, d, t0 + i, b, wt3, i)
 
 
 def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray) -> None:

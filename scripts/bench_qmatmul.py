@@ -1,6 +1,6 @@
 """qmatmul speed of Q4_0, Q4_1, Q8_0 as ratios to float32 numpy on the same matrix, same run.
 
-    .venv/bin/python scripts/bench_qmatmul.py [--rows 11008] [--cols 4096] [--n 128] [--rounds 15]
+    .venv/bin/python scripts/bench_qmatmul.py [--rows 11008] [--cols 4096] [--n 128] [--rounds 40]
 
 Decode: one activation vector, `W @ x` (OpenBLAS sgemv) vs `fmt.qmatmul(..., prepared=)`.
 Prefill: n activation vectors, `X @ W.T` (sgemm) vs the same. Both modes. Synthetic weights
@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--rows", type=int, default=11008)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--formats", default="Q4_0,Q8_0,Q4_1")
     a = ap.parse_args()
@@ -67,7 +67,7 @@ def main():
             pre = functools.partial(fmt.qmatmul, data, w.shape, X, mode, prepared=prep)
             dec(), pre()  # compile
             tb, tk = race(lambda: w @ x, dec, a.rounds, 4)
-            pb, pk = race(lambda: X @ w.T, pre, max(2, a.rounds // 5), 2)
+            pb, pk = race(lambda: X @ w.T, pre, max(2, a.rounds // 8), 1)
             print(
                 f"{tag:6} {mode:5} {tk / tb:6.3f}x ({tk * 1e3:6.2f} ms) {pk / pb:6.3f}x ({pk * 1e3:7.1f} ms)"
                 f"  {tp * 1e3:.0f} ms ({prep.nbytes / data.nbytes:.2f}x of {data.nbytes / 2**20:.1f} MiB)",

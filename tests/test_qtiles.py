@@ -90,3 +90,20 @@ def test_prepared_memory_cost(rng):
     for tag, per_block in (("Q4_0", 16 + 4), ("Q4_1", 16 + 8), ("Q8_0", 32 + 4)):
         prep = get_format(tag).prepare(weights(rng, rows, cols, tag), rows, cols)
         assert prep.nbytes == rows * cols // 32 * per_block
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_blas_path_in_several_chunks(tag, rng, monkeypatch):
+    # 70 rows = 3 tiles; a chunk of 2 tiles leaves a shorter last chunk.
+    fmt, mod = get_format(tag), MODULES[tag]
+    rows, cols = 70, 96
+    data = weights(rng, rows, cols, tag)
+    prep = fmt.prepare(data, rows, cols)
+    monkeypatch.setattr(_qtiles, "CHUNK_BYTES", 2 * prep.nbp * 32 * _qtiles.T * 4)
+    wq = fmt.dequantize(data, (rows, cols))
+    x = rng.standard_normal((_qtiles.BLAS_MIN_ROWS + 1, cols)).astype(np.float32)
+    mag = float((np.abs(x) @ np.abs(wq).T).max())
+    got = fmt.qmatmul(data, (rows, cols), x, prepared=prep)
+    np.testing.assert_allclose(got, x @ wq.T, rtol=0, atol=mag * 1e-5)
+    got = fmt.qmatmul(data, (rows, cols), x, "q8_0", prepared=prep)
+    np.testing.assert_allclose(got, mod.qmatmul_q8_ref(data, rows, cols, x), rtol=0, atol=mag * 2e-6)
