@@ -160,9 +160,13 @@ def _print_report(rep) -> None:
     copied = sum(1 for s in rep.steps if s.copy)
     click.echo(f"total: {_size(tin)} -> {_size(tout)}; {len(rep.steps) - copied} tensors converted, "
                f"{copied} copied unchanged")
-    for s in rep.fallbacks:
+    fbs = rep.fallbacks
+    for s in fbs if len(fbs) <= 12 else fbs[:8]:
         click.echo(f"fallback: {s.name} {list(rep.shapes[s.name])}: {s.wanted} does not fit this shape, "
                    f"stored as {s.tag}")
+    if len(fbs) > 12:
+        click.echo(f"fallback: ... and {len(fbs) - 8} more ({len(fbs)} in all; `quantfmt inspect --json OUT` "
+                   "lists them under recipe.fallbacks)")
     if rep.requantized:
         click.echo(f"note: {len(rep.requantized)} tensors were already quantized and were requantized "
                    "(e.g. " + ", ".join(f"{s.name} {s.src_tag}->{s.tag}" for s in rep.requantized[:3])
@@ -185,7 +189,8 @@ def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite):
     """Convert a model (safetensors, sharded index, GGUF) to quantfmt/safetensors, or GGUF if OUT ends in .gguf.
 
     Streams tensor by tensor; OUT appears only when complete. Tensors that keep their format
-    are copied byte for byte. 1-D tensors and norms stay as they are unless a rule names them.
+    are copied byte for byte. 1-D tensors and norms stay as they are unless a rule names them
+    explicitly (its pattern has no '*', or mentions 'norm').
     """
     from .recipe import Recipe
 
@@ -206,7 +211,7 @@ def dequantize(src, dst, dtype, overwrite):
     """Write a plain float safetensors file: every tensor of IN dequantized to --dtype."""
     from .recipe import Recipe
 
-    recipe = Recipe(default=dtype, rules=[("*", dtype)], fallback=None)
+    recipe = Recipe(default=dtype, fallback=None, protect=False)
     rep = _run_convert(src, dst, recipe, overwrite, label="dequantizing")
     _print_report(rep)
 
@@ -233,7 +238,13 @@ def inspect(path, as_json):
     for tag, a in sorted(tot["by_tag"].items()):
         click.echo(f"  {tag}: {a['tensors']} tensors, {a['weights']} weights, {_size(a['bytes'])}")
     if d["recipe"] is not None:
-        click.echo("recipe: " + json.dumps(d["recipe"]))
+        rec = dict(d["recipe"])
+        fbs = rec.pop("fallbacks", None) or {}
+        click.echo("recipe: " + json.dumps(rec))
+        if fbs:
+            shown = ", ".join(f"{n} ({f.get('wanted')}->{f.get('used')})" for n, f in list(fbs.items())[:5]
+                              if isinstance(f, dict))
+            click.echo(f"fallbacks: {len(fbs)}: {shown}" + (", ..." if len(fbs) > 5 else ""))
     if d["metadata"]:
         click.echo("metadata:")
         for k, v in d["metadata"].items():
@@ -282,6 +293,30 @@ def compare(path, tags, pattern, n_inputs, seed, as_json):
 
 
 # ---- gguf ------------------------------------------------------------------------------
+
+
+@cli.command("gguf-check")
+@click.argument("path", metavar="FILE.gguf", type=click.Path(exists=True, dir_okay=False))
+@click.option("--against", type=click.Path(exists=True), metavar="MODEL",
+              help="Also require every tensor (tag, shape, bytes) and the GGUF key-values to equal MODEL's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def gguf_check(path, against, as_json):
+    """Validate a GGUF file: quantfmt's bounded pre-scan and reader, then the gguf package's own
+    reader must agree with ours on every tensor's type, shape and bytes; --against compares with a
+    model file (e.g. the quantfmt file it was exported from). Exit 1 on any problem."""
+    from .gguf_io import check_gguf
+
+    rep = check_gguf(path, against)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+        return
+    types = ", ".join(f"{n} {t}" for t, n in sorted(rep["by_type"].items()))
+    click.echo(f"{path}: GGUF v{rep['version']}, alignment {rep['alignment']}, {rep['key_values']} key-values, "
+               f"{rep['tensors']} tensors ({types})")
+    click.echo("ok: quantfmt's pre-scan and reader accept it; "
+               "the gguf package's reader agrees on every tensor")
+    if against:
+        click.echo(f"ok: every tensor (tag, shape, bytes) and the key-values equal {against}")
 
 
 # ---- bench -----------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from .format import MAX_ELEMENTS
 
 CONTAINER_VERSION = 1
 META_KEY = "quantfmt"  # the __metadata__ key holding quantfmt's JSON document
+RECIPE_KEY = "quantfmt.recipe"  # Model.metadata key of the recipe a file was made with
 # The same cap as the safetensors library: a header is small; a hostile length prefix must
 # not make us read (or allocate) gigabytes before we can say the file is bad.
 MAX_HEADER_BYTES = 100_000_000
@@ -350,9 +351,6 @@ def open_safetensors(path):
     return Model(tensors, meta, path=file, closers=[_closer(mm)])
 
 
-RECIPE_KEY = "quantfmt.recipe"  # Model.metadata key of the recipe a file was made with
-
-
 @contextlib.contextmanager
 def _as_file_error(file, tensor):
     try:
@@ -397,8 +395,6 @@ def release_pages(arr) -> None:
 
 def open_sharded(index_path):
     """Open a *.safetensors.index.json (weight_map: name -> shard file) as one Model."""
-    from .tensor import Model
-
     file = str(index_path)
     try:
         with open(index_path, "rb") as f:
@@ -644,7 +640,8 @@ def write_safetensors(path, plans: list[TensorPlan], *, metadata: dict | None = 
                 raise FileFormatError(f"cannot write: {e.strerror or e}") from None
             with f:
                 _write(f, header)
-                for p, n in zip(plans, sizes):
+                f.flush()  # each tensor goes out as it is done: the file grows as the work progresses
+                for p, n in zip(plans, sizes, strict=True):
                     with context(tensor=p.name):
                         data = p.produce()
                         buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
@@ -652,6 +649,7 @@ def write_safetensors(path, plans: list[TensorPlan], *, metadata: dict | None = 
                         if buf.size != n:
                             raise FileFormatError(f"{p.tag}: produced {buf.size} bytes, the header promised {n}")
                         _write(f, buf)
+                        f.flush()
                         del data, buf
                     if p.after is not None:
                         p.after()

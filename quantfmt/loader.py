@@ -26,15 +26,16 @@ RECIPE_KEY = container.RECIPE_KEY
 
 
 def _gguf_io():
+    import importlib
+
     try:
-        from . import gguf_io
+        return importlib.import_module("quantfmt.gguf_io")
     except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("quantfmt"):
+        if e.name == "quantfmt.gguf_io":
             raise FileFormatError(
                 "GGUF support (the module quantfmt.gguf_io) is not available in this quantfmt installation"
             ) from None
-        raise
-    return gguf_io
+        raise FileFormatError(f"GGUF support needs the Python package {e.name!r}, which is not installed") from None
 
 
 def is_gguf(path) -> bool:
@@ -86,7 +87,7 @@ def load(path, recipe=None, *, strict: bool = False):
     try:
         r = Recipe.coerce(recipe)
         if strict:
-            r = Recipe(r.default, r.rules, None)
+            r = Recipe(r.default, r.rules, None, r.protect)
         steps = r.plan(src)
         tensors = {}
         for s in steps:
@@ -160,7 +161,7 @@ def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool 
 
     r = Recipe.coerce(recipe)
     if strict:
-        r = Recipe(r.default, r.rules, None)
+        r = Recipe(r.default, r.rules, None, r.protect)
     inputs = container.input_files(in_path)
     container.check_output(out_path, overwrite=overwrite, inputs=inputs)  # fail before any work
     src = open_model(in_path)
@@ -172,6 +173,15 @@ def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool 
         rec = record(r, rep.steps)
         if str(out_path).endswith(".gguf"):
             gguf_io = _gguf_io()
+            # Refuse before any work a tag GGUF cannot hold (write_gguf checks again).
+            allowed = getattr(gguf_io, "GGML_TAGS", None)
+            bad = [s for s in rep.steps if allowed is not None and s.tag not in allowed]
+            if bad:
+                listed = ", ".join(f"{s.name} ({s.tag})" for s in bad[:5]) + (", ..." if len(bad) > 5 else "")
+                raise FileFormatError(
+                    f"cannot write GGUF: {len(bad)} tensor(s) would get formats GGUF cannot hold: {listed}; "
+                    f"GGUF holds {', '.join(allowed)}", file=str(out_path))
+            # GGUF output is assembled in memory (converted tensors; kept ones stay mapped), then written.
             tensors = {}
             for s in rep.steps:
                 t = src[s.name]

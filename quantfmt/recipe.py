@@ -4,10 +4,12 @@ A recipe is an ordered list of rules `PATTERN=TAG` (fnmatch-style on the full te
 `*` matches anything including dots, `?` one character, `[...]` a set; case-sensitive),
 a default tag, and a fallback tag:
 
-  1. the first rule whose pattern matches the name decides (TAG may be `keep`: leave the
-     tensor in its current format, bytes unchanged);
-  2. otherwise a 1-D tensor, or one whose name contains "norm" (any case), keeps its format
-     (float stays float): norms and biases are tiny and sensitive; a rule can still name them;
+  1. a 1-D tensor, or one whose name contains "norm" (any case), is *protected*: it keeps its
+     format (float stays float; norms and biases are tiny and sensitive) unless a rule names it
+     explicitly, i.e. a matching rule whose pattern has no `*` or mentions "norm"
+     (`*norm*=F16`, `blk.0.bias=F32`; not `blk.1.*=Q8_0`). `protect=false` turns this off;
+  2. otherwise the first rule whose pattern matches the name decides (TAG may be `keep`:
+     leave the tensor in its current format, bytes unchanged);
   3. otherwise the default tag (none: keep the current format).
   If the chosen format cannot take the tensor's shape (e.g. 4096x100 in blocks of 32), the
   fallback tag is used instead and reported; `fallback=None` (CLI `--strict`) makes that a
@@ -17,7 +19,7 @@ a default tag, and a fallback tag:
 
 Recipe files are JSON (the same document recorded in the output's metadata):
 
-    {"default": "Q4_0", "fallback": "F16",
+    {"default": "Q4_0", "fallback": "F16", "protect": true,
      "rules": [{"pattern": "*.attn_v.*", "tag": "Q8_0"}, {"pattern": "token_embd.*", "tag": "keep"}]}
 """
 
@@ -66,8 +68,8 @@ class Step:
 
     @property
     def requantize(self) -> bool:
-        """A quantized tensor turned into another format: its error compounds."""
-        return not self.copy and self.src_tag not in FLOAT_TAGS
+        """A quantized tensor quantized again into another quantized format: errors compound."""
+        return not self.copy and self.src_tag not in FLOAT_TAGS and self.tag not in FLOAT_TAGS
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Recipe:
     default: str | None = None  # None: keep each tensor's format unless a rule says otherwise
     rules: list[tuple[str, str]] = field(default_factory=list)
     fallback: str | None = DEFAULT_FALLBACK  # None: a shape that does not fit is an error
+    protect: bool = True  # 1-D tensors and norms keep their format unless a rule names them explicitly
 
     def __post_init__(self):
         if self.default is not None:
@@ -101,7 +104,7 @@ class Recipe:
         fb = base.fallback if fallback is _UNSET or fallback is None else fallback
         if strict:
             fb = None
-        return cls(default=default, rules=parsed + base.rules, fallback=fb)
+        return cls(default=default, rules=parsed + base.rules, fallback=fb, protect=base.protect)
 
     @staticmethod
     def parse_rule(text: str) -> tuple[str, str]:
@@ -131,7 +134,7 @@ class Recipe:
     def from_dict(cls, doc) -> Recipe:
         if not isinstance(doc, dict):
             raise RecipeError("a recipe is a JSON object with keys default, fallback, rules")
-        extra = set(doc) - {"default", "fallback", "rules", "fallbacks"}
+        extra = set(doc) - {"default", "fallback", "protect", "rules", "fallbacks"}
         if extra:
             raise RecipeError(f"unknown recipe keys: {', '.join(sorted(map(str, extra)))} "
                               "(known: default, fallback, rules)")
@@ -144,7 +147,10 @@ class Recipe:
                 raise RecipeError(f"rule {i + 1}: {r!r} must be an object with exactly 'pattern' and 'tag'")
             pairs.append((r["pattern"], r["tag"]))
         fb = doc.get("fallback", DEFAULT_FALLBACK)
-        return cls(default=doc.get("default"), rules=pairs, fallback=fb)
+        protect = doc.get("protect", True)
+        if not isinstance(protect, bool):
+            raise RecipeError("'protect' must be true or false")
+        return cls(default=doc.get("default"), rules=pairs, fallback=fb, protect=protect)
 
     @classmethod
     def coerce(cls, recipe) -> Recipe:
@@ -163,6 +169,7 @@ class Recipe:
         return {
             "default": self.default,
             "fallback": self.fallback,
+            "protect": self.protect,
             "rules": [{"pattern": p, "tag": t} for p, t in self.rules],
         }
 
@@ -172,15 +179,14 @@ class Recipe:
         """The Step for one tensor (RecipeError when its shape does not fit and there is no fallback)."""
         from .plugins import get_format
 
+        small = self.protect and (len(shape) <= 1 or "norm" in name.lower())
         for pat, tag in self.rules:
-            if fnmatch.fnmatchcase(name, pat):
+            if fnmatch.fnmatchcase(name, pat) and (not small or names_explicitly(pat)):
                 tag, why = (src_tag if tag == KEEP else tag), f"rule {pat}={tag}"
                 break
         else:
-            if len(shape) <= 1:
-                tag, why = src_tag, "1-D kept"
-            elif "norm" in name.lower():
-                tag, why = src_tag, "norm kept"
+            if small:
+                tag, why = src_tag, ("1-D kept" if len(shape) <= 1 else "norm kept")
             elif self.default is None:
                 tag, why = src_tag, "no default"
             else:
@@ -200,6 +206,12 @@ class Recipe:
 
     def plan(self, model) -> list[Step]:
         return [self.choose(name, t.tag, t.shape) for name, t in model.items()]
+
+
+def names_explicitly(pattern: str) -> bool:
+    """Whether a rule may change a protected tensor (1-D or norm) it matches: its pattern has
+    no `*` (an exact name, or `?`/`[...]` for a few), or it mentions "norm" (like `*norm*`)."""
+    return "*" not in pattern or "norm" in pattern.lower()
 
 
 def record(recipe: Recipe, steps: list[Step]) -> dict:

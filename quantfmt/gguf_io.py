@@ -1,0 +1,688 @@
+"""GGUF interop: a bounded pre-scan, a lazy zero-copy reader, and a byte-faithful writer.
+
+GGUF (llama.cpp's file format, little-endian) is, in order:
+    magic "GGUF" · u32 version · u64 tensor_count · u64 kv_count
+    kv_count key-values:   string key · u32 value type · value
+    tensor_count infos:    string name · u32 n_dims · n_dims x u64 dims (innermost first)
+                           · u32 ggml type · u64 offset
+    zero padding to the alignment (key general.alignment, default 32)
+    the data section; each tensor's offset is relative to its start and aligned.
+A string is u64 length + bytes; an array is u32 item type + u64 count + items.
+
+`scan_gguf` parses and checks all of that with our own code before anything is mapped,
+so a hostile file fails with a FileFormatError in time and memory linear in the file size
+(the gguf package's reader hangs on a 43-byte file declaring a 2**63-item array, and accepts
+overlapping tensors). Every count and length is checked against the bytes that remain
+before it is used; see formats.md, "GGUF interop", for the full list of rules.
+
+`read_gguf` maps the file and gives each tensor of a ggml type with a quantfmt format
+(F32, F16, BF16, Q4_0, Q4_1, Q8_0: same names, same bytes) as a zero-copy view of the file;
+shapes are reversed into numpy order. The key-values go into `Model.metadata["gguf"]` with
+their GGUF value types (the JSON form is specified in formats.md), so `write_gguf` can write
+them back identically: GGUF -> quantfmt -> GGUF reproduces the original file byte for byte
+when the original was laid out the standard way (tensors packed in order, zero padding).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import FileFormatError, QuantfmtError
+from .format import MAX_ELEMENTS
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+#: Largest accepted general.alignment: a power of two up to 1 MiB (real files use 32).
+MAX_ALIGNMENT = 1 << 20
+MAX_DIMS = 4  # GGML_MAX_DIMS
+#: Arrays of arrays nest at most this deep (real files do not nest at all).
+MAX_ARRAY_DEPTH = 8
+#: Keys and tensor names longer than this are refused (GGUF caps keys at 65535 bytes).
+MAX_NAME_BYTES = 65535
+
+#: Environment variable giving read_gguf's `unsupported` when the caller does not.
+UNSUPPORTED_ENV = "QUANTFMT_GGUF_UNSUPPORTED"
+#: ggml types whose bytes are a quantfmt format's bytes, under the same name.
+GGML_TAGS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+
+# GGUF value types: id -> (name, struct code for scalars or None).
+_SCALARS = {
+    0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"),
+    4: ("UINT32", "I"), 5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "B"),
+    10: ("UINT64", "Q"), 11: ("INT64", "q"), 12: ("FLOAT64", "d"),
+}
+STRING, ARRAY = 8, 9
+TYPE_NAMES = {**{k: v[0] for k, v in _SCALARS.items()}, STRING: "STRING", ARRAY: "ARRAY"}
+TYPE_IDS = {v: k for k, v in TYPE_NAMES.items()}
+_INT_RANGES = {
+    "UINT8": (0, 2**8 - 1), "INT8": (-(2**7), 2**7 - 1),
+    "UINT16": (0, 2**16 - 1), "INT16": (-(2**15), 2**15 - 1),
+    "UINT32": (0, 2**32 - 1), "INT32": (-(2**31), 2**31 - 1),
+    "UINT64": (0, 2**64 - 1), "INT64": (-(2**63), 2**63 - 1),
+}
+# The fewest bytes one array item of each type can take (a string: its u64 length;
+# an inner array: its u32 type and u64 count), used to bound counts before reading.
+_MIN_ITEM = {**{k: struct.calcsize("<" + v[1]) for k, v in _SCALARS.items()}, STRING: 8, ARRAY: 12}
+
+
+def _ggml_sizes() -> dict[int, tuple[str, int, int]]:
+    """ggml type id -> (name, elements per block, bytes per block), from the gguf package."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return {int(t): (t.name, bs, ts) for t, (bs, ts) in GGML_QUANT_SIZES.items()}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]  # GGUF order: innermost (contiguous) first
+    ggml_type: int
+    type_name: str
+    offset: int  # relative to the data section
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape in numpy order (outermost first)."""
+        return tuple(reversed(self.dims))
+
+
+@dataclass
+class GGUFHeader:
+    path: str
+    version: int
+    kv: list = field(default_factory=list)  # [key, type, value] in file order, JSON form (formats.md)
+    tensors: list = field(default_factory=list)  # TensorInfo in file order
+    alignment: int = DEFAULT_ALIGNMENT
+    data_offset: int = 0  # absolute start of the data section
+    file_size: int = 0
+
+
+# ---- the pre-scan ---------------------------------------------------------------------
+
+
+class _Cursor:
+    """Reads little-endian values from a buffer, refusing to read past its end."""
+
+    def __init__(self, buf, size: int, path: str):
+        self.buf, self.size, self.path, self.pos = buf, size, path, 0
+
+    def fail(self, msg: str, tensor: str | None = None) -> FileFormatError:
+        return FileFormatError(msg, file=self.path, tensor=tensor)
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"{what} needs {n} bytes at offset {self.pos}, but the file has only "
+                            f"{self.size - self.pos} left (truncated or corrupt)")
+
+    def unpack(self, code: str, what: str):
+        n = struct.calcsize("<" + code)
+        self.need(n, what)
+        v = struct.unpack_from("<" + code, self.buf, self.pos)[0]
+        self.pos += n
+        return v
+
+    def raw_string(self, what: str, limit: int | None = None) -> bytes:
+        n = self.unpack("Q", f"the length of {what}")
+        if limit is not None and n > limit:
+            raise self.fail(f"{what} is {n} bytes long; at most {limit} are allowed")
+        self.need(n, f"{what} ({n} bytes)")
+        b = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return b
+
+
+def _string_json(b: bytes):
+    """A GGUF string in JSON form: the text if it is UTF-8, else {"hex": ...} (exact bytes)."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"hex": b.hex()}
+
+
+def _float_json(v: float, bits: int, code: str):
+    """A float exactly: a JSON number if finite, else its IEEE bits as a hex string (keeps NaN payloads)."""
+    if math.isfinite(v):
+        return v
+    return f"0x{bits:0{8 if code == 'f' else 16}x}"
+
+
+def _read_scalar(cur: _Cursor, vtype: int, what: str):
+    name, code = _SCALARS[vtype]
+    if code in "fd":
+        bcode = "I" if code == "f" else "Q"
+        bits = cur.unpack(bcode, what)
+        return _float_json(struct.unpack("<" + code, struct.pack("<" + bcode, bits))[0], bits, code)
+    v = cur.unpack(code, what)
+    if name == "BOOL" and v > 1:
+        raise cur.fail(f"{what}: a BOOL must be 0 or 1, found {v}")
+    return bool(v) if name == "BOOL" else v
+
+
+def _read_array(cur: _Cursor, what: str, depth: int):
+    """An array's (item type name, items in JSON form); inner arrays become [type, items] pairs."""
+    if depth > MAX_ARRAY_DEPTH:
+        raise cur.fail(f"{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
+    itype = cur.unpack("I", f"the item type of {what}")
+    if itype not in TYPE_NAMES:
+        raise cur.fail(f"{what}: unknown array item type {itype} (known: 0-12)")
+    count = cur.unpack("Q", f"the length of {what}")
+    if count > (cur.size - cur.pos) // _MIN_ITEM[itype]:
+        raise cur.fail(f"{what}: array of {count} {TYPE_NAMES[itype]} items cannot fit in the "
+                       f"{cur.size - cur.pos} bytes left in the file")
+    if itype in _SCALARS:
+        name, code = _SCALARS[itype]
+        dt = np.dtype("<" + code)
+        a = np.frombuffer(cur.buf, dtype=dt, count=count, offset=cur.pos)
+        cur.pos += count * dt.itemsize
+        if name == "BOOL":
+            if count and a.max() > 1:
+                raise cur.fail(f"{what}: a BOOL must be 0 or 1, found {int(a.max())}")
+            return name, [bool(x) for x in a.tolist()]
+        if code in "fd" and count and not np.isfinite(a).all():
+            bits = a.view("<u4" if code == "f" else "<u8").tolist()
+            return name, [_float_json(x, b, code) for x, b in zip(a.tolist(), bits, strict=True)]
+        return name, a.tolist()
+    if itype == STRING:
+        # The hot loop of real files (tokenizer vocabularies): kept inline and lean.
+        buf, size, pos = cur.buf, cur.size, cur.pos
+        unpack_from = struct.unpack_from
+        items = []
+        for i in range(count):
+            if size - pos < 8:
+                cur.pos = pos
+                cur.need(8, f"the length of item {i} of {what}")
+            n = unpack_from("<Q", buf, pos)[0]
+            pos += 8
+            if n > size - pos:
+                cur.pos = pos
+                cur.need(n, f"item {i} of {what} ({n} bytes)")
+            b = bytes(buf[pos : pos + n])
+            pos += n
+            try:
+                items.append(b.decode("utf-8"))
+            except UnicodeDecodeError:
+                items.append({"hex": b.hex()})
+        cur.pos = pos
+        return "STRING", items
+    items = []
+    for i in range(count):
+        t, v = _read_array(cur, f"item {i} of {what}", depth + 1)
+        items.append([f"ARRAY[{t}]", v])
+    return "ARRAY", items
+
+
+def _read_value(cur: _Cursor, vtype: int, key: str):
+    what = f"the value of key {key!r}"
+    if vtype in _SCALARS:
+        return _SCALARS[vtype][0], _read_scalar(cur, vtype, what)
+    if vtype == STRING:
+        return "STRING", _string_json(cur.raw_string(what))
+    t, v = _read_array(cur, what, 1)
+    return f"ARRAY[{t}]", v
+
+
+def _scan(buf, size: int, path: str) -> GGUFHeader:
+    cur = _Cursor(buf, size, path)
+    cur.need(4, "the GGUF magic")
+    magic = bytes(buf[0:4])
+    if magic != MAGIC:
+        raise cur.fail(f"not a GGUF file (starts with {magic!r}, expected {MAGIC!r})")
+    cur.pos = 4
+    version = cur.unpack("I", "the GGUF version")
+    if version not in VERSIONS:
+        if struct.unpack(">I", struct.pack("<I", version))[0] in VERSIONS:
+            raise cur.fail("big-endian GGUF files are not supported (only little-endian)")
+        raise cur.fail(f"GGUF version {version} is not supported (supported: 2, 3)")
+    n_tensors = cur.unpack("Q", "the tensor count")
+    n_kv = cur.unpack("Q", "the key-value count")
+    # Each key-value takes at least 13 bytes (key length, type, a 1-byte value); each
+    # tensor info at least 32 (name length, n_dims, one dim, type, offset).
+    left = size - cur.pos
+    if n_kv > left // 13:
+        raise cur.fail(f"the header declares {n_kv} key-values, more than the {left} bytes left can hold")
+    if n_tensors > (left - 13 * n_kv) // 32:
+        raise cur.fail(f"the header declares {n_tensors} tensors, more than the {left} bytes left can hold")
+    hdr = GGUFHeader(path=path, version=version, file_size=size)
+    seen = set()
+    for i in range(n_kv):
+        kb = cur.raw_string(f"the key of key-value {i}", MAX_NAME_BYTES)
+        try:
+            key = kb.decode("utf-8")
+        except UnicodeDecodeError:
+            raise cur.fail(f"the key of key-value {i} is not UTF-8: {kb[:40]!r}") from None
+        if not key:
+            raise cur.fail(f"key-value {i} has an empty key")
+        if key in seen:
+            raise cur.fail(f"key {key!r} appears twice")
+        seen.add(key)
+        vtype = cur.unpack("I", f"the value type of key {key!r}")
+        if vtype not in TYPE_NAMES:
+            raise cur.fail(f"key {key!r}: unknown value type {vtype} (known: 0-12)")
+        t, v = _read_value(cur, vtype, key)
+        hdr.kv.append([key, t, v])
+        if key == "general.alignment":
+            if t != "UINT32":
+                raise cur.fail(f"key 'general.alignment' must be a UINT32, found {t}")
+            if not (1 <= v <= MAX_ALIGNMENT) or v & (v - 1):
+                raise cur.fail(f"general.alignment {v} must be a power of two from 1 to {MAX_ALIGNMENT}")
+            hdr.alignment = v
+
+    sizes = _ggml_sizes()
+    names = set()
+    for i in range(n_tensors):
+        nb = cur.raw_string(f"the name of tensor {i}", MAX_NAME_BYTES)
+        try:
+            name = nb.decode("utf-8")
+        except UnicodeDecodeError:
+            raise cur.fail(f"the name of tensor {i} is not UTF-8: {nb[:40]!r}") from None
+        if name in names:
+            raise cur.fail("two tensors have this name", tensor=name)
+        names.add(name)
+        n_dims = cur.unpack("I", f"the dimension count of tensor {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise cur.fail(f"{n_dims} dimensions; GGUF tensors have 1 to {MAX_DIMS}", tensor=name)
+        dims = tuple(cur.unpack("Q", f"dimension {j} of tensor {name!r}") for j in range(n_dims))
+        if min(dims) < 1:
+            raise cur.fail(f"dimensions {list(dims)} include 0 (each must be at least 1)", tensor=name)
+        numel = 1
+        for d in dims:
+            numel *= d
+        if numel > MAX_ELEMENTS:
+            raise cur.fail(f"dimensions {list(dims)} give {numel} elements, more than 2**40", tensor=name)
+        gtype = cur.unpack("I", f"the ggml type of tensor {name!r}")
+        if gtype not in sizes:
+            raise cur.fail(f"unknown ggml type {gtype}", tensor=name)
+        tname, bs, ts = sizes[gtype]
+        if dims[0] % bs:
+            raise cur.fail(f"{tname} stores blocks of {bs} along the innermost dimension, "
+                           f"which is {dims[0]} (dimensions {list(dims)})", tensor=name)
+        offset = cur.unpack("Q", f"the data offset of tensor {name!r}")
+        hdr.tensors.append(TensorInfo(name, dims, gtype, tname, offset, numel // bs * ts))
+
+    align = hdr.alignment
+    hdr.data_offset = -(-cur.pos // align) * align
+    data_size = size - hdr.data_offset
+    if hdr.tensors and data_size < 0:
+        raise cur.fail(f"the file ends at byte {size}, before its data section (at byte {hdr.data_offset})")
+    prev = None
+    for t in sorted(hdr.tensors, key=lambda t: t.offset):
+        if t.offset % align:
+            raise cur.fail(f"data offset {t.offset} is not a multiple of the alignment {align}",
+                           tensor=t.name)
+        if t.nbytes > data_size - t.offset:
+            raise cur.fail(f"its {t.nbytes} bytes of {t.type_name} data at offset {t.offset} run past "
+                           f"the end of the file (data section of {max(data_size, 0)} bytes)", tensor=t.name)
+        if prev is not None and t.offset < prev.offset + prev.nbytes:
+            raise cur.fail(f"its data (offset {t.offset}, {t.nbytes} bytes) overlaps tensor "
+                           f"{prev.name!r} (offset {prev.offset}, {prev.nbytes} bytes)", tensor=t.name)
+        prev = t
+    return hdr
+
+
+def _map(path) -> tuple[mmap.mmap | None, int]:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return None, 0
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
+    except OSError as e:
+        raise FileFormatError(f"cannot read: {e.strerror or e}", file=str(path)) from None
+
+
+def scan_gguf_bytes(blob: bytes, name: str = "<bytes>") -> GGUFHeader:
+    """scan_gguf on a GGUF file's bytes in memory (for tests and fuzzing)."""
+    return _scan(blob, len(blob), name)
+
+
+def scan_gguf(path) -> GGUFHeader:
+    """Parse and check a GGUF file's header without trusting it; FileFormatError if invalid.
+
+    Time and memory are linear in the file size; nothing beyond the header is read.
+    """
+    m, size = _map(path)
+    try:
+        return _scan(m if m is not None else b"", size, str(path))
+    finally:
+        if m is not None:
+            m.close()
+
+
+# ---- the reader -----------------------------------------------------------------------
+
+
+def _tag_for(type_name: str):
+    """The quantfmt Format that stores this ggml type's bytes unchanged, or None."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from .plugins import formats
+
+    if type_name not in GGML_TAGS:
+        return None
+    fmt = formats().get(type_name)
+    bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    if fmt is None or tuple(fmt.block_shape) != (1, bs) or fmt.block_bytes != ts:
+        return None  # not registered (or registered with another layout): treat as unsupported
+    return fmt
+
+
+def read_gguf(path, *, unsupported: str | None = None):
+    """Open a GGUF file as a Model whose tensors are zero-copy views of the mapped file.
+
+    unsupported="error": a tensor of a ggml type with no quantfmt format is an error;
+    "dequantize": such tensors are dequantized to F32 with gguf.quants.dequantize (listed in
+    metadata["gguf"]["dequantized"]). None (the default): the environment variable
+    QUANTFMT_GGUF_UNSUPPORTED if set (how CLI users choose), else "error".
+    Close the Model (or use `with`) to release the map.
+    """
+    from .tensor import Model, QTensor
+
+    if unsupported is None:
+        unsupported = os.environ.get(UNSUPPORTED_ENV) or "error"
+    if unsupported not in ("error", "dequantize"):
+        raise QuantfmtError(f"unsupported={unsupported!r} (or {UNSUPPORTED_ENV}): expected 'error' or "
+                            "'dequantize'", file=str(path))
+    path = str(path)
+    m, size = _map(path)
+    try:
+        hdr = _scan(m if m is not None else b"", size, path)
+        fmts = {t.type_name: _tag_for(t.type_name) for t in hdr.tensors}
+        bad = [t for t in hdr.tensors if fmts[t.type_name] is None]
+        if bad and unsupported == "error":
+            listed = ", ".join(f"{t.name} ({t.type_name})" for t in bad[:8])
+            listed += ", ..." if len(bad) > 8 else ""
+            have = ", ".join(n for n in GGML_TAGS if _tag_for(n) is not None)
+            raise FileFormatError(
+                f"{len(bad)} tensor(s) have a ggml type with no quantfmt format: {listed}. Supported ggml "
+                f"types: {have}. To convert them to F32 instead, pass unsupported='dequantize' (from the "
+                f"command line: set {UNSUPPORTED_ENV}=dequantize)", file=path)
+        data = np.frombuffer(m, np.uint8) if m is not None else np.zeros(0, np.uint8)
+        tensors = {}
+        dequantized = {}
+        for t in hdr.tensors:
+            start = hdr.data_offset + t.offset
+            raw = data[start : start + t.nbytes]
+            fmt = fmts[t.type_name]
+            if fmt is not None:
+                tensors[t.name] = QTensor(t.name, fmt, t.shape, raw, source=path)
+            else:
+                tensors[t.name] = QTensor(t.name, "F32", t.shape, _dequantize(raw, t, path), source=path)
+                dequantized[t.name] = t.type_name
+    except BaseException:
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:
+                pass  # views of it live on in the traceback; it is released with them
+        raise
+    meta = {
+        "gguf": {
+            "version": hdr.version,
+            "alignment": hdr.alignment,
+            "kv": hdr.kv,
+            "tensor_order": [t.name for t in hdr.tensors],
+        }
+    }
+    if dequantized:
+        meta["gguf"]["dequantized"] = dequantized
+
+    def close():
+        tensors.clear()
+        try:
+            if m is not None:
+                m.close()
+        except BufferError:
+            pass  # someone still holds a tensor view; the map is released when they drop it
+
+    return Model(tensors, meta, path=path, closers=[close])
+
+
+def _dequantize(raw: np.ndarray, t: TensorInfo, path: str) -> np.ndarray:
+    from gguf import quants
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qtype = GGMLQuantizationType(t.ggml_type)
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    rows = t.nbytes // (t.dims[0] // bs * ts)
+    try:
+        with np.errstate(all="ignore"):
+            w = quants.dequantize(raw.reshape(rows, -1), qtype)
+    except NotImplementedError:
+        raise FileFormatError(f"the gguf package cannot dequantize ggml type {t.type_name}",
+                              file=path, tensor=t.name) from None
+    w = np.asarray(w, dtype=np.float32).reshape(t.shape)
+    if not np.isfinite(w).all():
+        raise FileFormatError(f"dequantizing its {t.type_name} data gives non-finite values",
+                              file=path, tensor=t.name)
+    return np.ascontiguousarray(w, dtype="<f4").reshape(-1).view(np.uint8)
+
+
+# ---- the writer -----------------------------------------------------------------------
+
+
+def _bad_meta(msg: str) -> FileFormatError:
+    return FileFormatError(f"cannot write GGUF: metadata['gguf'] {msg}")
+
+
+def _pack_scalar(tname: str, v, key: str) -> bytes:
+    code = dict(_SCALARS.values())[tname]
+    if tname == "BOOL":
+        if not isinstance(v, bool):
+            raise _bad_meta(f"key {key!r}: BOOL value {v!r} is not true/false")
+        return struct.pack("<B", v)
+    if tname in ("FLOAT32", "FLOAT64"):
+        if isinstance(v, str):
+            try:
+                bits = int(v, 16)
+                return struct.pack("<I" if code == "f" else "<Q", bits)
+            except (ValueError, struct.error):
+                raise _bad_meta(f"key {key!r}: {tname} value {v!r} is neither a number nor "
+                                "IEEE bits in hex") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _bad_meta(f"key {key!r}: {tname} value {v!r} is not a number")
+        if code == "f" and math.isfinite(v) and abs(v) > 3.4028234663852886e38:
+            raise _bad_meta(f"key {key!r}: {v!r} does not fit a FLOAT32")
+        return struct.pack("<" + code, v)
+    lo, hi = _INT_RANGES[tname]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad_meta(f"key {key!r}: {tname} value {v!r} is not an integer in [{lo}, {hi}]")
+    return struct.pack("<" + code, v)
+
+
+def _pack_string(v, key: str) -> bytes:
+    if isinstance(v, str):
+        try:
+            b = v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad_meta(f"key {key!r}: string {v!r:.60} cannot be encoded as UTF-8") from None
+    elif isinstance(v, dict) and set(v) == {"hex"} and isinstance(v["hex"], str):
+        try:
+            b = bytes.fromhex(v["hex"])
+        except ValueError:
+            raise _bad_meta(f"key {key!r}: {v!r} is not valid hex") from None
+    else:
+        raise _bad_meta(f"key {key!r}: STRING value {v!r} is neither a string nor {{'hex': ...}}")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _pack_array(tname: str, v, key: str, out: list, depth: int = 1) -> None:
+    if depth > MAX_ARRAY_DEPTH:
+        raise _bad_meta(f"key {key!r}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
+    if not (tname.startswith("ARRAY[") and tname.endswith("]")):
+        raise _bad_meta(f"key {key!r}: {tname!r} is not an array type")
+    item = tname[6:-1]
+    if item not in TYPE_IDS or not isinstance(v, list):
+        raise _bad_meta(f"key {key!r}: bad array type {tname!r} or value not a list")
+    out.append(struct.pack("<IQ", TYPE_IDS[item], len(v)))
+    if item in ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64") and v:
+        lo, hi = _INT_RANGES[item]
+        if not all(type(x) is int and lo <= x <= hi for x in v):
+            raise _bad_meta(f"key {key!r}: an item of the {tname} is not an integer in [{lo}, {hi}]")
+        out.append(np.array(v, dtype="<" + dict(_SCALARS.values())[item]).tobytes())
+    elif item in ("FLOAT32", "FLOAT64", "BOOL"):
+        out.extend(_pack_scalar(item, x, key) for x in v)
+    elif item == "STRING":
+        out.extend(_pack_string(x, key) for x in v)
+    else:
+        for x in v:
+            if not (isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)):
+                raise _bad_meta(f"key {key!r}: an inner array is not a [type, items] pair")
+            _pack_array(x[0], x[1], key, out, depth + 1)
+
+
+def _pack_kv(entry) -> bytes:
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)
+            and isinstance(entry[1], str)):
+        raise _bad_meta(f"kv entry {entry!r:.80} is not a [key, type, value] triple")
+    key, tname, v = entry
+    head = _pack_string(key, key)
+    if tname in ("STRING",):
+        return head + struct.pack("<I", STRING) + _pack_string(v, key)
+    if tname.startswith("ARRAY"):
+        out = [head, struct.pack("<I", ARRAY)]
+        _pack_array(tname, v, key, out)
+        return b"".join(out)
+    if tname not in TYPE_IDS:
+        raise _bad_meta(f"key {key!r}: unknown value type {tname!r}")
+    return head + struct.pack("<I", TYPE_IDS[tname]) + _pack_scalar(tname, v, key)
+
+
+def gguf_incompatible(model) -> list[tuple[str, str]]:
+    """(name, tag) of the tensors that have no ggml type and so cannot be written to GGUF."""
+    return [(n, t.tag) for n, t in model.items() if t.tag not in GGML_TAGS]
+
+
+def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = None) -> None:
+    """Write `model` as a GGUF file (version 3 unless the metadata says otherwise).
+
+    Tensors of tags F32, F16, BF16, Q4_0, Q4_1, Q8_0 are written byte for byte; any other
+    tag is refused, listing the tensors. Key-values come from `metadata` (default
+    model.metadata), key "gguf", in the JSON form read_gguf produces, with their types.
+    Tensors are written in the recorded tensor_order, then any others in model order.
+    """
+    from gguf.constants import GGMLQuantizationType
+
+    from .container import atomic_output
+
+    meta = model.metadata if metadata is None else metadata
+    g = meta.get("gguf") if isinstance(meta, dict) else None
+    if g is None:
+        g = {}
+    if not isinstance(g, dict):
+        raise _bad_meta("is not a JSON object")
+    bad = gguf_incompatible(model)
+    if bad:
+        listed = ", ".join(f"{n} ({t})" for n, t in bad[:10])
+        listed += f", and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise FileFormatError(
+            f"cannot write GGUF: {len(bad)} tensor(s) have formats with no ggml type: {listed}. "
+            f"GGUF can hold {', '.join(GGML_TAGS)}; requantize those tensors to one of them first",
+            file=str(path))
+    version = g.get("version", 3)
+    if version not in VERSIONS:
+        raise _bad_meta(f"version {version!r} is not 2 or 3")
+    kv = list(g.get("kv", []))
+    align = DEFAULT_ALIGNMENT
+    for e in kv:
+        if isinstance(e, (list, tuple)) and len(e) == 3 and e[0] == "general.alignment":
+            align = e[2]
+            if (e[1] != "UINT32" or type(align) is not int or not 1 <= align <= MAX_ALIGNMENT
+                    or align & (align - 1)):
+                raise _bad_meta(f"general.alignment {e[1]} {align!r} is not a UINT32 power of two "
+                                f"up to {MAX_ALIGNMENT}")
+    if len({e[0] for e in kv if isinstance(e, (list, tuple)) and e}) != len(kv):
+        raise _bad_meta("kv has duplicate or malformed keys")
+    order = [n for n in g.get("tensor_order", []) if isinstance(n, str) and n in model]
+    order = list(dict.fromkeys(order + list(model)))
+
+    parts = [MAGIC, struct.pack("<IQQ", version, len(order), len(kv))]
+    parts.extend(_pack_kv(e) for e in kv)
+    offset = 0
+    plan = []
+    for name in order:
+        t = model[name]
+        if not 1 <= len(t.shape) <= MAX_DIMS or min(t.shape) < 1:
+            raise FileFormatError(f"cannot write GGUF: shape {t.shape} is not 1 to {MAX_DIMS} dimensions "
+                                  "each at least 1", file=str(path), tensor=name)
+        dims = tuple(reversed(t.shape))
+        parts.append(_pack_string(name, name))
+        gtype = int(GGMLQuantizationType[t.tag])
+        parts.append(struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, gtype, offset))
+        plan.append(t)
+        offset += -(-t.nbytes // align) * align
+    header = b"".join(parts)
+    inputs = [model.path] if getattr(model, "path", None) else []
+    with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(b"\0" * (-len(header) % align))
+                for t in plan:
+                    f.write(memoryview(t.data))
+                    f.write(b"\0" * (-t.nbytes % align))
+        except OSError as e:
+            raise FileFormatError(f"cannot write: {e.strerror or e}", file=str(path)) from None
+
+
+# ---- checking a written file ------------------------------------------------------------
+
+
+def check_gguf(path, against=None) -> dict:
+    """Check a GGUF file three ways and report: our pre-scan and reader; the gguf package's
+    own reader (tensor names, types, shapes and bytes must agree with ours); and, with
+    `against` (any model file quantfmt opens), every tensor's tag, shape and bytes and the
+    GGUF key-values compared with that model. Raises FileFormatError on any difference.
+    """
+    import gguf
+
+    from .loader import open_model
+
+    path = str(path)
+    hdr = scan_gguf(path)
+    report = {"file": path, "version": hdr.version, "alignment": hdr.alignment, "key_values": len(hdr.kv),
+              "tensors": len(hdr.tensors), "by_type": {}}
+    for t in hdr.tensors:
+        report["by_type"][t.type_name] = report["by_type"].get(t.type_name, 0) + 1
+    with read_gguf(path, unsupported="dequantize") as m:
+        try:
+            ref = gguf.GGUFReader(path)
+        except Exception as e:  # noqa: BLE001 - foreign reader: any failure is the finding
+            raise FileFormatError(f"the gguf package cannot read it: {type(e).__name__}: {e}",
+                                  file=path) from None
+        if [t.name for t in ref.tensors] != list(m):
+            raise FileFormatError("the gguf package's reader sees other tensors than ours", file=path)
+        for rt in ref.tensors:
+            t = m[rt.name]
+            same = (rt.tensor_type.name == m.metadata["gguf"].get("dequantized", {}).get(rt.name, t.tag)
+                    and tuple(int(d) for d in reversed(rt.shape)) == t.shape)
+            if same and rt.name not in m.metadata["gguf"].get("dequantized", {}):
+                same = np.array_equal(rt.data.reshape(-1).view(np.uint8), t.data)
+            if not same:
+                raise FileFormatError("the gguf package's reader disagrees with ours on type, shape or bytes",
+                                      file=path, tensor=rt.name)
+        report["gguf_package_agrees"] = True
+        if against is not None:
+            with open_model(against) as other:
+                if list(other) != list(m) and set(other) != set(m):
+                    missing = sorted(set(other) ^ set(m))[:5]
+                    raise FileFormatError(f"tensor names differ from {against}: e.g. {missing}", file=path)
+                for name, t in other.items():
+                    u = m[name]
+                    if (u.tag, u.shape) != (t.tag, t.shape) or not np.array_equal(u.data, t.data):
+                        raise FileFormatError(f"differs from {against}: {u.tag} {u.shape} here, "
+                                              f"{t.tag} {t.shape} there, or other bytes",
+                                              file=path, tensor=name)
+                theirs = other.metadata.get("gguf", {}).get("kv")
+                if theirs is not None and theirs != m.metadata["gguf"]["kv"]:
+                    raise FileFormatError(f"its key-values differ from those recorded in {against}",
+                                          file=path)
+            report["identical_to"] = str(against)
+    return report
