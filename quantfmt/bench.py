@@ -40,7 +40,8 @@ import numpy as np
 
 DEFAULT_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (576, 1536)]
 QUICK_SHAPES = [(11008, 4096)]  # the shape the qmatmul targets are stated for
-OPS = ("qmatmul", "quantize", "dequantize", "get_rows", "startup", "cache", "e2e")
+KERNEL_OPS = ("qmatmul", "quantize", "dequantize", "get_rows")
+OPS = (*KERNEL_OPS, "startup", "cache", "e2e")
 QUICK_OPS = ("qmatmul", "quantize", "dequantize", "get_rows", "startup")
 PREFILL_N = 128
 GET_ROWS_N = 64
@@ -522,12 +523,13 @@ class Bench:
 
     def run(self) -> list[dict]:
         self.env_record()
-        data = {s: self.matrices(s) for s in self.shapes}
+        kernels = any(op in self.ops for op in KERNEL_OPS)
+        data = {s: self.matrices(s) for s in self.shapes} if kernels else {}
         need_f32 = "qmatmul" in self.ops
         f32 = self.float_baselines(data, "before numba") if need_f32 else {}
         # after the float baselines: the numba probe is the first numba kernel of the run
-        probe = self.probe_gbps = self.bandwidth_probes(numba_too=True)
-        for tag in self.tags:
+        probe = self.probe_gbps = self.bandwidth_probes(numba_too=True) if kernels else 0.0
+        for tag in self.tags if kernels else ():
             fmt = self.all_formats[tag]
             self._progress(f"{tag}: first calls")
             self.compile_times(fmt)
@@ -813,17 +815,45 @@ def _evict(path) -> None:
         os.close(fd)
 
 
-def _wait4(cmd, env=None) -> tuple[float, int, int, str]:
-    """Run cmd; (wall seconds, peak RSS bytes of exactly this child, return code, output)."""
+# Runs the quantfmt CLI with the given arguments and, at exit, prints this process's own peak
+# resident memory (VmHWM). Not ru_maxrss from wait4: on Linux a child's ru_maxrss includes the
+# parent's resident memory at fork/exec time, which here is the whole benchmark's.
+_PEAK_CHILD = r"""
+import atexit, sys
+
+
+def _peak():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    sys.stderr.write("\nQUANTFMT_BENCH_VMHWM %d\n" % (int(line.split()[1]) * 1024))
+    except OSError:
+        pass
+
+
+atexit.register(_peak)
+from quantfmt.cli import main
+sys.argv = ["quantfmt", *sys.argv[1:]]
+main()
+"""
+
+
+def _run_peak(args: list[str], env=None) -> tuple[float, int | None, int, str]:
+    """Run `quantfmt ARGS`; (wall seconds, peak RSS bytes of that process or None, return code, output)."""
     with tempfile.TemporaryFile() as log:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(p.pid, 0)
+        rc = subprocess.call(
+            [sys.executable, "-c", _PEAK_CHILD, *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
         text = log.read().decode("utf-8", "replace")
-    return wall, usage.ru_maxrss * 1024, p.returncode, text
+    peak = None
+    for line in text.splitlines():
+        if line.startswith("QUANTFMT_BENCH_VMHWM "):
+            peak = int(line.split()[1])
+    return wall, peak, rc, text
 
 
 def end_to_end(b: Bench) -> None:
@@ -851,14 +881,13 @@ def end_to_end(b: Bench) -> None:
         container.write_safetensors(src, plans)
         size = os.path.getsize(src)
         env = thread_env(b.threads)
-        qf = _quantfmt_command()
 
         for label, evict in (("input in page cache", False), ("input evicted from page cache", True)):
             if os.path.exists(dst):
                 os.remove(dst)
             if evict:
                 _evict(src)
-            wall, peak, rc, text = _wait4(qf + ["convert", src, dst, "--to", tag], env)
+            wall, peak, rc, text = _run_peak(["convert", src, dst, "--to", tag], env)
             if rc != 0:
                 b.add(record("e2e", tag, note=f"convert failed: {text.strip().splitlines()[-1:]}"))
                 return
@@ -874,7 +903,7 @@ def end_to_end(b: Bench) -> None:
                 what=f"quantfmt convert F32 -> {tag} ({label})",
                 file_mb=size / 1e6,
                 out_mb=os.path.getsize(dst) / 1e6,
-                peak_rss_mb=peak / 1e6,
+                peak_rss_mb=peak / 1e6 if peak else None,
             )
             rec["baseline_seconds"] = next((r["seconds"] for r in b.records if r["op"] == "startup"), None)
             rec["ratio"] = wall / rec["baseline_seconds"] if rec["baseline_seconds"] else None
@@ -1344,7 +1373,7 @@ def markdown(records: list[dict], shape=TARGET_SHAPE) -> str:
             out.append(
                 f"{r['what']}: {r['file_mb']:.0f} MB -> {r['out_mb']:.0f} MB in {r['seconds']:.2f} s "
                 f"({r['gbps'] * 1e3:.0f} MB/s of input, wall time incl. start-up), "
-                f"peak RSS {r['peak_rss_mb']:.0f} MB; target >= 1 GB/s {r['status']}."
+                f"peak RSS {_fmt(r['peak_rss_mb'], '.0f')} MB; target >= 1 GB/s {r['status']}."
             )
         elif r["op"] == "open_row":
             out.append(

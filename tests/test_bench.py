@@ -272,3 +272,10 @@ def test_markdown_summary_has_a_row_per_format(records):
     md = bench.markdown(records, shape=(64, 256))
     assert "| F32 | 32 |" in md and "| BF16 | 16 |" in md
     assert "quantize MISS" in md or "quantize PASS" in md  # BF16 is judged against gguf
+
+
+def test_subprocess_ops_alone_do_not_run_the_kernels():
+    b = bench.Bench(formats=["F32"], shapes=[(32, 64)], ops=("startup",), repeat=1, threads=1, probe_mb=1)
+    recs = b.run()
+    assert {r["op"] for r in recs} == {"env", "startup"}
+    assert next(r for r in recs if r["op"] == "startup")["heavy_imports"] == "none"
