@@ -32,7 +32,7 @@ lint: install
 
 # bench: speed and memory figures, as ratios against baselines measured in the same run
 bench: install
-	$(BIN)/quantfmt bench
+	$(BIN)/quantfmt bench $(BENCH_ARGS)
 
 # demo: the README's main job
 demo: install

@@ -129,6 +129,9 @@ def _validate(fmt, plugin: str) -> None:
 
 
 def _load() -> _Registry:
+    from . import numba_cache
+
+    numba_cache.ensure_writable()  # before any plugin decorates a cache=True kernel
     reg = _Registry()
     strict = _strict()
     for name, source, loader in _candidates():

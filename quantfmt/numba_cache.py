@@ -1,0 +1,81 @@
+"""Somewhere writable for numba's on-disk cache, so `cache=True` kernels work for every user.
+
+numba decides where a `cache=True` kernel's cache lives when the kernel is *decorated*
+(at plugin import): NUMBA_CACHE_DIR if set, else `__pycache__` next to the source file,
+else the user-wide cache dir (~/.cache/numba). If none is writable (a read-only
+site-packages and a read-only or missing HOME: containers, services, some CI), the
+decorator raises "cannot cache function ...: no locator available" and the plugin fails
+to import. `ensure_writable()` runs before the plugins are imported and, only in that
+case, points numba at a private directory under the system temp dir (created 0700 and
+checked to be ours: numba's cache index is a pickle, so a directory someone else can
+write into must never be used).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tempfile
+
+ENV = "NUMBA_CACHE_DIR"
+
+
+def _writable(path: str) -> bool:
+    # numba's own test: the directory can be created and a file can be made in it.
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError:
+        return False
+    return True
+
+
+def user_cache_dir() -> str:
+    """numba's user-wide cache dir (what it falls back to when `__pycache__` is read-only)."""
+    from numba.misc.appdirs import AppDirs
+
+    return AppDirs(appname="numba", appauthor=False).user_cache_dir
+
+
+def _private_dir(path: str) -> bool:
+    """Create `path` 0700, or accept it if it exists, is a real directory, ours, and writable only by us."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return False
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return False
+    return _writable(path)
+
+
+def fallback_dir() -> str:
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return os.path.join(tempfile.gettempdir(), f"quantfmt-numba-cache-{uid}")
+
+
+def ensure_writable() -> str | None:
+    """Point numba at a private temp cache dir if it has nowhere to write; return that dir, else None."""
+    if os.environ.get(ENV):
+        return None  # the user's explicit choice
+    try:
+        if _writable(user_cache_dir()):
+            return None  # numba's own fallback works (after __pycache__ next to the source)
+    except ImportError:
+        return None  # no numba: nothing to cache
+    path = fallback_dir()
+    if not _private_dir(path):
+        return None  # nothing we can safely use: numba reports the problem itself
+    os.environ[ENV] = path  # read by numba at import, and by child processes
+    config = sys.modules.get("numba.core.config")
+    if config is not None:
+        config.CACHE_DIR = path  # numba already imported: its config is read when a kernel is decorated
+    return path

@@ -1,0 +1,281 @@
+"""The benchmark harness on tiny shapes: its records are right (schema, arithmetic, targets); no timing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from quantfmt import bench
+from quantfmt.cli import cli
+from quantfmt.plugins import formats
+
+KEYS = ["op", "format", "shape", "n", "seconds", "baseline", "baseline_seconds", "ratio", "gbps"]
+KERNEL_OPS = ("qmatmul", "quantize", "dequantize", "get_rows")
+
+
+@pytest.fixture(scope="module")
+def records():
+    b = bench.Bench(
+        formats=["F32", "BF16"],
+        shapes=[(64, 256), (32, 512)],
+        ops=KERNEL_OPS,
+        repeat=2,
+        threads=1,
+        probe_mb=1,
+    )
+    return b.run()
+
+
+def test_every_record_has_the_schema_keys_in_order(records):
+    for r in records:
+        assert list(r)[: len(KEYS)] == KEYS
+        json.dumps(r)  # serializable as one JSON line
+
+
+def test_kernel_records_cover_every_format_shape_op_and_mode(records):
+    got = {
+        (r["op"], r["format"], tuple(r["shape"]), r["n"], r.get("mode"))
+        for r in records
+        if r["op"] in KERNEL_OPS
+    }
+    for tag in ("F32", "BF16"):
+        for shape in ((64, 256), (32, 512)):
+            assert ("quantize", tag, shape, None, None) in got
+            assert ("dequantize", tag, shape, None, None) in got
+            assert ("get_rows", tag, shape, min(bench.GET_ROWS_N, shape[0]), None) in got
+            for mode in formats()[tag].modes:
+                assert ("qmatmul", tag, shape, 1, mode) in got
+                assert ("qmatmul", tag, shape, bench.PREFILL_N, mode) in got
+
+
+def test_ratio_and_gbps_are_computed_from_the_measured_figures(records):
+    for r in records:
+        if r["op"] not in KERNEL_OPS:
+            continue
+        assert r["seconds"] > 0 and r["baseline_seconds"] > 0
+        assert r["ratio"] == pytest.approx(r["seconds"] / r["baseline_seconds"])
+        rows, cols = r["shape"]
+        if r["op"] in ("quantize", "dequantize"):
+            assert r["gbps"] == pytest.approx(rows * cols * 4 / r["seconds"] / 1e9)
+        if r["op"] == "qmatmul":
+            moved = r["bytes"] + (cols + rows) * 4 * r["n"]
+            assert r["gbps"] == pytest.approx(moved / r["seconds"] / 1e9)
+            assert r["baseline"] == ("numpy float32 W @ x" if r["n"] == 1 else "numpy float32 X @ W.T")
+            assert r["prepare_seconds"] >= 0
+
+
+def test_qmatmul_records_carry_the_float_baselines_of_their_shape_and_n(records):
+    base = {
+        (tuple(r["shape"]), r["n"]): r["seconds"]
+        for r in records
+        if r["op"] == "f32_matmul" and r["when"] == "before numba"
+    }
+    for r in records:
+        if r["op"] == "qmatmul":
+            assert r["baseline_before_numba"] == base[(tuple(r["shape"]), r["n"])]
+
+
+def test_float_baselines_are_measured_before_after_and_interleaved(records):
+    whens = {r["when"] for r in records if r["op"] == "f32_matmul"}
+    assert whens == {"before numba", "after numba", "interleaved with a numba parallel kernel"}
+
+
+def test_bf16_quantize_is_compared_with_gguf_and_judged(records):
+    r = next(r for r in records if r["op"] == "quantize" and r["format"] == "BF16")
+    assert r["baseline"] == "gguf numpy quantize"
+    assert r["target"] == "<= 0.25x" and r["status"] == ("PASS" if r["ratio"] <= 0.25 else "MISS")
+    f = next(r for r in records if r["op"] == "quantize" and r["format"] == "F32")
+    assert f["baseline"] == "numpy float32 copy" and "status" not in f
+
+
+def test_compile_records_one_per_format(records):
+    comp = [r for r in records if r["op"] == "compile"]
+    assert [r["format"] for r in comp] == ["F32", "BF16"]
+    for r in comp:
+        assert set(r["kernels"]) >= {"quantize", "dequantize", "get_rows", "qmatmul[f32,n=1]"}
+
+
+def test_env_record_reports_threads(records):
+    env = records[0]
+    assert env["op"] == "env" and env["threads"] == 1 and env["numba_threads"] == 1
+
+
+def test_targets_pass_and_miss():
+    def q(tag, n, sec, base, shape=bench.TARGET_SHAPE):
+        return bench._targets(bench.record("qmatmul", tag, shape, n, sec, "numpy float32 W @ x", base))
+
+    assert q("Q4_0", 1, 2.0, 10.0)["status"] == "PASS"
+    assert q("Q4_0", 1, 3.0, 10.0)["status"] == "MISS"
+    assert q("Q8_0", bench.PREFILL_N, 10.0, 10.0)["status"] == "PASS"
+    assert q("Q4_A", bench.PREFILL_N, 1.0, 10.0).get("status") is None  # no prefill target stated for Q4_A
+    assert q("Q4_0", 1, 2.0, 10.0, shape=(4096, 4096)).get("status") is None  # targets are for 11008x4096
+    # quantize Q4_0: both >= 3 GB/s and <= 0.25x gguf must hold
+    w_bytes = 3e9
+    ok = bench._targets(
+        bench.record("quantize", "Q4_0", (1, 1), None, 0.9, "gguf numpy quantize", 4.0, nbytes=w_bytes)
+    )
+    assert ok["status"] == "PASS"
+    slow_vs_gguf = bench._targets(
+        bench.record("quantize", "Q4_0", (1, 1), None, 0.9, "gguf numpy quantize", 1.0, nbytes=w_bytes)
+    )
+    assert slow_vs_gguf["status"] == "MISS"
+    deq = bench._targets(bench.record("dequantize", "Q8_0", (1, 1), None, 1.0, "x", 1.0, nbytes=3.9e9))
+    assert deq["status"] == "MISS" and deq["target"] == ">= 4 GB/s"
+
+
+def test_median_time_loops_short_calls():
+    calls = []
+    sec = bench.median_time(lambda: calls.append(1), 3)
+    assert sec > 0 and len(calls) > 3 * 10  # a no-op is far below MIN_SAMPLE_SECONDS: looped
+
+
+def test_parse_shapes():
+    assert bench.parse_shapes("4096x4096, 576x1536") == [(4096, 4096), (576, 1536)]
+    for bad in ("4096", "0x5", "axb", "1x2x3", ","):
+        with pytest.raises(ValueError):
+            bench.parse_shapes(bad)
+
+
+def test_tables_print_every_family(records, capsys):
+    bench.tables(records)
+    out = capsys.readouterr().out
+    for title in (
+        "qmatmul decode",
+        "qmatmul prefill",
+        "quantize",
+        "dequantize",
+        "get_rows",
+        "first calls",
+        "numpy float32 baselines",
+        "Memory bandwidth",
+    ):
+        assert title in out
+    assert "BF16" in out and "64x256" in out
+
+
+def test_cli_json_in_process(monkeypatch, tmp_path):
+    monkeypatch.setenv("QUANTFMT_BENCH_CHILD", "1")  # already the child for 1 thread: no re-exec
+    saved = tmp_path / "recs.jsonl"
+    args = ["bench", "--formats", "F16", "--shapes", "32x64", "--ops", "quantize", "--repeat", "1"]
+    res = CliRunner().invoke(cli, args + ["--threads", "1", "--json", "--records", str(saved)])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("{")]
+    recs = [json.loads(line) for line in lines]
+    q = [r for r in recs if r["op"] == "quantize"]
+    assert len(q) == 1 and q[0]["format"] == "F16" and q[0]["shape"] == [32, 64] and q[0]["n"] is None
+    assert saved.read_text().splitlines() == lines
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--shapes", "12"], "ROWSxCOLS"),
+        (["--ops", "nope"], "unknown op"),
+        (["--formats", "ZZZZ"], "unknown format tag"),
+    ],
+)
+def test_cli_bad_arguments(monkeypatch, args, msg):
+    monkeypatch.setenv("QUANTFMT_BENCH_CHILD", "1")
+    res = CliRunner().invoke(cli, ["bench", "--threads", "1", *args])
+    assert res.exit_code != 0
+    assert msg in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_child_process_gets_the_thread_count():
+    """The real path: the CLI re-runs itself with OPENBLAS_NUM_THREADS set, and OpenBLAS reports it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "QUANTFMT_BENCH_CHILD")}
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantfmt.cli",
+            "bench",
+            "--formats",
+            "F32",
+            "--shapes",
+            "32x64",
+            "--ops",
+            "dequantize",
+            "--repeat",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(line) for line in p.stdout.splitlines()]
+    env_rec = recs[0]
+    assert env_rec["op"] == "env" and env_rec["env"]["OPENBLAS_NUM_THREADS"] == "1"
+    if env_rec["blas_threads"] is not None:
+        assert env_rec["blas_threads"] == 1
+
+
+def test_cache_cold_then_warm_records():
+    b = bench.Bench(formats=["F32"], shapes=[(32, 64)], ops=(), repeat=1, threads=1, probe_mb=1)
+    bench.cache_cold_warm(b)
+    recs = [r for r in b.records if r["op"] == "cache"]
+    assert [r["format"] for r in recs] == ["F32", "import", "numba_init", "all"], recs
+    assert recs[0]["cold_seconds"] > 0 and recs[0]["warm_seconds"] > 0
+    assert np.isfinite(recs[-1]["ratio"])
+
+
+def test_end_to_end_records_on_a_small_model():
+    b = bench.Bench(formats=["F32"], shapes=[(32, 64)], ops=(), repeat=1, threads=1, probe_mb=1, e2e_mb=4)
+    bench.end_to_end(b)
+    conv = [r for r in b.records if r["op"] == "convert"]
+    rows = [r for r in b.records if r["op"] == "open_row"]
+    assert len(conv) == 2 and len(rows) == 4, b.records
+    for r in conv:
+        assert r["file_mb"] == pytest.approx(4.19, abs=0.1) and r["peak_rss_mb"] > 0
+        assert r["gbps"] == pytest.approx(r["file_mb"] / 1e3 / r["seconds"], rel=0.01)
+        assert r["status"] in ("PASS", "MISS")
+    for r in rows:
+        assert r["open_seconds"] > 0 and r["row_seconds"] > 0
+        # one row of a 1024-column float32 matrix: the file's mapping holds far less than the file
+        assert 0 < r["touched_mb"] < r["file_mb"]
+
+
+def test_of_probe_is_the_share_of_the_best_bandwidth_probe(records):
+    best = max(r["gbps"] for r in records if r["op"] == "membw")
+    for r in records:
+        if r["op"] in ("qmatmul", "quantize", "dequantize"):
+            assert r["of_probe"] == pytest.approx(r["gbps"] / best)
+
+
+def test_no_numba_kernel_runs_before_the_float_baselines(records):
+    last_before = max(i for i, r in enumerate(records) if r.get("when") == "before numba")
+    first_numba = min(
+        i for i, r in enumerate(records) if r["op"] == "compile" or "numba" in (r.get("what") or "")
+    )
+    assert last_before < first_numba
+
+
+def test_qmatmul_modes_of_one_format_share_the_adjacent_float_baseline(records):
+    seen = {}
+    for r in records:
+        if r["op"] == "qmatmul":
+            key = (r["format"], tuple(r["shape"]), r["n"])
+            assert seen.setdefault(key, r["baseline_seconds"]) == r["baseline_seconds"]
+
+
+def test_markdown_summary_has_a_row_per_format(records):
+    md = bench.markdown(records, shape=(64, 256))
+    assert "| F32 | 32 |" in md and "| BF16 | 16 |" in md
+    assert "quantize MISS" in md or "quantize PASS" in md  # BF16 is judged against gguf
+
+
+def test_subprocess_ops_alone_do_not_run_the_kernels():
+    b = bench.Bench(formats=["F32"], shapes=[(32, 64)], ops=("startup",), repeat=1, threads=1, probe_mb=1)
+    recs = b.run()
+    assert {r["op"] for r in recs} == {"env", "startup"}
+    assert next(r for r in recs if r["op"] == "startup")["heavy_imports"] == "none"

@@ -1,0 +1,146 @@
+"""numba_cache: cache=True kernels keep working when numba has nowhere to write its cache."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from quantfmt import numba_cache
+
+PLUGIN = textwrap.dedent('''
+    """ZZCT: a throwaway format whose dequantize is a cache=True numba kernel."""
+    import numba
+    import numpy as np
+
+    import quantfmt
+    from quantfmt.format import Format
+
+
+    @numba.njit(cache=True)
+    def _dq(data, out):
+        for i in range(out.size):
+            out[i] = np.float32(data[i]) - 128.0
+
+
+    class ZZCT(Format):
+        tag = "ZZCT"
+        block_bytes = 1
+
+        def _quantize(self, w):
+            return np.clip(np.round(w) + 128, 0, 255).astype(np.uint8).reshape(-1)
+
+        def _dequantize(self, data, rows, cols):
+            out = np.empty(rows * cols, np.float32)
+            _dq(data, out)
+            return out.reshape(rows, cols)
+
+
+    @quantfmt.hookimpl
+    def register_formats(register):
+        register(ZZCT())
+''')
+
+CHILD = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    from quantfmt import QTensor, plugins
+    if sys.argv[1] == "off":
+        from quantfmt import numba_cache
+        numba_cache.ensure_writable = lambda: None
+    try:
+        t = QTensor.quantize(np.full((2, 4), 3.0, np.float32), "ZZCT")
+        print(json.dumps({"ok": float(t.dequantize()[1, 2]), "dir": os.environ.get("NUMBA_CACHE_DIR")}))
+    except Exception as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+""")
+
+
+@pytest.fixture
+def nowhere_to_write(tmp_path):
+    """A plugin dir whose __pycache__ cannot be a directory and a HOME that cannot hold ~/.cache."""
+    plug = tmp_path / "plug"
+    plug.mkdir()
+    (plug / "zz_cachetest.py").write_text(PLUGIN)
+    (plug / "__pycache__").write_text("a file where numba wants a directory")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(
+        HOME="/dev/null",
+        QUANTFMT_PLUGINS_DIR=str(plug),
+        QUANTFMT_STRICT_PLUGINS="1",
+        TMPDIR=str(tmp),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    return env, tmp
+
+
+def _child(env, mode):
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX temp-dir ownership checks")
+def test_plugin_with_cached_kernel_loads_when_numba_has_nowhere_to_write(nowhere_to_write):
+    env, tmp = nowhere_to_write
+    off = _child(env, "off")  # numba's own behaviour: the decorator fails, so the plugin does
+    assert "no locator available" in off.get("error", ""), off
+    on = _child(env, "on")
+    assert on.get("ok") == 3.0, on
+    assert on["dir"] == str(tmp / f"quantfmt-numba-cache-{os.getuid()}")
+    cached = [f for _, _, fs in os.walk(on["dir"]) for f in fs if f.endswith(".nbi")]
+    assert cached, "the kernel's cache index was written to the fallback dir"
+    assert os.stat(on["dir"]).st_mode & 0o777 == 0o700
+
+
+def test_explicit_numba_cache_dir_is_left_alone(monkeypatch, tmp_path):
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(numba_cache, "user_cache_dir", lambda: "/dev/null/x")
+    assert numba_cache.ensure_writable() is None
+
+
+def test_writable_user_cache_means_no_change(monkeypatch, tmp_path):
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(numba_cache, "user_cache_dir", lambda: str(tmp_path / "c"))
+    assert numba_cache.ensure_writable() is None
+    assert "NUMBA_CACHE_DIR" not in os.environ
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_fallback_dir_is_private_and_updates_numba_config(monkeypatch, tmp_path):
+    import numba.core.config as config
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(config, "CACHE_DIR", config.CACHE_DIR)  # restored after the test
+    monkeypatch.setattr(numba_cache, "user_cache_dir", lambda: "/dev/null/numba")
+    fb = tmp_path / "fb"
+    monkeypatch.setattr(numba_cache, "fallback_dir", lambda: str(fb))
+    try:
+        assert numba_cache.ensure_writable() == str(fb)
+        assert os.environ["NUMBA_CACHE_DIR"] == str(fb) and config.CACHE_DIR == str(fb)
+        assert fb.stat().st_mode & 0o777 == 0o700
+    finally:
+        os.environ.pop("NUMBA_CACHE_DIR", None)
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_fallback_dir_others_can_write_is_refused(monkeypatch, tmp_path):
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(numba_cache, "user_cache_dir", lambda: "/dev/null/numba")
+    fb = tmp_path / "shared"
+    fb.mkdir()
+    fb.chmod(0o777)
+    monkeypatch.setattr(numba_cache, "fallback_dir", lambda: str(fb))
+    assert numba_cache.ensure_writable() is None  # numba's cache index is a pickle: never trust it
+    assert "NUMBA_CACHE_DIR" not in os.environ
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setattr(numba_cache, "fallback_dir", lambda: str(link))
+    assert numba_cache.ensure_writable() is None
