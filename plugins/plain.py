@@ -6,12 +6,14 @@ Layout: the values in row-major order, little-endian; block 1x1.
   BF16  2 bytes  the top 16 bits of binary32 after round-to-nearest-even (ggml's
         ggml_compute_fp32_to_bf16, as the gguf package does it)
 A value that would round to infinity in F16/BF16 is a RangeError, never an inf in a file.
-The kernels are numpy: a cast and BLAS is already what these formats can do fastest.
+The kernels are numpy (a cast and BLAS is what these formats do fastest), except the BF16
+rounding, one parallel numba pass (numpy's version needs five passes over temporaries).
 qmatmul converts tiles of rows to float32 and calls BLAS, so W is never materialized whole.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 import quantfmt
@@ -31,10 +33,25 @@ def _range_error(tag: str, w: np.ndarray, ok: np.ndarray, limit: str) -> RangeEr
     )
 
 
-def bf16_from_f32(w: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 bits (uint16), nearest-even; inputs are finite."""
-    u = w.view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+def bf16_from_f32_ref(w: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bits (uint16), nearest-even on the bit pattern (numpy reference).
+
+    uint32 arithmetic cannot wrap: inputs are finite, so u <= 0xFF7FFFFF and u + 0x8000 < 2**32.
+    """
+    u = w.view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+@numba.njit(cache=True, parallel=True)
+def _bf16_round(u, out):
+    """The same rounding in one pass; returns how many results are infinite (overflow)."""
+    overflow = 0
+    for i in numba.prange(u.size):
+        x = u[i]
+        h = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        out[i] = np.uint16(h)
+        overflow += (h & np.uint32(0x7F80)) == np.uint32(0x7F80)
+    return overflow
 
 
 def f32_from_bf16(h: np.ndarray) -> np.ndarray:
@@ -84,11 +101,10 @@ class BF16(Format):
     summary = "bfloat16 (round-to-nearest-even, as ggml)"
 
     def _quantize(self, w):
-        h = bf16_from_f32(w)
-        ok = (h & 0x7F80) != 0x7F80
-        if not ok.all():
-            raise _range_error(self.tag, w, ok, "|w| < 3.3961e38")
-        return h.astype(LE_U16, copy=False).reshape(-1).view(np.uint8)
+        h = np.empty(w.size, np.uint16)
+        if _bf16_round(w.reshape(-1).view(np.uint32), h):
+            raise _range_error(self.tag, w, (h.reshape(w.shape) & 0x7F80) != 0x7F80, "|w| < 3.3961e38")
+        return h.astype(LE_U16, copy=False).view(np.uint8)
 
     def _dequantize(self, data, rows, cols):
         return f32_from_bf16(data.view(LE_U16)).reshape(rows, cols)

@@ -1,0 +1,58 @@
+"""F32, F16, BF16 against independent references: numpy's casts and the gguf package's quantizer."""
+
+import gguf.quants as gq
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from quantfmt import QTensor, get_format
+from quantfmt.errors import RangeError
+from quantfmt_formats.plain import bf16_from_f32_ref
+
+
+def corpus(rng):
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    # bf16 ties (low half exactly 0x8000) with even and odd kept bits, zeros of both signs,
+    # subnormals, fp16 limits and ties, large bf16-representable values.
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x00008000, 0x7F7F0000, 0x007F8000], np.uint32).view(np.float32)
+    special = np.array([0.0, -0.0, 1e-45, -1e-40, 65504.0, 65519.99, -65519.0, 6.1e-5, 3.38e38, -3.38e38], np.float32)
+    w[0, : ties.size] = ties
+    w[1, : special.size] = special
+    return w
+
+
+def test_bf16_identical_to_gguf(rng):
+    w = corpus(rng)
+    ours = get_format("BF16").quantize(w)
+    ref = gq.quantize(w, T.BF16).view(np.uint8).reshape(-1)
+    assert np.array_equal(ours, ref)
+    assert np.array_equal(ours.view(np.uint16), bf16_from_f32_ref(w).reshape(-1))
+
+
+def test_f16_identical_to_numpy_cast(rng):
+    w = corpus(rng)
+    w[:2] = np.clip(w[:2], -65504, 65504)  # the bf16 extremes do not fit F16; tested below
+    assert np.array_equal(get_format("F16").quantize(w), w.astype("<f2").view(np.uint8).reshape(-1))
+
+
+@pytest.mark.parametrize("tag,value", [("F16", 65520.0), ("F16", -1e6), ("BF16", 3.3962e38), ("BF16", -3.4e38)])
+def test_overflow_is_range_error_naming_position(tag, value):
+    w = np.zeros((4, 8), np.float32)
+    w[2, 5] = value
+    with pytest.raises(RangeError, match=rf"{tag}: weight .* at row 2, column 5"):
+        get_format(tag).quantize(w)
+
+
+@pytest.mark.parametrize("tag", ["F32", "F16", "BF16"])
+def test_kernels_agree_with_dequantize(tag, rng):
+    w = rng.standard_normal((3, 40, 96)).astype(np.float32)
+    t = QTensor.quantize(w, tag, "w")
+    d = t.dequantize()
+    assert d.shape == w.shape and d.dtype == np.float32
+    flat = d.reshape(-1, 96)
+    assert np.array_equal(t.rows([0, 119, -1, 7, 7]), flat[[0, 119, -1, 7, 7]])
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    np.testing.assert_allclose(t.matmul(x), x @ flat.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(t.matmul(x[0]), flat @ x[0], rtol=1e-5, atol=1e-4)
+    if tag == "F32":
+        assert np.array_equal(d, w)
