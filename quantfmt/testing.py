@@ -5,9 +5,9 @@ For format authors (and for quantfmt's own tests and `quantfmt check`):
     from quantfmt.testing import assert_conforms, check_format
 
     def test_my_format():
-        assert_conforms("Q3_X")          # AssertionError listing every failed check
+        assert_conforms("MY3B")          # AssertionError listing every failed check
 
-    report = check_format("Q3_X")      # a list of Check(name, ok, detail); report.ok
+    report = check_format("MY3B")      # a list of Check(name, ok, detail); report.ok
 
 Every check runs on small matrices whose shape is built from the format's block_shape
 (so it is fast), on N(0,1) weights drawn from `seed`; `size=(rows, cols)` adds the
@@ -435,32 +435,34 @@ class _Kit:
         return "; ".join(c[0] for c in cases) + ": same bytes as float32"
 
     def higher_rank(self):
-        f, w, rows, cols = self.fmt, self.w, self.rows, self.cols
-        a = next(k for k in (2, 3, 5, 7, rows) if rows % k == 0)
-        s3 = (a, rows // a, cols)
-        _require(f.nbytes(s3) == f.nbytes(self.shape), f"nbytes{s3} = {f.nbytes(s3)} != nbytes{self.shape}")
-        d3 = f.quantize(w.reshape(s3))
+        f, rows, cols = self.fmt, self.rows, self.cols
+        s3, s2 = (3, rows, cols), (3 * rows, cols)
+        w = self.rng(6).standard_normal(s3, dtype=np.float32)
+        _require(f.nbytes(s3) == f.nbytes(s2), f"nbytes{s3} = {f.nbytes(s3)} != nbytes{s2}")
+        data = f.quantize(w)
         _require(
-            np.array_equal(d3, self.data), f"quantize of the {s3} view gives other bytes than {self.shape}"
+            np.array_equal(data, f.quantize(w.reshape(s2))), f"quantize of {s3} and of its {s2} view differ"
         )
-        full = self.deq()
-        got = f.dequantize(self.data, s3)
+        full = f.dequantize(data, s2)
+        got = f.dequantize(data, s3)
         _require(
             _same_floats(got, full.reshape(s3)), f"dequantize as {s3}: {_first_diff(got, full.reshape(s3))}"
         )
-        got = f.get_rows(self.data, s3, [-1, 0])
-        _require(_same_floats(got, full[[-1, 0]]), f"get_rows as {s3}: {_first_diff(got, full[[-1, 0]])}")
-        x = self.rng(6).standard_normal((3, cols), dtype=np.float32)
-        y2, y3 = f.qmatmul(self.data, self.shape, x), f.qmatmul(self.data, s3, x)
+        idx = [-1, rows, 0, rows + 1]
+        got = f.get_rows(data, s3, idx)
+        _require(_same_floats(got, full[idx]), f"get_rows as {s3}: {_first_diff(got, full[idx])}")
+        x = self.rng(7).standard_normal((3, cols), dtype=np.float32)
+        y2, y3 = f.qmatmul(data, s2, x), f.qmatmul(data, s3, x)
         _require(
             y3.shape == y2.shape and np.allclose(y3, y2, rtol=1e-5, atol=1e-5 * float(np.abs(y2).max())),
-            f"qmatmul with weights of shape {s3} differs from {self.shape}",
+            f"qmatmul with weights of shape {s3} differs from {s2}",
         )
         done = [str(s3)]
         if f.block_shape[0] == 1:
-            one = f.quantize(w[0])
+            one = f.quantize(w[0, 0])
             _require(
-                np.array_equal(one, f.quantize(w[:1])), f"a 1-D tensor ({cols},) is not quantized as one row"
+                np.array_equal(one, f.quantize(w[0, :1])),
+                f"a 1-D tensor ({cols},) is not quantized as one row",
             )
             got = f.dequantize(one, (cols,))
             _require(got.shape == (cols,) and _same_floats(got, full[0]), "1-D dequantize differs from row 0")
