@@ -328,3 +328,19 @@ def test_cli_check_fails_broken_plugin(tmp_path, fresh_registry):
     assert "FAIL" in row and "ob1" in row
     assert "FAIL  get_rows:" in res.stdout
     assert "1 of 2 formats fail the conformance kit: OB1" in res.stderr
+
+
+def test_readme_plugin_example_conforms(tmp_path, fresh_registry):
+    """The minimal plugin in the README section 'Writing a format plugin' runs and passes the kit."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("<!-- writing a format plugin -->", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(code) == 2 and "register_formats" in code[0] and "assert_conforms" in code[1]
+    (tmp_path / "my_format.py").write_text(code[0])
+    fresh_registry.configure(plugins_dirs=[tmp_path], strict=True)
+    tag = re.search(r'tag = "(\w+)"', code[0]).group(1)
+    assert fresh_registry.get_format(tag).plugin == "my_format"
+    assert_conforms(tag)
