@@ -1,0 +1,213 @@
+"""Q8_A: quantfmt's own 8-bit format with one scale per 128 weights DOWN A COLUMN.
+
+From the llama2.c quantization brainstorm (karpathy/llama2.c issue 277). A block is
+128 consecutive rows of one column (block_shape (128, 1)); its only parameter is the
+float32 scale s = max |w| over the block, and each weight is an int8 q in [-127, 127].
+
+Byte layout (little-endian), per row group of 128 rows (g = 0, 1, ...):
+    float32 scales[cols]          scales[c] = s of block (rows 128g .. 128g+127, column c)
+    int8    q[128][cols]          row-major: q[r][c] for row 128g + r
+so a row group is 132 * cols bytes (132 bytes per block of 128 = 8.25 bits per weight),
+and row i reads only its group's scales and its own cols bytes of q.
+
+Arithmetic (formats.md is normative; this is the same text):
+    s = max_i |w_i|                               exact in float32
+    s == 0:  q_i = 0
+    else:    v_i = (float64(w_i) * 127.0) / float64(s)   (the product is exact; one rounding)
+             q_i = clamp(round_half_away(v_i), -127, 127)
+    dequantize: w'_i = float32((float64(q_i) * float64(s)) / 127.0)
+round_half_away(v) = t + sign(v) if |v - t| >= 0.5 else t, with t = trunc(v) (v - t is
+exact, so there is no `floor(v + 0.5)` double-rounding trap). Float64 keeps both huge
+(3e38 * 127) and tiny (subnormal s, 127 / s) magnitudes in range.
+
+The historical bug this format is known for: scales computed from m[i:i+QK] (rows i..)
+instead of m[i*QK:(i+1)*QK] (the block's own rows). tests/test_own_formats.py checks
+every block's scale against the block's own rows.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+import quantfmt
+from quantfmt.format import TILE_ELEMENTS, Format
+
+QK = 128  # rows per block (= rows per row group)
+GROUP_BYTES_PER_COL = 4 + QK  # one float32 scale + 128 int8 per column
+
+
+# ---- numpy reference ------------------------------------------------------------------
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """Round float64 to the nearest integer, halves away from zero (exact, see docstring)."""
+    t = np.trunc(v)
+    return t + np.where(np.abs(v - t) >= 0.5, np.sign(v), 0.0)
+
+
+def pack(scales: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Bytes from scales float32 (G, cols) and q int8 (G, 128, cols)."""
+    g, cols = scales.shape
+    out = np.empty((g, GROUP_BYTES_PER_COL * cols), np.uint8)
+    out[:, : 4 * cols] = scales.astype("<f4").view(np.uint8).reshape(g, 4 * cols)
+    out[:, 4 * cols :] = q.view(np.uint8).reshape(g, QK * cols)
+    return out.reshape(-1)
+
+
+def unpack(data: np.ndarray, rows: int, cols: int):
+    """Views (no copy): scales float32 (G, cols), q int8 (G, 128, cols)."""
+    g = rows // QK
+    b = data.reshape(g, GROUP_BYTES_PER_COL * cols)
+    scales = b[:, : 4 * cols].view("<f4")
+    q = b[:, 4 * cols :].view(np.int8).reshape(g, QK, cols)
+    return scales, q
+
+
+def quantize_ref(w: np.ndarray) -> np.ndarray:
+    """float32 (rows, cols), rows % 128 == 0 -> Q8_A bytes."""
+    rows, cols = w.shape
+    wb = w.reshape(rows // QK, QK, cols)  # wb[g, r, c] = w[128g + r, c]: block (g, c) is wb[g, :, c]
+    s = np.abs(wb).max(axis=1)
+    s64 = np.where(s > 0, s, 1).astype(np.float64)[:, None, :]
+    v = wb.astype(np.float64) * 127.0 / s64
+    q = np.clip(round_half_away(v), -127, 127).astype(np.int8)
+    return pack(s.astype(np.float32), q)
+
+
+def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    scales, q = unpack(data, rows, cols)
+    w = (q.astype(np.float64) * scales.astype(np.float64)[:, None, :] / 127.0).astype(np.float32)
+    return w.reshape(rows, cols)
+
+
+# ---- numba kernels --------------------------------------------------------------------
+# Quantize and dequantize are compiled WITHOUT fastmath: they must match the reference
+# bit for bit. qmatmul uses fastmath (reassociation for vector reductions, FMA).
+
+
+@numba.njit(cache=True)
+def _round_half_away(v):
+    t = np.trunc(v)
+    d = v - t
+    if d >= 0.5:
+        t += 1.0
+    elif d <= -0.5:
+        t -= 1.0
+    return t
+
+
+@numba.njit(cache=True, parallel=True)
+def _quantize_kernel(w, out):
+    rows, cols = w.shape
+    gb = GROUP_BYTES_PER_COL * cols
+    for g in numba.prange(rows // QK):
+        base = g * gb
+        sc = out[base : base + 4 * cols].view(np.float32)
+        q = out[base + 4 * cols : base + gb].view(np.int8).reshape(QK, cols)
+        wg = w[g * QK : (g + 1) * QK]  # the block's own rows
+        for c in range(cols):
+            sc[c] = np.float32(0.0)
+        for r in range(QK):
+            for c in range(cols):
+                a = abs(wg[r, c])
+                if a > sc[c]:
+                    sc[c] = a
+        for r in range(QK):
+            for c in range(cols):
+                s = sc[c]
+                if s == 0:
+                    q[r, c] = 0
+                else:
+                    v = _round_half_away(np.float64(wg[r, c]) * 127.0 / np.float64(s))
+                    v = min(max(v, -127.0), 127.0)
+                    q[r, c] = np.int8(v)
+
+
+@numba.njit(cache=True)
+def _dequantize_rows(data, cols, idx, out):
+    # out[k] = row idx[k]; touches only that row's group scales and the row's own bytes.
+    gb = GROUP_BYTES_PER_COL * cols
+    for k in range(idx.size):
+        g = idx[k] // QK
+        r = idx[k] - g * QK
+        base = g * gb
+        sc = data[base : base + 4 * cols].view(np.float32)
+        q = data[base + 4 * cols + r * cols : base + 4 * cols + (r + 1) * cols].view(np.int8)
+        for c in range(cols):
+            out[k, c] = np.float32(np.float64(q[c]) * np.float64(sc[c]) / 127.0)
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(data, rows, cols, out):
+    gb = GROUP_BYTES_PER_COL * cols
+    for g in numba.prange(rows // QK):
+        base = g * gb
+        sc = data[base : base + 4 * cols].view(np.float32)
+        q = data[base + 4 * cols : base + gb].view(np.int8).reshape(QK, cols)
+        for r in range(QK):
+            for c in range(cols):
+                out[g * QK + r, c] = np.float32(np.float64(q[r, c]) * np.float64(sc[c]) / 127.0)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _matvec_kernel(data, rows, cols, x, out):
+    # out[k, i] = sum_c s[g, c] * q[i, c] / 127 * x[k, c]: fold the column scales into x once
+    # per group (xs = s * x / 127), then each row is a plain int8 x float32 dot product.
+    gb = GROUP_BYTES_PER_COL * cols
+    n = x.shape[0]
+    for g in numba.prange(rows // QK):
+        base = g * gb
+        sc = data[base : base + 4 * cols].view(np.float32)
+        q = data[base + 4 * cols : base + gb].view(np.int8).reshape(QK, cols)
+        xs = np.empty(cols, np.float32)
+        for k in range(n):
+            for c in range(cols):
+                xs[c] = sc[c] * x[k, c] * np.float32(1.0 / 127.0)
+            for r in range(QK):
+                acc = np.float32(0.0)
+                for c in range(cols):
+                    acc += np.float32(q[r, c]) * xs[c]
+                out[k, g * QK + r] = acc
+
+
+# ---- the format -----------------------------------------------------------------------
+
+# Batches of more activation rows than this go to BLAS on dequantized tiles.
+MATVEC_MAX_N = 4
+
+
+class Q8A(Format):
+    tag = "Q8_A"
+    version = 1
+    block_shape = (QK, 1)
+    block_bytes = 4 + QK
+    summary = "int8, one float32 absmax scale per 128 weights down a column (llama2.c brainstorm)"
+
+    def _quantize(self, w):
+        rows, cols = w.shape
+        out = np.empty(rows // QK * GROUP_BYTES_PER_COL * cols, np.uint8)
+        _quantize_kernel(w, out)
+        return out
+
+    def _dequantize(self, data, rows, cols):
+        out = np.empty((rows, cols), np.float32)
+        _dequantize_kernel(data, rows, cols, out)
+        return out
+
+    def _get_rows(self, data, rows, cols, idx):
+        out = np.empty((idx.size, cols), np.float32)
+        _dequantize_rows(data, cols, idx, out)
+        return out
+
+    def _qmatmul(self, data, rows, cols, x, mode):
+        if x.shape[0] > MATVEC_MAX_N and rows * cols > TILE_ELEMENTS:
+            return super()._qmatmul(data, rows, cols, x, mode)
+        out = np.empty((x.shape[0], rows), np.float32)
+        _matvec_kernel(data, rows, cols, x, out)
+        return out
+
+
+@quantfmt.hookimpl
+def register_formats(register):
+    register(Q8A())

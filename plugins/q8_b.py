@@ -1,0 +1,224 @@
+"""Q8_B: quantfmt's own 8-bit format, 128 weights ALONG A ROW with a mean and a scale.
+
+From the llama2.c quantization brainstorm (karpathy/llama2.c issue 277). A block is 128
+consecutive weights of one row (block_shape (1, 128)); it stores the block mean m and the
+scale s = max |w - m|, and each weight as int8 q of (w - m) * 127 / s.
+
+Byte layout (little-endian), per block (blocks in row-major order, a row = cols/128 blocks):
+    float32 s          offset 0
+    float32 m          offset 4
+    int8    q[128]     offset 8: q[j] for weight j of the block
+136 bytes per block of 128 = 8.5 bits per weight. A row group is one row.
+
+Arithmetic (formats.md is normative; this is the same text):
+    m   = float32(S / 128.0), S = sequential float64 sum of float64(w_0), ..., float64(w_127)
+          starting from +0.0 (index order: this fixes every rounding)
+    r_j = float64(w_j) - float64(m)
+    s   = float32(max_j |r_j|)        (a RangeError if that overflows float32)
+    s == 0:  q_j = 0
+    else:    q_j = clamp(round_half_away((r_j * 127.0) / float64(s)), -127, 127)
+    dequantize: w'_j = float32(float64(m) + (float64(q_j) * float64(s)) / 127.0)
+Each operation is one IEEE float64 operation in the order written (no FMA).
+round_half_away(v) = t + sign(v) if |v - t| >= 0.5 else t, with t = trunc(v).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+import quantfmt
+from quantfmt.errors import RangeError
+from quantfmt.format import TILE_ELEMENTS, Format
+
+QK = 128
+BLOCK_BYTES = 8 + QK
+
+
+# ---- numpy reference ------------------------------------------------------------------
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """Round float64 to the nearest integer, halves away from zero (v - trunc(v) is exact)."""
+    t = np.trunc(v)
+    return t + np.where(np.abs(v - t) >= 0.5, np.sign(v), 0.0)
+
+
+def pack(s: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Bytes from s, m float32 (nblocks,) and q int8 (nblocks, 128)."""
+    out = np.empty((s.size, BLOCK_BYTES), np.uint8)
+    out[:, 0:4] = s.astype("<f4").view(np.uint8).reshape(-1, 4)
+    out[:, 4:8] = m.astype("<f4").view(np.uint8).reshape(-1, 4)
+    out[:, 8:] = q.view(np.uint8)
+    return out.reshape(-1)
+
+
+def unpack(data: np.ndarray):
+    """Views (no copy): s, m float32 (nblocks,), q int8 (nblocks, 128)."""
+    b = data.reshape(-1, BLOCK_BYTES)
+    return b[:, 0:4].view("<f4")[:, 0], b[:, 4:8].view("<f4")[:, 0], b[:, 8:].view(np.int8)
+
+
+def quantize_ref(w: np.ndarray) -> np.ndarray:
+    """float32 (rows, cols), cols % 128 == 0 -> Q8_B bytes."""
+    wb = w.reshape(-1, QK).astype(np.float64)  # one block per row of wb
+    acc = np.zeros(wb.shape[0])
+    for j in range(QK):  # the sequential sum, in index order
+        acc = acc + wb[:, j]
+    m = (acc / 128.0).astype(np.float32)
+    r = wb - m.astype(np.float64)[:, None]
+    s = np.abs(r).max(axis=1).astype(np.float32)
+    s64 = np.where(s > 0, s, 1).astype(np.float64)[:, None]
+    q = np.clip(round_half_away(r * 127.0 / s64), -127, 127).astype(np.int8)
+    return pack(s, m, q)
+
+
+def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    s, m, q = unpack(data)
+    w = m.astype(np.float64)[:, None] + q.astype(np.float64) * s.astype(np.float64)[:, None] / 127.0
+    return w.astype(np.float32).reshape(rows, cols)
+
+
+# ---- numba kernels --------------------------------------------------------------------
+# Quantize and dequantize: no fastmath, bit-identical to the reference. qmatmul: fastmath.
+
+
+@numba.njit(cache=True)
+def _round_half_away(v):
+    t = np.trunc(v)
+    d = v - t
+    if d >= 0.5:
+        t += 1.0
+    elif d <= -0.5:
+        t -= 1.0
+    return t
+
+
+@numba.njit(cache=True, parallel=True)
+def _quantize_kernel(w, out):
+    rows, cols = w.shape
+    nb = cols // QK
+    for row in numba.prange(rows):
+        res = np.empty(QK)
+        for b in range(nb):
+            o = (row * nb + b) * BLOCK_BYTES
+            hdr = out[o : o + 8].view(np.float32)
+            q = out[o + 8 : o + BLOCK_BYTES].view(np.int8)
+            acc = 0.0
+            for j in range(QK):
+                acc += np.float64(w[row, b * QK + j])
+            m = np.float32(acc / 128.0)
+            mx = 0.0
+            for j in range(QK):
+                res[j] = np.float64(w[row, b * QK + j]) - np.float64(m)
+                mx = max(mx, abs(res[j]))
+            s = np.float32(mx)
+            hdr[0] = s
+            hdr[1] = m
+            for j in range(QK):
+                if s == 0:
+                    q[j] = 0
+                else:
+                    v = _round_half_away(res[j] * 127.0 / np.float64(s))
+                    q[j] = np.int8(min(max(v, -127.0), 127.0))
+
+
+@numba.njit(cache=True)
+def _dequantize_row(data, nb, row, out):
+    for b in range(nb):
+        o = (row * nb + b) * BLOCK_BYTES
+        hdr = data[o : o + 8].view(np.float32)
+        q = data[o + 8 : o + BLOCK_BYTES].view(np.int8)
+        s = np.float64(hdr[0])
+        m = np.float64(hdr[1])
+        for j in range(QK):
+            out[b * QK + j] = np.float32(m + np.float64(q[j]) * s / 127.0)
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(data, rows, cols, out):
+    for row in numba.prange(rows):
+        _dequantize_row(data, cols // QK, row, out[row])
+
+
+@numba.njit(cache=True)
+def _get_rows_kernel(data, cols, idx, out):
+    for k in range(idx.size):
+        _dequantize_row(data, cols // QK, idx[k], out[k])
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _matvec_kernel(data, rows, cols, x, out):
+    # w = m + q * s/127, so a block contributes m * sum(x_block) + s/127 * dot(q, x_block):
+    # the block sums of x are computed once, the per-weight work is an int8 x float32 dot.
+    n = x.shape[0]
+    nb = cols // QK
+    xsum = np.zeros((n, nb), np.float32)
+    for k in range(n):
+        for b in range(nb):
+            a = np.float32(0.0)
+            for j in range(QK):
+                a += x[k, b * QK + j]
+            xsum[k, b] = a
+    for row in numba.prange(rows):
+        for k in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = (row * nb + b) * BLOCK_BYTES
+                hdr = data[o : o + 8].view(np.float32)
+                q = data[o + 8 : o + BLOCK_BYTES].view(np.int8)
+                xb = x[k, b * QK : (b + 1) * QK]
+                dot = np.float32(0.0)
+                for j in range(QK):
+                    dot += np.float32(q[j]) * xb[j]
+                acc += hdr[1] * xsum[k, b] + hdr[0] * np.float32(1.0 / 127.0) * dot
+            out[k, row] = acc
+
+
+# ---- the format -----------------------------------------------------------------------
+
+MATVEC_MAX_N = 4  # larger batches: BLAS on dequantized tiles
+
+
+class Q8B(Format):
+    tag = "Q8_B"
+    version = 1
+    block_shape = (1, QK)
+    block_bytes = BLOCK_BYTES
+    summary = "int8 of (w - mean), float32 scale and mean per 128 weights along a row (llama2.c brainstorm)"
+
+    def _quantize(self, w):
+        rows, cols = w.shape
+        out = np.empty(rows * cols // QK * BLOCK_BYTES, np.uint8)
+        _quantize_kernel(w, out)
+        s = out.reshape(-1, BLOCK_BYTES)[:, 0:4].view("<f4")[:, 0]
+        if not np.isfinite(s).all():
+            blk = int(np.argmin(np.isfinite(s)))
+            row, b = divmod(blk, cols // QK)
+            raise RangeError(
+                f"{self.tag}: the block at row {row}, columns {b * QK}..{b * QK + QK - 1} (matrix shape "
+                f"{w.shape}) spans more than float32 can hold: its scale max|w - mean| overflows"
+            )
+        return out
+
+    def _dequantize(self, data, rows, cols):
+        out = np.empty((rows, cols), np.float32)
+        _dequantize_kernel(data, rows, cols, out)
+        return out
+
+    def _get_rows(self, data, rows, cols, idx):
+        out = np.empty((idx.size, cols), np.float32)
+        _get_rows_kernel(data, cols, idx, out)
+        return out
+
+    def _qmatmul(self, data, rows, cols, x, mode):
+        if x.shape[0] > MATVEC_MAX_N and rows * cols > TILE_ELEMENTS:
+            return super()._qmatmul(data, rows, cols, x, mode)
+        out = np.empty((x.shape[0], rows), np.float32)
+        _matvec_kernel(data, rows, cols, x, out)
+        return out
+
+
+@quantfmt.hookimpl
+def register_formats(register):
+    register(Q8B())
