@@ -699,7 +699,7 @@ def check_format(fmt_or_tag, *, seed: int = 0, size: tuple[int, int] | None = No
 
 
 def _run(name: str, fn: Callable[[], str]) -> Check:
-    with warnings.catch_warnings(record=True) as caught, np.errstate(all="warn"):
+    with warnings.catch_warnings(record=True) as caught, np.errstate(all="warn", under="ignore"):
         warnings.simplefilter("always")
         try:
             detail = fn()
