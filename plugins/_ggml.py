@@ -1,0 +1,193 @@
+"""Shared pieces of the ggml-compatible formats (Q4_0, Q8_0, Q4_1).
+
+Owns: fp16 <-> f32 conversions usable inside numba (numba cannot hold float16, so
+fp16 values travel as uint16 bit patterns), the activation quantizers of qmatmul mode
+"q8_0" (Q8_0 and Q8_1 blocks exactly as ggml's CPU backend makes them), and the
+RangeError raised when a block's fp16 scale would overflow.
+
+Activation quantization follows ggml's SIMD `quantize_row_q8_0` / `quantize_row_q8_1`
+(the x86 AVX/AVX2 and ARM NEON paths, i.e. what llama.cpp runs on every common CPU),
+which differ from the `_ref` functions used for model files in two details:
+    id = 127 / amax            (the reference uses 1 / (amax / 127): one rounding fewer)
+    q  = round-half-to-even(x * id)   (the reference rounds half away from zero)
+The Q8_1 block also carries s = fp16(d * sum(q)) with d = amax / 127 in float32
+(the unrounded scale), which ggml pairs with Q4_1 weights.
+This module is private (its name starts with "_"), so the registry does not load it
+as a plugin.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+
+from quantfmt.errors import NonFiniteError, RangeError
+
+QK = 32  # weights per block, along a row, in every ggml format here
+FP16_MAX_EXCL = 65520.0  # the smallest float32 magnitude that rounds to fp16 infinity
+
+
+# ---- fp16 <-> f32 ----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def fp16_table() -> np.ndarray:
+    """float32 value of every fp16 bit pattern (256 KiB): decoding a scale is one load."""
+    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@numba.njit(cache=True, inline="always")
+def f32_to_f16_bits(f):
+    """fp16 bits of float32 `f`, rounded to nearest even (as numpy's astype(float16), ggml's
+    GGML_FP32_TO_FP16 and the F16C instruction do). The caller guarantees |f| < 65520."""
+    u = np.float32(f).view(np.uint32)
+    sign = np.int64((u >> 16) & 0x8000)
+    a = np.int64(u & 0x7FFFFFFF)
+    if a >= 0x38800000:
+        # >= 2**-14, a normal half: round the 23-bit mantissa to 10 bits (ties to even;
+        # a carry correctly bumps the exponent), then rebias the exponent 127 -> 15.
+        h = ((a + 0xFFF + ((a >> 13) & 1)) >> 13) - (112 << 10)
+    else:
+        # A subnormal half is an integer count of 2**-24. Scaling by 2**24 is exact, and
+        # adding then subtracting 2**23 rounds to an integer, ties to even, in float32.
+        af = np.uint32(a).view(np.float32)
+        big = np.float32(8388608.0)
+        h = np.int64((af * np.float32(16777216.0) + big) - big)
+    return np.uint16(sign | h)
+
+
+# ---- activation quantizers of qmatmul mode "q8_0" --------------------------------------
+
+
+def quantize_activations_ref(x: np.ndarray, with_sum: bool):
+    """numpy reference of ggml's quantize_row_q8_0 (with_sum False) / quantize_row_q8_1.
+
+    x: float32 (n, cols). Returns (d16 uint16 (n, nb), s16 uint16 (n, nb) or None,
+    qs int8 (n, nb, 32)). Raises like `quantize_activations`.
+    """
+    _check_activations(x)
+    n, cols = x.shape
+    xb = x.reshape(n, cols // QK, QK).astype(np.float32)
+    amax = np.abs(xb).max(axis=-1)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore", over="ignore"):
+        idd = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    # ggml computes 127/amax; for amax below ~3.7e-37 that is inf (x*inf is inf or NaN and
+    # the int conversion is undefined). Such a block's fp16 scale and sum are 0, so its
+    # quants never reach a result: we make them 0.
+    idd[~np.isfinite(idd)] = 0
+    qs = np.rint(xb * idd[..., None]).astype(np.int8)
+    _check_act_scale(d, None)
+    d16 = d.astype(np.float16).view(np.uint16)
+    if not with_sum:
+        return d16, None, qs
+    s = d * qs.astype(np.int32).sum(axis=-1).astype(np.float32)
+    _check_act_scale(d, s)
+    return d16, s.astype(np.float16).view(np.uint16), qs
+
+
+@numba.njit(cache=True, parallel=True)
+def _act_kernel(x, with_sum, d16, s16, qs, bad):
+    n, cols = x.shape
+    nb = cols // 32
+    for i in numba.prange(n * nb):
+        r = i // nb
+        b = i - r * nb
+        xb = x[r, b * 32 : b * 32 + 32]
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(xb[j]))
+        d = amax / np.float32(127.0)
+        idd = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        if not np.isfinite(idd):
+            idd = np.float32(0.0)
+        sq = 0
+        for j in range(32):
+            q = np.rint(xb[j] * idd)
+            qs[r, b, j] = np.int8(q)
+            sq += np.int32(q)
+        if not (d < np.float32(65520.0)):
+            bad[i] = 1
+            continue
+        d16[r, b] = f32_to_f16_bits(d)
+        if with_sum:
+            s = d * np.float32(sq)
+            if not (abs(s) < np.float32(65520.0)):
+                bad[i] = 2
+                continue
+            s16[r, b] = f32_to_f16_bits(s)
+
+
+def quantize_activations(x: np.ndarray, with_sum: bool):
+    """ggml's Q8_0 (with_sum False) or Q8_1 blocks of activations x (float32 (n, cols)).
+
+    Returns (d16, s16 or None, qs) like the reference. NonFiniteError for NaN/inf in x;
+    RangeError where ggml would store an infinite fp16 scale or sum.
+    """
+    _check_activations(x)
+    n, cols = x.shape
+    nb = cols // QK
+    d16 = np.empty((n, nb), np.uint16)
+    s16 = np.zeros((n, nb), np.uint16)
+    qs = np.empty((n, nb, QK), np.int8)
+    bad = np.zeros(n * nb, np.uint8)
+    _act_kernel(x, with_sum, d16, s16, qs, bad)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        r, b = divmod(i, nb)
+        xb = x[r, b * QK : (b + 1) * QK]
+        if bad[i] == 1:
+            _act_range_error(r, b, float(np.abs(xb).max()), "scale amax/127")
+        _act_range_error(r, b, float(np.abs(xb).max()), "block sum s = d*sum(q) (Q8_1)")
+    return d16, (s16 if with_sum else None), qs
+
+
+def _check_activations(x):
+    if x.size and not np.isfinite(x).all():
+        r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
+        raise NonFiniteError(
+            f"qmatmul mode 'q8_0': activation row {r}, column {c} is {x[r, c]}; "
+            "a non-finite activation cannot be quantized"
+        )
+
+
+def _check_act_scale(d, s):
+    bad = ~(d < np.float32(FP16_MAX_EXCL))
+    what = "scale amax/127"
+    if s is not None:
+        bad = ~(np.abs(s) < np.float32(FP16_MAX_EXCL))
+        what = "block sum s = d*sum(q) (Q8_1)"
+    if bad.any():
+        r, b = (int(v) for v in np.argwhere(bad)[0])
+        _act_range_error(r, b, float(d[r, b]) * 127.0, what)
+
+
+def _act_range_error(r, b, amax, what):
+    raise RangeError(
+        f"qmatmul mode 'q8_0': activation row {r}, columns {b * QK}..{b * QK + QK - 1} "
+        f"(max |x| = {amax:g}): its {what} does not fit fp16 (must stay below 65520); "
+        "use mode 'f32' for activations this large"
+    )
+
+
+# ---- errors of weight quantization -----------------------------------------------------
+
+
+def first_bad_block(bad_rows: np.ndarray):
+    """(row, block) of the first flagged block: kernels write, per row, the first bad block or -1."""
+    rows = np.flatnonzero(bad_rows >= 0)
+    if rows.size == 0:
+        return None
+    r = int(rows[0])
+    return r, int(bad_rows[r])
+
+
+def scale_range_error(tag: str, w: np.ndarray, r: int, b: int, rule: str) -> RangeError:
+    xb = w[r, b * QK : (b + 1) * QK]
+    return RangeError(
+        f"{tag}: weights of shape {w.shape}: the block at row {r}, columns {b * QK}..{b * QK + QK - 1} "
+        f"(min {float(xb.min()):g}, max {float(xb.max()):g}) needs an fp16 value of 65520 or more, "
+        f"which would be stored as infinity: {rule}"
+    )

@@ -1,0 +1,258 @@
+"""Q4_1: ggml's 4-bit format with an fp16 scale and an fp16 minimum per 32 weights (5 bits per weight).
+
+Owns the Q4_1 layout, its numpy reference, its numba kernels and the Format class.
+
+One block = 32 consecutive weights of a row, 20 bytes:
+
+    bytes 0-1    d      fp16, little-endian: the scale
+    bytes 2-3    m      fp16, little-endian: the block minimum
+    bytes 4-19   qs[16] qs[j] = (q[j] & 15) | (q[j+16] << 4), q in 0..15
+
+    weight w[j] = d * q[j] + m          (a float32 product, then a float32 sum; no FMA)
+
+Quantize (gguf-py's `quants.Q4_1`, byte for byte; ggml's quantize_row_q4_1_ref):
+    min, max = the smallest and largest x
+    d   = (max - min) / 15               float32
+    id  = 1/d, or 0 if d == 0            float32
+    q   = min(15, trunc((x - min)*id + 0.5))
+    d and m = min are stored as fp16 (round to nearest even); either reaching 65520 in
+    magnitude is a RangeError. If id is infinite, (x-min)*id is inf or NaN, which numpy
+    casts to 0: q = 0.
+    Signed zeros: when the minimum (or, in an all-zero block, the maximum) is a zero and
+    the block holds both +0.0 and -0.0, we take the first of them in block order, as
+    ggml's C loop does (`if (v < min) min = v`). gguf-py's numpy min/max picks one by its
+    SIMD reduction order, which depends on the array's shape and the CPU; only the sign
+    bit of the stored m (or d) can differ, never a decoded weight.
+
+qmatmul mode "q8_0": ggml pairs Q4_1 weights with Q8_1 activations (a Q8_0 block plus
+s = d_x * sum(q_x) as fp16), because sum_j (d_w q_w + m)(d_x q_x) = d_w d_x sum(q_w q_x)
++ m * s. Per ggml_vec_dot_q4_1_q8_1 the first terms are summed over blocks in one float32
+accumulator, the m*s terms in another, and the two added at the end.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+import quantfmt
+from quantfmt.format import Format
+
+from ._ggml import (
+    QK,
+    f32_to_f16_bits,
+    first_bad_block,
+    fp16_table,
+    quantize_activations,
+    quantize_activations_ref,
+    scale_range_error,
+)
+
+BLOCK_BYTES = 20
+RULE = "needs max - min below 982800 (= 65520*15) and |min| below 65520"
+
+# ---- numpy reference ----------------------------------------------------------------------
+
+
+def _first_extreme(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The element equal to v (per block) that comes first: fixes the sign of a zero extreme."""
+    i = (x == v[:, None]).argmax(axis=-1)
+    return x[np.arange(x.shape[0]), i]
+
+
+def quantize_ref(w: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(w, np.float32).reshape(-1, QK)
+    mn = _first_extreme(x, x.min(axis=-1))
+    mx = _first_extreme(x, x.max(axis=-1))
+    with np.errstate(over="ignore"):
+        d = (mx - mn) / np.float32(15)
+    bad = ~((d < np.float32(65520)) & (np.abs(mn) < np.float32(65520)))
+    if bad.any():
+        r, b = divmod(int(np.flatnonzero(bad)[0]), w.shape[1] // QK)
+        raise scale_range_error("Q4_1", w, r, b, RULE)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        idd = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        t = np.trunc((x - mn[:, None]) * idd[:, None] + np.float32(0.5))
+    t[~((t >= 0) & (t < 256))] = 0  # numpy's cast of inf/NaN to uint8 gives 0
+    q = np.minimum(t, 15).astype(np.uint8)
+    out = np.empty((x.shape[0], BLOCK_BYTES), np.uint8)
+    out[:, 0:2] = d.astype(np.float16).view(np.uint16)[:, None].view(np.uint8)
+    out[:, 2:4] = mn.astype(np.float16).view(np.uint16)[:, None].view(np.uint8)
+    out[:, 4:] = q[:, :16] | (q[:, 16:] << 4)
+    return out.reshape(-1)
+
+
+def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    blk = data.reshape(-1, BLOCK_BYTES)
+    d = blk[:, 0:2].copy().view(np.float16).astype(np.float32)
+    m = blk[:, 2:4].copy().view(np.float16).astype(np.float32)
+    qs = blk[:, 4:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float32)
+    return (d * q + m).reshape(rows, cols)
+
+
+def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_q4_1_q8_1: sum over blocks of sumi * (d_w*d_x) + m_w * s_x, with
+    sumi = sum(q_w * q_x), the products in float32 from the fp16 fields (float64 sum here)."""
+    blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
+    dw = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    mw = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qw = np.concatenate([blk[..., 4:] & 15, blk[..., 4:] >> 4], axis=-1).astype(np.int64)
+    d16, s16, qx = quantize_activations_ref(x, with_sum=True)
+    dx = d16.view(np.float16).astype(np.float32)
+    sx = s16.view(np.float16).astype(np.float32)
+    sumi = np.einsum("rbj,nbj->nrb", qw, qx.astype(np.int64))
+    scale = (dw[None, :, :] * dx[:, None, :]).astype(np.float32)
+    ms = (mw[None, :, :] * sx[:, None, :]).astype(np.float32)
+    return (sumi * scale.astype(np.float64) + ms).sum(axis=-1).astype(np.float32)
+
+
+# ---- numba kernels ------------------------------------------------------------------------
+# No fastmath in quantize/dequantize (FMA would change last bits).
+
+
+@numba.njit(cache=True, parallel=True)
+def _quantize_kernel(w, out, bad):
+    rows, cols = w.shape
+    nb = cols // 32
+    for r in numba.prange(rows):
+        bad[r] = -1
+        for b in range(nb):
+            xb = w[r, b * 32 : b * 32 + 32]
+            mn = xb[0]
+            mx = xb[0]
+            for j in range(1, 32):  # strict comparisons: the first of equal extremes stays
+                if xb[j] < mn:
+                    mn = xb[j]
+                if xb[j] > mx:
+                    mx = xb[j]
+            d = (mx - mn) / np.float32(15.0)
+            if not (d < np.float32(65520.0) and abs(mn) < np.float32(65520.0)):
+                if bad[r] < 0:
+                    bad[r] = b
+                continue
+            idd = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            hd = f32_to_f16_bits(d)
+            hm = f32_to_f16_bits(mn)
+            o = out[r, b]
+            o[0] = np.uint8(hd & 0xFF)
+            o[1] = np.uint8(hd >> 8)
+            o[2] = np.uint8(hm & 0xFF)
+            o[3] = np.uint8(hm >> 8)
+            for j in range(16):
+                t0 = np.floor((xb[j] - mn) * idd + np.float32(0.5))
+                t1 = np.floor((xb[j + 16] - mn) * idd + np.float32(0.5))
+                t0 = min(t0, np.float32(15.0)) if (t0 >= 0 and t0 < 256) else np.float32(0.0)
+                t1 = min(t1, np.float32(15.0)) if (t1 >= 0 and t1 < 256) else np.float32(0.0)
+                o[4 + j] = np.uint8(t0 + np.float32(16.0) * t1)
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(blocks, lut, idx, out):
+    nb = blocks.shape[1]
+    for k in numba.prange(idx.size):
+        r = idx[k]
+        for b in range(nb):
+            blk = blocks[r, b]
+            d = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
+            m = lut[np.int32(blk[2]) | (np.int32(blk[3]) << 8)]
+            o = out[k, b * 32 : b * 32 + 32]
+            for j in range(16):
+                v = np.float32(blk[4 + j])
+                hi = np.floor(v * np.float32(0.0625))
+                lo = v - np.float32(16.0) * hi
+                o[j] = d * lo + m
+                o[j + 16] = d * hi + m
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _qmatmul_f32_kernel(blocks, lut, x, out):
+    rows, nb = blocks.shape[0], blocks.shape[1]
+    n = x.shape[0]
+    for r in numba.prange(rows):
+        wrow = np.empty(nb * 32, np.float32)
+        for b in range(nb):
+            blk = blocks[r, b]
+            d = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
+            m = lut[np.int32(blk[2]) | (np.int32(blk[3]) << 8)]
+            for j in range(16):
+                v = np.float32(blk[4 + j])
+                hi = np.floor(v * np.float32(0.0625))
+                lo = v - np.float32(16.0) * hi
+                wrow[b * 32 + j] = d * lo + m
+                wrow[b * 32 + j + 16] = d * hi + m
+        for i in range(n):
+            acc = np.float32(0.0)
+            xi = x[i]
+            for k in range(nb * 32):
+                acc += wrow[k] * xi[k]
+            out[i, r] = acc
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _qmatmul_q8_kernel(blocks, lut, dx, sx, qx, out):
+    # ggml_vec_dot_q4_1_q8_1: acc = sum of sumi*(d_w*d_x); summs = sum of m_w*s_x; acc + summs.
+    rows, nb = blocks.shape[0], blocks.shape[1]
+    n = qx.shape[0]
+    for r in numba.prange(rows):
+        for i in range(n):
+            acc = np.float32(0.0)
+            summs = np.float32(0.0)
+            for b in range(nb):
+                blk = blocks[r, b]
+                qb = qx[i, b]
+                sumi = np.int32(0)
+                for j in range(16):
+                    v = np.int32(blk[4 + j])
+                    sumi += (v & 15) * np.int32(qb[j]) + (v >> 4) * np.int32(qb[j + 16])
+                dw = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
+                mw = lut[np.int32(blk[2]) | (np.int32(blk[3]) << 8)]
+                acc += np.float32(sumi) * (dw * dx[i, b])
+                summs += mw * sx[i, b]
+            out[i, r] = acc + summs
+
+
+# ---- the format ---------------------------------------------------------------------------
+
+
+class Q4_1(Format):
+    tag = "Q4_1"
+    version = 1
+    block_shape = (1, QK)
+    block_bytes = BLOCK_BYTES
+    modes = ("f32", "q8_0")
+    summary = "ggml Q4_1: per 32 weights fp16 scale d and min m, 4-bit q, w = d*q + m; gguf-identical bytes"
+
+    def _quantize(self, w):
+        rows, cols = w.shape
+        out = np.empty((rows, cols // QK, BLOCK_BYTES), np.uint8)
+        bad = np.empty(rows, np.int64)
+        _quantize_kernel(w, out, bad)
+        hit = first_bad_block(bad)
+        if hit is not None:
+            raise scale_range_error(self.tag, w, *hit, RULE)
+        return out.reshape(-1)
+
+    def _dequantize(self, data, rows, cols):
+        return self._get_rows(data, rows, cols, np.arange(rows, dtype=np.int64))
+
+    def _get_rows(self, data, rows, cols, idx):
+        out = np.empty((idx.size, cols), np.float32)
+        _dequantize_kernel(data.reshape(rows, cols // QK, BLOCK_BYTES), fp16_table(), idx, out)
+        return out
+
+    def _qmatmul(self, data, rows, cols, x, mode):
+        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
+        out = np.empty((x.shape[0], rows), np.float32)
+        if mode == "q8_0":
+            d16, s16, qx = quantize_activations(x, with_sum=True)
+            lut = fp16_table()
+            _qmatmul_q8_kernel(blocks, lut, lut[d16], lut[s16], qx, out)
+        else:
+            _qmatmul_f32_kernel(blocks, fp16_table(), x, out)
+        return out
+
+
+@quantfmt.hookimpl
+def register_formats(register):
+    register(Q4_1())

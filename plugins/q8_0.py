@@ -1,0 +1,220 @@
+"""Q8_0: ggml's 8-bit format with one fp16 scale per 32 weights (8.5 bits per weight).
+
+Owns the Q8_0 layout, its numpy reference, its numba kernels and the Format class.
+
+One block = 32 consecutive weights of a row, 34 bytes:
+
+    bytes 0-1    d      fp16, little-endian: the scale
+    bytes 2-33   qs[32] int8, two's complement: qs[j] is element j
+
+    weight w[j] = d * qs[j]
+
+Quantize (gguf-py's `quants.Q8_0`, byte for byte; ggml's quantize_row_q8_0_ref):
+    amax = max |x|
+    d    = amax / 127                float32
+    id   = 1/d, or 0 if d == 0       float32
+    q    = round(x*id)               half away from zero (C roundf), in -127..127
+    d is stored as fp16 (round to nearest even). amax >= 8321040 (= 65520*127) makes d
+    round to fp16 infinity: a RangeError. A d that underflows fp16 is stored as 0 (or a
+    subnormal) while q still comes from the float32 id, exactly as gguf and ggml do. If id
+    is infinite (amax below ~3.7e-37), x*id is +-inf or NaN, which numpy casts to 0: q = 0.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+import quantfmt
+from quantfmt.format import Format
+
+from ._ggml import (
+    QK,
+    f32_to_f16_bits,
+    first_bad_block,
+    fp16_table,
+    quantize_activations,
+    quantize_activations_ref,
+    scale_range_error,
+)
+
+BLOCK_BYTES = 34
+RULE = "a block's max |w| must stay below 8321040 (= 65520*127)"
+
+# ---- numpy reference ----------------------------------------------------------------------
+
+
+def quantize_ref(w: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(w, np.float32).reshape(-1, QK)
+    d = np.abs(x).max(axis=-1) / np.float32(127)
+    bad = ~(d < np.float32(65520))
+    if bad.any():
+        r, b = divmod(int(np.flatnonzero(bad)[0]), w.shape[1] // QK)
+        raise scale_range_error("Q8_0", w, r, b, RULE)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        idd = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        t = x * idd[:, None]
+        a = np.abs(t)
+        # round half away from zero: a - floor(a) is exact, so this is C's roundf
+        r = np.floor(a) + (a - np.floor(a) >= np.float32(0.5))
+    r[~(a < 256)] = 0  # inf or NaN: numpy's cast to int8 gives 0
+    q = np.where(t < 0, -r, r).astype(np.int8)
+    out = np.empty((x.shape[0], BLOCK_BYTES), np.uint8)
+    out[:, 0:2] = d.astype(np.float16).view(np.uint16)[:, None].view(np.uint8)
+    out[:, 2:] = q.view(np.uint8)
+    return out.reshape(-1)
+
+
+def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    blk = data.reshape(-1, BLOCK_BYTES)
+    d = blk[:, 0:2].copy().view(np.float16).astype(np.float32)
+    q = blk[:, 2:].view(np.int8).astype(np.float32)
+    return (q * d).reshape(rows, cols)
+
+
+def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_q8_0_q8_0: per block sumi = sum(q_w * q_x), then sum over blocks of
+    sumi * (d_w * d_x), the scale product in float32 from the fp16 scales (float64 sum here)."""
+    blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
+    dw = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qw = blk[..., 2:].view(np.int8).astype(np.int64)
+    d16, _, qx = quantize_activations_ref(x, with_sum=False)
+    dx = d16.view(np.float16).astype(np.float32)
+    sumi = np.einsum("rbj,nbj->nrb", qw, qx.astype(np.int64))
+    scale = (dw[None, :, :] * dx[:, None, :]).astype(np.float32)
+    return (sumi * scale.astype(np.float64)).sum(axis=-1).astype(np.float32)
+
+
+# ---- numba kernels ------------------------------------------------------------------------
+# No fastmath in quantize/dequantize (FMA would change last bits). |x| max runs on the
+# integer bit patterns (sign cleared), which vectorizes without fastmath.
+
+
+@numba.njit(cache=True, parallel=True)
+def _quantize_kernel(w, out, outq, bad):
+    # out: (rows, nb, 34) uint8; outq: the same memory as int8
+    rows, cols = w.shape
+    nb = cols // 32
+    wu = w.view(np.uint32)
+    for r in numba.prange(rows):
+        bad[r] = -1
+        for b in range(nb):
+            xb = w[r, b * 32 : b * 32 + 32]
+            ub = wu[r, b * 32 : b * 32 + 32]
+            amaxu = np.uint32(0)
+            for j in range(32):
+                amaxu = max(amaxu, ub[j] & np.uint32(0x7FFFFFFF))
+            d = np.uint32(amaxu).view(np.float32) / np.float32(127.0)
+            if not (d < np.float32(65520.0)):
+                if bad[r] < 0:
+                    bad[r] = b
+                continue
+            idd = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            h = f32_to_f16_bits(d)
+            out[r, b, 0] = np.uint8(h & 0xFF)
+            out[r, b, 1] = np.uint8(h >> 8)
+            oq = outq[r, b]
+            for j in range(32):
+                t = xb[j] * idd
+                a = abs(t)
+                f = np.floor(a)
+                q = f + np.float32(1.0) if a - f >= np.float32(0.5) else f
+                q = q if a < np.float32(256.0) else np.float32(0.0)
+                oq[2 + j] = np.int8(-q if t < 0 else q)
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(blocks, blocksq, lut, idx, out):
+    nb = blocks.shape[1]
+    for k in numba.prange(idx.size):
+        r = idx[k]
+        for b in range(nb):
+            d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
+            q = blocksq[r, b]
+            o = out[k, b * 32 : b * 32 + 32]
+            for j in range(32):
+                o[j] = np.float32(q[2 + j]) * d
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _qmatmul_f32_kernel(blocks, blocksq, lut, x, out):
+    rows, nb = blocks.shape[0], blocks.shape[1]
+    n = x.shape[0]
+    for r in numba.prange(rows):
+        wrow = np.empty(nb * 32, np.float32)
+        for b in range(nb):
+            d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
+            q = blocksq[r, b]
+            for j in range(32):
+                wrow[b * 32 + j] = np.float32(q[2 + j]) * d
+        for i in range(n):
+            acc = np.float32(0.0)
+            xi = x[i]
+            for k in range(nb * 32):
+                acc += wrow[k] * xi[k]
+            out[i, r] = acc
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _qmatmul_q8_kernel(blocks, blocksq, lut, dx, qx, out):
+    # ggml_vec_dot_q8_0_q8_0: integer dot per block, scaled by d_w*d_x, summed in float32.
+    rows, nb = blocks.shape[0], blocks.shape[1]
+    n = qx.shape[0]
+    for r in numba.prange(rows):
+        for i in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                q = blocksq[r, b]
+                qb = qx[i, b]
+                sumi = np.int32(0)
+                for j in range(32):
+                    sumi += np.int32(q[2 + j]) * np.int32(qb[j])
+                dw = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
+                acc += np.float32(sumi) * (dw * dx[i, b])
+            out[i, r] = acc
+
+
+# ---- the format ---------------------------------------------------------------------------
+
+
+class Q8_0(Format):
+    tag = "Q8_0"
+    version = 1
+    block_shape = (1, QK)
+    block_bytes = BLOCK_BYTES
+    modes = ("f32", "q8_0")
+    summary = "ggml Q8_0: per 32 weights an fp16 scale d and int8 q, w = d*q; gguf-identical bytes"
+
+    def _quantize(self, w):
+        rows, cols = w.shape
+        out = np.empty((rows, cols // QK, BLOCK_BYTES), np.uint8)
+        bad = np.empty(rows, np.int64)
+        _quantize_kernel(w, out, out.view(np.int8), bad)
+        hit = first_bad_block(bad)
+        if hit is not None:
+            raise scale_range_error(self.tag, w, *hit, RULE)
+        return out.reshape(-1)
+
+    def _dequantize(self, data, rows, cols):
+        return self._get_rows(data, rows, cols, np.arange(rows, dtype=np.int64))
+
+    def _get_rows(self, data, rows, cols, idx):
+        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
+        out = np.empty((idx.size, cols), np.float32)
+        _dequantize_kernel(blocks, blocks.view(np.int8), fp16_table(), idx, out)
+        return out
+
+    def _qmatmul(self, data, rows, cols, x, mode):
+        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
+        out = np.empty((x.shape[0], rows), np.float32)
+        if mode == "q8_0":
+            d16, _, qx = quantize_activations(x, with_sum=False)
+            _qmatmul_q8_kernel(blocks, blocks.view(np.int8), fp16_table(), fp16_table()[d16], qx, out)
+        else:
+            _qmatmul_f32_kernel(blocks, blocks.view(np.int8), fp16_table(), x, out)
+        return out
+
+
+@quantfmt.hookimpl
+def register_formats(register):
+    register(Q8_0())
