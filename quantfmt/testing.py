@@ -287,8 +287,7 @@ class _Kit:
         return f"RMSE {rmse:.4g}, relative {rel:.4g} (bound {bound:g}) on N(0,1) {self.shape}"
 
     def roundtrip_size(self, size):
-        br, bc = self.fmt.block_shape
-        shape = (-(-int(size[0]) // br) * br, -(-int(size[1]) // bc) * bc)
+        shape = self.size_shape(size)
         w = self.rng(99).standard_normal(shape, dtype=np.float32)
         bound = GENERIC_MAX_REL_RMSE
         own = getattr(self.fmt, "max_rel_rmse", None)
@@ -297,6 +296,10 @@ class _Kit:
         rmse, rel = self._roundtrip(w, shape, bound)
         self.metrics.update(size_shape=list(shape), size_rmse=rmse, size_rel_rmse=rel)
         return f"RMSE {rmse:.5g}, relative {rel:.5g} (bound {bound:g}) on N(0,1) {shape}"
+
+    def size_shape(self, size):
+        br, bc = self.fmt.block_shape
+        return (-(-int(size[0]) // br) * br, -(-int(size[1]) // bc) * bc)
 
     def get_rows(self):
         f, data, rows = self.fmt, self.data, self.rows
@@ -330,38 +333,78 @@ class _Kit:
         )
         return f"bitwise equal to dequantize for {len(cases) + 8} index sets on {self.shape}"
 
-    def qmatmul(self, mode):
-        f, data, shape = self.fmt, self.data, self.shape
+    def _qmatmul_vs_dequantize(self, data, shape, full, mode, ns, salt) -> float:
+        """Worst |qmatmul - dequantize() @ x.T| / (|x| |w|) over x of shapes (n, cols) for n in ns
+        ((cols,) for None), with and without prepare(); _Fail beyond the mode's tolerance."""
+        f = self.fmt
+        rows, cols = full.shape
         tol = F32_TOL if mode == "f32" else Q8_TOL
-        w = self.deq().astype(np.float64)
+        w = full.astype(np.float64)
         wn = np.linalg.norm(w, axis=1)
-        prepared = f.prepare(data, self.rows, self.cols)
+        prepared = f.prepare(f._bytes_input(data, shape), rows, cols)
         worst = 0.0
-        rng = self.rng(2)
-        for n in (None, 1, 5):
-            x = rng.standard_normal((n or 1, self.cols), dtype=np.float32)
+        rng = self.rng(salt)
+        for n in ns:
+            x = rng.standard_normal((n or 1, cols), dtype=np.float32)
             x[-1] *= 100.0  # the bound scales with |x|: a kernel mixing up rows of x shows
             xin = x[0] if n is None else x
             want = x.astype(np.float64) @ w.T
             scale = np.linalg.norm(x.astype(np.float64), axis=1)[:, None] * wn[None, :]
             for how, kw in (("", {}), ("prepared ", {"prepared": prepared})):
                 y = f.qmatmul(data, shape, xin, mode, **kw)
-                eshape = (self.rows,) if n is None else (n, self.rows)
+                eshape = (rows,) if n is None else (n, rows)
                 _require(
                     isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == eshape,
                     f"{how}qmatmul(x{xin.shape}) returned {_desc(y)}, expected float32{eshape}",
                 )
                 _require(np.isfinite(y).all(), f"{how}qmatmul(x{xin.shape}) holds non-finite values")
-                err = np.abs(y.reshape(want.shape).astype(np.float64) - want)
-                rel = err / np.maximum(scale, 1e-30)
+                rel = np.abs(y.reshape(want.shape).astype(np.float64) - want) / np.maximum(scale, 1e-30)
                 i, j = np.unravel_index(int(np.argmax(rel)), rel.shape)
                 _require(
                     rel[i, j] <= tol,
-                    f"{how}qmatmul(x{xin.shape}) row {j}: got {y.reshape(want.shape)[i, j]!r}, "
-                    f"dequantize() @ x.T = {want[i, j]!r}; error {rel[i, j]:.3g} |x||w| > {tol:g}",
+                    f"{how}qmatmul(x{xin.shape}) on {shape}, row {i} of x, row {j} of W: got "
+                    f"{y.reshape(want.shape)[i, j]!r}, dequantize() @ x.T = {want[i, j]!r}; "
+                    f"error {rel[i, j]:.3g} |x||w| > {tol:g}",
                 )
                 worst = max(worst, float(rel[i, j]))
-        return f"max error {worst:.3g} |x||w| (tol {tol:g}) for x (cols,), (1, cols), (5, cols)"
+        return worst
+
+    def qmatmul(self, mode):
+        f, data, shape = self.fmt, self.data, self.shape
+        tol = F32_TOL if mode == "f32" else Q8_TOL
+        ns = (None, 1, 5, 33)
+        worst = self._qmatmul_vs_dequantize(data, shape, self.deq(), mode, ns, 2)
+        # float16 / float64 activations are the float32 ones of the same values
+        x16 = self.rng(3).standard_normal((3, self.cols)).astype(np.float16)
+        for x in (x16, x16.astype(np.float64)):
+            a, b = f.qmatmul(data, shape, x, mode), f.qmatmul(data, shape, x16.astype(np.float32), mode)
+            _require(
+                np.allclose(a, b, rtol=0, atol=1e-6 * float(np.abs(b).max())),
+                f"qmatmul of {x.dtype} activations differs from float32 ones of the same values",
+            )
+        return f"max error {worst:.3g} |x||w| (tol {tol:g}) for x (cols,), (n, cols) with n = 1, 5, 33"
+
+    def kernels_at(self, shape, salt):
+        """get_rows and every qmatmul mode against dequantize on a larger N(0,1) matrix, where
+        kernels may take other paths (threads, tiles) than on the small one."""
+        f = self.fmt
+        w = self.rng(salt).standard_normal(shape, dtype=np.float32)
+        data = f.quantize(w)
+        full = f.dequantize(data, shape)
+        rows = shape[0]
+        idx = np.array([0, rows // 2, rows - 1, 1, -2])
+        got = f.get_rows(data, shape, idx)
+        _require(
+            _same_floats(got, full[idx]),
+            f"get_rows({idx.tolist()}) on {shape}: {_first_diff(got, full[idx])}",
+        )
+        worst = {m: self._qmatmul_vs_dequantize(data, shape, full, m, (None, 4), salt + 1) for m in f.modes}
+        errs = ", ".join(f"{m} {e:.3g}" for m, e in worst.items())
+        return f"get_rows bitwise, qmatmul max error |x||w|: {errs} on {shape}"
+
+    def medium(self):
+        br, bc = self.fmt.block_shape
+        return self.kernels_at((br * (max(3, -(-61 // br)) | 1), bc * (max(3, -(-1000 // bc)) | 1)), 20)
 
     def byte_inputs(self):
         f, data, shape = self.fmt, self.data, self.shape
@@ -677,6 +720,9 @@ def check_format(fmt_or_tag, *, seed: int = 0, size: tuple[int, int] | None = No
         checks.append(("roundtrip_size", lambda: kit.roundtrip_size(size)))
     checks += [("get_rows", kit.get_rows)]
     checks += [(f"qmatmul[{m}]", lambda m=m: kit.qmatmul(m)) for m in fmt.modes]
+    checks += [("kernels_medium", kit.medium)]
+    if size is not None:
+        checks.append(("kernels_size", lambda: kit.kernels_at(kit.size_shape(size), 30)))
     checks += [
         ("byte_inputs", kit.byte_inputs),
         ("determinism", kit.determinism),

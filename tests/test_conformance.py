@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from quantfmt import plugins
+from quantfmt import plugins, testing
 from quantfmt.cli import cli
 from quantfmt.format import Format
 from quantfmt.testing import Q8_TOL, assert_conforms, check_format, small_shape
@@ -305,10 +305,23 @@ def test_cli_check_table_and_json(fresh_registry):
     assert {c["name"] for c in rep["checks"]} >= {"get_rows", "qmatmul[f32]", "error:shape"}
 
 
-def test_cli_check_all_covers_every_format(fresh_registry):
-    res = CliRunner().invoke(cli, ["check", "--all", "--json"])
-    assert res.exit_code == 0, res.output
+def test_cli_check_all_covers_every_format(fresh_registry, monkeypatch):
+    # Every format's checks run in test_builtin_format_conforms; here only which formats --all
+    # picks and how the CLI passes --seed and --size on (a stub Report per format).
+    seen = []
+
+    def fake_check(fmt, *, seed, size):
+        seen.append((fmt.tag, seed, size))
+        report = testing.Report(fmt)
+        report.append(testing.Check("stub", fmt.tag != "F16", "stubbed"))
+        return report
+
+    monkeypatch.setattr(testing, "check_format", fake_check)
+    res = CliRunner().invoke(cli, ["check", "--all", "--json", "--seed", "3", "--size", "8x64"])
+    assert res.exit_code == 1, res.output
     assert [r["tag"] for r in json.loads(res.stdout)] == list(plugins.formats())
+    assert seen == [(t, 3, (8, 64)) for t in plugins.formats()]
+    assert "1 of" in res.stderr and ": F16" in res.stderr
 
 
 def test_cli_check_errors(fresh_registry):
