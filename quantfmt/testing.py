@@ -16,12 +16,16 @@ figure `quantfmt check --all --size 4096x4096` reports. What is checked:
 
   geometry        bits_per_weight, nbytes(shape) and the quantized byte count agree
   roundtrip       RMSE finite, relative RMSE below GENERIC_MAX_REL_RMSE and below the
-                  format's own `max_rel_rmse` if it declares one
+                  format's own `max_rel_rmse` if it declares one (roundtrip_size: at `size`)
   get_rows        get_row/get_rows bitwise equal to dequantize (negative, repeated,
                   unordered, empty and non-int64 index arrays)
   qmatmul[MODE]   every declared mode against dequantize() @ X.T (float64), X of shape
                   (cols,) and (n, cols); error bounded by tol * |x_i| * |w_j| (tol =
-                  F32_TOL, or Q8_TOL for activations quantized to Q8_0); prepared= path
+                  F32_TOL for "f32", Q8_TOL for "q8_0" and any other mode, whose
+                  activations are quantized); with and without prepare(); float16 and
+                  float64 activations equal to float32 ones of the same values
+  kernels_medium  get_rows and every qmatmul mode again on a matrix of ~61 x ~1000, where
+                  kernels may take other paths (threads, tiles); kernels_size: at `size`
   byte_inputs     bytes, memoryview and read-only arrays decode the same
   determinism     same bytes twice, also after quantizing something else; input untouched
   input_layouts   Fortran-ordered, strided, read-only, float16 and float64 inputs give
