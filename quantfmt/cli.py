@@ -134,7 +134,7 @@ def _parse_size(ctx, param, value):
     metavar="ROWSxCOLS",
     help="Also measure the round-trip RMSE on N(0,1) weights of this size (rounded up to whole blocks).",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the random test matrices.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of test data.")
 @click.option("--json", "as_json", is_flag=True, help="Print every check of every format as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every check, not only the failed ones.")
 @click.pass_context

@@ -281,11 +281,12 @@ class _Kit:
         _require(rel <= bound, f"relative RMSE {rel:.4g} on N(0,1) {shape} exceeds {bound:g}")
         return rmse, rel
 
-    def roundtrip(self):
-        bound = GENERIC_MAX_REL_RMSE
+    def rel_rmse_bound(self) -> float:
         own = getattr(self.fmt, "max_rel_rmse", None)
-        if own is not None:
-            bound = min(bound, float(own))
+        return GENERIC_MAX_REL_RMSE if own is None else min(GENERIC_MAX_REL_RMSE, float(own))
+
+    def roundtrip(self):
+        bound = self.rel_rmse_bound()
         rmse, rel = self._roundtrip(self.w, self.shape, bound)
         self.metrics.update(shape=list(self.shape), rmse=rmse, rel_rmse=rel)
         return f"RMSE {rmse:.4g}, relative {rel:.4g} (bound {bound:g}) on N(0,1) {self.shape}"
@@ -293,10 +294,7 @@ class _Kit:
     def roundtrip_size(self, size):
         shape = self.size_shape(size)
         w = self.rng(99).standard_normal(shape, dtype=np.float32)
-        bound = GENERIC_MAX_REL_RMSE
-        own = getattr(self.fmt, "max_rel_rmse", None)
-        if own is not None:
-            bound = min(bound, float(own))
+        bound = self.rel_rmse_bound()
         rmse, rel = self._roundtrip(w, shape, bound)
         self.metrics.update(size_shape=list(shape), size_rmse=rmse, size_rel_rmse=rel)
         return f"RMSE {rmse:.5g}, relative {rel:.5g} (bound {bound:g}) on N(0,1) {shape}"
