@@ -42,6 +42,7 @@ Each check also fails if it emitted any Python warning (numpy's, numba's, ...).
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -268,6 +269,8 @@ class _Kit:
             d.size == f.nbytes(self.shape),
             f"quantize gave {d.size} bytes for {self.shape}, nbytes says {f.nbytes(self.shape)}",
         )
+        info = f.info()
+        _require(json.loads(json.dumps(info)) == info, f"info() is not plain JSON: {info!r}")
         return f"{f.bits_per_weight:g} bpw ({br}x{bc} blocks of {f.block_bytes} bytes): {d.size} bytes"
 
     def _roundtrip(self, w, shape, bound):

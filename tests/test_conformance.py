@@ -314,6 +314,13 @@ def test_cli_check_table_and_json(fresh_registry):
     assert {c["name"] for c in rep["checks"]} >= {"get_rows", "qmatmul[f32]", "error:shape"}
 
 
+def test_cli_check_verbose_lists_every_check(fresh_registry):
+    res = CliRunner().invoke(cli, ["check", "-v", "F16"])
+    assert res.exit_code == 0, res.output
+    listed = [ln.split()[1].rstrip(":") for ln in res.stdout.splitlines() if ln.startswith("  PASS")]
+    assert listed == [c.name for c in check_format("F16")]
+
+
 def test_cli_check_all_covers_every_format(fresh_registry, monkeypatch):
     # Every format's checks run in test_builtin_format_conforms; here only which formats --all
     # picks and how the CLI passes --seed and --size on (a stub Report per format).
