@@ -58,6 +58,12 @@ def f32_to_f16_bits(f):
     return np.uint16(sign | h)
 
 
+def n_chunks(rows: int, cols: int) -> int:
+    """How many row ranges a prange driver splits `rows` rows into: about 64K weights each,
+    enough to balance two or more threads without per-row scheduling overhead."""
+    return max(1, min(rows, rows * cols // 65536))
+
+
 # ---- activation quantizers of qmatmul mode "q8_0" --------------------------------------
 
 
@@ -170,6 +176,26 @@ def _act_range_error(r, b, amax, what):
         f"(max |x| = {amax:g}): its {what} does not fit fp16 (must stay below 65520); "
         "use mode 'f32' for activations this large"
     )
+
+
+def vec_dot_ref(qw, dw, x, mw=None):
+    """numpy reference of ggml's block dot products, for every (activation row, weight row).
+
+    qw: integer weight quants (rows, nb, 32) as the dot uses them (Q4_0: q - 8), dw: float32
+    decoded fp16 scales (rows, nb); x: float32 activations (n, cols). Without mw this is
+    ggml_vec_dot_{q4_0,q8_0}_q8_0: Q8_0 activations and, per block, sumi * (d_w * d_x) with
+    sumi the exact integer dot and the scale product in float32. With mw (Q4_1's decoded
+    minima) it is ggml_vec_dot_q4_1_q8_1: Q8_1 activations and an extra m_w * s_x per block.
+    Blocks are summed in float64 here; ggml sums in float32 (the order differs anyway).
+    """
+    d16, s16, qx = quantize_activations_ref(x, with_sum=mw is not None)
+    dx = d16.view(np.float16).astype(np.float32)
+    sumi = np.einsum("rbj,nbj->nrb", qw.astype(np.int64), qx.astype(np.int64))
+    terms = sumi * (dw[None, :, :] * dx[:, None, :]).astype(np.float32).astype(np.float64)
+    if mw is not None:
+        sx = s16.view(np.float16).astype(np.float32)
+        terms += (mw[None, :, :] * sx[:, None, :]).astype(np.float32)
+    return terms.sum(axis=-1).astype(np.float32)
 
 
 # ---- errors of weight quantization -----------------------------------------------------

@@ -35,9 +35,10 @@ from ._ggml import (
     f32_to_f16_bits,
     first_bad_block,
     fp16_table,
+    n_chunks,
     quantize_activations,
-    quantize_activations_ref,
     scale_range_error,
+    vec_dot_ref,
 )
 
 BLOCK_BYTES = 18
@@ -77,78 +78,91 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
     """ggml_vec_dot_q4_0_q8_0 for every (activation row, weight row): per block the integer
-    dot sumi = sum((q_w - 8) * q_x), then sum over blocks of sumi * (d_w * d_x), the scale
-    product taken in float32 from the fp16 scales. Summed here in float64."""
+    dot sumi = sum((q_w - 8) * q_x), then sum over blocks of sumi * (d_w * d_x)."""
     blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
     dw = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     qw = np.concatenate([blk[..., 2:] & 15, blk[..., 2:] >> 4], axis=-1).astype(np.int64) - 8
-    d16, _, qx = quantize_activations_ref(x, with_sum=False)
-    dx = d16.view(np.float16).astype(np.float32)
-    sumi = np.einsum("rbj,nbj->nrb", qw, qx.astype(np.int64))
-    scale = (dw[None, :, :] * dx[:, None, :]).astype(np.float32)
-    return (sumi * scale.astype(np.float64)).sum(axis=-1).astype(np.float32)
+    return vec_dot_ref(qw, dw, x)
 
 
 # ---- numba kernels ------------------------------------------------------------------------
 # The block loops work on 2-D/3-D views indexed by loop variables, which compile to
 # contiguous vector loads. No fastmath in quantize/dequantize: it would allow FMA and break
-# byte-identity. Abs-max and the first-index search run on integer bit patterns (|x| is
-# the bits with the sign cleared; the integer order of those equals the float order), which
-# vectorizes where a float min/max reduction would not without fastmath.
+# byte-identity.
 
 
-@numba.njit(cache=True, parallel=True)
-def _quantize_kernel(w, out, bad):
-    rows, cols = w.shape
-    nb = cols // 32
-    wu = w.view(np.uint32)
-    for r in numba.prange(rows):
+@numba.njit(cache=True)
+def _quantize_rows(w, out, bad, r0, r1):
+    # Rows r0..r1-1 of w (float32) into out (rows, nb, 18).
+    nb = w.shape[1] // 32
+    # 32, computed so LLVM cannot see it: a constant 32-long loop is fully unrolled into
+    # scalar code (numba runs no SLP vectorizer); a run-time trip count gets vectorized.
+    qk = w.shape[1] // nb
+    for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
-            xb = w[r, b * 32 : b * 32 + 32]
-            ub = wu[r, b * 32 : b * 32 + 32]
-            amax = np.uint32(0)
-            for j in range(32):
-                amax = max(amax, ub[j] & np.uint32(0x7FFFFFFF))
-            first = 32
-            for j in range(32):
-                if (ub[j] & np.uint32(0x7FFFFFFF)) == amax:
-                    first = min(first, j)
-            d = xb[first] / np.float32(-8.0)
+            c0 = b * 32
+            # The first largest |x|: the bits of |x| (sign cleared) order like the floats,
+            # and int32 max/min reductions vectorize where float ones (without fastmath)
+            # do not. The smallest index wins a tie, as numpy's argmax; all zeros give x[0].
+            amax = np.int32(0)
+            for j in range(qk):
+                a = np.float32(abs(w[r, c0 + j])).view(np.int32)
+                amax = a if a > amax else amax
+            first = np.int32(32)
+            for j in range(qk):
+                a = np.float32(abs(w[r, c0 + j])).view(np.int32)
+                cand = np.int32(j) if a == amax else np.int32(32)
+                first = cand if cand < first else first
+            d = w[r, c0 + first] / np.float32(-8.0)
             if not (abs(d) < np.float32(65520.0)):
                 if bad[r] < 0:
                     bad[r] = b
                 continue
             idd = np.float32(1.0) / d if d != 0 else np.float32(0.0)
             h = f32_to_f16_bits(d)
-            o = out[r, b]
-            o[0] = np.uint8(h & 0xFF)
-            o[1] = np.uint8(h >> 8)
+            out[r, b, 0] = np.uint8(h & 0xFF)
+            out[r, b, 1] = np.uint8(h >> 8)
             for j in range(16):
-                t0 = np.floor(xb[j] * idd + np.float32(8.5))
-                t1 = np.floor(xb[j + 16] * idd + np.float32(8.5))
+                t0 = np.floor(w[r, c0 + j] * idd + np.float32(8.5))
+                t1 = np.floor(w[r, c0 + 16 + j] * idd + np.float32(8.5))
                 # floor == trunc on the valid range (t >= 0); inf and NaN become 0 like numpy's cast
                 t0 = min(t0, np.float32(15.0)) if (t0 >= 0 and t0 < 256) else np.float32(0.0)
                 t1 = min(t1, np.float32(15.0)) if (t1 >= 0 and t1 < 256) else np.float32(0.0)
-                o[2 + j] = np.uint8(t0 + np.float32(16.0) * t1)
+                out[r, b, 2 + j] = np.uint8(t0 + np.float32(16.0) * t1)
 
 
 @numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(blocks, lut, idx, out):
-    # blocks: (rows, nb, 18); idx: the rows to decode, out: (len(idx), cols)
+def _quantize_kernel(w, out, bad, nchunk):
+    rows = w.shape[0]
+    for c in numba.prange(nchunk):
+        _quantize_rows(w, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+
+
+@numba.njit(cache=True)
+def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
+    # Rows idx[k0:k1] of blocks (rows, nb, 18) into out[k0:k1]. Direct 3-D indexing and a
+    # trip count `half` known only at run time: numba runs no SLP vectorizer, and constant
+    # 16-long loops get fully unrolled into scalar code; this way the loop vectorizer
+    # makes packed converts and multiplies. The nibble split is done in float (exact).
     nb = blocks.shape[1]
-    for k in numba.prange(idx.size):
+    for k in range(k0, k1):
         r = idx[k]
         for b in range(nb):
-            blk = blocks[r, b]
-            d = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
-            o = out[k, b * 32 : b * 32 + 32]
-            for j in range(16):
-                v = np.float32(blk[2 + j])
+            d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
+            for j in range(half):
+                v = np.float32(blocks[r, b, 2 + j])
                 hi = np.floor(v * np.float32(0.0625))
                 lo = v - np.float32(16.0) * hi
-                o[j] = (lo - np.float32(8.0)) * d
-                o[j + 16] = (hi - np.float32(8.0)) * d
+                out[k, b * 32 + j] = (lo - np.float32(8.0)) * d
+                out[k, b * 32 + 16 + j] = (hi - np.float32(8.0)) * d
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(blocks, lut, idx, out, nchunk):
+    n = idx.size
+    for c in numba.prange(nchunk):
+        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -209,7 +223,7 @@ class Q4_0(Format):
         rows, cols = w.shape
         out = np.empty((rows, cols // QK, BLOCK_BYTES), np.uint8)
         bad = np.empty(rows, np.int64)
-        _quantize_kernel(w, out, bad)
+        _quantize_kernel(w, out, bad, n_chunks(rows, cols))
         hit = first_bad_block(bad)
         if hit is not None:
             raise scale_range_error(self.tag, w, *hit, "a block's max |w| must stay below 524160 (= 65520*8)")
@@ -220,7 +234,8 @@ class Q4_0(Format):
 
     def _get_rows(self, data, rows, cols, idx):
         out = np.empty((idx.size, cols), np.float32)
-        _dequantize_kernel(data.reshape(rows, cols // QK, BLOCK_BYTES), fp16_table(), idx, out)
+        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
+        _dequantize_kernel(blocks, fp16_table(), idx, out, n_chunks(idx.size, cols))
         return out
 
     def _qmatmul(self, data, rows, cols, x, mode):

