@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 import quantfmt
 from quantfmt.format import TILE_ELEMENTS, Format
@@ -33,6 +36,7 @@ from quantfmt.format import TILE_ELEMENTS, Format
 QK = 256
 NBINS = 16
 BLOCK_BYTES = 4 * NBINS + QK // 2
+ROW_CHUNK = 64  # rows per parallel work item in qmatmul
 
 
 # ---- numpy reference ------------------------------------------------------------------
@@ -136,20 +140,157 @@ def _get_rows_kernel(data, cols, idx, out):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def _matvec_kernel(data, rows, cols, x, out):
+def _matvec_portable(blocks, cb, x, out):
+    # Any CPU. blocks: uint8 (rows, nb, 192), the bytes as they are; cb: float32 (rows, nb, 16),
+    # the codebooks unpacked by prepare(). LLVM does not vectorize the codebook lookup
+    # (gathers are slow on the CPUs it tunes for), so this runs at scalar speed.
+    rows, nb = blocks.shape[0], blocks.shape[1]
     n = x.shape[0]
+    xb = x.reshape(n, nb, QK)
+    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
+    for ch in numba.prange(nchunks):
+        accv = np.empty(QK, np.float32)
+        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+            for k in range(n):
+                accv[:] = 0.0
+                for b in range(nb):
+                    for i in range(QK // 2):
+                        p = blocks[row, b, 4 * NBINS + i]
+                        accv[i] += cb[row, b, p & 15] * xb[k, b, i]
+                        accv[i + QK // 2] += cb[row, b, p >> 4] * xb[k, b, i + QK // 2]
+                tot = np.float32(0.0)
+                for i in range(QK):
+                    tot += accv[i]
+                out[k, row] = tot
+
+
+# The AVX2 kernel. A codebook lookup is a 16-entry table lookup, which is exactly what the
+# byte shuffle `vpshufb` does for 32 nibble indices at once, one byte of the result each.
+# So prepare() splits each codebook into 4 byte planes (plane k = byte k of the 16 float32
+# entries), 4 vpshufb give the 4 bytes of 32 looked-up floats, and 2 rounds of unpacks
+# (vpunpck{l,h}bw, vpunpck{l,h}wd) reassemble them into 4 vectors of 8 float32. Unpacks work
+# within 128-bit lanes, so those vectors hold weights [0..3,16..19], [4..7,20..23],
+# [8..11,24..27], [12..15,28..31] of each 32: the activations are permuted the same way once
+# per call (_permute_x), and the dot product does not care about the order.
+_F32 = ir.FloatType()
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_V8F, _V32B, _V16B, _V16W = (
+    ir.VectorType(_F32, 8),
+    ir.VectorType(_I8, 32),
+    ir.VectorType(_I8, 16),
+    ir.VectorType(_I16, 16),
+)
+_UNPACK_LO_B = [v for lane in (0, 1) for i in range(8) for v in (16 * lane + i, 32 + 16 * lane + i)]
+_UNPACK_HI_B = [v for lane in (0, 1) for i in range(8, 16) for v in (16 * lane + i, 32 + 16 * lane + i)]
+_UNPACK_LO_W = [v for lane in (0, 1) for i in range(4) for v in (8 * lane + i, 16 + 8 * lane + i)]
+_UNPACK_HI_W = [v for lane in (0, 1) for i in range(4, 8) for v in (8 * lane + i, 16 + 8 * lane + i)]
+
+
+def _shuffle_mask(idx):
+    return ir.Constant(ir.VectorType(_I32, len(idx)), list(idx))
+
+
+@intrinsic
+def _block_dot_avx2(typingctx, planes, pl_off, data, p_off, xp, x_off):
+    """float32 dot product of one block with 256 permuted activations.
+
+    planes[pl_off:pl_off+64]: the block's codebook as 4 byte planes of 16; data[p_off:p_off+128]:
+    its packed indices; xp[x_off:x_off+256]: the activations, permuted by _permute_x.
+    """
+    sig = types.float32(planes, pl_off, data, p_off, xp, x_off)
+
+    def codegen(context, builder, signature, args):
+        ptrs = []
+        for i in (0, 2, 4):
+            arr = context.make_array(signature.args[i])(context, builder, args[i])
+            ptrs.append(builder.gep(arr.data, [args[i + 1]]))
+        plptr, pptr, xptr = ptrs
+        mod = builder.module
+        pshufb = mod.declare_intrinsic("llvm.x86.avx2.pshuf.b", (), ir.FunctionType(_V32B, [_V32B, _V32B]))
+        fma = mod.declare_intrinsic("llvm.fmuladd.v8f32", (), ir.FunctionType(_V8F, [_V8F, _V8F, _V8F]))
+
+        def vload(ptr, off, vt, align):
+            at = builder.gep(ptr, [ir.Constant(_I64, off)])
+            return builder.load(builder.bitcast(at, vt.as_pointer()), align=align)
+
+        tables = []  # each plane's 16 bytes in both 128-bit lanes (vpshufb looks up per lane)
+        for k in range(4):
+            t16 = vload(plptr, 16 * k, _V16B, 1)
+            tables.append(builder.shuffle_vector(t16, t16, _shuffle_mask(list(range(16)) * 2)))
+        low4 = ir.Constant(_V32B, [15] * 32)
+        four = ir.Constant(_V32B, [4] * 32)
+        accs = [ir.Constant(_V8F, [0.0] * 8) for _ in range(4)]  # 4 independent FMA chains
+        for t in range(4):
+            pb = vload(pptr, 32 * t, _V32B, 1)  # 32 bytes: weights 32t.. (low) and 128+32t.. (high)
+            lo = builder.and_(pb, low4)
+            hi = builder.and_(builder.lshr(pb, four), low4)
+            for idx, xoff in ((lo, 32 * t), (hi, QK // 2 + 32 * t)):
+                b = [builder.call(pshufb, [tables[k], idx]) for k in range(4)]
+                w01l = builder.bitcast(builder.shuffle_vector(b[0], b[1], _shuffle_mask(_UNPACK_LO_B)), _V16W)
+                w01h = builder.bitcast(builder.shuffle_vector(b[0], b[1], _shuffle_mask(_UNPACK_HI_B)), _V16W)
+                w23l = builder.bitcast(builder.shuffle_vector(b[2], b[3], _shuffle_mask(_UNPACK_LO_B)), _V16W)
+                w23h = builder.bitcast(builder.shuffle_vector(b[2], b[3], _shuffle_mask(_UNPACK_HI_B)), _V16W)
+                floats = [
+                    builder.shuffle_vector(w01l, w23l, _shuffle_mask(_UNPACK_LO_W)),
+                    builder.shuffle_vector(w01l, w23l, _shuffle_mask(_UNPACK_HI_W)),
+                    builder.shuffle_vector(w01h, w23h, _shuffle_mask(_UNPACK_LO_W)),
+                    builder.shuffle_vector(w01h, w23h, _shuffle_mask(_UNPACK_HI_W)),
+                ]
+                for q in range(4):
+                    xv = vload(xptr, xoff + 8 * q, _V8F, 4)
+                    accs[q] = builder.call(fma, [builder.bitcast(floats[q], _V8F), xv, accs[q]])
+        s = builder.fadd(builder.fadd(accs[0], accs[1]), builder.fadd(accs[2], accs[3]))
+        tot = builder.extract_element(s, ir.Constant(_I32, 0))
+        for i in range(1, 8):
+            tot = builder.fadd(tot, builder.extract_element(s, ir.Constant(_I32, i)))
+        return tot
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, parallel=True)
+def _matvec_avx2(planes, data, xp, rows, cols, out):
+    # planes: uint8 (nblocks * 64,), from prepare(); data: the bytes; xp: (n, cols) from _permute_x.
     nb = cols // QK
+    n = xp.shape[0]
+    xf = xp.reshape(-1)
     for row in numba.prange(rows):
         for k in range(n):
             acc = np.float32(0.0)
             for b in range(nb):
-                o = (row * nb + b) * BLOCK_BYTES
-                c = data[o : o + 4 * NBINS].view(np.float32)
-                p = data[o + 4 * NBINS : o + BLOCK_BYTES]
-                xb = x[k, b * QK : (b + 1) * QK]
-                for i in range(QK // 2):
-                    acc += c[p[i] & 15] * xb[i] + c[p[i] >> 4] * xb[i + QK // 2]
+                blk = row * nb + b
+                acc += _block_dot_avx2(
+                    planes, blk * 64, data, blk * BLOCK_BYTES + 4 * NBINS, xf, k * cols + b * QK
+                )
             out[k, row] = acc
+
+
+def _permute_x(x):
+    """Activations (n, cols) in the order the AVX2 kernel produces weights: within each 32,
+    new position 8q + 4h + r holds old position 16h + 4q + r."""
+    n, cols = x.shape
+    return np.ascontiguousarray(x.reshape(n, cols // 32, 2, 4, 4).transpose(0, 1, 3, 2, 4)).reshape(n, cols)
+
+
+def _codebook_planes(data):
+    """uint8 (nblocks * 64,): per block, byte k of the 16 codebook entries for k = 0..3."""
+    cb = data.reshape(-1, BLOCK_BYTES)[:, : 4 * NBINS].reshape(-1, NBINS, 4)
+    return np.ascontiguousarray(cb.transpose(0, 2, 1)).reshape(-1)
+
+
+def _host_has_avx2() -> bool:
+    # numba compiles for the host CPU unless NUMBA_CPU_NAME says otherwise (e.g. "generic"
+    # for portable caches): only then may the kernel use AVX2 instructions.
+    if numba.config.CPU_NAME not in (None, "", "host"):
+        return False
+    if numba.config.CPU_FEATURES:  # NUMBA_CPU_FEATURES overrides the host's features
+        return "+avx2" in numba.config.CPU_FEATURES.split(",")
+    import llvmlite.binding as llvm
+
+    return bool(llvm.get_host_cpu_features().get("avx2", False))
+
+
+USE_AVX2 = _host_has_avx2()
 
 
 # ---- the format -----------------------------------------------------------------------
@@ -180,11 +321,23 @@ class Q4A(Format):
         _get_rows_kernel(data, cols, idx, out)
         return out
 
-    def _qmatmul(self, data, rows, cols, x, mode):
+    def prepare(self, data, rows, cols):
+        # The bytes stay as they are; only the codebooks (1/3 of the bytes) are repacked:
+        # into byte planes for the AVX2 kernel, into an aligned float32 array otherwise.
+        if USE_AVX2:
+            return data, _codebook_planes(data)
+        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
+        return data, blocks[:, :, : 4 * NBINS].copy().view("<f4").astype(np.float32)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        data, cb = prep
         if x.shape[0] > MATVEC_MAX_N and rows * cols > TILE_ELEMENTS:
             return super()._qmatmul(data, rows, cols, x, mode)
         out = np.empty((x.shape[0], rows), np.float32)
-        _matvec_kernel(data, rows, cols, x, out)
+        if USE_AVX2:
+            _matvec_avx2(cb, data, _permute_x(x), rows, cols, out)
+        else:
+            _matvec_portable(data.reshape(rows, cols // QK, BLOCK_BYTES), cb, x, out)
         return out
 
 

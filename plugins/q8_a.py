@@ -164,11 +164,16 @@ def _matvec_kernel(data, rows, cols, x, out):
         for k in range(n):
             for c in range(cols):
                 xs[c] = sc[c] * x[k, c] * np.float32(1.0 / 127.0)
-            for r in range(QK):
-                acc = np.float32(0.0)
+            for r in range(0, QK, 4):  # four rows per pass: four FMA chains share each xs load
+                a0 = a1 = a2 = a3 = np.float32(0.0)
                 for c in range(cols):
-                    acc += np.float32(q[r, c]) * xs[c]
-                out[k, g * QK + r] = acc
+                    xv = xs[c]
+                    a0 += np.float32(q[r, c]) * xv
+                    a1 += np.float32(q[r + 1, c]) * xv
+                    a2 += np.float32(q[r + 2, c]) * xv
+                    a3 += np.float32(q[r + 3, c]) * xv
+                i = g * QK + r
+                out[k, i], out[k, i + 1], out[k, i + 2], out[k, i + 3] = a0, a1, a2, a3
 
 
 # ---- the format -----------------------------------------------------------------------

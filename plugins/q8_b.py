@@ -33,6 +33,7 @@ from quantfmt.format import TILE_ELEMENTS, Format
 
 QK = 128
 BLOCK_BYTES = 8 + QK
+ROW_CHUNK = 64  # rows per parallel work item in qmatmul
 
 
 # ---- numpy reference ------------------------------------------------------------------
@@ -148,11 +149,15 @@ def _get_rows_kernel(data, cols, idx, out):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def _matvec_kernel(data, rows, cols, x, out):
-    # w = m + q * s/127, so a block contributes m * sum(x_block) + s/127 * dot(q, x_block):
-    # the block sums of x are computed once, the per-weight work is an int8 x float32 dot.
+def _matvec_kernel(blocks, sm, x, out):
+    # blocks: int8 (rows, nb, 136), the bytes as they are; sm: float32 (rows, nb, 2) = (s/127, m),
+    # unpacked once by prepare() (slicing a float32 view out of the bytes per block costs more
+    # than the block's arithmetic). w = m + q * s/127, so a block contributes
+    # m * sum(x_block) + s/127 * dot(q, x_block); the block sums of x are computed once. The
+    # per-weight work accumulates into a 128-wide vector across the row's blocks (one
+    # horizontal sum per row); rows go in chunks so that vector is allocated once per chunk.
+    rows, nb = blocks.shape[0], blocks.shape[1]
     n = x.shape[0]
-    nb = cols // QK
     xsum = np.zeros((n, nb), np.float32)
     for k in range(n):
         for b in range(nb):
@@ -160,19 +165,37 @@ def _matvec_kernel(data, rows, cols, x, out):
             for j in range(QK):
                 a += x[k, b * QK + j]
             xsum[k, b] = a
-    for row in numba.prange(rows):
+    xb = x.reshape(n, nb, QK)
+    # Four rows at a time: four independent FMA chains (one chain is latency-bound) that
+    # share each activation load.
+    for t in numba.prange((rows + 3) // 4):
+        r0 = 4 * t
         for k in range(n):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                o = (row * nb + b) * BLOCK_BYTES
-                hdr = data[o : o + 8].view(np.float32)
-                q = data[o + 8 : o + BLOCK_BYTES].view(np.int8)
-                xb = x[k, b * QK : (b + 1) * QK]
-                dot = np.float32(0.0)
-                for j in range(QK):
-                    dot += np.float32(q[j]) * xb[j]
-                acc += hdr[1] * xsum[k, b] + hdr[0] * np.float32(1.0 / 127.0) * dot
-            out[k, row] = acc
+            if r0 + 4 <= rows:
+                t0 = t1 = t2 = t3 = np.float32(0.0)
+                for b in range(nb):
+                    d0 = d1 = d2 = d3 = np.float32(0.0)
+                    for j in range(QK):
+                        xv = xb[k, b, j]
+                        d0 += np.float32(blocks[r0, b, 8 + j]) * xv
+                        d1 += np.float32(blocks[r0 + 1, b, 8 + j]) * xv
+                        d2 += np.float32(blocks[r0 + 2, b, 8 + j]) * xv
+                        d3 += np.float32(blocks[r0 + 3, b, 8 + j]) * xv
+                    xs = xsum[k, b]
+                    t0 += sm[r0, b, 0] * d0 + sm[r0, b, 1] * xs
+                    t1 += sm[r0 + 1, b, 0] * d1 + sm[r0 + 1, b, 1] * xs
+                    t2 += sm[r0 + 2, b, 0] * d2 + sm[r0 + 2, b, 1] * xs
+                    t3 += sm[r0 + 3, b, 0] * d3 + sm[r0 + 3, b, 1] * xs
+                out[k, r0], out[k, r0 + 1], out[k, r0 + 2], out[k, r0 + 3] = t0, t1, t2, t3
+            else:
+                for row in range(r0, rows):
+                    tot = np.float32(0.0)
+                    for b in range(nb):
+                        dot = np.float32(0.0)
+                        for j in range(QK):
+                            dot += np.float32(blocks[row, b, 8 + j]) * xb[k, b, j]
+                        tot += sm[row, b, 0] * dot + sm[row, b, 1] * xsum[k, b]
+                    out[k, row] = tot
 
 
 # ---- the format -----------------------------------------------------------------------
@@ -211,11 +234,19 @@ class Q8B(Format):
         _get_rows_kernel(data, cols, idx, out)
         return out
 
-    def _qmatmul(self, data, rows, cols, x, mode):
+    def prepare(self, data, rows, cols):
+        # The bytes stay as they are (a view); only (s/127, m) are unpacked, 1/17 of the size.
+        blocks = data.view(np.int8).reshape(rows, cols // QK, BLOCK_BYTES)
+        hdr = data.reshape(-1, BLOCK_BYTES)[:, :8].copy().view("<f4").astype(np.float32)
+        hdr[:, 0] *= np.float32(1.0 / 127.0)
+        return data, blocks, hdr.reshape(rows, cols // QK, 2)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        data, blocks, sm = prep
         if x.shape[0] > MATVEC_MAX_N and rows * cols > TILE_ELEMENTS:
             return super()._qmatmul(data, rows, cols, x, mode)
         out = np.empty((x.shape[0], rows), np.float32)
-        _matvec_kernel(data, rows, cols, x, out)
+        _matvec_kernel(blocks, sm, x, out)
         return out
 
 

