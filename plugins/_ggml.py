@@ -5,11 +5,11 @@ fp16 values travel as uint16 bit patterns), the activation quantizers of qmatmul
 "q8_0" (Q8_0 and Q8_1 blocks exactly as ggml's CPU backend makes them), and the
 RangeError raised when a block's fp16 scale would overflow.
 
-Activation quantization follows ggml's SIMD `quantize_row_q8_0` / `quantize_row_q8_1`
-(the x86 AVX/AVX2 and ARM NEON paths, i.e. what llama.cpp runs on every common CPU),
-which differ from the `_ref` functions used for model files in two details:
-    id = 127 / amax            (the reference uses 1 / (amax / 127): one rounding fewer)
-    q  = round-half-to-even(x * id)   (the reference rounds half away from zero)
+Activation quantization follows ggml-cpu's x86 AVX/AVX2 `quantize_row_q8_0` /
+`quantize_row_q8_1` (what llama.cpp runs on this kind of machine), which differ from the
+`_ref` functions used for model files in two details:
+    id = 127 / amax                  (one rounding; the reference's 1 / (amax / 127) has two)
+    q  = round-half-to-even(x * id)  (the reference rounds half away from zero)
 The Q8_1 block also carries s = fp16(d * sum(q)) with d = amax / 127 in float32
 (the unrounded scale), which ggml pairs with Q4_1 weights.
 This module is private (its name starts with "_"), so the registry does not load it
@@ -85,12 +85,12 @@ def quantize_activations_ref(x: np.ndarray, with_sum: bool):
     # quants never reach a result: we make them 0.
     idd[~np.isfinite(idd)] = 0
     qs = np.rint(xb * idd[..., None]).astype(np.int8)
-    _check_act_scale(d, None)
+    _check_act_scale(x.shape, d, None)
     d16 = d.astype(np.float16).view(np.uint16)
     if not with_sum:
         return d16, None, qs
     s = d * qs.astype(np.int32).sum(axis=-1).astype(np.float32)
-    _check_act_scale(d, s)
+    _check_act_scale(x.shape, d, s)
     return d16, s.astype(np.float16).view(np.uint16), qs
 
 
@@ -126,13 +126,13 @@ def _act_kernel(x, with_sum, d16, s16, qs, bad):
             s16[r, b] = f32_to_f16_bits(s)
 
 
-def quantize_activations(x: np.ndarray, with_sum: bool):
+def quantize_activations(x: np.ndarray, with_sum: bool, tag: str = "ggml"):
     """ggml's Q8_0 (with_sum False) or Q8_1 blocks of activations x (float32 (n, cols)).
 
     Returns (d16, s16 or None, qs) like the reference. NonFiniteError for NaN/inf in x;
     RangeError where ggml would store an infinite fp16 scale or sum.
     """
-    _check_activations(x)
+    _check_activations(x, tag)
     n, cols = x.shape
     nb = cols // QK
     d16 = np.empty((n, nb), np.uint16)
@@ -144,22 +144,21 @@ def quantize_activations(x: np.ndarray, with_sum: bool):
         i = int(np.flatnonzero(bad)[0])
         r, b = divmod(i, nb)
         xb = x[r, b * QK : (b + 1) * QK]
-        if bad[i] == 1:
-            _act_range_error(r, b, float(np.abs(xb).max()), "scale amax/127")
-        _act_range_error(r, b, float(np.abs(xb).max()), "block sum s = d*sum(q) (Q8_1)")
+        what = "scale amax/127" if bad[i] == 1 else "block sum s = d*sum(q) (Q8_1)"
+        _act_range_error(tag, x.shape, r, b, float(np.abs(xb).max()), what)
     return d16, (s16 if with_sum else None), qs
 
 
-def _check_activations(x):
+def _check_activations(x, tag="ggml"):
     if x.size and not np.isfinite(x).all():
         r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
         raise NonFiniteError(
-            f"qmatmul mode 'q8_0': activation row {r}, column {c} is {x[r, c]}; "
+            f"{tag}: qmatmul mode 'q8_0': activations of shape {x.shape}: row {r}, column {c} is {x[r, c]}; "
             "a non-finite activation cannot be quantized"
         )
 
 
-def _check_act_scale(d, s):
+def _check_act_scale(shape, d, s):
     bad = ~(d < np.float32(FP16_MAX_EXCL))
     what = "scale amax/127"
     if s is not None:
@@ -167,13 +166,14 @@ def _check_act_scale(d, s):
         what = "block sum s = d*sum(q) (Q8_1)"
     if bad.any():
         r, b = (int(v) for v in np.argwhere(bad)[0])
-        _act_range_error(r, b, float(d[r, b]) * 127.0, what)
+        _act_range_error("ggml", shape, r, b, float(d[r, b]) * 127.0, what)
 
 
-def _act_range_error(r, b, amax, what):
+def _act_range_error(tag, shape, r, b, amax, what):
     raise RangeError(
-        f"qmatmul mode 'q8_0': activation row {r}, columns {b * QK}..{b * QK + QK - 1} "
-        f"(max |x| = {amax:g}): its {what} does not fit fp16 (must stay below 65520); "
+        f"{tag}: qmatmul mode 'q8_0': activations of shape {tuple(shape)}: row {r}, "
+        f"columns {b * QK}..{b * QK + QK - 1} (max |x| = {amax:g}): its {what} does not fit fp16 "
+        "(must stay below 65520); "
         "use mode 'f32' for activations this large"
     )
 

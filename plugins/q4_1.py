@@ -168,46 +168,46 @@ def _dequantize_kernel(blocks, lut, idx, out, nchunk):
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def _qmatmul_f32_kernel(blocks, lut, x, out):
+    # Straightforward, not tuned: decode a row of weights to float32, dot it with each x.
     rows, nb = blocks.shape[0], blocks.shape[1]
     n = x.shape[0]
+    half = x.shape[1] // nb // 2  # 16, opaque to LLVM so the loop vectorizes
     for r in numba.prange(rows):
         wrow = np.empty(nb * 32, np.float32)
         for b in range(nb):
-            blk = blocks[r, b]
-            d = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
-            m = lut[np.int32(blk[2]) | (np.int32(blk[3]) << 8)]
-            for j in range(16):
-                v = np.float32(blk[4 + j])
+            d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
+            m = lut[np.int32(blocks[r, b, 2]) | (np.int32(blocks[r, b, 3]) << 8)]
+            for j in range(half):
+                v = np.float32(blocks[r, b, 4 + j])
                 hi = np.floor(v * np.float32(0.0625))
                 lo = v - np.float32(16.0) * hi
                 wrow[b * 32 + j] = d * lo + m
-                wrow[b * 32 + j + 16] = d * hi + m
+                wrow[b * 32 + 16 + j] = d * hi + m
         for i in range(n):
             acc = np.float32(0.0)
-            xi = x[i]
             for k in range(nb * 32):
-                acc += wrow[k] * xi[k]
+                acc += wrow[k] * x[i, k]
             out[i, r] = acc
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def _qmatmul_q8_kernel(blocks, lut, dx, sx, qx, out):
     # ggml_vec_dot_q4_1_q8_1: acc = sum of sumi*(d_w*d_x); summs = sum of m_w*s_x; acc + summs.
+    # Straightforward, not tuned.
     rows, nb = blocks.shape[0], blocks.shape[1]
     n = qx.shape[0]
+    half = qx.shape[2] // 2  # 16, opaque to LLVM so the loop vectorizes
     for r in numba.prange(rows):
         for i in range(n):
             acc = np.float32(0.0)
             summs = np.float32(0.0)
             for b in range(nb):
-                blk = blocks[r, b]
-                qb = qx[i, b]
                 sumi = np.int32(0)
-                for j in range(16):
-                    v = np.int32(blk[4 + j])
-                    sumi += (v & 15) * np.int32(qb[j]) + (v >> 4) * np.int32(qb[j + 16])
-                dw = lut[np.int32(blk[0]) | (np.int32(blk[1]) << 8)]
-                mw = lut[np.int32(blk[2]) | (np.int32(blk[3]) << 8)]
+                for j in range(half):
+                    v = np.int32(blocks[r, b, 4 + j])
+                    sumi += np.int32((v & 15) * np.int32(qx[i, b, j]) + (v >> 4) * np.int32(qx[i, b, 16 + j]))
+                dw = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
+                mw = lut[np.int32(blocks[r, b, 2]) | (np.int32(blocks[r, b, 3]) << 8)]
                 acc += np.float32(sumi) * (dw * dx[i, b])
                 summs += mw * sx[i, b]
             out[i, r] = acc + summs
@@ -247,7 +247,7 @@ class Q4_1(Format):
         blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
         out = np.empty((x.shape[0], rows), np.float32)
         if mode == "q8_0":
-            d16, s16, qx = quantize_activations(x, with_sum=True)
+            d16, s16, qx = quantize_activations(x, with_sum=True, tag=self.tag)
             lut = fp16_table()
             _qmatmul_q8_kernel(blocks, lut, lut[d16], lut[s16], qx, out)
         else:

@@ -151,37 +151,37 @@ def _dequantize_kernel(blocks, blocksq, lut, idx, out, nchunk):
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def _qmatmul_f32_kernel(blocks, blocksq, lut, x, out):
+    # Straightforward, not tuned: decode a row of weights to float32, dot it with each x.
     rows, nb = blocks.shape[0], blocks.shape[1]
     n = x.shape[0]
+    qk = x.shape[1] // nb  # 32, opaque to LLVM so the loop vectorizes
     for r in numba.prange(rows):
         wrow = np.empty(nb * 32, np.float32)
         for b in range(nb):
             d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
-            q = blocksq[r, b]
-            for j in range(32):
-                wrow[b * 32 + j] = np.float32(q[2 + j]) * d
+            for j in range(qk):
+                wrow[b * 32 + j] = np.float32(blocksq[r, b, 2 + j]) * d
         for i in range(n):
             acc = np.float32(0.0)
-            xi = x[i]
             for k in range(nb * 32):
-                acc += wrow[k] * xi[k]
+                acc += wrow[k] * x[i, k]
             out[i, r] = acc
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def _qmatmul_q8_kernel(blocks, blocksq, lut, dx, qx, out):
     # ggml_vec_dot_q8_0_q8_0: integer dot per block, scaled by d_w*d_x, summed in float32.
+    # Straightforward, not tuned.
     rows, nb = blocks.shape[0], blocks.shape[1]
     n = qx.shape[0]
+    qk = qx.shape[2]  # 32, opaque to LLVM so the loop vectorizes
     for r in numba.prange(rows):
         for i in range(n):
             acc = np.float32(0.0)
             for b in range(nb):
-                q = blocksq[r, b]
-                qb = qx[i, b]
                 sumi = np.int32(0)
-                for j in range(32):
-                    sumi += np.int32(q[2 + j]) * np.int32(qb[j])
+                for j in range(qk):
+                    sumi += np.int32(np.int32(blocksq[r, b, 2 + j]) * np.int32(qx[i, b, j]))
                 dw = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
                 acc += np.float32(sumi) * (dw * dx[i, b])
             out[i, r] = acc
@@ -221,7 +221,7 @@ class Q8_0(Format):
         blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
         out = np.empty((x.shape[0], rows), np.float32)
         if mode == "q8_0":
-            d16, _, qx = quantize_activations(x, with_sum=False)
+            d16, _, qx = quantize_activations(x, with_sum=False, tag=self.tag)
             _qmatmul_q8_kernel(blocks, blocks.view(np.int8), fp16_table(), fp16_table()[d16], qx, out)
         else:
             _qmatmul_f32_kernel(blocks, blocks.view(np.int8), fp16_table(), x, out)
