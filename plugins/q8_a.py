@@ -31,7 +31,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.format import TILE_ELEMENTS, Format
+from quantfmt.format import Format
 
 QK = 128  # rows per block (= rows per row group)
 GROUP_BYTES_PER_COL = 4 + QK  # one float32 scale + 128 int8 per column
@@ -179,7 +179,7 @@ def _matvec_kernel(data, rows, cols, x, out):
 # ---- the format -----------------------------------------------------------------------
 
 # Batches of more activation rows than this go to BLAS on dequantized tiles.
-MATVEC_MAX_N = 4
+MATVEC_MAX_N = 4  # larger batches: BLAS on dequantized tiles (_blas_tiles)
 
 
 class Q8A(Format):
@@ -188,6 +188,8 @@ class Q8A(Format):
     block_shape = (QK, 1)
     block_bytes = 4 + QK
     summary = "int8, one float32 absmax scale per 128 weights down a column (llama2.c brainstorm)"
+    #: Weights per dequantized tile when qmatmul goes to BLAS (batches of > MATVEC_MAX_N).
+    prefill_tile_elements = 1 << 24
 
     def _quantize(self, w):
         rows, cols = w.shape
@@ -206,10 +208,24 @@ class Q8A(Format):
         return out
 
     def _qmatmul(self, data, rows, cols, x, mode):
-        if x.shape[0] > MATVEC_MAX_N and rows * cols > TILE_ELEMENTS:
-            return super()._qmatmul(data, rows, cols, x, mode)
+        if x.shape[0] > MATVEC_MAX_N:
+            return self._blas_tiles(data, rows, cols, x)
         out = np.empty((x.shape[0], rows), np.float32)
         _matvec_kernel(data, rows, cols, x, out)
+        return out
+
+    def _blas_tiles(self, data, rows, cols, x):
+        # Batches (prefill): dequantize tiles of rows and multiply with BLAS. Few, large tiles
+        # (up to prefill_tile_elements weights, 64 MB of float32): every BLAS call has a fixed
+        # threading cost, which on a busy machine dwarfs the arithmetic of a small tile.
+        br = self.block_shape[0]
+        gb = self.row_group_bytes(cols)
+        step = max(br, self.prefill_tile_elements // cols // br * br)
+        out = np.empty((x.shape[0], rows), np.float32)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            w = self._dequantize(data[r0 // br * gb : r1 // br * gb], r1 - r0, cols)
+            out[:, r0:r1] = x @ w.T
         return out
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 import quantfmt
 from quantfmt.errors import RangeError
-from quantfmt.format import TILE_ELEMENTS, Format
+from quantfmt.format import Format
 
 QK = 128
 BLOCK_BYTES = 8 + QK
@@ -200,7 +200,7 @@ def _matvec_kernel(blocks, sm, x, out):
 
 # ---- the format -----------------------------------------------------------------------
 
-MATVEC_MAX_N = 4  # larger batches: BLAS on dequantized tiles
+MATVEC_MAX_N = 4  # larger batches: BLAS on dequantized tiles (_blas_tiles)
 
 
 class Q8B(Format):
@@ -209,6 +209,8 @@ class Q8B(Format):
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES
     summary = "int8 of (w - mean), float32 scale and mean per 128 weights along a row (llama2.c brainstorm)"
+    #: Weights per dequantized tile when qmatmul goes to BLAS (batches of > MATVEC_MAX_N).
+    prefill_tile_elements = 1 << 24
 
     def _quantize(self, w):
         rows, cols = w.shape
@@ -243,10 +245,24 @@ class Q8B(Format):
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         data, blocks, sm = prep
-        if x.shape[0] > MATVEC_MAX_N and rows * cols > TILE_ELEMENTS:
-            return super()._qmatmul(data, rows, cols, x, mode)
+        if x.shape[0] > MATVEC_MAX_N:
+            return self._blas_tiles(data, rows, cols, x)
         out = np.empty((x.shape[0], rows), np.float32)
         _matvec_kernel(blocks, sm, x, out)
+        return out
+
+    def _blas_tiles(self, data, rows, cols, x):
+        # Batches (prefill): dequantize tiles of rows and multiply with BLAS. Few, large tiles
+        # (up to prefill_tile_elements weights, 64 MB of float32): every BLAS call has a fixed
+        # threading cost, which on a busy machine dwarfs the arithmetic of a small tile.
+        br = self.block_shape[0]
+        gb = self.row_group_bytes(cols)
+        step = max(br, self.prefill_tile_elements // cols // br * br)
+        out = np.empty((x.shape[0], rows), np.float32)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            w = self._dequantize(data[r0 // br * gb : r1 // br * gb], r1 - r0, cols)
+            out[:, r0:r1] = x @ w.T
         return out
 
 
