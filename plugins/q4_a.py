@@ -336,7 +336,7 @@ class Q4A(Format):
         if x.shape[0] > MATVEC_MAX_N:
             return self._blas_tiles(data, rows, cols, x)
         out = np.empty((x.shape[0], rows), np.float32)
-        if USE_AVX2:
+        if cb.dtype == np.uint8:  # byte planes: prepare() chose the AVX2 kernel
             _matvec_avx2(cb, data, _permute_x(x), rows, cols, out)
         else:
             _matvec_portable(data.reshape(rows, cols // QK, BLOCK_BYTES), cb, x, out)

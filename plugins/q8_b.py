@@ -158,7 +158,7 @@ def _matvec_kernel(blocks, sm, x, out):
     # horizontal sum per row); rows go in chunks so that vector is allocated once per chunk.
     rows, nb = blocks.shape[0], blocks.shape[1]
     n = x.shape[0]
-    xsum = np.zeros((n, nb), np.float32)
+    xsum = np.empty((n, nb), np.float32)  # not np.zeros: that would be a parallel region of its own
     for k in range(n):
         for b in range(nb):
             a = np.float32(0.0)
