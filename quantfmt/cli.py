@@ -113,6 +113,75 @@ def plugins(as_json):
 # ---- check: the conformance kit (quantfmt.testing) -----------------------------------
 
 
+def _parse_size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        r, c = (int(v) for v in value.lower().split("x"))
+        if r < 1 or c < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not ROWSxCOLS of positive integers, e.g. 4096x4096") from None
+    return r, c
+
+
+@cli.command()
+@click.argument("tags", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Check every registered format.")
+@click.option(
+    "--size",
+    callback=_parse_size,
+    metavar="ROWSxCOLS",
+    help="Also measure the round-trip RMSE on N(0,1) weights of this size (rounded up to whole blocks).",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of test data.")
+@click.option("--json", "as_json", is_flag=True, help="Print every check of every format as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="List every check, not only the failed ones.")
+@click.pass_context
+def check(ctx, tags, all_, size, seed, as_json, verbose):
+    """Run the conformance kit (quantfmt.testing) on formats; exit code 1 if any check fails.
+
+    `quantfmt check --all --size 4096x4096` reports each format's round-trip RMSE on
+    N(0,1) weights and its bits per weight.
+    """
+    from .plugins import formats as all_formats
+    from .plugins import get_format
+    from .testing import check_format
+
+    if all_ == bool(tags):
+        raise click.UsageError("give format tags or --all (not both)")
+    fmts = list(all_formats().values()) if all_ else [get_format(t) for t in dict.fromkeys(tags)]
+    reports = [check_format(f, seed=seed, size=size) for f in fmts]
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        key = "size_" if size else ""
+        rows = []
+        for r in reports:
+            m = r.metrics
+            shape = m.get(key + "shape")
+            rows.append([
+                r.tag, f"{r.bits_per_weight:g}",
+                "-" if m.get(key + "rmse") is None else f"{m[key + 'rmse']:.5g}",
+                "-" if m.get(key + "rel_rmse") is None else f"{m[key + 'rel_rmse']:.5g}",
+                "x".join(map(str, shape)) if shape else "-",
+                f"{len(r) - len(r.failures)}/{len(r)}", "ok" if r.ok else "FAIL", r.plugin,
+            ])
+        _echo_table(["tag", "bpw", "rmse", "rel_rmse", "on N(0,1)", "checks", "status", "plugin"], rows,
+                    right={1, 2, 3, 5})
+        for r in reports:
+            shown = list(r) if verbose else r.failures
+            if shown:
+                click.echo(f"\n{r.tag}:")
+                for c in shown:
+                    click.echo(f"  {'PASS' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
+    bad = [r.tag for r in reports if not r.ok]
+    if bad:
+        click.echo(f"{len(bad)} of {len(reports)} formats fail the conformance kit: " + ", ".join(bad),
+                   err=True)
+        ctx.exit(1)
+
+
 # ---- model files: convert, inspect, dequantize, compare -------------------------------
 
 

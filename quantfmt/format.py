@@ -62,6 +62,10 @@ class Format:
     modes: tuple[str, ...] = ("f32",)
     #: One line for `quantfmt formats`.
     summary: str = ""
+    #: Optional promise checked by the conformance kit (`quantfmt check`): the round-trip
+    #: RMSE relative to the RMS of N(0,1) weights stays below this. None = only the kit's
+    #: generic bound applies.
+    max_rel_rmse: float | None = None
     #: Filled in by the registry: the plugin that registered this format.
     plugin: str = "?"
 
