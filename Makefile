@@ -28,7 +28,7 @@ test-all: install
 
 # lint: ruff over the package, the plugins and the tests
 lint: install
-	$(BIN)/ruff check quantfmt plugins tests
+	$(BIN)/ruff check quantfmt plugins tests examples
 
 # bench: speed and memory figures, as ratios against baselines measured in the same run
 bench: install

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import functools
 
-import numba
 import numpy as np
 
+import numba
 from quantfmt.errors import NonFiniteError, RangeError
 
 QK = 32  # weights per block, along a row, in every ggml format here

@@ -13,9 +13,9 @@ qmatmul converts tiles of rows to float32 and calls BLAS, so W is never material
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+import numba
 import quantfmt
 from quantfmt.errors import RangeError
 from quantfmt.format import Format
@@ -29,7 +29,8 @@ LE_U32 = np.dtype("<u4")
 def _range_error(tag: str, w: np.ndarray, ok: np.ndarray, limit: str) -> RangeError:
     r, c = np.argwhere(~ok)[0]
     return RangeError(
-        f"{tag}: weight {float(w[r, c])!r} at row {r}, column {c} (matrix shape {w.shape}) is outside the {tag} range ({limit})"
+        f"{tag}: weight {float(w[r, c])!r} at row {r}, column {c} (matrix shape {w.shape}) "
+        f"is outside the {tag} range ({limit})"
     )
 
 

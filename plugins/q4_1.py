@@ -32,9 +32,9 @@ accumulator, the m*s terms in another, and the two added at the end.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+import numba
 import quantfmt
 from quantfmt.format import Format
 

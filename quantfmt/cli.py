@@ -69,7 +69,8 @@ def _echo_table(headers: list[str], rows: list[list], right: set[int] = frozense
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def fmt(r):
-        return "  ".join((c.rjust(w) if i in right else c.ljust(w)) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        cells = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        return "  ".join(cells).rstrip()
 
     click.echo(fmt(headers))
     click.echo("  ".join("-" * w for w in widths))
@@ -252,7 +253,8 @@ def _print_report(rep) -> None:
 @click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False),
               help="A JSON recipe file: {\"default\": TAG, \"fallback\": TAG, \"rules\": [{\"pattern\", \"tag\"}]}.")
 @click.option("--fallback", metavar="TAG", help="Format for tensors whose shape does not fit theirs (default F16).")
-@click.option("--strict", is_flag=True, help="A tensor whose shape does not fit its format is an error, not a fallback.")
+@click.option("--strict", is_flag=True,
+              help="A tensor whose shape does not fit its format is an error, not a fallback.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never an input).")
 def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite):
     """Convert a model (safetensors, sharded index, GGUF) to quantfmt/safetensors, or GGUF if OUT ends in .gguf.

@@ -245,7 +245,8 @@ class Format:
 
     def _float_input(self, a, what: str) -> np.ndarray:
         a = np.asarray(a)
-        if a.dtype not in FLOAT_KINDS:
+        # Any byte order is fine (a big-endian file's floats): computation converts to native float32.
+        if a.dtype.newbyteorder("=") not in FLOAT_KINDS:
             raise DTypeError(
                 f"{self.tag}: {what} of dtype {a.dtype} (shape {a.shape}) are not accepted: "
                 "expected float32, float16 or float64"

@@ -13,6 +13,7 @@ Loading happens once, on first use, so importing quantfmt stays cheap.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -80,7 +81,10 @@ def _builtin_modules() -> list[str]:
 
 
 def _load_dir_module(path: Path):
-    name = f"quantfmt_plugin_dir_{abs(hash(str(path.parent)))}_{path.stem}"
+    # A stable module name (not hash(), which is salted per process): numba's on-disk cache
+    # records it, and a second process must find the same module to reuse compiled kernels.
+    digest = hashlib.sha1(str(path.resolve().parent).encode()).hexdigest()[:12]
+    name = f"quantfmt_plugin_dir_{digest}_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise PluginError(f"cannot import {path}")
@@ -116,7 +120,9 @@ def _validate(fmt, plugin: str) -> None:
     if not isinstance(fmt, Format):
         raise PluginError(f"plugin {plugin!r} registered {fmt!r}, which is not a quantfmt.format.Format instance")
     if not isinstance(fmt.tag, str) or not TAG_RE.match(fmt.tag):
-        raise PluginError(f"plugin {plugin!r} registered a format with tag {fmt.tag!r}: a tag is 1-4 characters of A-Z, 0-9, _")
+        raise PluginError(
+            f"plugin {plugin!r} registered a format with tag {fmt.tag!r}: a tag is 1-4 characters of A-Z, 0-9, _"
+        )
     br, bc = fmt.block_shape
     if not (isinstance(br, int) and isinstance(bc, int) and br >= 1 and bc >= 1):
         raise PluginError(f"plugin {plugin!r}: format {fmt.tag} has an invalid block_shape {fmt.block_shape!r}")
@@ -166,7 +172,10 @@ def _load() -> _Registry:
             if problems:
                 raise PluginError("; ".join(problems))
         except Exception as e:  # a plugin is foreign code: any failure is reported, not a crash
-            msg = str(e) if isinstance(e, PluginError) else f"plugin {name!r} ({source}) failed to load: {type(e).__name__}: {e}"
+            if isinstance(e, PluginError):
+                msg = str(e)
+            else:
+                msg = f"plugin {name!r} ({source}) failed to load: {type(e).__name__}: {e}"
             record["error"] = msg
             if builtin or strict:
                 raise PluginError(msg + ("" if builtin else " (strict plugin mode)")) from e

@@ -124,7 +124,8 @@ def test_inspect(toy, src, tmp_path):  # noqa: F811
     out = tmp_path / "o.safetensors"
     run(*pdir_args(toy), "convert", src, out, "--to", "TQ8")
     r = run(*pdir_args(toy), "inspect", out)
-    assert re.search(r"blk\.0\.attn_q\.weight +TQ8 +64x64 +6144 +12\n", r.output) and "bits per weight" in r.output and "recipe:" in r.output
+    assert re.search(r"blk\.0\.attn_q\.weight +TQ8 +64x64 +6144 +12\n", r.output)
+    assert "bits per weight" in r.output and "recipe:" in r.output
     d = json.loads(run(*pdir_args(toy), "inspect", out, "--json").output)
     q = {t["name"]: t for t in d["tensors"]}["blk.0.attn_q.weight"]
     assert q == {"name": "blk.0.attn_q.weight", "tag": "TQ8", "shape": [64, 64], "bytes": 64 * 8 * 12,

@@ -137,13 +137,6 @@ def test_plugins_dir_registers(tmp_path, fresh_registry):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug (quantfmt/plugins.py _load_dir_module): a plugins-dir module is named after "
-    "hash(str(path)), which changes with every process (hash randomization), while numba's cache=True "
-    "kernels record the module name; the second process to use the same plugins dir loads that cache "
-    "and fails with ModuleNotFoundError",
-)
 def test_plugins_dir_numba_cache_works_in_a_second_process(tmp_path):
     d = _plugins_dir(tmp_path)
     for _ in range(2):

@@ -4,17 +4,18 @@ import gguf.quants as gq
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from quantfmt_formats.plain import bf16_from_f32_ref
 
 from quantfmt import QTensor, get_format
 from quantfmt.errors import RangeError
-from quantfmt_formats.plain import bf16_from_f32_ref
 
 
 def corpus(rng):
     w = rng.standard_normal((64, 256)).astype(np.float32)
     # bf16 ties (low half exactly 0x8000) with even and odd kept bits, zeros of both signs,
     # subnormals, fp16 limits and ties, large bf16-representable values.
-    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x00008000, 0x7F7F0000, 0x007F8000], np.uint32).view(np.float32)
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x00008000, 0x7F7F0000, 0x007F8000], np.uint32)
+    ties = ties.view(np.float32)
     special = np.array([0.0, -0.0, 1e-45, -1e-40, 65504.0, 65519.99, -65519.0, 6.1e-5, 3.38e38, -3.38e38], np.float32)
     w[0, : ties.size] = ties
     w[1, : special.size] = special
@@ -56,3 +57,12 @@ def test_kernels_agree_with_dequantize(tag, rng):
     np.testing.assert_allclose(t.matmul(x[0]), flat @ x[0], rtol=1e-5, atol=1e-4)
     if tag == "F32":
         assert np.array_equal(d, w)
+
+
+@pytest.mark.parametrize("tag", ["F32", "BF16"])
+def test_any_byte_order_gives_the_same_bytes(tag, rng):
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    f = get_format(tag)
+    assert np.array_equal(f.quantize(w.astype(">f4")), f.quantize(w))
+    x = rng.standard_normal(64)
+    assert np.array_equal(f.qmatmul(f.quantize(w), w.shape, x.astype(">f8")), f.qmatmul(f.quantize(w), w.shape, x))

@@ -66,7 +66,8 @@ def test_plugins_dir_adds_format(tmp_path, fresh_registry):
 
 def test_duplicate_tag_warns_naming_both(tmp_path, fresh_registry):
     plugins.configure(plugins_dirs=[_dir(tmp_path, dup=DUP)])
-    with pytest.warns(plugins.PluginWarning, match=r"'F32' from plugin 'dup' is already registered by plugin 'quantfmt_formats.plain'"):
+    both = r"'F32' from plugin 'dup' is already registered by plugin 'quantfmt_formats.plain'"
+    with pytest.warns(plugins.PluginWarning, match=both):
         fmts = plugins.formats()
     assert fmts["F32"].summary != "a second F32"
 
@@ -96,7 +97,10 @@ def test_cli_formats_json_and_warning(tmp_path):
 
 
 def test_help_does_not_import_numba():
-    code = "import sys; from quantfmt.cli import cli; cli(['--help'], standalone_mode=False); print('numba' in sys.modules, 'numpy' in sys.modules)"
+    code = (
+        "import sys; from quantfmt.cli import cli; cli(['--help'], standalone_mode=False); "
+        "print('numba' in sys.modules, 'numpy' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False False"), out
 
