@@ -69,8 +69,8 @@ def _echo_table(headers: list[str], rows: list[list], right: set[int] = frozense
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def fmt(r):
-        cells = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        return "  ".join(cells).rstrip()
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        return "  ".join(padded).rstrip()
 
     click.echo(fmt(headers))
     click.echo("  ".join("-" * w for w in widths))
