@@ -214,20 +214,6 @@ class Q8A(Format):
         _matvec_kernel(data, rows, cols, x, out)
         return out
 
-    def _blas_tiles(self, data, rows, cols, x):
-        # Batches (prefill): dequantize tiles of rows and multiply with BLAS. Few, large tiles
-        # (up to prefill_tile_elements weights, 64 MB of float32): every BLAS call has a fixed
-        # threading cost, which on a busy machine dwarfs the arithmetic of a small tile.
-        br = self.block_shape[0]
-        gb = self.row_group_bytes(cols)
-        step = max(br, self.prefill_tile_elements // cols // br * br)
-        out = np.empty((x.shape[0], rows), np.float32)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            w = self._dequantize(data[r0 // br * gb : r1 // br * gb], r1 - r0, cols)
-            out[:, r0:r1] = x @ w.T
-        return out
-
 
 @quantfmt.hookimpl
 def register_formats(register):

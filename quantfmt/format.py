@@ -41,8 +41,6 @@ TAG_RE = re.compile(r"^[A-Z0-9_]{1,4}$")
 # A bound on element counts, far above any real tensor, so a hostile header cannot
 # make us allocate or loop over absurd sizes.
 MAX_ELEMENTS = 1 << 40
-# Rows dequantized per tile by the default qmatmul: a few MB of float32 at most.
-TILE_ELEMENTS = 1 << 20
 # Accepted input dtypes for quantize and qmatmul activations; all computed in float32.
 FLOAT_KINDS = (np.float16, np.float32, np.float64)
 
@@ -68,6 +66,9 @@ class Format:
     max_rel_rmse: float | None = None
     #: Filled in by the registry: the plugin that registered this format.
     plugin: str = "?"
+    #: Weights dequantized per tile by `_blas_tiles` (the default qmatmul): 4 MB of float32.
+    #: Larger tiles mean fewer BLAS calls, each with a fixed threading cost; smaller, less memory.
+    prefill_tile_elements: int = 1 << 20
 
     # ---- geometry ---------------------------------------------------------------------
 
@@ -230,10 +231,17 @@ class Format:
 
     def _qmatmul(self, data, rows: int, cols: int, x: np.ndarray, mode: str) -> np.ndarray:
         # `data` is what prepare() returned (the bytes, by default).
-        # Default: dequantize a tile of row groups into a small float buffer, BLAS on it.
+        return self._blas_tiles(data, rows, cols, x)
+
+    def _blas_tiles(self, data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+        """x @ W.T by dequantizing tiles of row groups (`prefill_tile_elements` weights) for BLAS.
+
+        The default qmatmul, and what fast formats fall back to for batches, where BLAS on a
+        float tile beats a hand-written kernel. `data` is the bytes.
+        """
         br = self.block_shape[0]
         gb = self.row_group_bytes(cols)
-        step = max(br, (TILE_ELEMENTS // max(cols, 1)) // br * br)
+        step = max(br, self.prefill_tile_elements // max(cols, 1) // br * br)
         out = np.empty((x.shape[0], rows), np.float32)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)

@@ -365,7 +365,7 @@ def test_readme_plugin_example_conforms(tmp_path, fresh_registry):
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("<!-- writing a format plugin -->", 1)[1]
+    section = readme.split("## Writing a format plugin", 1)[1]
     code = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(code) == 2 and "register_formats" in code[0] and "assert_conforms" in code[1]
     (tmp_path / "my_format.py").write_text(code[0])
