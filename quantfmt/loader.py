@@ -155,12 +155,11 @@ def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool 
             metadata: dict | None = None) -> ConvertReport:
     """Convert the model at `in_path` into `out_path` (quantfmt/safetensors, or GGUF if it ends in .gguf).
 
-    Streaming for safetensors output: the header is written first (every size is known from
-    tag and shape), then each tensor is produced and written in turn; tensors whose tag is
+    Streaming: the header is written first (every size is known from tag and shape), then
+    each tensor is produced and written in turn, for both outputs; tensors whose tag is
     unchanged are copied byte for byte. The output appears only complete; an input is never
     overwritten. `progress(nbytes)` is called after each tensor.
     """
-    from .tensor import Model, QTensor
 
     r = Recipe.coerce(recipe)
     if strict:
@@ -174,27 +173,6 @@ def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool 
         meta = {k: v for k, v in src.metadata.items() if k != RECIPE_KEY}
         meta.update(metadata or {})
         rec = record(r, rep.steps)
-        if str(out_path).endswith(".gguf"):
-            gguf_io = _gguf_io()
-            # Refuse before any work a tag GGUF cannot hold (write_gguf checks again).
-            allowed = getattr(gguf_io, "GGML_TAGS", None)
-            bad = [s for s in rep.steps if allowed is not None and s.tag not in allowed]
-            if bad:
-                listed = ", ".join(f"{s.name} ({s.tag})" for s in bad[:5]) + (", ..." if len(bad) > 5 else "")
-                raise FileFormatError(
-                    f"cannot write GGUF: {len(bad)} tensor(s) would get formats GGUF cannot hold: {listed}; "
-                    f"GGUF holds {', '.join(allowed)}", file=str(out_path))
-            # GGUF output is assembled in memory (converted tensors; kept ones stay mapped), then written.
-            tensors = {}
-            for s in rep.steps:
-                t = src[s.name]
-                tensors[s.name] = t if s.copy else QTensor(s.name, s.tag, t.shape, _requantize(t, s.tag, src.path))
-                if progress is not None:
-                    progress(rep.out_bytes[s.name])
-            model = Model(tensors, {**meta, RECIPE_KEY: rec}, path=None)
-            with context(file=str(out_path)):
-                gguf_io.write_gguf(str(out_path), model, overwrite=overwrite)
-            return rep
         plans = []
         for s in rep.steps:
             t = src[s.name]
@@ -206,8 +184,14 @@ def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool 
                 container.release_pages(t.data)
 
             plans.append(container.TensorPlan(s.name, s.tag, t.shape, produce, after=after))
-        container.write_safetensors(out_path, plans, metadata=meta, recipe=rec, overwrite=overwrite,
-                                    inputs=inputs, progress=progress)
+        if str(out_path).endswith(".gguf"):
+            # Streams like safetensors output; tags with no ggml type are refused before any work.
+            with context(file=str(out_path)):
+                _gguf_io().write_gguf_plans(str(out_path), plans, metadata={**meta, RECIPE_KEY: rec},
+                                            overwrite=overwrite, inputs=inputs, progress=progress)
+        else:
+            container.write_safetensors(out_path, plans, metadata=meta, recipe=rec, overwrite=overwrite,
+                                        inputs=inputs, progress=progress)
         return rep
     finally:
         src.close()
