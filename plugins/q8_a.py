@@ -33,17 +33,13 @@ import numba
 import quantfmt
 from quantfmt.format import Format
 
+from ._rounding import round_half_away, round_half_away_scalar
+
 QK = 128  # rows per block (= rows per row group)
 GROUP_BYTES_PER_COL = 4 + QK  # one float32 scale + 128 int8 per column
 
 
 # ---- numpy reference ------------------------------------------------------------------
-
-
-def round_half_away(v: np.ndarray) -> np.ndarray:
-    """Round float64 to the nearest integer, halves away from zero (exact, see docstring)."""
-    t = np.trunc(v)
-    return t + np.where(np.abs(v - t) >= 0.5, np.sign(v), 0.0)
 
 
 def pack(scales: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -86,17 +82,6 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 # bit for bit. qmatmul uses fastmath (reassociation for vector reductions, FMA).
 
 
-@numba.njit(cache=True)
-def _round_half_away(v):
-    t = np.trunc(v)
-    d = v - t
-    if d >= 0.5:
-        t += 1.0
-    elif d <= -0.5:
-        t -= 1.0
-    return t
-
-
 @numba.njit(cache=True, parallel=True)
 def _quantize_kernel(w, out):
     rows, cols = w.shape
@@ -119,7 +104,7 @@ def _quantize_kernel(w, out):
                 if s == 0:
                     q[r, c] = 0
                 else:
-                    v = _round_half_away(np.float64(wg[r, c]) * 127.0 / np.float64(s))
+                    v = round_half_away_scalar(np.float64(wg[r, c]) * 127.0 / np.float64(s))
                     v = min(max(v, -127.0), 127.0)
                     q[r, c] = np.int8(v)
 

@@ -31,18 +31,14 @@ import quantfmt
 from quantfmt.errors import RangeError
 from quantfmt.format import Format
 
+from ._rounding import round_half_away, round_half_away_scalar
+
 QK = 128
 BLOCK_BYTES = 8 + QK
 ROW_CHUNK = 64  # rows per parallel work item in qmatmul
 
 
 # ---- numpy reference ------------------------------------------------------------------
-
-
-def round_half_away(v: np.ndarray) -> np.ndarray:
-    """Round float64 to the nearest integer, halves away from zero (v - trunc(v) is exact)."""
-    t = np.trunc(v)
-    return t + np.where(np.abs(v - t) >= 0.5, np.sign(v), 0.0)
 
 
 def pack(s: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -84,17 +80,6 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 # Quantize and dequantize: no fastmath, bit-identical to the reference. qmatmul: fastmath.
 
 
-@numba.njit(cache=True)
-def _round_half_away(v):
-    t = np.trunc(v)
-    d = v - t
-    if d >= 0.5:
-        t += 1.0
-    elif d <= -0.5:
-        t -= 1.0
-    return t
-
-
 @numba.njit(cache=True, parallel=True)
 def _quantize_kernel(w, out):
     rows, cols = w.shape
@@ -120,7 +105,7 @@ def _quantize_kernel(w, out):
                 if s == 0:
                     q[j] = 0
                 else:
-                    v = _round_half_away(res[j] * 127.0 / np.float64(s))
+                    v = round_half_away_scalar(res[j] * 127.0 / np.float64(s))
                     q[j] = np.int8(min(max(v, -127.0), 127.0))
 
 
