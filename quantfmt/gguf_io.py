@@ -148,6 +148,14 @@ class _Cursor:
         self.pos += n
         return b
 
+    def name(self, what: str) -> str:
+        """A key or tensor name: a string of at most MAX_NAME_BYTES that must be UTF-8."""
+        b = self.raw_string(what, MAX_NAME_BYTES)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not UTF-8: {b[:40]!r}") from None
+
 
 def _string_json(b: bytes):
     """A GGUF string in JSON form: the text if it is UTF-8, else {"hex": ...} (exact bytes)."""
@@ -270,11 +278,7 @@ def _scan(buf, size: int, path: str) -> GGUFHeader:
     hdr = GGUFHeader(path=path, version=version, file_size=size)
     seen = set()
     for i in range(n_kv):
-        kb = cur.raw_string(f"the key of key-value {i}", MAX_NAME_BYTES)
-        try:
-            key = kb.decode("utf-8")
-        except UnicodeDecodeError:
-            raise cur.fail(f"the key of key-value {i} is not UTF-8: {kb[:40]!r}") from None
+        key = cur.name(f"the key of key-value {i}")
         if not key:
             raise cur.fail(f"key-value {i} has an empty key")
         if key in seen:
@@ -295,11 +299,7 @@ def _scan(buf, size: int, path: str) -> GGUFHeader:
     sizes = _ggml_sizes()
     names = set()
     for i in range(n_tensors):
-        nb = cur.raw_string(f"the name of tensor {i}", MAX_NAME_BYTES)
-        try:
-            name = nb.decode("utf-8")
-        except UnicodeDecodeError:
-            raise cur.fail(f"the name of tensor {i} is not UTF-8: {nb[:40]!r}") from None
+        name = cur.name(f"the name of tensor {i}")
         if name in names:
             raise cur.fail("two tensors have this name", tensor=name)
         names.add(name)
