@@ -36,6 +36,24 @@ def test_f16_identical_to_numpy_cast(rng):
     assert np.array_equal(get_format("F16").quantize(w), w.astype("<f2").view(np.uint8).reshape(-1))
 
 
+def test_f16_rounding_against_hand_derived_bits():
+    # Ties between two fp16 neighbours go to the even one; derived by hand from IEEE 754, not numpy.
+    cases = {
+        1.0 + 2.0**-11: 0x3C00,      # tie between 1.0 (0x3C00) and 1+2^-10 (0x3C01): even is 0x3C00
+        1.0 + 3 * 2.0**-11: 0x3C02,  # tie between 0x3C01 and 0x3C02: even is 0x3C02
+        65504.0: 0x7BFF,             # the largest finite fp16
+        65519.0: 0x7BFF,             # below the 65520 tie, which would round to infinity
+        2.0**-24: 0x0001,            # the smallest subnormal
+        2.0**-25: 0x0000,            # tie between 0 and 2^-24: even is 0
+        3 * 2.0**-25: 0x0002,        # tie between 2^-24 and 2^-23: even is 0x0002
+        -0.0: 0x8000,
+        -2.0: 0xC000,
+    }
+    w = np.array([list(cases)], np.float32)
+    got = get_format("F16").quantize(w).view("<u2")
+    assert [hex(b) for b in got] == [hex(b) for b in cases.values()]
+
+
 @pytest.mark.parametrize("tag,value", [("F16", 65520.0), ("F16", -1e6), ("BF16", 3.3962e38), ("BF16", -3.4e38)])
 def test_overflow_is_range_error_naming_position(tag, value):
     w = np.zeros((4, 8), np.float32)
