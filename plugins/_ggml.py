@@ -19,9 +19,9 @@ as a plugin.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 from quantfmt.errors import NonFiniteError, RangeError
 from quantfmt.families import fp16_table, n_chunks  # noqa: F401  (re-exported for the format modules)
 

@@ -13,9 +13,9 @@ qmatmul converts tiles of rows to float32 and calls BLAS, so W is never material
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
 from quantfmt.errors import RangeError
 from quantfmt.format import Format

@@ -32,16 +32,15 @@ accumulator, the m*s terms in another, and the two added at the end.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
 from quantfmt.families import GGMLFormat
 
 from ._ggml import (
     QK,
     f32_to_f16_bits,
-    fp16_table,
     vec_dot_ref,
 )
 from ._qtiles import Prepared

@@ -24,12 +24,12 @@ The codebook depends only on the multiset of values, so the sort's stability doe
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-import numba
 import quantfmt
 from quantfmt.families import KernelFormat
 

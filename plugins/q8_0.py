@@ -22,9 +22,9 @@ Quantize (gguf-py's `quants.Q8_0`, byte for byte; ggml's quantize_row_q8_0_ref):
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
 from quantfmt.families import GGMLFormat
 

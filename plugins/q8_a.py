@@ -27,9 +27,9 @@ every block's scale against the block's own rows.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
 from quantfmt.families import KernelFormat
 

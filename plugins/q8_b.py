@@ -24,9 +24,9 @@ round_half_away(v) = t + sign(v) if |v - t| >= 0.5 else t, with t = trunc(v).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
 from quantfmt.errors import RangeError
 from quantfmt.families import KernelFormat

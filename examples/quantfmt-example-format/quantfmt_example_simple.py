@@ -14,7 +14,6 @@ Quantize: d = fp16(max|w| / 127); q = round-half-to-even(w / d) clamped to [-127
 from __future__ import annotations
 
 import numpy as np
-
 import quantfmt
 from quantfmt.errors import RangeError
 from quantfmt.families import BlockFormat
