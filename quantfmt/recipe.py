@@ -205,6 +205,9 @@ class Recipe:
         return Step(name, src_tag, fb.tag, f"fallback ({why})", wanted=tag)
 
     def plan(self, model) -> list[Step]:
+        """A Step per tensor of `model` (a Model: its sources are read, no tensor is built)."""
+        if hasattr(model, "sources"):
+            return [self.choose(t.name, t.tag, t.shape) for t in model.sources()]
         return [self.choose(name, t.tag, t.shape) for name, t in model.items()]
 
 

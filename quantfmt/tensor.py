@@ -2,12 +2,15 @@
 
 A QTensor holds its format's bytes (often a zero-copy view of a memory-mapped file)
 and its logical shape; all computation is delegated to the format's kernels, with
-errors naming the tensor.
+errors naming the tensor. A reader describes each tensor first as a TensorSource (name,
+tag, shape, size, a way to load its bytes); a Model makes the QTensor only when asked
+for it, so listing or copying a file's tensors never builds what it does not use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -85,6 +88,31 @@ class QTensor:
         return f"QTensor({self.name!r}, {self.tag}, shape={self.shape}, {self.nbytes} bytes)"
 
 
+@dataclass(frozen=True)
+class TensorSource:
+    """What a reader knows of a tensor before touching its data, and how to load its bytes."""
+
+    name: str
+    tag: str
+    shape: tuple[int, ...]
+    nbytes: int
+    load: Callable[[], object]  # -> the tensor's bytes in its format (e.g. a view of a mapped file)
+    file: str | None = None
+
+    def qtensor(self) -> QTensor:
+        return QTensor(self.name, self.tag, self.shape, self.load(), source=self.file)
+
+    @classmethod
+    def of(cls, t: QTensor, name: str | None = None) -> TensorSource:
+        return cls(t.name if name is None else name, t.tag, t.shape, t.nbytes, (lambda: t.data), t.source)
+
+
+class MissingTensorError(errors.QuantfmtError, KeyError):
+    """A tensor name that the model does not hold."""
+
+    __str__ = errors.QuantfmtError.__str__
+
+
 class Model(Mapping):
     """A mapping from tensor name to QTensor, with the file's metadata.
 
@@ -92,17 +120,27 @@ class Model(Mapping):
     used, GGUF key-values). Closing releases memory maps; tensors must not be used after.
     """
 
-    def __init__(self, tensors: dict[str, QTensor], metadata: dict | None = None, *, path=None, closers=()):
-        self._tensors = dict(tensors)
+    def __init__(self, tensors: Mapping[str, QTensor | TensorSource], metadata: dict | None = None, *, path=None,
+                 closers=()):
+        self._tensors: dict[str, QTensor | TensorSource] = dict(tensors)
         self.metadata = dict(metadata or {})
         self.path = path
         self._closers = list(closers)
 
     def __getitem__(self, name: str) -> QTensor:
         try:
-            return self._tensors[name]
-        except KeyError:
-            raise errors.QuantfmtError(f"no tensor named {name!r}", file=self.path) from None
+            t = self._tensors[name]
+        except (KeyError, TypeError):
+            raise MissingTensorError(f"no tensor named {name!r}", file=self.path) from None
+        if isinstance(t, TensorSource):
+            t = self._tensors[name] = t.qtensor()
+        return t
+
+    def __contains__(self, name) -> bool:
+        try:
+            return name in self._tensors
+        except TypeError:
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -110,9 +148,21 @@ class Model(Mapping):
     def __len__(self) -> int:
         return len(self._tensors)
 
+    def source(self, name: str) -> TensorSource:
+        """What is known of tensor `name` without building it (name, tag, shape, nbytes, load)."""
+        t = self._tensors.get(name)
+        if t is None:
+            raise MissingTensorError(f"no tensor named {name!r}", file=self.path)
+        return t if isinstance(t, TensorSource) else TensorSource.of(t, name)
+
+    def sources(self) -> Iterator[TensorSource]:
+        """Every tensor as a TensorSource, in order, none built."""
+        for name in self._tensors:
+            yield self.source(name)
+
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self._tensors.values())
+        return sum(s.nbytes for s in self.sources())
 
     def close(self) -> None:
         for c in self._closers:

@@ -18,8 +18,10 @@ from test_container import mixed_model, toy, write_toy_plugin  # noqa: F401  (to
 from test_loader import float_model
 
 import quantfmt
-from quantfmt import container, plugins
+from quantfmt import plugins
 from quantfmt.cli import cli
+from quantfmt.io import files
+from quantfmt.io import safetensors as container
 from quantfmt.tensor import Model, QTensor
 
 
@@ -105,7 +107,7 @@ def test_injected_failure_keeps_previous_output(toy, src, tmp_path, monkeypatch)
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"previous")
     calls = []
-    real = container.release_pages
+    real = files.release_pages
 
     def fail_on_third(arr):
         calls.append(1)
@@ -113,7 +115,7 @@ def test_injected_failure_keeps_previous_output(toy, src, tmp_path, monkeypatch)
             raise quantfmt.QuantfmtError("injected failure")
         real(arr)
 
-    monkeypatch.setattr(container, "release_pages", fail_on_third)
+    monkeypatch.setattr("quantfmt.ops.convert.release_pages", fail_on_third)
     r = run(*pdir_args(toy), "convert", src, out, "--to", "TQ8", "--overwrite", ok=False)
     assert "injected failure" in r.output
     assert out.read_bytes() == b"previous"
@@ -162,7 +164,7 @@ def test_compare(toy, src):  # noqa: F811
 def big_float_file(path, n_tensors, rows, cols, seed=0):
     """A float32 model written with the streaming writer (so the test itself stays small in memory)."""
     rng = np.random.default_rng(seed)
-    plans = [container.TensorPlan(f"blk.{i}.w", "F32", (rows, cols),
+    plans = [files.TensorPlan(f"blk.{i}.w", "F32", (rows, cols),
                                   lambda: rng.standard_normal((rows, cols), np.float32).view(np.uint8).reshape(-1))
              for i in range(n_tensors)]
     container.write_safetensors(path, plans, metadata={"arch": "big"})
@@ -204,7 +206,8 @@ def test_killed_conversion_leaves_previous_output(tmp_path, sig):
 MEMORY_PROBE = r"""
 import json, resource, sys
 import numpy as np
-from quantfmt import loader, plugins
+import quantfmt as loader
+from quantfmt import plugins
 plugins.formats()  # load plugins and numpy before measuring
 src, out, mode = sys.argv[1:4]
 if mode == "baseline":
@@ -240,7 +243,7 @@ def test_conversion_memory_is_one_tensor_not_the_model(tmp_path):
 def test_quantfmt_load_is_exported():
     import quantfmt as q
 
-    assert q.load is quantfmt.loader.load
+    assert q.load is quantfmt.ops.convert.load
     assert Model is q.Model and QTensor is q.QTensor
     assert callable(mixed_model)
 
@@ -258,7 +261,7 @@ def _smollm2():
 
 
 def test_gguf_in_and_out(tmp_path, rng):
-    gguf_io = pytest.importorskip("quantfmt.gguf_io")
+    gguf_io = pytest.importorskip("quantfmt.io.gguf")
     m = Model({"a.weight": QTensor.quantize(rng.standard_normal((4, 256)).astype(np.float32), "F32", "a.weight"),
                "b.weight": QTensor.quantize(rng.standard_normal((8, 256)).astype(np.float32), "F16", "b.weight")},
               {"general.architecture": "llama"})
@@ -284,7 +287,7 @@ def test_smollm2_gguf_through_the_container_is_byte_identical(tmp_path):
     path = _smollm2()
     if not {"Q4_1", "Q8_0"} <= set(plugins.formats()):
         pytest.skip("the ggml formats are not registered")
-    pytest.importorskip("quantfmt.gguf_io")
+    pytest.importorskip("quantfmt.io.gguf")
     from safetensors import safe_open
 
     st, back = tmp_path / "smol.safetensors", tmp_path / "smol.gguf"

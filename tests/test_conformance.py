@@ -301,13 +301,13 @@ def register_formats(register):
 
 
 def test_cli_check_table_and_json(fresh_registry):
-    res = CliRunner().invoke(cli, ["check", "F32", "BF16", "--size", "64x96"])
+    res = CliRunner().invoke(cli, ["check-format", "F32", "BF16", "--size", "64x96"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert lines[0].split()[:4] == ["tag", "bpw", "rmse", "rel_rmse"]
     row = next(ln.split() for ln in lines if ln.startswith("BF16"))
     assert row[1] == "16" and row[4] == "64x96" and row[6] == "ok" and 1e-3 < float(row[3]) < 3e-3
-    res = CliRunner().invoke(cli, ["check", "F16", "--json"])
+    res = CliRunner().invoke(cli, ["check-format", "F16", "--json"])
     assert res.exit_code == 0, res.output
     (rep,) = json.loads(res.stdout)
     assert rep["tag"] == "F16" and rep["ok"] and rep["bits_per_weight"] == 16
@@ -315,7 +315,7 @@ def test_cli_check_table_and_json(fresh_registry):
 
 
 def test_cli_check_verbose_lists_every_check(fresh_registry):
-    res = CliRunner().invoke(cli, ["check", "-v", "F16"])
+    res = CliRunner().invoke(cli, ["check-format", "-v", "F16"])
     assert res.exit_code == 0, res.output
     listed = [ln.split()[1].rstrip(":") for ln in res.stdout.splitlines() if ln.startswith("  PASS")]
     assert listed == [c.name for c in check_format("F16")]
@@ -333,7 +333,7 @@ def test_cli_check_all_covers_every_format(fresh_registry, monkeypatch):
         return report
 
     monkeypatch.setattr(testing, "check_format", fake_check)
-    res = CliRunner().invoke(cli, ["check", "--all", "--json", "--seed", "3", "--size", "8x64"])
+    res = CliRunner().invoke(cli, ["check-format", "--all", "--json", "--seed", "3", "--size", "8x64"])
     assert res.exit_code == 1, res.output
     assert [r["tag"] for r in json.loads(res.stdout)] == list(plugins.formats())
     assert seen == [(t, 3, (8, 64)) for t in plugins.formats()]
@@ -341,17 +341,17 @@ def test_cli_check_all_covers_every_format(fresh_registry, monkeypatch):
 
 
 def test_cli_check_errors(fresh_registry):
-    res = CliRunner().invoke(cli, ["check", "F32", "NOPE"])
+    res = CliRunner().invoke(cli, ["check-format", "F32", "NOPE"])
     assert res.exit_code == 1 and res.stderr.startswith("Error: unknown format tag 'NOPE'")
     assert "Traceback" not in res.output
-    for args in (["check"], ["check", "--all", "F32"], ["check", "F32", "--size", "4096"]):
+    for args in (["check-format"], ["check-format", "--all", "F32"], ["check-format", "F32", "--size", "4096"]):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 2 and "Error:" in res.stderr, args
 
 
 def test_cli_check_fails_broken_plugin(tmp_path, fresh_registry):
     (tmp_path / "ob1.py").write_text(textwrap.dedent(BROKEN_PLUGIN))
-    res = CliRunner().invoke(cli, ["--plugins-dir", str(tmp_path), "check", "F32", "OB1"])
+    res = CliRunner().invoke(cli, ["--plugins-dir", str(tmp_path), "check-format", "F32", "OB1"])
     assert res.exit_code == 1, res.output
     row = next(ln.split() for ln in res.stdout.splitlines() if ln.startswith("OB1"))
     assert "FAIL" in row and "ob1" in row

@@ -10,8 +10,11 @@ import struct
 import numpy as np
 import pytest
 
-from quantfmt import container, plugins
+import quantfmt
+from quantfmt import plugins
 from quantfmt.errors import FileFormatError, OutputExistsError, QuantfmtError
+from quantfmt.io import files, sharded
+from quantfmt.io import safetensors as container
 from quantfmt.tensor import Model, QTensor
 
 # A quantized format that is not a built-in, loaded from a plugin folder like a third-party
@@ -109,7 +112,7 @@ def all_quantized_tags():
 def test_mixed_round_trip_is_bit_identical(toy, tmp_path, rng):
     m = mixed_model(rng, all_quantized_tags())
     path = tmp_path / "m.safetensors"
-    container.save(path, m, recipe={"default": "TQ8"})
+    quantfmt.save(m, path, recipe={"default": "TQ8"})
     with container.open_safetensors(path) as back:
         assert list(back) == list(m)
         for name, t in m.items():
@@ -126,7 +129,7 @@ def test_plain_safetensors_reads_every_tensor(toy, tmp_path, rng):
 
     m = mixed_model(rng, all_quantized_tags())
     path = tmp_path / "m.safetensors"
-    container.save(path, m)
+    quantfmt.save(m, path)
     with safe_open(str(path), framework="numpy") as f:
         assert sorted(f.keys()) == sorted(m)
         doc = json.loads(f.metadata()[container.META_KEY])
@@ -161,7 +164,7 @@ def test_reads_files_written_by_safetensors(tmp_path, rng):
 
 def test_open_is_lazy_and_zero_copy(toy, tmp_path, rng):
     path = tmp_path / "m.safetensors"
-    container.save(path, mixed_model(rng))
+    quantfmt.save(mixed_model(rng), path)
     with container.open_safetensors(path) as m:
         for t in m.values():
             base = t.data
@@ -169,7 +172,7 @@ def test_open_is_lazy_and_zero_copy(toy, tmp_path, rng):
                 base = base.base
             assert not t.data.flags.writeable and not t.data.flags.owndata
         row = m["tq8"].row(3)
-        container.release_pages(m["tq8"].data)  # dropping the pages must not change the data
+        files.release_pages(m["tq8"].data)  # dropping the pages must not change the data
         np.testing.assert_array_equal(m["tq8"].row(3), row)
 
 
@@ -290,7 +293,7 @@ def write_shards(tmp_path, rng, n=3):
         m = Model({f"l{i}.w": QTensor.quantize(rng.standard_normal((4, 8)).astype(np.float32), "F32"),
                    f"l{i}.b": QTensor.quantize(rng.standard_normal(8).astype(np.float32), "F16")},
                   {"arch": "x"})
-        container.save(tmp_path / shard, m)
+        quantfmt.save(m, tmp_path / shard)
         names.update({k: shard for k in m})
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": names}))
@@ -299,10 +302,10 @@ def write_shards(tmp_path, rng, n=3):
 
 def test_sharded_index_opens_as_one_model(tmp_path, rng):
     index, names = write_shards(tmp_path, rng)
-    with container.open_sharded(index) as m:
+    with sharded.open_sharded(index) as m:
         assert sorted(m) == sorted(names) and m.metadata == {"arch": "x"}
         assert m["l2.b"].tag == "F16"
-    with container.open_directory(tmp_path) as m:
+    with sharded.open_directory(tmp_path) as m:
         assert sorted(m) == sorted(names)
 
 
@@ -316,15 +319,15 @@ def test_sharded_index_inconsistencies(tmp_path, rng, change, match):
     change(names)
     index.write_text(json.dumps({"weight_map": names}))
     with pytest.raises(FileFormatError, match=match):
-        container.open_sharded(index)
+        sharded.open_sharded(index)
 
 
 def test_shards_without_index_must_not_repeat_names(tmp_path, rng):
     for i in range(2):
-        container.save(tmp_path / f"s{i}.safetensors",
-                       Model({"w": QTensor.quantize(np.ones((2, 2), np.float32), "F32")}))
+        quantfmt.save(Model({"w": QTensor.quantize(np.ones((2, 2), np.float32), "F32")}),
+                      tmp_path / f"s{i}.safetensors")
     with pytest.raises(FileFormatError, match="two shards"):
-        container.open_directory(tmp_path)
+        sharded.open_directory(tmp_path)
 
 
 # ---- writing -------------------------------------------------------------------------
@@ -342,7 +345,7 @@ def test_writer_streams_header_first_then_one_tensor_at_a_time(tmp_path):
             return np.full((4, 4), i, np.float32).view(np.uint8).reshape(-1)
         return f
 
-    plans = [container.TensorPlan(f"t{i}", "F32", (4, 4), produce(i)) for i in range(3)]
+    plans = [files.TensorPlan(f"t{i}", "F32", (4, 4), produce(i)) for i in range(3)]
     container.write_safetensors(out, plans)
     hdr_len = 8 + struct.unpack("<Q", out.read_bytes()[:8])[0]
     assert seen == [hdr_len, hdr_len + 64, hdr_len + 128]
@@ -353,7 +356,7 @@ def test_writer_streams_header_first_then_one_tensor_at_a_time(tmp_path):
 
 def test_writer_refuses_a_wrong_byte_count_and_leaves_nothing(tmp_path):
     out = tmp_path / "o.safetensors"
-    plans = [container.TensorPlan("t", "F32", (4, 4), lambda: np.zeros(10, np.uint8))]
+    plans = [files.TensorPlan("t", "F32", (4, 4), lambda: np.zeros(10, np.uint8))]
     with pytest.raises(FileFormatError, match="produced 10 bytes, the header promised 64"):
         container.write_safetensors(out, plans)
     assert list(tmp_path.iterdir()) == []
@@ -362,12 +365,12 @@ def test_writer_refuses_a_wrong_byte_count_and_leaves_nothing(tmp_path):
 def test_atomic_output_failure_keeps_previous(tmp_path):
     out = tmp_path / "o.bin"
     out.write_bytes(b"previous")
-    with pytest.raises(RuntimeError), container.atomic_output(out, overwrite=True) as tmp:
+    with pytest.raises(RuntimeError), files.atomic_output(out, overwrite=True) as tmp:
         with open(tmp, "wb") as f:
             f.write(b"half")
         raise RuntimeError("boom")
     assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["o.bin"]
-    with container.atomic_output(out, overwrite=True) as tmp:
+    with files.atomic_output(out, overwrite=True) as tmp:
         with open(tmp, "wb") as f:
             f.write(b"new")
     assert out.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["o.bin"]
@@ -384,20 +387,20 @@ def test_output_identity_checks(tmp_path):
     (tmp_path / "sub").mkdir()
     for out in [inp, tmp_path / "hard.bin", tmp_path / "sym.bin", tmp_path / "sub" / ".." / "in.bin"]:
         with pytest.raises(OutputExistsError, match="same file as the input"):
-            container.check_output(out, overwrite=True, inputs=[inp])
+            files.check_output(out, overwrite=True, inputs=[inp])
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        container.check_output(inp, inputs=[])
+        files.check_output(inp, inputs=[])
     with pytest.raises(OutputExistsError, match="directory"):
-        container.check_output(tmp_path / "sub", overwrite=True)
+        files.check_output(tmp_path / "sub", overwrite=True)
     with pytest.raises(OutputExistsError, match="does not exist"):
-        container.check_output(tmp_path / "nodir" / "x", overwrite=True)
-    container.check_output(tmp_path / "new.bin", inputs=[inp])
+        files.check_output(tmp_path / "nodir" / "x", overwrite=True)
+    files.check_output(tmp_path / "new.bin", inputs=[inp])
 
 
 def test_metadata_that_is_not_json_is_an_error(tmp_path):
     m = Model({"w": QTensor.quantize(np.ones(2, np.float32), "F32")}, {"bad": object()})
     with pytest.raises(FileFormatError, match="JSON"):
-        container.save(tmp_path / "o.safetensors", m)
+        quantfmt.save(m, tmp_path / "o.safetensors")
     assert list(tmp_path.iterdir()) == []
 
 

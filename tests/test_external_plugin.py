@@ -140,14 +140,14 @@ def test_plugins_dir_registers(tmp_path, fresh_registry):
 def test_plugins_dir_numba_cache_works_in_a_second_process(tmp_path):
     d = _plugins_dir(tmp_path)
     for _ in range(2):
-        res = _quantfmt("--plugins-dir", str(d), "check", TAG, check=False)
+        res = _quantfmt("--plugins-dir", str(d), "check-format", TAG, check=False)
         assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.mark.slow
 def test_plugins_dir_check(tmp_path):
     d = _plugins_dir(tmp_path)
-    res = _quantfmt("--plugins-dir", str(d), "check", TAG, "--json")
+    res = _quantfmt("--plugins-dir", str(d), "check-format", TAG, "--json")
     (rep,) = json.loads(res.stdout)
     assert rep["tag"] == TAG and rep["ok"] and rep["plugin"] == "quantfmt_example_format"
     assert rep["bits_per_weight"] == 3.5 and rep["metrics"]["rel_rmse"] < 0.2
@@ -197,7 +197,7 @@ def test_installed_distribution_is_found_by_entry_point(installed):
     (line,) = [ln for ln in out.splitlines() if ln.startswith(info["plugin"])]
     assert "entry point quantfmt_example_format" in line and TAG in line and line.rstrip().endswith("ok")
 
-    out = _quantfmt("check", TAG, pythonpath=installed).stdout
+    out = _quantfmt("check-format", TAG, pythonpath=installed).stdout
     (row,) = [ln.split() for ln in out.splitlines() if ln.startswith(TAG)]
     assert row[1] == "3.5" and "ok" in row and info["plugin"] in row
 
@@ -215,7 +215,7 @@ def test_installed_distribution_is_found_by_entry_point(installed):
 
 @pytest.mark.slow
 def test_uninstalled_example_is_unknown():
-    res = _quantfmt("check", TAG, check=False)
+    res = _quantfmt("check-format", TAG, check=False)
     assert res.returncode == 1 and res.stderr.startswith(f"Error: unknown format tag '{TAG}'")
 
 

@@ -21,8 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_container import mixed_model, write_toy_plugin
 
-from quantfmt import container, plugins
+import quantfmt
+from quantfmt import plugins
 from quantfmt.errors import QuantfmtError
+from quantfmt.io import safetensors as container
+from quantfmt.io import sharded
 
 SETTINGS = dict(deadline=timedelta(seconds=10), suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -34,7 +37,7 @@ def base():
         plugins.configure(plugins_dirs=[write_toy_plugin(os.path.join(d, "plugins"))])
         try:
             p = os.path.join(d, "base.safetensors")
-            container.save(p, mixed_model(np.random.default_rng(7)), recipe={"default": "TQ8"})
+            quantfmt.save(mixed_model(np.random.default_rng(7)), p, recipe={"default": "TQ8"})
             with open(p, "rb") as f:
                 raw = f.read()
             (n,) = struct.unpack("<Q", raw[:8])
@@ -249,7 +252,7 @@ def test_sharded_index_mutations(base, data):
     with open(p, "wb") as f:
         f.write(text)
     try:
-        with container.open_sharded(p) as m:
+        with sharded.open_sharded(p) as m:
             for t in m.values():
                 t.dequantize()
     except QuantfmtError:

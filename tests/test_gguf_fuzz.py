@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quantfmt.errors import QuantfmtError
-from quantfmt.gguf_io import read_gguf, scan_gguf_bytes, write_gguf
+from quantfmt.io.gguf import read_gguf, scan_gguf_bytes, write_gguf
 
 HANG_SECONDS = 30  # per example; a real one takes milliseconds
 QUICK = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)

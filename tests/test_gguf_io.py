@@ -13,8 +13,11 @@ from gguf import GGUFValueType as V
 from ggufkit import kv, raw_gguf, s, sample_tensors, tinfo, write_sample
 
 from quantfmt import errors
-from quantfmt.gguf_io import GGML_TAGS, read_gguf, scan_gguf, scan_gguf_bytes, write_gguf
+from quantfmt.io.gguf import read_gguf, scan_gguf, scan_gguf_bytes, write_gguf
 from quantfmt.plugins import formats
+
+# the built-in formats that are ggml types, byte for byte
+GGML_TAGS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 
 
 def test_every_ggml_tag_is_registered_with_ggmls_geometry():
@@ -120,7 +123,7 @@ def test_custom_alignment_is_read(tmp_path):
 
 
 def _through_container(src, tmp_path):
-    from quantfmt.loader import convert, open_model
+    from quantfmt import convert, open_model
     from quantfmt.recipe import Recipe
 
     keep = Recipe(rules=[("*", "keep")])
@@ -201,8 +204,8 @@ def test_exotic_metadata_round_trips_exactly(tmp_path):
 
 
 def test_streaming_writer_produces_one_tensor_at_a_time(tmp_path, sample):
-    from quantfmt.container import TensorPlan
-    from quantfmt.gguf_io import write_gguf_plans
+    from quantfmt.io.files import TensorPlan
+    from quantfmt.io.gguf import write_gguf_plans
 
     events = []
     with read_gguf(sample) as m:
@@ -361,7 +364,7 @@ def test_prescan_rejects(tmp_path, blob, match):
 
 
 def test_prescan_bounds_the_array_items_in_all(monkeypatch):
-    from quantfmt import gguf_io
+    from quantfmt.io import gguf as gguf_io
 
     monkeypatch.setattr(gguf_io, "MAX_ARRAY_ITEMS", 10)
     six = kv("a", 9, struct.pack("<IQ", 0, 6) + bytes(6))
@@ -433,7 +436,7 @@ def _cli(*args, env=None):
 def test_cli_bad_gguf_is_one_line_error(tmp_path):
     p = tmp_path / "bad.gguf"
     p.write_bytes(raw_gguf([kv("k", 9, struct.pack("<IQ", 0, 2**63))], alignment=1))
-    for cmd in (["inspect", p], ["gguf-check", p], ["convert", p, tmp_path / "o.safetensors", "--to", "F16"]):
+    for cmd in (["inspect", p], ["check-file", p], ["convert", p, tmp_path / "o.safetensors", "--to", "F16"]):
         r = _cli(*cmd)
         assert r.exit_code == 1, (cmd, r.output)
         assert "Error:" in r.output and "array of 9223372036854775808 UINT8" in r.output
@@ -448,13 +451,13 @@ def test_cli_gguf_check(tmp_path):
     assert _cli("convert", src, mid, "--rule", "*=keep").exit_code == 0
     r = _cli("convert", mid, back, "--rule", "*=keep")
     assert r.exit_code == 0, r.output
-    r = _cli("gguf-check", back, "--against", src)
+    r = _cli("check-file", back, "--against", src)
     assert r.exit_code == 0, r.output
     assert "gguf package's reader agrees" in r.output and f"equal {src}" in r.output
     # a model with other bytes is a difference
     other = tmp_path / "other.safetensors"
     assert _cli("convert", mid, other, "--rule", "blk.0.cube=F16").exit_code == 0
-    r = _cli("gguf-check", back, "--against", other)
+    r = _cli("check-file", back, "--against", other)
     assert r.exit_code == 1 and "blk.0.cube" in r.output
 
 
@@ -468,7 +471,7 @@ def test_cli_convert_unsupported_types_with_env(tmp_path):
     r = _cli("convert", p, out, "--rule", "*=keep", env={"QUANTFMT_GGUF_UNSUPPORTED": "dequantize"})
     assert r.exit_code == 0, r.output
     with read_gguf(p, unsupported="dequantize") as a:
-        from quantfmt.loader import open_model
+        from quantfmt import open_model
 
         with open_model(out) as b:
             assert b["q5"].tag == "F32" and np.array_equal(a["q5"].data, b["q5"].data)

@@ -16,10 +16,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from quantfmt.gguf_io import GGML_TAGS, read_gguf, scan_gguf
+from quantfmt.io.gguf import read_gguf, scan_gguf
 from quantfmt.plugins import formats
 
 pytestmark = pytest.mark.model
+
+# the built-in formats that are ggml types, byte for byte
+GGML_TAGS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 
 
 def model_path() -> Path | None:
@@ -73,7 +76,7 @@ def test_reads_like_gguf_reader(path, ref):
 
 
 def test_gguf_to_quantfmt_to_gguf_is_byte_identical(path, tmp_path):
-    from quantfmt.loader import convert, open_model
+    from quantfmt import convert, open_model
     from quantfmt.recipe import Recipe
 
     keep = Recipe(rules=[("*", "keep")])
@@ -110,7 +113,7 @@ def test_ggml_formats_match_gguf_quantizer_on_real_weights(path, name):
 
 
 def test_requantize_to_a_mixed_recipe(path, tmp_path):
-    from quantfmt.loader import convert, open_model
+    from quantfmt import convert, open_model
     from quantfmt.recipe import Recipe
 
     ffn = "Q4_A" if "Q4_A" in formats() else "Q4_0"
@@ -139,8 +142,8 @@ def test_prescan_is_cheap_on_the_real_header(path):
 
 
 def test_export_a_mixed_ggml_recipe_to_gguf(path, tmp_path):
-    from quantfmt.gguf_io import check_gguf
-    from quantfmt.loader import convert
+    from quantfmt import convert
+    from quantfmt.ops.verify import verify_gguf as check_gguf
     from quantfmt.recipe import Recipe
 
     recipe = Recipe(rules=[("*norm*", "F32"), ("token_embd.*", "Q8_0"), ("*.attn_*", "Q4_0"),

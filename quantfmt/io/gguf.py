@@ -15,14 +15,13 @@ so a hostile file fails with a FileFormatError in time and memory linear in the 
 overlapping tensors). Every count and length is checked against the bytes that remain
 before it is used; see formats.md, "GGUF interop", for the full list of rules.
 
-`read_gguf` maps the file and gives each tensor of a ggml type with a quantfmt format
-(F32, F16, BF16, Q4_0, Q4_1, Q8_0: same names, same bytes) as a zero-copy view of the file;
+`read_gguf` maps the file and gives each tensor of a ggml type that a registered format stores
+(the format's `ggml_type`: same bytes) as a lazy source whose bytes are a view of the file;
 shapes are reversed into numpy order. The key-values go into `Model.metadata["gguf"]` with
 their GGUF value types (the JSON form is specified in formats.md), so `write_gguf` can write
 them back identically: GGUF -> quantfmt -> GGUF reproduces the original file byte for byte
 when the original was laid out the standard way (tensors packed in order, zero padding).
-`write_gguf_plans` is the same writer fed one tensor at a time; `check_gguf` cross-checks a
-file against the gguf package's own reader (and optionally against another model file).
+`write_gguf_plans` is the same writer fed one tensor at a time.
 """
 
 from __future__ import annotations
@@ -36,8 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import FileFormatError, QuantfmtError, context
-from .format import MAX_ELEMENTS
+from ..errors import FileFormatError, QuantfmtError, context
+from ..format import MAX_ELEMENTS
+from .files import atomic_output, map_readonly, open_for_write, write, write_stream
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -58,8 +58,6 @@ MAX_NAME_BYTES = 65535
 
 #: Environment variable giving read_gguf's `unsupported` when the caller does not.
 UNSUPPORTED_ENV = "QUANTFMT_GGUF_UNSUPPORTED"
-#: ggml types whose bytes are a quantfmt format's bytes, under the same name.
-GGML_TAGS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 
 # GGUF scalar value types: id -> (name, struct code).
 _SCALARS = {
@@ -379,19 +377,22 @@ def scan_gguf(path) -> GGUFHeader:
 # ---- the reader -----------------------------------------------------------------------
 
 
-def _tag_for(type_name: str):
-    """The quantfmt Format that stores this ggml type's bytes unchanged, or None."""
+def ggml_formats() -> dict[str, object]:
+    """ggml type name -> the registered Format whose bytes are that type's bytes (its `ggml_type`),
+    when its block geometry matches ggml's for that type."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from .plugins import formats
+    from ..plugins import formats
 
-    if type_name not in GGML_TAGS:
-        return None
-    fmt = formats().get(type_name)
-    bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
-    if fmt is None or tuple(fmt.block_shape) != (1, bs) or fmt.block_bytes != ts:
-        return None  # not registered (or registered with another layout): treat as unsupported
-    return fmt
+    out = {}
+    for fmt in formats().values():
+        name = fmt.ggml_type
+        if name is None or name not in GGMLQuantizationType.__members__ or name in out:
+            continue
+        bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+        if tuple(fmt.block_shape) == (1, bs) and fmt.block_bytes == ts:
+            out[name] = fmt
+    return out
 
 
 def read_gguf(path, *, unsupported: str | None = None):
@@ -403,7 +404,7 @@ def read_gguf(path, *, unsupported: str | None = None):
     QUANTFMT_GGUF_UNSUPPORTED if set (how CLI users choose), else "error".
     Close the Model (or use `with`) to release the map.
     """
-    from .tensor import Model, QTensor
+    from ..tensor import Model, TensorSource
 
     if unsupported is None:
         unsupported = os.environ.get(UNSUPPORTED_ENV) or "error"
@@ -412,36 +413,34 @@ def read_gguf(path, *, unsupported: str | None = None):
                             "'dequantize'", file=str(path))
     path = str(path)
     hdr = scan_gguf(path)
-    fmts = {t.type_name: _tag_for(t.type_name) for t in hdr.tensors}
+    known = ggml_formats()
+    fmts = {t.type_name: known.get(t.type_name) for t in hdr.tensors}
     bad = [t for t in hdr.tensors if fmts[t.type_name] is None]
     if bad and unsupported == "error":
         listed = ", ".join(f"{t.name} ({t.type_name})" for t in bad[:8])
         listed += ", ..." if len(bad) > 8 else ""
-        have = ", ".join(n for n in GGML_TAGS if _tag_for(n) is not None)
+        have = ", ".join(known)
         raise FileFormatError(
             f"{len(bad)} tensor(s) have a ggml type with no quantfmt format: {listed}. Supported ggml "
             f"types: {have}. To convert them to F32 instead, pass unsupported='dequantize' (from the "
             f"command line: set {UNSUPPORTED_ENV}=dequantize)", file=path)
-    mm = None
+    for t in {t.type_name: t for t in bad}.values():
+        _dequantize(np.zeros(0, np.uint8), t, path, probe=True)  # a clear error now, not when used
     tensors, dequantized = {}, {}
+    flat, close = np.zeros(0, np.uint8), (lambda: None)
     if hdr.tensors:
         # A numpy memmap, like the container's, so streaming conversion can release pages as it goes.
-        try:
-            mm = np.memmap(path, mode="r", dtype=np.uint8)
-        except (OSError, ValueError) as e:
-            raise FileFormatError(f"cannot map the file: {e}", file=path) from None
-        if mm.size != hdr.file_size:
-            raise FileFormatError("the file changed size while being opened", file=path)
-        flat = mm.view(np.ndarray)
-        for t in hdr.tensors:
-            start = hdr.data_offset + t.offset
-            raw = flat[start : start + t.nbytes]
-            fmt = fmts[t.type_name]
-            if fmt is not None:
-                tensors[t.name] = QTensor(t.name, fmt, t.shape, raw, source=path)
-            else:
-                tensors[t.name] = QTensor(t.name, "F32", t.shape, _dequantize(raw, t, path), source=path)
-                dequantized[t.name] = t.type_name
+        flat, close = map_readonly(path, expect_size=hdr.file_size)
+    for t in hdr.tensors:
+        start = hdr.data_offset + t.offset
+        fmt = fmts[t.type_name]
+        if fmt is not None:
+            tensors[t.name] = TensorSource(t.name, fmt.tag, t.shape, t.nbytes,
+                                           lambda a=start, n=t.nbytes: flat[a : a + n], path)
+        else:  # decoded only when used, never at open
+            tensors[t.name] = TensorSource(t.name, "F32", t.shape, 4 * math.prod(t.shape),
+                                           lambda a=start, t=t: _dequantize(flat[a : a + t.nbytes], t, path), path)
+            dequantized[t.name] = t.type_name
     meta = {
         "gguf": {
             "version": hdr.version,
@@ -453,26 +452,24 @@ def read_gguf(path, *, unsupported: str | None = None):
     if dequantized:
         meta["gguf"]["dequantized"] = dequantized
 
-    def close():
-        # The map goes away with its last view; Python's mmap refuses to close under live
-        # views (BufferError), which would otherwise crash them.
-        if mm is not None:
-            with contextlib.suppress(BufferError, ValueError, AttributeError):
-                mm._mmap.close()
-
     return Model(tensors, meta, path=path, closers=[close])
 
 
-def _dequantize(raw: np.ndarray, t: TensorInfo, path: str) -> np.ndarray:
+def _dequantize(raw: np.ndarray, t: TensorInfo, path: str, probe: bool = False) -> np.ndarray:
+    """Tensor t's data decoded to F32 bytes by the gguf package; probe=True: only check it can."""
     from gguf import quants
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     qtype = GGMLQuantizationType(t.ggml_type)
     bs, ts = GGML_QUANT_SIZES[qtype]
     rows = t.nbytes // (t.dims[0] // bs * ts)
+    if probe:
+        raw, rows = np.zeros(ts, np.uint8), 1
     try:
         with np.errstate(all="ignore"):
             w = quants.dequantize(raw.reshape(rows, -1), qtype)
+            if probe:
+                return w
     except NotImplementedError:
         raise FileFormatError(f"the gguf package cannot dequantize ggml type {t.type_name}",
                               file=path, tensor=t.name) from None
@@ -573,20 +570,15 @@ def _pack_kv(entry) -> bytes:
     return head + struct.pack("<I", TYPE_IDS[tname]) + _pack_scalar(tname, v, key)
 
 
-def gguf_incompatible(model) -> list[tuple[str, str]]:
-    """(name, tag) of the tensors that have no ggml type and so cannot be written to GGUF."""
-    return [(n, t.tag) for n, t in model.items() if t.tag not in GGML_TAGS]
-
-
 def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = None) -> None:
     """Write `model` as a GGUF file (version 3 unless the metadata says otherwise).
 
-    Tensors of tags F32, F16, BF16, Q4_0, Q4_1, Q8_0 are written byte for byte; any other
-    tag is refused, listing the tensors. Key-values come from `metadata` (default
+    Tensors whose format has a ggml type are written byte for byte; any other tag is refused,
+    listing the tensors. Key-values come from `metadata` (default
     model.metadata), key "gguf", in the JSON form read_gguf produces, with their types.
     Tensors are written in the recorded tensor_order, then any others in model order.
     """
-    from .container import plans_from_model
+    from .files import plans_from_model
 
     inputs = [model.path] if getattr(model, "path", None) else []
     write_gguf_plans(path, plans_from_model(model), metadata=model.metadata if metadata is None else metadata,
@@ -600,8 +592,7 @@ def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bo
     turn, so memory holds one tensor at a time. `progress(nbytes)` after each tensor."""
     from gguf.constants import GGMLQuantizationType
 
-    from .container import atomic_output
-    from .plugins import get_format
+    from ..plugins import get_format
 
     file = str(path)
     g = metadata.get("gguf") if isinstance(metadata, dict) else None
@@ -615,13 +606,14 @@ def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bo
             raise FileFormatError(f"cannot write GGUF: invalid or duplicate tensor name {p.name!r}",
                                   file=file)
         by_name[p.name] = p
-    bad = [(p.name, p.tag) for p in plans if p.tag not in GGML_TAGS]
+    ggml_of = {f.tag: name for name, f in ggml_formats().items()}
+    bad = [(p.name, p.tag) for p in plans if get_format(p.tag).tag not in ggml_of]
     if bad:
         listed = ", ".join(f"{n} ({t})" for n, t in bad[:10])
         listed += f", and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise FileFormatError(
             f"cannot write GGUF: {len(bad)} tensor(s) have formats with no ggml type: {listed}. "
-            f"GGUF can hold {', '.join(GGML_TAGS)}; requantize those tensors to one of them first",
+            f"GGUF can hold {', '.join(ggml_of)}; requantize those tensors to one of them first",
             file=file)
     version = g.get("version", 3)
     if version not in VERSIONS:
@@ -654,87 +646,13 @@ def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bo
             n = get_format(p.tag).nbytes(shape)
         dims = tuple(reversed(shape))
         parts.append(_pack_string(name, name))
-        gtype = int(GGMLQuantizationType[p.tag])
+        gtype = int(GGMLQuantizationType[ggml_of[get_format(p.tag).tag]])
         parts.append(struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, gtype, offset))
         sizes.append(n)
         offset += -(-n // align) * align
     header = b"".join(parts)
-    with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp:
-        try:
-            with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(b"\0" * (-len(header) % align))
-                for name, n in zip(order, sizes, strict=True):
-                    p = by_name[name]
-                    with context(file=file, tensor=name):
-                        data = p.produce()
-                    buf = np.ascontiguousarray(data if isinstance(data, np.ndarray)
-                                               else np.frombuffer(data, np.uint8)).reshape(-1).view(np.uint8)
-                    if buf.size != n:
-                        raise FileFormatError(f"{p.tag}: produced {buf.size} bytes, the header promised {n}",
-                                              file=file, tensor=name)
-                    f.write(memoryview(buf))
-                    f.write(b"\0" * (-n % align))
-                    del data, buf
-                    if p.after is not None:
-                        p.after()
-                    if progress is not None:
-                        progress(n)
-        except OSError as e:
-            raise FileFormatError(f"cannot write: {e.strerror or e}", file=file) from None
-
-
-# ---- checking a written file ------------------------------------------------------------
-
-
-def check_gguf(path, against=None) -> dict:
-    """Check a GGUF file three ways and report: our pre-scan and reader; the gguf package's
-    own reader (tensor names, types, shapes and bytes must agree with ours); and, with
-    `against` (any model file quantfmt opens), every tensor's tag, shape and bytes and the
-    GGUF key-values compared with that model. Raises FileFormatError on any difference.
-    """
-    import gguf
-
-    from .loader import open_model
-
-    path = str(path)
-    hdr = scan_gguf(path)
-    report = {"file": path, "version": hdr.version, "alignment": hdr.alignment, "key_values": len(hdr.kv),
-              "tensors": len(hdr.tensors), "by_type": {}}
-    for t in hdr.tensors:
-        report["by_type"][t.type_name] = report["by_type"].get(t.type_name, 0) + 1
-    with read_gguf(path, unsupported="dequantize") as m:
-        try:
-            ref = gguf.GGUFReader(path)
-        except Exception as e:  # noqa: BLE001 - foreign reader: any failure is the finding
-            raise FileFormatError(f"the gguf package cannot read it: {type(e).__name__}: {e}",
-                                  file=path) from None
-        if [t.name for t in ref.tensors] != list(m):
-            raise FileFormatError("the gguf package's reader sees other tensors than ours", file=path)
-        for rt in ref.tensors:
-            t = m[rt.name]
-            same = (rt.tensor_type.name == m.metadata["gguf"].get("dequantized", {}).get(rt.name, t.tag)
-                    and tuple(int(d) for d in reversed(rt.shape)) == t.shape)
-            if same and rt.name not in m.metadata["gguf"].get("dequantized", {}):
-                same = np.array_equal(rt.data.reshape(-1).view(np.uint8), t.data)
-            if not same:
-                raise FileFormatError("the gguf package's reader disagrees with ours on type, shape or bytes",
-                                      file=path, tensor=rt.name)
-        report["gguf_package_agrees"] = True
-        if against is not None:
-            with open_model(against) as other:
-                if set(other) != set(m):
-                    missing = sorted(set(other) ^ set(m))[:5]
-                    raise FileFormatError(f"tensor names differ from {against}: e.g. {missing}", file=path)
-                for name, t in other.items():
-                    u = m[name]
-                    if (u.tag, u.shape) != (t.tag, t.shape) or not np.array_equal(u.data, t.data):
-                        raise FileFormatError(f"differs from {against}: {u.tag} {u.shape} here, "
-                                              f"{t.tag} {t.shape} there, or other bytes",
-                                              file=path, tensor=name)
-                theirs = other.metadata.get("gguf", {}).get("kv")
-                if theirs is not None and theirs != m.metadata["gguf"]["kv"]:
-                    raise FileFormatError(f"its key-values differ from those recorded in {against}",
-                                          file=path)
-            report["identical_to"] = str(against)
-    return report
+    with context(file=file), atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp, \
+            open_for_write(tmp) as f:
+        write(f, header)
+        write(f, b"\0" * (-len(header) % align))
+        write_stream(f, [by_name[n] for n in order], sizes, align=align, progress=progress)

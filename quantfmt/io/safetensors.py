@@ -17,9 +17,8 @@ shape are in the JSON document kept as a string under __metadata__["quantfmt"]:
 So any safetensors reader lists and reads every tensor; quantfmt reads them back as QTensors.
 
 This module owns: parsing and validating a header before anything in it is trusted, opening
-files lazily (one read-only memory map; a tensor's data is a zero-copy view of it), sharded
-checkpoints (*.safetensors.index.json), and writing: streaming (header first, then one
-tensor at a time) into an atomic output (temporary file, fsync, os.replace).
+a file lazily (one read-only memory map; each tensor a source whose bytes are a zero-copy view
+of it), and writing: the header from tags and shapes, then one tensor at a time.
 """
 
 from __future__ import annotations
@@ -27,20 +26,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import mmap
 import os
-import signal
 import struct
-import tempfile
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .errors import FileFormatError, OutputExistsError, QuantfmtError, UnknownFormatError, context
-from .format import MAX_ELEMENTS
+from ..errors import FileFormatError, QuantfmtError, UnknownFormatError, context
+from ..format import MAX_ELEMENTS
+from ..plugins import formats, get_format
+from .files import TensorPlan, atomic_output, flush, map_readonly, open_for_write, write, write_stream
 
 CONTAINER_VERSION = 1
 META_KEY = "quantfmt"  # the __metadata__ key holding quantfmt's JSON document
@@ -59,9 +55,6 @@ DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }
-_PAGE = mmap.PAGESIZE
-
-
 # ---- reading ----------------------------------------------------------------------------
 
 
@@ -243,6 +236,10 @@ def read_header(path) -> Header:
             tag, shape = _quantized(qinfo[name], dtype, shape, end - begin, file, name)
         elif dtype in NATIVE_TAGS:
             tag = dtype
+            try:
+                get_format(tag).matrix_shape(shape)
+            except QuantfmtError as e:
+                raise FileFormatError(e.message, file=file, tensor=name) from None
         else:
             raise FileFormatError(
                 f"dtype {dtype} is not a format quantfmt reads (floats F32/F16/BF16, or a tensor described in "
@@ -281,8 +278,6 @@ def _document(st_meta: dict, file: str) -> dict:
 
 
 def _quantized(info, dtype, st_shape, nbytes, file, name):
-    from .plugins import get_format
-
     if not isinstance(info, dict) or set(info) != {"tag", "layout_version", "shape"}:
         raise FileFormatError(
             f"quantfmt metadata entry {_short(info)} must have exactly the keys tag, layout_version, shape",
@@ -303,8 +298,6 @@ def _quantized(info, dtype, st_shape, nbytes, file, name):
     try:
         fmt = get_format(tag)
     except UnknownFormatError:
-        from .plugins import formats
-
         raise FileFormatError(
             f"format tag {_short(tag, 20)} is not provided by any loaded plugin (known: {', '.join(formats())}); "
             f"install or enable the plugin that defines {_short(tag, 20)}",
@@ -329,26 +322,20 @@ def _quantized(info, dtype, st_shape, nbytes, file, name):
 
 
 def open_safetensors(path):
-    """Open one safetensors/quantfmt file lazily: a Model whose tensors are views of a read-only map."""
-    from .tensor import Model, QTensor
+    """Open one safetensors/quantfmt file lazily: a Model of sources whose bytes are views of a read-only map."""
+    from ..tensor import Model, TensorSource
 
     file = str(path)
     hdr = read_header(path)
-    try:
-        mm = np.memmap(path, mode="r", dtype=np.uint8)
-    except (OSError, ValueError) as e:
-        raise FileFormatError(f"cannot map the file: {e}", file=file) from None
-    if mm.size != hdr.data_start + sum(e.nbytes for e in hdr.entries):
-        raise FileFormatError("the file changed size while being opened", file=file)
-    flat = mm.view(np.ndarray)
-    tensors = {}
-    for e in hdr.entries:
-        with _as_file_error(file, e.name):
-            tensors[e.name] = QTensor(e.name, e.tag, e.shape, flat[e.begin:e.end], source=file)
+    flat, close = map_readonly(path, expect_size=hdr.data_start + sum(e.nbytes for e in hdr.entries))
+    tensors = {
+        e.name: TensorSource(e.name, e.tag, e.shape, e.nbytes, (lambda b=e.begin, n=e.end: flat[b:n]), file)
+        for e in hdr.entries
+    }
     meta = dict(hdr.metadata)
     if hdr.recipe is not None:
         meta[RECIPE_KEY] = hdr.recipe
-    return Model(tensors, meta, path=file, closers=[_closer(mm)])
+    return Model(tensors, meta, path=file, closers=[close])
 
 
 @contextlib.contextmanager
@@ -359,226 +346,7 @@ def _as_file_error(file, tensor):
         raise FileFormatError(e.message, file=file, tensor=tensor) from None
 
 
-def _closer(mm):
-    def close():
-        # The map closes when the last view of it goes away; closing it under live views
-        # would crash them, and Python's mmap refuses (BufferError) while views exist.
-        with contextlib.suppress(BufferError, ValueError, AttributeError):
-            mm._mmap.close()
-
-    return close
-
-
-def release_pages(arr) -> None:
-    """Tell the kernel we are done with the file pages under `arr` (a view of a map opened here).
-
-    Streaming conversion calls this after each tensor, so resident memory stays ~ one tensor
-    instead of growing with the file; the data stay valid (re-read from disk if touched again).
-    """
-    a = arr
-    while isinstance(a, np.ndarray) and not (isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap)):
-        a = a.base
-    if not isinstance(a, np.memmap) or not hasattr(mmap, "MADV_DONTNEED") or arr.size == 0:
-        return
-    off = arr.ctypes.data - a.ctypes.data
-    if off < 0 or off + arr.nbytes > a.size:
-        return
-    start = off // _PAGE * _PAGE
-    stop = -(-(off + arr.nbytes) // _PAGE) * _PAGE
-    stop = min(stop, len(a.base))
-    with contextlib.suppress(OSError, ValueError):
-        a.base.madvise(mmap.MADV_DONTNEED, start, stop - start)
-
-
-# ---- sharded checkpoints ----------------------------------------------------------------
-
-
-def open_sharded(index_path):
-    """Open a *.safetensors.index.json (weight_map: name -> shard file) as one Model."""
-    file = str(index_path)
-    try:
-        with open(index_path, "rb") as f:
-            raw = f.read(MAX_HEADER_BYTES + 1)
-    except OSError as e:
-        raise FileFormatError(f"cannot read: {e.strerror or e}", file=file) from None
-    if len(raw) > MAX_HEADER_BYTES:
-        raise FileFormatError(f"index larger than {MAX_HEADER_BYTES} bytes", file=file)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FileFormatError("index is not valid UTF-8", file=file) from None
-    idx = _loads(text, "index", file)
-    wmap = idx.get("weight_map") if isinstance(idx, dict) else None
-    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise FileFormatError("index has no 'weight_map' object of tensor name -> shard file name", file=file)
-    base = Path(index_path).parent
-    shards = []
-    for s in dict.fromkeys(wmap.values()):
-        if not s or Path(s).name != s:
-            raise FileFormatError(f"shard {_short(s)} is not a plain file name next to the index", file=file)
-        shards.append(s)
-    return _merge_shards([base / s for s in shards], wmap, idx.get("metadata"), file)
-
-
-def _merge_shards(paths, wmap, index_meta, file):
-    from .tensor import Model
-
-    tensors, metadata, recipe, closers, seen_in = {}, {}, None, [], {}
-    try:
-        for p in paths:
-            m = open_safetensors(p)
-            closers.append(m.close)
-            for name, t in m.items():
-                if name in tensors:
-                    raise FileFormatError(f"is in two shards: {seen_in[name]} and {p.name}", file=file, tensor=name)
-                if wmap is not None and wmap.get(name) != p.name:
-                    raise FileFormatError(
-                        f"is in shard {p.name}, but the index maps it to {wmap.get(name)!r}", file=file, tensor=name
-                    )
-                tensors[name], seen_in[name] = t, p.name
-            meta = dict(m.metadata)
-            recipe = meta.pop(RECIPE_KEY, recipe)
-            metadata.update(meta)
-        if wmap is not None:
-            for name, shard in wmap.items():
-                if name not in tensors:
-                    raise FileFormatError(f"is mapped to shard {shard}, which does not hold it", file=file, tensor=name)
-    except BaseException:
-        for c in closers:
-            c()
-        raise
-    if isinstance(index_meta, dict):
-        metadata.update({k: v for k, v in index_meta.items() if k != "total_size"})
-    if recipe is not None:
-        metadata[RECIPE_KEY] = recipe
-    return Model(tensors, metadata, path=file, closers=closers)
-
-
-def open_directory(path):
-    """A folder: its one *.safetensors.index.json, else all its *.safetensors files as shards."""
-    p = Path(path)
-    idx = sorted(p.glob("*.safetensors.index.json"))
-    if len(idx) > 1:
-        raise FileFormatError(f"holds {len(idx)} *.safetensors.index.json files; name one", file=str(p))
-    if idx:
-        return open_sharded(idx[0])
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        raise FileFormatError("holds no *.safetensors file", file=str(p))
-    if len(files) == 1:
-        return open_safetensors(files[0])
-    return _merge_shards(files, None, None, str(p))
-
-
-def input_files(path) -> list[str]:
-    """Every file the model at `path` is read from (for refusing to overwrite an input)."""
-    p = Path(path)
-    if p.is_dir():
-        return [str(f) for f in sorted(p.iterdir()) if f.is_file()]
-    out = [str(p)]
-    if p.name.endswith(".json") and p.is_file():
-        with contextlib.suppress(Exception):
-            with open(p, "rb") as f:
-                idx = json.loads(f.read(MAX_HEADER_BYTES))
-            out += [str(p.parent / s) for s in set(idx["weight_map"].values()) if isinstance(s, str)]
-    return out
-
-
-# ---- atomic output ----------------------------------------------------------------------
-
-
-def check_output(path, *, overwrite: bool = False, inputs: Iterable = ()) -> None:
-    """OutputExistsError if `path` is one of `inputs` (by identity of the file, not the name),
-    or exists and `overwrite` is false, or is a directory."""
-    out = Path(path)
-    try:
-        st = os.stat(out)
-    except FileNotFoundError:
-        if not out.parent.is_dir():
-            raise OutputExistsError(f"the folder {out.parent} does not exist", file=str(path)) from None
-        return
-    except OSError as e:
-        raise OutputExistsError(f"cannot check the output path: {e.strerror or e}", file=str(path)) from None
-    for i in inputs:
-        try:
-            si = os.stat(i)
-        except OSError:
-            continue
-        if (si.st_dev, si.st_ino) == (st.st_dev, st.st_ino):
-            raise OutputExistsError(f"is the same file as the input {i}; refusing to overwrite an input",
-                                    file=str(path))
-    if out.is_dir():
-        raise OutputExistsError("is a directory", file=str(path))
-    if not overwrite:
-        raise OutputExistsError("exists; pass --overwrite (overwrite=True) to replace it", file=str(path))
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM during an atomic write: unwinds like Ctrl-C so the temporary file is removed."""
-
-
-@contextlib.contextmanager
-def atomic_output(path, *, overwrite: bool = False, inputs: Iterable = ()):
-    """Write a file all-or-nothing. Yields the path of a new empty temporary file in the same
-    folder; write it any way you like. On success it is fsynced and renamed over `path`;
-    on any exception, Ctrl-C or SIGTERM it is removed and `path` is untouched.
-
-        with atomic_output("out.safetensors", overwrite=False, inputs=["in.safetensors"]) as tmp:
-            write_everything(tmp)
-    """
-    inputs = [str(i) for i in inputs]
-    check_output(path, overwrite=overwrite, inputs=inputs)
-    out = Path(path)
-    folder = out.parent if str(out.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=folder)
-    except OSError as e:
-        raise FileFormatError(f"cannot create a file in {folder}: {e.strerror or e}", file=str(path)) from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the output gets ordinary permissions
-    os.close(fd)
-    old = None
-    if threading.current_thread() is threading.main_thread():
-        def on_term(signum, frame):
-            raise _Terminated()
-
-        old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # Re-check: the output may have appeared (or become an input's hard link) meanwhile.
-        check_output(path, overwrite=overwrite, inputs=inputs)
-        os.replace(tmp, out)
-        with contextlib.suppress(OSError):
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-
-
 # ---- writing ----------------------------------------------------------------------------
-
-
-@dataclass
-class TensorPlan:
-    """A tensor to write: its tag and logical shape (so its byte size is known up front) and
-    a function that produces its bytes when its turn comes."""
-
-    name: str
-    tag: str
-    shape: tuple[int, ...]
-    produce: Callable[[], object]  # -> uint8 array or bytes-like of exactly nbytes
-    after: Callable[[], None] | None = None  # called once the bytes are written (e.g. release_pages)
 
 
 def _json_default(o):
@@ -593,8 +361,6 @@ def _json_default(o):
 
 def build_header(plans: list[TensorPlan], metadata: dict | None, recipe: dict | None) -> tuple[bytes, list[int]]:
     """The header bytes (length prefix included, padded to 8 bytes) and each tensor's byte count."""
-    from .plugins import get_format
-
     hdr, qinfo, sizes, pos = {}, {}, [], 0
     for p in plans:
         if not isinstance(p.name, str) or p.name == "__metadata__" or p.name in hdr:
@@ -633,49 +399,7 @@ def write_safetensors(path, plans: list[TensorPlan], *, metadata: dict | None = 
     file = str(path)
     with context(file=file):
         header, sizes = build_header(plans, metadata, recipe)
-        with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp:
-            try:
-                f = open(tmp, "wb")
-            except OSError as e:
-                raise FileFormatError(f"cannot write: {e.strerror or e}") from None
-            with f:
-                _write(f, header)
-                f.flush()  # each tensor goes out as it is done: the file grows as the work progresses
-                for p, n in zip(plans, sizes, strict=True):
-                    with context(tensor=p.name):
-                        data = p.produce()
-                        buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
-                        buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
-                        if buf.size != n:
-                            raise FileFormatError(f"{p.tag}: produced {buf.size} bytes, the header promised {n}")
-                        _write(f, buf)
-                        f.flush()
-                        del data, buf
-                    if p.after is not None:
-                        p.after()
-                    if progress is not None:
-                        progress(n)
-
-
-def _write(f, buf) -> None:
-    try:
-        f.write(memoryview(buf))
-    except OSError as e:
-        raise FileFormatError(f"cannot write: {e.strerror or e}") from None
-
-
-def plans_from_model(model) -> list[TensorPlan]:
-    """Plans that copy a Model's tensors as they are (bytes unchanged)."""
-    return [TensorPlan(name, t.tag, t.shape, (lambda t=t: t.data)) for name, t in model.items()]
-
-
-def save(path, model, *, overwrite: bool = False, recipe: dict | None = None) -> None:
-    """Write a Model (any mix of formats) to a quantfmt/safetensors file, bytes unchanged."""
-    meta = dict(model.metadata)
-    rec = meta.pop(RECIPE_KEY, None)
-    inputs = []
-    if getattr(model, "path", None):
-        with contextlib.suppress(Exception):
-            inputs = input_files(model.path)
-    write_safetensors(path, plans_from_model(model), metadata=meta, recipe=recipe if recipe is not None else rec,
-                      overwrite=overwrite, inputs=inputs)
+        with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp, open_for_write(tmp) as f:
+            write(f, header)
+            flush(f)
+            write_stream(f, plans, sizes, progress=progress)

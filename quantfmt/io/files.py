@@ -1,0 +1,220 @@
+"""File helpers every reader and writer shares.
+
+Owns: read-only memory maps (and closing them safely under live views), giving pages back
+to the kernel while streaming, checking an output path, the atomic output (temporary file,
+fsync, rename; removed on any error, Ctrl-C or SIGTERM), `TensorPlan` (a tensor to write,
+produced when its turn comes) and `write_stream`, the one loop that writes plans in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FileFormatError, OutputExistsError, context
+
+_PAGE = mmap.PAGESIZE
+
+
+# ---- reading ----------------------------------------------------------------------------
+
+
+def map_readonly(path, expect_size: int | None = None):
+    """(flat uint8 view of a read-only map of `path`, closer). An empty file maps to an empty array."""
+    file = str(path)
+    try:
+        mm = np.memmap(path, mode="r", dtype=np.uint8)
+    except ValueError:  # numpy refuses to map an empty file
+        if os.path.getsize(path) == 0 and not expect_size:
+            return np.zeros(0, np.uint8), (lambda: None)
+        raise FileFormatError("cannot map the file", file=file) from None
+    except OSError as e:
+        raise FileFormatError(f"cannot map the file: {e}", file=file) from None
+    if expect_size is not None and mm.size != expect_size:
+        raise FileFormatError("the file changed size while being opened", file=file)
+    return mm.view(np.ndarray), _closer(mm)
+
+
+def _closer(mm):
+    def close():
+        # The map closes when the last view of it goes away; closing it under live views
+        # would crash them, and Python's mmap refuses (BufferError) while views exist.
+        with contextlib.suppress(BufferError, ValueError, AttributeError):
+            mm._mmap.close()
+
+    return close
+
+
+def release_pages(arr) -> None:
+    """Tell the kernel we are done with the file pages under `arr` (a view of a map opened here).
+
+    Streaming conversion calls this after each tensor, so resident memory stays ~ one tensor
+    instead of growing with the file; the data stay valid (re-read from disk if touched again).
+    """
+    a = arr
+    while isinstance(a, np.ndarray) and not (isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap)):
+        a = a.base
+    if not isinstance(a, np.memmap) or not hasattr(mmap, "MADV_DONTNEED") or arr.size == 0:
+        return
+    off = arr.ctypes.data - a.ctypes.data
+    if off < 0 or off + arr.nbytes > a.size:
+        return
+    start = off // _PAGE * _PAGE
+    stop = -(-(off + arr.nbytes) // _PAGE) * _PAGE
+    stop = min(stop, len(a.base))
+    with contextlib.suppress(OSError, ValueError):
+        a.base.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+# ---- atomic output ----------------------------------------------------------------------
+
+
+def check_output(path, *, overwrite: bool = False, inputs: Iterable = ()) -> None:
+    """OutputExistsError if `path` is one of `inputs` (by identity of the file, not the name),
+    or exists and `overwrite` is false, or is a directory."""
+    out = Path(path)
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        if not out.parent.is_dir():
+            raise OutputExistsError(f"the folder {out.parent} does not exist", file=str(path)) from None
+        return
+    except OSError as e:
+        raise OutputExistsError(f"cannot check the output path: {e.strerror or e}", file=str(path)) from None
+    for i in inputs:
+        try:
+            si = os.stat(i)
+        except OSError:
+            continue
+        if (si.st_dev, si.st_ino) == (st.st_dev, st.st_ino):
+            raise OutputExistsError(f"is the same file as the input {i}; refusing to overwrite an input",
+                                    file=str(path))
+    if out.is_dir():
+        raise OutputExistsError("is a directory", file=str(path))
+    if not overwrite:
+        raise OutputExistsError("exists; pass --overwrite (overwrite=True) to replace it", file=str(path))
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during an atomic write: unwinds like Ctrl-C so the temporary file is removed."""
+
+
+@contextlib.contextmanager
+def atomic_output(path, *, overwrite: bool = False, inputs: Iterable = ()):
+    """Write a file all-or-nothing. Yields the path of a new empty temporary file in the same
+    folder; write it any way you like. On success it is fsynced and renamed over `path`;
+    on any exception, Ctrl-C or SIGTERM it is removed and `path` is untouched.
+
+        with atomic_output("out.safetensors", overwrite=False, inputs=["in.safetensors"]) as tmp:
+            write_everything(tmp)
+    """
+    inputs = [str(i) for i in inputs]
+    check_output(path, overwrite=overwrite, inputs=inputs)
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=folder)
+    except OSError as e:
+        raise FileFormatError(f"cannot create a file in {folder}: {e.strerror or e}", file=str(path)) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the output gets ordinary permissions
+    os.close(fd)
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        def on_term(signum, frame):
+            raise _Terminated()
+
+        old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        # Re-check: the output may have appeared (or become an input's hard link) meanwhile.
+        check_output(path, overwrite=overwrite, inputs=inputs)
+        os.replace(tmp, out)
+        with contextlib.suppress(OSError):
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+# ---- streaming writes -------------------------------------------------------------------
+
+
+@dataclass
+class TensorPlan:
+    """A tensor to write: its tag and logical shape (so its byte size is known up front) and
+    a function that produces its bytes when its turn comes."""
+
+    name: str
+    tag: str
+    shape: tuple[int, ...]
+    produce: Callable[[], object]  # -> uint8 array or bytes-like of exactly nbytes
+    after: Callable[[], None] | None = None  # called once the bytes are written (e.g. release_pages)
+
+
+def plans_from_model(model) -> list[TensorPlan]:
+    """Plans that copy a Model's tensors as they are (bytes unchanged), without materializing any."""
+    return [TensorPlan(s.name, s.tag, s.shape, s.load) for s in model.sources()]
+
+
+def write_stream(f, plans: list[TensorPlan], sizes: list[int], *, align: int = 1,
+                 progress: Callable[[int], None] | None = None) -> None:
+    """Write each plan's bytes to the open file `f` in turn, each checked against the size the
+    header promised and zero-padded to a multiple of `align`. One tensor is in memory at a time."""
+    for p, n in zip(plans, sizes, strict=True):
+        with context(tensor=p.name):
+            data = p.produce()
+            buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+            buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+            if buf.size != n:
+                raise FileFormatError(f"{p.tag}: produced {buf.size} bytes, the header promised {n}")
+            write(f, buf)
+            if -n % align:
+                write(f, b"\0" * (-n % align))
+            flush(f)  # each tensor goes out as it is done: the file grows as the work progresses
+            del data, buf
+        if p.after is not None:
+            p.after()
+        if progress is not None:
+            progress(n)
+
+
+def write(f, buf) -> None:
+    try:
+        f.write(memoryview(buf))
+    except OSError as e:
+        raise FileFormatError(f"cannot write: {e.strerror or e}") from None
+
+
+def flush(f) -> None:
+    try:
+        f.flush()
+    except OSError as e:
+        raise FileFormatError(f"cannot write: {e.strerror or e}") from None
+
+
+def open_for_write(tmp):
+    try:
+        return open(tmp, "wb")
+    except OSError as e:
+        raise FileFormatError(f"cannot write: {e.strerror or e}") from None

@@ -1,0 +1,167 @@
+"""Converting models: in memory while loading (`load` with a recipe), to a file (`convert`,
+streaming, one tensor at a time), and saving a Model as it is (`save`).
+
+    quantfmt.load("model.safetensors")                  # lazy: memory-mapped, any mix of formats
+    quantfmt.load("model-f16.safetensors", "Q4_0")      # quantize on the fly, nothing written
+    quantfmt.convert("in.safetensors", "out.safetensors", Recipe("Q4_0", rules=[("*.attn_v.*", "Q8_0")]))
+
+`convert` streams: one tensor is dequantized, quantized and written at a time, so memory
+stays ~ the largest tensor, not the model; tensors whose format is kept are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import context
+from ..io.files import TensorPlan, check_output, plans_from_model, release_pages
+from ..recipe import Recipe, Step, record
+from ..sources import RECIPE_KEY, input_files, open_model, writer_for
+
+
+def _requantize(t, tag: str, file) -> np.ndarray:
+    """The bytes of tensor `t` in format `tag` (via float32)."""
+    from ..plugins import get_format
+
+    with context(file=file, tensor=t.name):
+        # An F32 source goes in as a view of its (mapped) bytes: quantize never writes to its
+        # input, and skipping dequantize's copy saves a pass over the tensor.
+        w = t.data.view("<f4").reshape(t.shape) if t.tag == "F32" else t.dequantize()
+        return get_format(tag).quantize(w)
+
+
+def load(path, recipe=None, *, strict: bool = False):
+    """A Model from `path` (see open_model). With a recipe (a Recipe, a tag, a dict or a .json
+    file), tensors are converted while loading, in memory, one at a time; nothing is written.
+
+    Tensors whose format the recipe keeps stay memory-mapped views of the file. The recipe
+    used, with each fallback (tensor -> wanted and used tag), is in
+    `model.metadata["quantfmt.recipe"]`. `strict=True` makes a fallback an error.
+    """
+    from ..tensor import Model, QTensor
+
+    src = open_model(path)
+    if recipe is None:
+        return src
+    try:
+        r = Recipe.coerce(recipe)
+        if strict:
+            r = Recipe(r.default, r.rules, None, r.protect)
+        steps = r.plan(src)
+        tensors = {}
+        for s in steps:
+            if s.copy:
+                tensors[s.name] = src.source(s.name)  # stays a lazy view of the file
+            else:
+                t = src[s.name]
+                data = _requantize(t, s.tag, src.path)
+                release_pages(t.data)
+                tensors[s.name] = QTensor(s.name, s.tag, t.shape, data)
+    except BaseException:
+        src.close()
+        raise
+    meta = dict(src.metadata)
+    meta[RECIPE_KEY] = record(r, steps)
+    return Model(tensors, meta, path=src.path, closers=[src.close])
+
+
+# ---- convert ----------------------------------------------------------------------------
+
+
+@dataclass
+class ConvertReport:
+    steps: list[Step]
+    shapes: dict[str, tuple[int, ...]]
+    in_bytes: dict[str, int]
+    out_bytes: dict[str, int]
+    output: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def by_tag(self) -> dict[str, tuple[int, int, int]]:
+        """tag -> (tensors, weights, bytes) of the output."""
+        agg: dict[str, list[int]] = {}
+        for s in self.steps:
+            a = agg.setdefault(s.tag, [0, 0, 0])
+            a[0] += 1
+            a[1] += math.prod(self.shapes[s.name])
+            a[2] += self.out_bytes[s.name]
+        return {k: tuple(v) for k, v in agg.items()}
+
+    @property
+    def fallbacks(self) -> list[Step]:
+        return [s for s in self.steps if s.wanted is not None]
+
+    @property
+    def requantized(self) -> list[Step]:
+        return [s for s in self.steps if s.requantize]
+
+
+def plan_convert(src, recipe: Recipe) -> ConvertReport:
+    from ..plugins import get_format
+
+    steps = recipe.plan(src)
+    info = {s.name: src.source(s.name) for s in steps}
+    return ConvertReport(
+        steps, {n: i.shape for n, i in info.items()}, {n: i.nbytes for n, i in info.items()},
+        {s.name: get_format(s.tag).nbytes(info[s.name].shape) for s in steps},
+    )
+
+
+def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool = False, progress=None,
+            metadata: dict | None = None) -> ConvertReport:
+    """Convert the model at `in_path` into `out_path` (quantfmt/safetensors, or GGUF if it ends in .gguf).
+
+    Streaming: the header is written first (every size is known from tag and shape), then
+    each tensor is produced and written in turn, for both outputs; tensors whose tag is
+    unchanged are copied byte for byte. The output appears only complete; an input is never
+    overwritten. `progress(nbytes)` is called after each tensor.
+    """
+
+    r = Recipe.coerce(recipe)
+    if strict:
+        r = Recipe(r.default, r.rules, None, r.protect)
+    inputs = input_files(in_path)
+    check_output(out_path, overwrite=overwrite, inputs=inputs)  # fail before any work
+    src = open_model(in_path)
+    try:
+        rep = plan_convert(src, r)
+        rep.output = str(out_path)
+        meta = {k: v for k, v in src.metadata.items() if k != RECIPE_KEY}
+        meta.update(metadata or {})
+        rec = record(r, rep.steps)
+        plans = []
+        for s in rep.steps:
+            if s.copy:  # bytes unchanged: never build the tensor
+                info = src.source(s.name)
+                plans.append(TensorPlan(s.name, s.tag, info.shape, info.load,
+                                        after=(lambda load=info.load: release_pages(load()))))
+                continue
+
+            def produce(s=s):
+                return _requantize(src[s.name], s.tag, src.path)
+
+            def after(s=s):
+                release_pages(src[s.name].data)
+
+            plans.append(TensorPlan(s.name, s.tag, rep.shapes[s.name], produce, after=after))
+        writer_for(out_path)(out_path, plans, metadata=meta, recipe=rec, overwrite=overwrite, inputs=inputs,
+                             progress=progress)
+        return rep
+    finally:
+        src.close()
+
+
+def save(model, path, *, overwrite: bool = False, recipe: dict | None = None) -> None:
+    """Write a Model (any mix of formats) to `path` (quantfmt/safetensors, or GGUF for *.gguf), bytes unchanged."""
+    meta = dict(model.metadata)
+    rec = meta.pop(RECIPE_KEY, None)
+    inputs: list[str] = []
+    if getattr(model, "path", None):
+        with contextlib.suppress(Exception):
+            inputs = input_files(model.path)
+    writer_for(path)(path, plans_from_model(model), metadata=meta, recipe=recipe if recipe is not None else rec,
+                     overwrite=overwrite, inputs=inputs)
