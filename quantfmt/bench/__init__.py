@@ -26,8 +26,7 @@ __all__ = [
     "median_time", "parse_shapes", "record", "startup", "tables", "thread_env", "with_target",
 ]
 
-# runner and procs import numpy: loaded on first use, so re-printing a records file or the CLI's
-# argument checks stay light.
+# runner imports numpy: loaded on first use, so re-printing a records file (report.py) loads no numpy.
 _LAZY = {"Bench": "runner", "OPS": "runner", "parse_shapes": "runner", "cache_cold_warm": "procs",
          "end_to_end": "procs", "startup": "procs"}
 
