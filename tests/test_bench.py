@@ -1,9 +1,11 @@
-"""The benchmark harness on tiny shapes: its records are right (schema, arithmetic, targets); no timing."""
+"""The benchmark harness on tiny shapes: its records are right (schema, arithmetic, targets); no timing.
+The report renders saved records exactly as before the package split (fixture in tests/data/bench)."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ from click.testing import CliRunner
 from quantfmt import bench
 from quantfmt.cli import cli
 from quantfmt.plugins import formats
+from quantfmt.table import markdown_lines, text_lines
+
+DATA = Path(__file__).parent / "data" / "bench"
 
 KEYS = ["op", "format", "shape", "n", "seconds", "baseline", "baseline_seconds", "ratio", "gbps"]
 KERNEL_OPS = ("qmatmul", "quantize", "dequantize", "get_rows")
@@ -106,7 +111,7 @@ def test_env_record_reports_threads(records):
 
 def test_targets_pass_and_miss():
     def q(tag, n, sec, base, shape=bench.TARGET_SHAPE):
-        return bench._targets(bench.record("qmatmul", tag, shape, n, sec, "numpy float32 W @ x", base))
+        return bench.with_target(bench.record("qmatmul", tag, shape, n, sec, "numpy float32 W @ x", base))
 
     assert q("Q4_0", 1, 2.0, 10.0)["status"] == "PASS"
     assert q("Q4_0", 1, 3.0, 10.0)["status"] == "MISS"
@@ -115,15 +120,15 @@ def test_targets_pass_and_miss():
     assert q("Q4_0", 1, 2.0, 10.0, shape=(4096, 4096)).get("status") is None  # targets are for 11008x4096
     # quantize Q4_0: both >= 3 GB/s and <= 0.25x gguf must hold
     w_bytes = 3e9
-    ok = bench._targets(
+    ok = bench.with_target(
         bench.record("quantize", "Q4_0", (1, 1), None, 0.9, "gguf numpy quantize", 4.0, nbytes=w_bytes)
     )
     assert ok["status"] == "PASS"
-    slow_vs_gguf = bench._targets(
+    slow_vs_gguf = bench.with_target(
         bench.record("quantize", "Q4_0", (1, 1), None, 0.9, "gguf numpy quantize", 1.0, nbytes=w_bytes)
     )
     assert slow_vs_gguf["status"] == "MISS"
-    deq = bench._targets(bench.record("dequantize", "Q8_0", (1, 1), None, 1.0, "x", 1.0, nbytes=3.9e9))
+    deq = bench.with_target(bench.record("dequantize", "Q8_0", (1, 1), None, 1.0, "x", 1.0, nbytes=3.9e9))
     assert deq["status"] == "MISS" and deq["target"] == ">= 4 GB/s"
 
 
@@ -131,6 +136,12 @@ def test_median_time_loops_short_calls():
     calls = []
     sec = bench.median_time(lambda: calls.append(1), 3)
     assert sec > 0 and len(calls) > 3 * 10  # a no-op is far below MIN_SAMPLE_SECONDS: looped
+
+
+def test_median_time_calls_between_before_every_timed_call_and_never_loops():
+    log = []
+    bench.median_time(lambda: log.append("f"), 4, between=lambda: log.append("b"))
+    assert log == ["f"] + ["b", "f"] * 4  # the untimed warm-up, then each timed call right after `between`
 
 
 def test_parse_shapes():
@@ -279,3 +290,44 @@ def test_subprocess_ops_alone_do_not_run_the_kernels():
     recs = b.run()
     assert {r["op"] for r in recs} == {"env", "startup"}
     assert next(r for r in recs if r["op"] == "startup")["heavy_imports"] == "none"
+
+
+# The fixture: records of a tiny run of every op (F32, Q4_0, Q8_A at 64x256 and 128x512, so one skip) plus a
+# few made-up records at the target shape (PASS/MISS, a failed cache run, an e2e note), and the text that
+# quantfmt/bench.py on main (57cc174, before the package split) printed for them.
+@pytest.fixture(scope="module")
+def saved():
+    return [json.loads(line) for line in (DATA / "records.jsonl").read_text().splitlines()]
+
+
+def test_tables_render_the_fixture_as_the_old_report_did(saved):
+    out = []
+    bench.tables(saved, out.append)
+    assert out == (DATA / "tables.txt").read_text().splitlines()
+
+
+@pytest.mark.parametrize("shape, name", [(bench.TARGET_SHAPE, "markdown.txt"), ((128, 512), "markdown-128x512.txt")])
+def test_markdown_renders_the_fixture_as_the_old_summary_did(saved, shape, name):
+    assert bench.markdown(saved, shape=shape) + "\n" == (DATA / name).read_text()
+
+
+def test_reprint_from_a_records_file_loads_no_numpy():
+    """`python -m quantfmt.bench FILE --markdown` re-prints a saved run, and the report needs no numpy."""
+    code = (
+        "import runpy, sys; sys.argv = ['quantfmt.bench', sys.argv[1], '--markdown'];"
+        "runpy.run_module('quantfmt.bench', run_name='__main__', alter_sys=True); print('numpy' in sys.modules)"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(DATA / "records.jsonl")], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == (DATA / "markdown.txt").read_text() + "False\n"
+
+
+def test_text_table_aligns_right_columns_and_strips_trailing_blanks():
+    lines = text_lines(["name", "n", "note"], [["a", 1, ""], ["long", 100, "x"]], right={1})
+    assert lines == ["name    n  note", "----  ---  ----", "a       1", "long  100  x"]
+
+
+def test_markdown_table_escapes_pipes_and_marks_right_columns():
+    lines = markdown_lines(["a", "b"], [["x|y", 2]], right={1})
+    assert lines == ["| a | b |", "|---|---:|", "| x\\|y | 2 |"]

@@ -16,10 +16,10 @@ from gguf.quants import quantize as gguf_quantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from quantfmt_formats import _ggml, q4_0, q4_1, q8_0
 
 from quantfmt import get_format
 from quantfmt.errors import NonFiniteError, RangeError
+from quantfmt_formats import _ggml, q4_0, q4_1, q8_0
 
 MODULES = {"Q4_0": q4_0, "Q8_0": q8_0, "Q4_1": q4_1}
 GGUF_TYPE = {"Q4_0": GT.Q4_0, "Q8_0": GT.Q8_0, "Q4_1": GT.Q4_1}

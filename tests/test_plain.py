@@ -4,10 +4,10 @@ import gguf.quants as gq
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from quantfmt_formats.plain import bf16_from_f32_ref
 
 from quantfmt import QTensor, get_format
 from quantfmt.errors import RangeError
+from quantfmt_formats.plain import bf16_from_f32_ref
 
 
 def corpus(rng):

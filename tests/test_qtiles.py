@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf.quants import quantize as gguf_quantize
-from quantfmt_formats import _qtiles, q4_0, q4_1, q8_0
 
 from quantfmt import QTensor, get_format
+from quantfmt_formats import _qtiles, q4_0, q4_1, q8_0
 
 MODULES = {"Q4_0": q4_0, "Q8_0": q8_0, "Q4_1": q4_1}
 TAGS = list(MODULES)

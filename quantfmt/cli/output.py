@@ -27,7 +27,7 @@ class Output:
             click.echo(text)
 
     def table(self, headers, rows, right=()) -> None:
-        for line in table.render(headers, rows, right):
+        for line in table.text_lines(headers, rows, right):
             self.echo(line)
 
     def note(self, text: str) -> None:

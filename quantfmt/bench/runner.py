@@ -1,0 +1,292 @@
+"""One benchmark run in this process: which formats, shapes and ops, in which order, into records.
+
+Owns timing every format's kernels the way users call them (QTensor.quantize, .dequantize, .rows,
+.matmul) next to baselines measured in the same process (numpy float32 matmul, memory-bandwidth
+probes, gguf's numpy quantizers). Order matters: the float32 baselines run before any numba kernel,
+again after, and interleaved with a parallel numba kernel, so a numba thread pool that slows BLAS
+shows; each format's first calls (compile or cache load) are timed on a tiny problem before its big
+ones. The figures measured in child processes are procs.py's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from . import procs
+from .records import GET_ROWS_N, PREFILL_N, TARGET_SHAPE, record, with_target
+from .timing import (
+    bandwidth_probes,
+    blas_threads,
+    first_call,
+    loadavg,
+    median_time,
+    numba_parallel_sum,
+    set_numba_threads,
+)
+
+DEFAULT_SHAPES = [(4096, 4096), TARGET_SHAPE, (4096, 11008), (576, 1536)]
+QUICK_SHAPES = [TARGET_SHAPE]
+KERNEL_OPS = ("qmatmul", "quantize", "dequantize", "get_rows")
+OPS = (*KERNEL_OPS, "startup", "cache", "e2e")
+QUICK_OPS = (*KERNEL_OPS, "startup")
+
+# Types gguf's numpy code can quantize, by our tag (F16/F32 there are plain casts, not quantizers).
+GGUF_QUANTIZERS = ("Q4_0", "Q4_1", "Q8_0", "BF16")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """ "4096x4096,576x1536" -> [(4096, 4096), (576, 1536)]; ValueError naming the bad part."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        dims = part.split("x")
+        if len(dims) != 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise ValueError(f"shape {part!r} is not ROWSxCOLS with positive integers (e.g. 4096x4096)")
+        out.append((int(dims[0]), int(dims[1])))
+    if not out:
+        raise ValueError("no shape given")
+    return out
+
+
+def _gguf_type(tag: str):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[tag] if tag in GGUF_QUANTIZERS else None
+
+
+class Bench:
+    """One benchmark run; `emit` receives every record as it is measured."""
+
+    def __init__(
+        self,
+        formats=None,
+        shapes=None,
+        ops=None,
+        repeat=5,
+        threads=None,
+        quick=False,
+        emit: Callable[[dict], None] | None = None,
+        progress: Callable[[str], None] | None = None,
+        seed: int = 0,
+        probe_mb: int = 256,
+        e2e_mb: int = 500,
+    ):
+        from ..plugins import formats as registered
+        from ..plugins import get_format
+
+        self.all_formats = registered()
+        self.tags = list(formats) if formats else list(self.all_formats)
+        for tag in self.tags:
+            if tag not in self.all_formats:
+                get_format(tag)  # raises UnknownFormatError listing the known tags
+        self.shapes = [tuple(s) for s in (shapes or (QUICK_SHAPES if quick else DEFAULT_SHAPES))]
+        self.ops = tuple(ops) if ops else (QUICK_OPS if quick else OPS)
+        self.repeat = max(1, int(repeat))
+        self.threads = threads or os.cpu_count() or 1
+        self.quick = quick
+        self.records: list[dict] = []
+        self._emit = emit
+        self._progress = progress or (lambda msg: None)
+        self.rng = np.random.default_rng(seed)
+        self.probe_elements = max(1024, probe_mb << 18)  # float32 elements
+        self.e2e_mb = e2e_mb
+        self.probe_gbps = 0.0
+
+    def add(self, rec: dict) -> dict:
+        if rec["op"] in ("qmatmul", "quantize", "dequantize") and rec["gbps"] and self.probe_gbps:
+            rec["of_probe"] = rec["gbps"] / self.probe_gbps  # the share of the best bandwidth probe
+        rec = with_target(rec)
+        self.records.append(rec)
+        if self._emit:
+            self._emit(rec)
+        return rec
+
+    # -- environment and baselines --
+
+    def env_record(self) -> dict:
+        import numba
+
+        numba_threads = set_numba_threads(self.threads)
+        return self.add(
+            record(
+                "env",
+                threads=self.threads,
+                blas_threads=blas_threads(),
+                numba_threads=numba_threads,
+                numba_threading_layer=numba.config.THREADING_LAYER,
+                numpy=np.__version__,
+                numba=numba.__version__,
+                cpu_count=os.cpu_count(),
+                loadavg=loadavg(),
+                env={k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")},
+            )
+        )
+
+    def matrices(self, shape):
+        w = self.rng.standard_normal(shape, dtype=np.float32)
+        x = self.rng.standard_normal(shape[1], dtype=np.float32)
+        xs = self.rng.standard_normal((PREFILL_N, shape[1]), dtype=np.float32)
+        return w, x, xs
+
+    def float_baselines(self, data, when: str, between: Callable[[], object] | None = None) -> dict:
+        """numpy float32 W @ x and X @ W.T per shape; `between` runs (untimed) before every timed call."""
+        out = {}
+        for shape, (w, x, xs) in data.items():
+            calls = ((1, lambda w=w, x=x: w @ x, "W @ x"), (PREFILL_N, lambda w=w, xs=xs: xs @ w.T, "X @ W.T"))
+            for n, fn, what in calls:
+                sec = out[(shape, n)] = median_time(fn, self.repeat, between=between)
+                nbytes = w.nbytes + (x.nbytes + 4 * shape[0]) * n
+                self.add(record("f32_matmul", "numpy-f32", shape, n, sec, nbytes=nbytes, when=when,
+                                what=f"numpy float32 {what}"))
+        return out
+
+    def bandwidth_probes(self, numba_too: bool) -> float:
+        a = self.rng.standard_normal(self.probe_elements, dtype=np.float32)  # default 256 MB, far above any cache
+        best = 0.0
+        for what, fn, nbytes in bandwidth_probes(a, self.threads, numba_too):
+            sec = median_time(fn, self.repeat)
+            best = max(best, self.add(record("membw", None, [a.size], None, sec, nbytes=nbytes, what=what))["gbps"])
+        return best
+
+    # -- one format --
+
+    def compile_times(self, fmt) -> dict:
+        """First call vs second call of every kernel on a tiny problem: numba compile or cache load."""
+        from ..tensor import QTensor
+
+        br, bc = fmt.block_shape
+        shape = (math.lcm(br, 64), math.lcm(bc, 256))
+        w = self.rng.standard_normal(shape, dtype=np.float32)
+        made = []
+        kernels = {"quantize": first_call(lambda: made.append(QTensor.quantize(w, fmt.tag, name="tiny")))}
+        t = made[0]
+        kernels["dequantize"] = first_call(t.dequantize)
+        idx = np.arange(0, shape[0], 3)
+        kernels["get_rows"] = first_call(lambda: t.rows(idx))
+        for mode in fmt.modes:
+            for n in (1, PREFILL_N):
+                x = self.rng.standard_normal((n, shape[1]), dtype=np.float32)
+                x = x[0] if n == 1 else x
+                fresh = QTensor("tiny", fmt, shape, t.data)  # prepare() happens in the first call too
+                kernels[f"qmatmul[{mode},n={n}]"] = first_call(lambda f=fresh, x=x, mode=mode: f.matmul(x, mode))
+        first = sum(a for a, _ in kernels.values())
+        steady = sum(b for _, b in kernels.values())
+        return self.add(
+            record("compile", fmt.tag, shape, None, first - steady, "second calls (same kernels)", steady,
+                   kernels={k: round(a - b, 4) for k, (a, b) in kernels.items()},
+                   note="first call = numba compile or on-disk cache load")
+        )
+
+    def bench_format(self, fmt, data, f32: dict) -> None:
+        from ..tensor import QTensor
+
+        for shape, (w, x, xs) in data.items():
+            if not fmt.accepts(shape):
+                self.add(record("skip", fmt.tag, shape, note=f"shape does not fit blocks of {fmt.block_shape}"))
+                continue
+            rows, cols = shape
+            self._progress(f"{fmt.tag} {rows}x{cols}")
+            t = QTensor.quantize(w, fmt.tag, name="w")
+            common = {"bytes": t.nbytes, "bpw": fmt.bits_per_weight}
+
+            for op in ("quantize", "dequantize"):
+                if op in self.ops:
+                    self.codec(op, fmt, shape, w, t, common)
+
+            if "get_rows" in self.ops:
+                k = min(GET_ROWS_N, rows)
+                idx = self.rng.choice(rows, k, replace=False)
+                sec = median_time(lambda t=t, idx=idx: t.rows(idx), self.repeat)
+                base = median_time(lambda w=w, idx=idx: w[idx], self.repeat)
+                touched = len({int(i) // fmt.block_shape[0] for i in idx}) * fmt.row_group_bytes(cols)
+                self.add(record("get_rows", fmt.tag, shape, k, sec, "numpy float32 W[idx]", base,
+                                nbytes=touched + k * cols * 4, **common))
+
+            if "qmatmul" in self.ops:
+                self.qmatmul(fmt, t, shape, x, xs, w, f32, common)
+
+    def codec(self, op: str, fmt, shape, w, t, common: dict) -> None:
+        """quantize or dequantize, against gguf's numpy code where it has the type, else a float32 copy."""
+        from gguf import quants
+
+        from ..tensor import QTensor
+
+        gg = _gguf_type(fmt.tag)
+        if op == "quantize":
+            ours, theirs = (lambda: QTensor.quantize(w, fmt.tag, name="w")), (lambda: quants.quantize(w, gg))
+        else:
+            gq = quants.quantize(w, gg) if gg is not None else None
+            ours, theirs = t.dequantize, (lambda: quants.dequantize(gq, gg))
+        sec = median_time(ours, self.repeat)
+        if gg is not None:  # gguf's numpy code is slow: fewer samples
+            base, what = median_time(theirs, min(self.repeat, 3)), f"gguf numpy {op}"
+        else:
+            base, what = median_time(w.copy, self.repeat), "numpy float32 copy"
+        self.add(record(op, fmt.tag, shape, None, sec, what, base, nbytes=w.nbytes, **common))
+
+    def qmatmul(self, fmt, t, shape, x, xs, w, f32: dict, common: dict) -> None:
+        from ..tensor import QTensor
+
+        rows, cols = shape
+        t0 = time.perf_counter()
+        prepared = fmt.prepare(t.data, rows, cols)
+        prep = time.perf_counter() - t0
+        for n, act in ((1, x), (PREFILL_N, xs)):
+            # The float32 baseline again, right before this format's figures: the machine's load
+            # drifts over a run and a ratio must compare like with like. The pause lets numba's
+            # spinning pool threads go idle first (see the "interleaved" figures).
+            time.sleep(0.05)
+            if n == 1:
+                base = median_time(lambda: w @ x, self.repeat)
+            else:
+                base = median_time(lambda: xs @ w.T, self.repeat, budget=2.0)
+            what = "numpy float32 W @ x" if n == 1 else "numpy float32 X @ W.T"
+            for mode in fmt.modes:
+                tm = QTensor("w", fmt, shape, t.data)
+                info: dict = {}  # the untimed warm-up call does prepare() and any compile left
+                sec = median_time(lambda tm=tm, act=act, mode=mode: tm.matmul(act, mode), self.repeat, info=info)
+                self.add(
+                    record("qmatmul", fmt.tag, shape, n, sec, what, base, nbytes=t.nbytes + (cols * 4 + rows * 4) * n,
+                           mode=mode, prepare_seconds=prep, prepared_bytes=getattr(prepared, "nbytes", None),
+                           samples=info["samples"], baseline_before_numba=f32[(shape, n)], **common)
+                )
+
+    # -- the whole run --
+
+    def run(self) -> list[dict]:
+        self.env_record()
+        kernels = any(op in self.ops for op in KERNEL_OPS)
+        data = {s: self.matrices(s) for s in self.shapes} if kernels else {}
+        need_f32 = "qmatmul" in self.ops
+        f32 = self.float_baselines(data, "before numba") if need_f32 else {}
+        # after the float baselines: the numba probe is the first numba kernel of the run
+        self.probe_gbps = self.bandwidth_probes(numba_too=True) if kernels else 0.0
+        for tag in self.tags if kernels else ():
+            fmt = self.all_formats[tag]
+            self._progress(f"{tag}: first calls")
+            self.compile_times(fmt)
+            self.bench_format(fmt, data, f32)
+        if need_f32:
+            self._progress("float32 baselines after numba")
+            self.float_baselines(data, "after numba")
+            spin = self.rng.standard_normal(1 << 20, dtype=np.float32)
+            self.float_baselines(data, "interleaved with a numba parallel kernel", lambda: numba_parallel_sum(spin))
+        del data
+        if "startup" in self.ops:
+            self._progress("start-up")
+            procs.startup(self)
+        if "cache" in self.ops:
+            self._progress("numba cache: cold vs warm (subprocesses)")
+            procs.cache_cold_warm(self)
+        if "e2e" in self.ops:
+            self._progress("end-to-end (files)")
+            procs.end_to_end(self)
+        self.add(record("env", note="end of run", loadavg=loadavg()))
+        return self.records
