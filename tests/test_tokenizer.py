@@ -570,3 +570,66 @@ def test_oracle_random_texts(smol, wheel):
         checked += 1
         assert smol.encode(text) == wheel(text), text
     assert checked > 500
+
+
+# SentencePiece path against llama.cpp: a vocabulary trained here (tokenizers' BPE trainer, pieces with ▁,
+# scores falling with merge order as in SentencePiece BPE models), written as a vocab-only GGUF.
+
+SPM_CORPUS = (
+    "The licenses for most software and other practical works are designed to take away your freedom to share "
+    "and change the works. By contrast, the GNU General Public License is intended to guarantee your freedom to "
+    "share and change all versions of a program--to make sure it remains free software for all its users.\n"
+) * 3
+
+
+@pytest.fixture(scope="module")
+def spm_oracle(tmp_path_factory):
+    try:
+        import llama_cpp
+    except Exception as e:
+        pytest.skip(f"llama_cpp is not importable ({e}); pip install -e '.[oracle]'")
+    import gguf
+    from tokenizers import Tokenizer as CoreTokenizer
+    from tokenizers import models, normalizers, trainers
+    from tokenizers import pre_tokenizers as pt
+
+    corpus = read_gpl3() or SPM_CORPUS
+    trainer_core = CoreTokenizer(models.BPE())
+    trainer_core.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    trainer_core.pre_tokenizer = pt.Metaspace(replacement="\u2581", prepend_scheme="never")
+    trainer_core.train_from_iterator(corpus.split("\n"), trainers.BpeTrainer(vocab_size=800, show_progress=False))
+    model = json.loads(trainer_core.to_str())["model"]
+    merged = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in model["merges"]]
+    alphabet = [t for t in sorted(model["vocab"], key=model["vocab"].get) if t not in set(merged)]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    scores = [0.0] * len(tokens)
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    for rank, piece in enumerate(merged):
+        if piece not in tokens:
+            tokens.append(piece), scores.append(-float(rank)), types.append(TokenType.NORMAL)
+    for k, piece in enumerate(alphabet):
+        if piece not in tokens:
+            tokens.append(piece), scores.append(-1e4 - k), types.append(TokenType.NORMAL)
+    path = str(tmp_path_factory.mktemp("spm") / "vocab.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(512), w.add_embedding_length(64), w.add_block_count(1), w.add_feed_forward_length(128)
+    w.add_head_count(4), w.add_head_count_kv(4), w.add_layer_norm_rms_eps(1e-5), w.add_rope_dimension_count(16)
+    w.add_tokenizer_model("llama"), w.add_token_list(tokens), w.add_token_scores(scores), w.add_token_types(types)
+    w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_unk_token_id(0)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=True)
+    kv = [["tokenizer.ggml.model", "STRING", "llama"], ["tokenizer.ggml.tokens", "A", tokens],
+          ["tokenizer.ggml.scores", "A", scores], ["tokenizer.ggml.token_type", "A", types]]
+    return Tokenizer.from_gguf_kv(kv), lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)
+
+
+@pytest.mark.oracle
+def test_oracle_sentencepiece(spm_oracle):
+    tok, wheel = spm_oracle
+    texts = [read_gpl3() or SPM_CORPUS, *VARIED, *AGREEING, "  two  spaces  ", "x\n\ny\t\tz", "über 😀 中文 ½"]
+    rng = random.Random(99)
+    words = SPM_CORPUS.split() + ["  ", "\n", "é", "😀", "½", "\t"]
+    texts += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 20))) for _ in range(300)]
+    for text in texts:
+        assert tok.encode(text, add_bos=False) == wheel(text), text[:60]
+        assert tok.decode(tok.encode(text)) == text
