@@ -318,6 +318,18 @@ def test_stream_decoder_bad_byte_is_replaced_at_once(spm):
     assert dec.add(byte_id(0xFF)) == "\ufffd"  # 0xFF can never start a character: nothing to wait for
 
 
+def test_stream_and_whole_decode_agree_on_random_bytes(spm):
+    rng = random.Random(5)
+    pool = [byte_id(b) for b in (0x20, 0x41, 0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0x98, 0x80, 0xFF, 0x80)]
+    pool += [tid(spm, "\u2581hello"), tid(spm, "el"), 1, 2]
+    for _ in range(300):
+        ids = [rng.choice(pool) for _ in range(rng.randint(0, 12))]
+        dec = spm.stream_decoder()
+        streamed = [dec.add(i) for i in ids] + [dec.flush()]
+        assert "".join(streamed) == spm.decode(ids), ids
+        assert dec.pending == 0
+
+
 # --- Hugging Face folder -----------------------------------------------------------------------------
 
 

@@ -730,8 +730,13 @@ class Tokenizer:
 
         Bytes that do not form valid UTF-8 (a sequence cut mid-character) become U+FFFD.
         """
-        dec = self.stream_decoder(special=special)
-        return "".join(dec.add(i) for i in ids) + dec.flush()
+        # Same bytes as StreamDecoder, joined once (a Python call per token is the slow part).
+        parts = [self.token_bytes(i, special=special) for i in ids]
+        if self.add_space_prefix:
+            first = next((k for k, p in enumerate(parts) if p), None)
+            if first is not None and parts[first].startswith(b" "):
+                parts[first] = parts[first][1:]
+        return b"".join(parts).decode("utf-8", errors="replace")
 
     def stream_decoder(self, *, special: bool = False) -> StreamDecoder:
         """An incremental detokenizer for streaming generation (see StreamDecoder)."""
