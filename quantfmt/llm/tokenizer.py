@@ -450,7 +450,7 @@ class Tokenizer:
                 for t, a in zip(tokens, attrs, strict=True)
             ]
             default_bos, default_eos = 11, 11  # llama.cpp's defaults for BPE vocabularies
-            add_bos = pre_type in _ADD_BOS_BY_DEFAULT or pre_name == "chameleon"
+            add_bos = pre_type in _ADD_BOS_BY_DEFAULT
             add_space_prefix = False
             pre_label = pre_name or "default"
         elif model == "llama":
@@ -639,9 +639,14 @@ class Tokenizer:
         return self._tokens[self._check_id(token_id)]
 
     def token_bytes(self, token_id: int, *, special: bool = True) -> bytes:
-        """The bytes a token stands for (llama.cpp's token_to_piece); control tokens give b'' unless special."""
+        """The bytes a token stands for (llama.cpp's token_to_piece); control tokens give b'' unless special.
+
+        Unused and undefined tokens give b'' (llama.cpp renders them like suppressed control tokens).
+        """
         i = self._check_id(token_id)
-        if not special and self._attrs[i] in (TokenType.CONTROL, TokenType.UNKNOWN):
+        a = self._attrs[i]
+        if (not special and a in (TokenType.CONTROL, TokenType.UNKNOWN)) or a in (TokenType.UNUSED,
+                                                                                  TokenType.UNDEFINED):
             return b""
         return self._pieces[i]
 
