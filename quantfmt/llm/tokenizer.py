@@ -13,8 +13,8 @@ The BPE itself runs in the `tokenizers` package. What is ours is the part llama.
 - special tokens: llama.cpp cuts the text at control tokens only when asked (parse_special), and at
   user-defined tokens always, before any pre-tokenization; longer tokens are cut first.
 - SentencePiece ("llama") vocabularies: llama.cpp merges the adjacent pair whose concatenation is
-  the highest-scoring token. We hand `tokenizers` a merge list ranked by that score, the same list
-  Hugging Face's converter builds (see _spm_merges for the one tie-break that can differ).
+  the highest-scoring token. We hand `tokenizers` a merge list ranked by that score (see _spm_merges
+  for the one tie-break that can differ).
 - decoding works per token from the token's bytes, as llama.cpp's token_to_piece does, so that
   streaming and whole-sequence decoding agree byte for byte.
 """
@@ -278,7 +278,7 @@ def _spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[st
 
     llama.cpp merges the adjacent pair whose concatenation scores highest, leftmost on ties. A rank
     per pair reproduces that except when two *different* pairs giving equally-scored tokens compete
-    at once; we break such ties by token id, then split position (as Hugging Face's converter does).
+    at once; we break such ties by token id, then split position.
     """
     index = {t: i for i, t in enumerate(tokens)}
     order = sorted(range(len(tokens)), key=lambda i: (-float(scores[i]), i))
