@@ -198,12 +198,26 @@ def test_every_named_pre_tokenizer_builds():
     assert seen == set(PRE_TOKENIZERS)
 
 
+def test_ignore_merges_for_llama3_names():
+    kv = gpt2_kv("llama-bpe")
+    kv[1][2] = kv[1][2] + ["abc"]  # a whole-word token no merge leads to
+    kv[2][2] = kv[2][2] + [TokenType.NORMAL]
+    tok = Tokenizer.from_gguf_kv(kv)
+    assert tok.encode("abc", add_bos=False) == [len(kv[1][2]) - 1]
+    kv[-1][2] = "qwen2"  # same vocabulary, merges always run: one token per byte
+    tok = Tokenizer.from_gguf_kv(kv)
+    assert tok.encode("abc") == [tid(tok, "a"), tid(tok, "b"), tid(tok, "c")]
+    assert Tokenizer.from_gguf_kv(gpt2_kv("llama-bpe")).add_bos  # llama.cpp's default for Llama-3 names
+
+
 def test_unknown_or_missing_pre_warns_and_uses_default():
     with pytest.warns(UserWarning, match="unknown pre-tokenizer 'mystery'"):
         tok = Tokenizer.from_gguf_kv(gpt2_kv("mystery"))
     assert tok.pre_split("a 12345") == ["a", " ", "123", "45"]
     with pytest.warns(UserWarning, match="no tokenizer.ggml.pre"):
         Tokenizer.from_gguf_kv(gpt2_kv(None))
+    with pytest.warns(UserWarning, match="'kimi-k2' .known to llama.cpp. is not implemented"):
+        Tokenizer.from_gguf_kv(gpt2_kv("kimi-k2"))
 
 
 def test_bad_vocabularies_raise():

@@ -206,6 +206,14 @@ PRE_TOKENIZER_NAMES: dict[str, str] = {
     "laguna": "laguna",
 }
 
+# Names llama.cpp knows whose rules are not reproduced here (custom matchers, zero-width splits, no byte
+# encoding, or per-model special cases); they get the warning and the default rules.
+_LLAMA_CPP_ONLY = frozenset(
+    ["jais-2", "deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4", "spark2_5", "youtu", "gemma4",
+     "granite-embed-multi-311m", "granite-embed-multi-97m", "sarvam-moe", "whitespace", "tiny_aya", "cohere2moe",
+     "superbpe", "kimi-k2", "afmoe", "exaone-moe", "hybriddna"]
+)
+
 # Names whose llama.cpp default is add_bos = true (before tokenizer.ggml.add_bos_token overrides it).
 _ADD_BOS_BY_DEFAULT = {"llama3", "tekken", "chameleon"}
 
@@ -429,7 +437,12 @@ class Tokenizer:
             pre_name = kv.get("tokenizer.ggml.pre") or ""
             pre_type = PRE_TOKENIZER_NAMES.get(pre_name)
             if pre_type is None:
-                what = f"unknown pre-tokenizer {pre_name!r}" if pre_name else "no tokenizer.ggml.pre key"
+                if not pre_name:
+                    what = "no tokenizer.ggml.pre key"
+                elif pre_name in _LLAMA_CPP_ONLY:
+                    what = f"pre-tokenizer {pre_name!r} (known to llama.cpp) is not implemented here"
+                else:
+                    what = f"unknown pre-tokenizer {pre_name!r}"
                 warnings.warn(
                     f"{source + ': ' if source else ''}{what}; splitting text with llama.cpp's 'default' rules, "
                     "token ids may differ from the model's own tokenizer",
