@@ -441,7 +441,7 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
 
 class Q4_0(GGMLFormat):
     tag = "Q4_0"
-    version = 1
+    layout_version = 1
     ggml_type = "Q4_0"
     vec_dot_type = "Q8_0"
     block_shape = (1, QK)

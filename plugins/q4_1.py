@@ -176,7 +176,7 @@ def _dequantize_kernel(blocks, lut, idx, out):
 
 class Q4_1(GGMLFormat):
     tag = "Q4_1"
-    version = 1
+    layout_version = 1
     ggml_type = "Q4_1"
     vec_dot_type = "Q8_1"
     block_shape = (1, QK)

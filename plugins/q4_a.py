@@ -297,7 +297,7 @@ USE_AVX2 = _host_has_avx2()
 
 class Q4_A(KernelFormat):
     tag = "Q4_A"
-    version = 1
+    layout_version = 1
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES
     summary = "4-bit indices into 16 sorted-bin means per 256 weights along a row (llama2.c brainstorm)"

@@ -166,7 +166,7 @@ def _matvec_kernel(data, rows, cols, x, out):
 
 class Q8_A(KernelFormat):
     tag = "Q8_A"
-    version = 1
+    layout_version = 1
     block_shape = (QK, 1)
     block_bytes = 4 + QK
     summary = "int8, one float32 absmax scale per 128 weights down a column (llama2.c brainstorm)"

@@ -187,7 +187,7 @@ def _matvec_kernel(blocks, sm, x, out):
 
 class Q8_B(KernelFormat):
     tag = "Q8_B"
-    version = 1
+    layout_version = 1
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES
     summary = "int8 of (w - mean), float32 scale and mean per 128 weights along a row (llama2.c brainstorm)"

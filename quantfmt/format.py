@@ -50,7 +50,7 @@ class Format:
 
     tag: str = ""
     #: Layout version: bump when the byte layout changes, so old files are not misread.
-    version: int = 1
+    layout_version: int = 1
     #: (rows, cols) of one block: (1, 32) = 32 weights along a row; (128, 1) = 128 down a column.
     block_shape: tuple[int, int] = (1, 1)
     #: Bytes one block occupies.
@@ -78,6 +78,17 @@ class Format:
     #: Weights dequantized per tile by `_blas_tiles` (the default qmatmul): 4 MB of float32.
     #: Larger tiles mean fewer BLAS calls, each with a fixed threading cost; smaller, less memory.
     prefill_tile_elements: int = 1 << 20
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        # `version` was this attribute's name before 0.2: a plugin that still sets it means layout_version.
+        if "version" in cls.__dict__ and "layout_version" not in cls.__dict__:
+            cls.layout_version = cls.__dict__["version"]
+
+    @property
+    def version(self) -> int:
+        """The former name of layout_version."""
+        return self.layout_version
 
     # ---- geometry ---------------------------------------------------------------------
 
@@ -294,7 +305,7 @@ class Format:
         """What `quantfmt formats --json` prints for this format."""
         return {
             "tag": self.tag,
-            "version": self.version,
+            "layout_version": self.layout_version,
             "block_shape": list(self.block_shape),
             "block_bytes": self.block_bytes,
             "bits_per_weight": self.bits_per_weight,
@@ -307,4 +318,4 @@ class Format:
         }
 
     def __repr__(self) -> str:
-        return f"<Format {self.tag} v{self.version} {self.bits_per_weight:g} bpw from {self.plugin}>"
+        return f"<Format {self.tag} v{self.layout_version} {self.bits_per_weight:g} bpw from {self.plugin}>"

@@ -129,8 +129,8 @@ def _validate(fmt, plugin: str) -> None:
         raise PluginError(f"plugin {plugin!r}: format {fmt.tag} has an invalid block_shape {fmt.block_shape!r}")
     if not (isinstance(fmt.block_bytes, int) and fmt.block_bytes >= 1):
         raise PluginError(f"plugin {plugin!r}: format {fmt.tag} has an invalid block_bytes {fmt.block_bytes!r}")
-    if not (isinstance(fmt.version, int) and fmt.version >= 1):
-        raise PluginError(f"plugin {plugin!r}: format {fmt.tag} has an invalid layout version {fmt.version!r}")
+    if not (isinstance(fmt.layout_version, int) and fmt.layout_version >= 1):
+        raise PluginError(f"plugin {plugin!r}: format {fmt.tag} has an invalid layout version {fmt.layout_version!r}")
     if "f32" not in fmt.modes:
         raise PluginError(f"plugin {plugin!r}: format {fmt.tag} must support the 'f32' qmatmul mode")
     if not isinstance(fmt.aliases, tuple) or not all(isinstance(a, str) and a for a in fmt.aliases):

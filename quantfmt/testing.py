@@ -242,7 +242,7 @@ class _Kit:
         _require(isinstance(f.tag, str) and TAG_RE.match(f.tag), f"tag {f.tag!r} is not 1-4 of A-Z, 0-9, _")
         br, bc = f.block_shape
         _require(
-            isinstance(f.version, int) and f.version >= 1, f"layout version {f.version!r} is not an int >= 1"
+            isinstance(f.layout_version, int) and f.layout_version >= 1, f"layout version {f.layout_version!r} is not an int >= 1"
         )
         _require("f32" in f.modes, f"modes {f.modes!r} lack 'f32'")
         _require(

@@ -23,7 +23,7 @@ def test_every_builtin_format_is_specified_truthfully():
     for tag, fmt in builtin.items():
         m = headers.get(tag)
         assert m, f"formats.md: section {tag} has no header line"
-        assert int(m["ver"]) == fmt.version, tag
+        assert int(m["ver"]) == fmt.layout_version, tag
         assert (int(m["br"]), int(m["bc"])) == tuple(fmt.block_shape), tag
         assert int(m["bytes"]) == fmt.block_bytes, tag
         assert abs(float(m["bpw"]) - fmt.bits_per_weight) < 1e-9, tag

@@ -187,7 +187,7 @@ def _qmatmul_kernel(blk, d, x, out):
 
 class Q3_X(Format):
     tag = "Q3_X"
-    version = 1
+    layout_version = 1
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES
     modes = ("f32",)

@@ -23,7 +23,7 @@ F16 = np.dtype("<f2")
 
 class I8_X(BlockFormat):
     tag = "I8_X"
-    version = 1
+    layout_version = 1
     block_shape = (1, 32)
     block_bytes = 34
     max_abs = 65520.0 * 127

@@ -16,7 +16,7 @@ def formats(out):
     fmts = all_formats()
     rows = [
         [f.tag + (f" ({','.join(f.aliases)})" if f.aliases else ""), f"{f.block_shape[0]}x{f.block_shape[1]}",
-         f.block_bytes, f"{f.bits_per_weight:g}", f.version, ",".join(f.modes), f.plugin, f.summary]
+         f.block_bytes, f"{f.bits_per_weight:g}", f.layout_version, ",".join(f.modes), f.plugin, f.summary]
         for f in fmts.values()
     ]
     out.emit([f.info() for f in fmts.values()],

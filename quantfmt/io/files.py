@@ -32,26 +32,28 @@ def map_readonly(path, expect_size: int | None = None):
     """(flat uint8 view of a read-only map of `path`, closer). An empty file maps to an empty array."""
     file = str(path)
     try:
-        mm = np.memmap(path, mode="r", dtype=np.uint8)
-    except ValueError:  # numpy refuses to map an empty file
-        if os.path.getsize(path) == 0 and not expect_size:
-            return np.zeros(0, np.uint8), (lambda: None)
-        raise FileFormatError("cannot map the file", file=file) from None
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if expect_size is not None and size != expect_size:
+                raise FileFormatError("the file changed size while being opened", file=file)
+            if size == 0:
+                return np.zeros(0, np.uint8), (lambda: None)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
-        raise FileFormatError(f"cannot map the file: {e}", file=file) from None
-    if expect_size is not None and mm.size != expect_size:
-        raise FileFormatError("the file changed size while being opened", file=file)
-    return mm.view(np.ndarray), _closer(mm)
+        raise FileFormatError(f"cannot map the file: {e.strerror or e}", file=file) from None
 
-
-def _closer(mm):
     def close():
         # The map closes when the last view of it goes away; closing it under live views
-        # would crash them, and Python's mmap refuses (BufferError) while views exist.
-        with contextlib.suppress(BufferError, ValueError, AttributeError):
-            mm._mmap.close()
+        # would crash them, so Python's mmap refuses (BufferError) while views exist.
+        with contextlib.suppress(BufferError, ValueError):
+            mm.close()
 
-    return close
+    return np.frombuffer(mm, np.uint8), close
+
+
+def _mapped(base) -> bool:
+    """Whether an array's base is a map made by map_readonly (np.frombuffer keeps a memoryview of it)."""
+    return isinstance(base, mmap.mmap) or (isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap))
 
 
 def release_pages(arr) -> None:
@@ -60,19 +62,19 @@ def release_pages(arr) -> None:
     Streaming conversion calls this after each tensor, so resident memory stays ~ one tensor
     instead of growing with the file; the data stay valid (re-read from disk if touched again).
     """
-    a = arr
-    while isinstance(a, np.ndarray) and not (isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap)):
-        a = a.base
-    if not isinstance(a, np.memmap) or not hasattr(mmap, "MADV_DONTNEED") or arr.size == 0:
+    root = arr
+    while isinstance(root, np.ndarray) and not _mapped(root.base):
+        root = root.base
+    if not isinstance(root, np.ndarray) or not hasattr(mmap, "MADV_DONTNEED") or arr.size == 0:
         return
-    off = arr.ctypes.data - a.ctypes.data
-    if off < 0 or off + arr.nbytes > a.size:
+    mm = root.base.obj if isinstance(root.base, memoryview) else root.base
+    off = arr.ctypes.data - root.ctypes.data
+    if off < 0 or off + arr.nbytes > root.nbytes:
         return
     start = off // _PAGE * _PAGE
-    stop = -(-(off + arr.nbytes) // _PAGE) * _PAGE
-    stop = min(stop, len(a.base))
+    stop = min(-(-(off + arr.nbytes) // _PAGE) * _PAGE, len(mm))
     with contextlib.suppress(OSError, ValueError):
-        a.base.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 # ---- atomic output ----------------------------------------------------------------------

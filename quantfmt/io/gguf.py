@@ -429,7 +429,7 @@ def read_gguf(path, *, unsupported: str | None = None):
     tensors, dequantized = {}, {}
     flat, close = np.zeros(0, np.uint8), (lambda: None)
     if hdr.tensors:
-        # A numpy memmap, like the container's, so streaming conversion can release pages as it goes.
+        # One read-only map, like the container's, so streaming conversion can release pages as it goes.
         flat, close = map_readonly(path, expect_size=hdr.file_size)
     for t in hdr.tensors:
         start = hdr.data_offset + t.offset

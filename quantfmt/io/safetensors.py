@@ -303,9 +303,9 @@ def _quantized(info, dtype, st_shape, nbytes, file, name):
             f"install or enable the plugin that defines {_short(tag, 20)}",
             file=file, tensor=name,
         ) from None
-    if ver != fmt.version:
+    if ver != fmt.layout_version:
         raise FileFormatError(
-            f"{tag} layout version {ver} differs from the registered {tag} format's version {fmt.version} "
+            f"{tag} layout version {ver} differs from the registered {tag} format's version {fmt.layout_version} "
             f"(plugin {fmt.plugin}); refusing to misread it: use the quantfmt/plugin version that wrote the file",
             file=file, tensor=name,
         )
@@ -373,7 +373,7 @@ def build_header(plans: list[TensorPlan], metadata: dict | None, recipe: dict | 
             hdr[p.name] = {"dtype": fmt.tag, "shape": shape, "data_offsets": [pos, pos + n]}
         else:
             hdr[p.name] = {"dtype": "U8", "shape": [n], "data_offsets": [pos, pos + n]}
-            qinfo[p.name] = {"tag": fmt.tag, "layout_version": fmt.version, "shape": shape}
+            qinfo[p.name] = {"tag": fmt.tag, "layout_version": fmt.layout_version, "shape": shape}
         sizes.append(n)
         pos += n
     doc = {"container_version": CONTAINER_VERSION, "tensors": qinfo, "recipe": recipe, "metadata": metadata or {}}
