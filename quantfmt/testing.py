@@ -41,7 +41,7 @@ check is one function below, registered with @_check):
   zeros           zero tensors and zero blocks dequantize to exact zeros
   constant        constant tensors and blockwise-constant tensors
   magnitudes      weights scaled by 1e4 and 1e-6 dequantize finite (or RangeError)
-  range           weights whose max |w| is each of RANGE_PROBES (fp16's overflow, float32's
+  range           weights whose max |w| is each of RANGE_PROBES (fp16's overflow, near float32's
                   largest, subnormals) and, if the format declares `max_abs`, just below
                   and at it: quantize raises RangeError naming the tag, or the bytes
                   dequantize finite with relative RMSE within GENERIC_MAX_REL_RMSE (tiny
@@ -85,12 +85,13 @@ F32_TOL = 1e-4
 #: |x - x_q| <= 0.025 |x| over any block; by Cauchy-Schwarz the product moves by at most
 #: 0.025 |x| |w|. 0.04 leaves room for float32 accumulation.
 Q8_TOL = 0.04
-#: The largest |w| the `range` check quantizes (max |w| of its probe tensors), besides the
-#: format's declared `max_abs` and the float32 just below it: fp16's largest finite value and
-#: the first that rounds to fp16 infinity (where an fp16 scale of max|w| overflows); past the
-#: overflow of fp16 scales of max|w|/8 (524160), /15 (982800), /127 (8321040); float32's
-#: largest; and tiny ones down to float32 subnormals (where 1/scale overflows).
-RANGE_PROBES = (65504.0, 65520.0, 1e5, 1e6, 1e10, 1e30, 3e38, float(np.finfo(np.float32).max), 1e-30, 1e-40)
+#: The max |w| of the tensors the `range` check quantizes, besides a declared `max_abs` and
+#: the float32 just below it: fp16's largest finite value and the first that rounds to fp16
+#: infinity (where an fp16 scale of max |w| overflows); past the overflow of fp16 scales of
+#: max |w| / 8 (524160), / 15 (982800), / 127 (8321040); near float32's largest (3e38, not
+#: 3.4028235e38 itself, where a plain amax / 127 * 127 already rounds to inf); tiny ones down
+#: to float32 subnormals (where 1 / scale overflows).
+RANGE_PROBES = (65504.0, 65520.0, 1e5, 1e6, 1e10, 1e30, 3e38, 1e-30, 1e-40)
 
 
 @dataclass
@@ -761,7 +762,7 @@ def _range(k):
             i = tuple(int(j) for j in np.argwhere(bad)[0])
             raise _Fail(
                 f"{what}: quantize accepted it but {int(bad.sum())} values dequantize to non-finite ones "
-                f"(first {got[i]!r} at {i}; a scale that overflows its storage type?); raise RangeError instead"
+                f"(first {float(got[i])} at {i}; a scale that overflows its storage type?); raise RangeError instead"
             )
         _, rel = _rmse(w, got)
         # Tiny weights may flush to zero (relative RMSE 1), but never come back larger.
@@ -946,6 +947,7 @@ class _BoundCheck:
         self.name, self.fn, self.fmt, self.seed = name, fn, fmt, seed
 
     def __call__(self, fmt=None) -> Check:
+        __tracebackhide__ = True  # pytest: show the test's line and this message, not the kit's frames
         fmt = self.fmt if fmt is None else resolve(fmt)
         result = _run(self.name, functools.partial(self.fn, _shared_kit(fmt, self.seed)))
         if not result.ok:
@@ -963,6 +965,7 @@ class _Unavailable:
         self.what, self.error = what, error
 
     def __call__(self, fmt=None):
+        __tracebackhide__ = True
         raise AssertionError(
             f"format {self.what} could not be loaded, so none of its conformance checks ran "
             f"(is the plugin that provides it installed?): {type(self.error).__name__}: {self.error}"
