@@ -41,12 +41,12 @@ check is one function below, registered with @_check):
   zeros           zero tensors and zero blocks dequantize to exact zeros
   constant        constant tensors and blockwise-constant tensors
   magnitudes      weights scaled by 1e4 and 1e-6 dequantize finite (or RangeError)
-  range           weights whose max |w| is each of RANGE_PROBES (fp16's overflow, near float32's
-                  largest, subnormals) and, if the format declares `max_abs`, just below
-                  and at it: quantize raises RangeError naming the tag, or the bytes
-                  dequantize finite with relative RMSE within GENERIC_MAX_REL_RMSE (tiny
-                  weights: no worse than zeros); with `max_abs` declared, everything below
-                  it must be accepted and everything at or above it refused
+  range           max |w| at each of RANGE_PROBES (fp16's overflow, near float32's largest,
+                  subnormals) and, if the format declares `max_abs`, at it and at the float32
+                  just below (N(0,1) weights scaled, one block at +max, one at -max): quantize
+                  raises RangeError naming the tag, or the bytes dequantize finite within
+                  GENERIC_MAX_REL_RMSE (tiny weights: no worse than zeros); with `max_abs`
+                  declared, all below it must be accepted and all at or above it refused
   error:*         ShapeError, ByteSizeError, NonFiniteError, DTypeError, RowIndexError,
                   UnsupportedModeError on bad input, each naming the tag
 Each check also fails if it emitted any Python warning (numpy's, numba's, ...).
@@ -227,7 +227,6 @@ def _expect(exc: type, fn: Callable, what: str, tag: str) -> None:
     except Exception as e:
         raise _Fail(f"{what}: raised {type(e).__name__} instead of {exc.__name__}: {e}") from None
     raise _Fail(f"{what}: accepted without error (expected {exc.__name__})")
-
 
 
 class _Kit:
@@ -980,7 +979,7 @@ def parametrize_with_checks(fmt_or_formats, seed: int = 0):
     check, with ids like `Q4_0-roundtrip` and `Q4_0-qmatmul[q8_0]`, as scikit-learn's
     `parametrize_with_checks` does for estimators:
 
-        @parametrize_with_checks(["Q3_X", MyFormat])
+        @parametrize_with_checks(["MY3B", MyFormat])
         def test_conformance(fmt, check):
             check(fmt)
 
@@ -999,12 +998,10 @@ def parametrize_with_checks(fmt_or_formats, seed: int = 0):
             raise TypeError(f"expected a format tag, a Format or a Format subclass, got {item!r}")
         try:
             fmt = resolve(item)
+            plan = _plan(fmt, sized=False)
         except Exception as e:  # reported by the item, so the other tests of the module still run
             what = item if isinstance(item, str) else getattr(item, "__name__", repr(item))
             params.append(pytest.param(item, _Unavailable(repr(what), e), id=f"{what}-load"))
             continue
-        params += [
-            pytest.param(fmt, _BoundCheck(name, fn, fmt, seed), id=f"{fmt.tag}-{name}")
-            for name, fn in _plan(fmt, sized=False)
-        ]
+        params += [pytest.param(fmt, _BoundCheck(name, fn, fmt, seed), id=f"{fmt.tag}-{name}") for name, fn in plan]
     return pytest.mark.parametrize(("fmt", "check"), params)

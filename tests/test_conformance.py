@@ -3,6 +3,7 @@ a correct toy format with an unusual block passes it, and deliberately broken fo
 parametrize_with_checks gives one pytest item per check."""
 
 import json
+import re
 import textwrap
 import warnings
 
@@ -187,6 +188,18 @@ def test_correct_toys_conform():
         assert report.tag == fmt.tag
     # the q8_0 mode really moves results, yet stays within the kit's documented bound
     assert 1e-4 < float(check_format(ToyQ8).get("qmatmul[q8_0]").detail.split()[2]) < Q8_TOL
+
+
+def test_module_docstring_lists_every_check_in_order():
+    rows = re.findall(r"^  (\S+) {2,}", testing.__doc__, re.M)
+    listed = []
+    for c in check_format(ToyQ8, size=(8, 64)):
+        name = re.sub(r"\[.*\]$", "[MODE]", re.sub(r"^error:.*", "error:*", c.name))
+        if name.endswith("_size"):
+            assert f"{name}: at `size`" in testing.__doc__
+        elif name not in listed:
+            listed.append(name)
+    assert rows == listed
 
 
 def test_small_shape_fits_blocks_with_remainders():
@@ -557,7 +570,6 @@ def test_cli_check_fails_broken_plugin(tmp_path, fresh_registry):
 
 def test_readme_plugin_example_conforms(tmp_path, fresh_registry):
     """The minimal plugin in the README section 'Writing a format plugin' runs and passes the kit."""
-    import re
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
