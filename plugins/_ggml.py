@@ -1,9 +1,10 @@
 """Shared pieces of the ggml-compatible formats (Q4_0, Q8_0, Q4_1).
 
-Owns: fp16 <-> f32 conversions usable inside numba (numba cannot hold float16, so
-fp16 values travel as uint16 bit patterns), the activation quantizers of qmatmul mode
-"q8_0" (Q8_0 and Q8_1 blocks exactly as ggml's CPU backend makes them), and the
-RangeError raised when a block's fp16 scale would overflow.
+Owns: f32 -> fp16 rounding usable inside numba (numba cannot hold float16, so fp16
+values travel as uint16 bit patterns), and the activation quantizers of qmatmul mode
+"q8_0" (Q8_0 and Q8_1 blocks exactly as ggml's CPU backend makes them). Quantize,
+dequantize, get_rows and the scale RangeError of these formats are in
+quantfmt.families.GGMLFormat.
 
 Activation quantization follows ggml-cpu's x86 AVX/AVX2 `quantize_row_q8_0` /
 `quantize_row_q8_1` (what llama.cpp runs on this kind of machine), which differ from the
@@ -18,24 +19,17 @@ as a plugin.
 
 from __future__ import annotations
 
-import functools
-
+import numba
 import numpy as np
 
-import numba
 from quantfmt.errors import NonFiniteError, RangeError
+from quantfmt.families import fp16_table, n_chunks  # noqa: F401  (re-exported for the format modules)
 
 QK = 32  # weights per block, along a row, in every ggml format here
 FP16_MAX_EXCL = 65520.0  # the smallest float32 magnitude that rounds to fp16 infinity
 
 
 # ---- fp16 <-> f32 ----------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def fp16_table() -> np.ndarray:
-    """float32 value of every fp16 bit pattern (256 KiB): decoding a scale is one load."""
-    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 @numba.njit(cache=True, inline="always")
@@ -56,12 +50,6 @@ def f32_to_f16_bits(f):
         big = np.float32(8388608.0)
         h = np.int64((af * np.float32(16777216.0) + big) - big)
     return np.uint16(sign | h)
-
-
-def n_chunks(rows: int, cols: int) -> int:
-    """How many row ranges a prange driver splits `rows` rows into: about 64K weights each,
-    enough to balance two or more threads without per-row scheduling overhead."""
-    return max(1, min(rows, rows * cols // 65536))
 
 
 # ---- activation quantizers of qmatmul mode "q8_0" --------------------------------------
@@ -196,24 +184,3 @@ def vec_dot_ref(qw, dw, x, mw=None):
         sx = s16.view(np.float16).astype(np.float32)
         terms += (mw[None, :, :] * sx[:, None, :]).astype(np.float32)
     return terms.sum(axis=-1).astype(np.float32)
-
-
-# ---- errors of weight quantization -----------------------------------------------------
-
-
-def first_bad_block(bad_rows: np.ndarray):
-    """(row, block) of the first flagged block: kernels write, per row, the first bad block or -1."""
-    rows = np.flatnonzero(bad_rows >= 0)
-    if rows.size == 0:
-        return None
-    r = int(rows[0])
-    return r, int(bad_rows[r])
-
-
-def scale_range_error(tag: str, w: np.ndarray, r: int, b: int, rule: str) -> RangeError:
-    xb = w[r, b * QK : (b + 1) * QK]
-    return RangeError(
-        f"{tag}: weights of shape {w.shape}: the block at row {r}, columns {b * QK}..{b * QK + QK - 1} "
-        f"(min {float(xb.min()):g}, max {float(xb.max()):g}) needs an fp16 value of 65520 or more, "
-        f"which would be stored as infinity: {rule}"
-    )

@@ -29,9 +29,8 @@ n multiply-adds on it, so for large n the cost is that of float32 BLAS.
 
 from __future__ import annotations
 
-import numpy as np
-
 import numba
+import numpy as np
 
 QK = 32  # weights per ggml block
 T = 32  # rows per tile

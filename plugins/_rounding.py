@@ -7,9 +7,8 @@ whose addition can round. The numba twin is compiled without fastmath so both ag
 
 from __future__ import annotations
 
-import numpy as np
-
 import numba
+import numpy as np
 
 
 def round_half_away(v: np.ndarray) -> np.ndarray:

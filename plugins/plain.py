@@ -13,9 +13,9 @@ qmatmul converts tiles of rows to float32 and calls BLAS, so W is never material
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
 from quantfmt.errors import RangeError
 from quantfmt.format import Format
@@ -62,6 +62,7 @@ def f32_from_bf16(h: np.ndarray) -> np.ndarray:
 class F32(Format):
     tag = "F32"
     block_bytes = 4
+    ggml_type = "F32"
     summary = "IEEE float32, unquantized"
 
     def _quantize(self, w):
@@ -80,6 +81,8 @@ class F32(Format):
 class F16(Format):
     tag = "F16"
     block_bytes = 2
+    ggml_type = "F16"
+    max_abs = 65520.0
     summary = "IEEE float16 (round-to-nearest-even)"
 
     def _quantize(self, w):
@@ -99,6 +102,9 @@ class F16(Format):
 class BF16(Format):
     tag = "BF16"
     block_bytes = 2
+    ggml_type = "BF16"
+    # float32 0x7F7F8000 (3.3961775e38) and up round to bf16 infinity
+    max_abs = float(np.array(0x7F7F8000, np.uint32).view(np.float32))
     summary = "bfloat16 (round-to-nearest-even, as ggml)"
 
     def _quantize(self, w):

@@ -24,20 +24,17 @@ Quantize (gguf-py's `quants.Q4_0`, byte for byte; ggml's quantize_row_q4_0_ref):
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
-from quantfmt.format import Format
+from quantfmt.families import GGMLFormat
 
 from ._ggml import (
     QK,
     f32_to_f16_bits,
-    first_bad_block,
     fp16_table,
-    n_chunks,
     quantize_activations,
-    scale_range_error,
     vec_dot_ref,
 )
 from ._qtiles import (
@@ -54,6 +51,7 @@ from ._qtiles import (
 )
 
 BLOCK_BYTES = 18
+RULE = "a block's max |w| must stay below 524160 (= 65520*8)"
 
 # ---- numpy reference: the formulas above, one block per row of a (n_blocks, 32) array ----
 
@@ -68,7 +66,7 @@ def quantize_ref(w: np.ndarray) -> np.ndarray:
     if bad.any():
         blk = int(np.flatnonzero(bad)[0])
         r, b = divmod(blk, w.shape[1] // QK)
-        raise scale_range_error("Q4_0", w, r, b, "a block's max |w| must stay below 524160 (= 65520*8)")
+        raise Q4_0().range_error(w, r, b)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         idd = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
         t = np.trunc(x * idd[:, None] + np.float32(8.5))
@@ -145,8 +143,9 @@ def _quantize_rows(w, out, bad, r0, r1):
 
 
 @numba.njit(cache=True, parallel=True)
-def _quantize_kernel(w, out, bad, nchunk):
+def _quantize_kernel(w, out, bad):
     rows = w.shape[0]
+    nchunk = max(1, min(rows, rows * w.shape[1] // 65536))  # ~64K weights per work item
     for c in numba.prange(nchunk):
         _quantize_rows(w, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
 
@@ -171,8 +170,9 @@ def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
 
 
 @numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(blocks, lut, idx, out, nchunk):
+def _dequantize_kernel(blocks, lut, idx, out):
     n = idx.size
+    nchunk = max(1, min(n, n * out.shape[1] // 65536))
     for c in numba.prange(nchunk):
         _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
 
@@ -439,32 +439,19 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
 # ---- the format ---------------------------------------------------------------------------
 
 
-class Q4_0(Format):
+class Q4_0(GGMLFormat):
     tag = "Q4_0"
     version = 1
+    ggml_type = "Q4_0"
+    vec_dot_type = "Q8_0"
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES
     modes = ("f32", "q8_0")
+    max_abs = 524160.0
+    range_rule = RULE
     summary = "ggml Q4_0: per 32 weights an fp16 scale d and 4-bit q, w = d*(q-8); gguf-identical bytes"
-
-    def _quantize(self, w):
-        rows, cols = w.shape
-        out = np.empty((rows, cols // QK, BLOCK_BYTES), np.uint8)
-        bad = np.empty(rows, np.int64)
-        _quantize_kernel(w, out, bad, n_chunks(rows, cols))
-        hit = first_bad_block(bad)
-        if hit is not None:
-            raise scale_range_error(self.tag, w, *hit, "a block's max |w| must stay below 524160 (= 65520*8)")
-        return out.reshape(-1)
-
-    def _dequantize(self, data, rows, cols):
-        return self._get_rows(data, rows, cols, np.arange(rows, dtype=np.int64))
-
-    def _get_rows(self, data, rows, cols, idx):
-        out = np.empty((idx.size, cols), np.float32)
-        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
-        _dequantize_kernel(blocks, fp16_table(), idx, out, n_chunks(idx.size, cols))
-        return out
+    quantize_kernel = staticmethod(_quantize_kernel)
+    dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):
         # Tiles of T rows (see "fast qmatmul" above): 0.625 byte per weight, 1.11x the bytes.

@@ -32,19 +32,15 @@ accumulator, the m*s terms in another, and the two added at the end.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
-from quantfmt.format import Format
+from quantfmt.families import GGMLFormat
 
 from ._ggml import (
     QK,
     f32_to_f16_bits,
-    first_bad_block,
-    fp16_table,
-    n_chunks,
-    scale_range_error,
     vec_dot_ref,
 )
 from ._qtiles import Prepared
@@ -71,7 +67,7 @@ def quantize_ref(w: np.ndarray) -> np.ndarray:
     bad = ~((d < np.float32(65520)) & (np.abs(mn) < np.float32(65520)))
     if bad.any():
         r, b = divmod(int(np.flatnonzero(bad)[0]), w.shape[1] // QK)
-        raise scale_range_error("Q4_1", w, r, b, RULE)
+        raise Q4_1().range_error(w, r, b)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         idd = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
         t = np.trunc((x - mn[:, None]) * idd[:, None] + np.float32(0.5))
@@ -161,8 +157,9 @@ def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
 
 
 @numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(blocks, lut, idx, out, nchunk):
+def _dequantize_kernel(blocks, lut, idx, out):
     n = idx.size
+    nchunk = max(1, min(n, n * out.shape[1] // 65536))
     for c in numba.prange(nchunk):
         _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
 
@@ -177,32 +174,19 @@ def _dequantize_kernel(blocks, lut, idx, out, nchunk):
 # ---- the format ---------------------------------------------------------------------------
 
 
-class Q4_1(Format):
+class Q4_1(GGMLFormat):
     tag = "Q4_1"
     version = 1
+    ggml_type = "Q4_1"
+    vec_dot_type = "Q8_1"
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES
     modes = ("f32", "q8_0")
+    max_abs = 65520.0  # a block whose minimum is -65520 or less; any block below it in magnitude fits
+    range_rule = RULE
     summary = "ggml Q4_1: per 32 weights fp16 scale d and min m, 4-bit q, w = d*q + m; gguf-identical bytes"
-
-    def _quantize(self, w):
-        rows, cols = w.shape
-        out = np.empty((rows, cols // QK, BLOCK_BYTES), np.uint8)
-        bad = np.empty(rows, np.int64)
-        _quantize_kernel(w, out, bad)
-        hit = first_bad_block(bad)
-        if hit is not None:
-            raise scale_range_error(self.tag, w, *hit, RULE)
-        return out.reshape(-1)
-
-    def _dequantize(self, data, rows, cols):
-        return self._get_rows(data, rows, cols, np.arange(rows, dtype=np.int64))
-
-    def _get_rows(self, data, rows, cols, idx):
-        out = np.empty((idx.size, cols), np.float32)
-        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
-        _dequantize_kernel(blocks, fp16_table(), idx, out, n_chunks(idx.size, cols))
-        return out
+    quantize_kernel = staticmethod(_quantize_kernel)
+    dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):
         q, d, m = tile_nibbles(data, rows, cols, BLOCK_BYTES)

@@ -24,14 +24,14 @@ The codebook depends only on the multiset of values, so the sort's stability doe
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-import numba
 import quantfmt
-from quantfmt.format import Format
+from quantfmt.families import KernelFormat
 
 QK = 256
 NBINS = 16
@@ -295,33 +295,15 @@ USE_AVX2 = _host_has_avx2()
 
 # ---- the format -----------------------------------------------------------------------
 
-MATVEC_MAX_N = 4  # larger batches: BLAS on dequantized tiles (_blas_tiles)
-
-
-class Q4A(Format):
+class Q4_A(KernelFormat):
     tag = "Q4_A"
     version = 1
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES
     summary = "4-bit indices into 16 sorted-bin means per 256 weights along a row (llama2.c brainstorm)"
-    #: Weights per dequantized tile when qmatmul goes to BLAS (batches of > MATVEC_MAX_N).
-    prefill_tile_elements = 1 << 24
-
-    def _quantize(self, w):
-        rows, cols = w.shape
-        out = np.empty(rows * cols // QK * BLOCK_BYTES, np.uint8)
-        _quantize_kernel(w, out)
-        return out
-
-    def _dequantize(self, data, rows, cols):
-        out = np.empty((rows, cols), np.float32)
-        _dequantize_kernel(data, rows, cols, out)
-        return out
-
-    def _get_rows(self, data, rows, cols, idx):
-        out = np.empty((idx.size, cols), np.float32)
-        _get_rows_kernel(data, cols, idx, out)
-        return out
+    quantize_kernel = staticmethod(_quantize_kernel)
+    dequantize_kernel = staticmethod(_dequantize_kernel)
+    get_rows_kernel = staticmethod(_get_rows_kernel)
 
     def prepare(self, data, rows, cols):
         # The bytes stay as they are; only the codebooks (1/3 of the bytes) are repacked:
@@ -331,18 +313,14 @@ class Q4A(Format):
         blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
         return data, blocks[:, :, : 4 * NBINS].copy().view("<f4").astype(np.float32)
 
-    def _qmatmul(self, prep, rows, cols, x, mode):
+    def matvec(self, prep, rows, cols, x, out):
         data, cb = prep
-        if x.shape[0] > MATVEC_MAX_N:
-            return self._blas_tiles(data, rows, cols, x)
-        out = np.empty((x.shape[0], rows), np.float32)
         if cb.dtype == np.uint8:  # byte planes: prepare() chose the AVX2 kernel
             _matvec_avx2(cb, data, _permute_x(x), rows, cols, out)
         else:
             _matvec_portable(data.reshape(rows, cols // QK, BLOCK_BYTES), cb, x, out)
-        return out
 
 
 @quantfmt.hookimpl
 def register_formats(register):
-    register(Q4A())
+    register(Q4_A())

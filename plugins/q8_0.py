@@ -22,20 +22,17 @@ Quantize (gguf-py's `quants.Q8_0`, byte for byte; ggml's quantize_row_q8_0_ref):
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
-from quantfmt.format import Format
+from quantfmt.families import GGMLFormat
 
 from ._ggml import (
     QK,
     f32_to_f16_bits,
-    first_bad_block,
     fp16_table,
-    n_chunks,
     quantize_activations,
-    scale_range_error,
     vec_dot_ref,
 )
 from ._qtiles import (
@@ -62,7 +59,7 @@ def quantize_ref(w: np.ndarray) -> np.ndarray:
     bad = ~(d < np.float32(65520))
     if bad.any():
         r, b = divmod(int(np.flatnonzero(bad)[0]), w.shape[1] // QK)
-        raise scale_range_error("Q8_0", w, r, b, RULE)
+        raise Q8_0().range_error(w, r, b)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         idd = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
         t = x * idd[:, None]
@@ -133,8 +130,10 @@ def _quantize_rows(w, out, outq, bad, r0, r1):
 
 
 @numba.njit(cache=True, parallel=True)
-def _quantize_kernel(w, out, outq, bad, nchunk):
+def _quantize_kernel(w, out, bad):
     rows = w.shape[0]
+    outq = out.view(np.int8)  # the quants are int8: one array, two views
+    nchunk = max(1, min(rows, rows * w.shape[1] // 65536))  # ~64K weights per work item
     for c in numba.prange(nchunk):
         _quantize_rows(w, out, outq, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
 
@@ -154,8 +153,10 @@ def _dequantize_rows(blocks, blocksq, lut, idx, out, k0, k1, qk):
 
 
 @numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(blocks, blocksq, lut, idx, out, nchunk):
+def _dequantize_kernel(blocks, lut, idx, out):
+    blocksq = blocks.view(np.int8)
     n = idx.size
+    nchunk = max(1, min(n, n * out.shape[1] // 65536))
     for c in numba.prange(nchunk):
         _dequantize_rows(blocks, blocksq, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 32)
 
@@ -255,32 +256,19 @@ def tiles_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndar
 # ---- the format ---------------------------------------------------------------------------
 
 
-class Q8_0(Format):
+class Q8_0(GGMLFormat):
     tag = "Q8_0"
     version = 1
+    ggml_type = "Q8_0"
+    vec_dot_type = "Q8_0"
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES
     modes = ("f32", "q8_0")
+    max_abs = 8321040.0
+    range_rule = RULE
     summary = "ggml Q8_0: per 32 weights an fp16 scale d and int8 q, w = d*q; gguf-identical bytes"
-
-    def _quantize(self, w):
-        rows, cols = w.shape
-        out = np.empty((rows, cols // QK, BLOCK_BYTES), np.uint8)
-        bad = np.empty(rows, np.int64)
-        _quantize_kernel(w, out, out.view(np.int8), bad, n_chunks(rows, cols))
-        hit = first_bad_block(bad)
-        if hit is not None:
-            raise scale_range_error(self.tag, w, *hit, RULE)
-        return out.reshape(-1)
-
-    def _dequantize(self, data, rows, cols):
-        return self._get_rows(data, rows, cols, np.arange(rows, dtype=np.int64))
-
-    def _get_rows(self, data, rows, cols, idx):
-        blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
-        out = np.empty((idx.size, cols), np.float32)
-        _dequantize_kernel(blocks, blocks.view(np.int8), fp16_table(), idx, out, n_chunks(idx.size, cols))
-        return out
+    quantize_kernel = staticmethod(_quantize_kernel)
+    dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):
         # Tiles of T rows (see "fast qmatmul" above): 1.125 bytes per weight, 1.06x the bytes.

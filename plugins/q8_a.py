@@ -27,11 +27,11 @@ every block's scale against the block's own rows.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
-from quantfmt.format import Format
+from quantfmt.families import KernelFormat
 
 from ._rounding import round_half_away, round_half_away_scalar
 
@@ -163,43 +163,21 @@ def _matvec_kernel(data, rows, cols, x, out):
 
 # ---- the format -----------------------------------------------------------------------
 
-# Batches of more activation rows than this go to BLAS on dequantized tiles.
-MATVEC_MAX_N = 4  # larger batches: BLAS on dequantized tiles (_blas_tiles)
 
-
-class Q8A(Format):
+class Q8_A(KernelFormat):
     tag = "Q8_A"
     version = 1
     block_shape = (QK, 1)
     block_bytes = 4 + QK
     summary = "int8, one float32 absmax scale per 128 weights down a column (llama2.c brainstorm)"
-    #: Weights per dequantized tile when qmatmul goes to BLAS (batches of > MATVEC_MAX_N).
-    prefill_tile_elements = 1 << 24
+    quantize_kernel = staticmethod(_quantize_kernel)
+    dequantize_kernel = staticmethod(_dequantize_kernel)
+    get_rows_kernel = staticmethod(_dequantize_rows)
 
-    def _quantize(self, w):
-        rows, cols = w.shape
-        out = np.empty(rows // QK * GROUP_BYTES_PER_COL * cols, np.uint8)
-        _quantize_kernel(w, out)
-        return out
-
-    def _dequantize(self, data, rows, cols):
-        out = np.empty((rows, cols), np.float32)
-        _dequantize_kernel(data, rows, cols, out)
-        return out
-
-    def _get_rows(self, data, rows, cols, idx):
-        out = np.empty((idx.size, cols), np.float32)
-        _dequantize_rows(data, cols, idx, out)
-        return out
-
-    def _qmatmul(self, data, rows, cols, x, mode):
-        if x.shape[0] > MATVEC_MAX_N:
-            return self._blas_tiles(data, rows, cols, x)
-        out = np.empty((x.shape[0], rows), np.float32)
-        _matvec_kernel(data, rows, cols, x, out)
-        return out
+    def matvec(self, prep, rows, cols, x, out):
+        _matvec_kernel(prep[0], rows, cols, x, out)
 
 
 @quantfmt.hookimpl
 def register_formats(register):
-    register(Q8A())
+    register(Q8_A())

@@ -24,12 +24,12 @@ round_half_away(v) = t + sign(v) if |v - t| >= 0.5 else t, with t = trunc(v).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-import numba
 import quantfmt
 from quantfmt.errors import RangeError
-from quantfmt.format import Format
+from quantfmt.families import KernelFormat
 
 from ._rounding import round_half_away, round_half_away_scalar
 
@@ -185,58 +185,38 @@ def _matvec_kernel(blocks, sm, x, out):
 
 # ---- the format -----------------------------------------------------------------------
 
-MATVEC_MAX_N = 4  # larger batches: BLAS on dequantized tiles (_blas_tiles)
-
-
-class Q8B(Format):
+class Q8_B(KernelFormat):
     tag = "Q8_B"
     version = 1
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES
     summary = "int8 of (w - mean), float32 scale and mean per 128 weights along a row (llama2.c brainstorm)"
-    #: Weights per dequantized tile when qmatmul goes to BLAS (batches of > MATVEC_MAX_N).
-    prefill_tile_elements = 1 << 24
+    quantize_kernel = staticmethod(_quantize_kernel)
+    dequantize_kernel = staticmethod(_dequantize_kernel)
+    get_rows_kernel = staticmethod(_get_rows_kernel)
 
-    def _quantize(self, w):
-        rows, cols = w.shape
-        out = np.empty(rows * cols // QK * BLOCK_BYTES, np.uint8)
-        _quantize_kernel(w, out)
+    def check_quantized(self, w, out):
         s = out.reshape(-1, BLOCK_BYTES)[:, 0:4].view("<f4")[:, 0]
         if not np.isfinite(s).all():
-            blk = int(np.argmin(np.isfinite(s)))
-            row, b = divmod(blk, cols // QK)
+            cols = w.shape[1]
+            row, b = divmod(int(np.argmin(np.isfinite(s))), cols // QK)
             raise RangeError(
                 f"{self.tag}: the block at row {row}, columns {b * QK}..{b * QK + QK - 1} (matrix shape "
                 f"{w.shape}) spans more than float32 can hold: its scale max|w - mean| overflows"
             )
-        return out
-
-    def _dequantize(self, data, rows, cols):
-        out = np.empty((rows, cols), np.float32)
-        _dequantize_kernel(data, rows, cols, out)
-        return out
-
-    def _get_rows(self, data, rows, cols, idx):
-        out = np.empty((idx.size, cols), np.float32)
-        _get_rows_kernel(data, cols, idx, out)
-        return out
 
     def prepare(self, data, rows, cols):
         # The bytes stay as they are (a view); only (s/127, m) are unpacked, 1/17 of the size.
         blocks = data.view(np.int8).reshape(rows, cols // QK, BLOCK_BYTES)
         hdr = data.reshape(-1, BLOCK_BYTES)[:, :8].copy().view("<f4").astype(np.float32)
         hdr[:, 0] *= np.float32(1.0 / 127.0)
-        return data, blocks, hdr.reshape(rows, cols // QK, 2)
+        return data, (blocks, hdr.reshape(rows, cols // QK, 2))
 
-    def _qmatmul(self, prep, rows, cols, x, mode):
-        data, blocks, sm = prep
-        if x.shape[0] > MATVEC_MAX_N:
-            return self._blas_tiles(data, rows, cols, x)
-        out = np.empty((x.shape[0], rows), np.float32)
+    def matvec(self, prep, rows, cols, x, out):
+        blocks, sm = prep[1]
         _matvec_kernel(blocks, sm, x, out)
-        return out
 
 
 @quantfmt.hookimpl
 def register_formats(register):
-    register(Q8B())
+    register(Q8_B())

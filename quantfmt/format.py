@@ -64,6 +64,15 @@ class Format:
     #: RMSE relative to the RMS of N(0,1) weights stays below this. None = only the kit's
     #: generic bound applies.
     max_rel_rmse: float | None = None
+    #: The smallest max |w| that quantize may refuse with a RangeError (a scale that would
+    #: overflow its storage type); every tensor with max |w| below it quantizes. None: only
+    #: float32's range limits it. The conformance kit probes both sides of it.
+    max_abs: float | None = None
+    #: The ggml type whose bytes are this format's bytes (its GGUF type), or None: no GGUF form.
+    ggml_type: str | None = None
+    #: Other names the CLI, recipes and the API accept for this tag (e.g. a ggml name longer
+    #: than four characters).
+    aliases: tuple[str, ...] = ()
     #: Filled in by the registry: the plugin that registered this format.
     plugin: str = "?"
     #: Weights dequantized per tile by `_blas_tiles` (the default qmatmul): 4 MB of float32.
@@ -292,6 +301,9 @@ class Format:
             "modes": list(self.modes),
             "plugin": self.plugin,
             "summary": self.summary,
+            "ggml_type": self.ggml_type,
+            "aliases": list(self.aliases),
+            "max_abs": self.max_abs,
         }
 
     def __repr__(self) -> str:

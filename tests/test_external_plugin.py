@@ -76,7 +76,7 @@ def test_core_does_not_know_the_example():
 # 1.5e-7: fp16-subnormal scales, rounded down enough that codes need the 0..7 clamp
 @pytest.mark.parametrize("scale", [1.0, 1e4, 1e-6, 1.5e-7, 3e-8, 0.0])
 def test_example_kernels_match_reference(q3x, scale):
-    fmt = q3x.Q3X()
+    fmt = q3x.Q3_X()
     rng = np.random.default_rng(7)
     w = (rng.standard_normal((9, 96), dtype=np.float32) * np.float32(scale)).astype(np.float32)
     w[2, :32] = w[2, 0]  # a constant block
@@ -105,15 +105,15 @@ def test_example_layout_by_hand(q3x):
     hi = [sum(int(codes[4 * k + j] >> 2) << k for k in range(8)) for j in range(4)]
     block = np.frombuffer(d.astype("<f2").tobytes() + bytes(lo) + bytes(hi), np.uint8)
     want = 0.5 * (codes.astype(np.float32) - 4)
-    assert np.array_equal(q3x.Q3X().dequantize(block, (32,)), want)
-    assert np.array_equal(q3x.Q3X().quantize(want), block)  # the extreme -2 = -4d sets d = 0.5
+    assert np.array_equal(q3x.Q3_X().dequantize(block, (32,)), want)
+    assert np.array_equal(q3x.Q3_X().quantize(want), block)  # the extreme -2 = -4d sets d = 0.5
 
 
 def test_example_range_error(q3x):
     w = np.ones((2, 64), np.float32)
     w[1, 40] = 3e5
     with pytest.raises(RangeError, match=r"Q3_X: block 1 of row 1 .*262016"):
-        q3x.Q3X().quantize(w)
+        q3x.Q3_X().quantize(w)
 
 
 # ---- as a plugins-dir file ---------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_plugins_dir_registers(tmp_path, fresh_registry):
     (info,) = [f for f in json.loads(res.stdout) if f["tag"] == TAG]
     assert info["plugin"] == "quantfmt_example_format" and info["bits_per_weight"] == 3.5
     fresh_registry.configure(plugins_dirs=[d], strict=True)
-    assert type(fresh_registry.get_format(TAG)).__name__ == "Q3X"
+    assert type(fresh_registry.get_format(TAG)).__name__ == "Q3_X"
 
 
 @pytest.mark.slow
@@ -217,3 +217,27 @@ def test_installed_distribution_is_found_by_entry_point(installed):
 def test_uninstalled_example_is_unknown():
     res = _quantfmt("check", TAG, check=False)
     assert res.returncode == 1 and res.stderr.startswith(f"Error: unknown format tag '{TAG}'")
+
+
+# ---- the simple route: I8_X, two numpy functions on a BlockFormat ----------------------------
+
+SIMPLE = EXAMPLE / "quantfmt_example_simple.py"
+
+
+def test_simple_route_example_conforms(tmp_path, fresh_registry):
+    d = tmp_path / "plugins"
+    d.mkdir()
+    shutil.copy(SIMPLE, d)
+    fresh_registry.configure(plugins_dirs=[d], strict=True)
+    fmt = fresh_registry.get_format("I8_X")
+    assert fmt.plugin == "quantfmt_example_simple"
+    from quantfmt.testing import check_format
+
+    rep = check_format(fmt)
+    assert rep.ok, str(rep)
+    # the simple route's get_rows decodes only the wanted rows, and matches dequantize
+    w = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
+    data = fmt.quantize(w)
+    assert np.array_equal(fmt.get_rows(data, w.shape, [4, 0]), fmt.dequantize(data, w.shape)[[4, 0]])
+    with pytest.raises(RangeError, match="I8_X"):
+        fmt.quantize(np.full((1, 32), 65520.0 * 127, np.float32))

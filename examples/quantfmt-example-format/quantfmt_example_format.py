@@ -185,7 +185,7 @@ def _qmatmul_kernel(blk, d, x, out):
 # ---- the format ------------------------------------------------------------------------
 
 
-class Q3X(Format):
+class Q3_X(Format):
     tag = "Q3_X"
     version = 1
     block_shape = (1, QK)
@@ -232,4 +232,4 @@ class Q3X(Format):
 
 @quantfmt.hookimpl
 def register_formats(register):
-    register(Q3X())
+    register(Q3_X())

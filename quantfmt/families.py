@@ -1,0 +1,205 @@
+"""Format families: the bodies that formats of one kind share, written once.
+
+A format subclasses the family that fits it and supplies only what is its own:
+
+`BlockFormat`, the simple route (as gguf-py's `quants.py`): blocks of K weights along a row.
+    The plugin writes two numpy functions on whole blocks,
+        quantize_blocks(blocks: float32 (n, K)) -> uint8 (n, block_bytes)
+        dequantize_blocks(blocks: uint8 (n, block_bytes)) -> float32 (n, K)
+    and gets quantize, dequantize, get_rows (only the wanted rows' blocks) and qmatmul
+    (dequantized tiles into BLAS) from here. Fast kernels can come later, one at a time.
+
+`GGMLFormat`: ggml's block formats (blocks of `qk` weights along a row, stored as ggml does).
+    The module supplies two parallel numba kernels over rows,
+        quantize_kernel(w, out, bad)          w float32 (rows, cols); out uint8 (rows, nb, block_bytes);
+                                              bad int64 (rows,): per row the first block whose scale
+                                              does not fit its storage, or -1
+        dequantize_kernel(blocks, lut, idx, out)   rows idx of blocks into out float32 (len(idx), cols);
+                                              lut = fp16_table() (fp16 bits -> float32)
+    plus `range_rule` (the RangeError's explanation), `ggml_type` (its GGUF type name) and
+    `vec_dot_type` (the activation blocks ggml pairs it with in qmatmul). Quantize, dequantize,
+    get_rows and the range error are here; qmatmul stays the format's (repacked tiles).
+
+`KernelFormat`: quantfmt's own research formats (Q8_A, Q8_B, Q4_A), whose numba kernels take the
+    whole tensor: quantize_kernel(w, out), dequantize_kernel(data, rows, cols, out),
+    get_rows_kernel(data, cols, idx, out) and a `matvec(prep, rows, cols, x, out)` for small
+    batches; batches of more than `matvec_max_n` rows go to dequantized tiles + BLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .errors import RangeError
+from .format import Format
+
+
+@functools.lru_cache(maxsize=1)
+def fp16_table() -> np.ndarray:
+    """float32 value of every fp16 bit pattern (256 KiB): decoding a scale is one load."""
+    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def n_chunks(rows: int, cols: int) -> int:
+    """How many row ranges a prange driver splits `rows` rows into: about 64K weights each,
+    enough to balance two or more threads without per-row scheduling overhead."""
+    return max(1, min(rows, rows * cols // 65536))
+
+
+class BlockFormat(Format):
+    """Blocks of `block_shape = (1, K)` along a row, from two numpy functions on (n, K) blocks."""
+
+    #: Rows per numpy call in quantize: bounds the temporaries of quantize_blocks.
+    rows_per_call: int = 1024
+
+    def quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _blocks_out(self, out, n: int, what: str) -> np.ndarray:
+        k = self.block_shape[1]
+        want = (n, self.block_bytes) if what == "quantize_blocks" else (n, k)
+        dtype = np.uint8 if what == "quantize_blocks" else np.float32
+        out = np.asarray(out)
+        if out.shape != want or out.dtype != dtype:
+            raise TypeError(f"{self.tag}.{what} returned {out.dtype}{out.shape}, expected {np.dtype(dtype)}{want}")
+        return out
+
+    def _quantize(self, w):
+        rows, cols = w.shape
+        k = self.block_shape[1]
+        out = np.empty((rows, cols // k, self.block_bytes), np.uint8)
+        step = max(1, self.rows_per_call)
+        for r0 in range(0, rows, step):
+            blocks = w[r0 : r0 + step].reshape(-1, k)
+            q = self._blocks_out(self.quantize_blocks(blocks), blocks.shape[0], "quantize_blocks")
+            out[r0 : r0 + step] = q.reshape(-1, cols // k, self.block_bytes)
+        return out.reshape(-1)
+
+    def _dequantize(self, data, rows, cols):
+        blocks = data.reshape(-1, self.block_bytes)
+        return self._blocks_out(self.dequantize_blocks(blocks), blocks.shape[0], "dequantize_blocks").reshape(
+            rows, cols
+        )
+
+    def _get_rows(self, data, rows, cols, idx):
+        blocks = data.reshape(rows, -1)[idx].reshape(-1, self.block_bytes)
+        return self._blocks_out(self.dequantize_blocks(blocks), blocks.shape[0], "dequantize_blocks").reshape(
+            idx.size, cols
+        )
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.block_shape[0] != 1:
+            raise TypeError(f"{cls.__name__}: a BlockFormat's blocks lie along a row: block_shape must be (1, K)")
+
+
+class GGMLFormat(Format):
+    """ggml-style block formats: quantize/dequantize/get_rows/range errors from two row kernels."""
+
+    #: ggml's activation type for this format's integer dot product ("Q8_0", "Q8_1", "Q8_K").
+    vec_dot_type: str | None = None
+    #: Why a block can fail (the end of the RangeError message).
+    range_rule: str = ""
+
+    @staticmethod
+    def quantize_kernel(w, out, bad):  # pragma: no cover - supplied by the format
+        raise NotImplementedError
+
+    @staticmethod
+    def dequantize_kernel(blocks, lut, idx, out):  # pragma: no cover - supplied by the format
+        raise NotImplementedError
+
+    @property
+    def qk(self) -> int:
+        return self.block_shape[1]
+
+    def _quantize(self, w):
+        rows, cols = w.shape
+        out = np.empty((rows, cols // self.qk, self.block_bytes), np.uint8)
+        bad = np.empty(rows, np.int64)
+        self.quantize_kernel(w, out, bad)
+        hit = np.flatnonzero(bad >= 0)
+        if hit.size:
+            r = int(hit[0])
+            raise self.range_error(w, r, int(bad[r]))
+        return out.reshape(-1)
+
+    def _dequantize(self, data, rows, cols):
+        return self._get_rows(data, rows, cols, np.arange(rows, dtype=np.int64))
+
+    def _get_rows(self, data, rows, cols, idx):
+        out = np.empty((idx.size, cols), np.float32)
+        self.dequantize_kernel(data.reshape(rows, cols // self.qk, self.block_bytes), fp16_table(), idx, out)
+        return out
+
+    def range_error(self, w: np.ndarray, r: int, b: int) -> RangeError:
+        """The RangeError for the block at row r, block b of weights w."""
+        qk = self.qk
+        xb = w[r, b * qk : (b + 1) * qk]
+        return RangeError(
+            f"{self.tag}: weights of shape {w.shape}: the block at row {r}, columns {b * qk}..{b * qk + qk - 1} "
+            f"(min {float(xb.min()):g}, max {float(xb.max()):g}) needs an fp16 value of 65520 or more, "
+            f"which would be stored as infinity: {self.range_rule}"
+        )
+
+    def info(self) -> dict:
+        return {**super().info(), "vec_dot_type": self.vec_dot_type}
+
+
+class KernelFormat(Format):
+    """Formats whose numba kernels take the whole tensor, with a matvec for small batches."""
+
+    #: Batches of more activation rows than this go to dequantized tiles + BLAS.
+    matvec_max_n: int = 4
+    #: Weights per dequantized tile on the BLAS path.
+    prefill_tile_elements = 1 << 24
+
+    @staticmethod
+    def quantize_kernel(w, out):  # pragma: no cover - supplied by the format
+        raise NotImplementedError
+
+    @staticmethod
+    def dequantize_kernel(data, rows, cols, out):  # pragma: no cover - supplied by the format
+        raise NotImplementedError
+
+    @staticmethod
+    def get_rows_kernel(data, cols, idx, out):  # pragma: no cover - supplied by the format
+        raise NotImplementedError
+
+    def check_quantized(self, w: np.ndarray, out: np.ndarray) -> None:
+        """Raise RangeError if the quantized bytes `out` of `w` hold a value that overflowed."""
+
+    def matvec(self, prep, rows: int, cols: int, x: np.ndarray, out: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def prepare(self, data, rows, cols):
+        """(bytes, anything the matvec kernel wants precomputed)."""
+        return data, None
+
+    def _quantize(self, w):
+        out = np.empty(self.nbytes(w.shape), np.uint8)
+        self.quantize_kernel(w, out)
+        self.check_quantized(w, out)
+        return out
+
+    def _dequantize(self, data, rows, cols):
+        out = np.empty((rows, cols), np.float32)
+        self.dequantize_kernel(data, rows, cols, out)
+        return out
+
+    def _get_rows(self, data, rows, cols, idx):
+        out = np.empty((idx.size, cols), np.float32)
+        self.get_rows_kernel(data, cols, idx, out)
+        return out
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        if x.shape[0] > self.matvec_max_n:
+            return self._blas_tiles(prep[0], rows, cols, x)
+        out = np.empty((x.shape[0], rows), np.float32)
+        self.matvec(prep, rows, cols, x, out)
+        return out
