@@ -1,7 +1,9 @@
 """The conformance kit (quantfmt.testing, `quantfmt check`): every built-in format passes it,
-a correct toy format with an unusual block passes it, and deliberately broken formats FAIL it."""
+a correct toy format with an unusual block passes it, and deliberately broken formats FAIL it;
+parametrize_with_checks gives one pytest item per check."""
 
 import json
+import re
 import textwrap
 import warnings
 
@@ -11,18 +13,113 @@ from click.testing import CliRunner
 
 from quantfmt import plugins, testing
 from quantfmt.cli import cli
+from quantfmt.errors import RangeError
 from quantfmt.format import Format
-from quantfmt.testing import Q8_TOL, assert_conforms, check_format, small_shape
+from quantfmt.testing import Q8_TOL, assert_conforms, check_format, parametrize_with_checks, small_shape
+
+pytest_plugins = ["pytester"]
 
 BUILTINS = sorted(t for t, f in plugins.formats().items() if f.plugin.startswith("quantfmt_formats."))
 
 
-@pytest.mark.parametrize("tag", BUILTINS)
-def test_builtin_format_conforms(tag):
-    report = assert_conforms(tag)
-    assert report.metrics["rel_rmse"] <= 0.75
-    names = [c.name for c in report]
-    assert "get_rows" in names and all(f"qmatmul[{m}]" in names for m in plugins.get_format(tag).modes)
+@parametrize_with_checks(BUILTINS)
+def test_builtin_format_conforms(fmt, check):
+    check(fmt)
+
+
+def _items(fmt_or_formats, seed=0):
+    """{pytest id: (fmt, check)} as parametrize_with_checks generates them."""
+    mark = parametrize_with_checks(fmt_or_formats, seed=seed)
+    assert mark.args[0] == ("fmt", "check")
+    return {p.id: p.values for p in mark.args[1]}
+
+
+def test_builtin_items_cover_every_check_and_mode():
+    ids = _items(BUILTINS)
+    for tag in BUILTINS:
+        fmt = plugins.get_format(tag)
+        want = ["geometry", "roundtrip", "get_rows", *(f"qmatmul[{m}]" for m in fmt.modes), "range", "error:mode"]
+        assert all(f"{tag}-{name}" in ids for name in want), tag
+        assert ids[f"{tag}-roundtrip"][0] is fmt
+    assert "Q4_0-qmatmul[q8_0]" in ids and "Q4_0-qmatmul[f32]" in ids and "F32-qmatmul[q8_0]" not in ids
+
+
+def test_items_are_the_report_in_order():
+    report = check_format("Q4_0", seed=5)
+    items = _items("Q4_0", seed=5)
+    assert list(items) == [f"Q4_0-{c.name}" for c in report]
+    fmt, check = items["Q4_0-roundtrip"]
+    assert check(fmt).detail == report.get("roundtrip").detail  # same seed, same matrix
+
+
+PLUGIN_AUTHOR_TESTS = """
+import numpy as np
+from quantfmt.testing import parametrize_with_checks
+from quantfmt_formats.plain import F32
+
+class OffByOne(F32):
+    tag = "OB1"
+
+    def _get_rows(self, data, rows, cols, idx):
+        return super()._get_rows(data, rows, cols, np.minimum(idx + 1, rows - 1))
+
+@parametrize_with_checks(["F32", OffByOne, "NOPE"])
+def test_conformance(fmt, check):
+    check(fmt)
+
+def test_unrelated():
+    pass
+"""
+
+
+def test_parametrize_with_checks_one_item_per_check(pytester):
+    """A plugin author's pytest: one item per format and check; a broken check fails only its own
+    item, with its own message; a tag no plugin provides fails one item, not the collection."""
+    pytester.makepyfile(test_plugin=PLUGIN_AUTHOR_TESTS)
+    result = pytester.runpytest("-q", "-rf", "-p", "no:cacheprovider")
+    ns = {}
+    exec(compile(PLUGIN_AUTHOR_TESTS, "plugin_tests", "exec"), ns)
+    broken = check_format(ns["OffByOne"])
+    n_checks = len(check_format("F32"))
+    assert len(broken) == n_checks and 0 < len(broken.failures) < n_checks
+    want_failed = {f"OB1-{c.name}" for c in broken.failures} | {"NOPE-load"}
+    result.assert_outcomes(passed=2 * n_checks - len(want_failed) + 2, failed=len(want_failed))
+    failed = {ln.split("[", 1)[1].rsplit("]", 1)[0] for ln in result.outlines if ln.startswith("FAILED")}
+    assert failed == want_failed
+    out = result.stdout.str()
+    assert "OB1 (" in out and "fails conformance check get_rows: get_rows(" in out
+    assert "format 'NOPE' could not be loaded" in out and "unknown format tag 'NOPE'" in out
+    assert "test_plugin.py::test_conformance[F32-qmatmul[f32]] PASSED" in pytester.runpytest(
+        "-v", "-p", "no:cacheprovider", "-k", "F32"
+    ).stdout.str()
+
+
+def test_parametrize_with_checks_quantizes_the_shared_matrix_once():
+    calls = []
+
+    class Counting(Toy):
+        tag = "CNT"
+
+        def _quantize(self, w):
+            calls.append(w.shape)
+            return super()._quantize(w)
+
+    check_format(Counting)
+    in_report = len(calls)
+    calls.clear()
+    items = [*_items(Counting, seed=0).values(), *_items(Counting, seed=1).values()]  # two kits
+    for fmt, check in items:
+        check(fmt)
+    assert len(calls) == 2 * in_report  # each check once, the shared matrix quantized once per kit
+    calls.clear()
+    for fmt, check in items:  # again (as a second decorated test of the same formats): kits reused
+        check(fmt)
+    assert len(calls) == 2 * (in_report - 1)
+
+
+def test_parametrize_with_checks_rejects_other_things():
+    with pytest.raises(TypeError):
+        parametrize_with_checks([42])
 
 
 # ---- toy formats: symmetric int8 with a float32 scale, in plain numpy -------------------
@@ -53,8 +150,9 @@ class Toy(Format):
     def _quantize(self, w):
         b = self._blocks(w)
         d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
-        inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
-        q = np.clip(np.rint(b * inv[:, None]), -127, 127).astype(np.int8)
+        # divide by d, not multiply by 1/d: for a subnormal d (max |w| ~1e-40), 1/d is inf
+        q = np.divide(b, d[:, None], out=np.zeros_like(b), where=d[:, None] > 0)
+        q = np.clip(np.rint(q), -127, 127).astype(np.int8)
         out = np.empty((b.shape[0], self.block_bytes), np.uint8)
         out[:, :4] = d.astype("<f4").view(np.uint8).reshape(-1, 4)
         out[:, 4:] = q.view(np.uint8)
@@ -90,6 +188,18 @@ def test_correct_toys_conform():
         assert report.tag == fmt.tag
     # the q8_0 mode really moves results, yet stays within the kit's documented bound
     assert 1e-4 < float(check_format(ToyQ8).get("qmatmul[q8_0]").detail.split()[2]) < Q8_TOL
+
+
+def test_module_docstring_lists_every_check_in_order():
+    rows = re.findall(r"^  (\S+) {2,}", testing.__doc__, re.M)
+    listed = []
+    for c in check_format(ToyQ8, size=(8, 64)):
+        name = re.sub(r"\[.*\]$", "[MODE]", re.sub(r"^error:.*", "error:*", c.name))
+        if name.endswith("_size"):
+            assert f"{name}: at `size`" in testing.__doc__
+        elif name not in listed:
+            listed.append(name)
+    assert rows == listed
 
 
 def test_small_shape_fits_blocks_with_remainders():
@@ -229,6 +339,100 @@ class ScalesInFloat16Subnormal(Toy):
         return np.where(tiny, np.float32(np.inf), out).astype(np.float32)
 
 
+class Fp16Scale(Toy):
+    """Blocks of 2x4: the block's max |w| as an fp16 scale, then 8 int8 of 127 * w / max |w|.
+    fp16 holds at most 65504 and rounds 65520 up to infinity: such blocks are a RangeError."""
+
+    tag = "TF16"
+    block_bytes = 10
+    max_abs = 65520.0
+    refuse = True  # raise RangeError where the scale would be fp16 infinity
+    clamp = False  # store such a scale as 65504 instead
+    message = "{tag}: a block's max |w| reaches 65520, beyond fp16"
+
+    def _quantize(self, w):
+        b = self._blocks(w)
+        amax = np.abs(b).max(axis=1)
+        d = (np.minimum(amax, 65504) if self.clamp else amax).astype(np.float16)
+        if self.refuse and not np.isfinite(d).all():
+            raise RangeError(self.message.format(tag=self.tag))
+        d32 = d.astype(np.float32)[:, None]
+        q = np.divide(b * np.float32(127), d32, out=np.zeros_like(b), where=d32 > 0)
+        out = np.empty((b.shape[0], self.block_bytes), np.uint8)
+        out[:, :2] = d.astype("<f2").view(np.uint8).reshape(-1, 2)
+        out[:, 2:] = np.clip(np.rint(q), -127, 127).astype(np.int8).view(np.uint8)
+        return out.reshape(-1)
+
+    def _dequantize(self, data, rows, cols):
+        br, bc = self.block_shape
+        blk = data.reshape(-1, self.block_bytes)
+        d = blk[:, :2].copy().view("<f2").astype(np.float32) / np.float32(127)
+        b = blk[:, 2:].view(np.int8).astype(np.float32) * d
+        return np.ascontiguousarray(
+            b.reshape(rows // br, cols // bc, br, bc).transpose(0, 2, 1, 3).reshape(rows, cols)
+        )
+
+
+class Fp16ScaleOverflows(Fp16Scale):
+    """The plugin bug the range check was added for: a scale of 65520 or more is stored as fp16
+    infinity without a word, and its weights dequantize to inf and NaN."""
+
+    max_abs = None
+    refuse = False
+
+
+class Fp16ScaleClamps(Fp16ScaleOverflows):
+    """Clamps the scale to fp16's largest instead: finite, but far from the weights."""
+
+    clamp = True
+
+
+class Fp16ScaleClaimsTooMuch(Fp16Scale):
+    max_abs = 1e5  # but refuses 65520 and up
+
+
+class Fp16ScaleClaimsTooLittle(Fp16Scale):
+    max_abs = 60000.0  # but accepts up to 65519.99
+
+
+class Fp16ScaleUnnamedRangeError(Fp16Scale):
+    message = "scale overflow"  # does not say which format
+
+
+@parametrize_with_checks([Fp16Scale])
+def test_fp16_scale_toy_conforms(fmt, check):
+    check(fmt)
+
+
+def _run_check(fmt, name):
+    """One check of the kit on fmt, through parametrize_with_checks: its Check, or AssertionError."""
+    fmt, check = _items(fmt)[f"{getattr(fmt, 'tag', fmt)}-{name}"]
+    return check(fmt)
+
+
+# What the built-in formats refuse (a block's scale or min overflowing fp16; BF16 rounding to
+# infinity): declared as max_abs, the range check holds them to it, to the last float32.
+BF16_LIMIT = float(np.array([0x7F7F8000], np.uint32).view(np.float32)[0])  # halfway to bf16's inf
+LIMITS = {"F16": 65520.0, "BF16": BF16_LIMIT, "Q4_0": 65520.0 * 8, "Q4_1": 65520.0, "Q8_0": 65520.0 * 127}
+
+
+@pytest.mark.parametrize("tag", sorted(LIMITS))
+def test_range_check_holds_builtins_to_their_limits(tag):
+    cls = type(plugins.get_format(tag))
+    ok = _run_check(type(tag, (cls,), {"max_abs": LIMITS[tag]})(), "range")
+    assert f"declared max_abs {LIMITS[tag]:.9g}" in ok.detail
+    for off, says in ((1 + 1e-6, "refused below the declared"), (1 - 1e-6, "quantized without RangeError")):
+        wrong = type(tag, (cls,), {"max_abs": LIMITS[tag] * off})()
+        with pytest.raises(AssertionError, match=says):
+            _run_check(wrong, "range")
+
+
+@pytest.mark.parametrize("tag", ["F32", "Q8_A", "Q4_A"])
+def test_range_formats_with_float32_scales_refuse_nothing(tag):
+    detail = _run_check(tag, "range").detail
+    assert "refused (RangeError) none" in detail and "3e+38" in detail
+
+
 BROKEN = [
     (RowsOffByOne, {"get_rows"}),
     (QmatmulDropsLastColumn, {"qmatmul[f32]"}),
@@ -246,6 +450,11 @@ BROKEN = [
     (UndeclaredModeRuns, {"error:mode"}),
     (TooLossy, {"roundtrip", "constant"}),
     (ScalesInFloat16Subnormal, {"magnitudes"}),
+    (Fp16ScaleOverflows, {"range"}),
+    (Fp16ScaleClamps, {"range"}),
+    (Fp16ScaleClaimsTooMuch, {"range"}),
+    (Fp16ScaleClaimsTooLittle, {"range"}),
+    (Fp16ScaleUnnamedRangeError, {"range"}),
 ]
 
 
@@ -361,7 +570,6 @@ def test_cli_check_fails_broken_plugin(tmp_path, fresh_registry):
 
 def test_readme_plugin_example_conforms(tmp_path, fresh_registry):
     """The minimal plugin in the README section 'Writing a format plugin' runs and passes the kit."""
-    import re
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
