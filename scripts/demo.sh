@@ -76,7 +76,7 @@ step "5. export a GGUF-compatible mix (embeddings Q8_0, attention Q4_0, FFN Q4_1
 $QF convert "$OUT/smollm2.safetensors" "$OUT/smollm2-ggml.safetensors" --overwrite \
     --rule '*norm*=F32' --rule 'token_embd.*=Q8_0' --rule '*.attn_*=Q4_0' --rule '*.ffn_*=keep'
 $QF convert "$OUT/smollm2-ggml.safetensors" "$OUT/smollm2-ggml.gguf" --rule '*=keep' --overwrite
-$QF gguf-check "$OUT/smollm2-ggml.gguf" --against "$OUT/smollm2-ggml.safetensors"
+$QF check-file "$OUT/smollm2-ggml.gguf" --against "$OUT/smollm2-ggml.safetensors"
 echo "-- the Q4_A mix cannot go to GGUF (no ggml type); quantfmt says which tensors:"
 if $QF convert "$OUT/smollm2-mixed.safetensors" "$OUT/smollm2-mixed.gguf" --rule '*=keep' --overwrite \
         2> "$OUT/refused.txt"; then
@@ -93,7 +93,7 @@ else
     echo "demo.sh: the round trip changed the file" >&2
     exit 1
 fi
-$QF gguf-check "$OUT/smollm2-roundtrip.gguf" --against "$GGUF"
+$QF check-file "$OUT/smollm2-roundtrip.gguf" --against "$GGUF"
 
 step "done: outputs in $OUT/"
 ls -l "$OUT"
