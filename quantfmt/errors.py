@@ -78,6 +78,15 @@ class RecipeError(QuantfmtError):
     """A recipe (name-pattern -> tag rules) that cannot be parsed or applied."""
 
 
+class OutOfMemoryError(QuantfmtError, MemoryError):
+    """A tensor too large to convert in this machine's memory."""
+
+
+def memory_error(what: str, nbytes: int, **where) -> OutOfMemoryError:
+    return OutOfMemoryError(f"not enough memory to {what}: it needs about {nbytes / 2**30:.1f} GiB at once",
+                            **where)
+
+
 @contextlib.contextmanager
 def context(*, file: str | None = None, tensor: str | None = None):
     """Fill in the file/tensor of any QuantfmtError raised inside, unless already set."""

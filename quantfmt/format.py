@@ -32,6 +32,7 @@ from .errors import (
     ByteSizeError,
     DTypeError,
     NonFiniteError,
+    RangeError,
     RowIndexError,
     ShapeError,
     UnsupportedModeError,
@@ -145,14 +146,25 @@ class Format:
         """Quantize a float array (any rank >= 1) to this format's bytes (uint8, 1-D)."""
         w = self._float_input(w, "weights")
         rows, cols = self.matrix_shape(w.shape)
-        w2 = np.ascontiguousarray(w.reshape(rows, cols), dtype=np.float32)
-        if w2.size and not np.isfinite(w2).all():
-            bad = np.argwhere(~np.isfinite(w2))[0]
+        src = w.reshape(rows, cols)
+        if src.size and not np.isfinite(src).all():
+            bad = np.argwhere(~np.isfinite(src))[0]
             idx = np.unravel_index(int(bad[0]) * cols + int(bad[1]), w.shape)
             raise NonFiniteError(
                 f"{self.tag}: weights of shape {w.shape} hold a non-finite value "
-                f"({w2[bad[0], bad[1]]}) at index {tuple(int(i) for i in idx)}"
+                f"({src[bad[0], bad[1]]}) at index {tuple(int(i) for i in idx)}"
             )
+        if src.dtype.itemsize > 4 and src.size:  # float64: values past float32's range cannot be stored
+            big = np.abs(src) > np.finfo(np.float32).max
+            if big.any():
+                bad = np.argwhere(big)[0]
+                idx = np.unravel_index(int(bad[0]) * cols + int(bad[1]), w.shape)
+                raise RangeError(
+                    f"{self.tag}: weights of shape {w.shape}: {float(src[bad[0], bad[1]])!r} at index "
+                    f"{tuple(int(i) for i in idx)} is beyond float32's range (|w| <= 3.4028235e38), which "
+                    "quantfmt computes in"
+                )
+        w2 = np.ascontiguousarray(src, dtype=np.float32)
         if w2.size == 0:
             return np.zeros(0, np.uint8)
         with np.errstate(all="ignore"):

@@ -187,8 +187,8 @@ class Recipe:
         else:
             if small:
                 tag, why = src_tag, ("1-D kept" if len(shape) <= 1 else "norm kept")
-            elif self.default is None:
-                tag, why = src_tag, "no default"
+            elif self.default is None or self.default == KEEP:
+                tag, why = src_tag, "kept (no default)"
             else:
                 tag, why = self.default, "default"
         if get_format(tag).accepts(shape):

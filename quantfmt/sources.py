@@ -14,8 +14,7 @@ from pathlib import Path
 
 from .errors import FileFormatError, context
 from .io import safetensors, sharded
-from .io.files import TensorPlan
-from .io.sharded import input_files
+from .io.files import TensorPlan, input_files, require_regular
 
 __all__ = ["open_model", "is_gguf", "writer_for", "input_files", "TensorPlan", "RECIPE_KEY"]
 
@@ -23,6 +22,9 @@ RECIPE_KEY = safetensors.RECIPE_KEY
 
 
 def is_gguf(path) -> bool:
+    if Path(path).is_dir():
+        return False
+    require_regular(path)  # opening a FIFO to sniff it would block
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"
@@ -40,8 +42,7 @@ def open_model(path, *, gguf_unsupported: str | None = None):
     p = Path(path)
     if p.is_dir():
         return sharded.open_directory(p)
-    if not p.exists():
-        raise FileFormatError("no such file", file=str(p))
+    require_regular(p)  # before sniffing: reading a FIFO would block
     if p.name.endswith(".json"):
         return sharded.open_sharded(p)
     if is_gguf(p):

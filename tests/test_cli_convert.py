@@ -98,9 +98,19 @@ def test_refusals(toy, src, tmp_path):  # noqa: F811
     bad.write_bytes(b"\x05\0\0\0\0\0\0\0{}")
     r = run("inspect", bad, ok=False)
     assert str(bad) in r.output
-    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "y.safetensors")])
-    assert r.exit_code == 2 and "--to" in r.output  # nothing to convert to: a usage error
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_convert_without_a_target_keeps_every_format(toy, src, tmp_path):  # noqa: F811
+    """No --to/--rule/--recipe (or --to keep): a lossless change of container, every tensor's bytes kept."""
+    for extra in ([], ["--to", "keep"]):
+        out = tmp_path / f"y{len(extra)}.safetensors"
+        r = CliRunner().invoke(cli, [*pdir_args(toy), "convert", str(src), str(out), *extra])
+        assert r.exit_code == 0, r.output
+        with quantfmt.load(src) as a, quantfmt.load(out) as b:
+            assert list(a) == list(b)
+            for name in a:
+                assert a[name].tag == b[name].tag and np.array_equal(a[name].data, b[name].data)
 
 
 def test_injected_failure_keeps_previous_output(toy, src, tmp_path, monkeypatch):  # noqa: F811

@@ -57,11 +57,22 @@ def _print_warnings(caught) -> None:
     envvar="QUANTFMT_STRICT_PLUGINS",
     help="A plugin that fails to load is an error, not a warning.",
 )
-def cli(plugins_dir, strict_plugins):
+@click.option(
+    "--gguf-unsupported",
+    type=click.Choice(["error", "dequantize"]),
+    envvar="QUANTFMT_GGUF_UNSUPPORTED",
+    help="GGUF tensors of a ggml type no format stores: an error (default), or dequantized to F32 when used "
+         "(env QUANTFMT_GGUF_UNSUPPORTED).",
+)
+def cli(plugins_dir, strict_plugins, gguf_unsupported):
     """quantfmt: quantization formats keyed by FourCC tags, their kernels, and model files."""
+    import os
+
     from .. import plugins
 
     plugins.configure(plugins_dirs=list(plugins_dir) or None, strict=strict_plugins or None)
+    if gguf_unsupported:
+        os.environ["QUANTFMT_GGUF_UNSUPPORTED"] = gguf_unsupported  # read by the GGUF reader
 
 
 for _cmd in (formats.formats, formats.plugins, formats.check_format, formats.check_alias,

@@ -10,18 +10,27 @@ from .output import output_options, size
 
 
 def _run_convert(src, dst, recipe, overwrite, out, strict=False, label="converting"):
+    """A progress bar on a terminal; otherwise a line per tensor on stderr, as llama-quantize logs."""
+    import sys
+
     from ..ops.convert import convert, plan_convert
     from ..sources import open_model
 
     total = 0
-    if not out.quiet and not out.as_json:
-        import sys
+    tty = sys.stderr.isatty()
+    if not out.quiet and not out.as_json and tty:
+        with open_model(src) as m:
+            total = sum(plan_convert(m, recipe).out_bytes.values())
 
-        if sys.stderr.isatty():
-            with open_model(src) as m:
-                total = sum(plan_convert(m, recipe).out_bytes.values())
+    def log(i, s, rep):
+        shape = "x".join(map(str, rep.shapes[s.name])) or "()"
+        change = s.tag if s.copy else f"{s.src_tag} -> {s.tag}"
+        out.note(f"[{i + 1:4d}/{len(rep.steps)}] {s.name:48s} {shape:>14s}  {change:14s} "
+                 f"{size(rep.out_bytes[s.name]):>10s}  {rep.seconds[s.name]:6.2f} s  ({s.why})")
+
     with out.progress(total, label) as update:
-        return convert(src, dst, recipe, overwrite=overwrite, strict=strict, progress=update)
+        return convert(src, dst, recipe, overwrite=overwrite, strict=strict, progress=update,
+                       on_tensor=None if tty else log)
 
 
 def _report_dict(rep) -> dict:
@@ -29,7 +38,7 @@ def _report_dict(rep) -> dict:
         "output": rep.output,
         "tensors": [{"name": s.name, "source_tag": s.src_tag, "tag": s.tag, "why": s.why, "wanted": s.wanted,
                      "shape": list(rep.shapes[s.name]), "in_bytes": rep.in_bytes[s.name],
-                     "out_bytes": rep.out_bytes[s.name]} for s in rep.steps],
+                     "out_bytes": rep.out_bytes[s.name], "seconds": rep.seconds.get(s.name)} for s in rep.steps],
         "by_tag": {t: {"tensors": n, "weights": w, "bytes": b} for t, (n, w, b) in rep.by_tag().items()},
         "in_bytes": sum(rep.in_bytes.values()),
         "out_bytes": sum(rep.out_bytes.values()),
@@ -62,7 +71,8 @@ def _print_report(rep, out) -> None:
 @click.command()
 @click.argument("src", metavar="IN", type=click.Path(exists=True))
 @click.argument("dst", metavar="OUT", type=click.Path())
-@click.option("--to", "to", metavar="TAG", help="Default format of the tensors no rule names.")
+@click.option("--to", "to", metavar="TAG",
+              help="Default format of the tensors no rule names ('keep', or nothing at all: keep each one's format).")
 @click.option("--rule", "rules", multiple=True, metavar="PATTERN=TAG",
               help="Give tensors whose name matches PATTERN (fnmatch: *, ?, [..]) format TAG ('keep' = unchanged); "
                    "first match wins; repeatable; before the recipe file's rules.")
@@ -82,8 +92,7 @@ def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, out):
     """
     from ..recipe import Recipe
 
-    if to is None and not rules and recipe_file is None:
-        raise click.UsageError("say what to convert to: --to TAG, --rule PATTERN=TAG or --recipe FILE")
+    # Nothing said: every tensor keeps its format (a lossless change of container).
     recipe = Recipe.from_options(to=to, rules=rules, fallback=fallback, strict=strict, file=recipe_file)
     rep = _run_convert(src, dst, recipe, overwrite, out, strict=strict)
     out.emit(_report_dict(rep), lambda: _print_report(rep, out))

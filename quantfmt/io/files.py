@@ -9,9 +9,11 @@ produced when its turn comes) and `write_stream`, the one loop that writes plans
 from __future__ import annotations
 
 import contextlib
+import json
 import mmap
 import os
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -28,9 +30,29 @@ _PAGE = mmap.PAGESIZE
 # ---- reading ----------------------------------------------------------------------------
 
 
+def require_regular(path) -> int:
+    """The size of `path` if it is a regular file (after symlinks); else FileFormatError.
+
+    Called before any open(): opening a FIFO for reading blocks until a writer comes, and a
+    character device never ends, so an input that is not a regular file must be refused first."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileFormatError("cannot read: no such file", file=str(path)) from None
+    except OSError as e:
+        raise FileFormatError(f"cannot read: {e.strerror or e}", file=str(path)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FileFormatError("cannot read: is a directory, not a model file", file=str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise FileFormatError("cannot read: not a regular file (a FIFO, socket or device?), refusing to open it",
+                              file=str(path))
+    return st.st_size
+
+
 def map_readonly(path, expect_size: int | None = None):
     """(flat uint8 view of a read-only map of `path`, closer). An empty file maps to an empty array."""
     file = str(path)
+    require_regular(path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -77,6 +99,20 @@ def release_pages(arr) -> None:
         mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
+def input_files(path) -> list[str]:
+    """Every file the model at `path` is read from (for refusing to overwrite an input)."""
+    p = Path(path)
+    if p.is_dir():
+        return [str(f) for f in sorted(p.iterdir()) if f.is_file()]
+    out = [str(p)]
+    if p.name.endswith(".json") and p.is_file():
+        with contextlib.suppress(Exception):
+            with open(p, "rb") as f:
+                idx = json.loads(f.read(100_000_000))
+            out += [str(p.parent / s) for s in set(idx["weight_map"].values()) if isinstance(s, str)]
+    return out
+
+
 # ---- atomic output ----------------------------------------------------------------------
 
 
@@ -84,9 +120,15 @@ def check_output(path, *, overwrite: bool = False, inputs: Iterable = ()) -> Non
     """OutputExistsError if `path` is one of `inputs` (by identity of the file, not the name),
     or exists and `overwrite` is false, or is a directory."""
     out = Path(path)
+    if str(path).endswith(("/", os.sep)):
+        raise OutputExistsError("ends in a path separator: name a file, not a folder", file=str(path))
     try:
+        lst = os.lstat(out)
         st = os.stat(out)
     except FileNotFoundError:
+        if os.path.lexists(out):
+            raise OutputExistsError("is a dangling symbolic link; refusing to write through it",
+                                    file=str(path)) from None
         if not out.parent.is_dir():
             raise OutputExistsError(f"the folder {out.parent} does not exist", file=str(path)) from None
         return
@@ -100,21 +142,56 @@ def check_output(path, *, overwrite: bool = False, inputs: Iterable = ()) -> Non
         if (si.st_dev, si.st_ino) == (st.st_dev, st.st_ino):
             raise OutputExistsError(f"is the same file as the input {i}; refusing to overwrite an input",
                                     file=str(path))
-    if out.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         raise OutputExistsError("is a directory", file=str(path))
     if not overwrite:
         raise OutputExistsError("exists; pass --overwrite (overwrite=True) to replace it", file=str(path))
+    if stat.S_ISLNK(lst.st_mode):
+        raise OutputExistsError("is a symbolic link; refusing to replace it (name its target instead)",
+                                file=str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputExistsError("exists and is not a regular file (a FIFO, socket or device?): "
+                                "refusing to replace it, even with --overwrite", file=str(path))
 
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM during an atomic write: unwinds like Ctrl-C so the temporary file is removed."""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_parts(out: Path) -> list[str]:
+    """Remove the temporary `.NAME.PID.*.part` files a killed writer of `out` left behind
+    (their PID names a process that no longer exists); returns what was removed."""
+    folder = out.parent if str(out.parent) else Path(".")
+    removed = []
+    for p in folder.glob(f".{out.name}.*.part"):
+        rest = p.name[len(out.name) + 2 :]
+        pid = rest.split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(str(p))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path, *, overwrite: bool = False, inputs: Iterable = ()):
     """Write a file all-or-nothing. Yields the path of a new empty temporary file in the same
-    folder; write it any way you like. On success it is fsynced and renamed over `path`;
-    on any exception, Ctrl-C or SIGTERM it is removed and `path` is untouched.
+    folder (`.NAME.PID.XXXX.part`); write it any way you like. On success it is fsynced and
+    published as `path`: without `overwrite` by a hard link that fails if `path` appeared
+    meanwhile (two writers racing: one wins, the other gets OutputExistsError, nothing is
+    replaced silently); with it by a rename over the old file, whose permissions are kept. On
+    any exception, Ctrl-C or SIGTERM the temporary file is removed and `path` is untouched.
+    Temporary files of writers that were killed (SIGKILL) are removed on the next write.
 
         with atomic_output("out.safetensors", overwrite=False, inputs=["in.safetensors"]) as tmp:
             write_everything(tmp)
@@ -123,13 +200,18 @@ def atomic_output(path, *, overwrite: bool = False, inputs: Iterable = ()):
     check_output(path, overwrite=overwrite, inputs=inputs)
     out = Path(path)
     folder = out.parent if str(out.parent) else Path(".")
+    remove_stale_parts(out)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".part", dir=folder)
     except OSError as e:
         raise FileFormatError(f"cannot create a file in {folder}: {e.strerror or e}", file=str(path)) from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the output gets ordinary permissions
+    try:
+        mode = stat.S_IMODE(os.stat(out).st_mode)  # --overwrite keeps the permissions the file had
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # mkstemp makes 0600; a new output gets ordinary permissions
+    os.fchmod(fd, mode)
     os.close(fd)
     old = None
     if threading.current_thread() is threading.main_thread():
@@ -138,12 +220,26 @@ def atomic_output(path, *, overwrite: bool = False, inputs: Iterable = ()):
 
         old = signal.signal(signal.SIGTERM, on_term)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:  # e.g. the disk filled up at the last flush
+            raise FileFormatError(f"cannot write: {e.strerror or e}", file=str(path)) from None
         # Re-check: the output may have appeared (or become an input's hard link) meanwhile.
         check_output(path, overwrite=overwrite, inputs=inputs)
-        os.replace(tmp, out)
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)  # atomic and never replaces: the race's loser fails here
+            except FileExistsError:
+                raise OutputExistsError("appeared while this file was being written (another writer?); "
+                                        "left it as it is", file=str(path)) from None
+            except OSError:  # a filesystem without hard links: rename, after the re-check above
+                os.replace(tmp, out)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         with contextlib.suppress(OSError):
             dfd = os.open(folder, os.O_RDONLY)
             try:

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import FileFormatError, QuantfmtError, context
 from ..format import MAX_ELEMENTS
-from .files import atomic_output, map_readonly, open_for_write, write, write_stream
+from .files import atomic_output, input_files, map_readonly, open_for_write, require_regular, write, write_stream
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -343,6 +343,7 @@ def _scan(buf, size: int, path: str) -> GGUFHeader:
 
 
 def _map(path) -> tuple[mmap.mmap | None, int]:
+    require_regular(path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -423,7 +424,8 @@ def read_gguf(path, *, unsupported: str | None = None):
         raise FileFormatError(
             f"{len(bad)} tensor(s) have a ggml type with no quantfmt format: {listed}. Supported ggml "
             f"types: {have}. To convert them to F32 instead, pass unsupported='dequantize' (from the "
-            f"command line: set {UNSUPPORTED_ENV}=dequantize)", file=path)
+            f"command line: `quantfmt --gguf-unsupported dequantize ...`, or set {UNSUPPORTED_ENV}=dequantize)",
+            file=path)
     for t in {t.type_name: t for t in bad}.values():
         _dequantize(np.zeros(0, np.uint8), t, path, probe=True)  # a clear error now, not when used
     tensors, dequantized = {}, {}
@@ -580,7 +582,7 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
     """
     from .files import plans_from_model
 
-    inputs = [model.path] if getattr(model, "path", None) else []
+    inputs = input_files(model.path) if getattr(model, "path", None) else []  # every shard, not only the index
     write_gguf_plans(path, plans_from_model(model), metadata=model.metadata if metadata is None else metadata,
                      overwrite=overwrite, inputs=inputs)
 

@@ -36,7 +36,16 @@ import numpy as np
 from ..errors import FileFormatError, QuantfmtError, UnknownFormatError, context
 from ..format import MAX_ELEMENTS
 from ..plugins import formats, get_format
-from .files import TensorPlan, atomic_output, flush, map_readonly, open_for_write, write, write_stream
+from .files import (
+    TensorPlan,
+    atomic_output,
+    flush,
+    map_readonly,
+    open_for_write,
+    require_regular,
+    write,
+    write_stream,
+)
 
 CONTAINER_VERSION = 1
 META_KEY = "quantfmt"  # the __metadata__ key holding quantfmt's JSON document
@@ -107,6 +116,24 @@ def _loads(text: str, what: str, file: str):
         raise FileFormatError(f"{what} is not valid JSON: {e}", file=file) from None
 
 
+def _check_text(obj, file, tensor=None, depth=0) -> None:
+    """Every string in a parsed header must be encodable as UTF-8: JSON's escapes can spell a lone
+    surrogate ("\\ud800"), which no writer could store again and which breaks every printer."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FileFormatError(f"holds a string that is not valid Unicode (a lone surrogate): {obj!r:.60}",
+                                  file=file, tensor=tensor) from None
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_text(k, file, tensor, depth + 1)
+            _check_text(v, file, tensor, depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            _check_text(v, file, tensor, depth + 1)
+
+
 def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -136,6 +163,7 @@ def read_header(path) -> Header:
     checking it, so a hostile file costs at most MAX_HEADER_BYTES of memory.
     """
     file = str(path)
+    require_regular(path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -163,6 +191,8 @@ def read_header(path) -> Header:
     hdr = _loads(text, "header", file)
     if not isinstance(hdr, dict):
         raise FileFormatError(f"header is a JSON {type(hdr).__name__}, not an object", file=file)
+    if "\\u" in text:  # only escapes can make a lone surrogate: skip the walk for plain headers
+        _check_text(hdr, file)
     data_start = 8 + n
     data_size = size - data_start
 
@@ -257,6 +287,8 @@ def _document(st_meta: dict, file: str) -> dict:
     if text is None:
         return {}
     doc = _loads(text, f"__metadata__[{META_KEY!r}]", file)
+    if "\\u" in text:
+        _check_text(doc, file)
     if not isinstance(doc, dict):
         raise FileFormatError(f"__metadata__[{META_KEY!r}] is not a JSON object", file=file)
     ver = doc.get("container_version")

@@ -4,17 +4,17 @@ file), or a folder of *.safetensors files, opened as one Model; and every file a
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 from ..errors import FileFormatError
+from .files import input_files, require_regular  # noqa: F401  (input_files: re-exported)
 from .safetensors import MAX_HEADER_BYTES, RECIPE_KEY, _loads, _short, open_safetensors
 
 
 def open_sharded(index_path):
     """Open a *.safetensors.index.json (weight_map: name -> shard file) as one Model."""
     file = str(index_path)
+    require_regular(index_path)
     try:
         with open(index_path, "rb") as f:
             raw = f.read(MAX_HEADER_BYTES + 1)
@@ -88,17 +88,3 @@ def open_directory(path):
     if len(files) == 1:
         return open_safetensors(files[0])
     return _merge_shards(files, None, None, str(p))
-
-
-def input_files(path) -> list[str]:
-    """Every file the model at `path` is read from (for refusing to overwrite an input)."""
-    p = Path(path)
-    if p.is_dir():
-        return [str(f) for f in sorted(p.iterdir()) if f.is_file()]
-    out = [str(p)]
-    if p.name.endswith(".json") and p.is_file():
-        with contextlib.suppress(Exception):
-            with open(p, "rb") as f:
-                idx = json.loads(f.read(MAX_HEADER_BYTES))
-            out += [str(p.parent / s) for s in set(idx["weight_map"].values()) if isinstance(s, str)]
-    return out

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from ..errors import QuantfmtError, context
+from ..errors import QuantfmtError, context, memory_error
 from ..io.files import release_pages
 from ..sources import open_model
 
@@ -71,12 +71,14 @@ def compare(path, tags: list[str], *, pattern: str | None = None, n_inputs: int 
                     skipped.append({"tensor": name, "tag": f.tag, "shape": list(t.shape),
                                     "reason": f"shape does not fit blocks of {f.block_shape[0]}x{f.block_shape[1]}"})
                     continue
-                if w is None:
-                    w = t.dequantize()
-                    x = rng.standard_normal((n_inputs, t.shape[1])).astype(np.float32)
                 try:
                     with context(file=str(path), tensor=name):
+                        if w is None:
+                            w = t.dequantize()
+                            x = rng.standard_normal((n_inputs, t.shape[1])).astype(np.float32)
                         res = compare_tensor(w, f.tag, x)
+                except MemoryError:
+                    raise memory_error("compare it", 16 * math.prod(t.shape), file=str(path), tensor=name) from None
                 except QuantfmtError as e:  # e.g. a value outside F16's range
                     skipped.append({"tensor": name, "tag": f.tag, "shape": list(t.shape), "reason": e.message})
                     continue

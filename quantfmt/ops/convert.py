@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import context
+from ..errors import context, memory_error
 from ..io.files import TensorPlan, check_output, plans_from_model, release_pages
 from ..recipe import Recipe, Step, record
 from ..sources import RECIPE_KEY, input_files, open_model, writer_for
@@ -28,10 +29,14 @@ def _requantize(t, tag: str, file) -> np.ndarray:
     from ..plugins import get_format
 
     with context(file=file, tensor=t.name):
-        # An F32 source goes in as a view of its (mapped) bytes: quantize never writes to its
-        # input, and skipping dequantize's copy saves a pass over the tensor.
-        w = t.data.view("<f4").reshape(t.shape) if t.tag == "F32" else t.dequantize()
-        return get_format(tag).quantize(w)
+        try:
+            # An F32 source goes in as a view of its (mapped) bytes: quantize never writes to its
+            # input, and skipping dequantize's copy saves a pass over the tensor.
+            w = t.data.view("<f4").reshape(t.shape) if t.tag == "F32" else t.dequantize()
+            return get_format(tag).quantize(w)
+        except MemoryError:
+            # float32 of the tensor, plus the quantizer's output and temporaries
+            raise memory_error(f"convert it to {tag}", 8 * math.prod(t.shape)) from None
 
 
 def load(path, recipe=None, *, strict: bool = False):
@@ -80,6 +85,7 @@ class ConvertReport:
     out_bytes: dict[str, int]
     output: str = ""
     notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # per tensor: produce + write
 
     def by_tag(self) -> dict[str, tuple[int, int, int]]:
         """tag -> (tensors, weights, bytes) of the output."""
@@ -111,17 +117,19 @@ def plan_convert(src, recipe: Recipe) -> ConvertReport:
     )
 
 
-def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool = False, progress=None,
-            metadata: dict | None = None) -> ConvertReport:
+def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: bool = False, progress=None,
+            metadata: dict | None = None, on_tensor=None) -> ConvertReport:
     """Convert the model at `in_path` into `out_path` (quantfmt/safetensors, or GGUF if it ends in .gguf).
 
     Streaming: the header is written first (every size is known from tag and shape), then
     each tensor is produced and written in turn, for both outputs; tensors whose tag is
     unchanged are copied byte for byte. The output appears only complete; an input is never
-    overwritten. `progress(nbytes)` is called after each tensor.
+    overwritten. `progress(nbytes)` is called after each tensor, and `on_tensor(i, step, report)`
+    (i counts from 0) once tensor i is written; `report.seconds[name]` holds its time. No recipe:
+    every tensor keeps its format (a lossless change of container).
     """
 
-    r = Recipe.coerce(recipe)
+    r = Recipe.coerce(recipe if recipe is not None else Recipe(default=None))
     if strict:
         r = Recipe(r.default, r.rules, None, r.protect)
     inputs = input_files(in_path)
@@ -134,18 +142,18 @@ def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool 
         meta.update(metadata or {})
         rec = record(r, rep.steps)
         plans = []
-        for s in rep.steps:
-            if s.copy:  # bytes unchanged: never build the tensor
-                info = src.source(s.name)
-                plans.append(TensorPlan(s.name, s.tag, info.shape, info.load,
-                                        after=(lambda load=info.load: release_pages(load()))))
-                continue
-
+        for i, s in enumerate(rep.steps):
             def produce(s=s):
+                rep.seconds[s.name] = -time.perf_counter()
+                if s.copy:  # bytes unchanged: never build the tensor
+                    return src.source(s.name).load()
                 return _requantize(src[s.name], s.tag, src.path)
 
-            def after(s=s):
-                release_pages(src[s.name].data)
+            def after(i=i, s=s):
+                release_pages(src.source(s.name).load() if s.copy else src[s.name].data)
+                rep.seconds[s.name] += time.perf_counter()
+                if on_tensor is not None:
+                    on_tensor(i, s, rep)
 
             plans.append(TensorPlan(s.name, s.tag, rep.shapes[s.name], produce, after=after))
         writer_for(out_path)(out_path, plans, metadata=meta, recipe=rec, overwrite=overwrite, inputs=inputs,
