@@ -120,7 +120,7 @@ class Bench:
                 threads=self.threads,
                 blas_threads=blas_threads(),
                 numba_threads=numba_threads,
-                numba_threading_layer=numba.config.THREADING_LAYER,
+                numba_threading_layer=numba.config.THREADING_LAYER,  # type: ignore[attr-defined]
                 numpy=np.__version__,
                 numba=numba.__version__,
                 cpu_count=os.cpu_count(),
