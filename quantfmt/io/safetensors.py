@@ -30,6 +30,7 @@ import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 
@@ -107,7 +108,7 @@ def _loads(text: str, what: str, file: str):
         raise FileFormatError(f"{what} is not valid JSON: {e}", file=file) from None
 
 
-def _int(v) -> bool:
+def _int(v) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
