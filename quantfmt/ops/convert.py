@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,7 +90,7 @@ class ConvertReport:
             a[0] += 1
             a[1] += math.prod(self.shapes[s.name])
             a[2] += self.out_bytes[s.name]
-        return {k: tuple(v) for k, v in agg.items()}
+        return {k: (v[0], v[1], v[2]) for k, v in agg.items()}
 
     @property
     def fallbacks(self) -> list[Step]:
@@ -137,8 +138,11 @@ def convert(in_path, out_path, recipe, *, overwrite: bool = False, strict: bool 
         for s in rep.steps:
             if s.copy:  # bytes unchanged: never build the tensor
                 info = src.source(s.name)
-                plans.append(TensorPlan(s.name, s.tag, info.shape, info.load,
-                                        after=(lambda load=info.load: release_pages(load()))))
+
+                def release(load: Callable[[], object] = info.load) -> None:
+                    release_pages(load())
+
+                plans.append(TensorPlan(s.name, s.tag, info.shape, info.load, after=release))
                 continue
 
             def produce(s=s):
