@@ -77,5 +77,6 @@ def ensure_writable() -> str | None:
     os.environ[ENV] = path  # read by numba at import, and by child processes
     config = sys.modules.get("numba.core.config")
     if config is not None:
-        config.CACHE_DIR = path  # numba already imported: its config is read when a kernel is decorated
+        # numba already imported: its config is read when a kernel is decorated (numba ships no stubs for it)
+        config.CACHE_DIR = path  # type: ignore[attr-defined]
     return path

@@ -23,6 +23,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import TypedDict
 
 import pluggy
 
@@ -39,7 +40,7 @@ class PluginWarning(UserWarning):
 
 
 class _Registry:
-    def __init__(self):
+    def __init__(self) -> None:
         self.pm = pluggy.PluginManager("quantfmt")
         self.pm.add_hookspecs(hookspecs)
         self.formats: dict[str, Format] = {}
@@ -49,7 +50,14 @@ class _Registry:
 
 _lock = threading.RLock()
 _registry: _Registry | None = None
-_config = {"plugins_dirs": None, "strict": None}
+
+
+class _Config(TypedDict):
+    plugins_dirs: list[str] | None  # None: fall back to QUANTFMT_PLUGINS_DIR
+    strict: bool | None  # None: fall back to QUANTFMT_STRICT_PLUGINS
+
+
+_config: _Config = {"plugins_dirs": None, "strict": None}
 
 
 def configure(plugins_dirs=None, strict: bool | None = None) -> None:

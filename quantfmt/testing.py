@@ -217,7 +217,7 @@ def _rmse(w: np.ndarray, d: np.ndarray) -> tuple[float, float]:
     return rmse, (rmse / math.sqrt(ref / n) if ref > 0 else (0.0 if err == 0 else math.inf))
 
 
-def _expect(exc: type, fn: Callable, what: str, tag: str) -> None:
+def _expect(exc: type[BaseException], fn: Callable, what: str, tag: str) -> None:
     """`fn()` must raise `exc` with a message naming the format's tag."""
     try:
         fn()
@@ -243,7 +243,7 @@ class _Kit:
         self.shape = (self.rows, self.cols)
         self.w = self.rng(0).standard_normal(self.shape, dtype=np.float32)
         self.w.flags.writeable = False  # shared by all checks: a format must not write into its input
-        self._data = None
+        self._data: np.ndarray | None = None
 
     def rng(self, salt: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, salt])
@@ -274,6 +274,7 @@ class _Kit:
 
     def size_shape(self) -> tuple[int, int]:
         """`size`, rounded up to whole blocks."""
+        assert self.size is not None, "size_shape() is for the checks registered sized=True"
         br, bc = self.fmt.block_shape
         return (-(-int(self.size[0]) // br) * br, -(-int(self.size[1]) // bc) * bc)
 
@@ -363,7 +364,7 @@ def _check(name: str, *, sized: bool = False):
 
 def _plan(fmt: Format, sized: bool) -> list[tuple[str, Callable[[_Kit], str]]]:
     """The checks to run on `fmt`, in order, as (name, function of the kit)."""
-    plan = []
+    plan: list[tuple[str, Callable[[_Kit], str]]] = []
     for name, fn, needs_size in _CHECKS:
         if needs_size and not sized:
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from ..table import markdown_lines, text_lines
 from .records import GET_ROWS_N, PREFILL_N, TARGET_SHAPE
@@ -43,28 +44,31 @@ def _get(key: Get, default: object = None) -> Callable[[dict], object]:
     return key if callable(key) else (lambda r: r.get(key, default))
 
 
+Row = TypeVar("Row")  # what a column reads: a record dict in the tables, a format's group of records in SUMMARY
+
+
 @dataclass(frozen=True)
-class Col:
+class Col(Generic[Row]):
     header: str
-    cell: Callable[[dict], object]
+    cell: Callable[[Row], object]
     right: bool = False  # numbers are right-aligned
 
 
-def text(header: str, key: Get, default: object = "") -> Col:
+def text(header: str, key: Get, default: object = "") -> Col[dict]:
     return Col(header, _get(key, default))
 
 
-def secs(header: str, key: Get = "seconds") -> Col:
+def secs(header: str, key: Get = "seconds") -> Col[dict]:
     get = _get(key)
     return Col(header, lambda r: fmt_s(get(r)), right=True)
 
 
-def num(header: str, key: Get, spec: str = ".2f", suffix: str = "") -> Col:
+def num(header: str, key: Get, spec: str = ".2f", suffix: str = "") -> Col[dict]:
     get = _get(key)
     return Col(header, lambda r: fmt(get(r), spec, suffix), right=True)
 
 
-def ratio(header: str, a: str, b: str) -> Col:
+def ratio(header: str, a: str, b: str) -> Col[dict]:
     return num(header, lambda r: r[a] / r[b] if r.get(a) and r.get(b) else None, ".2f", "x")
 
 
@@ -262,7 +266,7 @@ def _codec_cell(name: str) -> Callable[[list[dict]], str]:
 
 
 # The summary's table: a row per format, each cell a function of that format's records at the shape.
-SUMMARY = (
+SUMMARY: tuple[Col[list[dict]], ...] = (
     Col("format", lambda g: g[0]["format"]),
     Col("bpw", lambda g: f"{next((r.get('bpw') for r in g if r.get('bpw')), 0):g}"),
     Col("decode f32", _qmatmul_cell(1, "f32")),

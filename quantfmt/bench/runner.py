@@ -10,10 +10,12 @@ ones. The figures measured in child processes are procs.py's.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 
@@ -120,7 +122,7 @@ class Bench:
                 threads=self.threads,
                 blas_threads=blas_threads(),
                 numba_threads=numba_threads,
-                numba_threading_layer=numba.config.THREADING_LAYER,
+                numba_threading_layer=numba.config.THREADING_LAYER,  # type: ignore[attr-defined]
                 numpy=np.__version__,
                 numba=numba.__version__,
                 cpu_count=os.cpu_count(),
@@ -175,7 +177,7 @@ class Bench:
                 x = self.rng.standard_normal((n, shape[1]), dtype=np.float32)
                 x = x[0] if n == 1 else x
                 fresh = QTensor("tiny", fmt, shape, t.data)  # prepare() happens in the first call too
-                kernels[f"qmatmul[{mode},n={n}]"] = first_call(lambda f=fresh, x=x, mode=mode: f.matmul(x, mode))
+                kernels[f"qmatmul[{mode},n={n}]"] = first_call(functools.partial(fresh.matmul, x, mode))
         first = sum(a for a, _ in kernels.values())
         steady = sum(b for _, b in kernels.values())
         return self.add(
@@ -203,8 +205,12 @@ class Bench:
             if "get_rows" in self.ops:
                 k = min(GET_ROWS_N, rows)
                 idx = self.rng.choice(rows, k, replace=False)
-                sec = median_time(lambda t=t, idx=idx: t.rows(idx), self.repeat)
-                base = median_time(lambda w=w, idx=idx: w[idx], self.repeat)
+                sec = median_time(functools.partial(t.rows, idx), self.repeat)
+
+                def gather(w: np.ndarray = w, idx: np.ndarray = idx) -> np.ndarray:
+                    return w[idx]
+
+                base = median_time(gather, self.repeat)
                 touched = len({int(i) // fmt.block_shape[0] for i in idx}) * fmt.row_group_bytes(cols)
                 self.add(record("get_rows", fmt.tag, shape, k, sec, "numpy float32 W[idx]", base,
                                 nbytes=touched + k * cols * 4, **common))
@@ -223,7 +229,8 @@ class Bench:
             ours, theirs = (lambda: QTensor.quantize(w, fmt.tag, name="w")), (lambda: quants.quantize(w, gg))
         else:
             gq = quants.quantize(w, gg) if gg is not None else None
-            ours, theirs = t.dequantize, (lambda: quants.dequantize(gq, gg))
+            # theirs is timed only when gg is set, and then so is gq
+            ours, theirs = t.dequantize, (lambda: quants.dequantize(cast(np.ndarray, gq), gg))
         sec = median_time(ours, self.repeat)
         if gg is not None:  # gguf's numpy code is slow: fewer samples
             base, what = median_time(theirs, min(self.repeat, 3)), f"gguf numpy {op}"
@@ -251,7 +258,7 @@ class Bench:
             for mode in fmt.modes:
                 tm = QTensor("w", fmt, shape, t.data)
                 info: dict = {}  # the untimed warm-up call does prepare() and any compile left
-                sec = median_time(lambda tm=tm, act=act, mode=mode: tm.matmul(act, mode), self.repeat, info=info)
+                sec = median_time(functools.partial(tm.matmul, act, mode), self.repeat, info=info)
                 self.add(
                     record("qmatmul", fmt.tag, shape, n, sec, what, base, nbytes=t.nbytes + (cols * 4 + rows * 4) * n,
                            mode=mode, prepare_seconds=prep, prepared_bytes=getattr(prepared, "nbytes", None),

@@ -56,7 +56,7 @@ def blas_threads() -> int | None:
 def set_numba_threads(threads: int) -> int:
     import numba
 
-    n = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    n = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     numba.set_num_threads(n)
     return n
 

@@ -7,7 +7,6 @@ interrupted command exits 130. No command prints a traceback for bad input.
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import click
@@ -82,8 +81,8 @@ for _cmd in (formats.formats, formats.plugins, formats.check_format, formats.che
 
 
 def main() -> None:
-    cli(prog_name="quantfmt")
+    cli(prog_name="quantfmt")  # click's standalone mode exits with the command's code itself
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -89,7 +90,8 @@ def release_pages(arr) -> None:
         root = root.base
     if not isinstance(root, np.ndarray) or not hasattr(mmap, "MADV_DONTNEED") or arr.size == 0:
         return
-    mm = root.base.obj if isinstance(root.base, memoryview) else root.base
+    # the loop stopped at the array whose base _mapped() accepted: an mmap, or a memoryview of one
+    mm = cast(mmap.mmap, root.base.obj if isinstance(root.base, memoryview) else root.base)
     off = arr.ctypes.data - root.ctypes.data
     if off < 0 or off + arr.nbytes > root.nbytes:
         return
@@ -282,7 +284,7 @@ def write_stream(f, plans: list[TensorPlan], sizes: list[int], *, align: int = 1
     for p, n in zip(plans, sizes, strict=True):
         with context(tensor=p.name):
             data = p.produce()
-            buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+            buf = data if isinstance(data, np.ndarray) else np.frombuffer(cast(bytes, data), np.uint8)  # bytes-like
             buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
             if buf.size != n:
                 raise FileFormatError(f"{p.tag}: produced {buf.size} bytes, the header promised {n}")

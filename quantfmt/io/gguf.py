@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import FileFormatError, QuantfmtError, context
-from ..format import MAX_ELEMENTS
+from ..format import MAX_ELEMENTS, Format
 from .files import atomic_output, input_files, map_readonly, open_for_write, require_regular, write, write_stream
 
 MAGIC = b"GGUF"
@@ -213,7 +213,7 @@ def _read_array(cur: _Cursor, what: str, depth: int):
         # The hot loop of real files (tokenizer vocabularies): kept inline and lean.
         buf, size, pos = cur.buf, cur.size, cur.pos
         unpack_from = struct.unpack_from
-        items = []
+        items: list[object] = []  # str, or {"hex": ...} for bytes that are not UTF-8
         for i in range(count):
             if size - pos < 8:
                 cur.pos = pos
@@ -378,14 +378,14 @@ def scan_gguf(path) -> GGUFHeader:
 # ---- the reader -----------------------------------------------------------------------
 
 
-def ggml_formats() -> dict[str, object]:
+def ggml_formats() -> dict[str, Format]:
     """ggml type name -> the registered Format whose bytes are that type's bytes (its `ggml_type`),
     when its block geometry matches ggml's for that type."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     from ..plugins import formats
 
-    out = {}
+    out: dict[str, Format] = {}
     for fmt in formats().values():
         name = fmt.ggml_type
         if name is None or name not in GGMLQuantizationType.__members__ or name in out:
@@ -437,11 +437,15 @@ def read_gguf(path, *, unsupported: str | None = None):
         start = hdr.data_offset + t.offset
         fmt = fmts[t.type_name]
         if fmt is not None:
-            tensors[t.name] = TensorSource(t.name, fmt.tag, t.shape, t.nbytes,
-                                           lambda a=start, n=t.nbytes: flat[a : a + n], path)
+            def view(a: int = start, n: int = t.nbytes) -> np.ndarray:
+                return flat[a : a + n]
+
+            tensors[t.name] = TensorSource(t.name, fmt.tag, t.shape, t.nbytes, view, path)
         else:  # decoded only when used, never at open
-            tensors[t.name] = TensorSource(t.name, "F32", t.shape, 4 * math.prod(t.shape),
-                                           lambda a=start, t=t: _dequantize(flat[a : a + t.nbytes], t, path), path)
+            def decode(a: int = start, info: TensorInfo = t) -> np.ndarray:
+                return _dequantize(flat[a : a + info.nbytes], info, path)
+
+            tensors[t.name] = TensorSource(t.name, "F32", t.shape, 4 * math.prod(t.shape), decode, path)
             dequantized[t.name] = t.type_name
     meta = {
         "gguf": {

@@ -30,6 +30,7 @@ import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 
@@ -134,7 +135,7 @@ def _check_text(obj, file, tensor=None, depth=0) -> None:
             _check_text(v, file, tensor, depth + 1)
 
 
-def _int(v) -> bool:
+def _int(v) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 

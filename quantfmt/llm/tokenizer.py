@@ -276,7 +276,7 @@ def _pre_tokenizer(regexes: Sequence[str]):
     from tokenizers import Regex
     from tokenizers import pre_tokenizers as pt
 
-    steps = [pt.Split(Regex(r), behavior="isolated") for r in regexes]
+    steps: list[pt.PreTokenizer] = [pt.Split(Regex(r), behavior="isolated") for r in regexes]
     steps.append(pt.ByteLevel(add_prefix_space=False, use_regex=False))
     return pt.Sequence(steps)
 
@@ -622,12 +622,12 @@ class Tokenizer:
         if eos_id is None:
             eos_id = token_id(cfg.get("eos_token_id") if not isinstance(cfg.get("eos_token_id"), list)
                               else cfg["eos_token_id"][0])
-        extra = []
+        extra: list[int] = []
         for c in (cfg, gcfg):
-            e = c.get("eos_token_id")
-            for v in e if isinstance(e, list) else [e]:
-                if token_id(v) is not None:
-                    extra.append(token_id(v))
+            ids = c.get("eos_token_id")
+            for v in ids if isinstance(ids, list) else [ids]:
+                if (tid := token_id(v)) is not None:
+                    extra.append(tid)
         if "add_bos_token" in tcfg:
             add_bos = bool(tcfg["add_bos_token"])
         else:

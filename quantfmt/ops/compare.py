@@ -96,7 +96,7 @@ def compare(path, tags: list[str], *, pattern: str | None = None, n_inputs: int 
                 progress(1)
             if w is not None:
                 release_pages(t.data)
-    summary = {}
+    summary: dict[str, dict[str, float]] = {}
     for tag, a in agg.items():
         if not a["weights"]:
             summary[tag] = {"tensors": 0}

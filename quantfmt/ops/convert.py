@@ -95,7 +95,7 @@ class ConvertReport:
             a[0] += 1
             a[1] += math.prod(self.shapes[s.name])
             a[2] += self.out_bytes[s.name]
-        return {k: tuple(v) for k, v in agg.items()}
+        return {k: (v[0], v[1], v[2]) for k, v in agg.items()}
 
     @property
     def fallbacks(self) -> list[Step]:

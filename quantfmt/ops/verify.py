@@ -51,16 +51,17 @@ def verify_safetensors(path, against=None) -> dict:
         with f:
             if sorted(f.keys()) != sorted(e.name for e in hdr.entries):
                 raise FileFormatError("the safetensors library sees other tensors than ours", file=path)
-            for e in hdr.entries:
-                sl = f.get_slice(e.name)
-                if sl.get_dtype() != e.dtype:
-                    raise FileFormatError(f"the safetensors library reads dtype {sl.get_dtype()}, we read {e.dtype}",
-                                          file=path, tensor=e.name)
-                if e.dtype != "BF16":  # numpy has no bfloat16: compare its bytes through ours only
-                    theirs = np.ascontiguousarray(f.get_tensor(e.name)).reshape(-1).view(np.uint8)
-                    if not np.array_equal(theirs, m.source(e.name).load()):
+            for entry in hdr.entries:
+                sl = f.get_slice(entry.name)
+                if sl.get_dtype() != entry.dtype:
+                    raise FileFormatError(
+                        f"the safetensors library reads dtype {sl.get_dtype()}, we read {entry.dtype}",
+                        file=path, tensor=entry.name)
+                if entry.dtype != "BF16":  # numpy has no bfloat16: compare its bytes through ours only
+                    theirs = np.ascontiguousarray(f.get_tensor(entry.name)).reshape(-1).view(np.uint8)
+                    if not np.array_equal(theirs, m.source(entry.name).load()):
                         raise FileFormatError("the safetensors library reads other bytes than ours",
-                                              file=path, tensor=e.name)
+                                              file=path, tensor=entry.name)
         report["safetensors_agrees"] = True
         if against is not None:
             with open_model(against) as other:
