@@ -69,6 +69,16 @@ def configure(plugins_dirs=None, strict: bool | None = None) -> None:
         _registry = None
 
 
+def add_plugins_dir(path) -> None:
+    """Also load the format plugins in folder `path`, now: the registry is rebuilt with it (the
+    way to enable a plugins folder from Python once formats have been used)."""
+    dirs = _plugin_dirs()
+    if str(path) not in dirs:
+        configure(plugins_dirs=[*dirs, str(path)], strict=_config["strict"])
+    else:
+        configure(plugins_dirs=dirs, strict=_config["strict"])
+
+
 def _strict() -> bool:
     if _config["strict"] is not None:
         return bool(_config["strict"])
@@ -180,11 +190,19 @@ def _load() -> _Registry:
                 reg.aliases.update(dict.fromkeys(fmt.aliases, fmt.tag))
                 _record["formats"].append(fmt.tag)
 
+            try:
+                reg.pm.check_pending()  # a @hookimpl whose name is no hook (a typo) is an error, not silence
+            except pluggy.PluginValidationError as e:
+                reg.pm.unregister(module)
+                raise PluginError(f"plugin {name!r} ({source}): {e}; the hook is named 'register_formats'") from None
             for impl in reg.pm.hook.register_formats.get_hookimpls():
                 if impl.plugin is module:
                     impl.function(register=register)
             if problems:
                 raise PluginError("; ".join(problems))
+            if not record["formats"]:
+                raise PluginError(f"plugin {name!r} ({source}) registered no format: does it define "
+                                  "`register_formats(register)` marked with @quantfmt.hookimpl, and call register()?")
         except Exception as e:  # a plugin is foreign code: any failure is reported, not a crash
             if isinstance(e, PluginError):
                 msg = str(e)

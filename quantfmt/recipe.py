@@ -1,21 +1,29 @@
 """Recipes: which format each tensor of a model gets.
 
 A recipe is an ordered list of rules `PATTERN=TAG` (fnmatch-style on the full tensor name:
-`*` matches anything including dots, `?` one character, `[...]` a set; case-sensitive),
-a default tag, and a fallback tag:
+`*` matches anything including dots, `?` one character, `[...]` a set; case-sensitive; or
+`re:REGEX`, a Python regular expression that must match the whole name), a default tag, and a
+fallback tag. Every tensor's Step records why it got its tag:
 
-  1. a 1-D tensor, or one whose name contains "norm" (any case), is *protected*: it keeps its
-     format (float stays float; norms and biases are tiny and sensitive) unless a rule names it
-     explicitly, i.e. a matching rule whose pattern has no `*` or mentions "norm"
-     (`*norm*=F16`, `blk.0.bias=F32`; not `blk.1.*=Q8_0`). `protect=false` turns this off;
+  1. a vector (1-D, scalar, or a single row), a norm (a name component such as attn_norm,
+     input_layernorm, ln_f; `normal` is not one) or a bias is *protected*: tiny and sensitive,
+     it keeps its format unless a rule names it explicitly, i.e. a matching rule whose pattern
+     has no `*` or mentions "norm" (`*norm*=F16`, `blk.0.bias=F32`; not `blk.1.*=Q8_0`); the
+     Step says why ("1-D kept", "norm kept", ...). `protect=false` turns this off;
   2. otherwise the first rule whose pattern matches the name decides (TAG may be `keep`:
      leave the tensor in its current format, bytes unchanged);
-  3. otherwise the default tag (none: keep the current format).
+  3. otherwise the default tag (none, or `keep`: keep the current format). The output head
+     (`output.weight`, `lm_head.weight`, or the token embedding when the model ties it to the
+     output) is promoted as llama-quantize does when the default would give it fewer bits:
+     to Q6_K where that format is registered and fits, else Q8_0 (`promote_output=false`, or
+     a rule naming the tensor, overrides this).
   If the chosen format cannot take the tensor's shape (e.g. 4096x100 in blocks of 32), the
   fallback tag is used instead and reported; `fallback=None` (CLI `--strict`) makes that a
-  RecipeError. The default fallback is F16: any shape fits, half the size of F32, and every
-  weight of a real model fits its range (a weight |w| >= 65520 is a clear RangeError; pass
-  `--fallback F32` then).
+  RecipeError; `fallback="auto"` picks the registered format nearest in bits per weight whose
+  blocks fit the shape. The default fallback is F16: any shape fits, half the size of F32, and
+  every weight of a real model fits its range (a weight |w| >= 65520 is a clear RangeError;
+  pass `--fallback F32` then). A rule that matches no tensor, or only tensors that protection
+  keeps, is a warning (RecipeError in strict mode).
 
 Recipe files are JSON (the same document recorded in the output's metadata):
 
@@ -27,11 +35,24 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
+import warnings
 from dataclasses import dataclass, field
 
 from .errors import RecipeError, UnknownFormatError
 
 KEEP = "keep"
+AUTO = "auto"
+#: Names of a model's output head; when none is present, the first token embedding found is
+#: tied to the output (SmolLM2, many small models) and is treated as the head.
+OUTPUT_NAMES = ("output.weight", "lm_head.weight")
+EMBEDDING_NAMES = ("token_embd.weight", "model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")
+#: What llama-quantize gives the output head, best first.
+OUTPUT_PROMOTION = ("Q6_K", "Q8_0")
+
+
+class RecipeWarning(UserWarning):
+    """A rule that matched nothing, or whose tensors protection kept."""
 FLOAT_TAGS = ("F32", "F16", "BF16")
 DEFAULT_FALLBACK = "F16"
 _UNSET = object()
@@ -58,7 +79,8 @@ class Step:
     name: str
     src_tag: str
     tag: str  # the tag it will have
-    why: str  # "rule PATTERN=TAG", "default", "1-D kept", "norm kept", "no default", "fallback (...)"
+    why: str  # "rule PATTERN=TAG", "default", "1-D kept", "scalar kept", "kept (no default)",
+    #           "output head promoted from TAG (as llama-quantize)", "fallback (...)"
     wanted: str | None = None  # the tag it should have had, when it fell back
 
     @property
@@ -76,8 +98,9 @@ class Step:
 class Recipe:
     default: str | None = None  # None: keep each tensor's format unless a rule says otherwise
     rules: list[tuple[str, str]] = field(default_factory=list)
-    fallback: str | None = DEFAULT_FALLBACK  # None: a shape that does not fit is an error
-    protect: bool = True  # 1-D tensors and norms keep their format unless a rule names them explicitly
+    fallback: str | None = DEFAULT_FALLBACK  # None: a shape that does not fit is an error; "auto": nearest bpw
+    protect: bool = True  # tensors of < 2 dimensions keep their format unless a rule names them explicitly
+    promote_output: bool = True  # the output head gets Q6_K/Q8_0 when the default would give it fewer bits
 
     def __post_init__(self):
         if self.default is not None:
@@ -85,12 +108,18 @@ class Recipe:
         if self.fallback is not None:
             if self.fallback == KEEP:
                 raise RecipeError("fallback: 'keep' is not allowed; name a tag that takes any shape (F16, F32)")
-            _check_tag(self.fallback, "fallback")
+            if self.fallback != AUTO:
+                _check_tag(self.fallback, "fallback")
         rules = []
+        self._matchers = []
         for i, r in enumerate(self.rules):
+            if isinstance(r, dict) and set(r) == {"pattern", "tag"}:
+                r = (r["pattern"], r["tag"])
             if not (isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) and r[0]):
-                raise RecipeError(f"rule {i + 1}: {r!r} is not a (pattern, tag) pair with a non-empty pattern")
+                raise RecipeError(f"rule {i + 1}: {r!r} is not a (pattern, tag) pair (or a {{'pattern', 'tag'}} "
+                                  "dict) with a non-empty pattern")
             rules.append((r[0], _check_tag(r[1], f"rule {r[0]}={r[1]}")))
+            self._matchers.append(_matcher(r[0]))
         self.rules = rules
 
     # ---- construction ----------------------------------------------------------------
@@ -104,7 +133,8 @@ class Recipe:
         fb = base.fallback if fallback is _UNSET or fallback is None else fallback
         if strict:
             fb = None
-        return cls(default=default, rules=parsed + base.rules, fallback=fb, protect=base.protect)
+        return cls(default=default, rules=parsed + base.rules, fallback=fb, protect=base.protect,
+                   promote_output=base.promote_output)
 
     @staticmethod
     def parse_rule(text: str) -> tuple[str, str]:
@@ -134,7 +164,7 @@ class Recipe:
     def from_dict(cls, doc) -> Recipe:
         if not isinstance(doc, dict):
             raise RecipeError("a recipe is a JSON object with keys default, fallback, rules")
-        extra = set(doc) - {"default", "fallback", "protect", "rules", "fallbacks"}
+        extra = set(doc) - {"default", "fallback", "protect", "promote_output", "rules", "fallbacks"}
         if extra:
             raise RecipeError(f"unknown recipe keys: {', '.join(sorted(map(str, extra)))} "
                               "(known: default, fallback, rules)")
@@ -148,9 +178,10 @@ class Recipe:
             pairs.append((r["pattern"], r["tag"]))
         fb = doc.get("fallback", DEFAULT_FALLBACK)
         protect = doc.get("protect", True)
-        if not isinstance(protect, bool):
-            raise RecipeError("'protect' must be true or false")
-        return cls(default=doc.get("default"), rules=pairs, fallback=fb, protect=protect)
+        promote = doc.get("promote_output", True)
+        if not isinstance(protect, bool) or not isinstance(promote, bool):
+            raise RecipeError("'protect' and 'promote_output' must be true or false")
+        return cls(default=doc.get("default"), rules=pairs, fallback=fb, protect=protect, promote_output=promote)
 
     @classmethod
     def coerce(cls, recipe) -> Recipe:
@@ -170,27 +201,39 @@ class Recipe:
             "default": self.default,
             "fallback": self.fallback,
             "protect": self.protect,
+            "promote_output": self.promote_output,
             "rules": [{"pattern": p, "tag": t} for p, t in self.rules],
         }
 
     # ---- application -----------------------------------------------------------------
 
-    def choose(self, name: str, src_tag: str, shape) -> Step:
-        """The Step for one tensor (RecipeError when its shape does not fit and there is no fallback)."""
+    def choose(self, name: str, src_tag: str, shape, *, head: bool = False, used: set | None = None) -> Step:
+        """The Step for one tensor (RecipeError when its shape does not fit and there is no fallback).
+
+        `head`: the tensor is the model's output head (see plan). `used` collects the indexes of the
+        rules that decided a tensor, and (as -1 - i) of rules whose match protection overrode."""
         from .plugins import get_format
 
-        small = self.protect and (len(shape) <= 1 or "norm" in name.lower())
-        for pat, tag in self.rules:
-            if fnmatch.fnmatchcase(name, pat) and (not small or names_explicitly(pat)):
+        small = self.protect and protection(name, shape) is not None
+        for i, ((pat, tag), match) in enumerate(zip(self.rules, self._matchers, strict=True)):
+            if match(name):
+                if small and not names_explicitly(pat):
+                    if used is not None:
+                        used.add(-1 - i)
+                    continue
+                if used is not None:
+                    used.add(i)
                 tag, why = (src_tag if tag == KEEP else tag), f"rule {pat}={tag}"
                 break
         else:
             if small:
-                tag, why = src_tag, ("1-D kept" if len(shape) <= 1 else "norm kept")
+                tag, why = src_tag, f"{protection(name, shape)} kept"
             elif self.default is None or self.default == KEEP:
                 tag, why = src_tag, "kept (no default)"
             else:
                 tag, why = self.default, "default"
+                if head and self.promote_output:
+                    tag, why = self._promote(tag, shape)
         if get_format(tag).accepts(shape):
             return Step(name, src_tag, tag, why)
         if self.fallback is None:
@@ -199,16 +242,106 @@ class Recipe:
                 "(no fallback): add a rule for this tensor or drop --strict",
                 tensor=name,
             )
-        fb = get_format(self.fallback)
-        if not fb.accepts(shape):
-            raise RecipeError(f"neither {tag} nor the fallback {fb.tag} can take shape {tuple(shape)}", tensor=name)
+        fb = nearest_format(tag, shape) if self.fallback == AUTO else get_format(self.fallback)
+        if fb is None or not fb.accepts(shape):
+            raise RecipeError(f"neither {tag} nor the fallback {self.fallback} can take shape {tuple(shape)}",
+                              tensor=name)
         return Step(name, src_tag, fb.tag, f"fallback ({why})", wanted=tag)
 
-    def plan(self, model) -> list[Step]:
-        """A Step per tensor of `model` (a Model: its sources are read, no tensor is built)."""
+    @staticmethod
+    def _promote(tag: str, shape) -> tuple[str, str]:
+        """The output head's tag: llama-quantize's Q6_K (else Q8_0) when it has more bits than `tag`."""
+        from .plugins import formats, get_format
+
+        have = formats()
+        bpw = get_format(tag).bits_per_weight
+        for t in OUTPUT_PROMOTION:
+            f = have.get(t)
+            if f is not None and f.accepts(shape):
+                if f.bits_per_weight > bpw:
+                    return f.tag, f"output head promoted from {tag} (as llama-quantize)"
+                break
+        return tag, "default"
+
+    def plan(self, model, *, strict: bool = False) -> list[Step]:
+        """A Step per tensor of `model` (a Model: its sources are read, no tensor is built).
+
+        Warns (RecipeWarning; RecipeError with strict=True) about rules that matched no tensor
+        and rules whose every match was kept by protection."""
         if hasattr(model, "sources"):
-            return [self.choose(t.name, t.tag, t.shape) for t in model.sources()]
-        return [self.choose(name, t.tag, t.shape) for name, t in model.items()]
+            infos = [(t.name, t.tag, t.shape) for t in model.sources()]
+        else:
+            infos = [(name, t.tag, t.shape) for name, t in model.items()]
+        head = output_head([n for n, _, _ in infos])
+        used: set[int] = set()
+        steps = [self.choose(n, tag, shape, head=(n == head), used=used) for n, tag, shape in infos]
+        for i, (pat, tag) in enumerate(self.rules):
+            if i in used:
+                continue
+            if -1 - i in used:
+                msg = (f"rule {pat}={tag} matches only protected tensors (vectors, norms, biases), which keep "
+                       "their format: name them explicitly (no '*') to change them")
+            else:
+                msg = f"rule {pat}={tag} matches no tensor of the model"
+            if strict:
+                raise RecipeError(msg)
+            warnings.warn(msg, RecipeWarning, stacklevel=2)
+        return steps
+
+
+_NORM = re.compile(r"(^|_)(norm|rmsnorm|layernorm|layer_norm|ln|ln_\w+|ln\d+)($|_)", re.I)
+
+
+def protection(name: str, shape) -> str | None:
+    """Why a tensor is protected, by shape and by role, or None: "scalar", "1-D" (or any vector:
+    one row), "norm" (a name component like attn_norm, input_layernorm, ln_f; not "normal"), "bias"."""
+    if len(shape) == 0:
+        return "scalar"
+    n = 1
+    for d in shape[:-1]:
+        n *= int(d)
+    if len(shape) == 1 or n == 1:
+        return "1-D" if len(shape) == 1 else "vector"
+    parts = name.split(".")
+    if parts[-1] == "bias":
+        return "bias"
+    if any(_NORM.search(p) for p in parts[:-1] or parts):
+        return "norm"
+    return None
+
+
+def output_head(names) -> str | None:
+    """The name of the model's output head: output.weight/lm_head.weight, else a tied token embedding."""
+    names = list(names)
+    for n in OUTPUT_NAMES:
+        if n in names:
+            return n
+    for n in EMBEDDING_NAMES:
+        if n in names:
+            return n
+    return None
+
+
+def nearest_format(tag: str, shape):
+    """The registered format nearest to `tag` in bits per weight whose blocks fit `shape` (ties: more
+    bits), among those that can quantize; None if none fits."""
+    from .plugins import formats, get_format
+
+    want = get_format(tag).bits_per_weight
+    fits = [f for f in formats().values() if getattr(f, "can_quantize", True) and f.accepts(shape)]
+    if not fits:
+        return None
+    return min(fits, key=lambda f: (abs(f.bits_per_weight - want), -f.bits_per_weight))
+
+
+def _matcher(pattern: str):
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as e:
+            raise RecipeError(f"rule pattern {pattern!r} is not a valid regular expression: {e}") from None
+        return lambda name: rx.fullmatch(name) is not None
+    return lambda name: fnmatch.fnmatchcase(name, pattern)
 
 
 def names_explicitly(pattern: str) -> bool:

@@ -25,7 +25,8 @@ class QTensor:
     __slots__ = ("name", "fmt", "shape", "data", "source", "_prepared")
 
     def __init__(self, name: str, fmt: Format | str, shape, data, *, source: str | None = None):
-        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        with errors.context(file=source, tensor=name or None):
+            self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
         self.name = name
         self.shape = tuple(int(d) for d in shape)
         self.source = source  # the file it came from, for error messages
@@ -77,11 +78,17 @@ class QTensor:
             return self.fmt.get_rows(self.data, self.shape, indices)
 
     def matmul(self, x, mode: str | None = None) -> np.ndarray:
-        """`x @ W.T` for x of shape (cols,) or (n, cols), straight on the quantized bytes."""
+        """`x @ W.T` for x of shape (..., cols): (cols,), (n, cols) or (batch, seq, cols) as model
+        code has them, straight on the quantized bytes; the result has shape (..., rows)."""
         with self._context():
             if self._prepared is None:
                 rows, cols = self.fmt.matrix_shape(self.shape)
                 self._prepared = self.fmt.prepare(self.data, rows, cols)
+            x = np.asarray(x)
+            if x.ndim > 2:
+                lead = x.shape[:-1]
+                y = self.fmt.qmatmul(self.data, self.shape, x.reshape(-1, x.shape[-1]), mode, prepared=self._prepared)
+                return y.reshape(*lead, y.shape[-1])
             return self.fmt.qmatmul(self.data, self.shape, x, mode, prepared=self._prepared)
 
     def __repr__(self) -> str:

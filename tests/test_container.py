@@ -10,9 +10,11 @@ import struct
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import quantfmt
 from quantfmt import plugins
+from quantfmt.cli import cli
 from quantfmt.errors import FileFormatError, OutputExistsError, QuantfmtError
 from quantfmt.io import files, sharded
 from quantfmt.io import safetensors as container
@@ -253,7 +255,6 @@ U = {"dtype": "U8", "shape": [24], "data_offsets": [0, 24]}
 @pytest.mark.parametrize(
     "tensor, qinfo, match",
     [
-        (U, q_entry(tag="Q9ZZ"), "'Q9ZZ' is not provided by any loaded plugin.*install or enable"),
         (U, q_entry(version=1), "layout version 1 differs from the registered TQ8 format's version 3"),
         (U, q_entry(shape=(3, 8)), "needs 36 bytes, but the file holds 24"),
         (U, q_entry(shape=(2, 7)), "does not fit blocks"),
@@ -266,9 +267,21 @@ def test_invalid_quantized_entries_are_refused(toy, tmp_path, tensor, qinfo, mat
     bad(tmp_path, {"__metadata__": doc({"q": qinfo}), "q": tensor}, b"\0" * 24, None, match)
 
 
-def test_unknown_tag_error_names_tensor_and_tag(tmp_path):
-    e = bad(tmp_path, {"__metadata__": doc({"w": q_entry(tag="TQ8")}), "w": U}, b"\0" * 24)
-    assert e.tensor == "w" and "TQ8" in str(e) and "plugin" in str(e)
+def test_unknown_tag_is_listed_and_using_it_names_tensor_and_tag(tmp_path):
+    """A tag no installed plugin provides: the header alone lists name, tag, shape and size (inspect
+    works and says the plugin is missing); using the tensor is a clear error naming tensor and tag."""
+    p = tmp_path / "u.safetensors"
+    raw_file(p, {"__metadata__": doc({"w": q_entry(tag="Q9ZZ")}), "w": U}, b"\0" * 24)
+    with container.open_safetensors(p) as m:
+        src = m.source("w")
+        assert (src.tag, src.shape, src.nbytes) == ("Q9ZZ", (2, 8), 24)
+        with pytest.raises(QuantfmtError, match="'Q9ZZ'.*install or enable") as e:
+            m["w"].dequantize()
+        assert e.value.tensor == "w" and str(p) in str(e.value)
+    r = CliRunner().invoke(cli, ["inspect", str(p)])
+    assert r.exit_code == 0 and "Q9ZZ (not installed)" in r.output and "no installed plugin provides Q9ZZ" in r.output
+    d = json.loads(CliRunner().invoke(cli, ["inspect", "--json", str(p)]).stdout)
+    assert d["tensors"][0]["installed"] is False
 
 
 def test_short_file(tmp_path):

@@ -84,7 +84,7 @@ def test_recipe_files_and_errors(toy, tmp_path):  # noqa: F811
     f = tmp_path / "r.json"
     f.write_text(json.dumps({"default": "TQ8", "fallback": "F32", "rules": [{"pattern": "a*", "tag": "F16"}]}))
     r = Recipe.from_options(rules=["b*=keep"], file=str(f))
-    assert r.to_dict() == {"default": "TQ8", "fallback": "F32", "protect": True,
+    assert r.to_dict() == {"default": "TQ8", "fallback": "F32", "protect": True, "promote_output": True,
                            "rules": [{"pattern": "b*", "tag": "keep"}, {"pattern": "a*", "tag": "F16"}]}
     assert Recipe.from_options(to="F16", strict=True).fallback is None
     for text in ["noequals", "=F16", "x="]:

@@ -53,8 +53,21 @@ def _print_report(rep, out) -> None:
     out.table(["tag", "tensors", "weights", "size", "bpw"], rows, right={1, 2, 3, 4})
     tin, tout = sum(rep.in_bytes.values()), sum(rep.out_bytes.values())
     copied = sum(1 for s in rep.steps if s.copy)
-    out.echo(f"total: {size(tin)} -> {size(tout)}; {len(rep.steps) - copied} tensors converted, "
+    weights = sum(w for _, w, _ in rep.by_tag().values())
+    bpw = f" ({8.0 * tout / weights:.3f} bits per weight)" if weights else ""
+    out.echo(f"total: {size(tin)} -> {size(tout)}{bpw}; {len(rep.steps) - copied} tensors converted, "
              f"{copied} copied unchanged")
+    for s in rep.steps:
+        if s.why.startswith("output head"):
+            out.echo(f"{s.why}: {s.name} stored as {s.tag} (a rule naming it, or promote_output=false, overrides)")
+    protected: dict[str, int] = {}
+    for s in rep.steps:
+        if s.why.endswith(" kept") and not s.why.startswith("rule"):
+            protected[s.why[:-5]] = protected.get(s.why[:-5], 0) + 1
+    if protected:
+        n = sum(protected.values())
+        out.echo(f"protected: {n} tensor{'s' * (n != 1)} kept as they were ("
+                 + ", ".join(f"{k}: {v}" for k, v in sorted(protected.items())) + ")")
     fbs = rep.fallbacks
     for s in fbs if len(fbs) <= 12 else fbs[:8]:
         out.echo(f"fallback: {s.name} {list(rep.shapes[s.name])}: {s.wanted} does not fit this shape, "
@@ -127,14 +140,19 @@ def inspect(path, out):
 
     def render():
         out.table(["tensor", "tag", "shape", "bytes", "bpw"],
-                  [[t["name"], t["tag"], "x".join(map(str, t["shape"])) or "()", t["bytes"],
-                    f"{t['bits_per_weight']:.4g}"] for t in d["tensors"]], right={3, 4})
+                  [[t["name"], t["tag"] + ("" if t["installed"] else " (not installed)"),
+                    "x".join(map(str, t["shape"])) or "()", t["bytes"], f"{t['bits_per_weight']:.4g}"]
+                   for t in d["tensors"]], right={3, 4})
         tot = d["totals"]
         out.echo("")
         out.echo(f"{tot['tensors']} tensors, {tot['weights']} weights, {size(tot['bytes'])} "
                  f"({tot['bits_per_weight']:.4g} bits per weight)")
         for tag, a in sorted(tot["by_tag"].items()):
             out.echo(f"  {tag}: {a['tensors']} tensors, {a['weights']} weights, {size(a['bytes'])}")
+        missing = sorted({t["tag"] for t in d["tensors"] if not t["installed"]})
+        if missing:
+            out.note(f"note: no installed plugin provides {', '.join(missing)}: listed from the header only; "
+                     "install or enable the plugin to read those tensors")
         if d["recipe"] is not None:
             rec = dict(d["recipe"])
             fbs = rec.pop("fallbacks", None) or {}

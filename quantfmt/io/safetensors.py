@@ -35,8 +35,8 @@ from typing import TypeGuard
 import numpy as np
 
 from ..errors import FileFormatError, QuantfmtError, UnknownFormatError, context
-from ..format import MAX_ELEMENTS
-from ..plugins import formats, get_format
+from ..format import MAX_ELEMENTS, TAG_RE
+from ..plugins import get_format
 from .files import (
     TensorPlan,
     atomic_output,
@@ -328,14 +328,13 @@ def _quantized(info, dtype, st_shape, nbytes, file, name):
     if tag in NATIVE_TAGS:
         raise FileFormatError(f"tag {tag} must be stored as a native {tag} tensor, not as bytes",
                               file=file, tensor=name)
+    if not TAG_RE.match(tag):
+        raise FileFormatError(f"tag {_short(tag, 20)} is not 1-4 characters of A-Z, 0-9, _", file=file, tensor=name)
     try:
         fmt = get_format(tag)
     except UnknownFormatError:
-        raise FileFormatError(
-            f"format tag {_short(tag, 20)} is not provided by any loaded plugin (known: {', '.join(formats())}); "
-            f"install or enable the plugin that defines {_short(tag, 20)}",
-            file=file, tensor=name,
-        ) from None
+        # Listed (name, tag, shape, bytes need only the header); using it names the missing plugin.
+        return tag, _shape(info["shape"], file, name, what=f"{tag} shape")
     if ver != fmt.layout_version:
         raise FileFormatError(
             f"{tag} layout version {ver} differs from the registered {tag} format's version {fmt.layout_version} "

@@ -12,6 +12,7 @@ stays ~ the largest tensor, not the model; tensors whose format is kept are copi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -55,8 +56,8 @@ def load(path, recipe=None, *, strict: bool = False):
     try:
         r = Recipe.coerce(recipe)
         if strict:
-            r = Recipe(r.default, r.rules, None, r.protect)
-        steps = r.plan(src)
+            r = dataclasses.replace(r, fallback=None)
+        steps = r.plan(src, strict=strict)
         tensors = {}
         for s in steps:
             if s.copy:
@@ -106,10 +107,10 @@ class ConvertReport:
         return [s for s in self.steps if s.requantize]
 
 
-def plan_convert(src, recipe: Recipe) -> ConvertReport:
+def plan_convert(src, recipe: Recipe, *, strict: bool = False) -> ConvertReport:
     from ..plugins import get_format
 
-    steps = recipe.plan(src)
+    steps = recipe.plan(src, strict=strict)
     info = {s.name: src.source(s.name) for s in steps}
     return ConvertReport(
         steps, {n: i.shape for n, i in info.items()}, {n: i.nbytes for n, i in info.items()},
@@ -131,12 +132,12 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
 
     r = Recipe.coerce(recipe if recipe is not None else Recipe(default=None))
     if strict:
-        r = Recipe(r.default, r.rules, None, r.protect)
+        r = dataclasses.replace(r, fallback=None)
     inputs = input_files(in_path)
     check_output(out_path, overwrite=overwrite, inputs=inputs)  # fail before any work
     src = open_model(in_path)
     try:
-        rep = plan_convert(src, r)
+        rep = plan_convert(src, r, strict=strict)
         rep.output = str(out_path)
         meta = {k: v for k, v in src.metadata.items() if k != RECIPE_KEY}
         meta.update(metadata or {})

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 
+from ..plugins import formats
 from ..sources import RECIPE_KEY
 
 
 def describe(model) -> dict:
     """What `quantfmt inspect --json` prints: every tensor, totals, the recipe and metadata."""
     tensors = []
+    have = formats()
     for t in model.sources():
         n = math.prod(t.shape)
         tensors.append({"name": t.name, "tag": t.tag, "shape": list(t.shape), "bytes": t.nbytes,
-                        "bits_per_weight": 8.0 * t.nbytes / n if n else 0.0})
+                        "bits_per_weight": 8.0 * t.nbytes / n if n else 0.0, "installed": t.tag in have})
     weights = sum(math.prod(t["shape"]) for t in tensors)
     total = sum(t["bytes"] for t in tensors)
     by_tag: dict[str, dict] = {}
