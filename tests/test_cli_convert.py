@@ -141,7 +141,7 @@ def test_inspect(toy, src, tmp_path):  # noqa: F811
     d = json.loads(run(*pdir_args(toy), "inspect", out, "--json").output)
     q = {t["name"]: t for t in d["tensors"]}["blk.0.attn_q.weight"]
     assert q == {"name": "blk.0.attn_q.weight", "tag": "TQ8", "shape": [64, 64], "bytes": 64 * 8 * 12,
-                 "bits_per_weight": 12.0}
+                 "bits_per_weight": 12.0, "installed": True}
     assert d["totals"]["tensors"] == 6 and d["metadata"] == {"arch": "toy"} and d["recipe"]["default"] == "TQ8"
 
 
