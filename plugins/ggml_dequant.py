@@ -96,7 +96,13 @@ class GGMLDequantFormat(BlockFormat):
     def _qtype(self):
         from gguf.constants import GGMLQuantizationType
 
-        return GGMLQuantizationType[self.ggml_type]
+        try:
+            return GGMLQuantizationType[self.ggml_type]
+        except KeyError:  # gguf releases before the type existed (NVFP4 is recent)
+            from importlib.metadata import version
+
+            raise QuantfmtError(f"{self.tag}: the installed gguf package ({version('gguf')}) does not know ggml type "
+                                f"{self.ggml_type}; upgrade it (pip install -U gguf)") from None
 
     def _quantize(self, w):
         if not self.can_quantize:

@@ -21,6 +21,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
 from ggufkit import write_sample
 
+import quantfmt
 from quantfmt import QTensor, formats, get_format, testing
 from quantfmt.cli import cli
 from quantfmt.errors import QuantfmtError, RangeError
@@ -263,14 +264,16 @@ def test_gguf_inspect_convert_and_back_byte_identical(tmp_path):
     run("inspect", mid)
     run("convert", mid, back, "--rule", "*=keep")
     assert filecmp.cmp(src, back, shallow=False)
-    # the container's tensors decode as gguf decodes the original
-    with read_gguf(src) as m:
+    # the GGUF's and the container's tensors decode as gguf decodes the original; so does `quantfmt dequantize`
+    run("dequantize", mid, f32 := tmp_path / "f32.safetensors")
+    with read_gguf(src) as m, quantfmt.open_model(mid) as c, quantfmt.open_model(f32) as d:
         for name, rt in ref.items():
             if rt.tensor_type == T.F32:
                 continue
-            want = gguf.quants.dequantize(rt.data, rt.tensor_type)
-            np.testing.assert_array_equal(bits(m[name].dequantize()), bits(want.reshape(m[name].shape)))
-            assert m[name].tag == get_format(rt.tensor_type.name).tag
+            want = bits(gguf.quants.dequantize(rt.data, rt.tensor_type).reshape(m[name].shape))
+            assert m[name].tag == c[name].tag == get_format(rt.tensor_type.name).tag and d[name].tag == "F32"
+            for t in (m[name], c[name], d[name]):
+                np.testing.assert_array_equal(bits(t.dequantize()), want)
 
 
 def test_open_inspect_and_keep_convert_never_decode(tmp_path, monkeypatch):
