@@ -78,7 +78,7 @@ class GGMLDequantFormat(BlockFormat):
     #: check from quantize, cannot run on such a format; see tests/test_ggml_dequant.py).
     can_quantize: bool = True
     #: Blocks per call into gguf: bounds gguf's temporaries (measured peak ~4x the decoded
-    #: floats: 2-2.5 MB for 2048 blocks of 256) and amortizes its per-call overhead.
+    #: floats: ~9 MB for 2048 blocks of 256) and amortizes its per-call overhead.
     blocks_per_call: int = 2048
 
     def __init__(self, ggml_name: str, tag: str, qk: int, block_bytes: int, quantizer: str):
