@@ -19,7 +19,11 @@ from quantfmt.testing import Q8_TOL, assert_conforms, check_format, parametrize_
 
 pytest_plugins = ["pytester"]
 
-BUILTINS = sorted(t for t, f in plugins.formats().items() if f.plugin.startswith("quantfmt_formats."))
+# The ggml types decoded through gguf are checked in tests/test_ggml_dequant.py instead: the kit starts
+# every check from quantize, which most of them lack (can_quantize False), and its generic round-trip
+# bound is not met by the ternary TQ1_0/TQ2_0 on N(0,1) weights.
+BUILTINS = sorted(t for t, f in plugins.formats().items()
+                  if f.plugin.startswith("quantfmt_formats.") and f.plugin != "quantfmt_formats.ggml_dequant")
 
 
 @parametrize_with_checks(BUILTINS)
