@@ -74,6 +74,10 @@ class Format:
     #: Other names the CLI, recipes and the API accept for this tag (e.g. a ggml name longer
     #: than four characters).
     aliases: tuple[str, ...] = ()
+    #: False for a format quantfmt can read, convert and run but not quantize to (a ggml type
+    #: whose quantizer needs an importance matrix); it then supplies example_bytes() so the
+    #: conformance kit can check everything but quantize.
+    can_quantize: bool = True
     #: Filled in by the registry: the plugin that registered this format.
     plugin: str = "?"
     #: Weights dequantized per tile by `_blas_tiles` (the default qmatmul): 4 MB of float32.
@@ -312,6 +316,10 @@ class Format:
                 f"({self.bits_per_weight:g} bits per weight, blocks of {self.block_shape[0]}x{self.block_shape[1]})"
             )
         return buf
+
+    def example_bytes(self, shape, rng) -> np.ndarray:
+        """Valid bytes of a tensor of `shape` (what the kit checks a format without a quantizer on)."""
+        return self.quantize(rng.standard_normal(shape, dtype=np.float32))
 
     def info(self) -> dict:
         """What `quantfmt formats --json` prints for this format."""
