@@ -383,7 +383,7 @@ class Oracle:
                 raise OracleError(f"{name}: imatrix must have shape ({n},), got {imatrix.shape}")
         elif self.requires_imatrix(name):
             raise OracleError(f"{name}: ggml's quantizer requires an importance matrix (imatrix)")
-        out = np.empty((rows, rs), dtype=np.uint8)
+        out = np.zeros((rows, rs), dtype=np.uint8)  # zeroed: bytes ggml leaves unwritten read as 0, not garbage
         if rows == 0:
             return out
         got = self.lib.ggml_quantize_chunk(tid, x.ctypes.data, out.ctypes.data, 0, rows, n,
@@ -394,16 +394,22 @@ class Oracle:
 
     def would_abort(self, type_name: str, x, imatrix=None) -> bool:
         """True when ggml's quantizer aborts the process on x (checked in a forked child, see in_child)."""
+        # Build the i-quant grids here, once, so that every child inherits them instead of rebuilding (seconds).
+        self.lib.ggml_quantize_init(self.type_id(type_name))
         return not in_child(lambda: self.quantize(type_name, x, imatrix) is not None)
 
     def quantize_ref(self, type_name: str, x) -> np.ndarray:
-        """ggml's quantize_row_<type>_ref over all rows of x (e.g. Q8_0, Q8_1, Q8_K activations)."""
+        """ggml's quantize_row_<type>_ref over all rows of x (e.g. Q8_0, Q8_1, Q8_K activations).
+
+        The output starts zeroed: for an all-zero block quantize_row_q8_K_ref writes d and qs but leaves bsums
+        untouched, so the oracle's answer there is bsums = 0 (what a zeroed buffer holds).
+        """
         name = type_name.upper()
         if name not in self._ref:
             raise OracleError(f"no quantize_row_*_ref for {name}; have {', '.join(self._ref)}")
         x = self._rows(x)
         rows, n = x.shape
-        out = np.empty((rows, self.row_size(name, n)), dtype=np.uint8)
+        out = np.zeros((rows, self.row_size(name, n)), dtype=np.uint8)
         if x.size:
             self._ref[name](x.ctypes.data, out.ctypes.data, x.size)
         return out
@@ -457,10 +463,15 @@ def in_child(fn) -> bool:
     subnormals or ~1e-38 values, and nearest_int() asserts |v| <= 4194303. Probe such inputs here (POSIX only).
     """
     pid = os.fork()
-    if pid == 0:  # child: silence ggml's assertion message, report through the exit code
+    if pid == 0:  # child: silence ggml's assertion message (and Python's fault handler), report the exit code
         code = 2
         try:
+            import faulthandler
+
+            faulthandler.disable()
+            os.environ["GGML_NO_BACKTRACE"] = "1"  # ggml_abort would otherwise attach gdb to print a backtrace
             devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
             os.dup2(devnull, 2)
             code = 0 if fn() else 1
         finally:

@@ -168,6 +168,8 @@ def tiny_shifts(ora, name: str, row8: np.ndarray) -> np.ndarray:
     """Per block of row 8: the smallest m >= 0 such that the block times 2**m, alone in a zero row, does not
     make ggml's quantizer of the type abort (with and without the imatrix)."""
     shifts = np.zeros(N_PER_ROW // 32, dtype=np.int32)
+    if not _aborts(ora, name, row8):
+        return shifts
     for b in range(N_PER_ROW // 32):
         block = row8[32 * b: 32 * b + 32]
         for m in range(0, 200):
