@@ -102,7 +102,7 @@ def _build_key() -> str:
     """Cache key: sdist version and hash, flags, shim text and compiler version."""
     h = hashlib.sha256()
     for part in (SDIST_NAME, SDIST_VERSION, SDIST_SHA256, " ".join(CFLAGS), SHIM_C,
-                 _compiler_id("gcc"), _compiler_id("g++"), "layout-1"):
+                 _compiler_id("gcc"), _compiler_id("g++"), "layout-2"):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -116,9 +116,32 @@ def _cache_dir(cache_dir) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
 
 
+def _shim_sha() -> str:
+    return hashlib.sha256(SHIM_C.encode()).hexdigest()
+
+
+def _find_built(cache: Path) -> Path | None:
+    """The library built for this sdist, flags and shim: the exact cache key first; when no compiler is around to
+    name the key, any build of the same sdist, flags and shim (built earlier by some gcc)."""
+    exact = _build_dir(cache)
+    if (exact / LIB_NAME).is_file() and (exact / "facts.json").is_file():
+        return exact / LIB_NAME
+    if shutil.which("gcc") is not None:
+        return None
+    for facts in sorted(cache.glob(f"ggml-{SDIST_VERSION}-*/facts.json")):
+        try:
+            b = json.loads(facts.read_text()).get("build", {})
+        except (OSError, ValueError):
+            continue
+        if (b.get("sha256") == SDIST_SHA256 and b.get("cflags") == list(CFLAGS) and b.get("shim") == _shim_sha()
+                and (facts.parent / LIB_NAME).is_file()):
+            return facts.parent / LIB_NAME
+    return None
+
+
 def available(cache_dir=None) -> bool:
     """True when the library is already built, or gcc and g++ are on PATH to build it (network not probed)."""
-    if (_build_dir(_cache_dir(cache_dir)) / LIB_NAME).is_file():
+    if _find_built(_cache_dir(cache_dir)) is not None:
         return True
     return shutil.which("gcc") is not None and shutil.which("g++") is not None
 
@@ -216,10 +239,11 @@ def build(cache_dir=None) -> Path:
     Reused when present: the folder name is a hash of the sdist version, flags, shim and compiler version.
     """
     cache = _cache_dir(cache_dir)
+    found = _find_built(cache)
+    if found is not None:
+        return found
     out_dir = _build_dir(cache)
     lib = out_dir / LIB_NAME
-    if lib.is_file() and (out_dir / "facts.json").is_file():
-        return lib
     for tool in ("gcc", "g++"):
         if shutil.which(tool) is None:
             raise OracleError(f"cannot build the ggml oracle: {tool} is not on PATH")
@@ -230,17 +254,17 @@ def build(cache_dir=None) -> Path:
     # leaves a half-written library where load() looks.
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
     try:
-        src = _extract_ggml(sdist, tmp / "ggml")
-        facts = _read_facts(src)
+        facts = _read_facts(_extract_ggml(sdist, tmp / "ggml"))
         (tmp / "qf_oracle_shim.c").write_text(SHIM_C)
-        inc = ["-I", str(src / "include"), "-I", str(src / "src"), "-I", str(src / "src" / "ggml-cpu")]
+        # Paths relative to the build folder, so that ggml's assertion messages do not name a temporary folder.
+        inc = ["-Iggml/include", "-Iggml/src", "-Iggml/src/ggml-cpu"]
         c = ["gcc", *CFLAGS, "-std=gnu11", *inc]
         ver = ['-DGGML_VERSION="' + SDIST_VERSION + '"', '-DGGML_COMMIT="ggml-python-' + SDIST_VERSION + '"']
         jobs = [
-            [*c, *ver, "-c", str(src / "src" / "ggml.c"), "-o", "ggml.o"],
-            [*c, "-c", str(src / "src" / "ggml-quants.c"), "-o", "ggml-quants.o"],
-            ["g++", *CFLAGS, "-std=c++17", *inc, "-c", str(src / "src" / "ggml-threading.cpp"), "-o", "threading.o"],
-            [*c, "-c", str(src / "src" / "ggml-cpu" / "quants.c"), "-o", "cpu-quants.o"],
+            [*c, *ver, "-c", "ggml/src/ggml.c", "-o", "ggml.o"],
+            [*c, "-c", "ggml/src/ggml-quants.c", "-o", "ggml-quants.o"],
+            ["g++", *CFLAGS, "-std=c++17", *inc, "-c", "ggml/src/ggml-threading.cpp", "-o", "threading.o"],
+            [*c, "-c", "ggml/src/ggml-cpu/quants.c", "-o", "cpu-quants.o"],
             [*c, "-c", "qf_oracle_shim.c", "-o", "shim.o"],
         ]
         for job in jobs:
@@ -248,7 +272,7 @@ def build(cache_dir=None) -> Path:
         objs = ["ggml.o", "ggml-quants.o", "threading.o", "cpu-quants.o", "shim.o"]
         _run(["g++", "-shared", *CFLAGS, "-o", LIB_NAME, *objs, "-lm", "-lpthread"], tmp)
         facts["build"] = {"sdist": f"{SDIST_NAME}=={SDIST_VERSION}", "sha256": SDIST_SHA256,
-                          "cflags": list(CFLAGS), "gcc": _compiler_id("gcc")}
+                          "cflags": list(CFLAGS), "gcc": _compiler_id("gcc"), "shim": _shim_sha()}
         (tmp / "facts.json").write_text(json.dumps(facts, indent=1, sort_keys=True))
         for o in objs:
             (tmp / o).unlink()
