@@ -37,8 +37,11 @@ multiplied by 2**m_b, m_b the smallest m >= 0 for which that block alone in a ze
 Importance weights (for the types whose ggml quantizer uses them): imatrix[j] = 2**(((5*j) % 9) - 4), j < 256
 (positive, exact powers of two from 1/16 to 16); stored as `imatrix` with the bytes as `q_imatrix`.
 
-Each file holds: type (ggml name), ggml_type (id), x, q (uint8, rows x row bytes), amplitude, source, and for
-the imatrix types imatrix and q_imatrix. Files are np.savez_compressed; load with allow_pickle=False.
+Each file holds: type (ggml name), ggml_type (id), x, q (uint8, rows x row bytes), amplitude, tiny_shift, source,
+and for the imatrix types imatrix and q_imatrix. Files are np.savez_compressed; load with allow_pickle=False.
+The oracle zero-fills its output first: ggml leaves Q8_K's bsums unwritten for an all-zero block (row 3), and
+the golden value there is 0. tests/test_oracle.py::test_golden_files_reproduce reruns this script's make()
+against a fresh oracle and compares every array.
 """
 
 from __future__ import annotations
