@@ -1,10 +1,14 @@
-"""F32, F16, BF16: plain float formats, so every tensor of a model names its format the same way.
+"""Plain formats, so every tensor of a model names its format the same way: F32, F16, BF16, and the
+buffers models also carry (F64, I8..I64, U8..U64, BOOL: position ids, masks, counters).
 
 Layout: the values in row-major order, little-endian; block 1x1.
   F32   4 bytes  IEEE binary32
   F16   2 bytes  IEEE binary16, round-to-nearest-even from float32 (numpy's cast)
   BF16  2 bytes  the top 16 bits of binary32 after round-to-nearest-even (ggml's
         ggml_compute_fp32_to_bf16, as the gguf package does it)
+  F64, I8, I16, I32, I64, U8, U16, U32, U64, BOOL: numpy's <f8, <i1..<i8, <u1..<u8 and 1-byte
+        bool (0 or 1). Recipes never convert the integer and bool ones (they pass through byte for
+        byte); dequantize gives their values as float32, QTensor.to_numpy() as they are.
 A value that would round to infinity in F16/BF16 is a RangeError, never an inf in a file.
 The kernels are numpy (a cast and BLAS is what these formats do fastest), except the BF16
 rounding, one parallel numba pass (numpy's version needs five passes over temporaries).
@@ -62,6 +66,7 @@ def f32_from_bf16(h: np.ndarray) -> np.ndarray:
 class F32(Format):
     tag = "F32"
     block_bytes = 4
+    native_dtype = "<f4"
     ggml_type = "F32"
     summary = "IEEE float32, unquantized"
 
@@ -81,6 +86,7 @@ class F32(Format):
 class F16(Format):
     tag = "F16"
     block_bytes = 2
+    native_dtype = "<f2"
     ggml_type = "F16"
     max_abs = 65520.0
     summary = "IEEE float16 (round-to-nearest-even)"
@@ -120,8 +126,57 @@ class BF16(Format):
         return f32_from_bf16(data.view(LE_U16).reshape(rows, cols)[idx])
 
 
+class Raw(Format):
+    """A plain array of another numpy dtype. quantize takes float weights whose values the dtype
+    holds exactly (an integer buffer read as floats), else RangeError; QTensor.from_numpy stores
+    any array of the dtype as it is."""
+
+    can_quantize = False  # from N(0,1) weights nothing round-trips; the kit checks decoding only
+
+    def __init__(self, tag: str, dtype: str, ggml_type: str | None, summary: str):
+        self.tag, self.native_dtype, self.ggml_type, self.summary = tag, dtype, ggml_type, summary
+        dt = np.dtype(dtype)
+        self.block_bytes = dt.itemsize
+        self.value_kind = dt.kind
+        self.can_quantize = dt.kind == "f"
+
+    def _quantize(self, w):
+        dt = np.dtype(self.native_dtype)
+        out = w.astype(dt)
+        if dt.kind != "f" and not np.array_equal(out.astype(np.float64), w.astype(np.float64)):
+            r, c = np.argwhere(out.astype(np.float64) != w.astype(np.float64))[0]
+            raise RangeError(f"{self.tag}: weight {float(w[r, c])!r} at row {r}, column {c} is not a value "
+                             f"{dt.name} holds exactly")
+        return out.reshape(-1).view(np.uint8)
+
+    def _dequantize(self, data, rows, cols):
+        return data.view(self.native_dtype).astype(np.float32).reshape(rows, cols)
+
+    def _get_rows(self, data, rows, cols, idx):
+        return data.view(self.native_dtype).reshape(rows, cols)[idx].astype(np.float32)
+
+    def example_bytes(self, shape, rng):
+        dt = np.dtype(self.native_dtype)
+        if dt.kind == "b":
+            return rng.integers(0, 2, shape).astype(dt).reshape(-1).view(np.uint8)
+        hi = 100 if dt.kind in "iu" else 1
+        return rng.integers(0 if dt.kind in "ub" else -hi, hi, shape).astype(dt).reshape(-1).view(np.uint8)
+
+
+RAW = [
+    ("F64", "<f8", "F64", "IEEE float64"),
+    ("I8", "<i1", "I8", "int8 buffer"), ("I16", "<i2", "I16", "int16 buffer"),
+    ("I32", "<i4", "I32", "int32 buffer"), ("I64", "<i8", "I64", "int64 buffer (e.g. position ids)"),
+    ("U8", "<u1", None, "uint8 buffer"), ("U16", "<u2", None, "uint16 buffer"),
+    ("U32", "<u4", None, "uint32 buffer"), ("U64", "<u8", None, "uint64 buffer"),
+    ("BOOL", "|b1", None, "bool buffer (one byte, 0 or 1; e.g. masks)"),
+]
+
+
 @quantfmt.hookimpl
 def register_formats(register):
     register(F32())
     register(F16())
     register(BF16())
+    for tag, dtype, ggml, summary in RAW:
+        register(Raw(tag, dtype, ggml, summary))

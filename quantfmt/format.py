@@ -78,6 +78,12 @@ class Format:
     #: whose quantizer needs an importance matrix); it then supplies example_bytes() so the
     #: conformance kit can check everything but quantize.
     can_quantize: bool = True
+    #: numpy dtype of the values when the bytes ARE a plain array (F32, F16, I64, BOOL, ...), which
+    #: QTensor.to_numpy() returns as they are; None for block formats.
+    native_dtype: str | None = None
+    #: "f" for formats of real-valued weights; "i"/"u"/"b" for integer and bool buffers
+    #: (position ids, masks), which recipes never convert: they pass through as they are.
+    value_kind: str = "f"
     #: Filled in by the registry: the plugin that registered this format.
     plugin: str = "?"
     #: Weights dequantized per tile by `_blas_tiles` (the default qmatmul): 4 MB of float32.
@@ -116,7 +122,10 @@ class Format:
         except (TypeError, ValueError):
             raise ShapeError(f"{self.tag}: shape {shape!r} is not a tuple of integers") from None
         if not dims:
-            raise ShapeError(f"{self.tag}: a scalar (shape ()) cannot be stored; give it at least one dimension")
+            if self.block_shape == (1, 1):
+                return 1, 1  # a scalar is one value: plain formats store it
+            raise ShapeError(f"{self.tag}: a scalar (shape ()) cannot be stored in blocks of "
+                             f"{self.block_shape[0]}x{self.block_shape[1]}")
         if any(d < 0 for d in dims):
             raise ShapeError(f"{self.tag}: shape {dims} has a negative dimension")
         if math.prod(dims) > MAX_ELEMENTS:

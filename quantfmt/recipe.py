@@ -214,6 +214,11 @@ class Recipe:
         rules that decided a tensor, and (as -1 - i) of rules whose match protection overrode."""
         from .plugins import get_format
 
+        if get_format(src_tag).value_kind != "f":
+            # integer and bool buffers (position ids, masks) are data, not weights: never converted
+            if used is not None:
+                used.update(-1 - i for i, m in enumerate(self._matchers) if m(name))
+            return Step(name, src_tag, src_tag, "non-float kept")
         small = self.protect and protection(name, shape) is not None
         for i, ((pat, tag), match) in enumerate(zip(self.rules, self._matchers, strict=True)):
             if match(name):
@@ -279,8 +284,8 @@ class Recipe:
             if i in used:
                 continue
             if -1 - i in used:
-                msg = (f"rule {pat}={tag} matches only protected tensors (vectors, norms, biases), which keep "
-                       "their format: name them explicitly (no '*') to change them")
+                msg = (f"rule {pat}={tag} matches only protected tensors (vectors, norms, biases, integer "
+                       "buffers), which keep their format: name them explicitly (no '*') to change a float one")
             else:
                 msg = f"rule {pat}={tag} matches no tensor of the model"
             if strict:

@@ -43,6 +43,26 @@ class QTensor:
             data = fmt.quantize(w)
         return cls(name, fmt, w.shape, data)
 
+    @classmethod
+    def from_numpy(cls, a, name: str = "") -> QTensor:
+        """A tensor holding array `a` as it is, in the plain format of its dtype (F32, F16, F64,
+        I8..I64, U8..U64, BOOL): for buffers such as position ids, which are not quantized."""
+        from .plugins import formats
+
+        a = np.asarray(a)
+        for fmt in formats().values():
+            if fmt.native_dtype is not None and np.dtype(fmt.native_dtype) == a.dtype.newbyteorder("<"):
+                data = np.ascontiguousarray(a, dtype=fmt.native_dtype).reshape(-1).view(np.uint8)
+                return cls(name, fmt, a.shape, data)
+        raise errors.DTypeError(f"no plain format stores dtype {a.dtype}", tensor=name or None)
+
+    def to_numpy(self) -> np.ndarray:
+        """The values in their own dtype for plain formats (an int64 buffer stays int64); else
+        dequantize() (float32)."""
+        if self.fmt.native_dtype is not None:
+            return self.data.view(self.fmt.native_dtype).reshape(self.shape)
+        return self.dequantize()
+
     def _context(self):
         return errors.context(file=self.source, tensor=self.name or None)
 

@@ -344,7 +344,7 @@ class _Kit:
     def _bad_shapes(self):
         br, bc = self.fmt.block_shape
         rows, cols = self.shape
-        bad = [()]
+        bad = [] if (br, bc) == (1, 1) else [()]  # a plain format stores a scalar as one value
         if bc > 1:
             bad += [(rows, cols + 1), (rows, cols - 1), (rows, bc // 2 or 1)]
         if br > 1:

@@ -102,11 +102,11 @@ def test_unsupported_type_is_an_error_or_dequantized(tmp_path, monkeypatch):
     with read_gguf(p) as m:
         assert m["blk.0.q5"].tag == "F32"
     monkeypatch.delenv("QUANTFMT_GGUF_UNSUPPORTED")
-    # a ggml type the gguf package cannot dequantize either
-    write_sample(p2 := tmp_path / "i8.gguf", tensors={"ids": (np.arange(32, dtype=np.int8), T.I8)})
-    with pytest.raises(errors.FileFormatError, match="cannot dequantize ggml type I8") as e:
+    # a ggml type the gguf package cannot dequantize either (Q8_K: ggml's activation type)
+    write_sample(p2 := tmp_path / "q8k.gguf", tensors={"act": (np.zeros((1, 292), np.uint8), T.Q8_K)})
+    with pytest.raises(errors.FileFormatError, match="cannot dequantize ggml type Q8_K") as e:
         read_gguf(p2, unsupported="dequantize")
-    assert e.value.tensor == "ids"
+    assert e.value.tensor == "act"
 
 
 def test_custom_alignment_is_read(tmp_path):

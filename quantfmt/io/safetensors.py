@@ -56,7 +56,7 @@ RECIPE_KEY = "quantfmt.recipe"  # Model.metadata key of the recipe a file was ma
 MAX_HEADER_BYTES = 100_000_000
 MAX_RANK = 64
 # Tensors whose dtype *is* their format: stored natively so plain safetensors readers see floats.
-NATIVE_TAGS = ("F32", "F16", "BF16")
+NATIVE_TAGS = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL")
 # Every dtype the safetensors library knows, with its size in bytes (so a foreign file parses
 # and gets a precise error if it holds a dtype quantfmt cannot represent).
 DTYPE_SIZES = {

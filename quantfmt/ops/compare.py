@@ -60,11 +60,13 @@ def compare(path, tags: list[str], *, pattern: str | None = None, n_inputs: int 
     agg = {f.tag: {"bytes": 0, "weights": 0, "sig": 0.0, "noise": 0.0, "mm_err2": 0.0, "mm_ref2": 0.0,
                    "max_abs": 0.0, "tensors": 0} for f in fmts}
     with open_model(path) as model:
-        for name, t in model.items():
+        for info in model.sources():
+            name = info.name
             if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
                 continue
-            if len(t.shape) != 2:
-                continue
+            if len(info.shape) != 2 or get_format(info.tag).value_kind != "f":
+                continue  # only matrices of weights: vectors and integer buffers are not compared
+            t = model[name]
             w = None
             for f in fmts:
                 if not f.accepts(t.shape):
