@@ -1,0 +1,217 @@
+"""Q5_0: ggml's 5-bit format with one fp16 scale per 32 weights (5.5 bits per weight).
+
+Owns the Q5_0 layout, its numpy reference, its numba kernels and the Format class.
+
+One block = 32 consecutive weights of a row, 22 bytes:
+
+    bytes 0-1    d      fp16, little-endian: the scale
+    bytes 2-5    qh     uint32, little-endian: bit j = bit 4 (the fifth bit) of q[j], j = 0..31
+    bytes 6-21   qs[16] qs[j] = (q[j] & 15) | ((q[j+16] & 15) << 4): the low four bits of
+                        element j in the low nibble of byte j, of element j+16 in the high one
+    q = stored value in 0..31
+
+    weight w[j] = d * (q[j] - 16)
+
+Quantize (gguf-py's `quants.Q5_0`, byte for byte; ggml's quantize_row_q5_0_ref):
+    i   = first index of the largest |x|;  max = x[i]  (signed: the scale is negative when
+          the largest magnitude is positive, so that value maps to q = 0, i.e. -16*d)
+    d   = max / -16                         float32
+    id  = 1/d, or 0 if d == 0               float32
+    q   = min(31, trunc(x*id + 16.5))       two float32 roundings, never an FMA; x*id >= -16
+                                            up to rounding, so the sum is >= 0.49 and trunc
+                                            is the floor; the value opposite the max can reach
+                                            32.5 and is clipped to 31
+    d is stored as fp16 (round to nearest even). |max| >= 1048320 (= 65520*16) makes d
+    round to fp16 infinity: a RangeError. When |d| underflows fp16 the stored scale is 0
+    (or subnormal) while q still comes from the float32 id, exactly as gguf and ggml do.
+    If id is infinite (|max| < 2**-124), x*id is +-inf or NaN; ggml's (int8_t) cast and
+    numpy's cast both give 0 there: q = 0.
+    A zero block: d = 0, id = 0, q = trunc(16.5) = 16 everywhere (qh = 0xFFFFFFFF).
+
+qmatmul: ggml pairs Q5_0 with Q8_0 activations (ggml_vec_dot_q5_0_q8_0: per block the
+integer dot of (q - 16) with the activation quants, times d_w*d_x). See plugins/_i8tiles.py.
+ggml's quantize_q5_0 with importance weights (make_qx_quants) is not implemented here.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+import quantfmt
+from quantfmt.families import GGMLFormat
+
+from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
+from ._i8tiles import prepare_int8, qmatmul_int8
+
+BLOCK_BYTES = 22
+RULE = "a block's max |w| must stay below 1048320 (= 65520*16)"
+
+# ---- numpy reference: the formulas above, one block per row of a (n_blocks, 32) array ----
+
+
+def quantize_ref(w: np.ndarray) -> np.ndarray:
+    """float32 (rows, cols) -> bytes; raises RangeError like the kernel."""
+    x = np.ascontiguousarray(w, np.float32).reshape(-1, QK)
+    imax = np.abs(x).argmax(axis=-1)  # the first of equal maxima, as ggml's strict `<`
+    mx = x[np.arange(x.shape[0]), imax]
+    d = mx / np.float32(-16)
+    bad = ~(np.abs(d) < np.float32(65520))
+    if bad.any():
+        r, b = divmod(int(np.flatnonzero(bad)[0]), w.shape[1] // QK)
+        raise Q5_0().range_error(w, r, b)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        idd = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        t = np.trunc(x * idd[:, None] + np.float32(16.5))
+    t[~((t >= 0) & (t < 256))] = 0  # inf/NaN: both casts give 0
+    q = np.minimum(t, 31).astype(np.uint8)
+    return pack(d, q)
+
+
+def pack(d: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """float32 scales (n,) and values q uint8 (n, 32) in 0..31 -> Q5_0 bytes."""
+    out = np.empty((q.shape[0], BLOCK_BYTES), np.uint8)
+    out[:, 0:2] = d.astype(np.float16).view(np.uint16)[:, None].view(np.uint8)
+    out[:, 2:6] = np.packbits(q >> 4, axis=-1, bitorder="little")
+    out[:, 6:] = (q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)
+    return out.reshape(-1)
+
+
+def unpack(data: np.ndarray, rows: int, cols: int):
+    """Q5_0 bytes -> (q uint8 (rows, nb, 32) in 0..31, d float32 (rows, nb))."""
+    blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
+    d = fp16_table()[blk[..., 0].astype(np.uint16) | (blk[..., 1].astype(np.uint16) << 8)]
+    hi = np.unpackbits(blk[..., 2:6], axis=-1, bitorder="little")
+    lo = np.concatenate([blk[..., 6:] & 15, blk[..., 6:] >> 4], axis=-1)
+    return lo | (hi << 4), d
+
+
+def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    q, d = unpack(data, rows, cols)
+    return (d[..., None] * (q.astype(np.float32) - np.float32(16))).reshape(rows, cols)
+
+
+def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_q5_0_q8_0 for every (activation row, weight row): per block
+    sumi = sum((q_w - 16) * q_x), then sum over blocks of sumi * (d_w * d_x)."""
+    q, d = unpack(data, rows, cols)
+    return vec_dot_ref(q.astype(np.int64) - 16, d, x)
+
+
+# ---- numba kernels ------------------------------------------------------------------------
+# As Q4_0's (plugins/q4_0.py): run-time trip counts so the loops vectorize, the first
+# largest |x| by int32 reductions over the bits of |x|. No fastmath in quantize/dequantize:
+# FMA would change last bits.
+
+
+@numba.njit(cache=True)
+def _quantize_rows(w, out, bad, r0, r1):
+    nb = w.shape[1] // 32
+    qk = w.shape[1] // nb  # 32, hidden from LLVM (see q4_0._quantize_rows)
+    q = np.empty(32, np.uint8)
+    for r in range(r0, r1):
+        bad[r] = -1
+        for b in range(nb):
+            c0 = b * 32
+            amax = np.int32(0)
+            for j in range(qk):
+                a = np.float32(abs(w[r, c0 + j])).view(np.int32)
+                amax = a if a > amax else amax
+            first = np.int32(32)
+            for j in range(qk):
+                a = np.float32(abs(w[r, c0 + j])).view(np.int32)
+                cand = np.int32(j) if a == amax else np.int32(32)
+                first = cand if cand < first else first
+            d = w[r, c0 + first] / np.float32(-16.0)
+            if not (abs(d) < np.float32(65520.0)):
+                if bad[r] < 0:
+                    bad[r] = b
+                continue
+            idd = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            h = f32_to_f16_bits(d)
+            out[r, b, 0] = np.uint8(h & 0xFF)
+            out[r, b, 1] = np.uint8(h >> 8)
+            for j in range(qk):
+                t = np.floor(w[r, c0 + j] * idd + np.float32(16.5))
+                # floor == trunc on the valid range (t >= 0); inf and NaN become 0 like the casts
+                t = min(t, np.float32(31.0)) if (t >= 0 and t < 256) else np.float32(0.0)
+                q[j] = np.uint8(t)
+            qh = np.uint32(0)
+            for j in range(32):
+                qh |= np.uint32(q[j] >> 4) << np.uint32(j)
+            out[r, b, 2] = np.uint8(qh & 0xFF)
+            out[r, b, 3] = np.uint8((qh >> 8) & 0xFF)
+            out[r, b, 4] = np.uint8((qh >> 16) & 0xFF)
+            out[r, b, 5] = np.uint8(qh >> 24)
+            for j in range(16):
+                out[r, b, 6 + j] = np.uint8((q[j] & 15) | ((q[j + 16] & 15) << 4))
+
+
+@numba.njit(cache=True, parallel=True)
+def _quantize_kernel(w, out, bad):
+    rows = w.shape[0]
+    nchunk = max(1, min(rows, rows * w.shape[1] // 65536))  # ~64K weights per work item
+    for c in numba.prange(nchunk):
+        _quantize_rows(w, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+
+
+@numba.njit(cache=True)
+def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
+    nb = blocks.shape[1]
+    for k in range(k0, k1):
+        r = idx[k]
+        for b in range(nb):
+            d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
+            qh = (
+                np.int64(blocks[r, b, 2])
+                | (np.int64(blocks[r, b, 3]) << 8)
+                | (np.int64(blocks[r, b, 4]) << 16)
+                | (np.int64(blocks[r, b, 5]) << 24)
+            )
+            for j in range(half):
+                v = np.float32(blocks[r, b, 6 + j])
+                hi = np.floor(v * np.float32(0.0625))
+                lo = v - np.float32(16.0) * hi
+                # the fifth bits as 16 (or 0); value - 16 is exact, then one product, as gguf
+                b0 = np.float32(((qh >> j) & 1) * 16)
+                b1 = np.float32(((qh >> (j + 16)) & 1) * 16)
+                out[k, b * 32 + j] = d * (lo + b0 - np.float32(16.0))
+                out[k, b * 32 + 16 + j] = d * (hi + b1 - np.float32(16.0))
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(blocks, lut, idx, out):
+    n = idx.size
+    nchunk = max(1, min(n, n * out.shape[1] // 65536))
+    for c in numba.prange(nchunk):
+        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
+
+
+# ---- the format ---------------------------------------------------------------------------
+
+
+class Q5_0(GGMLFormat):
+    tag = "Q5_0"
+    version = 1
+    ggml_type = "Q5_0"
+    vec_dot_type = "Q8_0"
+    block_shape = (1, QK)
+    block_bytes = BLOCK_BYTES
+    modes = ("f32", "q8_0")
+    max_abs = 1048320.0
+    range_rule = RULE
+    summary = "ggml Q5_0: per 32 weights an fp16 scale d and 5-bit q, w = d*(q-16); gguf-identical bytes"
+    quantize_kernel = staticmethod(_quantize_kernel)
+    dequantize_kernel = staticmethod(_dequantize_kernel)
+
+    def prepare(self, data, rows, cols):
+        q, d = unpack(data, rows, cols)
+        return prepare_int8(q.view(np.int8) - np.int8(16), d)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return qmatmul_int8(prep, x, mode, self.tag)
+
+
+@quantfmt.hookimpl
+def register_formats(register):
+    register(Q5_0())
