@@ -40,17 +40,15 @@ integer dot of V[L] with the activation quants, times d_w*d_x). See plugins/_i8t
 
 from __future__ import annotations
 
-import contextvars
-
 import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.errors import NonFiniteError, ShapeError
 from quantfmt.families import GGMLFormat
 
 from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
 from ._i8tiles import prepare_int8, qmatmul_int8
+from ._weighted import ImportanceWeighted, current_weights
 
 BLOCK_BYTES = 18
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
@@ -245,7 +243,7 @@ def _quantize_weighted_kernel(w, qw, has_qw, out, bad, vf, bracket):
 
 
 def _quantize_kernel(w, out, bad):
-    qw = _QW.get()
+    qw = current_weights()
     has = qw is not None
     _quantize_weighted_kernel(w, qw if has else np.zeros(1, np.float32), has, out, bad, _VF, BRACKET)
 
@@ -275,15 +273,10 @@ def _dequantize_kernel(blocks, lut, idx, out):
     _dequantize_kernel_v(blocks, lut, _VF, idx, out)
 
 
-# quantize_weighted passes its importance weights to the kernel through this (per thread
-# and task, so concurrent quantize calls do not see each other's).
-_QW: contextvars.ContextVar = contextvars.ContextVar("iq4_nl_quant_weights", default=None)
-
-
 # ---- the format ---------------------------------------------------------------------------
 
 
-class IQ4N(GGMLFormat):
+class IQ4N(ImportanceWeighted, GGMLFormat):
     tag = "IQ4N"
     aliases = ("IQ4_NL",)
     version = 1
@@ -300,28 +293,6 @@ class IQ4N(GGMLFormat):
     )
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
-
-    def quantize_weighted(self, w, quant_weights) -> np.ndarray:
-        """quantize with ggml's importance weights: quant_weights, one non-negative float per
-        column (an imatrix row), as ggml's quantize_iq4_nl takes them."""
-        w = self._float_input(w, "weights")
-        cols = self.matrix_shape(w.shape)[1]
-        qw = np.ascontiguousarray(self._float_input(quant_weights, "quant_weights"), np.float32)
-        if qw.shape != (cols,):
-            raise ShapeError(
-                f"{self.tag}: quant_weights of shape {qw.shape} do not fit weights of shape {w.shape}: "
-                f"expected ({cols},), one per column"
-            )
-        if not np.isfinite(qw).all():
-            raise NonFiniteError(
-                f"{self.tag}: quant_weights hold a non-finite value at column "
-                f"{int(np.flatnonzero(~np.isfinite(qw))[0])}"
-            )
-        token = _QW.set(qw)
-        try:
-            return self.quantize(w)
-        finally:
-            _QW.reset(token)
 
     def prepare(self, data, rows, cols):
         v, d = unpack(data, rows, cols)
