@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 
+import numba
 import numpy as np
 
 from quantfmt.errors import NonFiniteError, ShapeError
@@ -46,3 +47,38 @@ class ImportanceWeighted:
             return self.quantize(w)
         finally:
             _QW.reset(token)
+
+
+# ---- arithmetic shared by ggml's weighted quantizers ------------------------------------------
+
+MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
+
+
+def nearest_int_ref(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int on float32 v: the low mantissa bits of v + 1.5*2**23, i.e. round half
+    to even for |v| <= 4194303 (ggml asserts that range; beyond it, and for inf/NaN, this is
+    what a build without asserts computes)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = (np.asarray(v, np.float32) + MAGIC).astype(np.float32)
+    return (s.view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+@numba.njit(cache=True, inline="always")
+def nearest_int(v):
+    s = np.float32(v + MAGIC)
+    return np.int64(s.view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def row_sigma2_ref(w: np.ndarray) -> np.ndarray:
+    """Per row, (sum of x*x over the whole row, in order) / cols: Q5_0's and Q5_1's sigma2."""
+    with np.errstate(over="ignore", under="ignore"):
+        s = np.add.accumulate(w * w, axis=1, dtype=np.float32)[:, -1]
+        return (s / np.float32(w.shape[1])).astype(np.float32)
+
+
+@numba.njit(cache=True)
+def row_sigma2(w, r):
+    s = np.float32(0.0)
+    for c in range(w.shape[1]):
+        s += w[r, c] * w[r, c]
+    return s / np.float32(w.shape[1])

@@ -30,7 +30,17 @@ Quantize (gguf-py's `quants.Q5_0`, byte for byte; ggml's quantize_row_q5_0_ref):
 
 qmatmul: ggml pairs Q5_0 with Q8_0 activations (ggml_vec_dot_q5_0_q8_0: per block the
 integer dot of (q - 16) with the activation quants, times d_w*d_x). See plugins/_i8tiles.py.
-ggml's quantize_q5_0 with importance weights (make_qx_quants) is not implemented here.
+With importance weights qw (one per column; `quantize_weighted`), ggml's quantize_q5_0 runs
+make_qx_quants instead (float32, one rounding per operation, sums over j = 0..31 in order):
+    sigma2 = (sum of x*x over the whole row, in order) / cols
+    wt[j]  = qw[j] * sqrt(sigma2 + x[j]*x[j])
+    max    = the signed first largest |x|; if its |x| < 1e-15: d = 0, q = 0 everywhere
+    fit(s) : l[j] = clamp(nearest_int(s*x[j]), -16, 15) (nearest_int: round half to even, by
+             adding 1.5*2**23); sumlx += (wt*x)*l; suml2 += (wt*l)*l
+    s = -16/max; fit(s); d = sumlx/suml2 (0 if suml2 == 0); best = d*sumlx
+    for k = -9..9 except 0: s' = -(16 + 0.1f*k)/max; fit(s'); if suml2 > 0 and
+             sumlx*sumlx > best*suml2: s = s', d = sumlx/suml2, best = d*sumlx
+    q[j] = l[j] + 16 from the final s; d stored as fp16 (RangeError as above).
 """
 
 from __future__ import annotations
@@ -43,8 +53,10 @@ from quantfmt.families import GGMLFormat
 
 from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
 from ._i8tiles import prepare_int8, qmatmul_int8
+from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest_int_ref, row_sigma2, row_sigma2_ref
 
 BLOCK_BYTES = 22
+GROUP_MAX_EPS = np.float32(1e-15)
 RULE = "a block's max |w| must stay below 1048320 (= 65520*16)"
 
 # ---- numpy reference: the formulas above, one block per row of a (n_blocks, 32) array ----
@@ -65,6 +77,51 @@ def quantize_ref(w: np.ndarray) -> np.ndarray:
         t = np.trunc(x * idd[:, None] + np.float32(16.5))
     t[~((t >= 0) & (t < 256))] = 0  # inf/NaN: both casts give 0
     q = np.minimum(t, 31).astype(np.uint8)
+    return pack(d, q)
+
+
+def _make_qx_ref(x: np.ndarray, wt: np.ndarray):
+    """ggml's make_qx_quants(32, nmax=16, x, L, rmse_type=1, wt) on blocks x, wt (n, 32):
+    (scale d (n,), q = L + 16 uint8 (n, 32))."""
+    n = x.shape[0]
+    mx = x[np.arange(n), np.abs(x).argmax(axis=1)]
+    small = np.abs(mx) < GROUP_MAX_EPS
+    mxs = np.where(small, np.float32(1), mx)  # keeps the arithmetic of skipped blocks finite
+
+    def fit(iscale):
+        ll = np.clip(nearest_int_ref(iscale[:, None] * x), -16, 15)
+        lf = ll.astype(np.float32)
+        sumlx = np.add.accumulate((wt * x) * lf, axis=1, dtype=np.float32)[:, -1]
+        suml2 = np.add.accumulate((wt * lf) * lf, axis=1, dtype=np.float32)[:, -1]
+        return ll, sumlx, suml2
+
+    L, sumlx, suml2 = fit(np.float32(-16) / mxs)
+    scale = np.where(suml2 != 0, sumlx / suml2, np.float32(0)).astype(np.float32)
+    best = scale * sumlx
+    for step in (*range(-9, 0), *range(1, 10)):
+        ll, sumlx, suml2 = fit(-(np.float32(16) + np.float32(0.1) * np.float32(step)) / mxs)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = np.where(better[:, None], ll, L)
+        scale = np.where(better, sumlx / suml2, scale).astype(np.float32)
+        best = np.where(better, scale * sumlx, best).astype(np.float32)
+    return np.where(small, np.float32(0), scale).astype(np.float32), np.where(small[:, None], 0, L + 16).astype(
+        np.uint8
+    )
+
+
+def quantize_weighted_ref(w: np.ndarray, quant_weights: np.ndarray) -> np.ndarray:
+    """ggml's quantize_q5_0 with importance weights (one per column); raises RangeError."""
+    rows, cols = w.shape
+    x = np.ascontiguousarray(w, np.float32)
+    with np.errstate(all="ignore"):
+        sigma2 = row_sigma2_ref(x)
+        qw = np.asarray(quant_weights, np.float32)[None, :]
+        wt = (qw * np.sqrt(sigma2[:, None] + x * x)).astype(np.float32)
+        d, q = _make_qx_ref(x.reshape(-1, QK), wt.reshape(-1, QK))
+    bad = ~(np.abs(d) < np.float32(65520))
+    if bad.any():
+        r, b = divmod(int(np.flatnonzero(bad)[0]), cols // QK)
+        raise Q5_0().range_error(w, r, b)
     return pack(d, q)
 
 
@@ -147,8 +204,85 @@ def _quantize_rows(w, out, bad, r0, r1):
                 out[r, b, 6 + j] = np.uint8((q[j] & 15) | ((q[j + 16] & 15) << 4))
 
 
+@numba.njit(cache=True)
+def _fit_qx(xb, wt, iscale):
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for j in range(32):
+        lf = np.float32(max(-16, min(15, nearest_int(iscale * xb[j]))))
+        sumlx += (wt[j] * xb[j]) * lf
+        suml2 += (wt[j] * lf) * lf
+    return sumlx, suml2
+
+
+@numba.njit(cache=True)
+def _quantize_rows_weighted(w, qw, out, bad, r0, r1):
+    # ggml's quantize_row_q5_0_impl with quant_weights (make_qx_quants), see quantize_weighted_ref
+    nb = w.shape[1] // 32
+    wt = np.empty(32, np.float32)
+    q = np.empty(32, np.uint8)
+    for r in range(r0, r1):
+        bad[r] = -1
+        sigma2 = row_sigma2(w, r)
+        for b in range(nb):
+            xb = w[r, b * 32 : b * 32 + 32]
+            for j in range(32):
+                wt[j] = qw[b * 32 + j] * np.sqrt(sigma2 + xb[j] * xb[j])
+            amax = np.float32(0.0)
+            mx = np.float32(0.0)
+            for j in range(32):
+                if abs(xb[j]) > amax:
+                    amax = abs(xb[j])
+                    mx = xb[j]
+            scale = np.float32(0.0)
+            iscale = np.float32(0.0)
+            if amax < GROUP_MAX_EPS:
+                for j in range(32):
+                    q[j] = 0
+            else:
+                iscale = np.float32(-16.0) / mx
+                sumlx, suml2 = _fit_qx(xb, wt, iscale)
+                scale = sumlx / suml2 if suml2 != 0 else np.float32(0.0)
+                best = scale * sumlx
+                for step in range(-9, 10):
+                    if step == 0:
+                        continue
+                    isc = -(np.float32(16.0) + np.float32(0.1) * np.float32(step)) / mx
+                    sumlx, suml2 = _fit_qx(xb, wt, isc)
+                    if suml2 > 0 and sumlx * sumlx > best * suml2:
+                        iscale = isc
+                        scale = sumlx / suml2
+                        best = scale * sumlx
+                for j in range(32):  # the L of the winning iscale
+                    q[j] = np.uint8(max(-16, min(15, nearest_int(iscale * xb[j]))) + 16)
+            if not (abs(scale) < np.float32(65520.0)):
+                if bad[r] < 0:
+                    bad[r] = b
+                continue
+            h = f32_to_f16_bits(scale)
+            out[r, b, 0] = np.uint8(h & 0xFF)
+            out[r, b, 1] = np.uint8(h >> 8)
+            qh = np.uint32(0)
+            for j in range(32):
+                qh |= np.uint32(q[j] >> 4) << np.uint32(j)
+            out[r, b, 2] = np.uint8(qh & 0xFF)
+            out[r, b, 3] = np.uint8((qh >> 8) & 0xFF)
+            out[r, b, 4] = np.uint8((qh >> 16) & 0xFF)
+            out[r, b, 5] = np.uint8(qh >> 24)
+            for j in range(16):
+                out[r, b, 6 + j] = np.uint8((q[j] & 15) | ((q[j + 16] & 15) << 4))
+
+
 @numba.njit(cache=True, parallel=True)
-def _quantize_kernel(w, out, bad):
+def _quantize_weighted_kernel(w, qw, out, bad):
+    rows = w.shape[0]
+    nchunk = max(1, min(rows, rows * w.shape[1] // 32768))
+    for c in numba.prange(nchunk):
+        _quantize_rows_weighted(w, qw, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+
+
+@numba.njit(cache=True, parallel=True)
+def _quantize_plain_kernel(w, out, bad):
     rows = w.shape[0]
     nchunk = max(1, min(rows, rows * w.shape[1] // 65536))  # ~64K weights per work item
     for c in numba.prange(nchunk):
@@ -190,7 +324,15 @@ def _dequantize_kernel(blocks, lut, idx, out):
 # ---- the format ---------------------------------------------------------------------------
 
 
-class Q5_0(GGMLFormat):
+def _quantize_kernel(w, out, bad):
+    qw = current_weights()
+    if qw is None:
+        _quantize_plain_kernel(w, out, bad)
+    else:
+        _quantize_weighted_kernel(w, qw, out, bad)
+
+
+class Q5_0(ImportanceWeighted, GGMLFormat):
     tag = "Q5_0"
     version = 1
     ggml_type = "Q5_0"
