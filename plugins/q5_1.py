@@ -29,7 +29,21 @@ Quantize (gguf-py's `quants.Q5_1`, byte for byte; ggml's quantize_row_q5_1_ref):
 
 qmatmul: ggml pairs Q5_1 with Q8_1 activations (ggml_vec_dot_q5_1_q8_1: per block
 sumi * (d_w*d_x) + m_w * s_x, s_x = fp16(d_x * sum(q_x))). See plugins/_i8tiles.py.
-ggml's quantize_q5_1 with importance weights (make_qkx3_quants) is not implemented here.
+With importance weights qw (one per column; `quantize_weighted`), ggml's quantize_q5_1 runs
+make_qkx3_quants(nmax 31, rmin -0.9, rdelta 0.05, nstep 36, squared errors) instead (float32,
+one rounding per operation, sums over j = 0..31 in order; nearest_int rounds half to even):
+    sigma2 = (sum of x*x over the whole row, in order) / cols;  wt[j] = qw[j]*sqrt(sigma2 + x*x)
+    min, max = first extremes; sum_w = sum wt; sum_x = sum wt*x; if min > 0: min = 0
+    max <= min: d = 0, m = min, q = 0
+    s = 31/(max - min); d = 1/s; L = clamp(nearest_int(s*(x - min)), 0, 31)
+    best = sum wt*((d*L + min) - x)**2
+    for k = 0..36: s = ((-0.9f + 0.05f*k) + 31)/(max - min)  [min as updated so far]
+        La = clamp(nearest_int(s*(x - min)), 0, 31); sum_l = sum wt*La;
+        sum_l2 = sum (wt*La)*La; sum_xl = sum (wt*La)*x; D = sum_w*sum_l2 - sum_l*sum_l
+        if D > 0: d' = (sum_w*sum_xl - sum_x*sum_l)/D; m' = (sum_l2*sum_x - sum_l*sum_xl)/D
+            if m' > 0: m' = 0, d' = sum_xl/sum_l2
+            e = sum wt*((d'*La + m') - x)**2; if e < best: L = La, best = e, d = d', min = m'
+    store fp16(d), m = fp16(min), q = L (RangeError as above).
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ from quantfmt.families import GGMLFormat
 
 from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
 from ._i8tiles import prepare_int8, qmatmul_int8
+from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest_int_ref, row_sigma2, row_sigma2_ref
 
 BLOCK_BYTES = 24
 RULE = "needs max - min below 2031120 (= 65520*31) and |min| below 65520"
@@ -78,6 +93,71 @@ def quantize_ref(w: np.ndarray) -> np.ndarray:
     return out.reshape(-1)
 
 
+def _acc(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis in order (j = 0, 1, ...), in float32."""
+    return np.add.accumulate(a, axis=-1, dtype=np.float32)[..., -1]
+
+
+def _make_qkx3_ref(x: np.ndarray, wt: np.ndarray):
+    """ggml's make_qkx3_quants(32, nmax=31, x, wt, L, &min, Laux, -0.9f, 0.05f, 36, false) on
+    blocks x, wt (n, 32): (d (n,), m (n,), q uint8 (n, 32))."""
+    mn = _first_extreme(x, x.min(axis=-1))
+    mx = _first_extreme(x, x.max(axis=-1))
+    sum_w = _acc(wt)
+    sum_x = _acc(wt * x)
+    mn = np.where(mn > 0, np.float32(0), mn).astype(np.float32)
+    flat = ~(mx > mn)  # max <= min: L = 0, d = 0, m = min
+    mx = np.where(flat, mn + np.float32(1), mx).astype(np.float32)  # keeps skipped blocks finite
+    iscale = np.float32(31) / (mx - mn)
+    scale = (np.float32(1) / iscale).astype(np.float32)
+    L = np.clip(nearest_int_ref(iscale[:, None] * (x - mn[:, None])), 0, 31)
+    lf = L.astype(np.float32)
+    diff = (scale[:, None] * lf + mn[:, None]) - x
+    best_mad = _acc(wt * (diff * diff))
+    for step in range(37):
+        iscale = ((np.float32(-0.9) + np.float32(0.05) * np.float32(step)) + np.float32(31)) / (mx - mn)
+        la = np.clip(nearest_int_ref(iscale[:, None] * (x - mn[:, None])), 0, 31)
+        lf = la.astype(np.float32)
+        wl = wt * lf
+        sum_l, sum_l2, sum_xl = _acc(wl), _acc(wl * lf), _acc(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        this_min = np.where(pos, np.float32(0), this_min).astype(np.float32)
+        this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(np.float32)
+        diff = (this_scale[:, None] * lf + this_min[:, None]) - x
+        mad = _acc(wt * (diff * diff))
+        upd = (D > 0) & (mad < best_mad)
+        L = np.where(upd[:, None], la, L)
+        best_mad = np.where(upd, mad, best_mad).astype(np.float32)
+        scale = np.where(upd, this_scale, scale).astype(np.float32)
+        mn = np.where(upd, this_min, mn).astype(np.float32)
+    d = np.where(flat, np.float32(0), scale).astype(np.float32)
+    return d, mn, np.where(flat[:, None], 0, L).astype(np.uint8)
+
+
+def quantize_weighted_ref(w: np.ndarray, quant_weights: np.ndarray) -> np.ndarray:
+    """ggml's quantize_q5_1 with importance weights (one per column); raises RangeError."""
+    rows, cols = w.shape
+    x = np.ascontiguousarray(w, np.float32)
+    with np.errstate(all="ignore"):
+        sigma2 = row_sigma2_ref(x)
+        qw = np.asarray(quant_weights, np.float32)[None, :]
+        wt = (qw * np.sqrt(sigma2[:, None] + x * x)).astype(np.float32)
+        d, mn, q = _make_qkx3_ref(x.reshape(-1, QK), wt.reshape(-1, QK))
+    bad = ~((np.abs(d) < np.float32(65520)) & (np.abs(mn) < np.float32(65520)))
+    if bad.any():
+        r, b = divmod(int(np.flatnonzero(bad)[0]), cols // QK)
+        raise Q5_1().range_error(w, r, b)
+    out = np.empty((q.shape[0], BLOCK_BYTES), np.uint8)
+    out[:, 0:2] = d.astype(np.float16).view(np.uint16)[:, None].view(np.uint8)
+    out[:, 2:4] = mn.astype(np.float16).view(np.uint16)[:, None].view(np.uint8)
+    out[:, 4:8] = np.packbits(q >> 4, axis=-1, bitorder="little")
+    out[:, 8:] = (q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)
+    return out.reshape(-1)
+
+
 def unpack(data: np.ndarray, rows: int, cols: int):
     """Q5_1 bytes -> (q uint8 (rows, nb, 32) in 0..31, d, m float32 (rows, nb))."""
     blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
@@ -106,7 +186,7 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 
 
 @numba.njit(cache=True, parallel=True)
-def _quantize_kernel(w, out, bad):
+def _quantize_plain_kernel(w, out, bad):
     rows, cols = w.shape
     nb = cols // 32
     for r in numba.prange(rows):
@@ -149,6 +229,111 @@ def _quantize_kernel(w, out, bad):
 
 
 @numba.njit(cache=True)
+def _quantize_rows_weighted(w, qw, out, bad, r0, r1):
+    # ggml's quantize_row_q5_1_impl with quant_weights (make_qkx3_quants), see quantize_weighted_ref
+    nb = w.shape[1] // 32
+    wt = np.empty(32, np.float32)
+    L = np.empty(32, np.int64)
+    la = np.empty(32, np.int64)
+    for r in range(r0, r1):
+        bad[r] = -1
+        sigma2 = row_sigma2(w, r)
+        for b in range(nb):
+            xb = w[r, b * 32 : b * 32 + 32]
+            for j in range(32):
+                wt[j] = qw[b * 32 + j] * np.sqrt(sigma2 + xb[j] * xb[j])
+            mn = xb[0]
+            mx = xb[0]
+            sum_w = wt[0]
+            sum_x = sum_w * xb[0]
+            for j in range(1, 32):
+                if xb[j] < mn:
+                    mn = xb[j]
+                if xb[j] > mx:
+                    mx = xb[j]
+                sum_w += wt[j]
+                sum_x += wt[j] * xb[j]
+            if mn > 0:
+                mn = np.float32(0.0)
+            scale = np.float32(0.0)
+            if not (mx > mn):
+                for j in range(32):
+                    L[j] = 0
+            else:
+                iscale = np.float32(31.0) / (mx - mn)
+                scale = np.float32(1.0) / iscale
+                best_mad = np.float32(0.0)
+                for j in range(32):
+                    L[j] = max(0, min(31, nearest_int(iscale * (xb[j] - mn))))
+                    diff = (scale * np.float32(L[j]) + mn) - xb[j]
+                    best_mad += wt[j] * (diff * diff)
+                for step in range(37):
+                    iscale = ((np.float32(-0.9) + np.float32(0.05) * np.float32(step)) + np.float32(31.0)) / (mx - mn)
+                    sum_l = np.float32(0.0)
+                    sum_l2 = np.float32(0.0)
+                    sum_xl = np.float32(0.0)
+                    for j in range(32):
+                        la[j] = max(0, min(31, nearest_int(iscale * (xb[j] - mn))))
+                        wl = wt[j] * np.float32(la[j])
+                        sum_l += wl
+                        sum_l2 += wl * np.float32(la[j])
+                        sum_xl += wl * xb[j]
+                    D = sum_w * sum_l2 - sum_l * sum_l
+                    if D > 0:
+                        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+                        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+                        if this_min > 0:
+                            this_min = np.float32(0.0)
+                            this_scale = sum_xl / sum_l2
+                        mad = np.float32(0.0)
+                        for j in range(32):
+                            diff = (this_scale * np.float32(la[j]) + this_min) - xb[j]
+                            mad += wt[j] * (diff * diff)
+                        if mad < best_mad:
+                            for j in range(32):
+                                L[j] = la[j]
+                            best_mad = mad
+                            scale = this_scale
+                            mn = this_min
+            if not (abs(scale) < np.float32(65520.0) and abs(mn) < np.float32(65520.0)):
+                if bad[r] < 0:
+                    bad[r] = b
+                continue
+            hd = f32_to_f16_bits(scale)
+            hm = f32_to_f16_bits(mn)
+            o = out[r, b]
+            o[0] = np.uint8(hd & 0xFF)
+            o[1] = np.uint8(hd >> 8)
+            o[2] = np.uint8(hm & 0xFF)
+            o[3] = np.uint8(hm >> 8)
+            qh = np.uint32(0)
+            for j in range(32):
+                qh |= np.uint32(L[j] >> 4) << np.uint32(j)
+            o[4] = np.uint8(qh & 0xFF)
+            o[5] = np.uint8((qh >> 8) & 0xFF)
+            o[6] = np.uint8((qh >> 16) & 0xFF)
+            o[7] = np.uint8(qh >> 24)
+            for j in range(16):
+                o[8 + j] = np.uint8((L[j] & 15) | ((L[j + 16] & 15) << 4))
+
+
+@numba.njit(cache=True, parallel=True)
+def _quantize_weighted_kernel(w, qw, out, bad):
+    rows = w.shape[0]
+    nchunk = max(1, min(rows, rows * w.shape[1] // 32768))
+    for c in numba.prange(nchunk):
+        _quantize_rows_weighted(w, qw, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+
+
+def _quantize_kernel(w, out, bad):
+    qw = current_weights()
+    if qw is None:
+        _quantize_plain_kernel(w, out, bad)
+    else:
+        _quantize_weighted_kernel(w, qw, out, bad)
+
+
+@numba.njit(cache=True)
 def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
     nb = blocks.shape[1]
     for k in range(k0, k1):
@@ -183,7 +368,7 @@ def _dequantize_kernel(blocks, lut, idx, out):
 # ---- the format ---------------------------------------------------------------------------
 
 
-class Q5_1(GGMLFormat):
+class Q5_1(ImportanceWeighted, GGMLFormat):
     tag = "Q5_1"
     version = 1
     ggml_type = "Q5_1"
