@@ -287,10 +287,7 @@ class IQ4N(ImportanceWeighted, GGMLFormat):
     modes = ("f32", "q8_0")
     max_abs = 6.9e6
     range_rule = RULE
-    summary = (
-        "ggml IQ4_NL: per 32 weights an fp16 scale d and 4-bit indices into a non-linear table, "
-        "w = d*V[L]; ggml-identical bytes"
-    )
+    summary = "ggml IQ4_NL: per 32 weights an fp16 scale d and 4-bit indices into a 16-value table, w = d*V[L]"
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
 

@@ -198,10 +198,7 @@ class MXF4(GGMLFormat):
     modes = ("f32", "q8_0")
     max_abs = None  # the E8M0 scale covers all of float32
     range_rule = "none (an E8M0 scale holds every float32 magnitude)"
-    summary = (
-        "MXFP4 (OCP microscaling, ggml layout): per 32 weights an E8M0 scale and 4-bit E2M1 values; "
-        "gguf-identical bytes"
-    )
+    summary = "MXFP4 (OCP microscaling): per 32 weights an E8M0 scale and 4-bit E2M1 values; gguf-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
