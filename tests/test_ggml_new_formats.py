@@ -18,6 +18,9 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from quantfmt_formats import iq4_nl, mxfp4, q5_0, q5_1
 
 from quantfmt import get_format
@@ -193,6 +196,42 @@ def test_quantize_kernel_equals_reference_and_gguf(tag):
             assert_same_bytes_except_zero_signs(tag, w, ours, gguf_bytes(w, tag))
         n_blocks += w.size // 32
     assert n_blocks > 400
+
+
+EDGE = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 2.0**-149, -(2.0**-149), 2.0**-126, 1e-15, 65504.0, -65504.0]
+
+
+def block_arrays(limit):
+    limit = float(np.float32(limit))
+    finite = st.floats(-limit, limit, width=32, allow_nan=False, allow_infinity=False)
+    elements = st.one_of(finite, st.sampled_from(EDGE))
+    shapes = st.tuples(st.integers(1, 3), st.integers(1, 3).map(lambda b: 32 * b))
+    return shapes.flatmap(lambda s: hnp.arrays(np.float32, s, elements=elements))
+
+
+@pytest.mark.parametrize("tag", TAGS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_quantize_hypothesis(tag, data):
+    limit = {"Q5_0": 1048000.0, "Q5_1": 32000.0, "IQ4N": 6.8e6, "MXF4": 3e38}[tag]
+    w = data.draw(block_arrays(limit))
+    scale = data.draw(st.sampled_from([1.0, 1e-3, 1e-20, 2.0**-140]))
+    w = (w * np.float32(scale)).astype(np.float32)
+    fmt, mod = get_format(tag), MODULES[tag]
+    ours = fmt.quantize(w)
+    np.testing.assert_array_equal(ours, mod.quantize_ref(w))
+    if tag in GGUF_QUANTIZES:
+        assert_same_bytes_except_zero_signs(tag, w, ours, gguf_bytes(w, tag))
+    assert same_bits(fmt.dequantize(ours, w.shape), mod.dequantize_ref(ours, *w.shape))
+    if tag in WEIGHTED:
+        qw = data.draw(hnp.arrays(np.float32, w.shape[1], elements=st.floats(0, 100, width=32)))
+        try:
+            ours = fmt.quantize_weighted(w, qw)
+        except RangeError:
+            with pytest.raises(RangeError):
+                weighted_ref(tag, w, qw)
+            return
+        np.testing.assert_array_equal(ours, weighted_ref(tag, w, qw))
 
 
 def golden(tag):
