@@ -12,7 +12,8 @@ One block = 32 consecutive weights of a row, 18 bytes (Q4_0's layout, other mean
 
 Quantize: ggml's `quantize_iq4_nl` (what ggml_quantize_chunk and llama-quantize run; the
 gguf package has no IQ4_NL quantizer), i.e. quantize_row_iq4_nl_impl with one 32-block per
-super-block and ntry = 7. All arithmetic float32, one rounding per operation, in this order,
+super-block and ntry = 7. (ggml's quantize_row_iq4_nl_ref calls it with ntry = -1, which
+skips the search: not what model files hold.) All arithmetic float32, one rounding per operation, in this order,
 sums accumulated j = 0, 1, ..., 31:
     weights    without importance weights: wt[j] = x[j]*x[j]
                with importance weights qw (one per column, as ggml's imatrix):

@@ -62,8 +62,10 @@ RULE = "a block's max |w| must stay below 1048320 (= 65520*16)"
 # ---- numpy reference: the formulas above, one block per row of a (n_blocks, 32) array ----
 
 
-def quantize_ref(w: np.ndarray) -> np.ndarray:
-    """float32 (rows, cols) -> bytes; raises RangeError like the kernel."""
+def quantize_ref(w: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+    """float32 (rows, cols) -> bytes; quant_weights (cols,) or None; raises RangeError like the kernel."""
+    if quant_weights is not None:
+        return quantize_weighted_ref(w, quant_weights)
     x = np.ascontiguousarray(w, np.float32).reshape(-1, QK)
     imax = np.abs(x).argmax(axis=-1)  # the first of equal maxima, as ggml's strict `<`
     mx = x[np.arange(x.shape[0]), imax]

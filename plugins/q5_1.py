@@ -70,7 +70,10 @@ def _first_extreme(x: np.ndarray, v: np.ndarray) -> np.ndarray:
     return x[np.arange(x.shape[0]), i]
 
 
-def quantize_ref(w: np.ndarray) -> np.ndarray:
+def quantize_ref(w: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+    """float32 (rows, cols) -> bytes; quant_weights (cols,) or None; raises RangeError like the kernel."""
+    if quant_weights is not None:
+        return quantize_weighted_ref(w, quant_weights)
     x = np.ascontiguousarray(w, np.float32).reshape(-1, QK)
     mn = _first_extreme(x, x.min(axis=-1))
     mx = _first_extreme(x, x.max(axis=-1))

@@ -36,8 +36,7 @@ WEIGHTED = ("Q5_0", "Q5_1", "IQ4N")  # formats whose ggml quantizer takes import
 
 
 def weighted_ref(tag, w, qw):
-    mod = MODULES[tag]
-    return mod.quantize_ref(w, qw) if tag == "IQ4N" else mod.quantize_weighted_ref(w, qw)
+    return MODULES[tag].quantize_ref(w, qw)
 
 
 def f32(a):
