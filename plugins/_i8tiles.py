@@ -19,10 +19,11 @@ a later step.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from ._ggml import QK, fp16_table, quantize_activations
-from ._qtiles import BLAS_MIN_ROWS, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
+from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
 from .q8_0 import _tiles_dot, dequant_tiles
 
 
@@ -52,15 +53,30 @@ def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarr
         else:
             out = _kernel(prep, pad_blocks(qx.astype(np.float32), nbp).reshape(n, -1), pad_blocks(dx, nbp))
         if has_m:
-            out += lut[s16] @ prep.m.T
+            _add_offsets(out, lut[s16], prep.m)
         return out
     if n >= BLAS_MIN_ROWS:
         out = blas_matmul(dequant_tiles, prep, x)
     else:
         out = _kernel(prep, pad_cols(x, nbp), np.ones((n, nbp), np.float32))
     if has_m:
-        out += x.reshape(n, nb, QK).sum(-1, dtype=np.float32) @ prep.m.T
+        _add_offsets(out, x.reshape(n, nb, QK).sum(-1, dtype=np.float32), prep.m)
     return out
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _add_offsets(out, s, m):
+    # out[i, r] += sum_b s[i, b] * m[r, b]. A small product (n x nb x rows), but through BLAS it
+    # took ~14 ms where the tile kernel took 2-3 ms: on a loaded machine every BLAS call waits
+    # at its thread barrier for a descheduled thread (see _qtiles.CHUNK_BYTES). Here it runs in
+    # numba's threads, which the tile kernel has just used.
+    n, nb = s.shape
+    for r in numba.prange(m.shape[0]):
+        for i in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                acc += s[i, b] * m[r, b]
+            out[i, r] += acc
 
 
 def _kernel(prep: Prepared, xs: np.ndarray, cx: np.ndarray) -> np.ndarray:
