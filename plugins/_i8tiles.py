@@ -1,0 +1,87 @@
+"""qmatmul for ggml formats whose weights are small integers times a per-block scale.
+
+Owns the first-version qmatmul of Q5_0, Q5_1, IQ4_NL and MXFP4: prepare() decodes each
+block to its integer values (Q5_0: q - 16; Q5_1: q; IQ4_NL and MXFP4: the table value
+of each 4-bit index) as int8, and its scale as float32, and repacks them into Q8_0's row
+tiles (plugins/_qtiles.py); Q8_0's kernels (plugins/q8_0.py, "fast qmatmul") then do the
+work unchanged, since they compute exactly sum over blocks of d * sum_j(q_j * x_j):
+    mode "f32":  x as floats;
+    mode "q8_0": x quantized to Q8_0 blocks as ggml-cpu does (plugins/_ggml.py), the int8
+                 products summed exactly in float32, i.e. ggml's integer dot, times d_w*d_x.
+Q5_1's per-block offset m adds sum_b m_b * S_b, S_b being the block sum of x (mode "f32")
+or ggml's fp16 s = d_x*sum(q_x) of the Q8_1 activation block (mode "q8_0", as
+ggml_vec_dot_q5_1_q8_1 pairs it); that term is one small matrix product over blocks.
+
+The cost: 1 byte per weight in the tiles where the file has 4.25-6 bits, i.e. memory
+bandwidth of Q8_0 rather than of the format. Kernels that read the packed nibbles are
+a later step.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._ggml import QK, fp16_table, quantize_activations
+from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
+from .q8_0 import _tiles_dot, dequant_tiles
+
+
+def prepare_int8(q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> Prepared:
+    """q int8 (rows, nb, 32) block values, d float32 (rows, nb) scales, m float32 (rows, nb)
+    offsets or None -> Q8_0 tiles. Here Prepared.m holds the offsets untiled, (rows, nb),
+    or an empty array: only this module's qmatmul reads it."""
+    rows, nb = d.shape
+    qt = tile_units(np.ascontiguousarray(q).view(np.uint8), rows, 0, 1).view(np.int8)[..., 0]
+    mm = np.zeros((0, 0), np.float32) if m is None else np.ascontiguousarray(m, np.float32)
+    return Prepared(rows, nb * QK, qt, to_tiles(np.ascontiguousarray(d, np.float32), rows), mm)
+
+
+def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
+    """x (n, cols) float32 @ W.T for a Prepared from prepare_int8."""
+    n, cols = x.shape
+    nbp = prep.nbp
+    nb = cols // QK
+    has_m = prep.m.size > 0
+    lut = fp16_table()
+    if mode == "q8_0":
+        d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
+        dx = lut[d16]
+        if n >= BLAS_MIN_ROWS:
+            # sgemm on exact float products d_w*q_w and d_x*q_x
+            out = blas_matmul(dequant_tiles, prep, (qx.astype(np.float32) * dx[:, :, None]).reshape(n, -1))
+        else:
+            out = _kernel(prep, pad_blocks(qx.astype(np.float32), nbp).reshape(n, -1), pad_blocks(dx, nbp))
+        if has_m:
+            _add_offsets(out, lut[s16], prep.m)
+        return out
+    if n >= BLAS_MIN_ROWS:
+        out = blas_matmul(dequant_tiles, prep, x)
+    else:
+        out = _kernel(prep, pad_cols(x, nbp), np.ones((n, nbp), np.float32))
+    if has_m:
+        _add_offsets(out, x.reshape(n, nb, QK).sum(-1, dtype=np.float32), prep.m)
+    return out
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _add_offsets(out, s, m):
+    # out[i, r] += sum_b s[i, b] * m[r, b]. A small product (n x nb x rows), but through BLAS it
+    # took ~14 ms where the tile kernel took 2-3 ms: on a loaded machine every BLAS call waits
+    # at its thread barrier for a descheduled thread (see _qtiles.CHUNK_BYTES). Here it runs in
+    # numba's threads, which the tile kernel has just used.
+    n, nb = s.shape
+    for r in numba.prange(m.shape[0]):
+        for i in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                acc += s[i, b] * m[r, b]
+            out[i, r] += acc
+
+
+def _kernel(prep: Prepared, xs: np.ndarray, cx: np.ndarray) -> np.ndarray:
+    n = xs.shape[0]
+    out = np.empty((n, prep.tiles * T), np.float32)
+    for i in range(n):
+        _tiles_dot(prep.q, prep.d, xs[i], cx[i], out[i])
+    return out[:, : prep.rows]

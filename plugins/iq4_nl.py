@@ -1,0 +1,311 @@
+"""IQ4_NL (tag IQ4N): ggml's 4-bit non-linear format, one fp16 scale per 32 weights (4.5 bits per weight).
+
+Owns the IQ4_NL layout, its numpy reference, its numba kernels and the Format class.
+
+One block = 32 consecutive weights of a row, 18 bytes (Q4_0's layout, other meaning):
+
+    bytes 0-1    d      fp16, little-endian: the scale
+    bytes 2-17   qs[16] qs[j] = L[j] | (L[j+16] << 4): 4-bit indices into the table V
+
+    V = kvalues_iq4nl = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+    weight w[j] = d * V[L[j]]           (one float32 product)
+
+Quantize: ggml's `quantize_iq4_nl` (what ggml_quantize_chunk and llama-quantize run; the
+gguf package has no IQ4_NL quantizer), i.e. quantize_row_iq4_nl_impl with one 32-block per
+super-block and ntry = 7. (ggml's quantize_row_iq4_nl_ref calls it with ntry = -1, which
+skips the search: not what model files hold.) All arithmetic float32, one rounding per operation, in this order,
+sums accumulated j = 0, 1, ..., 31:
+    weights    without importance weights: wt[j] = x[j]*x[j]
+               with importance weights qw (one per column, as ggml's imatrix):
+               sigma2 = (sum of x[j]*x[j]) * 0.0625;  wt[j] = qw[j] * sqrt(sigma2 + x[j]*x[j])
+    amax, max  the first largest |x| and its signed value (strict >, from 0)
+    amax < 1e-15f: d = 0 and every L = best(0) = 8 (the value 1): the block decodes to zeros
+    best(a)    the index of V nearest to a: 0 if a <= -127, 15 if a >= 113, else with
+               V[l] <= a < V[l+1]: l if (a - V[l]) < (V[l+1] - a) else l+1 (a tie goes up);
+               NaN gives 14 (ggml's binary search)
+    fit(id)    for j: L = best(id*x[j]); q = V[L]; sumqx += (wt*q)*x; sumq2 += (wt*q)*q
+    first      d = max / 127 (i.e. -max / V[0]); id = 1/d; fit(id);
+               d = sumqx/sumq2 if sumq2 > 0 else 0;  best = d*sumqx
+    search     for itry = -7..7: id = (itry - 127) / max; fit(id);
+               if sumq2 > 0 and sumqx*sumqx > best*sumq2: d = sumqx/sumq2; best = d*sumqx
+               (products that overflow to inf, or underflow to 0, compare as IEEE says: for
+               large or tiny blocks the search can keep the first d)
+    store      fp16(d); id = 1/d (0 if d == 0); L[j] = best(id*x[j])
+    |d| >= 65520 (fp16 infinity) is a RangeError. d is a weighted mean of x[j]/V[L[j]]; over
+    all blocks |d| <= max|x|/106.09 (a bound found by maximizing that mean), so any block with
+    max |x| below 6.9e6 quantizes (without importance weights: with them there is no such bound).
+
+qmatmul: ggml pairs IQ4_NL with Q8_0 activations (ggml_vec_dot_iq4_nl_q8_0: per block the
+integer dot of V[L] with the activation quants, times d_w*d_x). See plugins/_i8tiles.py.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+import quantfmt
+from quantfmt.families import GGMLFormat
+
+from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
+from ._i8tiles import prepare_int8, qmatmul_int8
+from ._weighted import ImportanceWeighted, current_weights
+
+BLOCK_BYTES = 18
+KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+NTRY = 7
+GROUP_MAX_EPS = np.float32(1e-15)
+RULE = "its fitted scale d must stay below 65520 in magnitude (any block with max |w| below 6.9e6 fits)"
+
+_VF = KVALUES.astype(np.float32)
+# For a in (-127, 113): BRACKET[floor(a) + 127] = l with V[l] <= a < V[l+1] (V are integers).
+BRACKET = (np.searchsorted(KVALUES, np.arange(-127, 113), side="right") - 1).astype(np.int8)
+
+# ---- numpy reference ----------------------------------------------------------------------
+
+
+def best_index_ref(a: np.ndarray) -> np.ndarray:
+    """ggml's best_index_int8(16, kvalues_iq4nl, a), elementwise on float32 a."""
+    a = np.asarray(a, np.float32)
+    with np.errstate(invalid="ignore"):
+        mu = np.clip(np.searchsorted(_VF, a, side="right"), 1, 15)
+        lo, hi = _VF[mu - 1], _VF[mu]
+        out = np.where((a - lo) < (hi - a), mu - 1, mu)
+        out = np.where(a <= _VF[0], 0, np.where(a >= _VF[15], 15, out))
+    return np.where(np.isnan(a), 14, out).astype(np.uint8)
+
+
+def _fit_ref(x, wt, idd):
+    """(L, sumqx, sumq2) for scales idd (n,), sums in ggml's order (sequential over j)."""
+    L = best_index_ref(x * idd[:, None])
+    q = _VF[L]
+    wq = wt * q
+    sumqx = np.add.accumulate(wq * x, axis=1, dtype=np.float32)[:, -1]
+    sumq2 = np.add.accumulate(wq * q, axis=1, dtype=np.float32)[:, -1]
+    return L, sumqx, sumq2
+
+
+def block_scales_ref(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """The float32 scale d of each block of x (n, 32) before fp16 rounding; qw (n, 32) or None."""
+    n = x.shape[0]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        x2 = x * x
+        if qw is None:
+            wt = x2
+        else:
+            sigma2 = np.add.accumulate(x2, axis=1, dtype=np.float32)[:, -1] * np.float32(2.0 / 32)
+            wt = qw * np.sqrt(sigma2[:, None] + x2)
+        i = np.abs(x).argmax(axis=1)  # the first of equal maxima, as ggml's strict `>`
+        mx = x[np.arange(n), i]
+        small = np.abs(mx) < GROUP_MAX_EPS
+        mxs = np.where(small, np.float32(1), mx)  # keeps the arithmetic of skipped blocks finite
+        d = -mxs / _VF[0]
+        _, sumqx, sumq2 = _fit_ref(x, wt, np.float32(1) / d)
+        d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0)).astype(np.float32)
+        best = d * sumqx
+        for itry in range(-NTRY, NTRY + 1):
+            idd = np.float32(itry + int(KVALUES[0])) / mxs
+            _, sumqx, sumq2 = _fit_ref(x, wt, idd)
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, sumqx / sumq2, d).astype(np.float32)
+            best = np.where(better, d * sumqx, best).astype(np.float32)
+    return np.where(small, np.float32(0), d).astype(np.float32)
+
+
+def quantize_ref(w: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+    """float32 (rows, cols) -> bytes; quant_weights (cols,) or None; raises RangeError like the kernel."""
+    rows, cols = w.shape
+    x = np.ascontiguousarray(w, np.float32).reshape(-1, QK)
+    qw = None
+    if quant_weights is not None:
+        qw = np.broadcast_to(np.asarray(quant_weights, np.float32).reshape(1, cols), (rows, cols)).reshape(-1, QK)
+    d = block_scales_ref(x, qw)
+    bad = ~(np.abs(d) < np.float32(65520))
+    if bad.any():
+        r, b = divmod(int(np.flatnonzero(bad)[0]), cols // QK)
+        raise IQ4N().range_error(w, r, b)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        idd = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        L = best_index_ref(x * idd[:, None])
+    out = np.empty((x.shape[0], BLOCK_BYTES), np.uint8)
+    out[:, 0:2] = d.astype(np.float16).view(np.uint16)[:, None].view(np.uint8)
+    out[:, 2:] = L[:, :16] | (L[:, 16:] << 4)
+    return out.reshape(-1)
+
+
+def unpack(data: np.ndarray, rows: int, cols: int):
+    """IQ4_NL bytes -> (table values int8 (rows, nb, 32), d float32 (rows, nb))."""
+    blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
+    d = fp16_table()[blk[..., 0].astype(np.uint16) | (blk[..., 1].astype(np.uint16) << 8)]
+    L = np.concatenate([blk[..., 2:] & 15, blk[..., 2:] >> 4], axis=-1)
+    return KVALUES[L], d
+
+
+def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    v, d = unpack(data, rows, cols)
+    return (d[..., None] * v.astype(np.float32)).reshape(rows, cols)
+
+
+def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_iq4_nl_q8_0: per block sumi = sum(V[L_w] * q_x), then sum over blocks
+    of sumi * (d_w * d_x)."""
+    v, d = unpack(data, rows, cols)
+    return vec_dot_ref(v, d, x)
+
+
+# ---- numba kernels ------------------------------------------------------------------------
+# No fastmath: FMA would change last bits, and `ninf`/`nnan` would break the IEEE
+# comparisons of overflowing sums that the search relies on (see the docstring).
+
+
+@numba.njit(cache=True, inline="always")
+def _best(a, vf, bracket):
+    # best_index_int8 without the binary search: V are integers, so floor(a) finds the
+    # bracket; the final comparison is ggml's, in float32.
+    if a <= vf[0]:
+        return 0
+    if a >= vf[15]:
+        return 15
+    if a != a:
+        return 14
+    lo = np.int64(bracket[np.int64(np.floor(a)) + 127])
+    return lo if (a - vf[lo]) < (vf[lo + 1] - a) else lo + 1
+
+
+@numba.njit(cache=True, inline="always")
+def _fit_nb(xb, wt, idd, vf, bracket):
+    sumqx = np.float32(0.0)
+    sumq2 = np.float32(0.0)
+    for j in range(32):
+        q = vf[_best(idd * xb[j], vf, bracket)]
+        wq = wt[j] * q
+        sumqx += wq * xb[j]
+        sumq2 += wq * q
+    return sumqx, sumq2
+
+
+@numba.njit(cache=True)
+def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
+    nb = w.shape[1] // 32
+    wt = np.empty(32, np.float32)
+    for r in range(r0, r1):
+        bad[r] = -1
+        for b in range(nb):
+            xb = w[r, b * 32 : b * 32 + 32]
+            if has_qw:
+                s = np.float32(0.0)
+                for j in range(32):
+                    s += xb[j] * xb[j]
+                sigma2 = s * np.float32(0.0625)
+                for j in range(32):
+                    wt[j] = qw[b * 32 + j] * np.sqrt(sigma2 + xb[j] * xb[j])
+            else:
+                for j in range(32):
+                    wt[j] = xb[j] * xb[j]
+            amax = np.float32(0.0)
+            mx = np.float32(0.0)
+            for j in range(32):
+                a = abs(xb[j])
+                if a > amax:
+                    amax = a
+                    mx = xb[j]
+            d = np.float32(0.0)
+            if not (amax < GROUP_MAX_EPS):
+                d = -mx / vf[0]
+                sumqx, sumq2 = _fit_nb(xb, wt, np.float32(1.0) / d, vf, bracket)
+                d = sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)
+                best = d * sumqx
+                for itry in range(-NTRY, NTRY + 1):
+                    sumqx, sumq2 = _fit_nb(xb, wt, np.float32(itry - 127) / mx, vf, bracket)
+                    if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                        d = sumqx / sumq2
+                        best = d * sumqx
+            if not (abs(d) < np.float32(65520.0)):
+                if bad[r] < 0:
+                    bad[r] = b
+                continue
+            h = f32_to_f16_bits(d)
+            out[r, b, 0] = np.uint8(h & 0xFF)
+            out[r, b, 1] = np.uint8(h >> 8)
+            idd = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            for j in range(16):
+                lo = _best(idd * xb[j], vf, bracket)
+                hi = _best(idd * xb[j + 16], vf, bracket)
+                out[r, b, 2 + j] = np.uint8(lo | (hi << 4))
+
+
+@numba.njit(cache=True, parallel=True)
+def _quantize_weighted_kernel(w, qw, has_qw, out, bad, vf, bracket):
+    rows = w.shape[0]
+    # ~32K weights per work item: this quantizer does ~16 passes over each block
+    nchunk = max(1, min(rows, rows * w.shape[1] // 32768))
+    for c in numba.prange(nchunk):
+        _quantize_rows(w, qw, has_qw, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk, vf, bracket)
+
+
+def _quantize_kernel(w, out, bad):
+    qw = current_weights()
+    has = qw is not None
+    _quantize_weighted_kernel(w, qw if has else np.zeros(1, np.float32), has, out, bad, _VF, BRACKET)
+
+
+@numba.njit(cache=True)
+def _dequantize_rows(blocks, lut, vf, idx, out, k0, k1):
+    nb = blocks.shape[1]
+    for k in range(k0, k1):
+        r = idx[k]
+        for b in range(nb):
+            d = lut[np.int32(blocks[r, b, 0]) | (np.int32(blocks[r, b, 1]) << 8)]
+            for j in range(16):
+                v = blocks[r, b, 2 + j]
+                out[k, b * 32 + j] = d * vf[v & 15]
+                out[k, b * 32 + 16 + j] = d * vf[v >> 4]
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel_v(blocks, lut, vf, idx, out):
+    n = idx.size
+    nchunk = max(1, min(n, n * out.shape[1] // 65536))
+    for c in numba.prange(nchunk):
+        _dequantize_rows(blocks, lut, vf, idx, out, c * n // nchunk, (c + 1) * n // nchunk)
+
+
+def _dequantize_kernel(blocks, lut, idx, out):
+    _dequantize_kernel_v(blocks, lut, _VF, idx, out)
+
+
+# ---- the format ---------------------------------------------------------------------------
+
+
+SAFE_ABS = 6.9e6
+
+
+class IQ4N(ImportanceWeighted, GGMLFormat):
+    tag = "IQ4N"
+    aliases = ("IQ4_NL",)
+    version = 1
+    ggml_type = "IQ4_NL"
+    vec_dot_type = "Q8_0"
+    block_shape = (1, QK)
+    block_bytes = BLOCK_BYTES
+    modes = ("f32", "q8_0")
+    # No exact refusal threshold (the fitted scale depends on the block): every block with max |w|
+    # below SAFE_ABS fits (|d| <= max|x|/106.09, found by maximising the fitted scale), some above do not.
+    max_abs = None
+    safe_abs = SAFE_ABS
+    range_rule = RULE
+    summary = "ggml IQ4_NL: per 32 weights an fp16 scale d and 4-bit indices into a 16-value table, w = d*V[L]"
+    quantize_kernel = staticmethod(_quantize_kernel)
+    dequantize_kernel = staticmethod(_dequantize_kernel)
+
+    def prepare(self, data, rows, cols):
+        v, d = unpack(data, rows, cols)
+        return prepare_int8(v, d)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return qmatmul_int8(prep, x, mode, self.tag)
+
+
+@quantfmt.hookimpl
+def register_formats(register):
+    register(IQ4N())
