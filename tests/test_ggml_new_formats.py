@@ -21,10 +21,10 @@ from gguf.quants import quantize as gguf_quantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from quantfmt_formats import iq4_nl, mxfp4, q5_0, q5_1
 
 from quantfmt import get_format
 from quantfmt.errors import NonFiniteError, RangeError, ShapeError
+from quantfmt_formats import iq4_nl, mxfp4, q5_0, q5_1
 
 MODULES = {"Q5_0": q5_0, "Q5_1": q5_1, "IQ4N": iq4_nl, "MXF4": mxfp4}
 GGML = {"Q5_0": "Q5_0", "Q5_1": "Q5_1", "IQ4N": "IQ4_NL", "MXF4": "MXFP4"}
