@@ -103,7 +103,11 @@ def _n_dims(ne: tuple[int, ...]) -> int:
 
 
 def _quantizable(name: str, ne: tuple[int, ...]) -> bool:
-    """Whether llama.cpp quantizes this tensor at all (otherwise it is copied in its source type)."""
+    """Whether llama.cpp quantizes this tensor at all (otherwise it is copied in its source type).
+
+    Current llama.cpp also skips any "_norm.weight" of 2 or more dimensions and a list of other architectures'
+    small tensors (altup, laurel, time_mix_*, attn_rel_b, multimodal ones); none occur in a llama.
+    """
     return (
         name.endswith("weight")
         and _n_dims(ne) >= 2
@@ -113,8 +117,6 @@ def _quantizable(name: str, ne: tuple[int, ...]) -> bool:
         # Mamba's small 2-D weights
         and not any(s in name for s in ("ssm_conv1d.weight", "ssm_x.weight", "ssm_dt.weight"))
     )
-    # Current llama.cpp also skips any "_norm.weight" of 2 or more dimensions and a list of other
-    # architectures' small tensors (altup, laurel, time_mix_*, attn_rel_b, multimodal ones).
 
 
 def _check(tensors) -> list[tuple[str, tuple[int, ...]]]:
@@ -149,13 +151,17 @@ def mix_types(mix: str, tensors: list[tuple[str, tuple[int, ...]]], arch: str = 
     """{tensor name: ggml type name} that llama-quantize (spring 2024) picks for the named mix.
 
     `tensors`: (GGUF tensor name, numpy-order shape) in FILE ORDER: llama.cpp counts attention-V and FFN-down
-    tensors as it meets them, and those counters decide which layers are promoted. Tensors llama.cpp does not
-    quantize (1-D norms, MoE routers, ...) are reported as "F32" (llama.cpp copies them in their source type).
+    tensors as it meets them, and those counters, not the blk numbers, decide which layers are promoted. In a
+    file stored in name order (blk.0, blk.1, blk.10, ..., as SmolLM2's) the promoted tensors are therefore not
+    those of the promoted layer numbers. (Current llama.cpp visits tensors sorted by layer number, so there the
+    two agree; for such files its choices differ from these.) Tensors llama.cpp does not quantize (1-D norms,
+    MoE routers, ...) are reported as "F32" (llama.cpp copies them in their source type).
 
     What llama.cpp reads from the model's key-values is taken from the tensors themselves: the layer count (one
     more than the largest blk.N), query heads per KV head (attn_q rows / attn_k rows of the first layer), and
-    the expert count (rows of ffn_gate_inp). `arch` matters for "falcon" (its own rules) and "llama" (the 70B
-    attention-V promotion); every other architecture follows the generic, name-based rules, as in llama.cpp.
+    the expert count (rows of ffn_gate_inp). `arch` matters for "falcon" (its own rules, carried over but not
+    checked against llama.cpp) and "llama" (the 70B attention-V promotion); every other architecture follows the
+    generic, name-based rules, as in llama.cpp.
     """
     m = get_mix(mix)
     items = _check(tensors)
@@ -166,6 +172,7 @@ def mix_types(mix: str, tensors: list[tuple[str, tuple[int, ...]]], arch: str = 
     layers = [int(g.group(1)) for n in names if (g := _BLK.match(n))]
     n_layer = max(layers) + 1 if layers else 0
     # llama.cpp counts fused QKV as attention V too, and refuses a model whose count differs from its layers
+    # (current llama.cpp also counts MLA's attn_kv_b and no longer refuses)
     n_attention_wv = sum(1 for n in names if "attn_v.weight" in n or "attn_qkv.weight" in n)
     if n_attention_wv != n_layer:
         raise RecipeError(
@@ -189,7 +196,9 @@ def mix_types(mix: str, tensors: list[tuple[str, tuple[int, ...]]], arch: str = 
         t = m.base
         f = m.name
         if name == "output.weight" or (not has_output and name == "token_embd.weight"):
-            # a tied embedding is also the output matrix, so it is quantized like one
+            # a tied embedding is also the output matrix, so it is quantized like one. (Current llama.cpp tests
+            # the row against the block size of the mix's type instead of 256; for these mixes the outcome is
+            # the same once its fallbacks have run.)
             if falcon or ne[0] % QK_K:
                 t = "Q8_0"
             elif t != "Q8_0":

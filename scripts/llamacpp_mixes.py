@@ -48,6 +48,7 @@ MIX_FTYPES = {
 #   deep20    20 layers stored in name order (blk.0, blk.1, blk.10, ...) like SmolLM2, so that the layer
 #             counters llama.cpp promotes by differ from the layer numbers; 20 >= 16 layers reach Q3_K_M's
 #             first-sixteenth rule
+#   rev8      8 layers stored last layer first: tells file order (what llama.cpp 2024 counts in) from name order
 #   moe8      8 experts in merged ffn_*_exps tensors (Mixtral): attention V/K to Q8_0, layer from the name
 #   l80       80 layers with grouped-query attention: what llama.cpp calls a 70B, whose attention V is promoted;
 #             only the mixes where that can matter are recorded, to keep the file small
@@ -56,6 +57,8 @@ SYNTHETIC = {
     "mha_tied": dict(n_embd=256, n_ff=768, n_layer=8, n_vocab=512, n_head=4, n_head_kv=4, tied=True),
     "deep20": dict(n_embd=256, n_ff=512, n_layer=20, n_vocab=256, n_head=4, n_head_kv=2, tied=False,
                    name_order=True),
+    "rev8": dict(n_embd=256, n_ff=256, n_layer=8, n_vocab=256, n_head=4, n_head_kv=2, tied=False,
+                 reverse_layers=True),
     "moe8": dict(n_embd=256, n_ff=256, n_layer=4, n_vocab=256, n_head=4, n_head_kv=1, tied=False, n_expert=8),
     "l80": dict(n_embd=256, n_ff=256, n_layer=80, n_vocab=256, n_head=8, n_head_kv=1, tied=False,
                 mixes=["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S"]),
@@ -64,7 +67,7 @@ SYNTHETIC = {
 
 def write_synthetic_llama(path: str, *, n_embd: int, n_ff: int, n_layer: int, n_vocab: int, n_head: int,
                           n_head_kv: int, tied: bool, n_expert: int = 0, name_order: bool = False,
-                          seed: int = 0, **_) -> None:
+                          reverse_layers: bool = False, seed: int = 0, **_) -> None:
     """A random-weight llama GGUF (all F32) with the key-values llama.cpp needs to load it for quantization."""
     import gguf
     import numpy as np
@@ -98,7 +101,7 @@ def write_synthetic_llama(path: str, *, n_embd: int, n_ff: int, n_layer: int, n_
     w.add_unk_token_id(0)
 
     tensors = {"token_embd.weight": mat(n_vocab, n_embd)}
-    for i in range(n_layer):
+    for i in reversed(range(n_layer)) if reverse_layers else range(n_layer):
         p = f"blk.{i}."
         tensors[p + "attn_norm.weight"] = np.ones(n_embd, np.float32)
         tensors[p + "attn_q.weight"] = mat(n_head * head_dim, n_embd)

