@@ -10,8 +10,8 @@ The rules are llama.cpp's `llama_tensor_get_type` as of spring 2024, the version
 0.2.60 wheel, which is the ground truth the tests compare with (tests/data/llamacpp_mixes_*.json, made by
 scripts/llamacpp_mixes.py). Where current llama.cpp (src/llama-quant.cpp) decides differently, a comment says so.
 
-Only the mixes that need no importance matrix are offered: llama.cpp refuses Q2_K_S, IQ2_*, IQ1_* without one,
-and its IQ3_* mixes use i-quant types quantfmt does not quantize.
+Only the mixes that need no importance matrix and no i-quant below 4 bits are offered: llama.cpp refuses
+Q2_K_S, IQ2_* and IQ1_* without an importance matrix; its IQ3_* mixes are left for later.
 """
 
 from __future__ import annotations
