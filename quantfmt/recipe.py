@@ -39,7 +39,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import RecipeError, UnknownFormatError
+from .errors import RecipeError, UnknownFormatError, context
 
 KEEP = "keep"
 AUTO = "auto"
@@ -101,8 +101,13 @@ class Recipe:
     fallback: str | None = DEFAULT_FALLBACK  # None: a shape that does not fit is an error; "auto": nearest bpw
     protect: bool = True  # tensors of < 2 dimensions keep their format unless a rule names them explicitly
     promote_output: bool = True  # the output head gets Q6_K/Q8_0 when the default would give it fewer bits
+    mix: str | None = None  # a llama.cpp named mix (Q4_K_M, ...): it chooses what the default would
 
     def __post_init__(self):
+        if self.mix is not None:
+            from .mixes import get_mix
+
+            self.mix = get_mix(self.mix).name
         if self.default is not None:
             _check_tag(self.default, "default")
         if self.fallback is not None:
@@ -126,15 +131,16 @@ class Recipe:
 
     @classmethod
     def from_options(cls, to=None, rules=(), fallback=_UNSET, strict=False, file=None) -> Recipe:
-        """The CLI's flags: a recipe file (if any) extended by --to, --rule (before the file's rules), --fallback."""
-        base = cls.load(file) if file else cls(fallback=DEFAULT_FALLBACK)
+        """The CLI's flags: --recipe (a JSON file, or a llama.cpp mix name such as Q4_K_M) extended by
+        --to, --rule (before the recipe's rules), --fallback."""
+        base = cls.named_or_file(file) if file else cls(fallback=DEFAULT_FALLBACK)
         parsed = [cls.parse_rule(r) for r in rules]
         default = to if to is not None else base.default
         fb = base.fallback if fallback is _UNSET or fallback is None else fallback
         if strict:
             fb = None
         return cls(default=default, rules=parsed + base.rules, fallback=fb, protect=base.protect,
-                   promote_output=base.promote_output)
+                   promote_output=base.promote_output, mix=base.mix)
 
     @staticmethod
     def parse_rule(text: str) -> tuple[str, str]:
@@ -164,7 +170,7 @@ class Recipe:
     def from_dict(cls, doc) -> Recipe:
         if not isinstance(doc, dict):
             raise RecipeError("a recipe is a JSON object with keys default, fallback, rules")
-        extra = set(doc) - {"default", "fallback", "protect", "promote_output", "rules", "fallbacks"}
+        extra = set(doc) - {"default", "fallback", "protect", "promote_output", "mix", "rules", "fallbacks"}
         if extra:
             raise RecipeError(f"unknown recipe keys: {', '.join(sorted(map(str, extra)))} "
                               "(known: default, fallback, rules)")
@@ -181,7 +187,21 @@ class Recipe:
         promote = doc.get("promote_output", True)
         if not isinstance(protect, bool) or not isinstance(promote, bool):
             raise RecipeError("'protect' and 'promote_output' must be true or false")
-        return cls(default=doc.get("default"), rules=pairs, fallback=fb, protect=protect, promote_output=promote)
+        return cls(default=doc.get("default"), rules=pairs, fallback=fb, protect=protect, promote_output=promote,
+                   mix=doc.get("mix"))
+
+    @classmethod
+    def named_or_file(cls, what: str) -> Recipe:
+        """A llama.cpp mix by name (`Q4_K_M`, see quantfmt.mixes.MIXES) or a JSON recipe file."""
+        from pathlib import Path
+
+        from .mixes import MIXES
+
+        if not Path(what).exists() and what.upper() in {k.upper() for k in MIXES}:
+            return cls(mix=what)
+        if not Path(what).is_file():
+            raise RecipeError(f"recipe {what!r} is neither a file nor a llama.cpp mix ({', '.join(MIXES)})")
+        return cls.load(what)
 
     @classmethod
     def coerce(cls, recipe) -> Recipe:
@@ -193,6 +213,10 @@ class Recipe:
         if isinstance(recipe, str):
             if recipe.endswith(".json"):
                 return cls.load(recipe)
+            from .mixes import MIXES
+
+            if recipe not in _tags() and recipe.upper() in {k.upper() for k in MIXES}:
+                return cls(mix=recipe)  # Q4_K_M: a mix; Q4_0 stays the tag (cls(mix="Q4_0") for the mix)
             return cls(default=recipe)
         raise RecipeError(f"a recipe is a Recipe, a tag, a dict or a .json file, not {type(recipe).__name__}")
 
@@ -202,12 +226,14 @@ class Recipe:
             "fallback": self.fallback,
             "protect": self.protect,
             "promote_output": self.promote_output,
+            **({"mix": self.mix} if self.mix else {}),
             "rules": [{"pattern": p, "tag": t} for p, t in self.rules],
         }
 
     # ---- application -----------------------------------------------------------------
 
-    def choose(self, name: str, src_tag: str, shape, *, head: bool = False, used: set | None = None) -> Step:
+    def choose(self, name: str, src_tag: str, shape, *, head: bool = False, used: set | None = None,
+               mix_tag: str | None = None) -> Step:
         """The Step for one tensor (RecipeError when its shape does not fit and there is no fallback).
 
         `head`: the tensor is the model's output head (see plan). `used` collects the indexes of the
@@ -233,6 +259,9 @@ class Recipe:
         else:
             if small:
                 tag, why = src_tag, f"{protection(name, shape)} kept"
+            elif mix_tag is not None:
+                tag, why = (src_tag, f"mix {self.mix} keeps F32") if mix_tag == "F32" else (
+                    get_format(mix_tag).tag, f"mix {self.mix}")
             elif self.default is None or self.default == KEEP:
                 tag, why = src_tag, "kept (no default)"
             else:
@@ -278,8 +307,16 @@ class Recipe:
         else:
             infos = [(name, t.tag, t.shape) for name, t in model.items()]
         head = output_head([n for n, _, _ in infos])
+        mixed: dict[str, str] = {}
+        if self.mix is not None:
+            from .mixes import mix_types
+
+            mixed = mix_types(self.mix, [(n, tuple(shape)) for n, _, shape in infos])
         used: set[int] = set()
-        steps = [self.choose(n, tag, shape, head=(n == head), used=used) for n, tag, shape in infos]
+        steps = []
+        for n, tag, shape in infos:
+            with context(tensor=n):
+                steps.append(self.choose(n, tag, shape, head=(n == head), used=used, mix_tag=mixed.get(n)))
         for i, (pat, tag) in enumerate(self.rules):
             if i in used:
                 continue
@@ -313,6 +350,13 @@ def protection(name: str, shape) -> str | None:
     if any(_NORM.search(p) for p in parts[:-1] or parts):
         return "norm"
     return None
+
+
+def _tags() -> set[str]:
+    from .plugins import registry
+
+    reg = registry()
+    return set(reg.formats) | set(reg.aliases)
 
 
 def output_head(names) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
@@ -49,7 +50,7 @@ def _print_report(rep, out) -> None:
     rows = []
     for tag, (n, weights, nbytes) in sorted(rep.by_tag().items()):
         rows.append([tag, n, weights, size(nbytes), f"{8.0 * nbytes / weights:.3g}" if weights else "-"])
-    out.echo(f"wrote {rep.output}")
+    out.echo(rep.output if rep.output.startswith("(") else f"wrote {rep.output}")
     out.table(["tag", "tensors", "weights", "size", "bpw"], rows, right={1, 2, 3, 4})
     tin, tout = sum(rep.in_bytes.values()), sum(rep.out_bytes.values())
     copied = sum(1 for s in rep.steps if s.copy)
@@ -83,20 +84,23 @@ def _print_report(rep, out) -> None:
 
 @click.command()
 @click.argument("src", metavar="IN", type=click.Path(exists=True))
-@click.argument("dst", metavar="OUT", type=click.Path())
+@click.argument("dst", metavar="OUT", type=click.Path(), required=False)
 @click.option("--to", "to", metavar="TAG",
               help="Default format of the tensors no rule names ('keep', or nothing at all: keep each one's format).")
 @click.option("--rule", "rules", multiple=True, metavar="PATTERN=TAG",
               help="Give tensors whose name matches PATTERN (fnmatch: *, ?, [..]) format TAG ('keep' = unchanged); "
                    "first match wins; repeatable; before the recipe file's rules.")
-@click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False),
-              help="A JSON recipe file: {\"default\": TAG, \"fallback\": TAG, \"rules\": [{\"pattern\", \"tag\"}]}.")
+@click.option("--recipe", "recipe_file", metavar="FILE|MIX",
+              help="A JSON recipe file ({\"default\": TAG, \"fallback\": TAG, \"rules\": [{\"pattern\", \"tag\"}]}), "
+                   "or a llama.cpp mix: Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q3_K_M, Q2_K, IQ4_XS, Q8_0, ...")
 @click.option("--fallback", metavar="TAG", help="Format for tensors whose shape does not fit theirs (default F16).")
 @click.option("--strict", is_flag=True,
               help="A tensor whose shape does not fit its format is an error, not a fallback.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never an input).")
+@click.option("--dry-run", is_flag=True, help="Show each tensor's format, size and why, and the total bits per "
+                                              "weight; write nothing (OUT may be left out).")
 @output_options("Print the conversion report as JSON (per tensor: tags, sizes, why).")
-def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, out):
+def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, dry_run, out):
     """Convert a model (safetensors, sharded index, GGUF) to quantfmt/safetensors, or GGUF if OUT ends in .gguf.
 
     Streams tensor by tensor; OUT appears only when complete. Tensors that keep their format
@@ -107,6 +111,26 @@ def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, out):
 
     # Nothing said: every tensor keeps its format (a lossless change of container).
     recipe = Recipe.from_options(to=to, rules=rules, fallback=fallback, strict=strict, file=recipe_file)
+    if dry_run:
+        from ..ops.convert import plan_convert
+        from ..sources import open_model
+
+        with open_model(src) as m:
+            rep = plan_convert(m, recipe, strict=strict)
+        rep.output = "(dry run: nothing written)"
+
+        def render():
+            out.table(["tensor", "shape", "from", "to", "bytes", "bpw", "why"],
+                      [[s.name, "x".join(map(str, rep.shapes[s.name])) or "()", s.src_tag, s.tag, rep.out_bytes[s.name],
+                        f"{8.0 * rep.out_bytes[s.name] / max(1, math.prod(rep.shapes[s.name])):.3g}", s.why]
+                       for s in rep.steps], right={4, 5})
+            out.echo("")
+            _print_report(rep, out)
+
+        out.emit(_report_dict(rep), render)
+        return
+    if dst is None:
+        raise click.UsageError("give OUT, the file to write (or --dry-run to only show the plan)")
     rep = _run_convert(src, dst, recipe, overwrite, out, strict=strict)
     out.emit(_report_dict(rep), lambda: _print_report(rep, out))
 
