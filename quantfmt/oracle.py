@@ -365,7 +365,11 @@ class Oracle:
         return x
 
     def quantize(self, type_name: str, x, imatrix=None) -> np.ndarray:
-        """ggml_quantize_chunk over all rows of x (rows, n_per_row) -> uint8 (rows, row_size)."""
+        """ggml_quantize_chunk over all rows of x (rows, n_per_row) -> uint8 (rows, row_size).
+
+        imatrix: per-column importance weights (n_per_row,), as llama-quantize passes them. ggml aborts the
+        process on a few inputs (see in_child); probe unknown inputs with would_abort first.
+        """
         name = type_name.upper()
         tid = self.type_id(name)
         if name not in self.facts["chunk_types"]:
@@ -387,6 +391,10 @@ class Oracle:
         if got != out.size:
             raise OracleError(f"{name}: ggml_quantize_chunk wrote {got} bytes, expected {out.size}")
         return out
+
+    def would_abort(self, type_name: str, x, imatrix=None) -> bool:
+        """True when ggml's quantizer aborts the process on x (checked in a forked child, see in_child)."""
+        return not in_child(lambda: self.quantize(type_name, x, imatrix) is not None)
 
     def quantize_ref(self, type_name: str, x) -> np.ndarray:
         """ggml's quantize_row_<type>_ref over all rows of x (e.g. Q8_0, Q8_1, Q8_K activations)."""
@@ -439,6 +447,26 @@ class Oracle:
         s = np.zeros(1, dtype=np.float32)
         fn(int(n), s.ctypes.data, 0, w.ctypes.data, 0, a.ctypes.data, 0, 1)
         return float(s[0])
+
+
+def in_child(fn) -> bool:
+    """Run fn() in a forked child process; True when it returned a true value (False when it failed or aborted).
+
+    ggml assert()s, aborting the whole process, on some inputs its reference does not handle: e.g. the
+    k-quant and weighted Q4_1/Q5_1 searches compute an inverse scale that overflows to inf for blocks of float32
+    subnormals or ~1e-38 values, and nearest_int() asserts |v| <= 4194303. Probe such inputs here (POSIX only).
+    """
+    pid = os.fork()
+    if pid == 0:  # child: silence ggml's assertion message, report through the exit code
+        code = 2
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            code = 0 if fn() else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 _LOADED: dict[Path, Oracle] = {}
