@@ -543,6 +543,111 @@ def pack_scale_min_k4(ls, lm, s):
         s[j + 8] = np.uint8((ls[j + 4] & 15) | ((lm[j + 4] & 15) << 4))
 
 
+# ---- Q4_K/Q5_K: the (scale, min) search of a super-block, numpy and numba -------------------
+
+
+def scale_min_search_np(x, quant_weights, nmax, ref, impl):
+    """Q4_K/Q5_K: super-blocks x (N, 256) -> (L (N, 8, 32), ls (N, 8), lm (N, 8), d (N,), dmin (N,)),
+    d and dmin in float32 before their fp16 rounding. ref, impl: (rmin, rdelta, nstep) of the
+    sub-block search of ggml's reference quantizer and of its importance-weighted one."""
+    n = x.shape[0]
+    xs = x.reshape(n * 8, 32)
+    if quant_weights is None:
+        sum_x2 = np.zeros(n * 8, np.float32)
+        for i in range(32):
+            sum_x2 = sum_x2 + xs[:, i] * xs[:, i]
+        av_x = np.sqrt(sum_x2 / F32(32))
+        weights = av_x[:, None] + np.abs(xs)
+        scales, mins, L = make_qkx2_quants_np(xs, weights, nmax, *ref, False)
+        scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+        max_scale = np.zeros(n, np.float32)
+        max_min = np.zeros(n, np.float32)
+        for j in range(8):
+            max_scale = np.where(scales[:, j] > max_scale, scales[:, j], max_scale)
+            max_min = np.where(mins[:, j] > max_min, mins[:, j], max_min)
+        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+        ls = np.minimum(nearest_int_np(inv_scale[:, None] * scales) & 255, 63)
+        lm = np.minimum(nearest_int_np(inv_min[:, None] * mins) & 255, 63)
+        d = max_scale / F32(63)
+        dmin = max_min / F32(63)
+    else:
+        qw = quant_weights.reshape(n * 8, 32)
+        sum_x2 = np.zeros(n, np.float32)
+        for i in range(QK_K):
+            sum_x2 = sum_x2 + x[:, i] * x[:, i]
+        sigma2 = F32(2) * sum_x2 / F32(QK_K)
+        s2 = np.repeat(sigma2, 8)[:, None]
+        weights = qw * np.sqrt(s2 + xs * xs)
+        sw = np.zeros(n * 8, np.float32)
+        for i in range(32):
+            sw = sw + weights[:, i]
+        scales, mins, L = make_qkx3_quants_np(xs, weights, nmax, *impl, False)
+        sw = sw.reshape(n, 8)
+        d, ls = make_qp_quants_np(scales.reshape(n, 8), 63, sw)
+        dmin, lm = make_qp_quants_np(mins.reshape(n, 8), 63, sw)
+        ls, lm = ls & 255, lm & 255
+    return L.reshape(n, 8, 32), ls, lm, d.astype(np.float32), dmin.astype(np.float32)
+
+
+@jit
+def scale_min_search(x, qw, L, Laux, weights, scales, mins, sw, ls, lm, nmax,
+                     rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w):
+    """Q4_K/Q5_K, one super-block x (256,): fills L (the search's quants), ls, lm (the 6-bit
+    scales and mins) and returns (d, dmin) in float32 before their fp16 rounding. qw: the
+    importance weights of this super-block, or empty (ggml's reference quantizer)."""
+    if qw.shape[0] == 0:
+        max_scale = np.float32(0.0)
+        max_min = np.float32(0.0)
+        for j in range(8):
+            xs = x[32 * j : 32 * j + 32]
+            sum_x2 = np.float32(0.0)
+            for i in range(32):
+                sum_x2 += xs[i] * xs[i]
+            av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
+            for i in range(32):
+                weights[i] = av_x + abs(xs[i])
+            s, m = make_qkx2_quants(xs, weights, L[32 * j : 32 * j + 32], Laux, nmax,
+                                    rmin, rdelta, nstep, False)
+            scales[j] = s
+            mins[j] = m
+            if s > max_scale:
+                max_scale = s
+            if m > max_min:
+                max_min = m
+        inv_scale = np.float32(63.0) / max_scale if max_scale > 0 else np.float32(0.0)
+        inv_min = np.float32(63.0) / max_min if max_min > 0 else np.float32(0.0)
+        for j in range(8):
+            ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 255)
+            lm[j] = min(63, nearest_int(inv_min * mins[j]) & 255)
+        d = max_scale / np.float32(63.0)
+        dmin = max_min / np.float32(63.0)
+    else:
+        sum_x2 = np.float32(0.0)
+        for i in range(QK_K):
+            sum_x2 += x[i] * x[i]
+        sigma2 = np.float32(2.0) * sum_x2 / np.float32(QK_K)
+        for j in range(8):
+            xs = x[32 * j : 32 * j + 32]
+            sumw = np.float32(0.0)
+            for i in range(32):
+                weights[i] = qw[32 * j + i] * np.float32(np.sqrt(sigma2 + xs[i] * xs[i]))
+                sumw += weights[i]
+            sw[j] = sumw
+            s, m = make_qkx2_quants(xs, weights, L[32 * j : 32 * j + 32], Laux, nmax,
+                                    rmin_w, rdelta_w, nstep_w, False)
+            scales[j] = s
+            mins[j] = m
+        lq = np.empty(8, np.uint8)
+        d = make_qp_quants(scales, lq, 63, sw)
+        for j in range(8):
+            ls[j] = lq[j]
+        dmin = make_qp_quants(mins, lq, 63, sw)
+        for j in range(8):
+            lm[j] = lq[j]
+    return d, dmin
+
+
 # ---- importance-weighted quantize (the format method `quantize_weighted`) -------------------
 
 

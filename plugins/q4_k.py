@@ -52,67 +52,25 @@ from ._kquants import (
     QK_K,
     f16_bits_to_f32,
     f16_round_np,
-    make_qkx2_quants,
-    make_qkx2_quants_np,
-    make_qkx3_quants_np,
-    make_qp_quants,
-    make_qp_quants_np,
     nearest_int,
     nearest_int_np,
     pack_scale_min_k4,
     pack_scale_min_k4_np,
     scale_min_k4,
+    scale_min_search,
+    scale_min_search_np,
     unpack_scale_min_k4_np,
 )
 from ._kquants import weighted_input as _weighted_input
 
 BLOCK_BYTES = 144
 NMAX = 15
+# (rmin, rdelta, nstep) of the sub-block search: ggml's reference quantizer, its weighted one
+REF = (-1.0, 0.1, 20)
+IMPL = (-0.9, 0.05, 36)
 RULE = "the super-block scales max(scale)/63 and max(min)/63 must stay below 65520"
 
 # ---- numpy reference ---------------------------------------------------------------------
-
-
-def _subblock_search_np(x, quant_weights):
-    """(scales (N, 8), mins (N, 8), L (N, 8, 32), ls (N, 8), lm (N, 8), d (N,), dmin (N,))."""
-    n = x.shape[0]
-    xs = x.reshape(n * 8, 32)
-    if quant_weights is None:
-        sum_x2 = np.zeros(n * 8, np.float32)
-        for i in range(32):
-            sum_x2 = sum_x2 + xs[:, i] * xs[:, i]
-        av_x = np.sqrt(sum_x2 / F32(32))
-        weights = av_x[:, None] + np.abs(xs)
-        scales, mins, L = make_qkx2_quants_np(xs, weights, NMAX, -1.0, 0.1, 20, False)
-        scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
-        max_scale = np.zeros(n, np.float32)
-        max_min = np.zeros(n, np.float32)
-        for j in range(8):
-            max_scale = np.where(scales[:, j] > max_scale, scales[:, j], max_scale)
-            max_min = np.where(mins[:, j] > max_min, mins[:, j], max_min)
-        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
-        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
-        ls = np.minimum(nearest_int_np(inv_scale[:, None] * scales) & 255, 63)
-        lm = np.minimum(nearest_int_np(inv_min[:, None] * mins) & 255, 63)
-        d = max_scale / F32(63)
-        dmin = max_min / F32(63)
-    else:
-        qw = quant_weights.reshape(n * 8, 32)
-        sum_x2 = np.zeros(n, np.float32)
-        for i in range(QK_K):
-            sum_x2 = sum_x2 + x[:, i] * x[:, i]
-        sigma2 = F32(2) * sum_x2 / F32(QK_K)
-        s2 = np.repeat(sigma2, 8)[:, None]
-        weights = qw * np.sqrt(s2 + xs * xs)
-        sw = np.zeros(n * 8, np.float32)
-        for i in range(32):
-            sw = sw + weights[:, i]
-        scales, mins, L = make_qkx3_quants_np(xs, weights, NMAX, -0.9, 0.05, 36, False)
-        sw = sw.reshape(n, 8)
-        d, ls = make_qp_quants_np(scales.reshape(n, 8), 63, sw)
-        dmin, lm = make_qp_quants_np(mins.reshape(n, 8), 63, sw)
-        ls, lm = ls & 255, lm & 255
-    return L.reshape(n, 8, 32), ls, lm, d.astype(np.float32), dmin.astype(np.float32)
 
 
 def quantize_ref(w: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
@@ -122,7 +80,7 @@ def quantize_ref(w: np.ndarray, quant_weights: np.ndarray | None = None) -> np.n
     x = w.reshape(-1, QK_K)
     qw = None if quant_weights is None else np.broadcast_to(np.asarray(quant_weights, np.float32), w.shape)
     with np.errstate(all="ignore"):
-        L, ls, lm, d, dmin = _subblock_search_np(x, None if qw is None else qw.reshape(-1, QK_K))
+        L, ls, lm, d, dmin = scale_min_search_np(x, None if qw is None else qw.reshape(-1, QK_K), NMAX, REF, IMPL)
         bad = ~((d < F32(65520)) & (dmin < F32(65520)))
         if bad.any():
             blk = int(np.flatnonzero(bad)[0])
@@ -164,55 +122,9 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 def _quantize_block(x, qw, out, L, Laux, weights, scales, mins, sw, ls, lm):
     """One super-block x (256,) into out (144,); True if d or dmin overflows fp16. qw: the
     importance weights of this super-block, or empty (the reference quantizer)."""
-    if qw.shape[0] == 0:
-        max_scale = np.float32(0.0)
-        max_min = np.float32(0.0)
-        for j in range(8):
-            xs = x[32 * j : 32 * j + 32]
-            sum_x2 = np.float32(0.0)
-            for i in range(32):
-                sum_x2 += xs[i] * xs[i]
-            av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
-            for i in range(32):
-                weights[i] = av_x + abs(xs[i])
-            s, m = make_qkx2_quants(xs, weights, L[32 * j : 32 * j + 32], Laux, NMAX,
-                                    np.float32(-1.0), np.float32(0.1), 20, False)
-            scales[j] = s
-            mins[j] = m
-            if s > max_scale:
-                max_scale = s
-            if m > max_min:
-                max_min = m
-        inv_scale = np.float32(63.0) / max_scale if max_scale > 0 else np.float32(0.0)
-        inv_min = np.float32(63.0) / max_min if max_min > 0 else np.float32(0.0)
-        for j in range(8):
-            ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 255)
-            lm[j] = min(63, nearest_int(inv_min * mins[j]) & 255)
-        d = max_scale / np.float32(63.0)
-        dmin = max_min / np.float32(63.0)
-    else:
-        sum_x2 = np.float32(0.0)
-        for i in range(QK_K):
-            sum_x2 += x[i] * x[i]
-        sigma2 = np.float32(2.0) * sum_x2 / np.float32(QK_K)
-        for j in range(8):
-            xs = x[32 * j : 32 * j + 32]
-            sumw = np.float32(0.0)
-            for i in range(32):
-                weights[i] = qw[32 * j + i] * np.float32(np.sqrt(sigma2 + xs[i] * xs[i]))
-                sumw += weights[i]
-            sw[j] = sumw
-            s, m = make_qkx2_quants(xs, weights, L[32 * j : 32 * j + 32], Laux, NMAX,
-                                    np.float32(-0.9), np.float32(0.05), 36, False)
-            scales[j] = s
-            mins[j] = m
-        lq = np.empty(8, np.uint8)
-        d = make_qp_quants(scales, lq, 63, sw)
-        for j in range(8):
-            ls[j] = lq[j]
-        dmin = make_qp_quants(mins, lq, 63, sw)
-        for j in range(8):
-            lm[j] = lq[j]
+    d, dmin = scale_min_search(x, qw, L, Laux, weights, scales, mins, sw, ls, lm, NMAX,
+                               np.float32(REF[0]), np.float32(REF[1]), REF[2],
+                               np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2])
     if not (d < np.float32(65520.0) and dmin < np.float32(65520.0)):
         return True
     pack_scale_min_k4(ls, lm, out[4:16])
