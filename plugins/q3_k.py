@@ -308,7 +308,7 @@ class Q3_K(GGMLFormat):
     block_shape = (1, QK_K)
     block_bytes = BLOCK_BYTES
     modes = ("f32",)
-    max_abs = 1.0e6
+    max_abs = 2.0e6  # measured worst fp16 scale ~0.012 * max|w|: 2.7x margin
     range_rule = RULE
     summary = "ggml Q3_K: per 256 weights an fp16 d, sixteen 6-bit sub-block scales and 3-bit q; ggml-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
