@@ -680,3 +680,157 @@ def weighted_input(fmt, w, quant_weights, kernel) -> np.ndarray:
         r = int(hit[0])
         raise fmt.range_error(w2, r, int(bad[r]))
     return out.reshape(-1)
+
+
+# ---- qmatmul: the k-quants as integers, and mode "q8_k" ---------------------------------------
+# Every k-quant super-block is, for ggml's dot products, integers and two float32 scales:
+#     weight = dw * sc[s] * qi  -  mw * mi[s]        (s = the sub-block of 16 holding the weight)
+# qi int8 (Q4_K/Q5_K/Q2_K: q; Q6_K: q - 32; Q3_K: q - 4), sc/mi the small integer sub-block scales
+# and minimums (Q4_K/Q5_K repeat each 32-sub-block's pair twice), dw = h(d), mw = h(dmin) (0 for
+# the symmetric Q3_K/Q6_K). Mode "q8_k" quantizes each activation row per 256 as ggml's
+# quantize_row_q8_K_ref (float32 scale dx, int8 qx, int16 sums of 16 bsum) and computes, per
+# super-block, ggml's ggml_vec_dot_<type>_q8_K:
+#     (dw*dx) * sum_s sc[s] * sum_{i in s} qi*qx  -  (mw*dx) * sum_s mi[s] * bsum[s]
+# with exact integer sums; super-blocks are summed in float32 (ggml spreads the first sum over
+# eight float32 lanes: only the order of float additions differs).
+
+
+def quantize_q8_K_ref(x: np.ndarray):
+    """ggml's quantize_row_q8_K_ref on rows x (n, cols): (d float32 (n, nb), qs int8 (n, nb, 256),
+    bsums int16 (n, nb, 16)). max = first_absmax; iscale = -127/max; q = min(127, nearest_int(iscale*x))
+    stored in an int8; d = 1/iscale; an all-zero block has d = 0, q = 0."""
+    n, cols = x.shape
+    xb = np.ascontiguousarray(x, np.float32).reshape(-1, QK_K)
+    with np.errstate(all="ignore"):
+        amax, mx = _amax_signed_np(xb)
+        iscale = F32(-127) / mx
+        v = np.minimum(nearest_int_np(iscale[:, None] * xb), 127)
+        qs = (v & 255).astype(np.uint8).view(np.int8)
+        zero = amax == 0
+        qs[zero] = 0
+        d = np.where(zero, F32(0), F32(1) / iscale).astype(np.float32)
+    bs = qs.reshape(-1, 16, 16).astype(np.int16).sum(axis=2, dtype=np.int16)
+    nb = cols // QK_K
+    return d.reshape(n, nb), qs.reshape(n, nb, QK_K), bs.reshape(n, nb, 16)
+
+
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def _q8k_kernel(x, d, qs, bs):
+    n, cols = x.shape
+    nb = cols // QK_K
+    for t in numba.prange(n * nb):
+        r = t // nb
+        b = t - r * nb
+        c = b * QK_K
+        amax = np.float32(0.0)
+        mx = np.float32(0.0)
+        for i in range(QK_K):
+            a = abs(x[r, c + i])
+            if a > amax:
+                amax = a
+                mx = x[r, c + i]
+        if amax == 0:
+            d[r, b] = 0
+            for i in range(QK_K):
+                qs[r, b, i] = 0
+            for s in range(16):
+                bs[r, b, s] = 0
+            continue
+        iscale = np.float32(-127.0) / mx
+        for i in range(QK_K):
+            v = min(127, nearest_int(iscale * x[r, c + i])) & 255
+            qs[r, b, i] = v - 256 if v > 127 else v
+        for s in range(16):
+            acc = 0
+            for i in range(16):
+                acc += np.int64(qs[r, b, 16 * s + i])
+            bs[r, b, s] = acc
+        d[r, b] = np.float32(1.0) / iscale
+
+
+def quantize_q8_K(x: np.ndarray):
+    """The numba twin of quantize_q8_K_ref (same outputs)."""
+    n, cols = x.shape
+    nb = cols // QK_K
+    d = np.empty((n, nb), np.float32)
+    qs = np.empty((n, nb, QK_K), np.int8)
+    bs = np.empty((n, nb, 16), np.int16)
+    _q8k_kernel(np.ascontiguousarray(x, np.float32), d, qs, bs)
+    return d, qs, bs
+
+
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def _dot_q8k_kernel(qi, sc, mi, dw, mw, dx, qx, bs, out):
+    rows, nb = dw.shape
+    n = dx.shape[0]
+    for r in numba.prange(rows):
+        for k in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                isum = 0
+                msum = 0
+                for s in range(16):
+                    t = 0
+                    for i in range(16):
+                        t += np.int32(qi[r, b, 16 * s + i]) * np.int32(qx[k, b, 16 * s + i])
+                    isum += np.int64(sc[r, b, s]) * t
+                    msum += np.int64(mi[r, b, s]) * np.int64(bs[k, b, s])
+                acc += (dw[r, b] * dx[k, b]) * np.float32(isum) - (mw[r, b] * dx[k, b]) * np.float32(msum)
+            out[k, r] = acc
+
+
+def dot_q8k_ref(parts, x: np.ndarray) -> np.ndarray:
+    """numpy reference of mode "q8_k": parts = (qi, sc, mi, dw, mw) of the weights (rows, nb, ...)."""
+    qi, sc, mi, dw, mw = parts
+    dx, qx, bs = quantize_q8_K_ref(x)
+    rows, nb = dw.shape
+    sub = np.einsum("rbsi,kbsi->krbs", qi.reshape(rows, nb, 16, 16).astype(np.int64),
+                    qx.reshape(-1, nb, 16, 16).astype(np.int64))
+    isum = (sub * sc[None].astype(np.int64)).sum(-1)
+    msum = np.einsum("rbs,kbs->krb", mi.astype(np.int64), bs.astype(np.int64))
+    terms = (dw[None] * dx[:, None]) * isum.astype(np.float32) - (mw[None] * dx[:, None]) * msum.astype(np.float32)
+    return terms.astype(np.float64).sum(-1).astype(np.float32)
+
+
+class KPrepared:
+    """What prepare() returns for a k-quant: the bytes, and their integer form, made on first use
+    by mode "q8_k" (a pure function of the bytes, so caching it is safe)."""
+
+    def __init__(self, data, rows, cols, int_parts):
+        self.data, self.rows, self.cols = data, rows, cols
+        self._int_parts = int_parts
+        self._parts = None
+
+    @property
+    def parts(self):
+        if self._parts is None:
+            self._parts = self._int_parts(self.data, self.rows, self.cols)
+        return self._parts
+
+
+#: Activation rows from which mode "q8_k" goes to sgemm on dequantized operands.
+Q8K_BLAS_MIN_ROWS = 8
+
+
+def kquant_qmatmul(fmt, prep: KPrepared, x: np.ndarray, mode: str) -> np.ndarray:
+    """x (n, cols) @ W.T for a k-quant in mode "f32" (dequantized tiles into BLAS) or "q8_k"."""
+    rows, cols = prep.rows, prep.cols
+    if mode == "f32":
+        return fmt._blas_tiles(prep.data, rows, cols, x)
+    if not np.isfinite(x).all():
+        from quantfmt.errors import NonFiniteError
+
+        r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
+        raise NonFiniteError(
+            f"{fmt.tag}: qmatmul mode 'q8_k': activations of shape {x.shape}: row {r}, column {c} is {x[r, c]}; "
+            "a non-finite activation cannot be quantized"
+        )
+    dx, qx, bs = quantize_q8_K(x)
+    if x.shape[0] >= Q8K_BLAS_MIN_ROWS:
+        # exact products d_x*q_x against the float32 weights: only the summation order differs
+        xq = (qx.astype(np.float32) * dx[..., None]).reshape(x.shape)
+        return fmt._blas_tiles(prep.data, rows, cols, xq)
+    qi, sc, mi, dw, mw = prep.parts
+    out = np.empty((x.shape[0], rows), np.float32)
+    _dot_q8k_kernel(qi, sc, mi, dw, mw, dx, qx, bs, out)
+    return out

@@ -44,8 +44,10 @@ from ._ggml import f32_to_f16_bits
 from ._kquants import (
     F32,
     QK_K,
+    KPrepared,
     f16_bits_to_f32,
     f16_round_np,
+    kquant_qmatmul,
     make_qkx2_quants,
     make_qkx2_quants_np,
     make_qkx3_quants_np,
@@ -128,6 +130,18 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
     ml = (dmin * (blk[:, 0:16] >> 4).astype(np.float32))[..., None]
     q = (blk[:, 16:80].reshape(n, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
     return (dl * q.reshape(n, 16, 16).astype(np.float32) - ml).reshape(rows, cols)
+
+
+def int_parts(data: np.ndarray, rows: int, cols: int):
+    """The weights as ggml's dot product sees them: (qi, sc, mi, dw, mw), see _kquants."""
+    blk = data.reshape(-1, BLOCK_BYTES)
+    n = blk.shape[0]
+    q = (blk[:, 16:80].reshape(n, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
+    dw = blk[:, 80:82].copy().view(np.float16)[:, 0].astype(np.float32)
+    mw = blk[:, 82:84].copy().view(np.float16)[:, 0].astype(np.float32)
+    nb = cols // QK_K
+    return (q.astype(np.int8).reshape(rows, nb, QK_K), (blk[:, 0:16] & 15).astype(np.int16).reshape(rows, nb, 16),
+            (blk[:, 0:16] >> 4).astype(np.int16).reshape(rows, nb, 16), dw.reshape(rows, nb), mw.reshape(rows, nb))
 
 
 # ---- numba kernels ---------------------------------------------------------------------------
@@ -293,13 +307,19 @@ class Q2_K(GGMLFormat):
     vec_dot_type = "Q8_K"
     block_shape = (1, QK_K)
     block_bytes = BLOCK_BYTES
-    modes = ("f32",)
+    modes = ("f32", "q8_k")
     max_abs = 3.0e5  # measured worst fp16 scale (dmin) ~0.1 * max|w|: 2x margin
     range_rule = RULE
     summary = ("ggml Q2_K: per 256 weights fp16 d, dmin and sixteen 4-bit (scale, min) pairs, 2-bit q; "
                "ggml-identical bytes")
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
+
+    def prepare(self, data, rows, cols):
+        return KPrepared(data, rows, cols, int_parts)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return kquant_qmatmul(self, prep, x, mode)
 
     def quantize_weighted(self, w, quant_weights) -> np.ndarray:
         """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as

@@ -48,8 +48,10 @@ from ._ggml import f32_to_f16_bits
 from ._kquants import (
     F32,
     QK_K,
+    KPrepared,
     f16_bits_to_f32,
     f16_round_np,
+    kquant_qmatmul,
     make_q3_quants,
     make_q3_quants_np,
     make_qx_quants,
@@ -147,6 +149,20 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
     high = (blk[:, None, 0:32] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
     q = (low.reshape(n, 8, 32).astype(np.int8) - ((1 - high) * 4).astype(np.int8)).astype(np.float32)
     return (dl[..., None] * q.reshape(n, 16, 16)).reshape(rows, cols)
+
+
+def int_parts(data: np.ndarray, rows: int, cols: int):
+    """The weights as ggml's dot product sees them: (qi, sc, mi, dw, mw), see _kquants."""
+    blk = data.reshape(-1, BLOCK_BYTES)
+    n = blk.shape[0]
+    low = (blk[:, 32:96].reshape(n, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
+    high = (blk[:, None, 0:32] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    qi = (low.reshape(n, 8, 32).astype(np.int8) - ((1 - high) * 4).astype(np.int8))
+    sc = (_unpack_scales_np(blk[:, 96:108]) - 32).astype(np.int16)
+    dw = blk[:, 108:110].copy().view(np.float16)[:, 0].astype(np.float32)
+    nb = cols // QK_K
+    return (qi.reshape(rows, nb, QK_K), sc.reshape(rows, nb, 16), np.zeros((rows, nb, 16), np.int16),
+            dw.reshape(rows, nb), np.zeros((rows, nb), np.float32))
 
 
 # ---- numba kernels ---------------------------------------------------------------------------
@@ -307,12 +323,18 @@ class Q3_K(GGMLFormat):
     vec_dot_type = "Q8_K"
     block_shape = (1, QK_K)
     block_bytes = BLOCK_BYTES
-    modes = ("f32",)
+    modes = ("f32", "q8_k")
     max_abs = 2.0e6  # measured worst fp16 scale ~0.012 * max|w|: 2.7x margin
     range_rule = RULE
     summary = "ggml Q3_K: per 256 weights an fp16 d, sixteen 6-bit sub-block scales and 3-bit q; ggml-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
+
+    def prepare(self, data, rows, cols):
+        return KPrepared(data, rows, cols, int_parts)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return kquant_qmatmul(self, prep, x, mode)
 
     def quantize_weighted(self, w, quant_weights) -> np.ndarray:
         """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as

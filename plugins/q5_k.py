@@ -39,8 +39,10 @@ from ._ggml import f32_to_f16_bits
 from ._kquants import (
     F32,
     QK_K,
+    KPrepared,
     f16_bits_to_f32,
     f16_round_np,
+    kquant_qmatmul,
     nearest_int,
     nearest_int_np,
     pack_scale_min_k4,
@@ -105,6 +107,22 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
     ds = (d * sc.astype(np.float32))[..., None]
     ms = (dmin * m.astype(np.float32))[..., None]
     return (ds * q - ms).reshape(rows, cols)
+
+
+def int_parts(data: np.ndarray, rows: int, cols: int):
+    """The weights as ggml's dot product sees them: (qi, sc, mi, dw, mw), see _kquants."""
+    blk = data.reshape(-1, BLOCK_BYTES)
+    n = blk.shape[0]
+    dw = blk[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
+    mw = blk[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32)
+    sc, m = unpack_scale_min_k4_np(blk[:, 4:16])
+    qs = blk[:, 48:].reshape(n, 4, 1, 32)
+    lo = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32)
+    hi = (blk[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    qi = (lo | (hi << 4)).astype(np.int8)
+    nb = cols // QK_K
+    return (qi.reshape(rows, nb, QK_K), np.repeat(sc, 2, axis=1).astype(np.int16).reshape(rows, nb, 16),
+            np.repeat(m, 2, axis=1).astype(np.int16).reshape(rows, nb, 16), dw.reshape(rows, nb), mw.reshape(rows, nb))
 
 
 # ---- numba kernels ---------------------------------------------------------------------------
@@ -221,13 +239,19 @@ class Q5_K(GGMLFormat):
     vec_dot_type = "Q8_K"
     block_shape = (1, QK_K)
     block_bytes = BLOCK_BYTES
-    modes = ("f32",)
+    modes = ("f32", "q8_k")
     max_abs = 1.0e6  # measured worst fp16 scale ~0.024 * max|w|: 2.7x margin
     range_rule = RULE
     summary = ("ggml Q5_K: per 256 weights fp16 d, dmin and eight 6-bit (scale, min) pairs, 5-bit q; "
                "ggml-identical bytes")
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
+
+    def prepare(self, data, rows, cols):
+        return KPrepared(data, rows, cols, int_parts)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return kquant_qmatmul(self, prep, x, mode)
 
     def quantize_weighted(self, w, quant_weights) -> np.ndarray:
         """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as

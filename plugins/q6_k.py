@@ -46,8 +46,10 @@ from ._kquants import (
     F32,
     GROUP_MAX_EPS,
     QK_K,
+    KPrepared,
     f16_bits_to_f32,
     f16_round_np,
+    kquant_qmatmul,
     make_qx_quants,
     make_qx_quants_np,
     nearest_int,
@@ -118,6 +120,22 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
     sc = blk[:, 192:208].view(np.int8).astype(np.float32)
     d = blk[:, 208:210].copy().view(np.float16).astype(np.float32)
     return ((d * sc)[..., None] * q.reshape(n, 16, 16)).reshape(rows, cols)
+
+
+def int_parts(data: np.ndarray, rows: int, cols: int):
+    """The weights as ggml's dot product sees them: (qi, sc, mi, dw, mw), see _kquants."""
+    blk = data.reshape(-1, BLOCK_BYTES)
+    n = blk.shape[0]
+    ql = blk[:, 0:128].reshape(n, 2, 2, 32)
+    qh = blk[:, 128:192].reshape(n, 2, 1, 32)
+    lo = np.concatenate([ql & 15, ql >> 4], axis=2)
+    hi = (qh >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]) & 3
+    qi = ((lo | (hi << 4)).astype(np.int16) - 32).astype(np.int8)
+    sc = blk[:, 192:208].view(np.int8).astype(np.int16)
+    dw = blk[:, 208:210].copy().view(np.float16)[:, 0].astype(np.float32)
+    nb = cols // QK_K
+    return (qi.reshape(rows, nb, QK_K), sc.reshape(rows, nb, 16), np.zeros((rows, nb, 16), np.int16),
+            dw.reshape(rows, nb), np.zeros((rows, nb), np.float32))
 
 
 # ---- numba kernels ---------------------------------------------------------------------------
@@ -245,12 +263,18 @@ class Q6_K(GGMLFormat):
     vec_dot_type = "Q8_K"
     block_shape = (1, QK_K)
     block_bytes = BLOCK_BYTES
-    modes = ("f32",)
+    modes = ("f32", "q8_k")
     max_abs = 1.0e7  # measured worst fp16 scale ~0.00026 * max|w|: 25x margin
     range_rule = RULE
     summary = "ggml Q6_K: per 256 weights an fp16 d, sixteen int8 sub-block scales and 6-bit q; ggml-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
+
+    def prepare(self, data, rows, cols):
+        return KPrepared(data, rows, cols, int_parts)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return kquant_qmatmul(self, prep, x, mode)
 
     def quantize_weighted(self, w, quant_weights) -> np.ndarray:
         """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as

@@ -136,6 +136,54 @@ def test_dequantize_matches_gguf(tag):
         assert same_bits(f.get_rows(data, shape, rows), want[rows])
 
 
+# ---- qmatmul mode "q8_k" -----------------------------------------------------------------------------------------
+
+
+def test_q8_K_activations_match_golden():
+    """Our Q8_K activation quantizer (numba and numpy) makes ggml's quantize_row_q8_K_ref bytes."""
+    from quantfmt_formats._kquants import quantize_q8_K, quantize_q8_K_ref
+
+    g = golden("Q8_K")
+    blk = g["q"].reshape(-1, 292)
+    want = (blk[:, :4].copy().view(np.float32)[:, 0], blk[:, 4:260].copy().view(np.int8),
+            blk[:, 260:].copy().view("<i2"))
+    for fn in (quantize_q8_K, quantize_q8_K_ref):
+        d, qs, bs = fn(g["x"])
+        assert same_bits(d.reshape(-1), want[0])
+        np.testing.assert_array_equal(qs.reshape(-1, 256), want[1])
+        np.testing.assert_array_equal(bs.reshape(-1, 16), want[2])
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_int_parts_decode_like_dequantize(tag):
+    """The integer form used by mode q8_k (dw*sc*qi - mw*mi) is the same weights, bit for bit."""
+    f, m = quantfmt.get_format(tag), module(tag)
+    x = corpus(3)
+    q = f.quantize(x)
+    qi, sc, mi, dw, mw = m.int_parts(q, *x.shape)
+    rows, nb = dw.shape
+    y = ((dw[..., None] * sc.astype(np.float32))[..., None] * qi.reshape(rows, nb, 16, 16).astype(np.float32)
+         - (mw[..., None] * mi.astype(np.float32))[..., None])
+    assert same_bits(y.reshape(x.shape), f.dequantize(q, x.shape))
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_q8_k_matmul_equals_reference(tag):
+    from quantfmt_formats._kquants import dot_q8k_ref
+
+    f, m = quantfmt.get_format(tag), module(tag)
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((12, 768), dtype=np.float32)
+    q = f.quantize(w)
+    for n in (1, 3, 9):  # 9: the sgemm path on dequantized operands
+        x = rng.standard_normal((n, 768), dtype=np.float32)
+        want = dot_q8k_ref(m.int_parts(q, *w.shape), x)
+        got = f.qmatmul(q, w.shape, x, "q8_k")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(np.abs(want).max()))
+    with pytest.raises(NonFiniteError, match=f"{tag}: qmatmul mode 'q8_k'"):
+        f.qmatmul(q, w.shape, np.full(768, np.inf, np.float32), "q8_k")
+
+
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 
@@ -223,6 +271,22 @@ def test_bytes_match_ggml_adversarial(tag, ggml):
     qw = imatrix(512)
     xw = _oracle_rows(ggml, tag, corpus(0), qw)
     np.testing.assert_array_equal(f.quantize_weighted(xw, qw), ggml.quantize(tag, xw, qw).reshape(-1))
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("tag", TAGS)
+def test_q8_k_matmul_matches_ggml_vec_dot(tag, ggml):
+    """Mode q8_k against ggml-cpu's generic ggml_vec_dot_<type>_q8_K on ggml's own Q8_K activations:
+    the integer sums are exact, only the order of float32 additions differs."""
+    f = quantfmt.get_format(tag)
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((6, 1024), dtype=np.float32)
+    x = rng.standard_normal((2, 1024), dtype=np.float32) * np.float32(3)
+    q = f.quantize(w).reshape(6, -1)
+    act = ggml.quantize_ref("Q8_K", x)
+    want = np.array([[ggml.vec_dot(tag, q[r], act[k], 1024) for r in range(6)] for k in range(2)], np.float32)
+    got = f.qmatmul(q.reshape(-1), w.shape, x, "q8_k")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
 
 
 @pytest.mark.oracle
