@@ -759,23 +759,33 @@ def quantize_q8_K(x: np.ndarray):
     return d, qs, bs
 
 
-@numba.njit(cache=True, parallel=True, error_model="numpy")
-def _dot_q8k_kernel(qi, sc, mi, dw, mw, dx, qx, bs, out):
+@numba.njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+def _dot_kernel(wi, mi, dw, mw, xa, xsub, dx, out):
+    """out[k, r] = sum over super-blocks b of (dw*dx) * (wi . xa) - (mw*dx) * (mi . xsub).
+
+    wi (rows, nb, 256) int16 = sc*qi (each weight's integer times its sub-block scale), mi (rows, nb, 16)
+    int16, dw/mw (rows, nb) float32; xa (n, nb, 256) float32: the activations (mode f32) or their Q8_K
+    quants as floats (mode q8_k); xsub (n, nb, 16): their sums over each sub-block of 16 (bsum for q8_k);
+    dx (n, nb): 1 (f32) or the Q8_K scale. In mode q8_k each product is an exact integer in float32;
+    the 256-long sums round only beyond 2**24 (ggml sums them exactly in int32: the results differ by
+    float32 rounding). The loops run to trip counts known at run time (array shapes) so that LLVM
+    vectorizes them instead of unrolling them into scalar code.
+    """
     rows, nb = dw.shape
     n = dx.shape[0]
+    L = xa.shape[2]
+    S = xsub.shape[2]
     for r in numba.prange(rows):
         for k in range(n):
             acc = np.float32(0.0)
             for b in range(nb):
-                isum = 0
-                msum = 0
-                for s in range(16):
-                    t = 0
-                    for i in range(16):
-                        t += np.int32(qi[r, b, 16 * s + i]) * np.int32(qx[k, b, 16 * s + i])
-                    isum += np.int64(sc[r, b, s]) * t
-                    msum += np.int64(mi[r, b, s]) * np.int64(bs[k, b, s])
-                acc += (dw[r, b] * dx[k, b]) * np.float32(isum) - (mw[r, b] * dx[k, b]) * np.float32(msum)
+                t = np.float32(0.0)
+                for i in range(L):
+                    t += np.float32(wi[r, b, i]) * xa[k, b, i]
+                m = np.float32(0.0)
+                for s in range(S):
+                    m += np.float32(mi[r, b, s]) * xsub[k, b, s]
+                acc += (dw[r, b] * dx[k, b]) * t - (mw[r, b] * dx[k, b]) * m
             out[k, r] = acc
 
 
@@ -803,8 +813,12 @@ class KPrepared:
 
     @property
     def parts(self):
+        """(wi, mi, dw, mw): wi = sc*qi per weight as int16 (|sc*qi| <= 127*32), for _dot_kernel."""
         if self._parts is None:
-            self._parts = self._int_parts(self.data, self.rows, self.cols)
+            qi, sc, mi, dw, mw = self._int_parts(self.data, self.rows, self.cols)
+            rows, nb = dw.shape
+            wi = (qi.reshape(rows, nb, 16, 16).astype(np.int16) * sc[..., None]).reshape(rows, nb, QK_K)
+            self._parts = (wi, mi, dw, mw)
         return self._parts
 
 
@@ -813,24 +827,34 @@ Q8K_BLAS_MIN_ROWS = 8
 
 
 def kquant_qmatmul(fmt, prep: KPrepared, x: np.ndarray, mode: str) -> np.ndarray:
-    """x (n, cols) @ W.T for a k-quant in mode "f32" (dequantized tiles into BLAS) or "q8_k"."""
+    """x (n, cols) @ W.T for a k-quant in mode "f32" or "q8_k". Up to Q8K_BLAS_MIN_ROWS - 1 rows a
+    kernel on the integer form; from there sgemm on dequantized tiles (q8_k: on the dequantized
+    activation quants d_x*q_x, exact products, so only the summation order differs)."""
     rows, cols = prep.rows, prep.cols
-    if mode == "f32":
-        return fmt._blas_tiles(prep.data, rows, cols, x)
-    if not np.isfinite(x).all():
-        from quantfmt.errors import NonFiniteError
+    n = x.shape[0]
+    if mode == "q8_k":
+        if not np.isfinite(x).all():
+            from quantfmt.errors import NonFiniteError
 
-        r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
-        raise NonFiniteError(
-            f"{fmt.tag}: qmatmul mode 'q8_k': activations of shape {x.shape}: row {r}, column {c} is {x[r, c]}; "
-            "a non-finite activation cannot be quantized"
-        )
-    dx, qx, bs = quantize_q8_K(x)
-    if x.shape[0] >= Q8K_BLAS_MIN_ROWS:
-        # exact products d_x*q_x against the float32 weights: only the summation order differs
-        xq = (qx.astype(np.float32) * dx[..., None]).reshape(x.shape)
-        return fmt._blas_tiles(prep.data, rows, cols, xq)
-    qi, sc, mi, dw, mw = prep.parts
-    out = np.empty((x.shape[0], rows), np.float32)
-    _dot_q8k_kernel(qi, sc, mi, dw, mw, dx, qx, bs, out)
+            r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
+            raise NonFiniteError(
+                f"{fmt.tag}: qmatmul mode 'q8_k': activations of shape {x.shape}: row {r}, column {c} is "
+                f"{x[r, c]}; a non-finite activation cannot be quantized"
+            )
+        dx, qx, bs = quantize_q8_K(x)
+        if n >= Q8K_BLAS_MIN_ROWS:
+            return fmt._blas_tiles(prep.data, rows, cols, (qx.astype(np.float32) * dx[..., None]).reshape(x.shape))
+        xa = qx.astype(np.float32)
+        xsub = bs.astype(np.float32)
+    else:
+        if n >= Q8K_BLAS_MIN_ROWS:
+            return fmt._blas_tiles(prep.data, rows, cols, x)
+        dx = np.ones((n, cols // QK_K), np.float32)
+        xa = x
+        xsub = x.reshape(n, -1, 16).sum(axis=2, dtype=np.float32)
+    wi, mi, dw, mw = prep.parts
+    nb = cols // QK_K
+    out = np.empty((n, rows), np.float32)
+    _dot_kernel(wi, mi, dw, mw, np.ascontiguousarray(xa, np.float32).reshape(n, nb, QK_K),
+                np.ascontiguousarray(xsub, np.float32).reshape(n, nb, 16), dx, out)
     return out
