@@ -217,32 +217,41 @@ def _quantize_kernel(w, out, bad):
 
 
 @numba.njit(cache=True)
-def _dequantize_rows(blocks, lut, idx, out, k0, k1):
+def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
+    # Loops of `half` (16) known only at run time, 3-D indexing with loop variables and the bit
+    # fields split in float (exact): this vectorizes; integer shifts would be widened to int64.
     nb = blocks.shape[1]
     ds = np.empty(16, np.float32)
     for k in range(k0, k1):
         r = idx[k]
         for b in range(nb):
-            blk = blocks[r, b]
-            d = lut[np.int64(blk[208]) | (np.int64(blk[209]) << 8)]
+            d = lut[np.int64(blocks[r, b, 208]) | (np.int64(blocks[r, b, 209]) << 8)]
             for j in range(16):
-                s = np.int64(blk[192 + j])
+                s = np.int64(blocks[r, b, 192 + j])
                 ds[j] = d * np.float32(s - 256 if s > 127 else s)
             for h in range(2):
-                o = b * QK_K + 128 * h
-                for i in range(32):
-                    a = np.int64(blk[64 * h + i])
-                    c = np.int64(blk[64 * h + 32 + i])
-                    hb = np.int64(blk[128 + 32 * h + i])
-                    q0 = (a & 15) | ((hb & 3) << 4)
-                    q1 = (c & 15) | (((hb >> 2) & 3) << 4)
-                    q2 = (a >> 4) | (((hb >> 4) & 3) << 4)
-                    q3 = (c >> 4) | (((hb >> 6) & 3) << 4)
-                    s = 8 * h + i // 16
-                    out[k, o + i] = ds[s] * np.float32(q0 - 32)
-                    out[k, o + i + 32] = ds[s + 2] * np.float32(q1 - 32)
-                    out[k, o + i + 64] = ds[s + 4] * np.float32(q2 - 32)
-                    out[k, o + i + 96] = ds[s + 6] * np.float32(q3 - 32)
+                for g in range(2):  # elements l = 16g .. 16g+15 of each quarter: sub-blocks 8h + g + 2t
+                    o = b * QK_K + 128 * h + 16 * g
+                    s0, s1, s2, s3 = ds[8 * h + g], ds[8 * h + g + 2], ds[8 * h + g + 4], ds[8 * h + g + 6]
+                    for i in range(half):
+                        l = 16 * g + i
+                        a = np.float32(blocks[r, b, 64 * h + l])
+                        c = np.float32(blocks[r, b, 64 * h + 32 + l])
+                        hb = np.float32(blocks[r, b, 128 + 32 * h + l])
+                        ah = np.floor(a * np.float32(0.0625))
+                        al = a - np.float32(16.0) * ah
+                        ch = np.floor(c * np.float32(0.0625))
+                        cl = c - np.float32(16.0) * ch
+                        t1 = np.floor(hb * np.float32(0.25))
+                        h0 = hb - np.float32(4.0) * t1
+                        t2 = np.floor(t1 * np.float32(0.25))
+                        h1 = t1 - np.float32(4.0) * t2
+                        h3 = np.floor(t2 * np.float32(0.25))
+                        h2 = t2 - np.float32(4.0) * h3
+                        out[k, o + i] = s0 * (al + np.float32(16.0) * h0 - np.float32(32.0))
+                        out[k, o + 32 + i] = s1 * (cl + np.float32(16.0) * h1 - np.float32(32.0))
+                        out[k, o + 64 + i] = s2 * (ah + np.float32(16.0) * h2 - np.float32(32.0))
+                        out[k, o + 96 + i] = s3 * (ch + np.float32(16.0) * h3 - np.float32(32.0))
 
 
 @numba.njit(cache=True, parallel=True)
@@ -250,7 +259,7 @@ def _dequantize_kernel(blocks, lut, idx, out):
     n = idx.size
     nchunk = max(1, min(n, n * out.shape[1] // 65536))
     for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk)
+        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
 
 
 # ---- the format ------------------------------------------------------------------------------
