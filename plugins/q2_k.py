@@ -266,27 +266,36 @@ def _quantize_kernel(w, out, bad):
 
 
 @numba.njit(cache=True)
-def _dequantize_rows(blocks, lut, idx, out, k0, k1):
+def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
+    # Loops of `half` (16) known only at run time, 3-D indexing, 2-bit fields split in float (exact).
     nb = blocks.shape[1]
     dl = np.empty(16, np.float32)
     ml = np.empty(16, np.float32)
     for k in range(k0, k1):
         r = idx[k]
         for b in range(nb):
-            blk = blocks[r, b]
-            d = lut[np.int64(blk[80]) | (np.int64(blk[81]) << 8)]
-            dmin = lut[np.int64(blk[82]) | (np.int64(blk[83]) << 8)]
+            d = lut[np.int64(blocks[r, b, 80]) | (np.int64(blocks[r, b, 81]) << 8)]
+            dmin = lut[np.int64(blocks[r, b, 82]) | (np.int64(blocks[r, b, 83]) << 8)]
             for j in range(16):
-                dl[j] = d * np.float32(np.int64(blk[j]) & 15)
-                ml[j] = dmin * np.float32(np.int64(blk[j]) >> 4)
+                v = np.int64(blocks[r, b, j])
+                dl[j] = d * np.float32(v & 15)
+                ml[j] = dmin * np.float32(v >> 4)
             for hh in range(2):
-                for kk in range(4):
-                    sub = 8 * hh + 2 * kk
-                    o = b * QK_K + 128 * hh + 32 * kk
-                    for i in range(32):
-                        q = (np.int64(blk[16 + 32 * hh + i]) >> (2 * kk)) & 3
-                        t = sub + (i >> 4)
-                        out[k, o + i] = dl[t] * np.float32(q) - ml[t]
+                for g in range(2):  # l = 16g .. 16g+15: sub-blocks 8hh + g + 2kk
+                    o = b * QK_K + 128 * hh + 16 * g
+                    t0, t1, t2, t3 = 8 * hh + g, 8 * hh + g + 2, 8 * hh + g + 4, 8 * hh + g + 6
+                    for i in range(half):
+                        v = np.float32(blocks[r, b, 16 + 32 * hh + 16 * g + i])
+                        a1 = np.floor(v * np.float32(0.25))
+                        q0 = v - np.float32(4.0) * a1
+                        a2 = np.floor(a1 * np.float32(0.25))
+                        q1 = a1 - np.float32(4.0) * a2
+                        q3 = np.floor(a2 * np.float32(0.25))
+                        q2 = a2 - np.float32(4.0) * q3
+                        out[k, o + i] = dl[t0] * q0 - ml[t0]
+                        out[k, o + 32 + i] = dl[t1] * q1 - ml[t1]
+                        out[k, o + 64 + i] = dl[t2] * q2 - ml[t2]
+                        out[k, o + 96 + i] = dl[t3] * q3 - ml[t3]
 
 
 @numba.njit(cache=True, parallel=True)
@@ -294,7 +303,7 @@ def _dequantize_kernel(blocks, lut, idx, out):
     n = idx.size
     nchunk = max(1, min(n, n * out.shape[1] // 65536))
     for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk)
+        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
 
 
 # ---- the format ------------------------------------------------------------------------------

@@ -201,24 +201,34 @@ def _quantize_kernel(w, out, bad):
 
 
 @numba.njit(cache=True)
-def _dequantize_rows(blocks, lut, idx, out, k0, k1):
+def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
+    # As Q4_K's: a run-time trip count, 3-D indexing, nibbles and the high bits split in float (exact).
     nb = blocks.shape[1]
     for k in range(k0, k1):
         r = idx[k]
         for b in range(nb):
-            blk = blocks[r, b]
-            d = lut[np.int64(blk[0]) | (np.int64(blk[1]) << 8)]
-            dmin = lut[np.int64(blk[2]) | (np.int64(blk[3]) << 8)]
-            for j in range(8):
-                sc, m = scale_min_k4(j, blk[4:16])
-                dj = d * np.float32(sc)
-                mj = dmin * np.float32(m)
-                shift = 4 * (j & 1)
-                base = 48 + 32 * (j >> 1)
-                o = b * QK_K + 32 * j
-                for i in range(32):
-                    q = ((np.int64(blk[base + i]) >> shift) & 15) | (((np.int64(blk[16 + i]) >> j) & 1) << 4)
-                    out[k, o + i] = dj * np.float32(q) - mj
+            d = lut[np.int64(blocks[r, b, 0]) | (np.int64(blocks[r, b, 1]) << 8)]
+            dmin = lut[np.int64(blocks[r, b, 2]) | (np.int64(blocks[r, b, 3]) << 8)]
+            for p in range(4):
+                sc, m = scale_min_k4(2 * p, blocks[r, b, 4:16])
+                d1 = d * np.float32(sc)
+                m1 = dmin * np.float32(m)
+                sc, m = scale_min_k4(2 * p + 1, blocks[r, b, 4:16])
+                d2 = d * np.float32(sc)
+                m2 = dmin * np.float32(m)
+                o = b * QK_K + 64 * p
+                c = 48 + 32 * p
+                inv = np.float32(1.0 / (1 << (2 * p)))  # bits 2p, 2p+1 of qh
+                for i in range(half):
+                    v = np.float32(blocks[r, b, c + i])
+                    hi = np.floor(v * np.float32(0.0625))
+                    lo = v - np.float32(16.0) * hi
+                    t = np.floor(np.float32(blocks[r, b, 16 + i]) * inv)
+                    t2 = np.floor(t * np.float32(0.5))
+                    b0 = t - np.float32(2.0) * t2
+                    b1 = t2 - np.float32(2.0) * np.floor(t2 * np.float32(0.5))
+                    out[k, o + i] = d1 * (lo + np.float32(16.0) * b0) - m1
+                    out[k, o + 32 + i] = d2 * (hi + np.float32(16.0) * b1) - m2
 
 
 @numba.njit(cache=True, parallel=True)
@@ -226,7 +236,7 @@ def _dequantize_kernel(blocks, lut, idx, out):
     n = idx.size
     nchunk = max(1, min(n, n * out.shape[1] // 65536))
     for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk)
+        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 32)
 
 
 # ---- the format ------------------------------------------------------------------------------
