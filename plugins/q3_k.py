@@ -283,26 +283,29 @@ def _quantize_kernel(w, out, bad):
 
 
 @numba.njit(cache=True)
-def _dequantize_rows(blocks, lut, idx, out, k0, k1):
+def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
+    # Loops of `half` (16) known only at run time, 3-D indexing, bit fields split in float (exact).
     nb = blocks.shape[1]
     dl = np.empty(16, np.float32)
     for k in range(k0, k1):
         r = idx[k]
         for b in range(nb):
-            blk = blocks[r, b]
-            d = lut[np.int64(blk[108]) | (np.int64(blk[109]) << 8)]
+            d = lut[np.int64(blocks[r, b, 108]) | (np.int64(blocks[r, b, 109]) << 8)]
             for j in range(16):
-                dl[j] = d * np.float32(_scale(blk[96:108], j) - 32)
+                dl[j] = d * np.float32(_scale(blocks[r, b, 96:108], j) - 32)
             for hh in range(2):
                 for kk in range(4):
-                    sub = 8 * hh + 2 * kk
-                    o = b * QK_K + 128 * hh + 32 * kk
-                    hbit = 4 * hh + kk
-                    for i in range(32):
-                        lo = (np.int64(blk[32 + 32 * hh + i]) >> (2 * kk)) & 3
-                        hi = (np.int64(blk[i]) >> hbit) & 1
-                        q = lo - (0 if hi else 4)
-                        out[k, o + i] = dl[sub + (i >> 4)] * np.float32(q)
+                    lsc = np.float32(1.0 / (1 << (2 * kk)))
+                    hsc = np.float32(1.0 / (1 << (4 * hh + kk)))
+                    for g in range(2):
+                        o = b * QK_K + 128 * hh + 32 * kk + 16 * g
+                        dj = dl[8 * hh + 2 * kk + g]
+                        for i in range(half):
+                            v = np.floor(np.float32(blocks[r, b, 32 + 32 * hh + 16 * g + i]) * lsc)
+                            lo = v - np.float32(4.0) * np.floor(v * np.float32(0.25))
+                            t = np.floor(np.float32(blocks[r, b, 16 * g + i]) * hsc)
+                            hb = t - np.float32(2.0) * np.floor(t * np.float32(0.5))
+                            out[k, o + i] = dj * (lo - np.float32(4.0) + np.float32(4.0) * hb)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -310,7 +313,7 @@ def _dequantize_kernel(blocks, lut, idx, out):
     n = idx.size
     nchunk = max(1, min(n, n * out.shape[1] // 65536))
     for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk)
+        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
 
 
 # ---- the format ------------------------------------------------------------------------------
