@@ -364,6 +364,105 @@ def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
 
 
 @jit
+def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
+    """make_qkx2_quants on M sub-blocks at once, in lock step: x, w (n, M) float32 element-major (column
+    j is sub-block j), L (n, M) uint8 out, scale/the_min (M,) out. Each lane runs ggml's operations in
+    ggml's order (the element loop is outside, the lane loop inside), so every lane's bytes are those of
+    the scalar search; the lane loop (a run-time trip count M) is what vectorizes."""
+    n, M = x.shape
+    mn = np.empty(M, np.float32)
+    mx = np.empty(M, np.float32)
+    sum_w = np.empty(M, np.float32)
+    sum_x = np.empty(M, np.float32)
+    best = np.zeros(M, np.float32)
+    isc = np.empty(M, np.float32)
+    sl = np.empty(M, np.float32)
+    sl2 = np.empty(M, np.float32)
+    sxl = np.empty(M, np.float32)
+    ts = np.empty(M, np.float32)
+    tm = np.empty(M, np.float32)
+    cur = np.empty(M, np.float32)
+    take = np.empty(M, np.bool_)
+    La = np.empty((n, M), np.uint8)
+    for j in range(M):
+        mn[j] = x[0, j]
+        mx[j] = x[0, j]
+        sum_w[j] = w[0, j]
+        sum_x[j] = w[0, j] * x[0, j]
+    for i in range(1, n):
+        for j in range(M):
+            xi = x[i, j]
+            mn[j] = xi if xi < mn[j] else mn[j]
+            mx[j] = xi if xi > mx[j] else mx[j]
+            sum_w[j] += w[i, j]
+            sum_x[j] += w[i, j] * xi
+    flat = np.empty(M, np.bool_)
+    for j in range(M):
+        if mn[j] > 0:
+            mn[j] = np.float32(0.0)
+        flat[j] = mx[j] == mn[j]
+        isc[j] = np.float32(nmax) / (mx[j] - mn[j])
+        scale[j] = np.float32(1.0) / isc[j]
+    for i in range(n):
+        for j in range(M):
+            li = min(max(nearest_int(isc[j] * (x[i, j] - mn[j])), 0), nmax)
+            L[i, j] = li
+            diff = scale[j] * np.float32(li) + mn[j] - x[i, j]
+            diff = abs(diff) if use_mad else diff * diff
+            best[j] += w[i, j] * diff
+    for s in range(nstep + 1):
+        for j in range(M):
+            isc[j] = (rmin + rdelta * np.float32(s) + np.float32(nmax)) / (mx[j] - mn[j])
+            sl[j] = 0
+            sl2[j] = 0
+            sxl[j] = 0
+            cur[j] = 0
+        for i in range(n):
+            for j in range(M):
+                li = min(max(nearest_int(isc[j] * (x[i, j] - mn[j])), 0), nmax)
+                La[i, j] = li
+                wl = w[i, j] * np.float32(li)
+                sl[j] += wl
+                sl2[j] += wl * np.float32(li)
+                sxl[j] += wl * x[i, j]
+        for j in range(M):
+            D = sum_w[j] * sl2[j] - sl[j] * sl[j]
+            take[j] = D > 0
+            a = (sum_w[j] * sxl[j] - sum_x[j] * sl[j]) / D
+            m = (sl2[j] * sum_x[j] - sl[j] * sxl[j]) / D
+            if m > 0:
+                m = np.float32(0.0)
+                a = sxl[j] / sl2[j]
+            ts[j] = a
+            tm[j] = m
+        for i in range(n):
+            for j in range(M):
+                diff = ts[j] * np.float32(La[i, j]) + tm[j] - x[i, j]
+                diff = abs(diff) if use_mad else diff * diff
+                cur[j] += w[i, j] * diff
+        anyt = False
+        for j in range(M):
+            if take[j] and cur[j] < best[j]:
+                best[j] = cur[j]
+                scale[j] = ts[j]
+                mn[j] = tm[j]
+                anyt = True
+            else:
+                take[j] = False
+        if anyt:
+            for i in range(n):
+                for j in range(M):
+                    if take[j]:
+                        L[i, j] = La[i, j]
+    for j in range(M):
+        if flat[j]:  # ggml returns early: L = 0, scale 0
+            scale[j] = np.float32(0.0)
+            for i in range(n):
+                L[i, j] = 0
+        the_min[j] = -mn[j]
+
+
+@jit
 def make_qx_quants(x, L, nmax, qw):
     """One sub-block, rmse_type 1 (weights x*x, or qw when qw is not empty): fills L with
     0..2*nmax-1 (int8 storage), returns the float32 scale."""
@@ -596,25 +695,29 @@ def scale_min_search(x, qw, L, Laux, weights, scales, mins, sw, ls, lm, nmax,
     """Q4_K/Q5_K, one super-block x (256,): fills L (the search's quants), ls, lm (the 6-bit
     scales and mins) and returns (d, dmin) in float32 before their fp16 rounding. qw: the
     importance weights of this super-block, or empty (ggml's reference quantizer)."""
+    # the eight sub-blocks side by side (element-major), searched in lock step
+    xt = np.empty((32, 8), np.float32)
+    wt = np.empty((32, 8), np.float32)
+    Lt = np.empty((32, 8), np.uint8)
+    for j in range(8):
+        for i in range(32):
+            xt[i, j] = x[32 * j + i]
     if qw.shape[0] == 0:
+        for j in range(8):
+            sum_x2 = np.float32(0.0)
+            for i in range(32):
+                sum_x2 += xt[i, j] * xt[i, j]
+            av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
+            for i in range(32):
+                wt[i, j] = av_x + abs(xt[i, j])
+        make_qkx2_lanes(xt, wt, Lt, nmax, rmin, rdelta, nstep, False, scales, mins)
         max_scale = np.float32(0.0)
         max_min = np.float32(0.0)
         for j in range(8):
-            xs = x[32 * j : 32 * j + 32]
-            sum_x2 = np.float32(0.0)
-            for i in range(32):
-                sum_x2 += xs[i] * xs[i]
-            av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
-            for i in range(32):
-                weights[i] = av_x + abs(xs[i])
-            s, m = make_qkx2_quants(xs, weights, L[32 * j : 32 * j + 32], Laux, nmax,
-                                    rmin, rdelta, nstep, False)
-            scales[j] = s
-            mins[j] = m
-            if s > max_scale:
-                max_scale = s
-            if m > max_min:
-                max_min = m
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
         inv_scale = np.float32(63.0) / max_scale if max_scale > 0 else np.float32(0.0)
         inv_min = np.float32(63.0) / max_min if max_min > 0 else np.float32(0.0)
         for j in range(8):
@@ -628,16 +731,12 @@ def scale_min_search(x, qw, L, Laux, weights, scales, mins, sw, ls, lm, nmax,
             sum_x2 += x[i] * x[i]
         sigma2 = np.float32(2.0) * sum_x2 / np.float32(QK_K)
         for j in range(8):
-            xs = x[32 * j : 32 * j + 32]
             sumw = np.float32(0.0)
             for i in range(32):
-                weights[i] = qw[32 * j + i] * np.float32(np.sqrt(sigma2 + xs[i] * xs[i]))
-                sumw += weights[i]
+                wt[i, j] = qw[32 * j + i] * np.float32(np.sqrt(sigma2 + xt[i, j] * xt[i, j]))
+                sumw += wt[i, j]
             sw[j] = sumw
-            s, m = make_qkx2_quants(xs, weights, L[32 * j : 32 * j + 32], Laux, nmax,
-                                    rmin_w, rdelta_w, nstep_w, False)
-            scales[j] = s
-            mins[j] = m
+        make_qkx2_lanes(xt, wt, Lt, nmax, rmin_w, rdelta_w, nstep_w, False, scales, mins)
         lq = np.empty(8, np.uint8)
         d = make_qp_quants(scales, lq, 63, sw)
         for j in range(8):
@@ -645,6 +744,9 @@ def scale_min_search(x, qw, L, Laux, weights, scales, mins, sw, ls, lm, nmax,
         dmin = make_qp_quants(mins, lq, 63, sw)
         for j in range(8):
             lm[j] = lq[j]
+    for j in range(8):
+        for i in range(32):
+            L[32 * j + i] = Lt[i, j]
     return d, dmin
 
 
