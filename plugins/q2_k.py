@@ -48,7 +48,7 @@ from ._kquants import (
     f16_bits_to_f32,
     f16_round_np,
     kquant_qmatmul,
-    make_qkx2_quants,
+    make_qkx2_lanes,
     make_qkx2_quants_np,
     make_qkx3_quants_np,
     make_qp_quants,
@@ -153,21 +153,25 @@ def _quantize_block(x, qw, out, L, Laux, weights, scales, mins, sw, lq):
     """One super-block x (256,) into out (84,); True if d or dmin overflows fp16. qw:
     importance weights of this super-block, or empty."""
     s = out[0:16]
+    # the sixteen sub-blocks side by side (element-major), searched in lock step
+    xt = np.empty((16, 16), np.float32)
+    wt = np.empty((16, 16), np.float32)
+    Lt = np.empty((16, 16), np.uint8)
+    for j in range(16):
+        for i in range(16):
+            xt[i, j] = x[16 * j + i]
     if qw.shape[0] == 0:
+        for j in range(16):
+            for i in range(16):
+                wt[i, j] = abs(xt[i, j])
+        make_qkx2_lanes(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
         max_scale = np.float32(0.0)
         max_min = np.float32(0.0)
         for j in range(16):
-            xs = x[16 * j : 16 * j + 16]
-            for i in range(16):
-                weights[i] = abs(xs[i])
-            v, m = make_qkx2_quants(xs, weights, L[16 * j : 16 * j + 16], Laux, 3,
-                                    np.float32(-0.5), np.float32(0.1), 15, True)
-            scales[j] = v
-            mins[j] = m
-            if v > max_scale:
-                max_scale = v
-            if m > max_min:
-                max_min = m
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
         if max_scale > 0:
             isc = np.float32(15.0) / max_scale
             for j in range(16):
@@ -190,22 +194,21 @@ def _quantize_block(x, qw, out, L, Laux, weights, scales, mins, sw, lq):
             sum_x2 += x[i] * x[i]
         sigma2 = sum_x2 / np.float32(QK_K)
         for j in range(16):
-            xs = x[16 * j : 16 * j + 16]
             sumw = np.float32(0.0)
             for i in range(16):
-                weights[i] = qw[16 * j + i] * np.float32(np.sqrt(sigma2 + xs[i] * xs[i]))
-                sumw += weights[i]
+                wt[i, j] = qw[16 * j + i] * np.float32(np.sqrt(sigma2 + xt[i, j] * xt[i, j]))
+                sumw += wt[i, j]
             sw[j] = sumw
-            v, m = make_qkx2_quants(xs, weights, L[16 * j : 16 * j + 16], Laux, 3,
-                                    np.float32(-0.9), np.float32(0.05), 36, False)
-            scales[j] = v
-            mins[j] = m
+        make_qkx2_lanes(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
         d = make_qp_quants(scales, lq, 15, sw)
         for j in range(16):
             s[j] = lq[j]
         dmin = make_qp_quants(mins, lq, 15, sw)
         for j in range(16):
             s[j] = np.uint8((np.int64(s[j]) | (np.int64(lq[j]) << 4)) & 255)
+    for j in range(16):
+        for i in range(16):
+            L[16 * j + i] = Lt[i, j]
     if not (d < np.float32(65520.0) and dmin < np.float32(65520.0)):
         return True
     hd = f32_to_f16_bits(d)
