@@ -512,6 +512,74 @@ def make_qx_quants(x, L, nmax, qw):
 
 
 @jit
+def make_qx_lanes(x, L, nmax, qw, scale):
+    """make_qx_quants (rmse_type 1) on M sub-blocks at once, in lock step: x (n, M) float32 element-major,
+    qw (n, M) importance weights or (0, 0) for w = x*x, L (n, M) int8 out (0..2*nmax-1), scale (M,) out.
+    Per lane ggml's operations in ggml's order; the lane loop vectorizes."""
+    n, M = x.shape
+    has_qw = qw.shape[0] > 0
+    amax = np.zeros(M, np.float32)
+    mx = np.zeros(M, np.float32)
+    isc = np.empty(M, np.float32)
+    sumlx = np.zeros(M, np.float32)
+    suml2 = np.zeros(M, np.float32)
+    best = np.empty(M, np.float32)
+    La = np.empty((n, M), np.int8)
+    take = np.empty(M, np.bool_)
+    for i in range(n):
+        for j in range(M):
+            ax = abs(x[i, j])
+            if ax > amax[j]:
+                amax[j] = ax
+                mx[j] = x[i, j]
+    for j in range(M):
+        isc[j] = np.float32(-nmax) / mx[j]
+    for i in range(n):
+        for j in range(M):
+            li = min(max(nearest_int(isc[j] * x[i, j]), -nmax), nmax - 1)
+            L[i, j] = li + nmax
+            w = qw[i, j] if has_qw else x[i, j] * x[i, j]
+            lf = np.float32(li)
+            sumlx[j] += w * x[i, j] * lf
+            suml2[j] += w * lf * lf
+    for j in range(M):
+        scale[j] = sumlx[j] / suml2[j] if suml2[j] != 0 else np.float32(0.0)
+        best[j] = scale[j] * sumlx[j]
+    for s in range(-9, 10):
+        if s == 0:
+            continue
+        for j in range(M):
+            isc[j] = -(np.float32(nmax) + np.float32(0.1) * np.float32(s)) / mx[j]
+            sumlx[j] = 0
+            suml2[j] = 0
+        for i in range(n):
+            for j in range(M):
+                li = min(max(nearest_int(isc[j] * x[i, j]), -nmax), nmax - 1)
+                La[i, j] = li + nmax
+                w = qw[i, j] if has_qw else x[i, j] * x[i, j]
+                lf = np.float32(li)
+                sumlx[j] += w * x[i, j] * lf
+                suml2[j] += w * lf * lf
+        anyt = False
+        for j in range(M):
+            take[j] = suml2[j] > 0 and sumlx[j] * sumlx[j] > best[j] * suml2[j]
+            if take[j]:
+                scale[j] = sumlx[j] / suml2[j]
+                best[j] = scale[j] * sumlx[j]
+                anyt = True
+        if anyt:
+            for i in range(n):
+                for j in range(M):
+                    if take[j]:
+                        L[i, j] = La[i, j]
+    for j in range(M):
+        if amax[j] < np.float32(1e-15):  # ggml returns early: L = 0, scale 0
+            scale[j] = np.float32(0.0)
+            for i in range(n):
+                L[i, j] = 0
+
+
+@jit
 def make_q3_quants(x, L, nmax):
     """One sub-block, ggml's make_q3_quants(do_rmse = true): fills L (0..2*nmax-1)."""
     n = x.shape[0]

@@ -50,7 +50,7 @@ from ._kquants import (
     f16_bits_to_f32,
     f16_round_np,
     kquant_qmatmul,
-    make_qx_quants,
+    make_qx_lanes,
     make_qx_quants_np,
     nearest_int,
     nearest_int_np,
@@ -146,15 +146,26 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 def _quantize_block(x, qw, out, L, scales):
     """One super-block x (256,) into out (210,); True if d overflows fp16. qw: importance
     weights of this super-block, or empty."""
+    # the sixteen sub-blocks side by side (element-major), searched in lock step
+    xt = np.empty((16, 16), np.float32)
+    Lt = np.empty((16, 16), np.int8)
+    qt = np.empty((16, 16) if qw.shape[0] > 0 else (0, 0), np.float32)
+    for j in range(16):
+        for i in range(16):
+            xt[i, j] = x[16 * j + i]
+            if qw.shape[0] > 0:
+                qt[i, j] = qw[16 * j + i]
+    make_qx_lanes(xt, Lt, 32, qt, scales)
+    for j in range(16):
+        for i in range(16):
+            L[16 * j + i] = Lt[i, j]
     amax = np.float32(0.0)
     max_scale = np.float32(0.0)
     for j in range(16):
-        q = qw[16 * j : 16 * j + 16] if qw.shape[0] > 0 else qw
-        s = make_qx_quants(x[16 * j : 16 * j + 16], L[16 * j : 16 * j + 16], 32, q)
-        scales[j] = s
-        if abs(s) > amax:
-            amax = abs(s)
-            max_scale = s
+        v = scales[j]
+        if abs(v) > amax:
+            amax = abs(v)
+            max_scale = v
     if amax < np.float32(1e-15):
         for i in range(BLOCK_BYTES):
             out[i] = 0
