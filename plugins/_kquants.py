@@ -884,11 +884,10 @@ def quantize_q8_K_ref(x: np.ndarray):
     return d.reshape(n, nb), qs.reshape(n, nb, QK_K), bs.reshape(n, nb, 16)
 
 
-@numba.njit(cache=True, parallel=True, error_model="numpy")
-def _q8k_kernel(x, d, qs, bs):
-    n, cols = x.shape
-    nb = cols // QK_K
-    for t in numba.prange(n * nb):
+@numba.njit(cache=True, error_model="numpy")
+def _q8k_blocks(x, d, qs, bs, t0, t1):
+    nb = x.shape[1] // QK_K
+    for t in range(t0, t1):
         r = t // nb
         b = t - r * nb
         c = b * QK_K
@@ -918,6 +917,14 @@ def _q8k_kernel(x, d, qs, bs):
         d[r, b] = np.float32(1.0) / iscale
 
 
+@numba.njit(cache=True, parallel=True)
+def _q8k_kernel(x, d, qs, bs):
+    n = x.shape[0] * (x.shape[1] // QK_K)
+    nchunk = max(1, min(n, n // 64))  # a few blocks of activations are not worth waking the threads for
+    for c in numba.prange(nchunk):
+        _q8k_blocks(x, d, qs, bs, c * n // nchunk, (c + 1) * n // nchunk)
+
+
 def quantize_q8_K(x: np.ndarray):
     """The numba twin of quantize_q8_K_ref (same outputs)."""
     n, cols = x.shape
@@ -925,7 +932,11 @@ def quantize_q8_K(x: np.ndarray):
     d = np.empty((n, nb), np.float32)
     qs = np.empty((n, nb, QK_K), np.int8)
     bs = np.empty((n, nb, 16), np.int16)
-    _q8k_kernel(np.ascontiguousarray(x, np.float32), d, qs, bs)
+    x = np.ascontiguousarray(x, np.float32)
+    if n * nb < 64:
+        _q8k_blocks(x, d, qs, bs, 0, n * nb)
+    else:
+        _q8k_kernel(x, d, qs, bs)
     return d, qs, bs
 
 
