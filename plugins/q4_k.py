@@ -1,0 +1,271 @@
+"""Q4_K: ggml's 4-bit k-quant, super-blocks of 256 weights (4.5 bits per weight).
+
+Owns the Q4_K layout, its numpy reference, its numba kernels and the Format class.
+
+One super-block = 256 consecutive weights of a row, 144 bytes, eight sub-blocks of 32:
+
+    bytes 0-1     d           fp16: scale of the sub-block scales
+    bytes 2-3     dmin        fp16: scale of the sub-block minimums
+    bytes 4-15    scales[12]  eight 6-bit scales sc[j] and eight 6-bit minimums m[j]:
+                              j < 4:  sc[j] = s[j] & 63,  m[j] = s[j+4] & 63
+                              j >= 4: sc[j] = (s[j+4] & 15) | (s[j-4] >> 6) << 4
+                                      m[j]  = (s[j+4] >> 4) | (s[j]   >> 6) << 4
+    bytes 16-143  qs[128]     4-bit q: sub-blocks 2k and 2k+1 share qs[32k .. 32k+31],
+                              element l of sub-block 2k in the low nibble, of 2k+1 in the high
+
+    weight (sub-block j, element l) = (d*sc[j]) * q - (dmin*m[j])     (float32, in that order)
+
+Quantize (ggml's quantize_row_q4_K_ref, byte for byte; float32, no FMA):
+    per sub-block j (32 values x):
+        av_x = sqrt(sum(x*x) / 32);  weight_i = av_x + |x_i|
+        (scale_j, min_j) = make_qkx2_quants(nmax 15, rmin -1, rdelta 0.1, nstep 20, squared error)
+            min = min(x, 0); start from iscale = 15/(max-min), L = clamp(nearest_int(iscale*(x-min)), 0, 15);
+            then for is = 0..20, iscale = (-1 + 0.1*is + 15)/(max-min): the weighted least-squares
+            (scale, min) of x ~ scale*L + min (min clamped to <= 0), kept when its weighted squared
+            error is smaller; min_j = -min (>= 0). A flat sub-block (max == min) has scale 0, L = 0.
+    max_scale = max_j scale_j, max_min = max_j min_j (both from 0 upwards, strict >)
+    sc[j] = min(63, uint8(nearest_int(63/max_scale * scale_j)))   (0 if max_scale <= 0); m[j] likewise
+    d = fp16(max_scale/63), dmin = fp16(max_min/63)
+    then with the stored values: D = fp16value(d)*sc[j]; if D != 0:
+        q = clamp(nearest_int((x + fp16value(dmin)*m[j]) / D), 0, 15); else q stays the search's L.
+    nearest_int is ggml's round-half-to-even through the float32 bits of f + 12582912.
+    A d or dmin of 65520 or more (fp16 infinity) is a RangeError.
+
+With importance weights qw (ggml's quantize_row_q4_K_impl, `quantize_weighted`):
+    sigma2 = 2*sum(x*x over the 256)/256; weight_i = qw_i * sqrt(sigma2 + x_i*x_i);
+    sub-block search make_qkx3_quants(rmin -0.9, rdelta 0.05, nstep 36); the 6-bit sc and m come
+    from make_qp_quants(nmax 63) over the eight scales (and the eight minimums), weighted by each
+    sub-block's sum of weights; d, dmin = fp16 of what make_qp_quants returns; the same final pass.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+import quantfmt
+from quantfmt.families import GGMLFormat
+
+from ._ggml import f32_to_f16_bits
+from ._kquants import (
+    F32,
+    QK_K,
+    KPrepared,
+    f16_bits_to_f32,
+    f16_round_np,
+    kquant_qmatmul,
+    nearest_int,
+    nearest_int_np,
+    pack_scale_min_k4,
+    pack_scale_min_k4_np,
+    scale_min_k4,
+    scale_min_search,
+    scale_min_search_np,
+    unpack_scale_min_k4_np,
+)
+from ._kquants import weighted_input as _weighted_input
+
+BLOCK_BYTES = 144
+NMAX = 15
+# (rmin, rdelta, nstep) of the sub-block search: ggml's reference quantizer, its weighted one
+REF = (-1.0, 0.1, 20)
+IMPL = (-0.9, 0.05, 36)
+RULE = "the super-block scales max(scale)/63 and max(min)/63 must stay below 65520"
+
+# ---- numpy reference ---------------------------------------------------------------------
+
+
+def quantize_ref(w: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+    """float32 (rows, cols) -> bytes, as ggml's quantize_q4_K (quant_weights: ggml's imatrix,
+    shape (cols,) or that of w); raises RangeError like the kernel."""
+    w = np.ascontiguousarray(w, np.float32)
+    x = w.reshape(-1, QK_K)
+    qw = None if quant_weights is None else np.broadcast_to(np.asarray(quant_weights, np.float32), w.shape)
+    with np.errstate(all="ignore"):
+        L, ls, lm, d, dmin = scale_min_search_np(x, None if qw is None else qw.reshape(-1, QK_K), NMAX, REF, IMPL)
+        bad = ~((d < F32(65520)) & (dmin < F32(65520)))
+        if bad.any():
+            blk = int(np.flatnonzero(bad)[0])
+            r, b = divmod(blk, w.shape[1] // QK_K)
+            raise Q4_K().range_error(w, r, b)
+        hd, df = f16_round_np(d)
+        hm, dmf = f16_round_np(dmin)
+        dsub = df[:, None] * ls.astype(np.float32)
+        msub = dmf[:, None] * lm.astype(np.float32)
+        xs = x.reshape(-1, 8, 32)
+        Ln = np.clip(nearest_int_np((xs + msub[..., None]) / dsub[..., None]), 0, NMAX)
+        L = np.where(dsub[..., None] != 0, Ln, L).astype(np.uint8)
+    out = np.empty((x.shape[0], BLOCK_BYTES), np.uint8)
+    out[:, 0:2] = hd[:, None].view(np.uint8)
+    out[:, 2:4] = hm[:, None].view(np.uint8)
+    out[:, 4:16] = pack_scale_min_k4_np(ls, lm)
+    pairs = L.reshape(-1, 4, 2, 32)
+    out[:, 16:] = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+    return out.reshape(-1)
+
+
+def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    blk = data.reshape(-1, BLOCK_BYTES)
+    d = blk[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blk[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = unpack_scale_min_k4_np(blk[:, 4:16])
+    qs = blk[:, 16:].reshape(-1, 4, 1, 32)
+    q = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
+    ds = (d * sc.astype(np.float32))[..., None]
+    ms = (dmin * m.astype(np.float32))[..., None]
+    return (ds * q - ms).reshape(rows, cols)
+
+
+def int_parts(data: np.ndarray, rows: int, cols: int):
+    """The weights as ggml's dot product sees them: (qi, sc, mi, dw, mw), see _kquants."""
+    blk = data.reshape(-1, BLOCK_BYTES)
+    n = blk.shape[0]
+    dw = blk[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
+    mw = blk[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32)
+    sc, m = unpack_scale_min_k4_np(blk[:, 4:16])
+    qs = blk[:, 16:].reshape(n, 4, 1, 32)
+    qi = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.int8)
+    nb = cols // QK_K
+    return (qi.reshape(rows, nb, QK_K), np.repeat(sc, 2, axis=1).astype(np.int16).reshape(rows, nb, 16),
+            np.repeat(m, 2, axis=1).astype(np.int16).reshape(rows, nb, 16), dw.reshape(rows, nb), mw.reshape(rows, nb))
+
+
+# ---- numba kernels ---------------------------------------------------------------------------
+# Scalar code that follows the C statement by statement; no fastmath (byte-identity).
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _quantize_block(x, qw, out, L, Laux, weights, scales, mins, sw, ls, lm):
+    """One super-block x (256,) into out (144,); True if d or dmin overflows fp16. qw: the
+    importance weights of this super-block, or empty (the reference quantizer)."""
+    d, dmin = scale_min_search(x, qw, L, Laux, weights, scales, mins, sw, ls, lm, NMAX,
+                               np.float32(REF[0]), np.float32(REF[1]), REF[2],
+                               np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2])
+    if not (d < np.float32(65520.0) and dmin < np.float32(65520.0)):
+        return True
+    pack_scale_min_k4(ls, lm, out[4:16])
+    hd = f32_to_f16_bits(d)
+    hm = f32_to_f16_bits(dmin)
+    out[0] = np.uint8(hd & 0xFF)
+    out[1] = np.uint8(hd >> 8)
+    out[2] = np.uint8(hm & 0xFF)
+    out[3] = np.uint8(hm >> 8)
+    df = f16_bits_to_f32(np.int64(hd))
+    dmf = f16_bits_to_f32(np.int64(hm))
+    for j in range(8):
+        sc, m = scale_min_k4(j, out[4:16])
+        dj = df * np.float32(sc)
+        if dj == 0:
+            continue
+        mj = dmf * np.float32(m)
+        for i in range(32):
+            L[32 * j + i] = min(max(nearest_int((x[32 * j + i] + mj) / dj), 0), NMAX)
+    for k in range(4):
+        for i in range(32):
+            out[16 + 32 * k + i] = L[64 * k + i] | (L[64 * k + 32 + i] << 4)
+    return False
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _quantize_rows(w, qw, out, bad, r0, r1):
+    nb = w.shape[1] // QK_K
+    L = np.empty(QK_K, np.uint8)
+    Laux = np.empty(32, np.uint8)
+    weights = np.empty(32, np.float32)
+    scales = np.empty(8, np.float32)
+    mins = np.empty(8, np.float32)
+    sw = np.empty(8, np.float32)
+    ls = np.empty(8, np.int64)
+    lm = np.empty(8, np.int64)
+    empty = np.empty(0, np.float32)
+    for r in range(r0, r1):
+        bad[r] = -1
+        for b in range(nb):
+            c = b * QK_K
+            q = qw[r, c : c + QK_K] if qw.shape[0] > 0 else empty
+            if _quantize_block(w[r, c : c + QK_K], q, out[r, b], L, Laux, weights, scales, mins, sw, ls, lm):
+                if bad[r] < 0:
+                    bad[r] = b
+
+
+@numba.njit(cache=True, parallel=True)
+def _quantize_kernel_qw(w, qw, out, bad):
+    rows = w.shape[0]
+    nchunk = max(1, min(rows, rows * w.shape[1] // 16384))
+    for c in numba.prange(nchunk):
+        _quantize_rows(w, qw, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+
+
+def _quantize_kernel(w, out, bad):
+    _quantize_kernel_qw(w, np.empty((0, 0), np.float32), out, bad)
+
+
+@numba.njit(cache=True)
+def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
+    # 3-D indexing with loop variables and a trip count `half` (32) known only at run time: the loop
+    # vectorizes (a constant one would be unrolled into scalar code). The nibble split is done in
+    # float (exact), where integer shifts would be widened to int64 by numba.
+    nb = blocks.shape[1]
+    for k in range(k0, k1):
+        r = idx[k]
+        for b in range(nb):
+            d = lut[np.int64(blocks[r, b, 0]) | (np.int64(blocks[r, b, 1]) << 8)]
+            dmin = lut[np.int64(blocks[r, b, 2]) | (np.int64(blocks[r, b, 3]) << 8)]
+            for p in range(4):
+                sc, m = scale_min_k4(2 * p, blocks[r, b, 4:16])
+                d1 = d * np.float32(sc)
+                m1 = dmin * np.float32(m)
+                sc, m = scale_min_k4(2 * p + 1, blocks[r, b, 4:16])
+                d2 = d * np.float32(sc)
+                m2 = dmin * np.float32(m)
+                o = b * QK_K + 64 * p
+                c = 16 + 32 * p
+                for i in range(half):
+                    v = np.float32(blocks[r, b, c + i])
+                    hi = np.floor(v * np.float32(0.0625))
+                    lo = v - np.float32(16.0) * hi
+                    out[k, o + i] = d1 * lo - m1
+                    out[k, o + 32 + i] = d2 * hi - m2
+
+
+@numba.njit(cache=True, parallel=True)
+def _dequantize_kernel(blocks, lut, idx, out):
+    n = idx.size
+    nchunk = max(1, min(n, n * out.shape[1] // 65536))
+    for c in numba.prange(nchunk):
+        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 32)
+
+
+# ---- the format ------------------------------------------------------------------------------
+
+
+class Q4_K(GGMLFormat):
+    tag = "Q4_K"
+    version = 1
+    ggml_type = "Q4_K"
+    vec_dot_type = "Q8_K"
+    block_shape = (1, QK_K)
+    block_bytes = BLOCK_BYTES
+    modes = ("f32", "q8_k")
+    max_abs = 1.0e6  # measured worst fp16 scale ~0.024 * max|w|: 2.7x margin
+    range_rule = RULE
+    summary = ("ggml Q4_K: per 256 weights fp16 d, dmin and eight 6-bit (scale, min) pairs, 4-bit q; "
+               "ggml-identical bytes")
+    quantize_kernel = staticmethod(_quantize_kernel)
+    dequantize_kernel = staticmethod(_dequantize_kernel)
+
+    def prepare(self, data, rows, cols):
+        return KPrepared(data, rows, cols, int_parts)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return kquant_qmatmul(self, prep, x, mode)
+
+    def quantize_weighted(self, w, quant_weights) -> np.ndarray:
+        """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as
+        ggml_quantize_chunk does when given one."""
+        return _weighted_input(self, w, quant_weights, _quantize_kernel_qw)
+
+
+@quantfmt.hookimpl
+def register_formats(register):
+    register(Q4_K())
