@@ -180,3 +180,49 @@ def test_plugins_dir_can_be_added_from_python_after_first_use(tmp_path, fresh_re
     (d / "zeight.py").write_text(GOOD)
     plugins.add_plugins_dir(d)
     assert plugins.get_format("Z8").plugin == "zeight"
+
+
+# ---- llama.cpp's named mixes through a Recipe (issue 13, item 3) -------------------------------
+
+
+def _smollm2_sources():
+    import json
+    from pathlib import Path
+
+    from quantfmt.tensor import TensorSource
+
+    d = json.loads((Path(__file__).parent / "data" / "llamacpp_mixes_smollm2.json").read_text())
+    m = Model({n: TensorSource(n, "F32", tuple(s), 4 * int(np.prod(s)), lambda: None) for n, s in d["tensors"]})
+    return m, d["mixes"]
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "IQ4_XS", "Q8_0", "Q4_0"])
+def test_named_mix_recipe_picks_llama_cpps_type_for_every_tensor(mix):
+    """On SmolLM2's tensors (names, shapes, file order), quantfmt's recipe gives every tensor the
+    ggml type llama.cpp's llama_model_quantize gave it (ground truth recorded from the wheel)."""
+    m, truth = _smollm2_sources()
+    if any(t not in plugins.registry().formats and t not in plugins.registry().aliases
+           for t in set(truth[mix].values()) - {"F32"}):
+        pytest.skip(f"a format of mix {mix} is not registered")
+    steps = plan(Recipe(mix=mix), m)
+    got = {n: plugins.get_format(s.tag).ggml_type for n, s in steps.items()}
+    assert got == truth[mix]
+    assert all(s.why.startswith(("mix ", "1-D kept")) for s in steps.values())
+    # the recipe, recorded in a file, names the mix; a rule still wins over it
+    assert Recipe.from_dict(Recipe(mix=mix).to_dict()).mix == mix
+    steps = plan(Recipe(mix=mix, rules=[("blk.0.attn_q.weight", "Q8_0")]), m)
+    assert steps["blk.0.attn_q.weight"].tag == "Q8_0"
+
+
+def test_mix_names_on_the_cli_and_dry_run(tmp_path):
+    src = tmp_path / "m.safetensors"
+    quantfmt.save(model([("token_embd.weight", (64, 256)), ("blk.0.attn_v.weight", (256, 256)),
+                         ("blk.0.attn_norm.weight", (256,))]), src)
+    r = CliRunner().invoke(cli, ["convert", str(src), "--recipe", "Q4_K_M", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "dry run: nothing written" in r.output and "mix Q4_K_M" in r.output and "bits per weight" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    r = CliRunner().invoke(cli, ["convert", str(src), "--recipe", "Q9_K_X", "--dry-run"])
+    assert r.exit_code == 1 and "neither a file nor a llama.cpp mix" in r.output
+    r = CliRunner().invoke(cli, ["convert", str(src)])
+    assert r.exit_code == 2 and "OUT" in r.output
