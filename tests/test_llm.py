@@ -538,3 +538,24 @@ def test_smollm2_quantized_kld_matches_llama_cpp(oracle_files):
         ours = LlamaRunner.from_model(quantfmt.load(files[tag]), n_ctx=n_ctx, activations="blas").forward(ids)
         k_us = _kld(our_f32[first:], ours[first:]).mean()
         assert abs(k_us - k_ll) <= rel * k_ll, (tag, k_us, k_ll)
+
+
+def test_fused_matmuls_equal_separate(weights_hf):
+    w = gguf_twin(weights_hf)
+    for tag, act in (("F32", "f32"), ("Q4_0", "auto"), ("Q8_A", "auto"), ("Q4_A", "auto")):
+        m = build(w, tag, {"gguf": {"kv": gguf_kv()}})
+        a = LlamaRunner.from_model(m, activations=act)
+        b = LlamaRunner.from_model(m, activations=act, fuse=True)
+        assert b.layers[0].qkv is not None and b.layers[0].qkv.shape == (N_EMBD + 2 * N_KV * HD, N_EMBD)
+        # the same rows, the same kernels: equal up to the kernels' float summation order
+        assert rel_err(b.forward(IDS), a.forward(IDS).astype(np.float64)) < 1e-5, tag
+        assert rel_err(b.forward([5]), a.forward([5]).astype(np.float64)) < 1e-5, tag
+    # mixed formats cannot share one tensor: those layers stay separate
+    m = build(w, "Q4_0", {"gguf": {"kv": gguf_kv()}})
+    tensors = {n: m[n] for n in m}
+    tensors["blk.0.attn_k.weight"] = QTensor.quantize(w["blk.0.attn_k.weight"], "Q8_0", "blk.0.attn_k.weight")
+    r = LlamaRunner.from_model(Model(tensors, m.metadata), fuse=True)
+    assert r.layers[0].qkv is None and r.layers[1].qkv is not None
+    ref = reference_logits(dequantized(Model(tensors, {})), IDS, layout="adjacent")
+    assert rel_err(LlamaRunner.from_model(Model(tensors, m.metadata), fuse=True, activations="f32").forward(IDS),
+                   ref) < 2e-4

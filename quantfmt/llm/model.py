@@ -41,7 +41,28 @@ class RunnerError(QuantfmtError):
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "ffn_norm", "q", "k", "v", "o", "gate", "up", "down", "bq", "bk", "bv", "modes")
+    __slots__ = ("attn_norm", "ffn_norm", "q", "k", "v", "o", "gate", "up", "down", "bq", "bk", "bv", "modes",
+                 "qkv", "gate_up", "fused_modes")
+
+
+def _fuse(parts, name):
+    """One QTensor whose rows are the rows of `parts` in order, or None if they cannot share one.
+
+    Valid for every format: a tensor's rows [r0, r1) are one contiguous byte range (format.py's
+    layout rule), so stacking row groups is concatenating bytes. Costs a copy of the bytes.
+    """
+    from ..tensor import QTensor
+
+    tags = {t.tag for t in parts}
+    if len(tags) != 1 or any(len(t.shape) != 2 for t in parts) or len({t.shape[1] for t in parts}) != 1:
+        return None
+    from ..plugins import get_format
+
+    br = get_format(parts[0].tag).block_shape[0]
+    if any(t.shape[0] % br for t in parts):
+        return None
+    data = np.concatenate([np.asarray(t.data).reshape(-1).view(np.uint8) for t in parts])
+    return QTensor(name, parts[0].tag, (sum(t.shape[0] for t in parts), parts[0].shape[1]), data)
 
 
 _F32_MODES = dict.fromkeys(("q", "k", "v", "o", "gate", "up", "down"), "f32")
@@ -78,7 +99,7 @@ class LlamaRunner:
     """A llama-family model that runs: config, weights (QTensors), KV cache, forward pass."""
 
     def __init__(self, model, config: LlamaConfig | None = None, *, n_ctx: int | None = None,
-                 activations: str = "auto"):
+                 activations: str = "auto", fuse: bool = False):
         cfg = config if config is not None else LlamaConfig.from_model(model)
         if activations not in ACTIVATIONS:
             raise ConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
@@ -130,6 +151,12 @@ class LlamaRunner:
             else:
                 L.bq = L.bk = L.bv = None
             L.modes = {k: _mode_for(getattr(L, k), activations) for k in ("q", "k", "v", "o", "gate", "up", "down")}
+            # fuse=True: q|k|v and gate|up as one matmul each (fewer calls and activation
+            # quantizations per token, at the cost of a copy of those weights' bytes)
+            L.qkv = _fuse([L.q, L.k, L.v], f"blk.{i}.qkv") if fuse else None
+            L.gate_up = _fuse([L.gate, L.up], f"blk.{i}.gate_up") if fuse else None
+            L.fused_modes = {"qkv": _mode_for(L.qkv, activations) if L.qkv is not None else None,
+                             "gate_up": _mode_for(L.gate_up, activations) if L.gate_up is not None else None}
             self.layers.append(L)
         ff = names["rope_freqs"]
         factors = vector(ff, cfg.n_rot // 2) if cfg.naming == "gguf" and ff in present else None
@@ -189,9 +216,13 @@ class LlamaRunner:
             for li, L in enumerate(self.layers):
                 m = _F32_MODES if blas else L.modes
                 h = _rmsnorm(x, L.attn_norm, cfg.rms_eps)
-                q = L.q.matmul(h, m["q"])
-                k = L.k.matmul(h, m["k"])
-                v = L.v.matmul(h, m["v"])
+                if L.qkv is not None:
+                    qkv = L.qkv.matmul(h, "f32" if blas else L.fused_modes["qkv"])
+                    q, k, v = np.split(qkv, [nh * hd, (nh + nkv) * hd], axis=1)
+                else:
+                    q = L.q.matmul(h, m["q"])
+                    k = L.k.matmul(h, m["k"])
+                    v = L.v.matmul(h, m["v"])
                 if L.bq is not None:
                     q += L.bq
                     k += L.bk
@@ -205,8 +236,12 @@ class LlamaRunner:
                 att = self._attend(q, li, p, n)
                 x += L.o.matmul(att, m["o"])
                 h = _rmsnorm(x, L.ffn_norm, cfg.rms_eps)
-                g = L.gate.matmul(h, m["gate"])
-                u = L.up.matmul(h, m["up"])
+                if L.gate_up is not None:
+                    gu = L.gate_up.matmul(h, "f32" if blas else L.fused_modes["gate_up"])
+                    g, u = gu[:, : cfg.n_ff], gu[:, cfg.n_ff:]
+                else:
+                    g = L.gate.matmul(h, m["gate"])
+                    u = L.up.matmul(h, m["up"])
                 # SwiGLU: silu(g) * u, in place
                 t = np.negative(g)
                 np.exp(t, out=t)
