@@ -12,7 +12,7 @@ import warnings
 import click
 
 from ..errors import QuantfmtError
-from . import bench, files, formats
+from . import bench, files, formats, llm
 
 
 class _Group(click.Group):
@@ -76,7 +76,7 @@ def cli(plugins_dir, strict_plugins, gguf_unsupported):
 
 for _cmd in (formats.formats, formats.plugins, formats.check_format, formats.check_alias,
              files.convert, files.dequantize, files.inspect, files.compare, files.check_file, files.gguf_check_alias,
-             bench.bench):
+             llm.run, llm.eval_, bench.bench):
     cli.add_command(_cmd)
 
 
