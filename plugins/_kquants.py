@@ -11,10 +11,12 @@ sub-blocks, so their sums have ggml's order too.
     nearest_int(f)     ggml's rounding: bits of f + 12582912.0f (= 1.5 * 2**23) minus that
                        constant's bits; for |f| < 2**22 this is round-half-to-even, and for
                        anything else it is the same bit arithmetic as ggml's (release build)
-    make_qkx2_quants   asymmetric (scale, min) search: 4-/5-bit sub-blocks of Q4_K/Q5_K and
+    make_qkx2_quants   asymmetric (scale, min) search (make_qkx2_lanes: many sub-blocks in lock step,
+                       each lane in ggml's order; the kernels use it): 4-/5-bit sub-blocks of Q4_K/Q5_K and
                        the 2-bit ones of Q2_K (ggml's quantize_row_q{2,4,5}_K_ref)
     make_qkx3_quants   the same with importance weights (quantize_row_q{2,4,5}_K_impl)
-    make_qx_quants     symmetric scale search of Q6_K (and of Q3_K with importance weights)
+    make_qx_quants     symmetric scale search of Q6_K (and of Q3_K with importance weights);
+                       make_qx_lanes: Q6_K's sixteen sub-blocks in lock step
     make_q3_quants     symmetric scale search of Q3_K with the coordinate-descent refinement
     make_qp_quants     the super-block scales of the importance-weighted Q2_K/Q4_K/Q5_K
     the 6-bit packing of Q4_K/Q5_K's eight (scale, min) pairs into 12 bytes
@@ -758,7 +760,7 @@ def scale_min_search_np(x, quant_weights, nmax, ref, impl):
 
 
 @jit
-def scale_min_search(x, qw, L, Laux, weights, scales, mins, sw, ls, lm, nmax,
+def scale_min_search(x, qw, L, scales, mins, sw, ls, lm, nmax,
                      rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w):
     """Q4_K/Q5_K, one super-block x (256,): fills L (the search's quants), ls, lm (the 6-bit
     scales and mins) and returns (d, dmin) in float32 before their fp16 rounding. qw: the

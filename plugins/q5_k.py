@@ -133,7 +133,7 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 def _quantize_block(x, qw, out, L, Laux, weights, scales, mins, sw, ls, lm):
     """One super-block x (256,) into out (144,); True if d or dmin overflows fp16. qw: the
     importance weights of this super-block, or empty (the reference quantizer)."""
-    d, dmin = scale_min_search(x, qw, L, Laux, weights, scales, mins, sw, ls, lm, NMAX,
+    d, dmin = scale_min_search(x, qw, L, scales, mins, sw, ls, lm, NMAX,
                                np.float32(REF[0]), np.float32(REF[1]), REF[2],
                                np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2])
     if not (d < np.float32(65520.0) and dmin < np.float32(65520.0)):
