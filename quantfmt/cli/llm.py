@@ -117,7 +117,8 @@ def eval_(path, text_file, n_ctx, n_chunks, reference, tags, recipes, plot_png, 
     if n_ctx % 2:
         raise click.BadParameter("must be even", param_hint="--ctx")
     try:
-        text = open(text_file, encoding="utf-8").read()
+        with open(text_file, encoding="utf-8") as f:
+            text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise QuantfmtError(f"cannot read the text: {e}", file=text_file) from None
     with open_model(path) as m:
