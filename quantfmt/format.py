@@ -155,8 +155,17 @@ class Format:
 
     # ---- public kernels ---------------------------------------------------------------
 
-    def quantize(self, w) -> np.ndarray:
-        """Quantize a float array (any rank >= 1) to this format's bytes (uint8, 1-D)."""
+    def quantize(self, w, quant_weights=None) -> np.ndarray:
+        """Quantize a float array to this format's bytes (uint8, 1-D).
+
+        `quant_weights`: importance weights (one per column, as ggml's imatrix) for formats whose
+        quantizer takes them (they implement `quantize_weighted`); UnsupportedModeError otherwise."""
+        if quant_weights is not None:
+            weighted = getattr(self, "quantize_weighted", None)
+            if weighted is None:
+                raise UnsupportedModeError(f"{self.tag}: this format's quantizer takes no importance weights "
+                                           "(quant_weights)")
+            return weighted(w, quant_weights)
         w = self._float_input(w, "weights")
         rows, cols = self.matrix_shape(w.shape)
         src = w.reshape(rows, cols)

@@ -35,12 +35,13 @@ class QTensor:
             self.data = self.fmt._bytes_input(data, self.shape)
 
     @classmethod
-    def quantize(cls, w, tag: str, name: str = "") -> QTensor:
-        """Quantize a float array into a new QTensor of format `tag`."""
+    def quantize(cls, w, tag: str, name: str = "", *, quant_weights=None) -> QTensor:
+        """Quantize a float array into a new QTensor of format `tag` (with importance weights, one
+        per column, for the formats whose ggml quantizer takes them)."""
         fmt = get_format(tag)
         w = np.asarray(w)
         with errors.context(tensor=name or None):
-            data = fmt.quantize(w)
+            data = fmt.quantize(w, quant_weights=quant_weights)
         return cls(name, fmt, w.shape, data)
 
     @classmethod

@@ -226,3 +226,17 @@ def test_mix_names_on_the_cli_and_dry_run(tmp_path):
     assert r.exit_code == 1 and "neither a file nor a llama.cpp mix" in r.output
     r = CliRunner().invoke(cli, ["convert", str(src)])
     assert r.exit_code == 2 and "OUT" in r.output
+
+
+def test_importance_weights_through_the_public_api(rng):
+    from quantfmt.errors import UnsupportedModeError
+
+    w = rng.standard_normal((4, 256)).astype(np.float32)
+    qw = rng.random(256).astype(np.float32) + 0.1
+    for tag in ("Q4_K", "Q5_0", "IQ4_NL"):
+        fmt = plugins.get_format(tag)
+        t = QTensor.quantize(w, tag, quant_weights=qw)
+        assert np.array_equal(t.data, fmt.quantize_weighted(w, qw))
+        assert not np.array_equal(t.data, fmt.quantize(w))  # the weights change the choice
+    with pytest.raises(UnsupportedModeError, match="F32.*importance weights"):
+        QTensor.quantize(w, "F32", quant_weights=qw)

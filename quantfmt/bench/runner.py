@@ -84,7 +84,10 @@ class Bench:
         from ..plugins import get_format
 
         self.all_formats = registered()
-        self.tags = list(formats) if formats else list(self.all_formats)
+        # by default the weight formats that quantize (not buffers such as I64, nor ggml types quantfmt
+        # only decodes): what a kernel benchmark can time end to end
+        self.tags = list(formats) if formats else [t for t, f in self.all_formats.items()
+                                                    if f.can_quantize and f.value_kind == "f"]
         for tag in self.tags:
             if tag not in self.all_formats:
                 get_format(tag)  # raises UnknownFormatError listing the known tags
