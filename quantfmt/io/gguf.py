@@ -95,10 +95,10 @@ class TensorInfo:
     offset: int  # relative to the data section
     nbytes: int
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The logical shape in numpy order (outermost first)."""
-        return tuple(reversed(self.dims))
+    shape: tuple[int, ...] = ()  # the logical shape in numpy order (outermost first), set from dims
+
+    def __post_init__(self):
+        self.shape = self.dims[::-1]
 
 
 @dataclass
@@ -248,6 +248,9 @@ def _read_value(cur: _Cursor, vtype: int, key: str):
     return f"ARRAY[{t}]", v
 
 
+_INFO = {n: struct.Struct(f"<{n}QIQ") for n in range(1, MAX_DIMS + 1)}
+
+
 def _scan(buf, size: int, path: str) -> GGUFHeader:
     cur = _Cursor(buf, size, path)
     cur.need(4, "the GGUF magic")
@@ -304,7 +307,11 @@ def _scan(buf, size: int, path: str) -> GGUFHeader:
         n_dims = cur.unpack("I", f"the dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise cur.fail(f"{n_dims} dimensions; GGUF tensors have 1 to {MAX_DIMS}", tensor=name)
-        dims = tuple(cur.unpack("Q", f"dimension {j} of tensor {name!r}") for j in range(n_dims))
+        # the dims, type and offset in one unpack: files with a million tiny tensors exist
+        cur.need(8 * n_dims + 12, f"the dimensions, type and offset of tensor {name!r}")
+        *dl, gtype, offset = _INFO[n_dims].unpack_from(buf, cur.pos)
+        cur.pos += 8 * n_dims + 12
+        dims = tuple(dl)
         if min(dims) < 1:
             raise cur.fail(f"dimensions {list(dims)} include 0 (each must be at least 1)", tensor=name)
         numel = 1
@@ -312,14 +319,12 @@ def _scan(buf, size: int, path: str) -> GGUFHeader:
             numel *= d
         if numel > MAX_ELEMENTS:
             raise cur.fail(f"dimensions {list(dims)} give {numel} elements, more than 2**40", tensor=name)
-        gtype = cur.unpack("I", f"the ggml type of tensor {name!r}")
         if gtype not in sizes:
             raise cur.fail(f"unknown ggml type {gtype}", tensor=name)
         tname, bs, ts = sizes[gtype]
         if dims[0] % bs:
             raise cur.fail(f"{tname} stores blocks of {bs} along the innermost dimension, "
                            f"which is {dims[0]} (dimensions {list(dims)})", tensor=name)
-        offset = cur.unpack("Q", f"the data offset of tensor {name!r}")
         hdr.tensors.append(TensorInfo(name, dims, gtype, tname, offset, numel // bs * ts))
 
     align = hdr.alignment
