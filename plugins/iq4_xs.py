@@ -36,6 +36,9 @@ ntry 7. All arithmetic float32, one rounding per operation, sums accumulated in 
         ls[k]  l + 32
     |d| >= 65520 (fp16 infinity) is a RangeError. |s[k]| <= max|x|/106.09 (IQ4_NL's bound), so any
     super-block with max |x| below 2.2e8 quantizes (with importance weights there is no such bound).
+    A sub-block scale s[k] that is NaN (its sums overflowed float32: x*x is inf beyond |x| ~ 1.8e19)
+    is a RangeError too: ggml's assert in nearest_int aborts there, and a build without asserts
+    stores ls = 32, a sub-block of zeros.
 
 qmatmul: ggml pairs IQ4_XS with Q8_K activations (ggml_vec_dot_iq4_xs_q8_K: per sub-block of 32 the
 integer dot of V[L] with the activation quants times (ls - 32), summed over the super-block, times
@@ -59,8 +62,8 @@ from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest
 BLOCK_BYTES = 136
 F32 = np.float32
 SAFE_ABS = 2.2e8
-RULE = ("its scale d = max|sub-block scale|/32 must stay below 65520 in magnitude "
-        "(any block with max |w| below 2.2e8 fits)")
+RULE = ("its scale d = max|sub-block scale|/32 must stay below 65520 in magnitude, and every sub-block's "
+        "fitted scale must be finite (any block with max |w| below 2.2e8 fits)")
 
 # ---- numpy reference ---------------------------------------------------------------------
 
@@ -98,7 +101,7 @@ def quantize_ref(w: np.ndarray, quant_weights: np.ndarray | None = None) -> np.n
         qw = np.broadcast_to(np.asarray(quant_weights, np.float32).reshape(1, cols), (rows, cols)).reshape(-1, QK_K)
     s = sub_block_scales_ref(x, qw)
     d = super_scale_ref(s)
-    bad = ~(np.abs(d) < F32(65520))
+    bad = ~(np.abs(d) < F32(65520)) | np.isnan(s).any(axis=1)
     if bad.any():
         r, b = divmod(int(np.flatnonzero(bad)[0]), cols // QK_K)
         raise IQ4X().range_error(w, r, b)
@@ -172,6 +175,7 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
                 sigma2 = sigma2 * np.float32(0.0078125)
             amax = np.float32(0.0)
             mx = np.float32(0.0)
+            nan = False
             for k in range(8):
                 xb = x[32 * k : 32 * k + 32]
                 if has_qw:
@@ -182,11 +186,12 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
                         wt[j] = xb[j] * xb[j]
                 sk = search_scale(xb, wt, vf, bracket)
                 s[k] = sk
+                nan = nan or sk != sk
                 if abs(sk) > amax:
                     amax = abs(sk)
                     mx = sk
             d = -mx / np.float32(32.0)
-            if not (abs(d) < np.float32(65520.0)):
+            if nan or not (abs(d) < np.float32(65520.0)):
                 if bad[r] < 0:
                     bad[r] = b
                 continue
