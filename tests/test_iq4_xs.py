@@ -366,3 +366,23 @@ def test_dequantize_matches_ggml(ggml):
     x = np.delete(corpus(2), 12, axis=0)
     q = f.quantize(x)
     assert same_bits(f.dequantize(q, x.shape), ggml.dequantize("IQ4_XS", q, x.shape))
+
+
+# ---- GGUF interop ----------------------------------------------------------------------------------
+
+
+def test_gguf_tensor_reads_as_iq4x_and_writes_back_byte_for_byte(tmp_path):
+    from ggufkit import write_sample
+
+    from quantfmt.io.gguf import read_gguf, write_gguf
+
+    w = corpus(5)[:6]
+    q = fmt().quantize(w).reshape(6, -1)
+    src, out = tmp_path / "src.gguf", tmp_path / "out.gguf"
+    write_sample(src, tensors={"norm": (np.ones(32, np.float32), GT.F32), "blk.0.ffn_down.weight": (q, GT.IQ4_XS)})
+    with read_gguf(src) as m:
+        t = m["blk.0.ffn_down.weight"]
+        assert t.tag == TAG and t.shape == w.shape
+        assert same_bits(fmt().dequantize(t.data, t.shape), gguf_deq(q, 6))
+        write_gguf(out, m)
+    assert out.read_bytes() == src.read_bytes()
