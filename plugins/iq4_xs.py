@@ -42,8 +42,10 @@ ntry 7. All arithmetic float32, one rounding per operation, sums accumulated in 
 
 qmatmul: ggml pairs IQ4_XS with Q8_K activations (ggml_vec_dot_iq4_xs_q8_K: per sub-block of 32 the
 integer dot of V[L] with the activation quants times (ls - 32), summed over the super-block, times
-fp16(d)*d_x). Mode "q8_k" computes that through the k-quants' integer form (plugins/_kquants.py:
-qi = V[L], sc = ls - 32, no minimums); mode "f32" the same kernel on float activations.
+fp16(d)*d_x). Both modes run on IQ4_NL's int8 tiles (plugins/_i8tiles.py), each 32-block with the
+float32 scale d*(ls - 32): mode "q8_k" multiplies the same exact integer dots by that scale times
+d_x (only float rounding differs from ggml's order); `int_parts` is the k-quants' integer form of
+the weights, for the numpy reference of mode q8_k (plugins/_kquants.py's dot_q8k_ref).
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ import quantfmt
 from quantfmt.families import GGMLFormat
 
 from ._ggml import f32_to_f16_bits, fp16_table
+from ._i8tiles import prepare_int8, qmatmul_int8
 from ._iq4 import BRACKET, KVALUES, VF, best_index, best_index_ref, search_scale, search_scales_ref
-from ._kquants import QK_K, KPrepared, kquant_qmatmul
+from ._kquants import QK_K
 from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest_int_ref
 
 BLOCK_BYTES = 136
@@ -287,10 +290,14 @@ class IQ4X(ImportanceWeighted, GGMLFormat):
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):
-        return KPrepared(data, rows, cols, int_parts)
+        # Each 32-block is IQ4_NL's: int8 table values times one float32 scale d*(ls - 32), the
+        # very product dequantize uses, so IQ4_NL's int8 tiles serve both modes.
+        v, sc, d = unpack(data, rows, cols)
+        dl = d[..., None] * sc.astype(np.float32)
+        return prepare_int8(v.reshape(rows, -1, 32), dl.reshape(rows, -1))
 
     def _qmatmul(self, prep, rows, cols, x, mode):
-        return kquant_qmatmul(self, prep, x, mode)
+        return qmatmul_int8(prep, x, mode, self.tag)
 
 
 @quantfmt.hookimpl
