@@ -122,6 +122,7 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     nb = w.shape[1] // 32
     wt = np.empty(32, np.float32)
+    scratch = np.empty((3, 16), np.float32)
     for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
@@ -136,7 +137,7 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
             else:
                 for j in range(32):
                     wt[j] = xb[j] * xb[j]
-            d = search_scale(xb, wt, vf, bracket)
+            d = search_scale(xb, wt, vf, bracket, scratch)
             if not (abs(d) < np.float32(65520.0)):
                 if bad[r] < 0:
                     bad[r] = b

@@ -165,6 +165,7 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     nb = w.shape[1] // QK_K
     wt = np.empty(32, np.float32)
+    scratch = np.empty((3, 16), np.float32)
     s = np.empty(8, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
@@ -187,7 +188,7 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
                 else:
                     for j in range(32):
                         wt[j] = xb[j] * xb[j]
-                sk = search_scale(xb, wt, vf, bracket)
+                sk = search_scale(xb, wt, vf, bracket, scratch)
                 s[k] = sk
                 nan = nan or sk != sk
                 if abs(sk) > amax:
