@@ -2,7 +2,7 @@
 
 Owns the table V = kvalues_iq4nl, ggml's best_index_int8 on it, and the per-32-block search
 of quantize_row_iq4_nl_impl (ntry = 7) that both formats run on each block of 32 weights,
-twice: numpy, vectorized over many blocks (the references), and scalar numba (the kernels).
+twice: numpy, vectorized over many blocks (the references), and numba on one block (the kernels).
 What differs between the formats (where the importance weights' sigma2 comes from, how the
 block scale is stored) stays in plugins/iq4_nl.py and plugins/iq4_xs.py; the exact arithmetic
 is in their docstrings.
