@@ -12,6 +12,9 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize as gguf_dequantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import quantfmt
 from quantfmt.errors import NonFiniteError, RangeError, ShapeError
@@ -124,6 +127,30 @@ def test_kernel_equals_numpy_reference(seed):
     qw[rng.integers(512, size=40)] = 0  # zero weights: sub-blocks whose sumq2 can be 0
     qw[:32] = 0
     np.testing.assert_array_equal(f.quantize_weighted(x, qw), iq4_xs.quantize_ref(x, qw))
+
+
+EDGE = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 2.0**-149, -(2.0**-149), 2.0**-126, 1e-15, 65504.0, -65504.0, 1.5e8]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_kernel_equals_reference_hypothesis(data):
+    finite = st.floats(-2e8, 2e8, width=32, allow_nan=False, allow_infinity=False)
+    shape = data.draw(st.tuples(st.integers(1, 3), st.integers(1, 2).map(lambda b: 256 * b)))
+    w = data.draw(hnp.arrays(np.float32, shape, elements=st.one_of(finite, st.sampled_from(EDGE))))
+    w = (w * np.float32(data.draw(st.sampled_from([1.0, 1e-3, 1e-20, 2.0**-140])))).astype(np.float32)
+    f = fmt()
+    ours = f.quantize(w)
+    np.testing.assert_array_equal(ours, iq4_xs.quantize_ref(w))
+    assert same_bits(f.dequantize(ours, w.shape), gguf_deq(ours, w.shape[0]))
+    qw = data.draw(hnp.arrays(np.float32, w.shape[1], elements=st.floats(0, 100, width=32)))
+    try:
+        ours = f.quantize_weighted(w, qw)
+    except RangeError:
+        with pytest.raises(RangeError):
+            iq4_xs.quantize_ref(w, qw)
+        return
+    np.testing.assert_array_equal(ours, iq4_xs.quantize_ref(w, qw))
 
 
 def test_weights_change_the_bytes_and_do_not_leak():
