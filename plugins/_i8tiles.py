@@ -1,13 +1,18 @@
 """qmatmul for ggml formats whose weights are small integers times a per-block scale.
 
-Owns the first-version qmatmul of Q5_0, Q5_1, IQ4_NL and MXFP4: prepare() decodes each
-block to its integer values (Q5_0: q - 16; Q5_1: q; IQ4_NL and MXFP4: the table value
-of each 4-bit index) as int8, and its scale as float32, and repacks them into Q8_0's row
+Owns the first-version qmatmul of Q5_0, Q5_1, IQ4_NL, IQ4_XS and MXFP4: prepare() decodes each
+block to its integer values (Q5_0: q - 16; Q5_1: q; IQ4_NL, IQ4_XS and MXFP4: the table value
+of each 4-bit index) as int8, and its scale as float32 (IQ4_XS: each 32-block's d*(ls - 32),
+the float32 its dequantize multiplies by), and repacks them into Q8_0's row
 tiles (plugins/_qtiles.py); Q8_0's kernels (plugins/q8_0.py, "fast qmatmul") then do the
 work unchanged, since they compute exactly sum over blocks of d * sum_j(q_j * x_j):
     mode "f32":  x as floats;
     mode "q8_0": x quantized to Q8_0 blocks as ggml-cpu does (plugins/_ggml.py), the int8
-                 products summed exactly in float32, i.e. ggml's integer dot, times d_w*d_x.
+                 products summed exactly in float32, i.e. ggml's integer dot, times d_w*d_x;
+    mode "q8_k": x quantized per 256 to Q8_K as ggml's quantize_row_q8_K_ref (plugins/_kquants.py),
+                 each 32-block taking its super-block's float32 scale d_x: the same exact
+                 integer dots, times d_w*d_x (ggml's ggml_vec_dot_iq4_xs_q8_K multiplies the
+                 integer sum over the super-block by fp16(d)*d_x instead: float rounding only).
 Q5_1's per-block offset m adds sum_b m_b * S_b, S_b being the block sum of x (mode "f32")
 or ggml's fp16 s = d_x*sum(q_x) of the Q8_1 activation block (mode "q8_0", as
 ggml_vec_dot_q5_1_q8_1 pairs it); that term is one small matrix product over blocks.
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+
+from quantfmt.errors import NonFiniteError
 
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
@@ -44,6 +51,10 @@ def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarr
     nb = cols // QK
     has_m = prep.m.size > 0
     lut = fp16_table()
+    if mode == "q8_k":
+        if has_m:
+            raise ValueError("mode q8_k has no per-block offsets")  # pragma: no cover - no such format
+        return _qmatmul_q8_k(prep, x, tag)
     if mode == "q8_0":
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         dx = lut[d16]
@@ -62,6 +73,24 @@ def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarr
     if has_m:
         _add_offsets(out, x.reshape(n, nb, QK).sum(-1, dtype=np.float32), prep.m)
     return out
+
+
+def _qmatmul_q8_k(prep: Prepared, x: np.ndarray, tag: str) -> np.ndarray:
+    from ._kquants import QK_K, quantize_q8_K
+
+    n, cols = x.shape
+    if not np.isfinite(x).all():
+        r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
+        raise NonFiniteError(
+            f"{tag}: qmatmul mode 'q8_k': activations of shape {x.shape}: row {r}, column {c} is "
+            f"{x[r, c]}; a non-finite activation cannot be quantized"
+        )
+    dx, qx, _ = quantize_q8_K(x)  # (n, cols/256), (n, cols/256, 256): Q8_K's scale cannot overflow
+    if n >= BLAS_MIN_ROWS:
+        return blas_matmul(dequant_tiles, prep, (qx.astype(np.float32) * dx[..., None]).reshape(n, cols))
+    xs = qx.astype(np.float32).reshape(n, cols // QK, QK)
+    cx = np.repeat(dx, QK_K // QK, axis=1)
+    return _kernel(prep, pad_blocks(xs, prep.nbp).reshape(n, -1), pad_blocks(cx, prep.nbp))
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FASTMATH)

@@ -49,67 +49,27 @@ from quantfmt.families import GGMLFormat
 
 from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
 from ._i8tiles import prepare_int8, qmatmul_int8
+from ._iq4 import BRACKET, KVALUES, best_index_ref, search_scale, search_scales_ref
+from ._iq4 import VF as _VF
+from ._iq4 import best_index as _best
 from ._weighted import ImportanceWeighted, current_weights
 
 BLOCK_BYTES = 18
-KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
-NTRY = 7
-GROUP_MAX_EPS = np.float32(1e-15)
 RULE = "its fitted scale d must stay below 65520 in magnitude (any block with max |w| below 6.9e6 fits)"
-
-_VF = KVALUES.astype(np.float32)
-# For a in (-127, 113): BRACKET[floor(a) + 127] = l with V[l] <= a < V[l+1] (V are integers).
-BRACKET = (np.searchsorted(KVALUES, np.arange(-127, 113), side="right") - 1).astype(np.int8)
 
 # ---- numpy reference ----------------------------------------------------------------------
 
 
-def best_index_ref(a: np.ndarray) -> np.ndarray:
-    """ggml's best_index_int8(16, kvalues_iq4nl, a), elementwise on float32 a."""
-    a = np.asarray(a, np.float32)
-    with np.errstate(invalid="ignore"):
-        mu = np.clip(np.searchsorted(_VF, a, side="right"), 1, 15)
-        lo, hi = _VF[mu - 1], _VF[mu]
-        out = np.where((a - lo) < (hi - a), mu - 1, mu)
-        out = np.where(a <= _VF[0], 0, np.where(a >= _VF[15], 15, out))
-    return np.where(np.isnan(a), 14, out).astype(np.uint8)
-
-
-def _fit_ref(x, wt, idd):
-    """(L, sumqx, sumq2) for scales idd (n,), sums in ggml's order (sequential over j)."""
-    L = best_index_ref(x * idd[:, None])
-    q = _VF[L]
-    wq = wt * q
-    sumqx = np.add.accumulate(wq * x, axis=1, dtype=np.float32)[:, -1]
-    sumq2 = np.add.accumulate(wq * q, axis=1, dtype=np.float32)[:, -1]
-    return L, sumqx, sumq2
-
-
 def block_scales_ref(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """The float32 scale d of each block of x (n, 32) before fp16 rounding; qw (n, 32) or None."""
-    n = x.shape[0]
-    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         x2 = x * x
         if qw is None:
             wt = x2
         else:
             sigma2 = np.add.accumulate(x2, axis=1, dtype=np.float32)[:, -1] * np.float32(2.0 / 32)
             wt = qw * np.sqrt(sigma2[:, None] + x2)
-        i = np.abs(x).argmax(axis=1)  # the first of equal maxima, as ggml's strict `>`
-        mx = x[np.arange(n), i]
-        small = np.abs(mx) < GROUP_MAX_EPS
-        mxs = np.where(small, np.float32(1), mx)  # keeps the arithmetic of skipped blocks finite
-        d = -mxs / _VF[0]
-        _, sumqx, sumq2 = _fit_ref(x, wt, np.float32(1) / d)
-        d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0)).astype(np.float32)
-        best = d * sumqx
-        for itry in range(-NTRY, NTRY + 1):
-            idd = np.float32(itry + int(KVALUES[0])) / mxs
-            _, sumqx, sumq2 = _fit_ref(x, wt, idd)
-            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-            d = np.where(better, sumqx / sumq2, d).astype(np.float32)
-            best = np.where(better, d * sumqx, best).astype(np.float32)
-    return np.where(small, np.float32(0), d).astype(np.float32)
+    return search_scales_ref(x, wt)
 
 
 def quantize_ref(w: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
@@ -158,36 +118,11 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 # comparisons of overflowing sums that the search relies on (see the docstring).
 
 
-@numba.njit(cache=True, inline="always")
-def _best(a, vf, bracket):
-    # best_index_int8 without the binary search: V are integers, so floor(a) finds the
-    # bracket; the final comparison is ggml's, in float32.
-    if a <= vf[0]:
-        return 0
-    if a >= vf[15]:
-        return 15
-    if a != a:
-        return 14
-    lo = np.int64(bracket[np.int64(np.floor(a)) + 127])
-    return lo if (a - vf[lo]) < (vf[lo + 1] - a) else lo + 1
-
-
-@numba.njit(cache=True, inline="always")
-def _fit_nb(xb, wt, idd, vf, bracket):
-    sumqx = np.float32(0.0)
-    sumq2 = np.float32(0.0)
-    for j in range(32):
-        q = vf[_best(idd * xb[j], vf, bracket)]
-        wq = wt[j] * q
-        sumqx += wq * xb[j]
-        sumq2 += wq * q
-    return sumqx, sumq2
-
-
 @numba.njit(cache=True)
 def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     nb = w.shape[1] // 32
     wt = np.empty(32, np.float32)
+    scratch = np.empty((3, 16), np.float32)
     for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
@@ -202,24 +137,7 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
             else:
                 for j in range(32):
                     wt[j] = xb[j] * xb[j]
-            amax = np.float32(0.0)
-            mx = np.float32(0.0)
-            for j in range(32):
-                a = abs(xb[j])
-                if a > amax:
-                    amax = a
-                    mx = xb[j]
-            d = np.float32(0.0)
-            if not (amax < GROUP_MAX_EPS):
-                d = -mx / vf[0]
-                sumqx, sumq2 = _fit_nb(xb, wt, np.float32(1.0) / d, vf, bracket)
-                d = sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)
-                best = d * sumqx
-                for itry in range(-NTRY, NTRY + 1):
-                    sumqx, sumq2 = _fit_nb(xb, wt, np.float32(itry - 127) / mx, vf, bracket)
-                    if sumq2 > 0 and sumqx * sumqx > best * sumq2:
-                        d = sumqx / sumq2
-                        best = d * sumqx
+            d = search_scale(xb, wt, vf, bracket, scratch)
             if not (abs(d) < np.float32(65520.0)):
                 if bad[r] < 0:
                     bad[r] = b
