@@ -291,6 +291,16 @@ def test_unrecognized_pre_tokenizer_warns(tmp_path, weights):
         assert dict((k, v) for k, _, v in gguf_export(src).kv)["tokenizer.ggml.pre"] == "smollm"
 
 
+def test_unsupported_tokenizer_warns_and_skips_it(tmp_path, weights):
+    d = make_folder(tmp_path / "spm", weights, hf_config(), tokenizer=False)
+    (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
+    with pytest.warns(UserWarning, match="no tokenizer key-values written: .*Unigram"):
+        quantfmt.convert(d / "model.safetensors", tmp_path / "s.gguf")
+    with quantfmt.load(tmp_path / "s.gguf") as m:
+        kv = kv_of(m)
+        assert kv["general.architecture"] == "llama" and not any(k.startswith("tokenizer.") for k in kv)
+
+
 # ---- what is refused or warned about ----------------------------------------------------------------
 
 

@@ -130,7 +130,13 @@ def gguf_export(model) -> GGUFExport | None:
     out = GGUFExport(arch, cfg, names, permute, kv, extra, skipped)
     folder = _folder(model)
     if folder is not None and (folder / "tokenizer.json").is_file():
-        tok_kv, notes = tokenizer_kv(folder, cfg)
+        try:
+            tok_kv, notes = tokenizer_kv(folder, cfg)
+        except ExportError as e:
+            # the weights are still worth writing; llama.cpp needs a vocabulary to load them, though
+            msg = f"no tokenizer key-values written: {e}"
+            warnings.warn(msg, stacklevel=3)
+            tok_kv, notes = [], [msg]
         out.kv += tok_kv
         out.notes += notes
     return out

@@ -129,6 +129,10 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
     overwritten. `progress(nbytes)` is called after each tensor, and `on_tensor(i, step, report)`
     (i counts from 0) once tensor i is written; `report.seconds[name]` holds its time. No recipe:
     every tensor keeps its format (a lossless change of container).
+
+    GGUF from a Hugging Face llama-family checkpoint (quantfmt.llm.export): GGUF tensor names,
+    llama.cpp's q/k row permutation and the architecture/tokenizer key-values, so llama.cpp runs
+    it. Other sources written as GGUF without general.architecture get a warning.
     """
 
     r = Recipe.coerce(recipe if recipe is not None else Recipe(default=None))
