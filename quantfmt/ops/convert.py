@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,6 +129,10 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
     overwritten. `progress(nbytes)` is called after each tensor, and `on_tensor(i, step, report)`
     (i counts from 0) once tensor i is written; `report.seconds[name]` holds its time. No recipe:
     every tensor keeps its format (a lossless change of container).
+
+    GGUF from a Hugging Face llama-family checkpoint (quantfmt.llm.export): GGUF tensor names,
+    llama.cpp's q/k row permutation and the architecture/tokenizer key-values, so llama.cpp runs
+    it. Other sources written as GGUF without general.architecture get a warning.
     """
 
     r = Recipe.coerce(recipe if recipe is not None else Recipe(default=None))
@@ -140,15 +145,27 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
         rep = plan_convert(src, r, strict=strict)
         rep.output = str(out_path)
         meta = {k: v for k, v in src.metadata.items() if k != RECIPE_KEY}
-        meta.update(metadata or {})
         rec = record(r, rep.steps)
+        from ..llm.export import NOT_RUNNABLE, permute_rows
+
+        exp = _gguf_export(src, rep, meta) if str(out_path).endswith(".gguf") else None
+        meta.update(metadata or {})
+        if str(out_path).endswith(".gguf") and not _has_arch(meta):
+            warnings.warn(f"{out_path}: {NOT_RUNNABLE}", stacklevel=2)
         plans = []
         for i, s in enumerate(rep.steps):
+            if exp is not None and s.name not in exp.names:
+                continue  # a tensor llama.cpp's converter drops (rope tables)
+
             def produce(s=s):
                 rep.seconds[s.name] = -time.perf_counter()
                 if s.copy:  # bytes unchanged: never build the tensor
-                    return src.source(s.name).load()
-                return _requantize(src[s.name], s.tag, src.path)
+                    data = src.source(s.name).load()
+                else:
+                    data = _requantize(src[s.name], s.tag, src.path)
+                if exp is not None and s.name in exp.permute:
+                    data = permute_rows(data, s.tag, rep.shapes[s.name], exp.permute[s.name], name=s.name)
+                return data
 
             def after(i=i, s=s):
                 release_pages(src.source(s.name).load() if s.copy else src[s.name].data)
@@ -156,12 +173,48 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
                 if on_tensor is not None:
                     on_tensor(i, s, rep)
 
-            plans.append(TensorPlan(s.name, s.tag, rep.shapes[s.name], produce, after=after))
+            out_name = exp.names[s.name] if exp is not None else s.name
+            plans.append(TensorPlan(out_name, s.tag, rep.shapes[s.name], produce, after=after))
+        for name, arr in (exp.extra.items() if exp is not None else ()):
+            plans.append(TensorPlan(name, "F32", arr.shape, lambda a=arr: a.astype("<f4").view(np.uint8)))
         writer_for(out_path)(out_path, plans, metadata=meta, recipe=rec, overwrite=overwrite, inputs=inputs,
                              progress=progress)
         return rep
     finally:
         src.close()
+
+
+def _has_arch(meta) -> bool:
+    g = meta.get("gguf")
+    kv = g.get("kv") if isinstance(g, dict) else None
+    return isinstance(kv, list) and any(isinstance(e, (list, tuple)) and e and e[0] == "general.architecture"
+                                        for e in kv)
+
+
+def _gguf_export(src, rep: ConvertReport, meta: dict):
+    """For an HF llama-family source written as GGUF: the export plan (llm.export), with
+    meta["gguf"] set to its key-values and GGUF tensor order. None for other sources."""
+    from ..llm.export import ExportError, file_type_kv, gguf_export
+    from ..plugins import get_format
+
+    exp = gguf_export(src)
+    if exp is None:
+        return None
+    for s in rep.steps:  # refuse before anything is written
+        if s.name in exp.permute and len(rep.shapes[s.name]) == 2 and get_format(s.tag).block_shape[0] != 1:
+            raise ExportError(f"{s.tag} stores blocks of {get_format(s.tag).block_shape[0]} rows, so the q/k row "
+                              "permutation llama.cpp needs cannot be applied to its bytes; use a row-wise format "
+                              "(e.g. Q8_0, Q4_0, F16) for this tensor", file=str(src.path), tensor=s.name)
+    kept = [s for s in rep.steps if s.name in exp.names]
+    tags = {exp.names[s.name]: s.tag for s in kept}
+    shapes = {exp.names[s.name]: rep.shapes[s.name] for s in kept}
+    meta["gguf"] = {"version": 3, "kv": exp.kv + file_type_kv(tags, shapes),
+                    "tensor_order": [exp.names[s.name] for s in kept] + list(exp.extra)}
+    rep.notes.append(f"GGUF export as llama.cpp architecture {exp.arch!r}: {len(exp.names)} tensors renamed, "
+                     f"{len(exp.permute)} q/k tensors' rows permuted" +
+                     (f", {len(exp.skipped)} dropped" if exp.skipped else ""))
+    rep.notes.extend(exp.notes)
+    return exp
 
 
 def save(model, path, *, overwrite: bool = False, recipe: dict | None = None) -> None:
