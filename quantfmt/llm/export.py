@@ -198,7 +198,7 @@ def file_type_kv(tags: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> li
     from ..io.gguf import ggml_formats
 
     ggml_of = {f.tag: n for n, f in ggml_formats().items()}
-    weight = Counter()
+    weight: Counter[str] = Counter()
     for n, t in tags.items():
         if len(shapes[n]) == 2:
             weight[ggml_of.get(t, t)] += math.prod(shapes[n])

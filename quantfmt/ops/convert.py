@@ -176,7 +176,10 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
             out_name = exp.names[s.name] if exp is not None else s.name
             plans.append(TensorPlan(out_name, s.tag, rep.shapes[s.name], produce, after=after))
         for name, arr in (exp.extra.items() if exp is not None else ()):
-            plans.append(TensorPlan(name, "F32", arr.shape, lambda a=arr: a.astype("<f4").view(np.uint8)))
+            def extra(a=arr) -> object:
+                return a.astype("<f4").view(np.uint8)
+
+            plans.append(TensorPlan(name, "F32", arr.shape, extra))
         writer_for(out_path)(out_path, plans, metadata=meta, recipe=rec, overwrite=overwrite, inputs=inputs,
                              progress=progress)
         return rep
