@@ -161,10 +161,13 @@ def test_dequantize(toy, src, tmp_path):  # noqa: F811
 
 def test_compare(toy, src):  # noqa: F811
     r = run(*pdir_args(toy), "compare", src, "--formats", "F16,TQ8")
-    assert "summary" in r.output and "skipped" in r.output and "blk.0.odd.weight" in r.output
+    assert "summary" in r.output and "F16 (fallback)" in r.output and "blk.0.odd.weight" in r.output
     d = json.loads(run(*pdir_args(toy), "compare", src, "--formats", "TQ8", "--tensors", "blk.*", "--json").output)
-    assert {r["tensor"] for r in d["tensors"]} == {"blk.0.attn_q.weight", "blk.0.ffn_norm.weight"}
-    assert d["summary"]["TQ8"]["bits_per_weight"] == 12.0
+    # blk.0.odd.weight (8x60) does not fit TQ8's blocks: its F16 fallback is compared in its place
+    assert {r["tensor"] for r in d["tensors"]} == {"blk.0.attn_q.weight", "blk.0.ffn_norm.weight", "blk.0.odd.weight"}
+    assert d["summary"]["TQ8"]["fallbacks"] == 1
+    q = [r for r in d["tensors"] if r["tensor"] != "blk.0.odd.weight"]
+    assert {r["bits_per_weight"] for r in q} == {12.0} and all(not r["fallback"] for r in q)
     run("compare", src, "--formats", "Q9ZZ", ok=False)
 
 

@@ -153,7 +153,7 @@ def test_compare_figures(toy, tmp_path, rng):  # noqa: F811
     p = tmp_path / "f.safetensors"
     float_model(rng, p)
     res = loader.compare(p, ["F32", "TQ8", "BF16"])
-    by = {(r["tensor"], r["tag"]): r for r in res["tensors"]}
+    by = {(r["tensor"], r["format"]): r for r in res["tensors"]}
     exact = by[("blk.0.attn_q.weight", "F32")]
     assert exact["rmse"] == 0 and exact["snr_db"] is None and exact["max_abs"] == 0
     assert exact["matmul_rel_err"] < 1e-6
@@ -164,7 +164,12 @@ def test_compare_figures(toy, tmp_path, rng):  # noqa: F811
                    .dequantize(), np.float64)
     wq = QTensor.quantize(w.astype(np.float32), "TQ8").dequantize().astype(np.float64)
     assert math.isclose(q["rmse"], float(np.sqrt(np.mean((w - wq) ** 2))), rel_tol=1e-9)
-    assert ("blk.0.odd.weight", "TQ8") not in by
-    assert {"tensor": "blk.0.odd.weight", "tag": "TQ8", "shape": [8, 60]}.items() <= res["skipped"][0].items()
-    assert res["summary"]["TQ8"]["tensors"] == 3 and res["summary"]["F32"]["snr_db"] is None
+    # TQ8 cannot take 8x60: the F16 fallback stands in, so every format covers the same tensors
+    odd = by[("blk.0.odd.weight", "TQ8")]
+    assert odd["fallback"] and odd["tag"] == "F16" and odd["format"] == "TQ8" and odd["bits_per_weight"] == 16.0
+    assert not res["skipped"]
+    assert res["summary"]["TQ8"]["tensors"] == res["summary"]["F32"]["tensors"] == 4
+    assert res["summary"]["TQ8"]["fallbacks"] == 1 and res["summary"]["F32"]["snr_db"] is None
+    strict = loader.compare(p, ["TQ8"], fallback=None)
+    assert {"tensor": "blk.0.odd.weight", "tag": "TQ8", "shape": [8, 60]}.items() <= strict["skipped"][0].items()
     json.dumps(res, allow_nan=False)

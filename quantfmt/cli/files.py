@@ -196,42 +196,137 @@ def inspect(path, out):
 
 @click.command()
 @click.argument("path", metavar="FILE", type=click.Path(exists=True))
-@click.option("--formats", "tags", required=True, metavar="TAG,TAG,...", help="Formats to try, comma-separated.")
+@click.argument("quant", metavar="[QUANT]", type=click.Path(exists=True), required=False)
+@click.option("--formats", "tags", metavar="TAG,TAG,...", help="Formats to try, comma-separated (without QUANT).")
 @click.option("--tensors", "pattern", metavar="PATTERN", help="Only the tensors whose name matches (fnmatch).")
+@click.option("--fallback", default="F16", show_default=True, metavar="TAG|auto",
+              help="Format a tensor gets when a format's blocks do not fit its shape (auto: the nearest in bits per "
+                   "weight that fits), as convert does; every format's summary then covers the same tensors.")
+@click.option("--activations", "acts_file", type=click.Path(exists=True, dir_okay=False), metavar="FILE.npz",
+              help="Real inputs for the matmul error: arrays (n, cols) keyed by tensor-name pattern (fnmatch, "
+                   "first match wins); tensors no pattern matches get random N(0,1) inputs.")
+@click.option("--activations-from-text", "acts_text", metavar="TEXT|@FILE",
+              help="Capture each linear layer's real inputs by running FILE (a llama-family model) on this text "
+                   "(@FILE: read it from a file).")
+@click.option("--tokens", "n_tokens", default=128, show_default=True, type=click.IntRange(1, 1 << 16),
+              help="Tokens of --activations-from-text to run.")
+@click.option("--rows", "max_rows", default=256, show_default=True, type=click.IntRange(1, 1 << 16),
+              help="Captured input rows kept per tensor (a uniform sample).")
+@click.option("--tokenizer", type=click.Path(exists=True), help="A GGUF file or a folder with tokenizer.json, "
+              "when FILE carries no tokenizer (for --activations-from-text).")
 @click.option("--inputs", "n_inputs", default=4, show_default=True, type=click.IntRange(1, 65536),
-              help="Random input vectors for the matmul error.")
+              help="Random input vectors for the matmul error (tensors without real activations).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
-@output_options("Print JSON: per tensor and format, skipped, summary.")
-def compare(path, tags, pattern, n_inputs, seed, out):
-    """Quantize each 2-D tensor of FILE to each format and measure bits per weight, RMSE, max abs
-    error, SNR (dB) and the relative error of qmatmul on random inputs against the float matmul."""
-    from ..ops.compare import compare as run
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write error histograms per format and bits-vs-error with the Pareto front as PNGs into DIR "
+                   "(needs matplotlib: pip install 'quantfmt[plot]').")
+@output_options("Print JSON: per tensor and format, fallbacks, skipped, summary.")
+def compare(path, quant, tags, pattern, fallback, acts_file, acts_text, n_tokens, max_rows, tokenizer, n_inputs, seed,
+            plot_dir, out):
+    """Measure quantization error per tensor: bits per weight, RMSE, max abs error, SNR (dB) and the
+    relative error of the format's matmul against the float matmul.
 
-    fmts = [t.strip() for t in tags.split(",") if t.strip()]
-    if not fmts:
-        raise click.UsageError("--formats needs at least one tag")
-    res = run(path, fmts, pattern=pattern, n_inputs=n_inputs, seed=seed)
+    With --formats: quantize each 2-D tensor of FILE to each format. With QUANT: compare each tensor
+    of QUANT (a quantized file) against FILE, its original. The matmul error is measured on random
+    N(0,1) inputs unless --activations or --activations-from-text give real ones: real activations
+    are far from isotropic, and random ones can misjudge a format by several times."""
+    from ..ops import compare as ops
+
+    if quant is None and not tags:
+        raise click.UsageError("give --formats TAG,... (quantize FILE to each), or QUANT (a quantized file to "
+                               "compare against FILE)")
+    if quant is not None and tags:
+        raise click.UsageError("give either --formats or QUANT, not both")
+    if acts_file and acts_text:
+        raise click.UsageError("give either --activations or --activations-from-text, not both")
+    if plot_dir:
+        ops.require_matplotlib()  # before the work, not after
+    acts = None
+    if acts_file:
+        acts = ops.Activations.from_npz(acts_file)
+    elif acts_text:
+        text = acts_text
+        if text.startswith("@"):
+            try:
+                with open(text[1:], encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise click.BadParameter(f"cannot read {text[1:]}: {e}", param_hint="--activations-from-text") from None
+        acts = ops.capture_activations(path, text, n_tokens=n_tokens, max_rows=max_rows, seed=seed,
+                                       tokenizer=tokenizer)
+    if quant is not None:
+        res = ops.compare_files(path, quant, pattern=pattern, n_inputs=n_inputs, seed=seed, activations=acts,
+                                histograms=bool(plot_dir))
+    else:
+        fmts = [t.strip() for t in tags.split(",") if t.strip()]
+        if not fmts:
+            raise click.UsageError("--formats needs at least one tag")
+        res = ops.compare(path, fmts, pattern=pattern, n_inputs=n_inputs, seed=seed, activations=acts,
+                          fallback=fallback, histograms=bool(plot_dir))
+    if plot_dir:
+        res["plots"] = ops.plot_compare(res, plot_dir)
+        for s in [*res["summary"].values(), res.get("total") or {}]:
+            s.pop("error_histogram", None)
+
+    def fmt(v, spec=".4g"):
+        return "-" if v is None else format(v, spec)
 
     def snr(v):
         return "inf" if v is None else f"{v:.2f}"
 
-    def render():
+    def summary_row(name, s):
+        if not s.get("tensors"):
+            return [name, 0, "-", "-", "-", "-", "-", "-"]
+        return [name, s["tensors"], s.get("fallbacks", "-"), fmt(s["bits_per_weight"]), fmt(s["rmse"]),
+                fmt(s["max_abs"]), snr(s["snr_db"]), fmt(s["matmul_rel_err"], ".3g")]
+
+    heads = ["rmse", "max abs", "SNR dB", "matmul rel"]
+
+    def render_formats():
         if res["tensors"]:
-            out.table(["tensor", "format", "bpw", "rmse", "max abs", "SNR dB", "matmul rel"],
-                      [[r["tensor"], r["tag"], f"{r['bits_per_weight']:.4g}", f"{r['rmse']:.4g}",
-                        f"{r['max_abs']:.4g}", snr(r["snr_db"]), f"{r['matmul_rel_err']:.3g}"]
-                       for r in res["tensors"]], right={2, 3, 4, 5, 6})
+            out.table(["tensor", "from", "format", "stored as", "bpw", *heads, "activations"],
+                      [[r["tensor"], r["source_tag"], r["format"], r["tag"] + (" (fallback)" if r["fallback"] else ""),
+                        fmt(r["bits_per_weight"]), fmt(r["rmse"]), fmt(r["max_abs"]), snr(r["snr_db"]),
+                        fmt(r["matmul_rel_err"], ".3g"), r["activations"]] for r in res["tensors"]],
+                      right={4, 5, 6, 7, 8})
             out.echo("")
-        out.echo("summary (all compared tensors of each format):")
-        out.table(["format", "tensors", "bpw", "rmse", "max abs", "SNR dB", "matmul rel"],
-                  [[tag, s["tensors"], f"{s['bits_per_weight']:.4g}", f"{s['rmse']:.4g}", f"{s['max_abs']:.4g}",
-                    snr(s["snr_db"]), f"{s['matmul_rel_err']:.3g}"] if s["tensors"] else [tag, 0, "-", "-", "-", "-",
-                                                                                           "-"]
-                   for tag, s in res["summary"].items()], right={1, 2, 3, 4, 5, 6})
+        out.echo(f"summary (per format, over the same tensors: where a format's blocks do not fit a shape the "
+                 f"fallback {res['fallback']} stands in, as convert would store it):")
+        out.table(["format", "tensors", "fallbacks", "bpw", *heads],
+                  [summary_row(tag, s) for tag, s in res["summary"].items()], right={1, 2, 3, 4, 5, 6, 7})
         if res["skipped"]:
-            out.echo(f"skipped {len(res['skipped'])} (tensor, format) pairs:")
+            out.echo(f"not compared: {len(res['skipped'])} (tensor, format) pairs:")
             for s in res["skipped"]:
                 out.echo(f"  {s['tensor']} {s['shape']} {s['tag']}: {s['reason']}")
+
+    def render_files():
+        if res["tensors"]:
+            out.table(["tensor", "shape", "source tag", "tag", "bpw", *heads, "activations"],
+                      [[r["tensor"], "x".join(map(str, r["shape"])), r["source_tag"], r["tag"],
+                        fmt(r["bits_per_weight"]), fmt(r["rmse"]), fmt(r["max_abs"]), snr(r["snr_db"]),
+                        fmt(r["matmul_rel_err"], ".3g"), r["activations"] or "-"] for r in res["tensors"]],
+                      right={4, 5, 6, 7, 8})
+            out.echo("")
+        out.echo(f"summary ({res['quant']} against {res['orig']}, per tag of the quantized file):")
+        out.table(["tag", "tensors", "fallbacks", "bpw", *heads],
+                  [*(summary_row(tag, s) for tag, s in res["summary"].items()), summary_row("all", res["total"])],
+                  right={1, 2, 3, 4, 5, 6, 7})
+        for key, what in (("only_in_orig", "only in ORIG"), ("only_in_quant", "only in QUANT")):
+            if res[key]:
+                shown = res[key] if len(res[key]) <= 12 else res[key][:8] + [f"... {len(res[key]) - 8} more"]
+                out.echo(f"{what} ({len(res[key])}): " + ", ".join(shown))
+        for s in res["not_compared"]:
+            out.echo(f"not compared: {s['tensor']}: {s['reason']}")
+
+    def render():
+        (render_files if quant is not None else render_formats)()
+        out.echo(f"matmul error measured on: {res['activations']}")
+        acts_used = {k for s in res["summary"].values() for k in (s.get("activations") or {})}
+        if acts is not None and ops.RANDOM in acts_used:
+            n = sum(s.get("activations", {}).get(ops.RANDOM, 0) for s in res["summary"].values())
+            out.echo(f"note: {n} rows had no matching activations and used {ops.RANDOM} inputs")
+        for p in res.get("plots", []):
+            out.echo(f"wrote {p}")
 
     out.emit(res, render)
 
