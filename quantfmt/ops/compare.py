@@ -100,7 +100,7 @@ def capture_activations(path, text: str, *, n_tokens: int = 128, max_rows: int =
                 setattr(L, k, _Recorder(getattr(L, k), store))
             L.qkv = L.gate_up = None  # fused weights would hide which tensor an input belongs to
         runner.output = _Recorder(runner.output, store)
-        runner.forward(ids, logits="last")
+        runner.forward(ids, logits="all")  # every position through the head: its inputs too
         arrays = store.arrays()
     return Activations(arrays, f"captured from {len(ids)} tokens of text on {Path(path).name} "
                        f"(<= {max_rows} rows per tensor)", exact=True, source=str(path))
