@@ -31,8 +31,7 @@ def run(*args, ok=True):
 
 
 def outlier_matrix(seed=0, rows=64, cols=64):
-    """Rows whose first 32 columns hold one huge value: Q4_0's scale for that block is set by the
-    outlier, so the other 31 weights there round coarsely; the columns 32.. quantize finely."""
+    """Rows whose first 32 columns hold one large value (Q4_0's scale for that block follows it)."""
     r = np.random.default_rng(seed)
     w = r.standard_normal((rows, cols)).astype(np.float32)
     w[np.arange(rows), r.integers(0, 32, rows)] = 40.0
@@ -43,7 +42,8 @@ def outlier_matrix(seed=0, rows=64, cols=64):
 def pair(tmp_path):
     """ORIG (F32) and QUANT (mostly Q4_0, one Q8_0, one tensor only in each file)."""
     r = np.random.default_rng(7)
-    w = {"blk.0.attn_q.weight": outlier_matrix(1), "blk.0.ffn_up.weight": r.standard_normal((96, 64)).astype(np.float32),
+    w = {"blk.0.attn_q.weight": outlier_matrix(1),
+         "blk.0.ffn_up.weight": r.standard_normal((96, 64)).astype(np.float32),
          "blk.0.attn_norm.weight": (1 + 0.1 * r.standard_normal(64)).astype(np.float32),
          "extra.orig_only.weight": r.standard_normal((32, 32)).astype(np.float32)}
     orig, quant = tmp_path / "orig.safetensors", tmp_path / "quant.safetensors"
