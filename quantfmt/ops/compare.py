@@ -67,6 +67,7 @@ class Activations:
 
     def lookup(self, name: str, cols: int) -> tuple[np.ndarray, str] | None:
         """(rows, label) for tensor `name` with `cols` columns, or None when nothing matches."""
+        key: str | None
         if self.exact:
             a = self.arrays.get(name)
             key = name
@@ -116,7 +117,7 @@ class _Reservoir:
         self.rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def add(self, name: str, x: np.ndarray) -> None:
-        keys = self.rng.random(x.shape[0])
+        keys: np.ndarray = np.asarray(self.rng.random(x.shape[0]))
         if name in self.rows:
             old_x, old_k = self.rows[name]
             x, keys = np.concatenate([old_x, x]), np.concatenate([old_k, keys])
@@ -303,7 +304,7 @@ def compare(path, tags: list[str], *, pattern: str | None = None, n_inputs: int 
                         continue
                 try:
                     with context(file=str(path), tensor=name):
-                        if w is None:
+                        if w is None or x is None:
                             w = t.dequantize()
                             x, label = _inputs(activations, name, t.shape[1], n_inputs, rng)
                         res = compare_tensor(w, use.tag, x)
