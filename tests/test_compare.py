@@ -129,7 +129,8 @@ def test_real_activations_change_the_matmul_error(tmp_path):
     assert rnd["activations"].startswith(ops.RANDOM)
     # the CLI says which activations were used
     out = run("compare", p, "--formats", "Q8_0", "--activations", tmp_path / "coarse.npz").output
-    assert "matmul error measured on: coarse.npz" in out and "1 rows had no matching activations" in out
+    assert "matmul error measured on: coarse.npz" in out
+    assert "1 tensors had no matching activations and used random N(0,1) inputs: blk.0.ffn_up.weight" in out
 
 
 def test_bad_activations_are_clear_errors(tmp_path):
@@ -233,3 +234,14 @@ def test_plot_without_matplotlib_is_a_clear_error(pair, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     out = run("compare", orig, "--formats", "Q8_0", "--plot", tmp_path / "p", ok=False).output
     assert "needs matplotlib" in out and "quantfmt[plot]" in out
+
+
+def test_fallbacks_recorded_by_convert_are_shown(pair, tmp_path):
+    orig, _, _, _ = pair
+    q = tmp_path / "q4k.safetensors"
+    run("convert", orig, q, "--to", "Q4_K")  # no matrix here has a multiple of 256 columns: F16 stands in
+    res = ops.compare_files(orig, q)
+    fb = {r["tensor"] for r in res["tensors"] if r.get("fallback")}
+    assert fb == {"blk.0.attn_q.weight", "blk.0.ffn_up.weight", "extra.orig_only.weight"}
+    assert res["summary"]["F16"]["fallbacks"] == 3 and "recipe wanted Q4_K" in res["tensors"][0]["why"]
+    assert "F16 (fallback)" in run("compare", orig, q).output

@@ -302,7 +302,8 @@ def compare(path, quant, tags, pattern, fallback, acts_file, acts_text, n_tokens
     def render_files():
         if res["tensors"]:
             out.table(["tensor", "shape", "source tag", "tag", "bpw", *heads, "activations"],
-                      [[r["tensor"], "x".join(map(str, r["shape"])), r["source_tag"], r["tag"],
+                      [[r["tensor"], "x".join(map(str, r["shape"])), r["source_tag"],
+                        r["tag"] + (" (fallback)" if r.get("fallback") else ""),
                         fmt(r["bits_per_weight"]), fmt(r["rmse"]), fmt(r["max_abs"]), snr(r["snr_db"]),
                         fmt(r["matmul_rel_err"], ".3g"), r["activations"] or "-"] for r in res["tensors"]],
                       right={4, 5, 6, 7, 8})
@@ -321,10 +322,10 @@ def compare(path, quant, tags, pattern, fallback, acts_file, acts_text, n_tokens
     def render():
         (render_files if quant is not None else render_formats)()
         out.echo(f"matmul error measured on: {res['activations']}")
-        acts_used = {k for s in res["summary"].values() for k in (s.get("activations") or {})}
-        if acts is not None and ops.RANDOM in acts_used:
-            n = sum(s.get("activations", {}).get(ops.RANDOM, 0) for s in res["summary"].values())
-            out.echo(f"note: {n} rows had no matching activations and used {ops.RANDOM} inputs")
+        missing = sorted({r["tensor"] for r in res["tensors"] if r["activations"] == ops.RANDOM})
+        if acts is not None and missing:
+            out.echo(f"note: {len(missing)} tensors had no matching activations and used {ops.RANDOM} inputs: "
+                     + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
         for p in res.get("plots", []):
             out.echo(f"wrote {p}")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import QuantfmtError, context, memory_error
 from ..io.files import release_pages
-from ..sources import open_model
+from ..sources import RECIPE_KEY, open_model
 
 RANDOM = "random N(0,1)"
 # Weight errors are histogrammed relative to each tensor's RMS weight, in fixed bins so that the
@@ -347,6 +347,10 @@ def compare_files(orig, quant, *, pattern: str | None = None, n_inputs: int = 4,
     total = _Summary(histograms)
     with open_model(orig) as mo, open_model(quant) as mq:
         o_info = {s.name: s for s in mo.sources()}
+        rec = mq.metadata.get(RECIPE_KEY) if isinstance(mq.metadata, dict) else None
+        # what convert recorded: tensors that did not fit the format the recipe wanted for them
+        fbs = rec.get("fallbacks") if isinstance(rec, dict) else None
+        fbs = fbs if isinstance(fbs, dict) else {}
         q_names = [s.name for s in mq.sources()]
         only_orig = [n for n in o_info if n not in set(q_names)]
         only_quant = []
@@ -380,6 +384,10 @@ def compare_files(orig, quant, *, pattern: str | None = None, n_inputs: int = 4,
             row = {"tensor": name, "shape": list(s.shape), "source_tag": so.tag, "tag": s.tag,
                    "activations": label, "bits_per_weight": 8.0 * tq.nbytes / max(1, tq.numel),
                    "bytes": tq.nbytes, "weights": tq.numel}
+            fb = fbs.get(name)
+            if isinstance(fb, dict) and fb.get("wanted"):
+                row["fallback"] = True
+                row["why"] = f"recipe wanted {fb['wanted']}, which does not fit this shape; stored as {s.tag}"
             sub = by_tag.setdefault(s.tag, _Summary(histograms))
             # both summaries need the private sums: give the per-tag one a copy
             _finish_row(dict(row), dict(res), w, total)
