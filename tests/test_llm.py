@@ -362,7 +362,7 @@ def test_sampler():
     assert np.all(np.abs(draws - p) < 5 * np.sqrt(p * (1 - p) / 20000) + 1e-9)
     # top-p keeps the smallest set reaching the mass: here tokens 1 and 4
     q = Sampler(1.0, top_p=0.75).probabilities(logits)
-    assert set(np.nonzero(q)[0]) == {1, 4, 2} or set(np.nonzero(q)[0]) == {1, 4}
+    assert set(np.nonzero(q)[0]) == {1, 4}  # p = .41, .37, .15, ...: two reach .75
     pp = np.exp(logits - logits.max())
     pp /= pp.sum()
     need = np.searchsorted(np.cumsum(np.sort(pp)[::-1]), 0.75) + 1
