@@ -320,7 +320,9 @@ class Q2_K(GGMLFormat):
     block_shape = (1, QK_K)
     block_bytes = BLOCK_BYTES
     modes = ("f32", "q8_k")
-    max_abs = 3.0e5  # measured worst fp16 scale (dmin) ~0.1 * max|w|: 2x margin
+    # No exact refusal threshold (it depends on the block); every block below safe_abs fits:
+    max_abs = None
+    safe_abs = 3.0e5  # measured worst fp16 scale (dmin) ~0.1 * max|w|: 2x margin
     range_rule = RULE
     summary = ("ggml Q2_K: per 256 weights fp16 d, dmin and sixteen 4-bit (scale, min) pairs, 2-bit q; "
                "ggml-identical bytes")

@@ -284,7 +284,10 @@ class Q6_K(GGMLFormat):
     block_shape = (1, QK_K)
     block_bytes = BLOCK_BYTES
     modes = ("f32", "q8_k")
-    max_abs = 1.0e7  # measured worst fp16 scale ~0.00026 * max|w|: 25x margin
+    # No exact refusal threshold (it depends on the block); every block below safe_abs fits:
+    max_abs = None
+    overflow_abs = 1e18  # sums of squares of 16 weights overflow float32 from ~4.6e18: silent zeros
+    safe_abs = 1.0e7  # measured worst fp16 scale ~0.00026 * max|w|: 25x margin
     range_rule = RULE
     summary = "ggml Q6_K: per 256 weights an fp16 d, sixteen int8 sub-block scales and 6-bit q; ggml-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)

@@ -105,6 +105,10 @@ class GGMLFormat(Format):
     vec_dot_type: str | None = None
     #: Why a block can fail (the end of the RangeError message).
     range_rule: str = ""
+    #: Weights at least this large are refused up front: the reference quantizer's float32 sums
+    #: overflow on them and it would write a zero scale silently (ggml does the same). Far above
+    #: where the fp16 scale already overflows, so it refuses nothing that fit before.
+    overflow_abs: float | None = None
 
     @staticmethod
     def quantize_kernel(w, out, bad):  # pragma: no cover - supplied by the format
@@ -120,6 +124,11 @@ class GGMLFormat(Format):
 
     def _quantize(self, w):
         rows, cols = w.shape
+        if self.overflow_abs is not None:
+            big = np.flatnonzero(np.abs(w).max(axis=1) >= self.overflow_abs)
+            if big.size:
+                r = int(big[0])
+                raise self.range_error(w, r, int(np.argmax(np.abs(w[r]) >= self.overflow_abs)) // self.qk)
         out = np.empty((rows, cols // self.qk, self.block_bytes), np.uint8)
         bad = np.empty(rows, np.int64)
         self.quantize_kernel(w, out, bad)

@@ -197,7 +197,7 @@ def test_scale_overflow_is_a_range_error(tag):
             quantize(x)
     # just below the declared limit everything quantizes to finite values
     y = np.random.default_rng(4).standard_normal((4, 512), dtype=np.float32)
-    y *= np.float32(f.max_abs * 0.999) / np.abs(y).max(axis=1, keepdims=True)
+    y *= np.float32(f.safe_abs * 0.999) / np.abs(y).max(axis=1, keepdims=True)
     assert np.isfinite(f.dequantize(f.quantize(y), y.shape)).all()
 
 
