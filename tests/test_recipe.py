@@ -240,3 +240,18 @@ def test_importance_weights_through_the_public_api(rng):
         assert not np.array_equal(t.data, fmt.quantize(w))  # the weights change the choice
     with pytest.raises(UnsupportedModeError, match="F32.*importance weights"):
         QTensor.quantize(w, "F32", quant_weights=qw)
+
+
+def test_a_line_per_tensor_when_stderr_is_not_a_terminal(tmp_path):
+    """As llama-quantize logs each tensor: convert and compare (CliRunner's stderr is no terminal);
+    -q silences it, --json keeps stderr quiet for the JSON consumer."""
+    src = tmp_path / "m.safetensors"
+    quantfmt.save(model([("a.weight", (64, 64)), ("b.weight", (64, 64))]), src)
+    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "o.safetensors"), "--to", "Q8_0"])
+    assert r.exit_code == 0 and "[   1/2] a.weight" in r.stderr and "F32 -> Q8_0" in r.stderr
+    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "p.safetensors"), "--to", "Q8_0", "-q"])
+    assert r.exit_code == 0 and r.stderr == ""
+    r = CliRunner().invoke(cli, ["compare", str(src), "--formats", "Q8_0"])
+    assert r.exit_code == 0 and "[   2/2] b.weight" in r.stderr
+    r = CliRunner().invoke(cli, ["check-format", "F32", "F16"])
+    assert r.exit_code == 0 and "[  2/2] F16: ok" in r.stderr

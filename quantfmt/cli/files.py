@@ -31,7 +31,35 @@ def _run_convert(src, dst, recipe, overwrite, out, strict=False, label="converti
 
     with out.progress(total, label) as update:
         return convert(src, dst, recipe, overwrite=overwrite, strict=strict, progress=update,
-                       on_tensor=None if tty else log)
+                       on_tensor=None if tty or out.as_json else log)
+
+
+def _tensor_ticker(out, path, pattern, label):
+    """progress(name) for per-tensor work: a bar on a terminal, else a line per tensor on stderr."""
+    import contextlib
+    import fnmatch
+    import sys
+
+    from ..sources import open_model
+
+    with open_model(path) as m:
+        total = sum(1 for s in m.sources() if len(s.shape) == 2 and (pattern is None or
+                                                                       fnmatch.fnmatchcase(s.name, pattern)))
+    done = [0]
+
+    @contextlib.contextmanager
+    def ticker():
+        with out.progress(total, label) as update:
+            def progress(name):
+                done[0] += 1
+                if sys.stderr.isatty():
+                    update(1)
+                elif not out.as_json:  # a JSON consumer reads one document; no chatter beside it
+                    out.note(f"[{done[0]:4d}/{total}] {name}")
+
+            yield progress
+
+    return ticker()
 
 
 def _report_dict(rep) -> dict:
@@ -254,15 +282,17 @@ def compare(path, quant, tags, pattern, fallback, acts_file, acts_text, n_tokens
                 raise click.BadParameter(f"cannot read {text[1:]}: {e}", param_hint="--activations-from-text") from None
         acts = ops.capture_activations(path, text, n_tokens=n_tokens, max_rows=max_rows, seed=seed,
                                        tokenizer=tokenizer)
-    if quant is not None:
-        res = ops.compare_files(path, quant, pattern=pattern, n_inputs=n_inputs, seed=seed, activations=acts,
-                                histograms=bool(plot_dir))
-    else:
-        fmts = [t.strip() for t in tags.split(",") if t.strip()]
-        if not fmts:
-            raise click.UsageError("--formats needs at least one tag")
-        res = ops.compare(path, fmts, pattern=pattern, n_inputs=n_inputs, seed=seed, activations=acts,
-                          fallback=fallback, histograms=bool(plot_dir))
+    tick = _tensor_ticker(out, quant or path, pattern, "comparing")
+    with tick as progress:
+        if quant is not None:
+            res = ops.compare_files(path, quant, pattern=pattern, n_inputs=n_inputs, seed=seed, activations=acts,
+                                    histograms=bool(plot_dir), progress=progress)
+        else:
+            fmts = [t.strip() for t in tags.split(",") if t.strip()]
+            if not fmts:
+                raise click.UsageError("--formats needs at least one tag")
+            res = ops.compare(path, fmts, pattern=pattern, n_inputs=n_inputs, seed=seed, activations=acts,
+                              fallback=fallback, histograms=bool(plot_dir), progress=progress)
     if plot_dir:
         res["plots"] = ops.plot_compare(res, plot_dir)
         for s in [*res["summary"].values(), res.get("total") or {}]:

@@ -55,8 +55,19 @@ def _check(ctx, tags, all_, size, seed, out, verbose):
 
     if all_ == bool(tags):
         raise click.UsageError("give format tags or --all (not both)")
+    import sys
+
     fmts = list(all_formats().values()) if all_ else [get_format(t) for t in dict.fromkeys(tags)]
-    reports = [check_format(f, seed=seed, size=size) for f in fmts]
+    reports = []
+    with out.progress(len(fmts), "checking") as update:
+        for i, f in enumerate(fmts):
+            reports.append(check_format(f, seed=seed, size=size))
+            if sys.stderr.isatty():
+                update(1)
+            elif len(fmts) > 1 and not out.as_json:
+                r = reports[-1]
+                out.note(f"[{i + 1:3d}/{len(fmts)}] {f.tag}: {'ok' if r.ok else 'FAIL'} "
+                         f"({len(r) - len(r.failures)}/{len(r)} checks)")
 
     def render():
         key = "size_" if size else ""

@@ -100,11 +100,13 @@ def run(path, prompt, n_tokens, temperature, top_p, seed, n_ctx, to, recipe_file
 @click.option("--formats", "tags", metavar="TAG,TAG,...",
               help="The scoreboard: MODEL is the reference, quantized on load to each format in turn.")
 @click.option("--recipes", "recipes", metavar="FILE|MIX,...", help="Scoreboard rows from recipes or llama.cpp mixes.")
+@click.option("--fallback", metavar="TAG|auto", help="Scoreboard: where a format's blocks do not fit a tensor, this "
+              "format instead (default F16; auto: the nearest in bits per weight that fits).")
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Scoreboard: write KLD against bits per "
               "weight as a PNG (needs matplotlib: pip install 'quantfmt[plot]').")
 @model_options
 @output_options("Print the results as JSON.")
-def eval_(path, text_file, n_ctx, n_chunks, reference, tags, recipes, plot_png, to, recipe_file, threads,
+def eval_(path, text_file, n_ctx, n_chunks, reference, tags, recipes, fallback, plot_png, to, recipe_file, threads,
           activations, tokenizer, out):
     """Perplexity of MODEL on a text, with KL divergence against --reference; or, with --formats /
     --recipes, the scoreboard of formats: bits per weight, size, KLD, delta ppl, top-1 agreement and
@@ -116,6 +118,10 @@ def eval_(path, text_file, n_ctx, n_chunks, reference, tags, recipes, plot_png, 
 
     if n_ctx % 2:
         raise click.BadParameter("must be even", param_hint="--ctx")
+    if plot_png:
+        from ..ops.run import plot_available
+
+        plot_available()  # before any work, not after it
     try:
         with open(text_file, encoding="utf-8") as f:
             text = f.read()
@@ -134,7 +140,7 @@ def eval_(path, text_file, n_ctx, n_chunks, reference, tags, recipes, plot_png, 
                      f"ppl {e.result['ppl']:.4f}, {e.seconds:.0f} s")
 
         board = scoreboard(path, tokens, cands, n_ctx=n_ctx, n_chunks=n_chunks, reference=reference,
-                           activations=activations, progress=progress)
+                           activations=activations, progress=progress, fallback=fallback)
         if plot_png:
             plot_scoreboard(board, plot_png)
 

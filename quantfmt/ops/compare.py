@@ -324,7 +324,7 @@ def compare(path, tags: list[str], *, pattern: str | None = None, n_inputs: int 
                 _finish_row(row, res, w, agg[f.tag])
                 rows.append(row)
             if progress is not None:
-                progress(1)
+                progress(name)
             if w is not None:
                 release_pages(t.data)
     return {"file": str(path), "formats": [f.tag for f in fmts], "fallback": fallback,
@@ -394,7 +394,7 @@ def compare_files(orig, quant, *, pattern: str | None = None, n_inputs: int = 4,
             _finish_row(row, res, w, sub)
             rows.append(row)
             if progress is not None:
-                progress(1)
+                progress(name)
             release_pages(to.data)
             release_pages(tq.data)
     summary = {tag: a.to_dict() for tag, a in sorted(by_tag.items())}

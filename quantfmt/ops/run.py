@@ -7,6 +7,7 @@ decode speed), the comparison `llama-perplexity --kl-divergence` makes, for any 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -112,10 +113,11 @@ class Entry:
 
 
 def scoreboard(path, tokens, candidates, *, n_ctx: int = 512, n_chunks: int | None = None, reference=None,
-               activations: str = "auto", progress=None, speed_tokens: int = 16) -> dict:
+               activations: str = "auto", progress=None, speed_tokens: int = 16, fallback: str | None = None) -> dict:
     """Evaluate the model at `path` quantized on load by each candidate (a tag, a Recipe, a recipe
     file or a llama.cpp mix name) against `reference` (another model file; default: `path` as it is),
-    on `tokens`. Returns {"reference": {...}, "entries": [Entry.to_dict(), ...]}."""
+    on `tokens`; `fallback` is the fallback of the tag candidates' recipes (default F16; "auto": the
+    nearest format that fits). Returns {"reference": {...}, "entries": [Entry.to_dict(), ...]}."""
     ref_runner, _, ref_model = open_runner(reference or path, n_ctx=n_ctx, activations=activations,
                                            need_tokenizer=False)
     try:
@@ -128,6 +130,8 @@ def scoreboard(path, tokens, candidates, *, n_ctx: int = 512, n_chunks: int | No
                "entries": []}
         for i, cand in enumerate(candidates):
             recipe = Recipe.coerce(cand) if not isinstance(cand, Recipe) else cand
+            if fallback is not None and recipe.mix is None:
+                recipe = dataclasses.replace(recipe, fallback=fallback)
             name = cand if isinstance(cand, str) else (recipe.mix or recipe.default or "recipe")
             t0 = time.perf_counter()
             runner, _, model = open_runner(path, recipe, n_ctx=n_ctx, activations=activations, need_tokenizer=False)
@@ -146,6 +150,14 @@ def scoreboard(path, tokens, candidates, *, n_ctx: int = 512, n_chunks: int | No
         return out
     finally:
         ref_model.close()
+
+
+def plot_available() -> None:
+    """QuantfmtError unless matplotlib can be imported (the [plot] extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise QuantfmtError("--plot needs matplotlib: pip install 'quantfmt[plot]'") from None
 
 
 def plot_scoreboard(board: dict, png) -> None:
