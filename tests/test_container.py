@@ -355,13 +355,14 @@ def test_writer_streams_header_first_then_one_tensor_at_a_time(tmp_path):
             # At this point the temporary file holds the header and the tensors before i.
             (tmp,) = [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
             seen.append(os.path.getsize(tmp))
-            return np.full((4, 4), i, np.float32).view(np.uint8).reshape(-1)
+            return np.full((128, 128), i, np.float32).view(np.uint8).reshape(-1)
         return f
 
-    plans = [files.TensorPlan(f"t{i}", "F32", (4, 4), produce(i)) for i in range(3)]
+    # 64 KiB tensors: each goes out as soon as it is written (tinier ones are flushed in batches)
+    plans = [files.TensorPlan(f"t{i}", "F32", (128, 128), produce(i)) for i in range(3)]
     container.write_safetensors(out, plans)
     hdr_len = 8 + struct.unpack("<Q", out.read_bytes()[:8])[0]
-    assert seen == [hdr_len, hdr_len + 64, hdr_len + 128]
+    assert seen == [hdr_len, hdr_len + 65536, hdr_len + 2 * 65536]
     assert hdr_len % 8 == 0
     with container.open_safetensors(out) as m:
         assert [float(m[f"t{i}"].dequantize()[0, 0]) for i in range(3)] == [0, 1, 2]

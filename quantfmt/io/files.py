@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import FileFormatError, OutputExistsError, context
 
 _PAGE = mmap.PAGESIZE
+_SMALL = 1 << 16  # tensors below this are written and released in batches, not one syscall each
 
 
 # ---- reading ----------------------------------------------------------------------------
@@ -85,6 +86,8 @@ def release_pages(arr) -> None:
     Streaming conversion calls this after each tensor, so resident memory stays ~ one tensor
     instead of growing with the file; the data stay valid (re-read from disk if touched again).
     """
+    if getattr(arr, "nbytes", 0) < _SMALL:
+        return  # a syscall per tiny tensor costs more than the few pages it would give back
     root = arr
     while isinstance(root, np.ndarray) and not _mapped(root.base):
         root = root.base
@@ -291,7 +294,8 @@ def write_stream(f, plans: list[TensorPlan], sizes: list[int], *, align: int = 1
             write(f, buf)
             if -n % align:
                 write(f, b"\0" * (-n % align))
-            flush(f)  # each tensor goes out as it is done: the file grows as the work progresses
+            if n >= _SMALL:
+                flush(f)  # each large tensor goes out as it is done: the file grows as the work progresses
             del data, buf
         if p.after is not None:
             p.after()
