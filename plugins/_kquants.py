@@ -29,6 +29,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from quantfmt.families import GGMLFormat
+
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml: a sub-block below this max |x| counts as all zeros
 MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the mantissa
@@ -1041,3 +1043,36 @@ def kquant_qmatmul(fmt, prep: KPrepared, x: np.ndarray, mode: str) -> np.ndarray
     _dot_kernel(wi, mi, dw, mw, np.ascontiguousarray(xa, np.float32).reshape(n, nb, QK_K),
                 np.ascontiguousarray(xsub, np.float32).reshape(n, nb, 16), dx, out)
     return out
+
+
+class KQuant(GGMLFormat):
+    """The class body the five k-quants share: super-blocks of 256 weights along a row, Q8_K
+    activations in qmatmul mode "q8_k" over the prepared integer parts, importance weights. A
+    subclass sets its tag, bytes, kernels, `int_parts`, `weighted_kernel` and `safe_abs`."""
+
+    layout_version = 1
+    vec_dot_type = "Q8_K"
+    block_shape = (1, QK_K)
+    modes = ("f32", "q8_k")
+    # No exact refusal threshold (it depends on the block): every block below safe_abs fits.
+    max_abs = None
+    safe_abs: float = 0.0
+
+    @staticmethod
+    def int_parts(*args):  # pragma: no cover - supplied by the format
+        raise NotImplementedError
+
+    @staticmethod
+    def weighted_kernel(*args):  # pragma: no cover - supplied by the format
+        raise NotImplementedError
+
+    def prepare(self, data, rows, cols):
+        return KPrepared(data, rows, cols, self.int_parts)
+
+    def _qmatmul(self, prep, rows, cols, x, mode):
+        return kquant_qmatmul(self, prep, x, mode)
+
+    def quantize_weighted(self, w, quant_weights) -> np.ndarray:
+        """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as
+        ggml_quantize_chunk does when given one."""
+        return weighted_input(self, w, quant_weights, self.weighted_kernel)

@@ -38,16 +38,14 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat
 
 from ._ggml import f32_to_f16_bits
 from ._kquants import (
     F32,
     QK_K,
-    KPrepared,
+    KQuant,
     f16_bits_to_f32,
     f16_round_np,
-    kquant_qmatmul,
     make_qkx2_lanes,
     make_qkx2_quants_np,
     make_qkx3_quants_np,
@@ -56,7 +54,6 @@ from ._kquants import (
     nearest_int,
     nearest_int_np,
 )
-from ._kquants import weighted_input as _weighted_input
 
 BLOCK_BYTES = 84
 RULE = "the super-block scales max(scale)/15 and max(min)/15 must stay below 65520"
@@ -312,33 +309,18 @@ def _dequantize_kernel(blocks, lut, idx, out):
 # ---- the format ------------------------------------------------------------------------------
 
 
-class Q2_K(GGMLFormat):
+class Q2_K(KQuant):
     tag = "Q2_K"
-    version = 1
     ggml_type = "Q2_K"
-    vec_dot_type = "Q8_K"
-    block_shape = (1, QK_K)
     block_bytes = BLOCK_BYTES
-    modes = ("f32", "q8_k")
-    # No exact refusal threshold (it depends on the block); every block below safe_abs fits:
-    max_abs = None
     safe_abs = 3.0e5  # measured worst fp16 scale (dmin) ~0.1 * max|w|: 2x margin
     range_rule = RULE
     summary = ("ggml Q2_K: per 256 weights fp16 d, dmin and sixteen 4-bit (scale, min) pairs, 2-bit q; "
                "ggml-identical bytes")
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
-
-    def prepare(self, data, rows, cols):
-        return KPrepared(data, rows, cols, int_parts)
-
-    def _qmatmul(self, prep, rows, cols, x, mode):
-        return kquant_qmatmul(self, prep, x, mode)
-
-    def quantize_weighted(self, w, quant_weights) -> np.ndarray:
-        """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as
-        ggml_quantize_chunk does when given one."""
-        return _weighted_input(self, w, quant_weights, _quantize_kernel_qw)
+    int_parts = staticmethod(int_parts)
+    weighted_kernel = staticmethod(_quantize_kernel_qw)
 
 
 @quantfmt.hookimpl

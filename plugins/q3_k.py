@@ -42,16 +42,14 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat
 
 from ._ggml import f32_to_f16_bits
 from ._kquants import (
     F32,
     QK_K,
-    KPrepared,
+    KQuant,
     f16_bits_to_f32,
     f16_round_np,
-    kquant_qmatmul,
     make_q3_quants,
     make_q3_quants_np,
     make_qx_quants,
@@ -59,7 +57,6 @@ from ._kquants import (
     nearest_int,
     nearest_int_np,
 )
-from ._kquants import weighted_input as _weighted_input
 
 BLOCK_BYTES = 110
 RULE = "the super-block scale |max scale|/32 must stay below 65520"
@@ -319,33 +316,18 @@ def _dequantize_kernel(blocks, lut, idx, out):
 # ---- the format ------------------------------------------------------------------------------
 
 
-class Q3_K(GGMLFormat):
+class Q3_K(KQuant):
     tag = "Q3_K"
-    version = 1
     ggml_type = "Q3_K"
-    vec_dot_type = "Q8_K"
-    block_shape = (1, QK_K)
     block_bytes = BLOCK_BYTES
-    modes = ("f32", "q8_k")
-    # No exact refusal threshold (it depends on the block); every block below safe_abs fits:
-    max_abs = None
     overflow_abs = 1e18  # sums of squares of 16 weights overflow float32 from ~4.6e18: silent zeros
     safe_abs = 2.0e6  # measured worst fp16 scale ~0.012 * max|w|: 2.7x margin
     range_rule = RULE
     summary = "ggml Q3_K: per 256 weights an fp16 d, sixteen 6-bit sub-block scales and 3-bit q; ggml-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
-
-    def prepare(self, data, rows, cols):
-        return KPrepared(data, rows, cols, int_parts)
-
-    def _qmatmul(self, prep, rows, cols, x, mode):
-        return kquant_qmatmul(self, prep, x, mode)
-
-    def quantize_weighted(self, w, quant_weights) -> np.ndarray:
-        """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as
-        ggml_quantize_chunk does when given one."""
-        return _weighted_input(self, w, quant_weights, _quantize_kernel_qw)
+    int_parts = staticmethod(int_parts)
+    weighted_kernel = staticmethod(_quantize_kernel_qw)
 
 
 @quantfmt.hookimpl

