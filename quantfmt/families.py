@@ -18,7 +18,10 @@ A format subclasses the family that fits it and supplies only what is its own:
                                               lut = fp16_table() (fp16 bits -> float32)
     plus `range_rule` (the RangeError's explanation), `ggml_type` (its GGUF type name) and
     `vec_dot_type` (the activation blocks ggml pairs it with in qmatmul). Quantize, dequantize,
-    get_rows and the range error are here; qmatmul stays the format's (repacked tiles).
+    get_rows and the range error are here; qmatmul stays the format's (repacked tiles). The small
+    prange drivers stay in each format's module on purpose: numba's on-disk cache does not keep a
+    driver that takes another kernel as an argument or closes over it (measured: a cache miss in
+    every new process), so a shared generic driver would recompile on every start.
 
 `KernelFormat`: quantfmt's own research formats (Q8_A, Q8_B, Q4_A), whose numba kernels take the
     whole tensor: quantize_kernel(w, out), dequantize_kernel(data, rows, cols, out),
