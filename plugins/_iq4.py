@@ -42,8 +42,11 @@ def fit_ref(x, wt, idd):
     L = best_index_ref(x * idd[:, None])
     q = VF[L]
     wq = wt * q
-    sumqx = np.add.accumulate(wq * x, axis=1, dtype=np.float32)[:, -1]
-    sumq2 = np.add.accumulate(wq * q, axis=1, dtype=np.float32)[:, -1]
+    # ggml's sums start from +0.0 (`float sumqx = 0`): a leading zero column makes accumulate do the
+    # same, which only matters when every term is -0.0 (the sum is then +0.0, not -0.0)
+    z = np.zeros((x.shape[0], 1), np.float32)
+    sumqx = np.add.accumulate(np.concatenate([z, wq * x], axis=1), axis=1, dtype=np.float32)[:, -1]
+    sumq2 = np.add.accumulate(np.concatenate([z, wq * q], axis=1), axis=1, dtype=np.float32)[:, -1]
     return L, sumqx, sumq2
 
 
