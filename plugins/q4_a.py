@@ -31,6 +31,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 import quantfmt
+from quantfmt import cpu
 from quantfmt.families import KernelFormat
 
 QK = 256
@@ -278,19 +279,9 @@ def _codebook_planes(data):
     return np.ascontiguousarray(cb.transpose(0, 2, 1)).reshape(-1)
 
 
-def _host_has_avx2() -> bool:
-    # numba compiles for the host CPU unless NUMBA_CPU_NAME says otherwise (e.g. "generic"
-    # for portable caches): only then may the kernel use AVX2 instructions.
-    if numba.config.CPU_NAME not in (None, "", "host"):
-        return False
-    if numba.config.CPU_FEATURES:  # NUMBA_CPU_FEATURES overrides the host's features
-        return "+avx2" in numba.config.CPU_FEATURES.split(",")
-    import llvmlite.binding as llvm
-
-    return bool(llvm.get_host_cpu_features().get("avx2", False))
-
-
-USE_AVX2 = _host_has_avx2()
+# numba compiles for the host CPU unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES say otherwise (quantfmt.cpu):
+# only then may the kernel use AVX2 instructions.
+USE_AVX2 = cpu.has("avx2")
 
 
 # ---- the format -----------------------------------------------------------------------
@@ -312,6 +303,10 @@ class Q4_A(KernelFormat):
             return data, _codebook_planes(data)
         blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
         return data, blocks[:, :, : 4 * NBINS].copy().view("<f4").astype(np.float32)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        path = super().kernel_path(op, n, mode)
+        return f"{path}-{'avx2' if USE_AVX2 else 'portable'}" if path == "matvec" else path
 
     def matvec(self, prep, rows, cols, x, out):
         data, cb = prep

@@ -209,6 +209,11 @@ class KernelFormat(Format):
         self.get_rows_kernel(data, cols, idx, out)
         return out
 
+    def kernel_path(self, op: str, n: int = 1, mode: str = "f32") -> str:
+        if op == "qmatmul":
+            return "blas-tiles" if n > self.matvec_max_n else "matvec"
+        return "numba"
+
     def _qmatmul(self, prep, rows, cols, x, mode):
         if x.shape[0] > self.matvec_max_n:
             return self._blas_tiles(prep[0], rows, cols, x)

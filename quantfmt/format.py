@@ -339,6 +339,14 @@ class Format:
         """Valid bytes of a tensor of `shape` (what the kit checks a format without a quantizer on)."""
         return self.quantize(rng.standard_normal(shape, dtype=np.float32))
 
+    def kernel_path(self, op: str, n: int = 1, mode: str = "f32") -> str:
+        """Which implementation `op` ("qmatmul", "quantize", "dequantize", "get_rows") takes here, for
+        `n` activation rows in `mode`: a short name the benchmark prints (e.g. "avx512vnni", "portable",
+        "blas-tiles"). Formats with several paths chosen by CPU feature or size override this."""
+        if op == "qmatmul" and type(self)._qmatmul is Format._qmatmul:
+            return "blas-tiles"
+        return "numba"
+
     def info(self) -> dict:
         """What `quantfmt formats --json` prints for this format."""
         return {
