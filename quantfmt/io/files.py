@@ -163,6 +163,24 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM during an atomic write: unwinds like Ctrl-C so the temporary file is removed."""
 
 
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """SIGTERM raises (like Ctrl-C) inside: for a writer holding several atomic outputs that it
+    publishes in any order, so the handler stays in place until the last one is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -301,6 +319,17 @@ def write_stream(f, plans: list[TensorPlan], sizes: list[int], *, align: int = 1
             p.after()
         if progress is not None:
             progress(n)
+
+
+def pwrite_all(fd: int, buf, offset: int) -> None:
+    """Write all of `buf` at `offset` of the open file `fd` (os.pwrite may write less than asked)."""
+    view = memoryview(buf).cast("B")
+    try:
+        while view.nbytes:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    except OSError as e:
+        raise FileFormatError(f"cannot write: {e.strerror or e}") from None
 
 
 def write(f, buf) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import context, memory_error
+from ..errors import QuantfmtError, context, memory_error
 from ..io.files import TensorPlan, check_output, plans_from_model, release_pages
 from ..recipe import Recipe, Step, record
 from ..sources import RECIPE_KEY, input_files, open_model, writer_for
@@ -88,6 +88,10 @@ class ConvertReport:
     output: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # per tensor: produce + write
+    files: list[str] = field(default_factory=list)  # every file written (a sharded output: the shards)
+    jobs: int = 1  # worker processes used (1: this process)
+    workers: dict[int, int] = field(default_factory=dict)  # parallel runs: worker pid -> its peak RSS (bytes)
+    worker_threads: dict[int, int] = field(default_factory=dict)  # parallel runs: worker pid -> numba threads
 
     def by_tag(self) -> dict[str, tuple[int, int, int]]:
         """tag -> (tensors, weights, bytes) of the output."""
@@ -120,7 +124,8 @@ def plan_convert(src, recipe: Recipe, *, strict: bool = False) -> ConvertReport:
 
 
 def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: bool = False, progress=None,
-            metadata: dict | None = None, on_tensor=None) -> ConvertReport:
+            metadata: dict | None = None, on_tensor=None, jobs: int | None = 1, executor=None,
+            max_shard_size: int | str | None = None) -> ConvertReport:
     """Convert the model at `in_path` into `out_path` (quantfmt/safetensors, or GGUF if it ends in .gguf).
 
     Streaming: the header is written first (every size is known from tag and shape), then
@@ -133,19 +138,56 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
     GGUF from a Hugging Face llama-family checkpoint (quantfmt.llm.export): GGUF tensor names,
     llama.cpp's q/k row permutation and the architecture/tokenizer key-values, so llama.cpp runs
     it. Other sources written as GGUF without general.architecture get a warning.
+
+    Parallel and sharded (quantfmt.ops.parallel; quantfmt/safetensors output): `jobs` worker
+    processes (None: one per CPU, or this process alone when there is little to convert), or
+    `executor`, any concurrent.futures.Executor or a Dask Client (its workers must see the input
+    and output paths); the output is byte for byte the one-process result. `max_shard_size`
+    (bytes or "5GB"): `out_path` is a folder of Hugging Face shards plus
+    model.safetensors.index.json, written last; a rerun keeps the shards already complete.
     """
+    from .parallel import AUTO_MIN_BYTES, as_executor, cpu_count
 
     r = Recipe.coerce(recipe if recipe is not None else Recipe(default=None))
     if strict:
         r = dataclasses.replace(r, fallback=None)
+    gguf = str(out_path).endswith(".gguf")
+    if max_shard_size is not None:
+        from ..io.sharded import parse_size
+
+        max_shard_size = parse_size(max_shard_size)
+    if gguf and (max_shard_size is not None or executor is not None):
+        raise QuantfmtError("GGUF output is written by one process, as one file: --max-shard-size and "
+                            "--executor are for quantfmt/safetensors output", file=str(out_path))
+    if executor is not None:
+        executor = as_executor(executor)
     inputs = input_files(in_path)
-    check_output(out_path, overwrite=overwrite, inputs=inputs)  # fail before any work
+    if max_shard_size is None:
+        check_output(out_path, overwrite=overwrite, inputs=inputs)  # fail before any work
     src = open_model(in_path)
     try:
         rep = plan_convert(src, r, strict=strict)
         rep.output = str(out_path)
         meta = {k: v for k, v in src.metadata.items() if k != RECIPE_KEY}
         rec = record(r, rep.steps)
+        if jobs is None:  # auto: a worker per CPU, unless starting them costs more than they save
+            work = sum(rep.in_bytes[s.name] for s in rep.steps if not s.copy)
+            jobs = cpu_count() if work >= AUTO_MIN_BYTES else 1
+        if jobs < 1:
+            raise QuantfmtError(f"jobs must be at least 1, not {jobs}")
+        if not gguf and (jobs > 1 or executor is not None or max_shard_size is not None):
+            from .parallel import write_parallel
+
+            meta.update(metadata or {})
+            rep.jobs = jobs if executor is None else 0
+            write_parallel(src, rep, meta, rec, out_path, jobs=jobs, executor=executor,
+                           max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs, progress=progress,
+                           on_tensor=on_tensor)
+            return rep
+        rep.files = [str(out_path)]
+        if jobs > 1:
+            rep.notes.append("GGUF output is written by this one process (--jobs spreads quantfmt/safetensors "
+                             "output only)")
         from ..llm.export import NOT_RUNNABLE, permute_rows
 
         exp = _gguf_export(src, rep, meta) if str(out_path).endswith(".gguf") else None
