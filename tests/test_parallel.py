@@ -287,6 +287,26 @@ def test_killed_worker_fails_clearly_and_the_rerun_resumes(tmp_path):
     assert dir_bytes(out) == dir_bytes(ref)
 
 
+def test_terminated_run_removes_its_temporary_files_and_workers(tmp_path):
+    pd = write_toy_plugin(tmp_path / "plugins")
+    src = float_file(tmp_path / "in.safetensors", [(64, 256)] * 8)
+    env = dict(os.environ, QUANTFMT_PLUGINS_DIR=pd, PYTHONWARNINGS="ignore", QUANTFMT_TEST_SLOW="0.3")
+    out = tmp_path / "out.safetensors"
+    p = subprocess.Popen([sys.executable, "-m", "quantfmt", "convert", str(src), str(out), "--to", "TSLO", "-j", "2",
+                          "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and p.poll() is None and len(_pool_workers(p.pid)) < 2:
+        time.sleep(0.05)
+    workers = _pool_workers(p.pid)
+    assert p.poll() is None and len(workers) == 2
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=90)
+    assert p.returncode == 130 and "Interrupted" in err and "Traceback" not in err, err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["in.safetensors", "plugins"]
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()]  # the pool went with it
+
+
 # ---- Dask ---------------------------------------------------------------------------------
 
 
@@ -346,3 +366,17 @@ def test_worker_memory_is_one_tensor_not_the_model(tmp_path):
     print(f"model {os.path.getsize(big) / 2**20:.0f} MiB, worker peak {top / 2**20:.0f} MiB, "
           f"baseline {base / 2**20:.0f} MiB, largest tensor {tensor / 2**20:.0f} MiB")
     assert top - base <= 2 * tensor, (top, base, tensor)
+
+
+def test_finite_check_runs_in_row_blocks_and_still_finds_the_value(monkeypatch):
+    """The non-finite check walks a tensor a block of rows at a time (no tensor-sized temporary)."""
+    from quantfmt import format as fmtmod
+    from quantfmt.errors import NonFiniteError
+
+    monkeypatch.setattr(fmtmod, "_FINITE_CHUNK", 64)  # 2 rows of 32 per block
+    for r, c in ((0, 3), (6, 31), (9, 0)):
+        w = np.zeros((10, 32), np.float32)
+        w[r, c] = np.nan
+        with pytest.raises(NonFiniteError, match=rf"index \({r}, {c}\)"):
+            quantfmt.QTensor.quantize(w, "Q4_0")
+    assert quantfmt.QTensor.quantize(np.ones((10, 32), np.float32), "Q4_0").nbytes == 10 * 18

@@ -178,9 +178,14 @@ def run_task(task: Task, src=None) -> TaskResult:
 
 
 def _init_worker(threads: int) -> None:
+    import signal
+
     # Already in the environment the pool was spawned with (so numpy's and numba's pools were sized
     # at import); set again for anything the worker starts.
     os.environ.update(dict.fromkeys(THREAD_VARS, str(threads)))
+    # Ctrl-C reaches the whole process group: the coordinator handles it (cancels, removes the
+    # temporary files, shuts the pool down); a worker dying of it mid-wait would print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---- executors ----------------------------------------------------------------------------
@@ -378,6 +383,9 @@ def write_parallel(src, rep, meta: dict, rec: dict, out_path, *, jobs: int, exec
     threads = threads_per_worker(jobs) if executor is None and jobs > 1 else None
     by_name = {s.name: s for s in steps}
     todo = [f for f in files if not f.done]
+    # Tasks of up to GROUP_BYTES of input, smaller when that would leave a pool's workers idle
+    work = sum(rep.in_bytes[s.name] for f in todo for s in f.steps)
+    group_bytes = min(GROUP_BYTES, max(1, work // (4 * jobs))) if executor is None and jobs > 1 else GROUP_BYTES
     with contextlib.ExitStack() as outer:
         outer.enter_context(sigterm_unwinds())
         tasks, publish = [], {}
@@ -392,7 +400,7 @@ def write_parallel(src, rep, meta: dict, rec: dict, out_path, *, jobs: int, exec
             for s, off, n in zip(f.steps, f.lay.offsets, f.lay.sizes, strict=True):  # type: ignore[attr-defined]
                 group.append(Item(s.name, s.tag, s.copy, off, n, rep.in_bytes[s.name]))
                 size += rep.in_bytes[s.name]
-                if size >= GROUP_BYTES:
+                if size >= group_bytes:
                     tasks.append(Task(str(src.path), tmp, str(f.path), tuple(group), (tuple(dirs), strict), threads))
                     group, size = [], 0
             if group or not f.steps:
