@@ -235,6 +235,39 @@ def test_cli_jobs_and_shards(src, tmp_path):
         assert r.exit_code != 0 and msg in r.output and "Traceback" not in r.output, r.output
 
 
+# ---- GGUF: one file, in parallel ---------------------------------------------------------------
+
+
+def test_gguf_output_in_parallel_is_byte_identical(src, tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "GROUP_BYTES", 1)
+    recipe = quantfmt.Recipe("Q4_0", rules=[("blk.1.*", "Q8_0"), ("blk.5.*", "F16")])
+    with pytest.warns(UserWarning, match="llama.cpp"):  # no general.architecture: a warning, as one process
+        quantfmt.convert(src, tmp_path / "one.gguf", recipe)
+    with pytest.warns(UserWarning, match="llama.cpp"), ThreadPoolExecutor(3) as ex:
+        rep = quantfmt.convert(src, tmp_path / "ex.gguf", recipe, executor=ex)
+    assert (tmp_path / "ex.gguf").read_bytes() == (tmp_path / "one.gguf").read_bytes()
+    assert rep.files == [str(tmp_path / "ex.gguf")] and set(rep.seconds) == set(rep.out_bytes)
+
+
+def test_gguf_export_in_parallel_is_byte_identical(tmp_path, monkeypatch):
+    """An HF llama to GGUF: renamed tensors, q/k rows (and biases) permuted by the workers, the llama3
+    rope table written by the coordinator; jobs 2 gives the one-process file."""
+    from test_hf_export import hf_config, hf_weights, make_folder
+
+    monkeypatch.setattr(parallel, "GROUP_BYTES", 1)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    d = make_folder(tmp_path / "hf", hf_weights(4, bias=True), hf_config(attention_bias=True, rope_scaling=scaling),
+                    tokenizer=False)
+    recipe = quantfmt.Recipe("Q8_0", rules=[("*.k_proj.weight", "Q4_0")])
+    one = quantfmt.convert(d / "model.safetensors", tmp_path / "one.gguf", recipe)
+    two = quantfmt.convert(d / "model.safetensors", tmp_path / "two.gguf", recipe, jobs=2)
+    assert (tmp_path / "two.gguf").read_bytes() == (tmp_path / "one.gguf").read_bytes()
+    assert two.jobs == 2 and two.workers and one.notes == two.notes
+    with quantfmt.load(tmp_path / "two.gguf") as m:
+        assert "rope_freqs.weight" in m and m["blk.0.attn_k.weight"].tag == "Q4_0"
+
+
 # ---- a worker killed -----------------------------------------------------------------------
 
 

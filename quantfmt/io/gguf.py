@@ -596,11 +596,21 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
                      overwrite=overwrite, inputs=inputs)
 
 
-def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bool = False, inputs=(),
-                     progress=None) -> None:
-    """write_gguf, streaming: `plans` are container.TensorPlan (name, tag, shape, produce, after);
-    the header is written from tags and shapes, then each tensor is produced and written in
-    turn, so memory holds one tensor at a time. `progress(nbytes)` after each tensor."""
+@dataclass(frozen=True)
+class GGUFLayout:
+    """Where everything of a GGUF file goes, from tags and shapes alone (no tensor produced)."""
+
+    header: bytes  # magic, key-values, tensor infos and the padding up to the data section
+    order: list[str]  # tensor names in file order
+    offsets: list[int]  # absolute file offset of each tensor's bytes
+    sizes: list[int]
+    align: int
+    size: int  # the whole file
+
+
+def gguf_layout(path, plans, metadata: dict | None = None) -> GGUFLayout:
+    """The layout write_gguf_plans gives `plans` (errors name `path`): writers that place each
+    tensor's bytes at these offsets, in any order, make the same file byte for byte."""
     from gguf.constants import GGMLQuantizationType
 
     from ..plugins import get_format
@@ -646,7 +656,7 @@ def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bo
     parts = [MAGIC, struct.pack("<IQQ", version, len(order), len(kv))]
     parts.extend(_pack_kv(e) for e in kv)
     offset = 0
-    sizes = []
+    rel, sizes = [], []
     for name in order:
         p = by_name[name]
         shape = tuple(int(d) for d in p.shape)
@@ -659,11 +669,23 @@ def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bo
         parts.append(_pack_string(name, name))
         gtype = int(GGMLQuantizationType[ggml_of[get_format(p.tag).tag]])
         parts.append(struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, gtype, offset))
+        rel.append(offset)
         sizes.append(n)
         offset += -(-n // align) * align
     header = b"".join(parts)
+    header += b"\0" * (-len(header) % align)
+    return GGUFLayout(header, order, [len(header) + o for o in rel], sizes, align, len(header) + offset)
+
+
+def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bool = False, inputs=(),
+                     progress=None) -> None:
+    """write_gguf, streaming: `plans` are container.TensorPlan (name, tag, shape, produce, after);
+    the header is written from tags and shapes, then each tensor is produced and written in
+    turn, so memory holds one tensor at a time. `progress(nbytes)` after each tensor."""
+    file = str(path)
+    lay = gguf_layout(path, plans, metadata)
+    by_name = {p.name: p for p in plans}
     with context(file=file), atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp, \
             open_for_write(tmp) as f:
-        write(f, header)
-        write(f, b"\0" * (-len(header) % align))
-        write_stream(f, [by_name[n] for n in order], sizes, align=align, progress=progress)
+        write(f, lay.header)
+        write_stream(f, [by_name[n] for n in lay.order], lay.sizes, align=lay.align, progress=progress)

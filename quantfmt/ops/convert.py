@@ -92,6 +92,8 @@ class ConvertReport:
     jobs: int = 1  # worker processes used (1: this process)
     workers: dict[int, int] = field(default_factory=dict)  # parallel runs: worker pid -> its peak RSS (bytes)
     worker_threads: dict[int, int] = field(default_factory=dict)  # parallel runs: worker pid -> numba threads
+    # parallel runs: worker pid -> its resident memory before its first tensor (interpreter, numba, plugins)
+    worker_start_rss: dict[int, int] = field(default_factory=dict)
 
     def by_tag(self) -> dict[str, tuple[int, int, int]]:
         """tag -> (tensors, weights, bytes) of the output."""
@@ -156,9 +158,9 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
         from ..io.sharded import parse_size
 
         max_shard_size = parse_size(max_shard_size)
-    if gguf and (max_shard_size is not None or executor is not None):
-        raise QuantfmtError("GGUF output is written by one process, as one file: --max-shard-size and "
-                            "--executor are for quantfmt/safetensors output", file=str(out_path))
+    if gguf and max_shard_size is not None:
+        raise QuantfmtError("GGUF output is one file: llama.cpp's split GGUF files are not written yet "
+                            "(--max-shard-size is for quantfmt/safetensors output)", file=str(out_path))
     if executor is not None:
         executor = as_executor(executor)
     inputs = input_files(in_path)
@@ -185,9 +187,6 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
                            on_tensor=on_tensor)
             return rep
         rep.files = [str(out_path)]
-        if jobs > 1:
-            rep.notes.append("GGUF output is written by this one process (--jobs spreads quantfmt/safetensors "
-                             "output only)")
         from ..llm.export import NOT_RUNNABLE, permute_rows
 
         exp = _gguf_export(src, rep, meta) if str(out_path).endswith(".gguf") else None
@@ -222,6 +221,18 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
                 return a.astype("<f4").view(np.uint8)
 
             plans.append(TensorPlan(name, "F32", arr.shape, extra))
+        if jobs > 1 or executor is not None:  # GGUF (safetensors output went to write_parallel above)
+            from .parallel import write_gguf_parallel
+
+            sources = {(exp.names[s.name] if exp is not None else s.name):
+                       (s.name, exp.permute.get(s.name, 0) if exp is not None else 0)
+                       for s in rep.steps if exp is None or s.name in exp.names}
+            extras = {n: a.astype("<f4").tobytes() for n, a in (exp.extra.items() if exp is not None else ())}
+            rep.jobs = jobs if executor is None else 0
+            write_gguf_parallel(src, rep, out_path, plans, sources, extras, {**meta, RECIPE_KEY: rec}, jobs=jobs,
+                                executor=executor, overwrite=overwrite, inputs=inputs, progress=progress,
+                                on_tensor=on_tensor)
+            return rep
         writer_for(out_path)(out_path, plans, metadata=meta, recipe=rec, overwrite=overwrite, inputs=inputs,
                              progress=progress)
         return rep

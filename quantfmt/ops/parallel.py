@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import CancelledError, Executor, Future, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,8 @@ class Item:
     offset: int
     nbytes: int  # output bytes
     in_bytes: int
+    permute: int = 0  # GGUF export: the head count whose q/k rows llama.cpp's layout permutes (0: none)
+    shape: tuple[int, ...] = ()  # the tensor's shape (for the permutation)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class TaskResult:
     seconds: dict[str, float]  # per tensor: produce + write
     pid: int
     peak_rss: int | None  # the worker process's peak resident memory so far (VmHWM)
+    start_rss: int | None  # its resident memory when this task started (imports and plugins loaded)
     threads: int  # numba's thread count in the worker
 
 
@@ -111,11 +114,12 @@ def _open_cached(path: str):
     return m
 
 
-def _peak_rss() -> int | None:
+def _rss(field: str = "VmHWM") -> int | None:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory, bytes; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -128,6 +132,7 @@ def _configure(task: Task) -> None:
     dirs, strict = task.plugins
     if plugins.settings() != (list(dirs), strict):
         plugins.configure(plugins_dirs=list(dirs), strict=strict)
+    plugins.formats()  # loaded now (once per process), not inside the first tensor's time
     if task.threads is not None:
         import numba
 
@@ -144,6 +149,7 @@ def run_task(task: Task, src=None) -> TaskResult:
 
     _configure(task)
     m = src if src is not None else _open_cached(task.input)
+    start = _rss("VmRSS")
     seconds = {}
     with context(file=task.final):
         try:
@@ -161,6 +167,10 @@ def run_task(task: Task, src=None) -> TaskResult:
                     else:
                         t = m[it.name]
                         data, mapped = _requantize(t, it.tag, m.path), t.data
+                    if it.permute:
+                        from ..llm.export import permute_rows
+
+                        data = permute_rows(data, it.tag, it.shape, it.permute, name=it.name)
                     buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)  # bytes-like
                     buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
                     if buf.size != it.nbytes:
@@ -174,7 +184,7 @@ def run_task(task: Task, src=None) -> TaskResult:
             os.close(fd)
     import numba
 
-    return TaskResult(seconds, os.getpid(), _peak_rss(), numba.get_num_threads())
+    return TaskResult(seconds, os.getpid(), _rss(), start, numba.get_num_threads())
 
 
 def _init_worker(threads: int) -> None:
@@ -316,9 +326,10 @@ def _execute(tasks: list[Task], jobs: int, executor, src) -> Generator[tuple[Tas
 @dataclass
 class _OutFile:
     path: Path
-    steps: list  # recipe Steps, in file order
-    lay: object  # io.safetensors.Layout
-    tasks: int = 0
+    items: list[Item]  # in file order
+    header: bytes
+    size: int
+    extras: list[tuple[int, bytes]] = field(default_factory=list)  # (offset, bytes) the coordinator writes
     done: bool = False
 
 
@@ -343,25 +354,24 @@ def _out_dir(path, inputs) -> Path:
 def write_parallel(src, rep, meta: dict, rec: dict, out_path, *, jobs: int, executor=None,
                    max_shard_size: int | None = None, overwrite: bool = False, inputs=(),
                    progress: Callable[[int], None] | None = None, on_tensor=None) -> None:
-    """Write the planned conversion `rep` of the open model `src` to `out_path` (one file), or to
-    the folder `out_path` as shards of at most `max_shard_size` bytes plus the index."""
-    from .. import plugins
-
+    """Write the planned conversion `rep` of the open model `src` to `out_path` (one quantfmt file),
+    or to the folder `out_path` as shards of at most `max_shard_size` bytes plus the index."""
     inputs = [str(i) for i in inputs]
     steps = rep.steps
-    plan_of = {s.name: TensorPlan(s.name, s.tag, rep.shapes[s.name], _unused) for s in steps}
     if max_shard_size is None:
-        files = [_OutFile(Path(out_path), steps, None)]
-        index = None
+        groups, index = [(Path(out_path), steps)], None
     else:
         out_dir = _out_dir(out_path, inputs)
         ranges = split([rep.out_bytes[s.name] for s in steps], max_shard_size)
-        files = [_OutFile(out_dir / shard_name(k + 1, len(ranges)), [steps[i] for i in r], None)
-                 for k, r in enumerate(ranges)]
+        groups = [(out_dir / shard_name(k + 1, len(ranges)), [steps[i] for i in r]) for k, r in enumerate(ranges)]
         index = out_dir / INDEX_NAME
         check_output(index, overwrite=overwrite, inputs=inputs)  # a complete output is there: refuse early
-    for f in files:
-        f.lay = layout([plan_of[s.name] for s in f.steps], meta, rec)
+    files = []
+    for path, ss in groups:
+        lay = layout([TensorPlan(s.name, s.tag, rep.shapes[s.name], _unused) for s in ss], meta, rec)
+        items = [Item(s.name, s.tag, s.copy, off, n, rep.in_bytes[s.name])
+                 for s, off, n in zip(ss, lay.offsets, lay.sizes, strict=True)]
+        files.append(_OutFile(path, items, lay.header, lay.size))
     rep.files = [str(f.path) for f in files]
 
     resumed = 0
@@ -371,40 +381,80 @@ def write_parallel(src, rep, meta: dict, rec: dict, out_path, *, jobs: int, exec
                 continue
             check_output(f.path, overwrite=True, inputs=inputs)  # an input, a link, a folder: refused
             if not overwrite:
-                if not matches(f.path, f.lay.header, f.lay.size):  # type: ignore[attr-defined]
+                if not matches(f.path, f.header, f.size):
                     raise OutputExistsError("exists and is not the shard this conversion writes (another model, "
                                             "recipe or shard size?); pass --overwrite to replace it", file=str(f.path))
                 f.done, resumed = True, resumed + 1
     if resumed:
         rep.notes.append(f"resumed: {resumed} of {len(files)} shards were already complete (same header and "
                          "size) and were kept")
+    _run(src, rep, files, jobs=jobs, executor=executor, overwrite=overwrite, inputs=inputs, progress=progress,
+         on_tensor=on_tensor)
+    if index is not None:
+        total = sum(rep.out_bytes[s.name] for s in steps)
+        with atomic_output(index, overwrite=overwrite, inputs=inputs) as tmp, open(tmp, "wb") as fh:
+            fh.write(index_bytes({it.name: f.path.name for f in files for it in f.items}, total))
+
+
+def write_gguf_parallel(src, rep, out_path, plans: list[TensorPlan], sources: dict[str, tuple[str, int]],
+                        extras: dict[str, bytes], meta: dict, *, jobs: int, executor=None, overwrite: bool = False,
+                        inputs=(), progress: Callable[[int], None] | None = None, on_tensor=None) -> None:
+    """One GGUF file from worker processes: `plans` as the one-process writer takes them (GGUF names,
+    tags, shapes); `sources`: GGUF name -> (source tensor, heads whose q/k rows llama.cpp permutes, or 0);
+    `extras`: GGUF name -> bytes the coordinator writes itself (small tensors the export adds)."""
+    from ..io.gguf import gguf_layout
+
+    steps = {s.name: s for s in rep.steps}
+    lay = gguf_layout(out_path, plans, meta)
+    items, extra = [], []
+    for name, off, n in zip(lay.order, lay.offsets, lay.sizes, strict=True):
+        if name in extras:
+            extra.append((off, extras[name]))
+            continue
+        s = steps[sources[name][0]]
+        items.append(Item(s.name, s.tag, s.copy, off, n, rep.in_bytes[s.name], sources[name][1],
+                          tuple(rep.shapes[s.name])))
+    rep.files = [str(out_path)]
+    _run(src, rep, [_OutFile(Path(out_path), items, lay.header, lay.size, extra)], jobs=jobs, executor=executor,
+         overwrite=overwrite, inputs=[str(i) for i in inputs], progress=progress, on_tensor=on_tensor)
+
+
+def _run(src, rep, files: list[_OutFile], *, jobs: int, executor, overwrite: bool, inputs: list[str],
+         progress, on_tensor) -> None:
+    """Write the files not yet done: each a temporary file holding its header, filled by the tasks and
+    published (atomic_output) as soon as its last task is in."""
+    from .. import plugins
 
     dirs, strict = plugins.settings()
     threads = threads_per_worker(jobs) if executor is None and jobs > 1 else None
-    by_name = {s.name: s for s in steps}
+    by_name = {s.name: s for s in rep.steps}
     todo = [f for f in files if not f.done]
     # Tasks of up to GROUP_BYTES of input, smaller when that would leave a pool's workers idle
-    work = sum(rep.in_bytes[s.name] for f in todo for s in f.steps)
+    work = sum(it.in_bytes for f in todo for it in f.items)
     group_bytes = min(GROUP_BYTES, max(1, work // (4 * jobs))) if executor is None and jobs > 1 else GROUP_BYTES
     with contextlib.ExitStack() as outer:
         outer.enter_context(sigterm_unwinds())
-        tasks, publish = [], {}
+        tasks, publish, empty = [], {}, []
         for f in todo:
             stack = contextlib.ExitStack()
             outer.enter_context(stack)  # an error anywhere unwinds every unpublished file: .part removed
             tmp = stack.enter_context(atomic_output(f.path, overwrite=overwrite, inputs=inputs))
-            _prefill(tmp, f.lay.header, f.lay.size)  # type: ignore[attr-defined]
+            _prefill(tmp, f.header, f.size, f.extras)
             publish[str(f.path)] = stack
             group: list[Item] = []
             size = 0
-            for s, off, n in zip(f.steps, f.lay.offsets, f.lay.sizes, strict=True):  # type: ignore[attr-defined]
-                group.append(Item(s.name, s.tag, s.copy, off, n, rep.in_bytes[s.name]))
-                size += rep.in_bytes[s.name]
+            for it in f.items:
+                group.append(it)
+                size += it.in_bytes
                 if size >= group_bytes:
                     tasks.append(Task(str(src.path), tmp, str(f.path), tuple(group), (tuple(dirs), strict), threads))
                     group, size = [], 0
-            if group or not f.steps:
+            if group:
                 tasks.append(Task(str(src.path), tmp, str(f.path), tuple(group), (tuple(dirs), strict), threads))
+            elif not f.items:
+                empty.append(str(f.path))
+        for path in empty:  # no tensor to wait for (an empty model)
+            publish[path].close()
         left = {str(f.path): 0 for f in todo}
         for t in tasks:
             left[t.final] += 1
@@ -414,6 +464,8 @@ def write_parallel(src, rep, meta: dict, rec: dict, out_path, *, jobs: int, exec
             rep.worker_threads[res.pid] = res.threads
             if res.peak_rss is not None:
                 rep.workers[res.pid] = max(rep.workers.get(res.pid, 0), res.peak_rss)
+            if res.start_rss is not None:
+                rep.worker_start_rss[res.pid] = min(rep.worker_start_rss.get(res.pid, res.start_rss), res.start_rss)
             for it in t.items:
                 rep.seconds[it.name] = res.seconds[it.name]
                 if progress is not None:
@@ -424,22 +476,21 @@ def write_parallel(src, rep, meta: dict, rec: dict, out_path, *, jobs: int, exec
             left[t.final] -= 1
             if left[t.final] == 0:
                 publish[t.final].close()  # fsync and publish this file now: a later failure keeps it
-        if index is not None:
-            total = sum(rep.out_bytes[s.name] for s in steps)
-            with atomic_output(index, overwrite=overwrite, inputs=inputs) as tmp, open(tmp, "wb") as fh:
-                fh.write(index_bytes({s.name: f.path.name for f in files for s in f.steps}, total))
 
 
 def _unused():
     raise AssertionError("layout only: bytes are produced by the tasks")
 
 
-def _prefill(tmp: str, header: bytes, size: int) -> None:
+def _prefill(tmp: str, header: bytes, size: int, extras=()) -> None:
     """The temporary file as the workers expect it: the header, then `size` bytes in all (a sparse
-    hole that the tasks fill)."""
+    hole, zeros where nothing is written: GGUF's alignment padding), and the coordinator's own bytes."""
     try:
         with open(tmp, "r+b") as fh:
             fh.write(header)
             fh.truncate(size)
+            for off, data in extras:
+                fh.seek(off)
+                fh.write(data)
     except OSError as e:
         raise FileFormatError(f"cannot write: {e.strerror or e}", file=tmp) from None
