@@ -135,8 +135,6 @@ def test_sharded_refusals(src, tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(OutputExistsError, match="is a file"):
         quantfmt.convert(src, f, RECIPE, max_shard_size=40_000)
-    with pytest.raises(QuantfmtError, match="GGUF output"):
-        quantfmt.convert(src, tmp_path / "x.gguf", "Q4_0", max_shard_size=40_000)
     # the output folder is the input's: its shards could be overwritten
     d = tmp_path / "indir"
     quantfmt.convert(src, d, "F16", max_shard_size=40_000)
@@ -266,6 +264,49 @@ def test_gguf_export_in_parallel_is_byte_identical(tmp_path, monkeypatch):
     assert two.jobs == 2 and two.workers and one.notes == two.notes
     with quantfmt.load(tmp_path / "two.gguf") as m:
         assert "rope_freqs.weight" in m and m["blk.0.attn_k.weight"].tag == "Q4_0"
+
+
+def test_gguf_split_output_the_llama_cpp_way(src, tmp_path):
+    import gguf as gguf_pkg
+
+    from quantfmt.io.gguf import read_gguf
+
+    recipe = quantfmt.Recipe("Q4_0", rules=[("blk.1.*", "Q8_0"), ("blk.5.*", "F16")])
+    meta = {"gguf": {"kv": [["general.architecture", "STRING", "llama"], ["general.name", "STRING", "toy"]]}}
+    quantfmt.convert(src, tmp_path / "one.gguf", recipe, metadata=meta)
+    rep = quantfmt.convert(src, tmp_path / "sp.gguf", recipe, metadata=meta, max_shard_size=40_000)
+    n = len(rep.files)
+    assert n >= 3 and rep.files == [str(tmp_path / f"sp-{k:05d}-of-{n:05d}.gguf") for k in range(1, n + 1)]
+    assert not (tmp_path / "sp.gguf").exists()
+    total = 0
+    for k, f in enumerate(rep.files):  # llama.cpp's keys, read by the gguf package's own reader
+        r = gguf_pkg.GGUFReader(f)
+        kv = {name: fld.contents() for name, fld in r.fields.items() if not name.startswith("GGUF.")}
+        assert kv["split.no"] == k and kv["split.count"] == n and kv["split.tensors.count"] == len(rep.steps)
+        assert ("general.architecture" in kv) == (k == 0)  # the key-values are in the first split only
+        total += len(r.tensors)
+    assert total == len(rep.steps)
+    with quantfmt.load(tmp_path / "one.gguf") as a:
+        for opened in (rep.files[0], rep.files[-1]):  # any split opens them all
+            with quantfmt.load(opened) as b:
+                assert list(b) == list(a) and b.metadata["gguf"]["kv"] == a.metadata["gguf"]["kv"]
+                for name in a:
+                    assert a[name].tag == b[name].tag and np.array_equal(a[name].data, b[name].data)
+    # back to one file: the same bytes as converting to one file directly
+    quantfmt.convert(rep.files[1], tmp_path / "joined.gguf")
+    assert (tmp_path / "joined.gguf").read_bytes() == (tmp_path / "one.gguf").read_bytes()
+    # deterministic, the same with workers; the first split (the key-values) is written last: a rerun resumes
+    rep2 = quantfmt.convert(src, tmp_path / "sp2.gguf", recipe, metadata=meta, max_shard_size=40_000, jobs=2)
+    assert [Path(f).read_bytes() for f in rep2.files] == [Path(f).read_bytes() for f in rep.files]
+    with pytest.raises(OutputExistsError, match="exists"):
+        quantfmt.convert(src, tmp_path / "sp2.gguf", recipe, metadata=meta, max_shard_size=40_000)
+    Path(rep2.files[0]).unlink()
+    Path(rep2.files[2]).unlink()
+    with pytest.raises(QuantfmtError, match="split 1 of"):
+        read_gguf(rep2.files[1])
+    rep3 = quantfmt.convert(src, tmp_path / "sp2.gguf", recipe, metadata=meta, max_shard_size=40_000)
+    assert any(x.startswith(f"resumed: {n - 2} of {n} splits") for x in rep3.notes)
+    assert [Path(f).read_bytes() for f in rep3.files] == [Path(f).read_bytes() for f in rep.files]
 
 
 # ---- a worker killed -----------------------------------------------------------------------

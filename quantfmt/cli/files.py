@@ -167,8 +167,9 @@ def _print_report(rep, out) -> None:
                    "convert); the output is byte for byte the same whatever N.")
 @click.option("--max-shard-size", metavar="SIZE",
               help="Write OUT as a folder of Hugging Face shards (model-00001-of-0000N.safetensors) of at most SIZE "
-                   "(e.g. 5GB, 500MiB) plus model.safetensors.index.json, written last; rerunning after a failure "
-                   "keeps the shards already complete.")
+                   "(e.g. 5GB, 500MiB) plus model.safetensors.index.json, written last; for OUT.gguf, llama.cpp's "
+                   "split files OUT-00001-of-0000N.gguf. Rerunning after a failure keeps the shards already "
+                   "complete.")
 @click.option("--executor", metavar="URL",
               help="Run the work on a cluster instead of local processes: dask://HOST:PORT (a Dask scheduler; "
                    "pip install 'quantfmt[dask]'). Its workers must see IN and OUT at the same paths.")

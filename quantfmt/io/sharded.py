@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from ..errors import FileFormatError, QuantfmtError
-from .files import input_files, require_regular  # noqa: F401  (input_files: re-exported)
+from .files import input_files, require_regular, split  # noqa: F401  (input_files, split: re-exported)
 from .safetensors import MAX_HEADER_BYTES, RECIPE_KEY, _loads, _short, open_safetensors
 
 
@@ -123,20 +123,6 @@ def parse_size(text) -> int:
 def shard_name(k: int, n: int) -> str:
     """The k-th (from 1) of n shards, as Hugging Face names them."""
     return f"model-{k:05d}-of-{n:05d}.safetensors"
-
-
-def split(sizes: list[int], max_bytes: int) -> list[range]:
-    """Tensor index ranges, one per shard: greedy in order, a new shard when the next tensor would
-    take the current one's data past `max_bytes`. A tensor larger than the limit gets a shard of its own."""
-    out, start, used = [], 0, 0
-    for i, n in enumerate(sizes):
-        if i > start and used + n > max_bytes:
-            out.append(range(start, i))
-            start, used = i, 0
-        used += n
-    if sizes or not out:
-        out.append(range(start, len(sizes)))
-    return out
 
 
 def index_bytes(weight_map: dict[str, str], total_size: int) -> bytes:

@@ -146,7 +146,8 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
     `executor`, any concurrent.futures.Executor or a Dask Client (its workers must see the input
     and output paths); the output is byte for byte the one-process result. `max_shard_size`
     (bytes or "5GB"): `out_path` is a folder of Hugging Face shards plus
-    model.safetensors.index.json, written last; a rerun keeps the shards already complete.
+    model.safetensors.index.json, written last, or for *.gguf llama.cpp's split files
+    (NAME-00001-of-0000N.gguf, the first written last); a rerun keeps the shards already complete.
     """
     from .parallel import AUTO_MIN_BYTES, as_executor, cpu_count
 
@@ -158,9 +159,6 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
         from ..io.sharded import parse_size
 
         max_shard_size = parse_size(max_shard_size)
-    if gguf and max_shard_size is not None:
-        raise QuantfmtError("GGUF output is one file: llama.cpp's split GGUF files are not written yet "
-                            "(--max-shard-size is for quantfmt/safetensors output)", file=str(out_path))
     if executor is not None:
         executor = as_executor(executor)
     inputs = input_files(in_path)
@@ -221,7 +219,7 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
                 return a.astype("<f4").view(np.uint8)
 
             plans.append(TensorPlan(name, "F32", arr.shape, extra))
-        if jobs > 1 or executor is not None:  # GGUF (safetensors output went to write_parallel above)
+        if jobs > 1 or executor is not None or max_shard_size is not None:  # GGUF (safetensors: write_parallel)
             from .parallel import write_gguf_parallel
 
             sources = {(exp.names[s.name] if exp is not None else s.name):
@@ -230,8 +228,8 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
             extras = {n: a.astype("<f4").tobytes() for n, a in (exp.extra.items() if exp is not None else ())}
             rep.jobs = jobs if executor is None else 0
             write_gguf_parallel(src, rep, out_path, plans, sources, extras, {**meta, RECIPE_KEY: rec}, jobs=jobs,
-                                executor=executor, overwrite=overwrite, inputs=inputs, progress=progress,
-                                on_tensor=on_tensor)
+                                executor=executor, max_shard_size=max_shard_size, overwrite=overwrite,
+                                inputs=inputs, progress=progress, on_tensor=on_tensor)
             return rep
         writer_for(out_path)(out_path, plans, metadata=meta, recipe=rec, overwrite=overwrite, inputs=inputs,
                              progress=progress)

@@ -1,4 +1,5 @@
-"""Parallel and sharded conversion: `convert(..., jobs=N, executor=..., max_shard_size=...)`.
+"""Parallel and sharded conversion: `convert(..., jobs=N, executor=..., max_shard_size=...)`, to
+quantfmt/safetensors (one file, or Hugging Face shards + index) or GGUF (one file, or llama.cpp's splits).
 
 Owns: the task list of a conversion and running it. Every output file's header and every
 tensor's byte offset follow from the recipe and the shapes alone (io.safetensors.layout,
@@ -365,7 +366,6 @@ def write_parallel(src, rep, meta: dict, rec: dict, out_path, *, jobs: int, exec
         ranges = split([rep.out_bytes[s.name] for s in steps], max_shard_size)
         groups = [(out_dir / shard_name(k + 1, len(ranges)), [steps[i] for i in r]) for k, r in enumerate(ranges)]
         index = out_dir / INDEX_NAME
-        check_output(index, overwrite=overwrite, inputs=inputs)  # a complete output is there: refuse early
     files = []
     for path, ss in groups:
         lay = layout([TensorPlan(s.name, s.tag, rep.shapes[s.name], _unused) for s in ss], meta, rec)
@@ -373,21 +373,8 @@ def write_parallel(src, rep, meta: dict, rec: dict, out_path, *, jobs: int, exec
                  for s, off, n in zip(ss, lay.offsets, lay.sizes, strict=True)]
         files.append(_OutFile(path, items, lay.header, lay.size))
     rep.files = [str(f.path) for f in files]
-
-    resumed = 0
     if index is not None:
-        for f in files:
-            if not os.path.lexists(f.path):
-                continue
-            check_output(f.path, overwrite=True, inputs=inputs)  # an input, a link, a folder: refused
-            if not overwrite:
-                if not matches(f.path, f.header, f.size):
-                    raise OutputExistsError("exists and is not the shard this conversion writes (another model, "
-                                            "recipe or shard size?); pass --overwrite to replace it", file=str(f.path))
-                f.done, resumed = True, resumed + 1
-    if resumed:
-        rep.notes.append(f"resumed: {resumed} of {len(files)} shards were already complete (same header and "
-                         "size) and were kept")
+        _resume(rep, files, index, overwrite, inputs, "shard")
     _run(src, rep, files, jobs=jobs, executor=executor, overwrite=overwrite, inputs=inputs, progress=progress,
          on_tensor=on_tensor)
     if index is not None:
@@ -397,32 +384,66 @@ def write_parallel(src, rep, meta: dict, rec: dict, out_path, *, jobs: int, exec
 
 
 def write_gguf_parallel(src, rep, out_path, plans: list[TensorPlan], sources: dict[str, tuple[str, int]],
-                        extras: dict[str, bytes], meta: dict, *, jobs: int, executor=None, overwrite: bool = False,
-                        inputs=(), progress: Callable[[int], None] | None = None, on_tensor=None) -> None:
-    """One GGUF file from worker processes: `plans` as the one-process writer takes them (GGUF names,
-    tags, shapes); `sources`: GGUF name -> (source tensor, heads whose q/k rows llama.cpp permutes, or 0);
-    `extras`: GGUF name -> bytes the coordinator writes itself (small tensors the export adds)."""
-    from ..io.gguf import gguf_layout
+                        extras: dict[str, bytes], meta: dict, *, jobs: int, executor=None,
+                        max_shard_size: int | None = None, overwrite: bool = False, inputs=(),
+                        progress: Callable[[int], None] | None = None, on_tensor=None) -> None:
+    """GGUF from workers: one file, or llama.cpp's split files with `max_shard_size`. `plans` as the
+    one-process writer takes them (GGUF names, tags, shapes); `sources`: GGUF name -> (source tensor,
+    heads whose q/k rows llama.cpp permutes, or 0); `extras`: GGUF name -> bytes the coordinator
+    writes itself (small tensors the export adds). Split files: the first one (the key-values) is
+    published last, and a rerun keeps the splits already complete."""
+    from ..io.gguf import gguf_layout, split_layouts
 
+    inputs = [str(i) for i in inputs]
     steps = {s.name: s for s in rep.steps}
-    lay = gguf_layout(out_path, plans, meta)
-    items, extra = [], []
-    for name, off, n in zip(lay.order, lay.offsets, lay.sizes, strict=True):
-        if name in extras:
-            extra.append((off, extras[name]))
+    if max_shard_size is None:
+        layouts = [(str(out_path), gguf_layout(out_path, plans, meta))]
+    else:
+        layouts = split_layouts(out_path, plans, meta, max_shard_size)
+    files = []
+    for path, lay in layouts:
+        items, extra = [], []
+        for name, off, n in zip(lay.order, lay.offsets, lay.sizes, strict=True):
+            if name in extras:
+                extra.append((off, extras[name]))
+                continue
+            s = steps[sources[name][0]]
+            items.append(Item(s.name, s.tag, s.copy, off, n, rep.in_bytes[s.name], sources[name][1],
+                              tuple(rep.shapes[s.name])))
+        files.append(_OutFile(Path(path), items, lay.header, lay.size, extra))
+    rep.files = [str(f.path) for f in files]
+    last = None
+    if max_shard_size is not None:
+        last = files[0].path
+        _resume(rep, files, files[0].path, overwrite, inputs, "split")
+    _run(src, rep, files, jobs=jobs, executor=executor, overwrite=overwrite, inputs=inputs, progress=progress,
+         on_tensor=on_tensor, last=last)
+
+
+def _resume(rep, files: list[_OutFile], complete: Path, overwrite: bool, inputs: list[str], what: str) -> None:
+    """Mark the files already on disk as the plan has them (done); refuse others without `overwrite`.
+    `complete` is the file written last (the index; a split output's first file): its presence
+    means a finished output, refused without `overwrite`."""
+    check_output(complete, overwrite=overwrite, inputs=inputs)
+    resumed = 0
+    for f in files:
+        if f.path == complete or not os.path.lexists(f.path):
             continue
-        s = steps[sources[name][0]]
-        items.append(Item(s.name, s.tag, s.copy, off, n, rep.in_bytes[s.name], sources[name][1],
-                          tuple(rep.shapes[s.name])))
-    rep.files = [str(out_path)]
-    _run(src, rep, [_OutFile(Path(out_path), items, lay.header, lay.size, extra)], jobs=jobs, executor=executor,
-         overwrite=overwrite, inputs=[str(i) for i in inputs], progress=progress, on_tensor=on_tensor)
+        check_output(f.path, overwrite=True, inputs=inputs)  # an input, a link, a folder: refused
+        if not overwrite:
+            if not matches(f.path, f.header, f.size):
+                raise OutputExistsError(f"exists and is not the {what} this conversion writes (another model, "
+                                        f"recipe or size limit?); pass --overwrite to replace it", file=str(f.path))
+            f.done, resumed = True, resumed + 1
+    if resumed:
+        rep.notes.append(f"resumed: {resumed} of {len(files)} {what}s were already complete (same header and "
+                         "size) and were kept")
 
 
 def _run(src, rep, files: list[_OutFile], *, jobs: int, executor, overwrite: bool, inputs: list[str],
-         progress, on_tensor) -> None:
+         progress, on_tensor, last: Path | None = None) -> None:
     """Write the files not yet done: each a temporary file holding its header, filled by the tasks and
-    published (atomic_output) as soon as its last task is in."""
+    published (atomic_output) as soon as its last task is in; `last` only once every other file is."""
     from .. import plugins
 
     dirs, strict = plugins.settings()
@@ -453,8 +474,10 @@ def _run(src, rep, files: list[_OutFile], *, jobs: int, executor, overwrite: boo
                 tasks.append(Task(str(src.path), tmp, str(f.path), tuple(group), (tuple(dirs), strict), threads))
             elif not f.items:
                 empty.append(str(f.path))
+        held = str(last) if last is not None else None
         for path in empty:  # no tensor to wait for (an empty model)
-            publish[path].close()
+            if path != held:
+                publish[path].close()
         left = {str(f.path): 0 for f in todo}
         for t in tasks:
             left[t.final] += 1
@@ -474,8 +497,10 @@ def _run(src, rep, files: list[_OutFile], *, jobs: int, executor, overwrite: boo
                     on_tensor(done, by_name[it.name], rep)
                 done += 1
             left[t.final] -= 1
-            if left[t.final] == 0:
+            if left[t.final] == 0 and t.final != held:
                 publish[t.final].close()  # fsync and publish this file now: a later failure keeps it
+        if held in publish:
+            publish[held].close()
 
 
 def _unused():
