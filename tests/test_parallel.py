@@ -226,6 +226,9 @@ def test_cli_jobs_and_shards(src, tmp_path):
     assert d["jobs"] == 2 and len(d["files"]) >= 2 and all(Path(f).exists() for f in d["files"])
     with quantfmt.load(one) as a, quantfmt.load(out) as b:
         assert all(np.array_equal(a[n].data, b[n].data) for n in a)
+    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "m.gguf"), "--to", "Q8_0", "-j", "1",
+                                 "--max-shard-size", "40kB"], catch_exceptions=False)
+    assert r.exit_code == 0 and "split files" in r.output and "m-00001-of-" in r.output, r.output
     for bad, msg in ((["-j", "0"], "at least 1"), (["-j", "many"], "number"), (["--max-shard-size", "5 bananas"],
                                                                              "size"),
                      (["--executor", "ray://x"], "dask://")):

@@ -105,6 +105,8 @@ def _print_report(rep, out) -> None:
         rows.append([tag, n, weights, size(nbytes), f"{8.0 * nbytes / weights:.3g}" if weights else "-"])
     if rep.output.startswith("("):
         out.echo(rep.output)
+    elif rep.files and rep.files[0] != rep.output and rep.files[0].endswith(".gguf"):
+        out.echo(f"wrote {len(rep.files)} split files, {rep.files[0]} (the key-values) to {rep.files[-1]}")
     elif len(rep.files) > 1 or (rep.files and rep.files[0] != rep.output):
         out.echo(f"wrote {rep.output}: {len(rep.files)} shard{'s' * (len(rep.files) != 1)} and the index")
     else:
