@@ -78,6 +78,10 @@ class RecipeError(QuantfmtError):
     """A recipe (name-pattern -> tag rules) that cannot be parsed or applied."""
 
 
+class WorkerError(QuantfmtError):
+    """A worker of a parallel or distributed conversion that died or was lost (killed, out of memory)."""
+
+
 class OutOfMemoryError(QuantfmtError, MemoryError):
     """A tensor too large to convert in this machine's memory."""
 

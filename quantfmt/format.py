@@ -169,7 +169,7 @@ class Format:
         w = self._float_input(w, "weights")
         rows, cols = self.matrix_shape(w.shape)
         src = w.reshape(rows, cols)
-        if src.size and not np.isfinite(src).all():
+        if src.size and not _all_finite(src):
             bad = np.argwhere(~np.isfinite(src))[0]
             idx = np.unravel_index(int(bad[0]) * cols + int(bad[1]), w.shape)
             raise NonFiniteError(
@@ -365,3 +365,13 @@ class Format:
 
     def __repr__(self) -> str:
         return f"<Format {self.tag} v{self.layout_version} {self.bits_per_weight:g} bpw from {self.plugin}>"
+
+
+_FINITE_CHUNK = 1 << 22  # elements: the check's boolean temporary stays 4 MB, not a quarter of the tensor
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """np.isfinite(a).all() for a 2-D array, a block of rows at a time (a conversion's peak memory
+    is ~ one tensor: a tensor-sized temporary here would add a quarter of it)."""
+    step = max(1, _FINITE_CHUNK // max(1, a.shape[1]))
+    return all(np.isfinite(a[i:i + step]).all() for i in range(0, a.shape[0], step))

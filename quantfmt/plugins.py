@@ -69,6 +69,12 @@ def configure(plugins_dirs=None, strict: bool | None = None) -> None:
         _registry = None
 
 
+def settings() -> tuple[list[str], bool]:
+    """(plugin folders, strict) in force here, environment included: what a worker process of a
+    parallel conversion passes to `configure` so it loads the same formats."""
+    return _plugin_dirs(), _strict()
+
+
 def add_plugins_dir(path) -> None:
     """Also load the format plugins in folder `path`, now: the registry is rebuilt with it (the
     way to enable a plugins folder from Python once formats have been used)."""

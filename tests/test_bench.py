@@ -241,7 +241,9 @@ def test_cache_cold_then_warm_records():
 
 
 def test_end_to_end_records_on_a_small_model():
-    b = bench.Bench(formats=["F32"], shapes=[(32, 64)], ops=(), repeat=1, threads=1, probe_mb=1, e2e_mb=4)
+    # the Dask row (a LocalCluster's start costs ~10 s here) is left to `quantfmt bench --ops e2e`
+    b = bench.Bench(formats=["F32"], shapes=[(32, 64)], ops=(), repeat=1, threads=1, probe_mb=1, e2e_mb=4,
+                    e2e_dask=False)
     bench.end_to_end(b)
     conv = [r for r in b.records if r["op"] == "convert"]
     rows = [r for r in b.records if r["op"] == "open_row"]
@@ -250,6 +252,11 @@ def test_end_to_end_records_on_a_small_model():
         assert r["file_mb"] == pytest.approx(4.19, abs=0.1) and r["peak_rss_mb"] > 0
         assert r["gbps"] == pytest.approx(r["file_mb"] / 1e3 / r["seconds"], rel=0.01)
         assert r["status"] in ("PASS", "MISS")
+    par = {r["what"]: r for r in b.records if r["op"] == "parallel"}
+    assert par["--jobs 2 vs --jobs 1"]["ratio"] == pytest.approx(
+        par["--jobs 2 vs --jobs 1"]["seconds"] / par["--jobs 1 (this process, numba threads = 1)"]["seconds"])
+    rss = next(r for w, r in par.items() if w.startswith("peak RSS per worker"))
+    assert rss["ratio"] == pytest.approx(rss["peak_rss_mb"] / rss["largest_mb"]) and rss["status"] in ("PASS", "MISS")
     for r in rows:
         assert r["open_seconds"] > 0 and r["row_seconds"] > 0
         # one row of a 1024-column float32 matrix: the file's mapping holds far less than the file

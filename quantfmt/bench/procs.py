@@ -17,7 +17,16 @@ import sys
 import tempfile
 import time
 
-from .records import CONVERT_GBPS, STARTUP_SECONDS, judge, record
+from .records import (
+    CONVERT_GBPS,
+    DASK_RATIO,
+    PARALLEL_GBPS,
+    PARALLEL_RATIO,
+    STARTUP_SECONDS,
+    WORKER_RSS_RATIO,
+    judge,
+    record,
+)
 from .timing import median_time, thread_env
 
 
@@ -209,9 +218,9 @@ main()
 
 
 def _e2e_shapes(mb: int) -> list[tuple[int, int]]:
-    """A llama-like set of float32 matrices of about `mb` MB (the default 500: two FFN, two attention)."""
-    if mb >= 450:
-        return [(11008, 4096), (4096, 4096), (11008, 4096), (4096, 4096), (576, 1536)]
+    """A llama-like set of float32 matrices of about `mb` MB (per 500 MB: two FFN, two attention, one small)."""
+    if mb >= 450:  # the set again per ~500 MB (--e2e-mb 2000: four of them, the issue's 2 GB model)
+        return [(11008, 4096), (4096, 4096), (11008, 4096), (4096, 4096), (576, 1536)] * max(1, round(mb / 500))
     return [(max(32, (mb << 20) // (4 * 1024) // 32 * 32), 1024)]
 
 
@@ -257,6 +266,78 @@ def _run_peak(args: list[str], env=None) -> tuple[float, int | None, int, str]:
     return wall, (peaks[-1] if peaks else None), rc, text
 
 
+# Converts with the public API in a fresh process and prints the conversion's own wall time (pool start-up
+# included: it is part of every --jobs N run) and each worker's peak RSS. "daskN": a fresh Dask LocalCluster of
+# N single-threaded worker processes, started before the clock starts (a cluster runs before a job is sent).
+_PARALLEL_CHILD = r"""
+import json, sys, time
+import quantfmt
+src, out, tag, mode = sys.argv[1:5]
+quantfmt.formats()  # the plugins, as the CLI loads them before converting
+executor, jobs = None, 1
+if mode.startswith("dask"):
+    from distributed import Client, LocalCluster
+    cluster = LocalCluster(n_workers=int(mode[4:]), threads_per_worker=1, processes=True, dashboard_address=None,
+                           host="127.0.0.1")
+    executor = Client(cluster)
+else:
+    jobs = int(mode)
+t0 = time.perf_counter()
+rep = quantfmt.convert(src, out, tag, jobs=jobs, executor=executor)
+sec = time.perf_counter() - t0
+print(json.dumps({"seconds": sec, "workers": list(rep.workers.values()),
+                  "start": list(rep.worker_start_rss.values())}))
+"""
+
+
+def parallel_convert(b, src: str, dst: str, tag: str, size: int, largest: int) -> None:
+    """--jobs 2 against --jobs 1, a 2-worker Dask LocalCluster against --jobs 2, and the workers' peak RSS
+    against the largest tensor's float32 size. Runs interleaved (jobs 1, jobs 2, dask), median of each."""
+    import importlib.util
+    import statistics
+
+    modes = ["1", "2"] + (["dask2"] if b.e2e_dask and importlib.util.find_spec("distributed") else [])
+    if b.e2e_dask and "dask2" not in modes:
+        b.add(record("e2e", tag, note="Dask row skipped: distributed is not installed (pip install 'quantfmt[dask]')"))
+    env = thread_env(b.threads)
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(max(1, min(3, b.repeat))):
+        for m in modes:
+            if os.path.exists(dst):
+                os.remove(dst)
+            b._progress(f"convert --jobs {m}" if m.isdigit() else "convert on a Dask LocalCluster")
+            p = subprocess.run([sys.executable, "-c", _PARALLEL_CHILD, src, dst, tag, m], env=env,
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                b.add(record("e2e", tag, note=f"parallel convert ({m}) failed: {_last_line(p.stderr)}"))
+                return
+            runs[m].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    sec = {m: statistics.median(r["seconds"] for r in rs) for m, rs in runs.items()}
+    common = {"nbytes": size, "file_mb": size / 1e6, "largest_mb": largest / 1e6, "runs": len(runs["1"])}
+
+    def peak(m):
+        return max((max(r["workers"]) for r in runs[m] if r["workers"]), default=None)
+
+    b.add(record("parallel", tag, None, 1, sec["1"], None, None, what="--jobs 1 (this process, numba threads = "
+                 f"{b.threads})", **common))
+    b.add(judge(record("parallel", tag, None, 2, sec["2"], "--jobs 1", sec["1"], what="--jobs 2 vs --jobs 1",
+                       peak_rss_mb=(peak("2") or 0) / 1e6, **common), "ratio<=", PARALLEL_RATIO))
+    b.add(judge(record("parallel", tag, None, 2, sec["2"], None, None, what="--jobs 2 input throughput",
+                       **common), "gbps>=", PARALLEL_GBPS))
+    if "dask2" in sec:
+        b.add(judge(record("parallel", tag, None, 2, sec["dask2"], "--jobs 2", sec["2"],
+                           what="Dask LocalCluster (2 workers x 1 thread) vs --jobs 2", peak_rss_mb=(peak("dask2") or 0)
+                           / 1e6, **common), "ratio<=", DASK_RATIO))
+    p2 = peak("2")
+    if p2:
+        start = min((min(r["start"]) for r in runs["2"] if r["start"]), default=None)
+        rec = record("parallel", tag, None, 2, None, None, None, what="peak RSS per worker (--jobs 2) / largest "
+                     "tensor's float32 size", peak_rss_mb=p2 / 1e6, **common,
+                     worker_start_mb=start / 1e6 if start else None)
+        rec["ratio"] = p2 / largest
+        b.add(judge(rec, "ratio<=", WORKER_RSS_RATIO))
+
+
 def end_to_end(b) -> None:
     """File figures: `quantfmt convert` of a ~500 MB float32 model (wall time and peak RSS of the child;
     input in and out of the page cache), then open each file and read one row (cold and warm page cache).
@@ -280,14 +361,17 @@ def end_to_end(b) -> None:
                 os.remove(dst)
             if evict:
                 _evict(src)
-            wall, peak, rc, text = _run_peak(["convert", src, dst, "--to", tag], env)
+            wall, peak, rc, text = _run_peak(["convert", src, dst, "--to", tag, "--jobs", "1"], env)
             if rc != 0:
                 b.add(record("e2e", tag, note=f"convert failed: {_last_line(text)}"))
                 return
             rec = record("convert", tag, None, None, wall, "quantfmt --help (process start-up)", startup_sec,
-                         nbytes=size, what=f"quantfmt convert F32 -> {tag} ({label})", file_mb=size / 1e6,
+                         nbytes=size, what=f"quantfmt convert F32 -> {tag} --jobs 1 ({label})", file_mb=size / 1e6,
                          out_mb=os.path.getsize(dst) / 1e6, peak_rss_mb=peak / 1e6 if peak else None)
             b.add(judge(rec, "gbps>=", CONVERT_GBPS))
+
+        parallel_convert(b, src, os.path.join(tmp, "parallel-out.safetensors"), tag, size,
+                         4 * max(r * c for r, c in shapes))
 
         big = max(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1])
         row = shapes[big][0] // 2

@@ -29,6 +29,12 @@ DEQUANTIZE_GBPS = {"Q4_0": 4.0, "Q8_0": 4.0}
 GGUF_SPEEDUP = 4.0  # our quantizer at least 4x gguf's numpy one
 STARTUP_SECONDS = 0.3
 CONVERT_GBPS = 1.0
+# parallel conversion (issue 12): --jobs 2 at >= 1.7x the --jobs 1 throughput (seconds ratio <= 1/1.7), >= 1.5 GB/s
+# of input; a 2-worker Dask LocalCluster within 1.3x of --jobs 2; peak RSS per worker <= 2x the largest tensor (f32)
+PARALLEL_RATIO = 0.59  # 1 / 1.7
+PARALLEL_GBPS = 1.5
+DASK_RATIO = 1.3
+WORKER_RSS_RATIO = 2.0
 
 
 def record(

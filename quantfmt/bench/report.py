@@ -205,6 +205,14 @@ REPORT: tuple[Table | Callable[[list[dict]], list[str]], ...] = (
          num("peak RSS MB", "peak_rss_mb", ".0f"), TARGET, STATUS),
     ),
     Table(
+        "parallel conversion F32 -> Q4_0 (fresh process per run, the conversion's wall time incl. starting its "
+        "workers; median)", op("parallel"),
+        (text("what", "what"), num("in MB", "file_mb", ".0f"), secs("wall"),
+         num("MB/s in", lambda r: r["gbps"] * 1e3 if r["gbps"] else None, ".0f"), num("ratio", "ratio", ".2f", "x"),
+         num("peak RSS/worker MB", "peak_rss_mb", ".0f"), num("of it at start MB", "worker_start_mb", ".0f"),
+         num("largest tensor MB", "largest_mb", ".0f"), TARGET, STATUS),
+    ),
+    Table(
         "open a file and read one row (fresh process; 'file MB mapped' = resident pages of its mapping)",
         op("open_row"),
         (FORMAT, text("what", "what"), num("file MB", "file_mb", ".0f"), secs("open", "open_seconds"),
@@ -289,6 +297,16 @@ SENTENCES = {
         f"{r['what']}: {r['file_mb']:.0f} MB -> {r['out_mb']:.0f} MB in {r['seconds']:.2f} s "
         f"({r['gbps'] * 1e3:.0f} MB/s of input, wall time incl. start-up), "
         f"peak RSS {fmt(r['peak_rss_mb'], '.0f')} MB; target >= 1 GB/s {r['status']}."
+    ),
+    "parallel": lambda r: (
+        f"{r['what']} ({r['file_mb']:.0f} MB F32 -> {r['format']}): "
+        + (f"{r['seconds']:.2f} s, {r['gbps'] * 1e3:.0f} MB/s of input" if r["seconds"] else "")
+        + (f"; ratio {r['ratio']:.2f}x" if r["ratio"] is not None else "")
+        + (f"; peak RSS per worker {r['peak_rss_mb']:.0f} MB (largest tensor {r['largest_mb']:.0f} MB as float32)"
+           if r.get("peak_rss_mb") else "")
+        + (f", {r['worker_start_mb']:.0f} MB of it before its first tensor (interpreter, numba, plugins)"
+           if r.get("worker_start_mb") else "")
+        + (f"; target {r['target']} {r['status']}" if r.get("status") else "") + "."
     ),
     "open_row": lambda r: (
         f"{r['format']} file of {r['file_mb']:.0f} MB, {r['what']}: open {fmt_s(r['open_seconds'])}, "

@@ -79,6 +79,7 @@ class Bench:
         seed: int = 0,
         probe_mb: int = 256,
         e2e_mb: int = 500,
+        e2e_dask: bool = True,
     ):
         from ..plugins import formats as registered
         from ..plugins import get_format
@@ -102,6 +103,7 @@ class Bench:
         self.rng = np.random.default_rng(seed)
         self.probe_elements = max(1024, probe_mb << 18)  # float32 elements
         self.e2e_mb = e2e_mb
+        self.e2e_dask = e2e_dask  # the Dask LocalCluster row (when distributed is installed)
         self.probe_gbps = 0.0
 
     def add(self, rec: dict) -> dict:

@@ -21,13 +21,15 @@ _BENCH_CHILD = "QUANTFMT_BENCH_CHILD"
               help="Timed calls per figure (the median is reported; one warm-up call is never timed).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
               help="Threads for BLAS and numba (default: the number of CPUs).")
+@click.option("--e2e-mb", default=500, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Size of the float32 model the e2e figures convert (MB).")
 @click.option("--quick", is_flag=True,
               help="A fast subset: shape 11008x4096 only, no cache or file figures, 3 repeats.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per measurement (JSON lines).")
 @click.option("--records", "records_path", type=click.Path(dir_okay=False, writable=True),
               help="Also write the JSON records to this file (re-print: python -m quantfmt.bench FILE).")
 @click.pass_context
-def bench(ctx, tags, shapes, ops, repeat, threads, quick, as_json, records_path):
+def bench(ctx, tags, shapes, ops, repeat, threads, e2e_mb, quick, as_json, records_path):
     """Time every format's kernels against numpy float32 and gguf, print ratios and PASS/MISS per target.
 
     Runs in a child process whose BLAS and numba thread counts are set before numpy loads.
@@ -60,7 +62,7 @@ def bench(ctx, tags, shapes, ops, repeat, threads, quick, as_json, records_path)
         if plugins._config["strict"]:
             env["QUANTFMT_STRICT_PLUGINS"] = "1"
         args = [sys.executable, "-m", "quantfmt.cli", "bench"]
-        args += ["--repeat", str(repeat), "--threads", str(threads)]
+        args += ["--repeat", str(repeat), "--threads", str(threads), "--e2e-mb", str(e2e_mb)]
         opts = (("--formats", tags), ("--shapes", shapes), ("--ops", ops), ("--records", records_path))
         for flag, val in opts:
             if val:
@@ -83,7 +85,7 @@ def bench(ctx, tags, shapes, ops, repeat, threads, quick, as_json, records_path)
 
     runner = b.Bench(
         formats=[t.strip() for t in tags.split(",") if t.strip()] or None, shapes=shape_list, ops=op_list,
-        repeat=repeat, threads=threads, quick=quick, emit=emit, progress=progress,
+        repeat=repeat, threads=threads, quick=quick, emit=emit, progress=progress, e2e_mb=e2e_mb,
     )
     if records_path:
         sink = open(records_path, "w")  # closed in the finally below

@@ -10,28 +10,50 @@ import click
 from .output import output_options, size
 
 
-def _run_convert(src, dst, recipe, overwrite, out, strict=False, label="converting"):
-    """A progress bar on a terminal; otherwise a line per tensor on stderr, as llama-quantize logs."""
+def _run_convert(src, dst, recipe, overwrite, out, strict=False, label="converting", **parallel):
+    """One progress display for the whole job, whatever runs it (this process, a pool, a Dask cluster):
+    a bar on a terminal (tensors, bytes, rate, ETA); otherwise a line per tensor on stderr, as
+    llama-quantize logs, with the same totals. `parallel`: jobs, executor, max_shard_size for convert."""
+    import contextlib
     import sys
+    import time
 
-    from ..ops.convert import convert, plan_convert
-    from ..sources import open_model
+    from ..ops.convert import convert
 
-    total = 0
-    tty = sys.stderr.isatty()
-    if not out.quiet and not out.as_json and tty:
-        with open_model(src) as m:
-            total = sum(plan_convert(m, recipe).out_bytes.values())
+    show = not out.quiet and not out.as_json
+    tty = show and sys.stderr.isatty()
+    t0 = time.monotonic()
+    done = {"tensors": 0, "bytes": 0}
 
-    def log(i, s, rep):
-        shape = "x".join(map(str, rep.shapes[s.name])) or "()"
-        change = s.tag if s.copy else f"{s.src_tag} -> {s.tag}"
-        out.note(f"[{i + 1:4d}/{len(rep.steps)}] {s.name:48s} {shape:>14s}  {change:14s} "
-                 f"{size(rep.out_bytes[s.name]):>10s}  {rep.seconds[s.name]:6.2f} s  ({s.why})")
+    def status(rep) -> str:
+        total = sum(rep.in_bytes.values())
+        el = max(time.monotonic() - t0, 1e-9)
+        rate = done["bytes"] / el
+        eta = f"{(total - done['bytes']) / rate:5.0f} s" if rate > 0 else "    ?"
+        return (f"{done['tensors']}/{len(rep.steps)} tensors, {size(done['bytes'])} of {size(total)} in, "
+                f"{rate / 1e6:6.0f} MB/s, ETA {eta}")
 
-    with out.progress(total, label) as update:
-        return convert(src, dst, recipe, overwrite=overwrite, strict=strict, progress=update,
-                       on_tensor=None if tty or out.as_json else log)
+    with contextlib.ExitStack() as stack:
+        bar = None
+
+        def log(i, s, rep):
+            nonlocal bar
+            done["tensors"] += 1
+            done["bytes"] += rep.in_bytes[s.name]
+            if tty:
+                if bar is None:  # the first tensor: totals are known now
+                    bar = stack.enter_context(click.progressbar(length=sum(rep.in_bytes.values()), label=label,
+                                                                file=sys.stderr, show_pos=False,
+                                                                item_show_func=lambda _: status(rep)))
+                bar.update(rep.in_bytes[s.name], s.name)
+                return
+            shape = "x".join(map(str, rep.shapes[s.name])) or "()"
+            change = s.tag if s.copy else f"{s.src_tag} -> {s.tag}"
+            out.note(f"[{done['tensors']:4d}/{len(rep.steps)}] {s.name:48s} {shape:>14s}  {change:14s} "
+                     f"{size(rep.out_bytes[s.name]):>10s}  {rep.seconds[s.name]:6.2f} s  ({s.why})  |  {status(rep)}")
+
+        return convert(src, dst, recipe, overwrite=overwrite, strict=strict, on_tensor=log if show else None,
+                       **parallel)
 
 
 def _tensor_ticker(out, path, pattern, label):
@@ -65,6 +87,9 @@ def _tensor_ticker(out, path, pattern, label):
 def _report_dict(rep) -> dict:
     return {
         "output": rep.output,
+        "files": rep.files,
+        "jobs": rep.jobs,
+        "notes": rep.notes,
         "tensors": [{"name": s.name, "source_tag": s.src_tag, "tag": s.tag, "why": s.why, "wanted": s.wanted,
                      "shape": list(rep.shapes[s.name]), "in_bytes": rep.in_bytes[s.name],
                      "out_bytes": rep.out_bytes[s.name], "seconds": rep.seconds.get(s.name)} for s in rep.steps],
@@ -78,7 +103,19 @@ def _print_report(rep, out) -> None:
     rows = []
     for tag, (n, weights, nbytes) in sorted(rep.by_tag().items()):
         rows.append([tag, n, weights, size(nbytes), f"{8.0 * nbytes / weights:.3g}" if weights else "-"])
-    out.echo(rep.output if rep.output.startswith("(") else f"wrote {rep.output}")
+    if rep.output.startswith("("):
+        out.echo(rep.output)
+    elif rep.files and rep.files[0] != rep.output and rep.files[0].endswith(".gguf"):
+        out.echo(f"wrote {len(rep.files)} split files, {rep.files[0]} (the key-values) to {rep.files[-1]}")
+    elif len(rep.files) > 1 or (rep.files and rep.files[0] != rep.output):
+        out.echo(f"wrote {rep.output}: {len(rep.files)} shard{'s' * (len(rep.files) != 1)} and the index")
+    else:
+        out.echo(f"wrote {rep.output}")
+    if rep.jobs != 1:
+        out.echo(f"in parallel: {f'{rep.jobs} worker processes' if rep.jobs else 'on the executor'}"
+                 + (f", peak RSS per worker {size(max(rep.workers.values()))}" if rep.workers else ""))
+    for n in rep.notes:
+        out.echo(f"note: {n}")
     out.table(["tag", "tensors", "weights", "size", "bpw"], rows, right={1, 2, 3, 4})
     tin, tout = sum(rep.in_bytes.values()), sum(rep.out_bytes.values())
     copied = sum(1 for s in rep.steps if s.copy)
@@ -127,8 +164,20 @@ def _print_report(rep, out) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never an input).")
 @click.option("--dry-run", is_flag=True, help="Show each tensor's format, size and why, and the total bits per "
                                               "weight; write nothing (OUT may be left out).")
+@click.option("-j", "--jobs", default="auto", show_default=True, metavar="N|auto",
+              help="Worker processes quantizing in parallel (auto: one per CPU, or none when there is little to "
+                   "convert); the output is byte for byte the same whatever N.")
+@click.option("--max-shard-size", metavar="SIZE",
+              help="Write OUT as a folder of Hugging Face shards (model-00001-of-0000N.safetensors) of at most SIZE "
+                   "(e.g. 5GB, 500MiB) plus model.safetensors.index.json, written last; for OUT.gguf, llama.cpp's "
+                   "split files OUT-00001-of-0000N.gguf. Rerunning after a failure keeps the shards already "
+                   "complete.")
+@click.option("--executor", metavar="URL",
+              help="Run the work on a cluster instead of local processes: dask://HOST:PORT (a Dask scheduler; "
+                   "pip install 'quantfmt[dask]'). Its workers must see IN and OUT at the same paths.")
 @output_options("Print the conversion report as JSON (per tensor: tags, sizes, why).")
-def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, dry_run, out):
+def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, dry_run, jobs, max_shard_size, executor,
+            out):
     """Convert a model (safetensors, sharded index, GGUF) to quantfmt/safetensors, or GGUF if OUT ends in .gguf.
 
     Streams tensor by tensor; OUT appears only when complete. Tensors that keep their format
@@ -159,7 +208,26 @@ def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, dry_r
         return
     if dst is None:
         raise click.UsageError("give OUT, the file to write (or --dry-run to only show the plan)")
-    rep = _run_convert(src, dst, recipe, overwrite, out, strict=strict)
+    if jobs == "auto":
+        n_jobs = None
+    else:
+        try:
+            n_jobs = int(jobs)
+        except ValueError:
+            raise click.BadParameter(f"{jobs!r} is not a number of processes or 'auto'", param_hint="--jobs") from None
+        if n_jobs < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--jobs")
+    pool, close = None, None
+    if executor:
+        from ..ops.parallel import executor_from_url
+
+        pool, close = executor_from_url(executor)
+    try:
+        rep = _run_convert(src, dst, recipe, overwrite, out, strict=strict, jobs=n_jobs, executor=pool,
+                           max_shard_size=max_shard_size)
+    finally:
+        if close is not None:
+            close()
     out.emit(_report_dict(rep), lambda: _print_report(rep, out))
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import mmap
 import os
+import re
 import signal
 import stat
 import tempfile
@@ -104,17 +105,46 @@ def release_pages(arr) -> None:
         mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
+_GGUF_SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<k>[0-9]{5})-of-(?P<n>[0-9]{5})\.gguf$")
+
+
+def gguf_split_files(path) -> list[str] | None:
+    """Every file of the split GGUF that `path` names (NAME-0000K-of-0000N.gguf, llama.cpp's names), or None."""
+    m = _GGUF_SPLIT.match(str(path))
+    if not m:
+        return None
+    n = int(m["n"])
+    return [f"{m['prefix']}-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
+
+
 def input_files(path) -> list[str]:
     """Every file the model at `path` is read from (for refusing to overwrite an input)."""
     p = Path(path)
     if p.is_dir():
         return [str(f) for f in sorted(p.iterdir()) if f.is_file()]
+    splits = gguf_split_files(p)
+    if splits:
+        return splits
     out = [str(p)]
     if p.name.endswith(".json") and p.is_file():
         with contextlib.suppress(Exception):
             with open(p, "rb") as f:
                 idx = json.loads(f.read(100_000_000))
             out += [str(p.parent / s) for s in set(idx["weight_map"].values()) if isinstance(s, str)]
+    return out
+
+
+def split(sizes: list[int], max_bytes: int) -> list[range]:
+    """Tensor index ranges, one per shard: greedy in order, a new shard when the next tensor would
+    take the current one's data past `max_bytes`. A tensor larger than the limit gets a shard of its own."""
+    out, start, used = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and used + n > max_bytes:
+            out.append(range(start, i))
+            start, used = i, 0
+        used += n
+    if sizes or not out:
+        out.append(range(start, len(sizes)))
     return out
 
 
@@ -161,6 +191,24 @@ def check_output(path, *, overwrite: bool = False, inputs: Iterable = ()) -> Non
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM during an atomic write: unwinds like Ctrl-C so the temporary file is removed."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """SIGTERM raises (like Ctrl-C) inside: for a writer holding several atomic outputs that it
+    publishes in any order, so the handler stays in place until the last one is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _alive(pid: int) -> bool:
@@ -301,6 +349,17 @@ def write_stream(f, plans: list[TensorPlan], sizes: list[int], *, align: int = 1
             p.after()
         if progress is not None:
             progress(n)
+
+
+def pwrite_all(fd: int, buf, offset: int) -> None:
+    """Write all of `buf` at `offset` of the open file `fd` (os.pwrite may write less than asked)."""
+    view = memoryview(buf).cast("B")
+    try:
+        while view.nbytes:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    except OSError as e:
+        raise FileFormatError(f"cannot write: {e.strerror or e}") from None
 
 
 def write(f, buf) -> None:

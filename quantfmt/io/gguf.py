@@ -22,6 +22,12 @@ their GGUF value types (the JSON form is specified in formats.md), so `write_ggu
 them back identically: GGUF -> quantfmt -> GGUF reproduces the original file byte for byte
 when the original was laid out the standard way (tensors packed in order, zero padding).
 `write_gguf_plans` is the same writer fed one tensor at a time.
+
+Split files, the llama.cpp way (`gguf-split`): `NAME-00001-of-0000N.gguf` ..., each a complete
+GGUF holding some of the tensors, the first with every key-value, each with `split.no` (u16, from
+0), `split.count` (u16) and `split.tensors.count` (i32, all splits together). `split_layouts`
+plans them (greedy in tensor order under a byte limit); `read_gguf` on any split opens them all
+as one Model.
 """
 
 from __future__ import annotations
@@ -37,7 +43,17 @@ import numpy as np
 
 from ..errors import FileFormatError, QuantfmtError, context
 from ..format import MAX_ELEMENTS, Format
-from .files import atomic_output, input_files, map_readonly, open_for_write, require_regular, write, write_stream
+from .files import (
+    atomic_output,
+    gguf_split_files,
+    input_files,
+    map_readonly,
+    open_for_write,
+    require_regular,
+    split,
+    write,
+    write_stream,
+)
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -417,8 +433,12 @@ def read_gguf(path, *, unsupported: str | None = None):
     if unsupported not in ("error", "dequantize"):
         raise QuantfmtError(f"unsupported={unsupported!r} (or {UNSUPPORTED_ENV}): expected 'error' or "
                             "'dequantize'", file=str(path))
+    one = isinstance(path, _OneSplit)
     path = str(path)
     hdr = scan_gguf(path)
+    n_split = _kv_value(hdr.kv, "split.count")
+    if isinstance(n_split, int) and n_split > 1 and not one:
+        return _read_splits(path, hdr, unsupported)
     known = ggml_formats()
     fmts = {t.type_name: known.get(t.type_name) for t in hdr.tensors}
     bad = [t for t in hdr.tensors if fmts[t.type_name] is None]
@@ -464,6 +484,85 @@ def read_gguf(path, *, unsupported: str | None = None):
         meta["gguf"]["dequantized"] = dequantized
 
     return Model(tensors, meta, path=path, closers=[close])
+
+
+def _kv_value(kv: list, key: str):
+    return next((e[2] for e in kv if e[0] == key), None)
+
+
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+
+
+def split_path(path, k: int, n: int) -> str:
+    """The k-th (from 1) of n split files of the output `path` ("model.gguf" -> "model-00001-of-00003.gguf")."""
+    p = str(path)
+    return f"{p[:-5] if p.endswith('.gguf') else p}-{k:05d}-of-{n:05d}.gguf"
+
+
+def _read_splits(path: str, hdr: GGUFHeader, unsupported: str):
+    """All the split files `path` belongs to, as one Model: tensors from each, key-values from the first."""
+    from ..tensor import Model
+
+    n = _kv_value(hdr.kv, "split.count")
+    files = gguf_split_files(path)
+    if files is None or len(files) != n:
+        raise FileFormatError(f"is split {_kv_value(hdr.kv, 'split.no')} of {n} (split.count), but its name "
+                              "is not NAME-0000K-of-0000N.gguf, so the other splits cannot be found", file=path)
+    tensors, closers, order, kv = {}, [], [], None
+    try:
+        for k, f in enumerate(files):
+            if not os.path.exists(f):
+                raise FileFormatError(f"split {k + 1} of {n} of {path} is missing", file=f)
+            h = scan_gguf(f)
+            got = (_kv_value(h.kv, "split.no"), _kv_value(h.kv, "split.count"))
+            if got != (k, n):
+                raise FileFormatError(f"holds split.no {got[0]} of split.count {got[1]}; expected split {k} of {n} "
+                                      "(from its name)", file=f)
+            m = read_gguf(_OneSplit(f), unsupported=unsupported)
+            closers.append(m.close)
+            for t in m.sources():
+                if t.name in tensors:
+                    raise FileFormatError("is in two splits", file=f, tensor=t.name)
+                tensors[t.name] = t
+            order += m.metadata["gguf"]["tensor_order"]
+            if k == 0:
+                kv = [e for e in m.metadata["gguf"]["kv"] if e[0] not in SPLIT_KEYS]
+                meta = m.metadata
+        total = _kv_value(hdr.kv, "split.tensors.count")
+        if total is not None and total != len(tensors):
+            raise FileFormatError(f"the {n} splits hold {len(tensors)} tensors, but split.tensors.count says {total}",
+                                  file=path)
+    except BaseException:
+        for c in closers:
+            c()
+        raise
+    g = dict(meta["gguf"])
+    g.update(kv=kv, tensor_order=order)
+    return Model(tensors, {**meta, "gguf": g}, path=files[0], closers=closers)
+
+
+class _OneSplit(str):
+    """A split's path, read as one file (read_gguf does not follow split.count from it)."""
+
+
+def split_layouts(path, plans, metadata: dict | None, max_bytes: int) -> list[tuple[str, GGUFLayout]]:
+    """The split files of `path` (as llama.cpp's gguf-split writes them) for the tensors of `plans`:
+    greedy in tensor order, each file's tensor data at most `max_bytes` (a tensor larger than that
+    alone); the first file carries every key-value. Deterministic: same plans, same bytes."""
+    full = gguf_layout(path, plans, metadata)  # validates, and gives the tensor order
+    g = dict((metadata or {}).get("gguf") or {})
+    kv = [e for e in g.get("kv", []) if not (isinstance(e, (list, tuple)) and e and e[0] in SPLIT_KEYS)]
+    ranges = split(full.sizes, max_bytes)
+    by_name = {p.name: p for p in plans}
+    out = []
+    for k, r in enumerate(ranges):
+        names = full.order[r.start:r.stop]
+        split_kv = [["split.no", "UINT16", k], ["split.count", "UINT16", len(ranges)],
+                    ["split.tensors.count", "INT32", len(full.order)]]
+        meta = {"gguf": {**g, "kv": (kv if k == 0 else []) + split_kv, "tensor_order": names}}
+        p = split_path(path, k + 1, len(ranges))
+        out.append((p, gguf_layout(p, [by_name[n] for n in names], meta)))
+    return out
 
 
 def _dequantize(raw: np.ndarray, t: TensorInfo, path: str, probe: bool = False) -> np.ndarray:
@@ -596,11 +695,21 @@ def write_gguf(path, model, *, overwrite: bool = False, metadata: dict | None = 
                      overwrite=overwrite, inputs=inputs)
 
 
-def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bool = False, inputs=(),
-                     progress=None) -> None:
-    """write_gguf, streaming: `plans` are container.TensorPlan (name, tag, shape, produce, after);
-    the header is written from tags and shapes, then each tensor is produced and written in
-    turn, so memory holds one tensor at a time. `progress(nbytes)` after each tensor."""
+@dataclass(frozen=True)
+class GGUFLayout:
+    """Where everything of a GGUF file goes, from tags and shapes alone (no tensor produced)."""
+
+    header: bytes  # magic, key-values, tensor infos and the padding up to the data section
+    order: list[str]  # tensor names in file order
+    offsets: list[int]  # absolute file offset of each tensor's bytes
+    sizes: list[int]
+    align: int
+    size: int  # the whole file
+
+
+def gguf_layout(path, plans, metadata: dict | None = None) -> GGUFLayout:
+    """The layout write_gguf_plans gives `plans` (errors name `path`): writers that place each
+    tensor's bytes at these offsets, in any order, make the same file byte for byte."""
     from gguf.constants import GGMLQuantizationType
 
     from ..plugins import get_format
@@ -646,7 +755,7 @@ def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bo
     parts = [MAGIC, struct.pack("<IQQ", version, len(order), len(kv))]
     parts.extend(_pack_kv(e) for e in kv)
     offset = 0
-    sizes = []
+    rel, sizes = [], []
     for name in order:
         p = by_name[name]
         shape = tuple(int(d) for d in p.shape)
@@ -659,11 +768,23 @@ def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bo
         parts.append(_pack_string(name, name))
         gtype = int(GGMLQuantizationType[ggml_of[get_format(p.tag).tag]])
         parts.append(struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, gtype, offset))
+        rel.append(offset)
         sizes.append(n)
         offset += -(-n // align) * align
     header = b"".join(parts)
+    header += b"\0" * (-len(header) % align)
+    return GGUFLayout(header, order, [len(header) + o for o in rel], sizes, align, len(header) + offset)
+
+
+def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bool = False, inputs=(),
+                     progress=None) -> None:
+    """write_gguf, streaming: `plans` are container.TensorPlan (name, tag, shape, produce, after);
+    the header is written from tags and shapes, then each tensor is produced and written in
+    turn, so memory holds one tensor at a time. `progress(nbytes)` after each tensor."""
+    file = str(path)
+    lay = gguf_layout(path, plans, metadata)
+    by_name = {p.name: p for p in plans}
     with context(file=file), atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp, \
             open_for_write(tmp) as f:
-        write(f, header)
-        write(f, b"\0" * (-len(header) % align))
-        write_stream(f, [by_name[n] for n in order], sizes, align=align, progress=progress)
+        write(f, lay.header)
+        write_stream(f, [by_name[n] for n in lay.order], lay.sizes, align=lay.align, progress=progress)

@@ -421,6 +421,27 @@ def build_header(plans: list[TensorPlan], metadata: dict | None, recipe: dict | 
     return struct.pack("<Q", len(text)) + text, sizes
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where everything of one output file goes, known before any tensor is produced."""
+
+    header: bytes  # length prefix, JSON, padding: the file's first len(header) bytes
+    offsets: list[int]  # absolute file offset of each plan's bytes
+    sizes: list[int]
+    size: int  # the whole file
+
+
+def layout(plans: list[TensorPlan], metadata: dict | None, recipe: dict | None) -> Layout:
+    """The layout write_safetensors gives `plans`: writers that place bytes at these offsets
+    (in any order, from any process) make the same file, byte for byte."""
+    header, sizes = build_header(plans, metadata, recipe)
+    offsets, pos = [], len(header)
+    for n in sizes:
+        offsets.append(pos)
+        pos += n
+    return Layout(header, offsets, sizes, pos)
+
+
 def write_safetensors(path, plans: list[TensorPlan], *, metadata: dict | None = None, recipe: dict | None = None,
                       overwrite: bool = False, inputs: Iterable = (), progress: Callable[[int], None] | None = None):
     """Stream `plans` into the container `path`: header first, then each tensor's bytes in turn.

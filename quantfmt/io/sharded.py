@@ -1,13 +1,21 @@
 """Sharded safetensors checkpoints: a *.safetensors.index.json (weight_map: tensor -> shard
 file), or a folder of *.safetensors files, opened as one Model; and every file a model is read from.
+
+Writing side (the layout only; quantfmt.ops.parallel writes the bytes): where shard boundaries
+fall (`split`: greedy in tensor order under a byte limit, so the same plan always gives the same
+files), the shards' names (Hugging Face's `model-00001-of-00004.safetensors`), the index
+document, and whether a shard already on disk is the one a plan would write (`matches`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 
-from ..errors import FileFormatError
-from .files import input_files, require_regular  # noqa: F401  (input_files: re-exported)
+from ..errors import FileFormatError, QuantfmtError
+from .files import input_files, require_regular, split  # noqa: F401  (input_files, split: re-exported)
 from .safetensors import MAX_HEADER_BYTES, RECIPE_KEY, _loads, _short, open_safetensors
 
 
@@ -88,3 +96,50 @@ def open_directory(path):
     if len(files) == 1:
         return open_safetensors(files[0])
     return _merge_shards(files, None, None, str(p))
+
+
+# ---- writing: layout of a sharded output ---------------------------------------------------
+
+INDEX_NAME = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text) -> int:
+    """Bytes from an int or a string like "5GB" (10**9, as Hugging Face's max_shard_size), "500MiB", "1e9"."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise QuantfmtError(f"size {text!r} is not a number of bytes with an optional unit "
+                              "(KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers of 1024)")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise QuantfmtError(f"size {text!r} must be positive")
+    return n
+
+
+def shard_name(k: int, n: int) -> str:
+    """The k-th (from 1) of n shards, as Hugging Face names them."""
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def index_bytes(weight_map: dict[str, str], total_size: int) -> bytes:
+    """The index document as Hugging Face writes it (sorted, indented): the same plan, the same bytes."""
+    doc = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def matches(path, header: bytes, size: int) -> bool:
+    """Whether the file at `path` is the one a layout describes: same size and the same header bytes.
+
+    Shards are published whole (atomic rename), so one that exists with the planned header and size
+    is complete; this is what lets a rerun skip it."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                return False
+            return f.read(len(header)) == header
+    except OSError:
+        return False

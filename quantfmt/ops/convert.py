@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import context, memory_error
+from ..errors import QuantfmtError, context, memory_error
 from ..io.files import TensorPlan, check_output, plans_from_model, release_pages
 from ..recipe import Recipe, Step, record
 from ..sources import RECIPE_KEY, input_files, open_model, writer_for
@@ -88,6 +88,12 @@ class ConvertReport:
     output: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # per tensor: produce + write
+    files: list[str] = field(default_factory=list)  # every file written (a sharded output: the shards)
+    jobs: int = 1  # worker processes used (1: this process)
+    workers: dict[int, int] = field(default_factory=dict)  # parallel runs: worker pid -> its peak RSS (bytes)
+    worker_threads: dict[int, int] = field(default_factory=dict)  # parallel runs: worker pid -> numba threads
+    # parallel runs: worker pid -> its resident memory before its first tensor (interpreter, numba, plugins)
+    worker_start_rss: dict[int, int] = field(default_factory=dict)
 
     def by_tag(self) -> dict[str, tuple[int, int, int]]:
         """tag -> (tensors, weights, bytes) of the output."""
@@ -120,7 +126,8 @@ def plan_convert(src, recipe: Recipe, *, strict: bool = False) -> ConvertReport:
 
 
 def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: bool = False, progress=None,
-            metadata: dict | None = None, on_tensor=None) -> ConvertReport:
+            metadata: dict | None = None, on_tensor=None, jobs: int | None = 1, executor=None,
+            max_shard_size: int | str | None = None) -> ConvertReport:
     """Convert the model at `in_path` into `out_path` (quantfmt/safetensors, or GGUF if it ends in .gguf).
 
     Streaming: the header is written first (every size is known from tag and shape), then
@@ -133,19 +140,51 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
     GGUF from a Hugging Face llama-family checkpoint (quantfmt.llm.export): GGUF tensor names,
     llama.cpp's q/k row permutation and the architecture/tokenizer key-values, so llama.cpp runs
     it. Other sources written as GGUF without general.architecture get a warning.
+
+    Parallel and sharded (quantfmt.ops.parallel; quantfmt/safetensors output): `jobs` worker
+    processes (None: one per CPU, or this process alone when there is little to convert), or
+    `executor`, any concurrent.futures.Executor or a Dask Client (its workers must see the input
+    and output paths); the output is byte for byte the one-process result. `max_shard_size`
+    (bytes or "5GB"): `out_path` is a folder of Hugging Face shards plus
+    model.safetensors.index.json, written last, or for *.gguf llama.cpp's split files
+    (NAME-00001-of-0000N.gguf, the first written last); a rerun keeps the shards already complete.
     """
+    from .parallel import AUTO_MIN_BYTES, as_executor, cpu_count
 
     r = Recipe.coerce(recipe if recipe is not None else Recipe(default=None))
     if strict:
         r = dataclasses.replace(r, fallback=None)
+    gguf = str(out_path).endswith(".gguf")
+    if max_shard_size is not None:
+        from ..io.sharded import parse_size
+
+        max_shard_size = parse_size(max_shard_size)
+    if executor is not None:
+        executor = as_executor(executor)
     inputs = input_files(in_path)
-    check_output(out_path, overwrite=overwrite, inputs=inputs)  # fail before any work
+    if max_shard_size is None:
+        check_output(out_path, overwrite=overwrite, inputs=inputs)  # fail before any work
     src = open_model(in_path)
     try:
         rep = plan_convert(src, r, strict=strict)
         rep.output = str(out_path)
         meta = {k: v for k, v in src.metadata.items() if k != RECIPE_KEY}
         rec = record(r, rep.steps)
+        if jobs is None:  # auto: a worker per CPU, unless starting them costs more than they save
+            work = sum(rep.in_bytes[s.name] for s in rep.steps if not s.copy)
+            jobs = cpu_count() if work >= AUTO_MIN_BYTES else 1
+        if jobs < 1:
+            raise QuantfmtError(f"jobs must be at least 1, not {jobs}")
+        if not gguf and (jobs > 1 or executor is not None or max_shard_size is not None):
+            from .parallel import write_parallel
+
+            meta.update(metadata or {})
+            rep.jobs = jobs if executor is None else 0
+            write_parallel(src, rep, meta, rec, out_path, jobs=jobs, executor=executor,
+                           max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs, progress=progress,
+                           on_tensor=on_tensor)
+            return rep
+        rep.files = [str(out_path)]
         from ..llm.export import NOT_RUNNABLE, permute_rows
 
         exp = _gguf_export(src, rep, meta) if str(out_path).endswith(".gguf") else None
@@ -180,6 +219,18 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
                 return a.astype("<f4").view(np.uint8)
 
             plans.append(TensorPlan(name, "F32", arr.shape, extra))
+        if jobs > 1 or executor is not None or max_shard_size is not None:  # GGUF (safetensors: write_parallel)
+            from .parallel import write_gguf_parallel
+
+            sources = {(exp.names[s.name] if exp is not None else s.name):
+                       (s.name, exp.permute.get(s.name, 0) if exp is not None else 0)
+                       for s in rep.steps if exp is None or s.name in exp.names}
+            extras = {n: a.astype("<f4").tobytes() for n, a in (exp.extra.items() if exp is not None else ())}
+            rep.jobs = jobs if executor is None else 0
+            write_gguf_parallel(src, rep, out_path, plans, sources, extras, {**meta, RECIPE_KEY: rec}, jobs=jobs,
+                                executor=executor, max_shard_size=max_shard_size, overwrite=overwrite,
+                                inputs=inputs, progress=progress, on_tensor=on_tensor)
+            return rep
         writer_for(out_path)(out_path, plans, metadata=meta, recipe=rec, overwrite=overwrite, inputs=inputs,
                              progress=progress)
         return rep
