@@ -46,6 +46,24 @@ MAX_ELEMENTS = 1 << 40
 FLOAT_KINDS = (np.float16, np.float32, np.float64)
 
 
+# Elements per slice of the non-finite scan: its bool temporary stays in the L2 cache, where one
+# whole-tensor np.isfinite(w).all() writes (page-faults) a tensor-sized temporary: 2x slower.
+FINITE_SCAN_ELEMENTS = 1 << 17
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """True when every value of float array `a` is finite, scanned slice by slice (no full-size temporary)."""
+    flat = a.reshape(-1) if a.flags.c_contiguous else np.ravel(a)
+    if flat.size <= FINITE_SCAN_ELEMENTS:
+        return bool(np.isfinite(flat).all())
+    buf = np.empty(FINITE_SCAN_ELEMENTS, np.bool_)
+    for a0 in range(0, flat.size, FINITE_SCAN_ELEMENTS):
+        part = flat[a0 : a0 + FINITE_SCAN_ELEMENTS]
+        if not np.isfinite(part, out=buf[: part.size]).all():
+            return False
+    return True
+
+
 class Format:
     """Base class of every quantization format. Subclass, set the attributes, implement kernels."""
 
@@ -169,7 +187,7 @@ class Format:
         w = self._float_input(w, "weights")
         rows, cols = self.matrix_shape(w.shape)
         src = w.reshape(rows, cols)
-        if src.size and not np.isfinite(src).all():
+        if src.size and not all_finite(src):
             bad = np.argwhere(~np.isfinite(src))[0]
             idx = np.unravel_index(int(bad[0]) * cols + int(bad[1]), w.shape)
             raise NonFiniteError(
