@@ -87,7 +87,6 @@ def test_any_byte_order_gives_the_same_bytes(tag, rng):
 
 
 def test_f64_widening_is_numpys_exact_cast(rng):
-    # F64 widens in a parallel kernel of ~64K-element chunks: several chunks and a ragged end.
     w = rng.standard_normal((301, 999)).astype(np.float32)
     w[0, :4] = [-0.0, 1e-45, -3.4e38, 65504.0]
     got = get_format("F64").quantize(w)
