@@ -762,64 +762,71 @@ def scale_min_search_np(x, quant_weights, nmax, ref, impl):
 
 
 @jit
-def scale_min_search(x, qw, L, scales, mins, sw, ls, lm, nmax,
+def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, nmax,
                      rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w):
-    """Q4_K/Q5_K, one super-block x (256,): fills L (the search's quants), ls, lm (the 6-bit
-    scales and mins) and returns (d, dmin) in float32 before their fp16 rounding. qw: the
-    importance weights of this super-block, or empty (ggml's reference quantizer)."""
-    # the eight sub-blocks side by side (element-major), searched in lock step
-    xt = np.empty((32, 8), np.float32)
-    wt = np.empty((32, 8), np.float32)
-    Lt = np.empty((32, 8), np.uint8)
-    for j in range(8):
-        for i in range(32):
-            xt[i, j] = x[32 * j + i]
-    if qw.shape[0] == 0:
+    """Q4_K/Q5_K, the nb super-blocks of row r of w (rows, 256 * nb): fills L (nb, 256) (the search's
+    quants), ls, lm (nb, 8) (the 6-bit scales and mins) and d, dmin (nb,) in float32 before their fp16
+    rounding. qw: the importance weights (rows, 256 * nb), or empty (ggml's reference quantizer).
+    Work space: xt, wt (32, 8 * nb) float32, Lt (32, 8 * nb) uint8, scales, mins, sw (8 * nb,) float32.
+
+    All 8 * nb sub-blocks of the row are searched in lock step, one lane each (element-major): ~5x
+    faster than the eight of one super-block, as the lane loop then runs long vectors."""
+    nb = w.shape[1] // QK_K
+    for b in range(nb):
         for j in range(8):
+            for i in range(32):
+                xt[i, 8 * b + j] = w[r, QK_K * b + 32 * j + i]
+    if qw.shape[0] == 0:
+        for k in range(8 * nb):
             sum_x2 = np.float32(0.0)
             for i in range(32):
-                sum_x2 += xt[i, j] * xt[i, j]
+                sum_x2 += xt[i, k] * xt[i, k]
             av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
             for i in range(32):
-                wt[i, j] = av_x + abs(xt[i, j])
+                wt[i, k] = av_x + abs(xt[i, k])
         make_qkx2_lanes(xt, wt, Lt, nmax, rmin, rdelta, nstep, False, scales, mins)
-        max_scale = np.float32(0.0)
-        max_min = np.float32(0.0)
-        for j in range(8):
-            if scales[j] > max_scale:
-                max_scale = scales[j]
-            if mins[j] > max_min:
-                max_min = mins[j]
-        inv_scale = np.float32(63.0) / max_scale if max_scale > 0 else np.float32(0.0)
-        inv_min = np.float32(63.0) / max_min if max_min > 0 else np.float32(0.0)
-        for j in range(8):
-            ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 255)
-            lm[j] = min(63, nearest_int(inv_min * mins[j]) & 255)
-        d = max_scale / np.float32(63.0)
-        dmin = max_min / np.float32(63.0)
+        for b in range(nb):
+            max_scale = np.float32(0.0)
+            max_min = np.float32(0.0)
+            for j in range(8):
+                if scales[8 * b + j] > max_scale:
+                    max_scale = scales[8 * b + j]
+                if mins[8 * b + j] > max_min:
+                    max_min = mins[8 * b + j]
+            inv_scale = np.float32(63.0) / max_scale if max_scale > 0 else np.float32(0.0)
+            inv_min = np.float32(63.0) / max_min if max_min > 0 else np.float32(0.0)
+            for j in range(8):
+                ls[b, j] = min(63, nearest_int(inv_scale * scales[8 * b + j]) & 255)
+                lm[b, j] = min(63, nearest_int(inv_min * mins[8 * b + j]) & 255)
+            d[b] = max_scale / np.float32(63.0)
+            dmin[b] = max_min / np.float32(63.0)
     else:
-        sum_x2 = np.float32(0.0)
-        for i in range(QK_K):
-            sum_x2 += x[i] * x[i]
-        sigma2 = np.float32(2.0) * sum_x2 / np.float32(QK_K)
-        for j in range(8):
-            sumw = np.float32(0.0)
-            for i in range(32):
-                wt[i, j] = qw[32 * j + i] * np.float32(np.sqrt(sigma2 + xt[i, j] * xt[i, j]))
-                sumw += wt[i, j]
-            sw[j] = sumw
+        for b in range(nb):
+            sum_x2 = np.float32(0.0)
+            for i in range(QK_K):
+                xv = w[r, QK_K * b + i]
+                sum_x2 += xv * xv
+            sigma2 = np.float32(2.0) * sum_x2 / np.float32(QK_K)
+            for j in range(8):
+                k = 8 * b + j
+                sumw = np.float32(0.0)
+                for i in range(32):
+                    wt[i, k] = qw[r, QK_K * b + 32 * j + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
+                    sumw += wt[i, k]
+                sw[k] = sumw
         make_qkx2_lanes(xt, wt, Lt, nmax, rmin_w, rdelta_w, nstep_w, False, scales, mins)
         lq = np.empty(8, np.uint8)
-        d = make_qp_quants(scales, lq, 63, sw)
+        for b in range(nb):
+            d[b] = make_qp_quants(scales[8 * b : 8 * b + 8], lq, 63, sw[8 * b : 8 * b + 8])
+            for j in range(8):
+                ls[b, j] = lq[j]
+            dmin[b] = make_qp_quants(mins[8 * b : 8 * b + 8], lq, 63, sw[8 * b : 8 * b + 8])
+            for j in range(8):
+                lm[b, j] = lq[j]
+    for b in range(nb):
         for j in range(8):
-            ls[j] = lq[j]
-        dmin = make_qp_quants(mins, lq, 63, sw)
-        for j in range(8):
-            lm[j] = lq[j]
-    for j in range(8):
-        for i in range(32):
-            L[32 * j + i] = Lt[i, j]
-    return d, dmin
+            for i in range(32):
+                L[b, 32 * j + i] = Lt[i, 8 * b + j]
 
 
 # ---- importance-weighted quantize (the format method `quantize_weighted`) -------------------

@@ -12,9 +12,11 @@ Kernels:
   bit for bit the values decoding the whole tensor gives; gguf's results equal ggml's own
   `to_float` bit for bit (checked with ggml's C library, see tests/test_ggml_dequant.py).
 - qmatmul is the Format base's: dequantized tiles of rows into BLAS (mode f32 only).
-- quantize: only TQ1_0 and TQ2_0, with gguf's numpy quantizer (byte-identical to ggml's
-  `quantize_row_tq*_0_ref`). The others raise QuantizerUnavailableError saying why: ggml needs
-  an importance matrix for IQ2_XXS, IQ2_XS and IQ1_S; for the rest gguf has no numpy quantizer.
+- quantize: only TQ1_0 and TQ2_0, with a numba kernel that does gguf's numpy quantizer's float32
+  operations (gguf's bytes equal ggml's `quantize_row_tq*_0_ref`; the tests compare the kernel
+  with both, and `quantize_blocks` keeps gguf's code as the reference). The others raise
+  QuantizerUnavailableError saying why: ggml needs an importance matrix for IQ2_XXS, IQ2_XS and
+  IQ1_S; for the rest gguf has no numpy quantizer.
 
 Tags (four characters, see formats.md): an i-quant `IQ<b>_<size>` is `I<b>` + a size code,
 XXS -> `XX`, XS -> `XS`, S -> `_S`, M -> `_M` (IQ2_XXS = I2XX, IQ1_M = I1_M); TQ<b>_0 drops the
@@ -26,11 +28,14 @@ gguf is imported on first use, not when the plugin registers (loading plugins st
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 import quantfmt
 from quantfmt.errors import QuantfmtError, RangeError
 from quantfmt.families import BlockFormat
+
+from ._ggml import f32_to_f16_bits
 
 # Why a format cannot quantize (its `quantizer`): gguf has a numpy quantizer, ggml needs an
 # importance matrix, or no numpy quantizer exists.
@@ -64,6 +69,69 @@ _SCALE_AT = {"IQ1_S": 0, "IQ2_XXS": 0, "IQ2_XS": 0, "IQ2_S": 0, "IQ3_XXS": 0, "I
 #: A TQ block's max |w| must stay below this: its scale d = max |w| is stored as fp16, and 65520
 #: rounds to fp16 infinity.
 TQ_MAX_ABS = 65520.0
+
+
+# ---- TQ1_0 / TQ2_0 quantize kernel -------------------------------------------------------------
+# gguf's numpy quantizer, operation by operation in float32 (no fastmath): d = max |x| of the block,
+# id = 1/d (0 for d == 0), q = roundf(x * id) + 1 in 0..2, roundf being gguf's np_roundf (halves away
+# from zero: floor(a) + floor(2 * (a - floor(a))) with the sign of x), then the type's packing.
+# TQ1_0 (54 bytes): bytes 0..31 hold q[j], q[32+j], .., q[128+j] as base-3 digits (81, 27, 9, 3, 1),
+# bytes 32..47 the same for q[160 + 16m + j], bytes 48..51 q[240 + 4m + j] with (81, 27, 9, 3);
+# each digit sum s is stored as (s * 256 + 242) // 243; fp16 d at 52. TQ2_0 (66 bytes): byte
+# 32g + j = q[128g + 32m + j] << 2m summed over m = 0..3; fp16 d at 64.
+
+
+@numba.njit(cache=True)
+def _tq_rows(w, out, bad, r0, r1, ternary1):
+    nb = w.shape[1] // 256
+    q = np.empty(256, np.int32)
+    for r in range(r0, r1):
+        bad[r] = -1
+        for b in range(nb):
+            c0 = b * 256
+            amax = np.float32(0.0)
+            for j in range(256):
+                amax = max(amax, abs(w[r, c0 + j]))
+            if not amax < np.float32(TQ_MAX_ABS):  # fp16 d would be infinite
+                if bad[r] < 0:
+                    bad[r] = b
+                continue
+            idv = np.float32(1.0) / amax if amax != 0 else np.float32(0.0)
+            for j in range(256):
+                x = w[r, c0 + j] * idv
+                a = abs(x)
+                fl = np.floor(a)
+                v = fl + np.floor(np.float32(2.0) * (a - fl))
+                q[j] = np.int32(-v if x < 0 else v) + 1
+            o = out[r, b]
+            if ternary1:
+                for j in range(32):
+                    t = q[j] * 81 + q[32 + j] * 27 + q[64 + j] * 9 + q[96 + j] * 3 + q[128 + j]
+                    o[j] = np.uint8((t * 256 + 242) // 243)
+                for j in range(16):
+                    t = q[160 + j] * 81 + q[176 + j] * 27 + q[192 + j] * 9 + q[208 + j] * 3 + q[224 + j]
+                    o[32 + j] = np.uint8((t * 256 + 242) // 243)
+                for j in range(4):
+                    t = q[240 + j] * 81 + q[244 + j] * 27 + q[248 + j] * 9 + q[252 + j] * 3
+                    o[48 + j] = np.uint8((t * 256 + 242) // 243)
+                at = 52
+            else:
+                for g in range(2):
+                    for j in range(32):
+                        k = 128 * g + j
+                        o[32 * g + j] = np.uint8(q[k] | (q[k + 32] << 2) | (q[k + 64] << 4) | (q[k + 96] << 6))
+                at = 64
+            h = f32_to_f16_bits(amax)
+            o[at] = np.uint8(h & 0xFF)
+            o[at + 1] = np.uint8(h >> 8)
+
+
+@numba.njit(cache=True, parallel=True)
+def _tq_kernel(w, out, bad, ternary1):
+    rows = w.shape[0]
+    nchunk = max(1, min(rows, rows * w.shape[1] // 16384))  # more work items than threads
+    for c in numba.prange(nchunk):
+        _tq_rows(w, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk, ternary1)
 
 
 class QuantizerUnavailableError(QuantfmtError, NotImplementedError):
@@ -110,14 +178,19 @@ class GGMLDequantFormat(BlockFormat):
             raise QuantizerUnavailableError(self.why_no_quantizer())
         # gguf stores d = max |w| of each block as fp16 without a check; infinity is refused here.
         k = self.block_shape[1]
-        amax = np.abs(w.reshape(w.shape[0], -1, k)).max(axis=-1)
-        if not (amax < TQ_MAX_ABS).all():
-            r, b = (int(i) for i in np.argwhere(~(amax < TQ_MAX_ABS))[0])
+        out = np.empty((w.shape[0], w.shape[1] // k, self.block_bytes), np.uint8)
+        bad = np.empty(w.shape[0], np.int64)
+        _tq_kernel(w, out, bad, self.ggml_type == "TQ1_0")
+        hit = np.flatnonzero(bad >= 0)
+        if hit.size:
+            r = int(hit[0])
+            b = int(bad[r])
+            amax = float(np.abs(w[r, b * k : (b + 1) * k]).max())
             raise RangeError(
                 f"{self.tag}: weights of shape {w.shape}: the block at row {r}, columns {b * k}..{b * k + k - 1} "
-                f"has max |w| = {float(amax[r, b]):g}; its fp16 scale d = max |w| must stay below {TQ_MAX_ABS:g}"
+                f"has max |w| = {amax:g}; its fp16 scale d = max |w| must stay below {TQ_MAX_ABS:g}"
             )
-        return super()._quantize(w)
+        return out.reshape(-1)
 
     def why_no_quantizer(self) -> str:
         """What quantize says for a type quantfmt cannot quantize."""

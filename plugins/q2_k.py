@@ -146,22 +146,12 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _quantize_block(x, qw, out, L, Laux, weights, scales, mins, sw, lq):
-    """One super-block x (256,) into out (84,); True if d or dmin overflows fp16. qw:
-    importance weights of this super-block, or empty."""
+def _quantize_block(x, weighted, out, L, scales, mins, sw, lq):
+    """One super-block x (256,) into out (84,), given its sixteen sub-blocks' make_qkx2_quants
+    results (L (256,), scales, mins (16,); sw (16,) the sums of the importance weights when
+    `weighted`); True if d or dmin overflows fp16."""
     s = out[0:16]
-    # the sixteen sub-blocks side by side (element-major), searched in lock step
-    xt = np.empty((16, 16), np.float32)
-    wt = np.empty((16, 16), np.float32)
-    Lt = np.empty((16, 16), np.uint8)
-    for j in range(16):
-        for i in range(16):
-            xt[i, j] = x[16 * j + i]
-    if qw.shape[0] == 0:
-        for j in range(16):
-            for i in range(16):
-                wt[i, j] = abs(xt[i, j])
-        make_qkx2_lanes(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
+    if not weighted:
         max_scale = np.float32(0.0)
         max_min = np.float32(0.0)
         for j in range(16):
@@ -186,26 +176,12 @@ def _quantize_block(x, qw, out, L, Laux, weights, scales, mins, sw, lq):
         else:
             dmin = np.float32(0.0)
     else:
-        sum_x2 = np.float32(0.0)
-        for i in range(QK_K):
-            sum_x2 += x[i] * x[i]
-        sigma2 = sum_x2 / np.float32(QK_K)
-        for j in range(16):
-            sumw = np.float32(0.0)
-            for i in range(16):
-                wt[i, j] = qw[16 * j + i] * np.float32(np.sqrt(sigma2 + xt[i, j] * xt[i, j]))
-                sumw += wt[i, j]
-            sw[j] = sumw
-        make_qkx2_lanes(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
         d = make_qp_quants(scales, lq, 15, sw)
         for j in range(16):
             s[j] = lq[j]
         dmin = make_qp_quants(mins, lq, 15, sw)
         for j in range(16):
             s[j] = np.uint8((np.int64(s[j]) | (np.int64(lq[j]) << 4)) & 255)
-    for j in range(16):
-        for i in range(16):
-            L[16 * j + i] = Lt[i, j]
     if not (d < np.float32(65520.0) and dmin < np.float32(65520.0)):
         return True
     hd = f32_to_f16_bits(d)
@@ -235,20 +211,49 @@ def _quantize_block(x, qw, out, L, Laux, weights, scales, mins, sw, lq):
 @numba.njit(cache=True, error_model="numpy")
 def _quantize_rows(w, qw, out, bad, r0, r1):
     nb = w.shape[1] // QK_K
+    weighted = qw.shape[0] > 0
     L = np.empty(QK_K, np.uint8)
-    Laux = np.empty(16, np.uint8)
-    weights = np.empty(16, np.float32)
-    scales = np.empty(16, np.float32)
-    mins = np.empty(16, np.float32)
-    sw = np.empty(16, np.float32)
     lq = np.empty(16, np.uint8)
-    empty = np.empty(0, np.float32)
+    # all 16 * nb sub-blocks of a row side by side (element-major), searched in lock step: long
+    # lane loops vectorize far better than one super-block's sixteen
+    xt = np.empty((16, 16 * nb), np.float32)
+    wt = np.empty((16, 16 * nb), np.float32)
+    Lt = np.empty((16, 16 * nb), np.uint8)
+    scales = np.empty(16 * nb, np.float32)
+    mins = np.empty(16 * nb, np.float32)
+    sw = np.empty(16 * nb, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
+        for k in range(16 * nb):
+            for i in range(16):
+                xt[i, k] = w[r, 16 * k + i]
+        if not weighted:
+            for i in range(16):
+                for k in range(16 * nb):
+                    wt[i, k] = abs(xt[i, k])
+            make_qkx2_lanes(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
+        else:
+            for b in range(nb):
+                sum_x2 = np.float32(0.0)
+                for i in range(QK_K):
+                    xv = w[r, QK_K * b + i]
+                    sum_x2 += xv * xv
+                sigma2 = sum_x2 / np.float32(QK_K)
+                for j in range(16):
+                    k = 16 * b + j
+                    sumw = np.float32(0.0)
+                    for i in range(16):
+                        wt[i, k] = qw[r, 16 * k + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
+                        sumw += wt[i, k]
+                    sw[k] = sumw
+            make_qkx2_lanes(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
         for b in range(nb):
             c = b * QK_K
-            q = qw[r, c : c + QK_K] if qw.shape[0] > 0 else empty
-            if _quantize_block(w[r, c : c + QK_K], q, out[r, b], L, Laux, weights, scales, mins, sw, lq):
+            for j in range(16):
+                for i in range(16):
+                    L[16 * j + i] = Lt[i, 16 * b + j]
+            sl = slice(16 * b, 16 * b + 16)
+            if _quantize_block(w[r, c : c + QK_K], weighted, out[r, b], L, scales[sl], mins[sl], sw[sl], lq):
                 if bad[r] < 0:
                     bad[r] = b
 

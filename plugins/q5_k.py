@@ -127,12 +127,9 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _quantize_block(x, qw, out, L, Laux, weights, scales, mins, sw, ls, lm):
-    """One super-block x (256,) into out (144,); True if d or dmin overflows fp16. qw: the
-    importance weights of this super-block, or empty (the reference quantizer)."""
-    d, dmin = scale_min_search(x, qw, L, scales, mins, sw, ls, lm, NMAX,
-                               np.float32(REF[0]), np.float32(REF[1]), REF[2],
-                               np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2])
+def _quantize_block(x, out, L, ls, lm, d, dmin):
+    """One super-block x (256,) into out, given its scale search (scale_min_search: L, ls, lm,
+    d, dmin); True if d or dmin overflows fp16."""
     if not (d < np.float32(65520.0) and dmin < np.float32(65520.0)):
         return True
     pack_scale_min_k4(ls, lm, out[4:16])
@@ -166,21 +163,25 @@ def _quantize_block(x, qw, out, L, Laux, weights, scales, mins, sw, ls, lm):
 @numba.njit(cache=True, error_model="numpy")
 def _quantize_rows(w, qw, out, bad, r0, r1):
     nb = w.shape[1] // QK_K
-    L = np.empty(QK_K, np.uint8)
-    Laux = np.empty(32, np.uint8)
-    weights = np.empty(32, np.float32)
-    scales = np.empty(8, np.float32)
-    mins = np.empty(8, np.float32)
-    sw = np.empty(8, np.float32)
-    ls = np.empty(8, np.int64)
-    lm = np.empty(8, np.int64)
-    empty = np.empty(0, np.float32)
+    xt = np.empty((32, 8 * nb), np.float32)
+    wt = np.empty((32, 8 * nb), np.float32)
+    Lt = np.empty((32, 8 * nb), np.uint8)
+    scales = np.empty(8 * nb, np.float32)
+    mins = np.empty(8 * nb, np.float32)
+    sw = np.empty(8 * nb, np.float32)
+    L = np.empty((nb, QK_K), np.uint8)
+    ls = np.empty((nb, 8), np.int64)
+    lm = np.empty((nb, 8), np.int64)
+    d = np.empty(nb, np.float32)
+    dmin = np.empty(nb, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
+        scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, NMAX,
+                         np.float32(REF[0]), np.float32(REF[1]), REF[2],
+                         np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2])
         for b in range(nb):
             c = b * QK_K
-            q = qw[r, c : c + QK_K] if qw.shape[0] > 0 else empty
-            if _quantize_block(w[r, c : c + QK_K], q, out[r, b], L, Laux, weights, scales, mins, sw, ls, lm):
+            if _quantize_block(w[r, c : c + QK_K], out[r, b], L[b], ls[b], lm[b], d[b], dmin[b]):
                 if bad[r] < 0:
                     bad[r] = b
 

@@ -31,7 +31,7 @@ import quantfmt
 from quantfmt.errors import RangeError
 from quantfmt.families import KernelFormat
 
-from ._rounding import round_half_away, round_half_away_scalar
+from ._rounding import round_half_away
 
 QK = 128
 BLOCK_BYTES = 8 + QK
@@ -80,33 +80,77 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 # Quantize and dequantize: no fastmath, bit-identical to the reference. qmatmul: fastmath.
 
 
+@numba.njit(cache=True, inline="always")
+def _quantize_block(w, row, b, m, hdr, q, k, res):
+    """Block b of `row` given its mean m: s, then q (the reference's float64 operations)."""
+    m64 = np.float64(m)
+    # max |r| is exact in any order: eight running maxima (one max is a 4-cycle dependency chain)
+    mx = np.zeros(8)
+    for j0 in range(0, QK, 8):
+        for t in range(8):
+            r = np.float64(w[row, b * QK + j0 + t]) - m64
+            res[j0 + t] = r
+            mx[t] = max(mx[t], abs(r))
+    s = np.float32(max(max(max(mx[0], mx[1]), max(mx[2], mx[3])), max(max(mx[4], mx[5]), max(mx[6], mx[7]))))
+    hdr[k, 0] = s
+    hdr[k, 1] = m
+    if s == 0:
+        for j in range(QK):
+            q[k, 8 + j] = 0
+        return
+    s64 = np.float64(s)
+    for j in range(QK):  # branch-free round_half_away, so the loop vectorizes
+        v = res[j] * 127.0 / s64
+        t = np.trunc(v)
+        d = v - t
+        t = t + 1.0 if d >= 0.5 else t
+        t = t - 1.0 if d <= -0.5 else t
+        q[k, 8 + j] = np.int8(min(max(t, -127.0), 127.0))
+
+
+@numba.njit(cache=True)
+def _quantize_rows(w, hdr, q, r0, r1):
+    # hdr: float32 (rows * nb, 34), the bytes seen as float32 (136 = 4 * 34): (s, m) at 0, 1;
+    # q: int8 (rows * nb, 136), the bytes seen as int8: q[j] at 8 + j. Both views are made once
+    # by the caller: slicing views per block costs more than the block's arithmetic.
+    nb = w.shape[1] // QK
+    res = np.empty(QK)
+    for row in range(r0, r1):
+        b = 0
+        while b < nb:
+            # Each block's sum is one sequential chain in index order (the spec fixes it); four
+            # blocks' chains interleaved keep the adder busy, each chain's order unchanged.
+            g = 4 if b + 4 <= nb else 1
+            a0 = a1 = a2 = a3 = 0.0
+            if g == 4:
+                for j in range(QK):
+                    a0 += np.float64(w[row, b * QK + j])
+                    a1 += np.float64(w[row, (b + 1) * QK + j])
+                    a2 += np.float64(w[row, (b + 2) * QK + j])
+                    a3 += np.float64(w[row, (b + 3) * QK + j])
+            else:
+                for j in range(QK):
+                    a0 += np.float64(w[row, b * QK + j])
+            _quantize_block(w, row, b, np.float32(a0 / 128.0), hdr, q, row * nb + b, res)
+            if g == 4:
+                _quantize_block(w, row, b + 1, np.float32(a1 / 128.0), hdr, q, row * nb + b + 1, res)
+                _quantize_block(w, row, b + 2, np.float32(a2 / 128.0), hdr, q, row * nb + b + 2, res)
+                _quantize_block(w, row, b + 3, np.float32(a3 / 128.0), hdr, q, row * nb + b + 3, res)
+            b += g
+
+
 @numba.njit(cache=True, parallel=True)
+def _quantize_driver(w, hdr, q):
+    # More work items than threads (~64 KB of weights each), so a descheduled thread on a
+    # shared machine holds up one small chunk rather than half the matrix.
+    rows = w.shape[0]
+    nchunk = max(1, min(rows, rows * w.shape[1] // 16384))
+    for c in numba.prange(nchunk):
+        _quantize_rows(w, hdr, q, c * rows // nchunk, (c + 1) * rows // nchunk)
+
+
 def _quantize_kernel(w, out):
-    rows, cols = w.shape
-    nb = cols // QK
-    for row in numba.prange(rows):
-        res = np.empty(QK)
-        for b in range(nb):
-            o = (row * nb + b) * BLOCK_BYTES
-            hdr = out[o : o + 8].view(np.float32)
-            q = out[o + 8 : o + BLOCK_BYTES].view(np.int8)
-            acc = 0.0
-            for j in range(QK):
-                acc += np.float64(w[row, b * QK + j])
-            m = np.float32(acc / 128.0)
-            mx = 0.0
-            for j in range(QK):
-                res[j] = np.float64(w[row, b * QK + j]) - np.float64(m)
-                mx = max(mx, abs(res[j]))
-            s = np.float32(mx)
-            hdr[0] = s
-            hdr[1] = m
-            for j in range(QK):
-                if s == 0:
-                    q[j] = 0
-                else:
-                    v = round_half_away_scalar(res[j] * 127.0 / np.float64(s))
-                    q[j] = np.int8(min(max(v, -127.0), 127.0))
+    _quantize_driver(w, out.view(np.float32).reshape(-1, BLOCK_BYTES // 4), out.view(np.int8).reshape(-1, BLOCK_BYTES))
 
 
 @numba.njit(cache=True)

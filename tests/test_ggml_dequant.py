@@ -173,6 +173,8 @@ def tq_corpus():
         "normal": rng.standard_normal((8, 512)).astype(np.float32),
         "scaled": (rng.standard_normal((4, 256)) * 10.0 ** rng.uniform(-6, 4, (4, 1))).astype(np.float32),
         "ternary": (rng.integers(-1, 2, (4, 512)) * 0.37).astype(np.float32),
+        # the kernel splits rows into ~16K-weight chunks: several of them, rows of different scales
+        "many chunks": (rng.standard_normal((72, 1024)) * 10.0 ** rng.uniform(-8, 4, (72, 1))).astype(np.float32),
         "zeros": z, "ties": ties[None], "signed zeros": neg0[None],
         "near fp16 max": np.full((1, 256), 65519.0, np.float32) * np.sign(rng.standard_normal(256)).astype(np.float32),
     }

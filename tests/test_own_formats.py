@@ -171,6 +171,19 @@ def test_blocks_differing_by_orders_of_magnitude(tag, rng):
     check_all(tag, magnitudes_matrix(tag, rng))
 
 
+@pytest.mark.parametrize("tag", ["Q8_B", "Q4_A"])
+def test_many_chunks_and_block_groups(tag, rng):
+    # The quantize kernels split rows into ~16K-weight chunks (more than threads), and Q8_B sums
+    # four blocks' chains at a time plus a tail: several chunks, 7 blocks a row (4 + 3), rows and
+    # blocks of magnitudes far apart, a constant block and a block holding a signed zero pair.
+    bc = fmt(tag).block_shape[1]
+    w = rng.standard_normal((72, 7 * bc)) * 10.0 ** rng.uniform(-20, 20, (72, 7)).repeat(bc, axis=1)
+    w[3, :bc] = 2.5
+    w[5, bc : 2 * bc] = 0.0
+    w[5, bc] = -0.0
+    check_kernels(tag, w.astype(np.float32))
+
+
 def test_q8a_scale_uses_the_blocks_own_rows():
     # Row group g holds the value 10**g in every row: each block's scale must be exactly 10**g.
     w = np.repeat(np.float32(10.0) ** np.arange(4, dtype=np.float32), 128)[:, None] * np.ones(

@@ -446,11 +446,11 @@ def test_worker_memory_is_one_tensor_not_the_model(tmp_path):
 
 
 def test_finite_check_runs_in_row_blocks_and_still_finds_the_value(monkeypatch):
-    """The non-finite check walks a tensor a block of rows at a time (no tensor-sized temporary)."""
+    """The non-finite check walks a tensor a slice at a time (no tensor-sized temporary)."""
     from quantfmt import format as fmtmod
     from quantfmt.errors import NonFiniteError
 
-    monkeypatch.setattr(fmtmod, "_FINITE_CHUNK", 64)  # 2 rows of 32 per block
+    monkeypatch.setattr(fmtmod, "FINITE_SCAN_ELEMENTS", 64)  # 2 rows of 32 per slice
     for r, c in ((0, 3), (6, 31), (9, 0)):
         w = np.zeros((10, 32), np.float32)
         w[r, c] = np.nan

@@ -84,3 +84,10 @@ def test_any_byte_order_gives_the_same_bytes(tag, rng):
     assert np.array_equal(f.quantize(w.astype(">f4")), f.quantize(w))
     x = rng.standard_normal(64)
     assert np.array_equal(f.qmatmul(f.quantize(w), w.shape, x.astype(">f8")), f.qmatmul(f.quantize(w), w.shape, x))
+
+
+def test_f64_widening_is_numpys_exact_cast(rng):
+    w = rng.standard_normal((301, 999)).astype(np.float32)
+    w[0, :4] = [-0.0, 1e-45, -3.4e38, 65504.0]
+    got = get_format("F64").quantize(w)
+    assert np.array_equal(got, w.astype("<f8").reshape(-1).view(np.uint8))
