@@ -39,10 +39,17 @@ USE_F16C = cpu.has("f16c")
 # Columns per work item of the conversion kernel: 64 KiB of float32, so one row of a wide tensor
 # still splits across threads, and there are many more items than threads.
 COL_CHUNK = 16384
-# Rows per work item of the matvec: with 4096 columns, 16 rows are 128 KiB of fp16, and an
-# 11008-row matrix is 688 items, many per thread, so a thread that is descheduled delays
-# little (the items are independent, each thread takes the next).
+# Rows per work item of the matvec: with 4096 columns, 16 rows are 128 KiB of fp16.
 ROW_CHUNK = 16
+# Weights a thread takes at a time from a parallel loop (numba.parallel_chunksize): threads take the
+# next items when done (dynamic scheduling), not a fixed half each, so a thread that shares its core
+# (another process, BLAS threads still spinning after a call) or is descheduled delays the loop by
+# one grab, not by half the work. An 11008x4096 matrix is 172 grabs; measured on a loaded 2-core
+# machine: 2-thread decode 1.6x -> 1.16x the float32 time.
+GRAB_WEIGHTS = 1 << 18
+# Conversions of fewer weights than this run on the calling thread: 4 MiB of float32 out, ~1 ms of one
+# core, where waking a thread pool and waiting for its slowest thread can cost more on a busy machine.
+PARALLEL_MIN = 1 << 20
 # reassociation and contraction (FMA) let LLVM vectorize the dot product's sum; nnan/ninf are left
 # out on purpose: weights may be inf or NaN and must propagate.
 FAST = {"reassoc", "contract"}
@@ -138,9 +145,11 @@ def bf16_shift(h):
 # One kernel per path (a kernel that took the converter as an argument would not be cached on disk).
 # rows_*: rows `idx` of a (rows, cols) uint16 matrix, in parallel; the work items are (row, column
 # range) pairs, so one row or a few rows still use every thread (dequantize, get_rows).
-# tile_*: rows [r0, r1) on the calling thread, for prefill's tiles: between two BLAS calls, whose
-# threads are still spinning, a parallel region would fight them for the cores (measured: 2-10x
-# slower), while one thread converts a tile from L3/memory at the speed the next sgemm needs.
+# gather_*: the same on the calling thread, for prefill's tiles and small requests. Between two BLAS
+# calls, whose threads are still spinning, a parallel region would fight them for the cores, and on a
+# busy machine every parallel region waits for its slowest (descheduled) thread (measured on a loaded
+# 2-core machine: 64 rows by get_rows 100x slower in parallel, prefill tiles 2-10x); one thread
+# converts a tile at the speed the next sgemm needs, and 64 rows in tens of microseconds.
 
 
 @numba.njit(cache=True, parallel=True)
@@ -149,8 +158,9 @@ def rows_f16c(src, idx, out):
     ncc = (cols + COL_CHUNK - 1) // COL_CHUNK
     for item in numba.prange(idx.size * ncc):
         k, c0 = item // ncc, item % ncc * COL_CHUNK
-        s, o = src[idx[k]], out[k]
-        for j in range(c0, min(cols, c0 + COL_CHUNK)):
+        c1 = min(cols, c0 + COL_CHUNK)
+        s, o = src[idx[k], c0:c1], out[k, c0:c1]
+        for j in range(c1 - c0):  # from 0 over slices: LLVM vectorizes this (an offset range it did not)
             o[j] = f16_f16c(s[j])
 
 
@@ -160,8 +170,9 @@ def rows_f16_portable(src, idx, out):
     ncc = (cols + COL_CHUNK - 1) // COL_CHUNK
     for item in numba.prange(idx.size * ncc):
         k, c0 = item // ncc, item % ncc * COL_CHUNK
-        s, o = src[idx[k]], out[k]
-        for j in range(c0, min(cols, c0 + COL_CHUNK)):
+        c1 = min(cols, c0 + COL_CHUNK)
+        s, o = src[idx[k], c0:c1], out[k, c0:c1]
+        for j in range(c1 - c0):  # from 0 over slices: LLVM vectorizes this (an offset range it did not)
             o[j] = f16_portable(s[j])
 
 
@@ -171,31 +182,42 @@ def rows_bf16(src, idx, out):
     ncc = (cols + COL_CHUNK - 1) // COL_CHUNK
     for item in numba.prange(idx.size * ncc):
         k, c0 = item // ncc, item % ncc * COL_CHUNK
-        s, o = src[idx[k]], out[k]
-        for j in range(c0, min(cols, c0 + COL_CHUNK)):
+        c1 = min(cols, c0 + COL_CHUNK)
+        s, o = src[idx[k], c0:c1], out[k, c0:c1]
+        for j in range(c1 - c0):  # from 0 over slices: LLVM vectorizes this (an offset range it did not)
             o[j] = bf16_shift(s[j])
 
 
 @numba.njit(cache=True, nogil=True)
-def tile_f16c(src, r0, r1, out):
-    for r in range(r0, r1):
-        s, o = src[r], out[r - r0]
+def gather_f16c(src, idx, out):
+    for k in range(idx.size):
+        s, o = src[idx[k]], out[k]
         for j in range(src.shape[1]):
             o[j] = f16_f16c(s[j])
 
 
 @numba.njit(cache=True, nogil=True)
-def tile_f16_portable(src, r0, r1, out):
-    for r in range(r0, r1):
-        s, o = src[r], out[r - r0]
+def tile_f16c(src, idx, out):
+    # vcvtph2ps alone (a NaN's payload may differ from numpy's, no matter for a tile BLAS multiplies:
+    # the product is NaN either way); twice the speed of the exact conversion when `out` is in L2.
+    for k in range(idx.size):
+        s, o = src[idx[k]], out[k]
+        for j in range(src.shape[1]):
+            o[j] = f16_dot_f16c(s[j])
+
+
+@numba.njit(cache=True, nogil=True)
+def gather_f16_portable(src, idx, out):
+    for k in range(idx.size):
+        s, o = src[idx[k]], out[k]
         for j in range(src.shape[1]):
             o[j] = f16_portable(s[j])
 
 
 @numba.njit(cache=True, nogil=True)
-def tile_bf16(src, r0, r1, out):
-    for r in range(r0, r1):
-        s, o = src[r], out[r - r0]
+def gather_bf16(src, idx, out):
+    for k in range(idx.size):
+        s, o = src[idx[k]], out[k]
         for j in range(src.shape[1]):
             o[j] = bf16_shift(s[j])
 
@@ -255,34 +277,45 @@ def path_f16() -> str:
     return "f16c" if USE_F16C else "portable"
 
 
-def rows_to_f32(kind: str, src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out[k] = float32 of row idx[k] of `src` (uint16 (rows, cols)); kind "F16" or "BF16"."""
-    if kind == "BF16":
-        rows_bf16(src, idx, out)
+def to_f32(kind: str, src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[k] = float32 of row idx[k] of `src` (uint16 (rows, cols)); kind "F16" or "BF16". In parallel
+    only when the work is large enough to pay for waking the threads (PARALLEL_MIN weights)."""
+    if idx.size * src.shape[1] >= PARALLEL_MIN:
+        with numba.parallel_chunksize(max(1, GRAB_WEIGHTS // min(src.shape[1], COL_CHUNK))):
+            if kind == "BF16":
+                rows_bf16(src, idx, out)
+            elif USE_F16C:
+                rows_f16c(src, idx, out)
+            else:
+                rows_f16_portable(src, idx, out)
+    elif kind == "BF16":
+        gather_bf16(src, idx, out)
     elif USE_F16C:
-        rows_f16c(src, idx, out)
+        gather_f16c(src, idx, out)
     else:
-        rows_f16_portable(src, idx, out)
+        gather_f16_portable(src, idx, out)
     return out
 
 
-def tile_to_f32(kind: str, src: np.ndarray, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
-    """out[: r1 - r0] = float32 of rows [r0, r1) of `src`, on this thread; kind "F16" or "BF16"."""
+def tile_to_f32(kind: str, src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """to_f32 on the calling thread, whatever the size, for prefill's tiles (between BLAS calls); with
+    F16C a NaN comes out as some NaN, not necessarily numpy's bits."""
     if kind == "BF16":
-        tile_bf16(src, r0, r1, out)
+        gather_bf16(src, idx, out)
     elif USE_F16C:
-        tile_f16c(src, r0, r1, out)
+        tile_f16c(src, idx, out)
     else:
-        tile_f16_portable(src, r0, r1, out)
+        gather_f16_portable(src, idx, out)
     return out
 
 
 def matvec(kind: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (n, rows) = x (n, cols) @ w.T for w the uint16 bits (rows, cols); kind "F16" or "BF16"."""
-    if kind == "BF16":
-        matvec_bf16(w, x, out)
-    elif USE_F16C:
-        matvec_f16c(w, x, out)
-    else:
-        matvec_f16_portable(w, x, out)
+    with numba.parallel_chunksize(max(1, GRAB_WEIGHTS // (ROW_CHUNK * w.shape[1]))):
+        if kind == "BF16":
+            matvec_bf16(w, x, out)
+        elif USE_F16C:
+            matvec_f16c(w, x, out)
+        else:
+            matvec_f16_portable(w, x, out)
     return out
