@@ -1,9 +1,10 @@
 """Half-precision kernels for F16 and BF16 (plain.py's formats): their bits to float32, and the decode dot product.
 
-Owns every numba kernel that reads F16/BF16 weights: the conversion to float32 that dequantize, get_rows
-and the prefill tiles use (one gather kernel over (row, column range) work items), and the matvec that
-decode uses (converting on the fly, reading each weight byte once). Each exists per path, chosen at run
-time from quantfmt.cpu (`path_f16()`):
+Owns every numba kernel that reads F16/BF16 weights: the conversion of rows to float32 (in parallel over
+(row, column range) items for large dequantize/get_rows, on the calling thread for small ones and for
+prefill's tiles, which go to BLAS), and the matvec that decode uses (parallel over row chunks, converting
+on the fly, reading each weight byte once). Each exists per path, chosen at run time from quantfmt.cpu
+(`path_f16()`):
   "f16c"      F16 -> float32 by LLVM's `fpext half to float`, which LLVM lowers to vcvtph2ps (F16C) or
               vcvtph2psx (AVX512-FP16); only compiled where the CPU has F16C (elsewhere LLVM would emit a
               call to a compiler-rt helper numba's JIT may not link).
@@ -14,7 +15,8 @@ rounded to bf16, which breaks qmatmul's promise of float32 activations, so they 
 
 Exactness: dequantize and get_rows give numpy's `astype(float32)` bit for bit, NaN included. numpy keeps a
 NaN's sign and payload exactly, the signalling bit too (0x7C01 -> 0x7F802000), while vcvtph2ps quiets a
-signalling NaN (-> 0x7FC02000): the F16C kernels therefore rebuild every inf/NaN from its bits. The
+signalling NaN (-> 0x7FC02000): the F16C kernels therefore rebuild every inf/NaN from its bits (all but
+the prefill tiles', whose NaNs only feed BLAS, where any NaN gives the same NaN result). The
 portable conversion never computes with a subnormal float (a subnormal fp16 is its 10-bit integer
 mantissa, converted exactly, times 2**-24, a normal float32), so a process with denormals-are-zero set by
 some other library still gets exact results. qmatmul sums in a different order than BLAS (reassociation
