@@ -23,6 +23,7 @@ QMATMUL_TARGETS = {
     (1, "Q4_A"): 0.6,
     (PREFILL_N, "Q4_0"): 1.0,
     (PREFILL_N, "Q8_0"): 1.0,
+    (1, "F16"): 0.6, (1, "BF16"): 0.6, (PREFILL_N, "F16"): 1.1, (PREFILL_N, "BF16"): 1.1,  # issue 11, item 2
 }
 QUANTIZE_GBPS = {"Q4_0": 3.0, "Q8_0": 1.5}
 DEQUANTIZE_GBPS = {"Q4_0": 4.0, "Q8_0": 4.0}

@@ -1,0 +1,208 @@
+"""F16 and BF16 kernels (plugins/_half.py), every path this CPU can run, against numpy's reference:
+astype(float32) then matmul. The portable path runs here by the module switch and, compiled for a
+generic CPU, in a subprocess."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from quantfmt import cpu, get_format
+from quantfmt_formats import _half
+from quantfmt_formats.plain import f32_from_bf16
+
+F16_PATHS = ["portable"] + (["f16c"] if cpu.has("f16c") else [])
+
+
+@pytest.fixture(params=F16_PATHS)
+def f16_path(request, monkeypatch):
+    monkeypatch.setattr(_half, "USE_F16C", request.param == "f16c")
+    assert get_format("F16").kernel_path("dequantize") == request.param
+    return request.param
+
+
+def every_pattern() -> np.ndarray:
+    """All 65536 16-bit patterns, (16, 4096): zeros of both signs, subnormals, normals, infinities,
+    signalling and quiet NaNs with every payload."""
+    return np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(16, 4096)
+
+
+def reference(tag: str, bits: np.ndarray) -> np.ndarray:
+    if tag == "F16":
+        return bits.view(np.float16).astype(np.float32)
+    return f32_from_bf16(bits)
+
+
+def test_reference_nan_policy():
+    # numpy keeps a NaN's payload and its signalling bit (what the kernels promise to match), and the
+    # BF16 reference is the plain shift: derived by hand, so a change in numpy shows here.
+    bits = np.array([0x7C01, 0x7E00, 0xFDFF, 0x0001, 0x8400, 0x7C00], np.uint16)
+    assert [hex(v) for v in reference("F16", bits).view(np.uint32)] == [
+        "0x7f802000", "0x7fc00000", "0xffbfe000", "0x33800000", "0xb8800000", "0x7f800000"]
+    assert [hex(v) for v in reference("BF16", bits).view(np.uint32)] == [
+        "0x7c010000", "0x7e000000", "0xfdff0000", "0x10000", "0x84000000", "0x7c000000"]
+
+
+def _check_exact(tag):
+    bits = every_pattern()
+    ref = reference(tag, bits).view(np.uint32)
+    f = get_format(tag)
+    data = bits.reshape(-1).view(np.uint8)
+    assert np.array_equal(f.dequantize(data, bits.shape).view(np.uint32), ref)
+    idx = np.array([15, 0, -1, 7, 7, 3])
+    assert np.array_equal(f.get_rows(data, bits.shape, idx).view(np.uint32), ref[idx])
+    # one wide row (a single row still splits into column ranges) and a 1-D tensor
+    assert np.array_equal(f.dequantize(data, (1, 65536)).view(np.uint32), ref.reshape(1, -1))
+    assert np.array_equal(f.get_rows(data, (1, 65536), [0]).view(np.uint32), ref.reshape(1, -1))
+    assert np.array_equal(f.dequantize(data, (65536,)).view(np.uint32), ref.reshape(-1))
+    # the prefill tiles' converter: the same values, any NaN for a NaN (its payload is lost in BLAS)
+    tile = np.full((4, 4096), 7.0, np.float32)
+    _half.tile_to_f32(tag, bits, np.arange(5, 9), tile)
+    nan = np.isnan(ref[5:9].view(np.float32))
+    assert np.array_equal(np.isnan(tile), nan)
+    assert np.array_equal(tile.view(np.uint32)[~nan], ref[5:9][~nan])
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def threads(request, monkeypatch):
+    # conversions switch to the parallel kernels from PARALLEL_MIN weights: run both on these sizes
+    monkeypatch.setattr(_half, "PARALLEL_MIN", 1 if request.param == "parallel" else 1 << 62)
+    return request.param
+
+
+def test_f16_every_bit_pattern_exact(f16_path, threads):
+    _check_exact("F16")
+
+
+def test_bf16_every_bit_pattern_exact(threads):
+    assert get_format("BF16").kernel_path("dequantize") == "shift"
+    _check_exact("BF16")
+
+
+@pytest.mark.parametrize("tag", ["F16", "BF16"])
+def test_read_only_and_unaligned_bytes(tag, rng, threads):
+    bits = rng.integers(0, 1 << 16, (5, 33), dtype=np.uint16)
+    bits[(bits & 0x7F80) == 0x7F80] = 0  # finite (bf16 and f16 alike), so qmatmul compares plainly
+    bits[(bits & 0x7C00) == 0x7C00] = 0
+    ref = reference(tag, bits)
+    f = get_format(tag)
+    buf = np.empty(bits.nbytes + 1, np.uint8)[1:]  # odd address: the uint16 view is unaligned
+    buf[:] = bits.reshape(-1).view(np.uint8)
+    x = rng.standard_normal((2, 33)).astype(np.float32)
+    for data in (bytes(bits.reshape(-1).view(np.uint8)), buf):
+        assert np.array_equal(f.dequantize(data, bits.shape), ref)
+        assert np.array_equal(f.get_rows(data, bits.shape, [4, 0]), ref[[4, 0]])
+        np.testing.assert_allclose(f.qmatmul(data, bits.shape, x), x @ ref.T, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def weights_with_specials(tag, rows, cols, rng, nonfinite=True):
+    """Random normal weights as bits, with ±0 and subnormals spread in, and (optionally) rows holding
+    +inf, -inf, both, NaN."""
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if tag == "F16":
+        bits = w.astype(np.float16).view(np.uint16)
+        sub, inf, nan = [0x0001, 0x83FF, 0x0200, 0x8000, 0x0000], 0x7C00, 0x7C01
+    else:
+        bits = (w.view(np.uint32) >> 16).astype(np.uint16)
+        sub, inf, nan = [0x0001, 0x807F, 0x0040, 0x8000, 0x0000], 0x7F80, 0x7F81
+    mask = rng.random((rows, cols)) < 0.05
+    bits[mask] = rng.choice(np.array(sub, np.uint16), mask.sum())
+    if nonfinite and rows >= 4:
+        bits[0, cols // 2] = inf
+        bits[1, 0] = inf | 0x8000
+        bits[2, -1], bits[2, 0] = inf, inf | 0x8000
+        bits[3, cols // 3] = nan | 0x8000
+    return bits
+
+
+def assert_matmul_close(got, x, wf):
+    with np.errstate(invalid="ignore"):
+        ref = x.astype(np.float64) @ wf.astype(np.float64).T
+        # where the reference is not finite, the same inf or NaN (IEEE: inf + finite = inf in any order)
+        ref32 = x @ wf.T
+        assert np.array_equal(np.isnan(got), np.isnan(ref32))
+        fin = np.isfinite(ref32)
+        assert np.array_equal(got[~fin & ~np.isnan(ref32)], ref32[~fin & ~np.isnan(ref32)])
+        bound = 2e-6 * (np.abs(x).astype(np.float64) @ np.abs(np.where(np.isfinite(wf), wf, 0)).astype(np.float64).T)
+        err = np.abs(got.astype(np.float64) - ref)
+        assert (err[fin] <= bound[fin] + 1e-30).all(), float((err[fin] - bound[fin]).max())
+
+
+SHAPES = [(1, 1), (1, 33), (3, 17), (5, 8), (40, 130), (19, 4099)]
+
+
+def _check_qmatmul(tag, rng, monkeypatch):
+    f = get_format(tag)
+    for rows, cols in SHAPES:
+        bits = weights_with_specials(tag, rows, cols, rng)
+        wf = reference(tag, bits)
+        data = bits.reshape(-1).view(np.uint8)
+        for n in (1, 2, f.matvec_max_n, f.matvec_max_n + 1, 37):
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            x[:, -1] = 0.0  # inf * 0 = NaN: the rows holding inf at the last column
+            assert_matmul_close(f.qmatmul(data, (rows, cols), x), x, wf)
+        assert_matmul_close(f.qmatmul(data, (rows, cols), x[0])[None], x[:1], wf)
+    # prefill in several tiles, the last one partial
+    monkeypatch.setattr(f, "prefill_tile_elements", 7 * 130)
+    bits = weights_with_specials(tag, 40, 130, rng)
+    x = rng.standard_normal((12, 130)).astype(np.float32)
+    assert_matmul_close(f.qmatmul(bits.reshape(-1).view(np.uint8), (40, 130), x), x, reference(tag, bits))
+
+
+def test_f16_qmatmul(f16_path, rng, monkeypatch):
+    f = get_format("F16")
+    assert f.kernel_path("qmatmul", 1) == f"matvec-{f16_path}"
+    assert f.kernel_path("qmatmul", 128) == f"tiles-{f16_path}+blas"
+    _check_qmatmul("F16", rng, monkeypatch)
+
+
+def test_bf16_qmatmul(rng, monkeypatch):
+    f = get_format("BF16")
+    assert (f.kernel_path("qmatmul", 1), f.kernel_path("qmatmul", 128)) == ("matvec-shift", "tiles-shift+blas")
+    _check_qmatmul("BF16", rng, monkeypatch)
+
+
+def test_assert_matmul_close_can_fail(rng):
+    # the checker above would catch a kernel off by one ulp of a weight, a lost NaN, or a wrong inf
+    bits = weights_with_specials("F16", 8, 64, rng)
+    wf = reference("F16", bits)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        good = x @ wf.T
+    assert_matmul_close(good, x, wf)
+    for bad in (good * (1 + 1e-4), np.where(np.isnan(good), 0, good), -good):
+        with pytest.raises(AssertionError):
+            assert_matmul_close(bad, x, wf)
+
+
+def test_portable_path_compiled_for_a_generic_cpu(tmp_path):
+    # What a CPU without F16C runs: numba compiling for a generic x86-64 (or the host's own generic),
+    # so quantfmt.cpu reports no F16C and the kernels must pick the portable path by themselves.
+    code = textwrap.dedent("""
+        import numpy as np
+        from quantfmt import cpu, get_format
+        assert not cpu.has("f16c")
+        bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(16, 4096)
+        ref = bits.view(np.float16).astype(np.float32)
+        f = get_format("F16")
+        data = bits.reshape(-1).view(np.uint8)
+        assert np.array_equal(f.dequantize(data, bits.shape).view(np.uint32), ref.view(np.uint32))
+        from quantfmt_formats import _half
+        _half.PARALLEL_MIN = 1  # the parallel conversion kernel too
+        assert np.array_equal(f.dequantize(data, bits.shape).view(np.uint32), ref.view(np.uint32))
+        fin = np.where(np.isfinite(ref), ref, 0).astype(np.float32)
+        d = fin.astype(np.float16).view(np.uint16).reshape(-1).view(np.uint8)
+        rng = np.random.default_rng(0)
+        for n in (1, 20):
+            x = rng.standard_normal((n, 4096)).astype(np.float32)
+            np.testing.assert_allclose(f.qmatmul(d, bits.shape, x), x @ fin.T, rtol=1e-4, atol=1e-3)
+        print(f.kernel_path("dequantize"), f.kernel_path("qmatmul", 1), f.kernel_path("qmatmul", 20))
+    """)
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    env.pop("NUMBA_CPU_FEATURES", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["portable", "matvec-portable", "tiles-portable+blas"]
