@@ -101,6 +101,17 @@ def test_manifest_matches_what_the_modules_register(fresh_registry):
     assert seen == declared
 
 
+def test_ggml_types_resolve_lazily_to_what_the_full_table_says(fresh_registry):
+    from quantfmt.io import gguf as gguf_io
+
+    table = gguf_io.ggml_formats()
+    for name, fmt in table.items():
+        plugins.configure()
+        assert gguf_io.ggml_format(name).tag == fmt.tag, name
+        assert gguf_io.ggml_name_of(fmt.tag) == name
+    assert gguf_io.ggml_format("Q9_9") is None and gguf_io.ggml_name_of("U8") is None
+
+
 def test_lazy_then_full_load_lists_in_the_same_order(fresh_registry):
     plugins.configure()
     first = plugins.get_format("Q8_0")
