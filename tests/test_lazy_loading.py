@@ -152,3 +152,45 @@ def test_strict_mode_loads_every_plugin_on_first_use(tmp_path, fresh_registry):
         plugins.get_format("Q4_0")  # a built-in tag: still an error, as before lazy loading
     plugins.configure(plugins_dirs=[tmp_path])
     assert plugins.get_format("Q4_0").tag == "Q4_0"  # not strict: a tag that needs no third party works
+
+
+def test_parallel_rows_covers_every_row_once_on_the_threads_numba_allows():
+    import threading
+
+    import numba
+
+    from quantfmt.families import n_chunks, parallel_rows
+
+    rows, cols = 1000, 4096
+    seen = np.zeros(rows, np.int64)
+    threads = set()
+    lock = threading.Lock()
+
+    def kernel(out, r0, r1):
+        with lock:
+            out[r0:r1] += 1
+            threads.add(threading.get_ident())
+
+    assert n_chunks(rows, cols) > 2
+    parallel_rows(kernel, rows, cols, seen)
+    assert (seen == 1).all()
+    assert len(threads) <= numba.get_num_threads()
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        threads.clear()
+        parallel_rows(kernel, rows, cols, seen)
+        assert (seen == 2).all() and threads == {threading.get_ident()}  # one thread: the caller's
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_parallel_rows_reraises_a_kernel_error():
+    from quantfmt.families import parallel_rows
+
+    def kernel(r0, r1):
+        if r1 == 64:  # the last range: whichever thread runs it, on any number of threads
+            raise ValueError(f"rows {r0}..{r1}")
+
+    with pytest.raises(ValueError, match="rows"):
+        parallel_rows(kernel, 64, 1 << 16)
