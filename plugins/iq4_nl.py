@@ -45,7 +45,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat
+from quantfmt.families import GGMLFormat, parallel_rows
 
 from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
 from ._i8tiles import prepare_int8, qmatmul_int8
@@ -118,7 +118,7 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 # comparisons of overflowing sums that the search relies on (see the docstring).
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     nb = w.shape[1] // 32
     wt = np.empty(32, np.float32)
@@ -152,13 +152,11 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
                 out[r, b, 2 + j] = np.uint8(lo | (hi << 4))
 
 
-@numba.njit(cache=True, parallel=True)
 def _quantize_weighted_kernel(w, qw, has_qw, out, bad, vf, bracket):
-    rows = w.shape[0]
+    # Python threads over row ranges, not a parallel=True driver: as fast, and a cold start
+    # compiles the row kernel once (see families.parallel_rows).
     # ~32K weights per work item: this quantizer does ~16 passes over each block
-    nchunk = max(1, min(rows, rows * w.shape[1] // 32768))
-    for c in numba.prange(nchunk):
-        _quantize_rows(w, qw, has_qw, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk, vf, bracket)
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, has_qw, out, bad, weights=32768, tail=(vf, bracket))
 
 
 def _quantize_kernel(w, out, bad):

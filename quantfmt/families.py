@@ -62,8 +62,8 @@ _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536) -> None:
-    """Run `kernel(*args, r0, r1)` over the row ranges n_chunks(rows, cols, weights) gives, on
+def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tail: tuple = ()) -> None:
+    """Run `kernel(*args, r0, r1, *tail)` over the row ranges n_chunks(rows, cols, weights) gives, on
     numba.get_num_threads() threads (the calling one included), each taking the next range.
 
     The driver a `parallel=True` numba kernel would be, in Python: `kernel` must be compiled with
@@ -78,7 +78,7 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536) -> 
     nchunk = n_chunks(rows, cols, weights)
     nthreads = min(numba.get_num_threads(), nchunk)  # honours numba.set_num_threads, as prange does
     if nthreads <= 1:
-        kernel(*args, 0, rows)
+        kernel(*args, 0, rows, *tail)
         return
     chunks = iter(range(nchunk))
     lock = threading.Lock()
@@ -89,7 +89,7 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536) -> 
                 c = next(chunks, None)
             if c is None:
                 return
-            kernel(*args, c * rows // nchunk, (c + 1) * rows // nchunk)
+            kernel(*args, c * rows // nchunk, (c + 1) * rows // nchunk, *tail)
 
     global _pool
     with _pool_lock:
