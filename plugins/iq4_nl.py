@@ -165,7 +165,7 @@ def _quantize_kernel(w, out, bad):
     _quantize_weighted_kernel(w, qw if has else np.zeros(1, np.float32), has, out, bad, _VF, BRACKET)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows(blocks, lut, vf, idx, out, k0, k1):
     nb = blocks.shape[1]
     for k in range(k0, k1):
@@ -178,12 +178,10 @@ def _dequantize_rows(blocks, lut, vf, idx, out, k0, k1):
                 out[k, b * 32 + 16 + j] = d * vf[v >> 4]
 
 
-@numba.njit(cache=True, parallel=True)
 def _dequantize_kernel_v(blocks, lut, vf, idx, out):
-    n = idx.size
-    nchunk = max(1, min(n, n * out.shape[1] // 65536))
-    for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, vf, idx, out, c * n // nchunk, (c + 1) * n // nchunk)
+    # Python threads over row ranges (one range, in this thread, for a few rows), not a parallel=True
+    # driver: as fast, and a cold start compiles _dequantize_rows once (see families.parallel_rows).
+    parallel_rows(_dequantize_rows, idx.size, out.shape[1], blocks, lut, vf, idx, out)
 
 
 def _dequantize_kernel(blocks, lut, idx, out):

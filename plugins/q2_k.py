@@ -269,7 +269,7 @@ def _quantize_kernel(w, out, bad):
     _quantize_kernel_qw(w, np.empty((0, 0), np.float32), out, bad)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
     # Loops of `half` (16) known only at run time, 3-D indexing, 2-bit fields split in float (exact).
     nb = blocks.shape[1]
@@ -302,12 +302,10 @@ def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
                         out[k, o + 96 + i] = dl[t3] * q3 - ml[t3]
 
 
-@numba.njit(cache=True, parallel=True)
 def _dequantize_kernel(blocks, lut, idx, out):
-    n = idx.size
-    nchunk = max(1, min(n, n * out.shape[1] // 65536))
-    for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
+    # Python threads over row ranges (one range, in this thread, for a few rows), not a parallel=True
+    # driver: as fast, and a cold start compiles _dequantize_rows once (see families.parallel_rows).
+    parallel_rows(_dequantize_rows, idx.size, out.shape[1], blocks, lut, idx, out, tail=(16,))
 
 
 # ---- the format ------------------------------------------------------------------------------

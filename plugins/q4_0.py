@@ -148,7 +148,7 @@ def _quantize_kernel(w, out, bad):
     parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, out, bad)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
     # Rows idx[k0:k1] of blocks (rows, nb, 18) into out[k0:k1]. Direct 3-D indexing and a
     # trip count `half` known only at run time: numba runs no SLP vectorizer, and constant
@@ -167,12 +167,10 @@ def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
                 out[k, b * 32 + 16 + j] = (hi - np.float32(8.0)) * d
 
 
-@numba.njit(cache=True, parallel=True)
 def _dequantize_kernel(blocks, lut, idx, out):
-    n = idx.size
-    nchunk = max(1, min(n, n * out.shape[1] // 65536))
-    for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
+    # Python threads over row ranges (one range, in this thread, for a few rows), not a parallel=True
+    # driver: as fast, and a cold start compiles _dequantize_rows once (see families.parallel_rows).
+    parallel_rows(_dequantize_rows, idx.size, out.shape[1], blocks, lut, idx, out, tail=(16,))
 
 
 # ---- fast qmatmul: row tiles (see _qtiles.py for why) ----------------------------------------

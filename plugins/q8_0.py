@@ -136,7 +136,7 @@ def _quantize_kernel(w, out, bad):
     parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, out, outq, bad)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows(blocks, blocksq, lut, idx, out, k0, k1, qk):
     # Direct 3-D indexing and a run-time trip count `qk` let the loop vectorizer emit
     # packed int8 -> float converts and multiplies (a constant 32-long loop is unrolled
@@ -150,13 +150,11 @@ def _dequantize_rows(blocks, blocksq, lut, idx, out, k0, k1, qk):
                 out[k, b * 32 + j] = np.float32(blocksq[r, b, 2 + j]) * d
 
 
-@numba.njit(cache=True, parallel=True)
 def _dequantize_kernel(blocks, lut, idx, out):
+    # Python threads over row ranges (one range, in this thread, for a few rows), not a parallel=True
+    # driver: as fast, and a cold start compiles _dequantize_rows once (see families.parallel_rows).
     blocksq = blocks.view(np.int8)
-    n = idx.size
-    nchunk = max(1, min(n, n * out.shape[1] // 65536))
-    for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, blocksq, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 32)
+    parallel_rows(_dequantize_rows, idx.size, out.shape[1], blocks, blocksq, lut, idx, out, tail=(32,))
 
 
 # ---- fast qmatmul: row tiles (see _qtiles.py for why) ----------------------------------------
