@@ -58,7 +58,8 @@ def n_chunks(rows: int, cols: int, weights: int = 65536) -> int:
     return max(1, min(rows, rows * cols // weights))
 
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool: concurrent.futures.ThreadPoolExecutor | None = None  # helper threads of parallel_rows
+_pool_size = [0]
 _pool_lock = threading.Lock()
 
 
@@ -95,9 +96,10 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
     with _pool_lock:
         import concurrent.futures  # here, not at import: 15 ms of start-up
 
-        if _pool is None or _pool._max_workers < nthreads - 1:
-            _pool = concurrent.futures.ThreadPoolExecutor(max(nthreads - 1, numba.config.NUMBA_NUM_THREADS - 1),
-                                                          thread_name_prefix="quantfmt-rows")
+        if _pool is None or _pool_size[0] < nthreads - 1:
+            most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # (numba ships no stubs)
+            _pool_size[0] = max(nthreads, most) - 1
+            _pool = concurrent.futures.ThreadPoolExecutor(_pool_size[0], thread_name_prefix="quantfmt-rows")
         pool = _pool
     helpers = [pool.submit(work) for _ in range(nthreads - 1)]
     try:
