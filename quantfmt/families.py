@@ -83,14 +83,19 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
         return
     chunks = iter(range(nchunk))
     lock = threading.Lock()
+    stop = [False]  # set when a thread fails (or Ctrl-C): the others take no new range
 
     def work() -> None:
-        while True:
-            with lock:
-                c = next(chunks, None)
-            if c is None:
-                return
-            kernel(*args, c * rows // nchunk, (c + 1) * rows // nchunk, *tail)
+        try:
+            while True:
+                with lock:
+                    c = None if stop[0] else next(chunks, None)
+                if c is None:
+                    return
+                kernel(*args, c * rows // nchunk, (c + 1) * rows // nchunk, *tail)
+        except BaseException:
+            stop[0] = True
+            raise
 
     global _pool
     with _pool_lock:

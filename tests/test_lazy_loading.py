@@ -194,3 +194,19 @@ def test_parallel_rows_reraises_a_kernel_error():
 
     with pytest.raises(ValueError, match="rows"):
         parallel_rows(kernel, 64, 1 << 16)
+
+
+def test_parallel_rows_stops_handing_out_ranges_after_a_failure():
+    from quantfmt.families import n_chunks, parallel_rows
+
+    calls = []
+
+    def kernel(r0, r1):
+        calls.append(r0)
+        if r0 == 0:  # the first range: taken before any other, by whichever thread
+            raise KeyboardInterrupt
+
+    assert n_chunks(64, 1 << 16) == 64
+    with pytest.raises(KeyboardInterrupt):
+        parallel_rows(kernel, 64, 1 << 16)
+    assert 0 in calls and len(calls) < 64
