@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -205,6 +206,7 @@ def test_parallel_rows_stops_handing_out_ranges_after_a_failure():
         calls.append(r0)
         if r0 == 0:  # the first range: taken before any other, by whichever thread
             raise KeyboardInterrupt
+        time.sleep(0.005)  # a range takes a while (and lets the failing thread run)
 
     assert n_chunks(64, 1 << 16) == 64
     with pytest.raises(KeyboardInterrupt):
