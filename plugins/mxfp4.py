@@ -40,7 +40,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat
+from quantfmt.families import GGMLFormat, parallel_rows
 
 from ._ggml import QK, vec_dot_ref
 from ._i8tiles import prepare_int8, qmatmul_int8
@@ -159,7 +159,7 @@ def _quantize_kernel(w, out, bad):
     _quantize_kernel_v(w, out, bad, _VF)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows(blocks, vf, idx, out, k0, k1):
     nb = blocks.shape[1]
     for k in range(k0, k1):
@@ -172,12 +172,10 @@ def _dequantize_rows(blocks, vf, idx, out, k0, k1):
                 out[k, b * 32 + 16 + j] = d * vf[v >> 4]
 
 
-@numba.njit(cache=True, parallel=True)
 def _dequantize_kernel_v(blocks, vf, idx, out):
-    n = idx.size
-    nchunk = max(1, min(n, n * out.shape[1] // 65536))
-    for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, vf, idx, out, c * n // nchunk, (c + 1) * n // nchunk)
+    # Python threads over row ranges (one range, in this thread, for a few rows), not a parallel=True
+    # driver: as fast, and a cold start compiles _dequantize_rows once (see families.parallel_rows).
+    parallel_rows(_dequantize_rows, idx.size, out.shape[1], blocks, vf, idx, out)
 
 
 def _dequantize_kernel(blocks, lut, idx, out):

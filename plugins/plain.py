@@ -15,21 +15,27 @@ use F16C where the CPU has it (a portable exact path elsewhere): dequantize and 
 parallel, bit for bit numpy's astype(float32); qmatmul converts on the fly for a few activation rows
 (decode: half the bytes of float32 read once), and converts tiles of rows to float32 for BLAS for more
 (prefill), so W is never materialized whole. BF16 quantize (the rounding) is one parallel numba pass
-(numpy's version needs five passes over temporaries).
+(numpy's version needs five passes over temporaries), in _bf16.py.
+numba is imported only when a kernel runs (_half.py and _bf16.py are imported on first use): loading
+these formats, which every model file has, must not cost a command numba's start-up.
 """
 
 from __future__ import annotations
 
 import sys
 
-import numba
 import numpy as np
 
 import quantfmt
 from quantfmt.errors import RangeError
 from quantfmt.format import Format
 
-from . import _half
+
+def _kernels():
+    """_half.py, imported on first use (it imports numba)."""
+    from . import _half
+
+    return _half
 
 LE_F32 = np.dtype("<f4")
 LE_F16 = np.dtype("<f2")
@@ -52,18 +58,6 @@ def bf16_from_f32_ref(w: np.ndarray) -> np.ndarray:
     """
     u = w.view(np.uint32)
     return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-
-
-@numba.njit(cache=True, parallel=True)
-def _bf16_round(u, out):
-    """The same rounding in one pass; returns how many results are infinite (overflow)."""
-    overflow = 0
-    for i in numba.prange(u.size):
-        x = u[i]
-        h = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        out[i] = np.uint16(h)
-        overflow += (h & np.uint32(0x7F80)) == np.uint32(0x7F80)
-    return overflow
 
 
 def f32_from_bf16(h: np.ndarray) -> np.ndarray:
@@ -112,7 +106,7 @@ class _HalfFormat(Format):
         return data.view(np.uint16).reshape(rows, cols)
 
     def _conversion(self) -> str:
-        return "shift" if self.tag == "BF16" else _half.path_f16()
+        return "shift" if self.tag == "BF16" else _kernels().path_f16()
 
     def kernel_path(self, op, n=1, mode="f32"):
         conv = self._conversion()
@@ -124,17 +118,17 @@ class _HalfFormat(Format):
 
     def _dequantize(self, data, rows, cols):
         out = np.empty((rows, cols), np.float32)
-        return _half.to_f32(self.tag, self._bits(data, rows, cols), np.arange(rows, dtype=np.int64), out)
+        return _kernels().to_f32(self.tag, self._bits(data, rows, cols), np.arange(rows, dtype=np.int64), out)
 
     def _get_rows(self, data, rows, cols, idx):
         out = np.empty((idx.size, cols), np.float32)
-        return _half.to_f32(self.tag, self._bits(data, rows, cols), idx, out)
+        return _kernels().to_f32(self.tag, self._bits(data, rows, cols), idx, out)
 
     def _qmatmul(self, data, rows, cols, x, mode):
         w = self._bits(data, rows, cols)
         n = x.shape[0]
         if n <= self.matvec_max_n:
-            return _half.matvec(self.tag, w, x, np.empty((n, rows), np.float32))
+            return _kernels().matvec(self.tag, w, x, np.empty((n, rows), np.float32))
         # out.T's rows are contiguous, so each tile's sgemm writes its result in place (out[:, r0:r1]
         # would be a strided copy); one transposing copy at the end gives the (n, rows) result.
         step = max(1, min(rows, self.prefill_tile_elements // cols))
@@ -142,7 +136,7 @@ class _HalfFormat(Format):
         out_t = np.empty((rows, n), np.float32)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            t = _half.tile_to_f32(self.tag, w, np.arange(r0, r1, dtype=np.int64), tile[: r1 - r0])
+            t = _kernels().tile_to_f32(self.tag, w, np.arange(r0, r1, dtype=np.int64), tile[: r1 - r0])
             np.matmul(t, x.T, out=out_t[r0:r1])
         return np.ascontiguousarray(out_t.T)
 
@@ -172,8 +166,10 @@ class BF16(_HalfFormat):
     summary = "bfloat16 (round-to-nearest-even, as ggml)"
 
     def _quantize(self, w):
+        from ._bf16 import bf16_round
+
         h = np.empty(w.size, np.uint16)
-        if _bf16_round(w.reshape(-1).view(np.uint32), h):
+        if bf16_round(w.reshape(-1).view(np.uint32), h):
             raise _range_error(self.tag, w, (h.reshape(w.shape) & 0x7F80) != 0x7F80, "|w| < 3.3961e38")
         return h.astype(LE_U16, copy=False).view(np.uint8)
 

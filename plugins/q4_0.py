@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat
+from quantfmt.families import GGMLFormat, parallel_rows
 
 from ._ggml import (
     QK,
@@ -101,7 +101,7 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 # byte-identity.
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize_rows(w, out, bad, r0, r1):
     # Rows r0..r1-1 of w (float32) into out (rows, nb, 18).
     nb = w.shape[1] // 32
@@ -142,15 +142,13 @@ def _quantize_rows(w, out, bad, r0, r1):
                 out[r, b, 2 + j] = np.uint8(t0 + np.float32(16.0) * t1)
 
 
-@numba.njit(cache=True, parallel=True)
 def _quantize_kernel(w, out, bad):
-    rows = w.shape[0]
-    nchunk = max(1, min(rows, rows * w.shape[1] // 65536))  # ~64K weights per work item
-    for c in numba.prange(nchunk):
-        _quantize_rows(w, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+    # Python threads over ~64K-weight row ranges, not a parallel=True driver: as fast, and a cold
+    # start compiles _quantize_rows once (see families.parallel_rows).
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, out, bad)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
     # Rows idx[k0:k1] of blocks (rows, nb, 18) into out[k0:k1]. Direct 3-D indexing and a
     # trip count `half` known only at run time: numba runs no SLP vectorizer, and constant
@@ -169,12 +167,10 @@ def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
                 out[k, b * 32 + 16 + j] = (hi - np.float32(8.0)) * d
 
 
-@numba.njit(cache=True, parallel=True)
 def _dequantize_kernel(blocks, lut, idx, out):
-    n = idx.size
-    nchunk = max(1, min(n, n * out.shape[1] // 65536))
-    for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
+    # Python threads over row ranges (one range, in this thread, for a few rows), not a parallel=True
+    # driver: as fast, and a cold start compiles _dequantize_rows once (see families.parallel_rows).
+    parallel_rows(_dequantize_rows, idx.size, out.shape[1], blocks, lut, idx, out, tail=(16,))
 
 
 # ---- fast qmatmul: row tiles (see _qtiles.py for why) ----------------------------------------

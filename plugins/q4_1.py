@@ -36,7 +36,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat
+from quantfmt.families import GGMLFormat, parallel_rows
 
 from ._ggml import (
     QK,
@@ -139,7 +139,7 @@ def _quantize_kernel(w, out, bad):
                 o[4 + j] = np.uint8(t0 + np.float32(16.0) * t1)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
     # As Q4_0's: direct indexing and a run-time trip count so the loop vectorizes.
     nb = blocks.shape[1]
@@ -156,12 +156,10 @@ def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
                 out[k, b * 32 + 16 + j] = d * hi + m
 
 
-@numba.njit(cache=True, parallel=True)
 def _dequantize_kernel(blocks, lut, idx, out):
-    n = idx.size
-    nchunk = max(1, min(n, n * out.shape[1] // 65536))
-    for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
+    # Python threads over row ranges (one range, in this thread, for a few rows), not a parallel=True
+    # driver: as fast, and a cold start compiles _dequantize_rows once (see families.parallel_rows).
+    parallel_rows(_dequantize_rows, idx.size, out.shape[1], blocks, lut, idx, out, tail=(16,))
 
 
 # ---- fast qmatmul ---------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat
+from quantfmt.families import GGMLFormat, parallel_rows
 
 from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
 from ._i8tiles import prepare_int8, qmatmul_int8
@@ -163,7 +163,7 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 # FMA would change last bits.
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize_rows(w, out, bad, r0, r1):
     nb = w.shape[1] // 32
     qk = w.shape[1] // nb  # 32, hidden from LLVM (see q4_0._quantize_rows)
@@ -217,7 +217,7 @@ def _fit_qx(xb, wt, iscale):
     return sumlx, suml2
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize_rows_weighted(w, qw, out, bad, r0, r1):
     # ggml's quantize_row_q5_0_impl with quant_weights (make_qx_quants), see quantize_weighted_ref
     nb = w.shape[1] // 32
@@ -275,23 +275,19 @@ def _quantize_rows_weighted(w, qw, out, bad, r0, r1):
                 out[r, b, 6 + j] = np.uint8((q[j] & 15) | ((q[j + 16] & 15) << 4))
 
 
-@numba.njit(cache=True, parallel=True)
 def _quantize_weighted_kernel(w, qw, out, bad):
-    rows = w.shape[0]
-    nchunk = max(1, min(rows, rows * w.shape[1] // 32768))
-    for c in numba.prange(nchunk):
-        _quantize_rows_weighted(w, qw, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+    # Python threads over row ranges, not a parallel=True driver: as fast, and a cold start
+    # compiles the row kernel once (see families.parallel_rows).
+    parallel_rows(_quantize_rows_weighted, w.shape[0], w.shape[1], w, qw, out, bad, weights=32768)
 
 
-@numba.njit(cache=True, parallel=True)
 def _quantize_plain_kernel(w, out, bad):
-    rows = w.shape[0]
-    nchunk = max(1, min(rows, rows * w.shape[1] // 65536))  # ~64K weights per work item
-    for c in numba.prange(nchunk):
-        _quantize_rows(w, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+    # Python threads over row ranges, not a parallel=True driver: as fast, and a cold start
+    # compiles the row kernel once (see families.parallel_rows).
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, out, bad)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
     nb = blocks.shape[1]
     for k in range(k0, k1):
@@ -315,12 +311,10 @@ def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
                 out[k, b * 32 + 16 + j] = d * (hi + b1 - np.float32(16.0))
 
 
-@numba.njit(cache=True, parallel=True)
 def _dequantize_kernel(blocks, lut, idx, out):
-    n = idx.size
-    nchunk = max(1, min(n, n * out.shape[1] // 65536))
-    for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
+    # Python threads over row ranges (one range, in this thread, for a few rows), not a parallel=True
+    # driver: as fast, and a cold start compiles _dequantize_rows once (see families.parallel_rows).
+    parallel_rows(_dequantize_rows, idx.size, out.shape[1], blocks, lut, idx, out, tail=(16,))
 
 
 # ---- the format ---------------------------------------------------------------------------

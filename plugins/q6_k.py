@@ -39,6 +39,7 @@ import numba
 import numpy as np
 
 import quantfmt
+from quantfmt.families import parallel_rows
 
 from ._ggml import f32_to_f16_bits
 from ._kquants import (
@@ -196,7 +197,7 @@ def _quantize_block(x, qw, out, L, scales):
     return False
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_rows(w, qw, out, bad, r0, r1):
     nb = w.shape[1] // QK_K
     L = np.empty(QK_K, np.int8)
@@ -212,19 +213,17 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
                     bad[r] = b
 
 
-@numba.njit(cache=True, parallel=True)
 def _quantize_kernel_qw(w, qw, out, bad):
-    rows = w.shape[0]
-    nchunk = max(1, min(rows, rows * w.shape[1] // 16384))
-    for c in numba.prange(nchunk):
-        _quantize_rows(w, qw, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+    # Python threads over ~16K-weight row ranges, not a parallel=True driver: as fast, and a cold
+    # start compiles the deep _quantize_rows chain once instead of twice more (families.parallel_rows).
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, out, bad, weights=16384)
 
 
 def _quantize_kernel(w, out, bad):
     _quantize_kernel_qw(w, np.empty((0, 0), np.float32), out, bad)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
     # Loops of `half` (16) known only at run time, 3-D indexing with loop variables and the bit
     # fields split in float (exact): this vectorizes; integer shifts would be widened to int64.
@@ -262,12 +261,10 @@ def _dequantize_rows(blocks, lut, idx, out, k0, k1, half):
                         out[k, o + 96 + i] = s3 * (ch + np.float32(16.0) * h3 - np.float32(32.0))
 
 
-@numba.njit(cache=True, parallel=True)
 def _dequantize_kernel(blocks, lut, idx, out):
-    n = idx.size
-    nchunk = max(1, min(n, n * out.shape[1] // 65536))
-    for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 16)
+    # Python threads over row ranges (one range, in this thread, for a few rows), not a parallel=True
+    # driver: as fast, and a cold start compiles _dequantize_rows once (see families.parallel_rows).
+    parallel_rows(_dequantize_rows, idx.size, out.shape[1], blocks, lut, idx, out, tail=(16,))
 
 
 # ---- the format ------------------------------------------------------------------------------

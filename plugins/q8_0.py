@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat
+from quantfmt.families import GGMLFormat, parallel_rows
 
 from ._ggml import (
     QK,
@@ -93,7 +93,7 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 # No fastmath in quantize/dequantize (FMA would change last bits).
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize_rows(w, out, outq, bad, r0, r1):
     # Rows r0..r1-1 of w into out (rows, nb, 34) uint8; outq: the same memory as int8.
     nb = w.shape[1] // 32
@@ -129,16 +129,14 @@ def _quantize_rows(w, out, outq, bad, r0, r1):
                 outq[r, b, 2 + j] = np.int8(-q if t < 0 else q)
 
 
-@numba.njit(cache=True, parallel=True)
 def _quantize_kernel(w, out, bad):
-    rows = w.shape[0]
+    # Python threads over ~64K-weight row ranges, not a parallel=True driver: as fast, and a cold
+    # start compiles _quantize_rows once (see families.parallel_rows).
     outq = out.view(np.int8)  # the quants are int8: one array, two views
-    nchunk = max(1, min(rows, rows * w.shape[1] // 65536))  # ~64K weights per work item
-    for c in numba.prange(nchunk):
-        _quantize_rows(w, out, outq, bad, c * rows // nchunk, (c + 1) * rows // nchunk)
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, out, outq, bad)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows(blocks, blocksq, lut, idx, out, k0, k1, qk):
     # Direct 3-D indexing and a run-time trip count `qk` let the loop vectorizer emit
     # packed int8 -> float converts and multiplies (a constant 32-long loop is unrolled
@@ -152,13 +150,11 @@ def _dequantize_rows(blocks, blocksq, lut, idx, out, k0, k1, qk):
                 out[k, b * 32 + j] = np.float32(blocksq[r, b, 2 + j]) * d
 
 
-@numba.njit(cache=True, parallel=True)
 def _dequantize_kernel(blocks, lut, idx, out):
+    # Python threads over row ranges (one range, in this thread, for a few rows), not a parallel=True
+    # driver: as fast, and a cold start compiles _dequantize_rows once (see families.parallel_rows).
     blocksq = blocks.view(np.int8)
-    n = idx.size
-    nchunk = max(1, min(n, n * out.shape[1] // 65536))
-    for c in numba.prange(nchunk):
-        _dequantize_rows(blocks, blocksq, lut, idx, out, c * n // nchunk, (c + 1) * n // nchunk, 32)
+    parallel_rows(_dequantize_rows, idx.size, out.shape[1], blocks, blocksq, lut, idx, out, tail=(32,))
 
 
 # ---- fast qmatmul: row tiles (see _qtiles.py for why) ----------------------------------------

@@ -8,11 +8,13 @@ decorator raises "cannot cache function ...: no locator available" and the plugi
 to import. `ensure_writable()` runs before the plugins are imported and, only in that
 case, points numba at a private directory under the system temp dir (created 0700 and
 checked to be ours: numba's cache index is a pickle, so a directory someone else can
-write into must never be used).
+write into must never be used). It does not import numba (plugins that need no kernel,
+such as the plain formats, load without it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import stat
 import sys
@@ -31,11 +33,29 @@ def _writable(path: str) -> bool:
     return True
 
 
-def user_cache_dir() -> str:
-    """numba's user-wide cache dir (what it falls back to when `__pycache__` is read-only)."""
-    from numba.misc.appdirs import AppDirs
+def _numba_appdirs():
+    """numba's own (vendored) appdirs module, without importing numba: `import numba.misc.appdirs`
+    would import the whole of numba (about 0.3 s), which a command that never runs a kernel does not
+    need. appdirs.py is a standalone file (sys, os, platform): run it from numba's folder."""
+    mod = sys.modules.get("numba.misc.appdirs")
+    if mod is not None:
+        return mod
+    spec = importlib.util.find_spec("numba")  # locates the package; imports nothing
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("numba is not installed")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "misc", "appdirs.py")
+    file_spec = importlib.util.spec_from_file_location("_quantfmt_numba_appdirs", path)
+    if file_spec is None or file_spec.loader is None or not os.path.isfile(path):
+        raise ImportError(f"numba's appdirs module is not at {path}")
+    mod = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(mod)
+    return mod
 
-    return AppDirs(appname="numba", appauthor=False).user_cache_dir
+
+def user_cache_dir() -> str:
+    """numba's user-wide cache dir (what it falls back to when `__pycache__` is read-only), computed
+    as numba computes it (numba.core.caching's _UserWideCacheLocator)."""
+    return _numba_appdirs().AppDirs(appname="numba", appauthor=False).user_cache_dir
 
 
 def _private_dir(path: str) -> bool:

@@ -8,14 +8,20 @@ hook, see hookspecs.py):
 A third-party plugin that fails to load, or registers an invalid or duplicate format, is
 reported as a warning and skipped, unless strict mode is on (`--strict-plugins` or
 QUANTFMT_STRICT_PLUGINS=1), where it is an error. A built-in that fails is always an error.
-Loading happens once, on first use, so importing quantfmt stays cheap.
+
+Loading is lazy, so a command pays only for the formats it uses (importing a format module
+imports numba and decorates its kernels). The built-in package declares which module registers
+which tags and aliases (`quantfmt_formats.MANIFEST`): `get_format("Q4_0")` imports q4_0.py and
+nothing else. Everything is loaded, built-ins first as always, when a name no built-in declares
+is asked for (a third-party tag, or an unknown one: its error lists every known tag), when
+all formats or plugins are listed (`formats()`, `registry()`, `plugin_list()`), and on first
+use in strict mode (so a broken plugin is an error whatever the command).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.metadata
 import importlib.util
 import os
 import pkgutil
@@ -46,6 +52,9 @@ class _Registry:
         self.formats: dict[str, Format] = {}
         self.aliases: dict[str, str] = {}  # another accepted name (e.g. a ggml name) -> tag
         self.plugins: list[dict] = []  # one record per plugin: name, source, formats, error
+        self.tried: set[tuple[str, str]] = set()  # (name, source) of plugins loaded or failed: never twice
+        self.complete = False  # every plugin tried (not just the built-ins some tags needed)
+        self.cache_checked = False  # numba_cache.ensure_writable() has run
 
 
 _lock = threading.RLock()
@@ -126,7 +135,9 @@ def _load_dir_module(path: Path):
 def _candidates():
     """(name, source, loader) for every plugin, built-ins first."""
     for mod in _builtin_modules():
-        yield mod, "built-in", (lambda mod=mod: importlib.import_module(mod))
+        yield mod, "built-in", _builtin_loader(mod)
+    import importlib.metadata  # only here: scanning installed distributions is not free
+
     for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         dist = getattr(ep, "dist", None)
         label = f"{dist.name}:{ep.name}" if dist is not None else ep.name
@@ -161,72 +172,123 @@ def _validate(fmt, plugin: str) -> None:
         raise PluginError(f"plugin {plugin!r}: format {fmt.tag}'s aliases must be a tuple of non-empty strings")
 
 
-def _load() -> _Registry:
-    from . import numba_cache
+def _manifest() -> dict[str, str]:
+    """Every name (tag or alias) a built-in module declares it registers -> that module.
 
-    numba_cache.ensure_writable()  # before any plugin decorates a cache=True kernel
-    reg = _Registry()
-    strict = _strict()
-    for name, source, loader in _candidates():
-        record = {"name": name, "source": source, "formats": [], "error": None}
-        reg.plugins.append(record)
-        builtin = source == "built-in"
-        try:
-            module = loader()
-            if reg.pm.is_registered(module):
-                continue
-            reg.pm.register(module, name=name)
-            problems: list[str] = []
+    Read from the package's MANIFEST without importing any format module. Only a shortcut: a name
+    missing from it is found by loading every plugin, and a module that does not register a name
+    it declares costs one extra import, never a wrong answer (tests/test_registry.py checks it)."""
+    pkg = importlib.import_module(BUILTIN_PACKAGE)
+    declared = getattr(pkg, "MANIFEST", {})
+    return {n: f"{BUILTIN_PACKAGE}.{mod}" for mod, names in declared.items() for n in names}
 
-            def register(fmt, _name=name, _record=record, _problems=problems):
-                try:
-                    _validate(fmt, _name)
-                    for name in (fmt.tag, *fmt.aliases):
-                        taken = reg.formats.get(name) or reg.formats.get(reg.aliases.get(name, ""))
-                        if taken is not None:
-                            raise PluginError(
-                                f"format name {name!r} from plugin {_name!r} is already registered by plugin "
-                                f"{taken.plugin!r} (format {taken.tag})"
-                            )
-                except PluginError as e:
-                    _problems.append(str(e))
-                    return
-                fmt.plugin = _name
-                reg.formats[fmt.tag] = fmt
-                reg.aliases.update(dict.fromkeys(fmt.aliases, fmt.tag))
-                _record["formats"].append(fmt.tag)
 
+def _builtin_loader(mod: str):
+    return lambda: importlib.import_module(mod)
+
+
+def _load_one(reg: _Registry, name: str, source: str, loader, strict: bool) -> None:
+    """Import one plugin, call its register_formats hook, validate what it registers."""
+    reg.tried.add((name, source))
+    if not reg.cache_checked:
+        from . import numba_cache
+
+        numba_cache.ensure_writable()  # before any plugin decorates a cache=True kernel
+        reg.cache_checked = True
+    record: dict = {"name": name, "source": source, "formats": [], "error": None}
+    reg.plugins.append(record)
+    builtin = source == "built-in"
+    try:
+        module = loader()
+        if reg.pm.is_registered(module):
+            return
+        reg.pm.register(module, name=name)
+        problems: list[str] = []
+
+        def register(fmt, _name=name, _record=record, _problems=problems):
             try:
-                reg.pm.check_pending()  # a @hookimpl whose name is no hook (a typo) is an error, not silence
-            except pluggy.PluginValidationError as e:
-                reg.pm.unregister(module)
-                raise PluginError(f"plugin {name!r} ({source}): {e}; the hook is named 'register_formats'") from None
-            for impl in reg.pm.hook.register_formats.get_hookimpls():
-                if impl.plugin is module:
-                    impl.function(register=register)
-            if problems:
-                raise PluginError("; ".join(problems))
-            if not record["formats"]:
-                raise PluginError(f"plugin {name!r} ({source}) registered no format: does it define "
-                                  "`register_formats(register)` marked with @quantfmt.hookimpl, and call register()?")
-        except Exception as e:  # a plugin is foreign code: any failure is reported, not a crash
-            if isinstance(e, PluginError):
-                msg = str(e)
-            else:
-                msg = f"plugin {name!r} ({source}) failed to load: {type(e).__name__}: {e}"
-            record["error"] = msg
-            if builtin or strict:
-                raise PluginError(msg + ("" if builtin else " (strict plugin mode)")) from e
-            warnings.warn(msg, PluginWarning, stacklevel=3)
-    return reg
+                _validate(fmt, _name)
+                for name in (fmt.tag, *fmt.aliases):
+                    taken = reg.formats.get(name) or reg.formats.get(reg.aliases.get(name, ""))
+                    if taken is not None:
+                        raise PluginError(
+                            f"format name {name!r} from plugin {_name!r} is already registered by plugin "
+                            f"{taken.plugin!r} (format {taken.tag})"
+                        )
+            except PluginError as e:
+                _problems.append(str(e))
+                return
+            fmt.plugin = _name
+            reg.formats[fmt.tag] = fmt
+            reg.aliases.update(dict.fromkeys(fmt.aliases, fmt.tag))
+            _record["formats"].append(fmt.tag)
+
+        try:
+            reg.pm.check_pending()  # a @hookimpl whose name is no hook (a typo) is an error, not silence
+        except pluggy.PluginValidationError as e:
+            reg.pm.unregister(module)
+            raise PluginError(f"plugin {name!r} ({source}): {e}; the hook is named 'register_formats'") from None
+        for impl in reg.pm.hook.register_formats.get_hookimpls():
+            if impl.plugin is module:
+                impl.function(register=register)
+        if problems:
+            raise PluginError("; ".join(problems))
+        if not record["formats"]:
+            raise PluginError(f"plugin {name!r} ({source}) registered no format: does it define "
+                              "`register_formats(register)` marked with @quantfmt.hookimpl, and call register()?")
+    except Exception as e:  # a plugin is foreign code: any failure is reported, not a crash
+        if isinstance(e, PluginError):
+            msg = str(e)
+        else:
+            msg = f"plugin {name!r} ({source}) failed to load: {type(e).__name__}: {e}"
+        record["error"] = msg
+        if builtin or strict:
+            raise PluginError(msg + ("" if builtin else " (strict plugin mode)")) from e
+        warnings.warn(msg, PluginWarning, stacklevel=5)
+
+
+def _load_builtin(reg: _Registry, mod: str) -> None:
+    """Load the one built-in module `mod` (what a tag from the manifest needs)."""
+    if (mod, "built-in") not in reg.tried:
+        _load_one(reg, mod, "built-in", _builtin_loader(mod), _strict())
+
+
+def _load_all(reg: _Registry) -> None:
+    """Load every plugin not loaded yet (built-ins first, then entry points, then plugin dirs), and
+    order plugins and formats as if all had been loaded at once: what is listed never depends on
+    which formats were asked for before. Third-party plugins always load after every built-in, so
+    a duplicate name is refused in the third-party plugin, exactly as when everything loads at once."""
+    strict = _strict()
+    rank: dict[tuple[str, str], int] = {}
+    for name, source, loader in _candidates():
+        rank.setdefault((name, source), len(rank))
+        if (name, source) not in reg.tried:
+            _load_one(reg, name, source, loader, strict)
+    reg.plugins.sort(key=lambda r: rank.get((r["name"], r["source"]), len(rank)))  # stable: a repeat stays after
+    reg.formats = {t: reg.formats[t] for r in reg.plugins for t in r["formats"] if t in reg.formats}
+    reg.complete = True
+
+
+def _current(full: bool) -> _Registry:
+    """The registry; with `full`, every plugin loaded. In strict mode every plugin is loaded on first
+    use, so that a broken plugin is an error whatever the command. A failed load discards the registry
+    (the next call tries again), as a failed first load always did."""
+    global _registry
+    with _lock:
+        reg = _registry if _registry is not None else _Registry()
+        _registry = reg
+        try:
+            if (full or _strict()) and not reg.complete:
+                _load_all(reg)
+        except BaseException:
+            _registry = None
+            raise
+        return reg
 
 
 def registry() -> _Registry:
-    global _registry
-    with _lock:
-        if _registry is None:
-            _registry = _load()
-        return _registry
+    """The registry with every plugin loaded."""
+    return _current(full=True)
 
 
 def formats() -> dict[str, Format]:
@@ -234,17 +296,61 @@ def formats() -> dict[str, Format]:
     return dict(registry().formats)
 
 
+def _lookup(reg: _Registry, tag) -> Format | None:
+    if not isinstance(tag, str):
+        return None
+    return reg.formats.get(tag) or reg.formats.get(reg.aliases.get(tag, ""))
+
+
+def find_format(tag) -> Format | None:
+    """The format registered under `tag` (or one of its aliases), or None. Loads only what it takes:
+    the built-in module that declares `tag`, and every plugin only for a tag no built-in declares."""
+    global _registry
+    with _lock:
+        reg = _current(full=False)
+        fmt = _lookup(reg, tag)
+        if fmt is None and not reg.complete:
+            try:
+                mod = _manifest().get(tag) if isinstance(tag, str) else None
+                if mod is not None:
+                    _load_builtin(reg, mod)
+                    fmt = _lookup(reg, tag)
+                if fmt is None:
+                    _load_all(reg)
+                    fmt = _lookup(reg, tag)
+            except BaseException:
+                _registry = None
+                raise
+        return fmt
+
+
+def has_format(tag) -> bool:
+    """Whether `tag` names a format, without importing a built-in module the manifest vouches for."""
+    with _lock:
+        reg = _current(full=False)
+        if _lookup(reg, tag) is not None or (isinstance(tag, str) and tag in _manifest()):
+            return True
+    return find_format(tag) is not None
+
+
 def get_format(tag: str) -> Format:
     """The format registered under `tag` (or one of its aliases), or UnknownFormatError listing the known tags."""
-    reg = registry()
-    fmt = (reg.formats.get(tag) or reg.formats.get(reg.aliases.get(tag, ""))) if isinstance(tag, str) else None
+    fmt = find_format(tag)
     if fmt is None:
-        known = ", ".join(reg.formats) or "none"
+        known = ", ".join(registry().formats) or "none"
         raise UnknownFormatError(
             f"unknown format tag {tag!r}: no loaded plugin provides it (known tags: {known}); "
             "install or enable the plugin that defines it"
         )
     return fmt
+
+
+def plugin_formats(plugin: str) -> list[Format]:
+    """The formats plugin `plugin` registered, in its order, if it is loaded (loads nothing)."""
+    with _lock:
+        reg = _current(full=False)
+        tags: list[str] = next((r["formats"] for r in reg.plugins if r["name"] == plugin), [])
+        return [reg.formats[t] for t in tags if t in reg.formats]
 
 
 def plugin_list() -> list[dict]:

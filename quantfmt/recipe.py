@@ -215,7 +215,7 @@ class Recipe:
                 return cls.load(recipe)
             from .mixes import MIXES
 
-            if recipe not in _tags() and recipe.upper() in {k.upper() for k in MIXES}:
+            if recipe.upper() in {k.upper() for k in MIXES} and not _is_tag(recipe):
                 return cls(mix=recipe)  # Q4_K_M: a mix; Q4_0 stays the tag (cls(mix="Q4_0") for the mix)
             return cls(default=recipe)
         raise RecipeError(f"a recipe is a Recipe, a tag, a dict or a .json file, not {type(recipe).__name__}")
@@ -285,12 +285,12 @@ class Recipe:
     @staticmethod
     def _promote(tag: str, shape) -> tuple[str, str]:
         """The output head's tag: llama-quantize's Q6_K (else Q8_0) when it has more bits than `tag`."""
-        from .plugins import formats, get_format
+        from .plugins import find_format, get_format
 
-        have = formats()
         bpw = get_format(tag).bits_per_weight
         for t in OUTPUT_PROMOTION:
-            f = have.get(t)
+            f = find_format(t)  # loads only that format's module (all formats were loaded here once)
+            f = f if f is not None and f.tag == t else None
             if f is not None and f.accepts(shape):
                 if f.bits_per_weight > bpw:
                     return f.tag, f"output head promoted from {tag} (as llama-quantize)"
@@ -352,11 +352,11 @@ def protection(name: str, shape) -> str | None:
     return None
 
 
-def _tags() -> set[str]:
-    from .plugins import registry
+def _is_tag(name: str) -> bool:
+    """Whether a format answers to `name` (a tag or an alias); loads plugins only if no built-in declares it."""
+    from .plugins import has_format
 
-    reg = registry()
-    return set(reg.formats) | set(reg.aliases)
+    return has_format(name)
 
 
 def output_head(names) -> str | None:

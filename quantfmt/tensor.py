@@ -48,13 +48,19 @@ class QTensor:
     def from_numpy(cls, a, name: str = "") -> QTensor:
         """A tensor holding array `a` as it is, in the plain format of its dtype (F32, F16, F64,
         I8..I64, U8..U64, BOOL): for buffers such as position ids, which are not quantized."""
-        from .plugins import formats
+        from .plugins import find_format, formats, plugin_formats
 
         a = np.asarray(a)
-        for fmt in formats().values():
-            if fmt.native_dtype is not None and np.dtype(fmt.native_dtype) == a.dtype.newbyteorder("<"):
-                data = np.ascontiguousarray(a, dtype=fmt.native_dtype).reshape(-1).view(np.uint8)
-                return cls(name, fmt, a.shape, data)
+        # The first format of the dtype in registration order is the built-in plain one when that
+        # plugin has the dtype (no built-in before it stores plain arrays): look there before
+        # loading every plugin.
+        plain = find_format("F32")
+        builtin = plugin_formats(plain.plugin) if plain is not None else []
+        for candidates in (builtin, None):
+            for fmt in candidates if candidates is not None else formats().values():
+                if fmt.native_dtype is not None and np.dtype(fmt.native_dtype) == a.dtype.newbyteorder("<"):
+                    data = np.ascontiguousarray(a, dtype=fmt.native_dtype).reshape(-1).view(np.uint8)
+                    return cls(name, fmt, a.shape, data)
         raise errors.DTypeError(f"no plain format stores dtype {a.dtype}", tensor=name or None)
 
     def to_numpy(self) -> np.ndarray:

@@ -82,9 +82,10 @@ def no_q5(monkeypatch):
     """Q5_0 and Q5_1 as if no plugin stored them (every ggml type gguf decodes has a format now)."""
     from quantfmt.io import gguf as gguf_io
 
-    real = gguf_io.ggml_formats
+    real, real_one = gguf_io.ggml_formats, gguf_io.ggml_format
     monkeypatch.setattr(gguf_io, "ggml_formats",
                         lambda: {k: v for k, v in real().items() if k not in ("Q5_0", "Q5_1")})
+    monkeypatch.setattr(gguf_io, "ggml_format", lambda name: None if name in ("Q5_0", "Q5_1") else real_one(name))
 
 
 def test_unsupported_type_is_an_error_or_dequantized(tmp_path, monkeypatch, no_q5):

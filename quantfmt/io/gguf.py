@@ -402,19 +402,44 @@ def scan_gguf(path) -> GGUFHeader:
 def ggml_formats() -> dict[str, Format]:
     """ggml type name -> the registered Format whose bytes are that type's bytes (its `ggml_type`),
     when its block geometry matches ggml's for that type."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     from ..plugins import formats
 
     out: dict[str, Format] = {}
     for fmt in formats().values():
         name = fmt.ggml_type
-        if name is None or name not in GGMLQuantizationType.__members__ or name in out:
-            continue
-        bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
-        if tuple(fmt.block_shape) == (1, bs) and fmt.block_bytes == ts:
+        if name is not None and name not in out and _stores_ggml(fmt, name):
             out[name] = fmt
     return out
+
+
+def ggml_format(name: str) -> Format | None:
+    """ggml_formats().get(name), importing only the built-in module that declares `name` as a tag or
+    alias when it is that type's format (every built-in answers to its ggml name, and built-ins come
+    first in registration order, so it is the one ggml_formats() would pick); else from every format."""
+    from ..plugins import BUILTIN_PACKAGE, find_format
+
+    fmt = find_format(name)
+    if fmt is not None and fmt.plugin.startswith(BUILTIN_PACKAGE + ".") and _stores_ggml(fmt, name):
+        return fmt
+    return ggml_formats().get(name)
+
+
+def ggml_name_of(tag: str) -> str | None:
+    """The ggml type whose bytes format `tag` stores (its GGUF type), or None; loads only what it takes."""
+    from ..plugins import find_format
+
+    fmt = find_format(tag)
+    name = fmt.ggml_type if fmt is not None else None
+    return name if name is not None and ggml_format(name) is fmt else None
+
+
+def _stores_ggml(fmt: Format, name: str) -> bool:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if fmt.ggml_type != name or name not in GGMLQuantizationType.__members__:
+        return False
+    bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    return tuple(fmt.block_shape) == (1, bs) and fmt.block_bytes == ts
 
 
 def read_gguf(path, *, unsupported: str | None = None):
@@ -439,13 +464,12 @@ def read_gguf(path, *, unsupported: str | None = None):
     n_split = _kv_value(hdr.kv, "split.count")
     if isinstance(n_split, int) and n_split > 1 and not one:
         return _read_splits(path, hdr, unsupported)
-    known = ggml_formats()
-    fmts = {t.type_name: known.get(t.type_name) for t in hdr.tensors}
+    fmts = {n: ggml_format(n) for n in dict.fromkeys(t.type_name for t in hdr.tensors)}  # only the types used
     bad = [t for t in hdr.tensors if fmts[t.type_name] is None]
     if bad and unsupported == "error":
         listed = ", ".join(f"{t.name} ({t.type_name})" for t in bad[:8])
         listed += ", ..." if len(bad) > 8 else ""
-        have = ", ".join(known)
+        have = ", ".join(ggml_formats())
         raise FileFormatError(
             f"{len(bad)} tensor(s) have a ggml type with no quantfmt format: {listed}. Supported ggml "
             f"types: {have}. To convert them to F32 instead, pass unsupported='dequantize' (from the "
@@ -726,14 +750,16 @@ def gguf_layout(path, plans, metadata: dict | None = None) -> GGUFLayout:
             raise FileFormatError(f"cannot write GGUF: invalid or duplicate tensor name {p.name!r}",
                                   file=file)
         by_name[p.name] = p
-    ggml_of = {f.tag: name for name, f in ggml_formats().items()}
-    bad = [(p.name, p.tag) for p in plans if get_format(p.tag).tag not in ggml_of]
+    type_of = {get_format(p.tag).tag: ggml_name_of(p.tag) for p in plans}  # tag -> its ggml type or None
+    bad = [(p.name, p.tag) for p in plans if type_of[get_format(p.tag).tag] is None]
+    ggml_of = {t: n for t, n in type_of.items() if n is not None}
     if bad:
+        can_hold = {f.tag: name for name, f in ggml_formats().items()}
         listed = ", ".join(f"{n} ({t})" for n, t in bad[:10])
         listed += f", and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise FileFormatError(
             f"cannot write GGUF: {len(bad)} tensor(s) have formats with no ggml type: {listed}. "
-            f"GGUF can hold {', '.join(ggml_of)}; requantize those tensors to one of them first",
+            f"GGUF can hold {', '.join(can_hold)}; requantize those tensors to one of them first",
             file=file)
     version = g.get("version", 3)
     if version not in VERSIONS:

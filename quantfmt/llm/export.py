@@ -195,9 +195,9 @@ def file_type_kv(tags: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> li
     for it), and general.quantization_version when anything is quantized."""
     from gguf.constants import LlamaFileType
 
-    from ..io.gguf import ggml_formats
+    from ..io.gguf import ggml_name_of
 
-    ggml_of = {f.tag: n for n, f in ggml_formats().items()}
+    ggml_of = {t: ggml_name_of(t) or t for t in set(tags.values())}
     weight: Counter[str] = Counter()
     for n, t in tags.items():
         if len(shapes[n]) == 2:

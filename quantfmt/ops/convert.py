@@ -185,11 +185,11 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
                            on_tensor=on_tensor)
             return rep
         rep.files = [str(out_path)]
-        from ..llm.export import NOT_RUNNABLE, permute_rows
-
         exp = _gguf_export(src, rep, meta) if str(out_path).endswith(".gguf") else None
         meta.update(metadata or {})
         if str(out_path).endswith(".gguf") and not _has_arch(meta):
+            from ..llm.export import NOT_RUNNABLE  # the llm package only for GGUF output (start-up)
+
             warnings.warn(f"{out_path}: {NOT_RUNNABLE}", stacklevel=2)
         plans = []
         for i, s in enumerate(rep.steps):
@@ -203,6 +203,8 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
                 else:
                     data = _requantize(src[s.name], s.tag, src.path)
                 if exp is not None and s.name in exp.permute:
+                    from ..llm.export import permute_rows
+
                     data = permute_rows(data, s.tag, rep.shapes[s.name], exp.permute[s.name], name=s.name)
                 return data
 

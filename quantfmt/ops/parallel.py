@@ -133,7 +133,8 @@ def _configure(task: Task) -> None:
     dirs, strict = task.plugins
     if plugins.settings() != (list(dirs), strict):
         plugins.configure(plugins_dirs=list(dirs), strict=strict)
-    plugins.formats()  # loaded now (once per process), not inside the first tensor's time
+    for tag in dict.fromkeys(it.tag for it in task.items):
+        plugins.get_format(tag)  # the task's formats loaded now (once per process), not inside a tensor's time
     if task.threads is not None:
         import numba
 
