@@ -30,6 +30,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat
 
+from . import _i8gemm
 from ._ggml import (
     QK,
     f32_to_f16_bits,
@@ -402,6 +403,8 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
     n = x.shape[0]
     nbp = prep.nbp
     has_m = prep.m.shape[0] > 0
+    if mode == "q8_0" and n >= _i8gemm.MIN_ROWS and _i8gemm.PATH != "portable":
+        return _i8gemm.qmatmul_q8("q4_1" if has_m else "q4_0", prep, x, tag)
     if mode == "q8_0":
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         lut = fp16_table()
@@ -455,11 +458,15 @@ class Q4_0(GGMLFormat):
 
     def prepare(self, data, rows, cols):
         # Tiles of T rows (see "fast qmatmul" above): 0.625 byte per weight, 1.11x the bytes.
+        # The bytes themselves stay referenced for the int8 prefill kernels (plugins/_i8gemm.py).
         q, d, _ = tile_nibbles(data, rows, cols, BLOCK_BYTES)
-        return Prepared(rows, cols, q, d, np.zeros((0, 0, T), np.float32))
+        return Prepared(rows, cols, q, d, np.zeros((0, 0, T), np.float32), data)
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return nibble_qmatmul(prep, x, mode, self.tag)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        return _i8gemm.qmatmul_path(op, n, mode)
 
 
 @quantfmt.hookimpl
