@@ -58,13 +58,20 @@ def available() -> list[str]:
     return [name for name, feats, _ in PATHS if cpu.has(*feats)]
 
 
-def qmatmul_path(op: str, n: int, mode: str) -> str:
-    """Format.kernel_path of Q4_0, Q4_1 and Q8_0 (the tiles and these kernels are theirs in common)."""
+def qmatmul_path(op: str, n: int, mode: str, nibbles: bool = False) -> str:
+    """Format.kernel_path of Q4_0, Q4_1 (nibbles) and Q8_0: the tiles and these kernels are theirs
+    in common; Q4_0/Q4_1 decode in mode "f32" may take plugins/_q4simd.py."""
     if op != "qmatmul":
         return "numba"
     if mode == "q8_0" and n >= MIN_ROWS and PATH != "portable":
         return f"int8-{PATH}"
-    return "blas-tiles" if n >= BLAS_MIN_ROWS else f"tiles-{mode}"
+    if n >= BLAS_MIN_ROWS:
+        return "blas-tiles"
+    if nibbles and mode == "f32":
+        from . import _q4simd
+
+        return f"tiles-f32-{_q4simd.PATH}"
+    return f"tiles-{mode}"
 
 
 # ---- code generation ------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat
 
-from . import _i8gemm
+from . import _i8gemm, _q4simd
 from ._ggml import (
     QK,
     f32_to_f16_bits,
@@ -435,7 +435,9 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
     xs = xp.reshape(n, nbp, QK).sum(-1)
     out = np.empty((n, prep.tiles * T), np.float32)
     for i in range(n):
-        _tiles_dot_f32(prep.q, prep.d, prep.m, xp[i], xs[i], out[i])
+        # the vector kernel of plugins/_q4simd.py where the CPU has AVX2/AVX-512, else numba's
+        if not _q4simd.tiles_dot_f32(prep.q, prep.d, prep.m, xp[i], xs[i], out[i]):
+            _tiles_dot_f32(prep.q, prep.d, prep.m, xp[i], xs[i], out[i])
     return out[:, : prep.rows]
 
 
@@ -466,7 +468,7 @@ class Q4_0(GGMLFormat):
         return nibble_qmatmul(prep, x, mode, self.tag)
 
     def kernel_path(self, op, n=1, mode="f32"):
-        return _i8gemm.qmatmul_path(op, n, mode)
+        return _i8gemm.qmatmul_path(op, n, mode, nibbles=True)
 
 
 @quantfmt.hookimpl
