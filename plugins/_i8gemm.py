@@ -217,83 +217,139 @@ RW = {"avx512vnni": 2, "avxvnni": 1, "avx2": 1}
 NV = 4
 
 _k_q4_0_avx512vnni = _make_kernel("q4_0", "avx512vnni", RW["avx512vnni"], NV)
+_t_q4_0_avx512vnni = _make_kernel("q4_0", "avx512vnni", RW["avx512vnni"], 1)
 _k_q4_0_avxvnni = _make_kernel("q4_0", "avxvnni", RW["avxvnni"], NV)
+_t_q4_0_avxvnni = _make_kernel("q4_0", "avxvnni", RW["avxvnni"], 1)
 _k_q4_0_avx2 = _make_kernel("q4_0", "avx2", RW["avx2"], NV)
+_t_q4_0_avx2 = _make_kernel("q4_0", "avx2", RW["avx2"], 1)
 _k_q4_1_avx512vnni = _make_kernel("q4_1", "avx512vnni", RW["avx512vnni"], NV)
+_t_q4_1_avx512vnni = _make_kernel("q4_1", "avx512vnni", RW["avx512vnni"], 1)
 _k_q4_1_avxvnni = _make_kernel("q4_1", "avxvnni", RW["avxvnni"], NV)
+_t_q4_1_avxvnni = _make_kernel("q4_1", "avxvnni", RW["avxvnni"], 1)
 _k_q4_1_avx2 = _make_kernel("q4_1", "avx2", RW["avx2"], NV)
+_t_q4_1_avx2 = _make_kernel("q4_1", "avx2", RW["avx2"], 1)
 _k_q8_0_avx512vnni = _make_kernel("q8_0", "avx512vnni", RW["avx512vnni"], NV)
+_t_q8_0_avx512vnni = _make_kernel("q8_0", "avx512vnni", RW["avx512vnni"], 1)
 _k_q8_0_avxvnni = _make_kernel("q8_0", "avxvnni", RW["avxvnni"], NV)
+_t_q8_0_avxvnni = _make_kernel("q8_0", "avxvnni", RW["avxvnni"], 1)
 _k_q8_0_avx2 = _make_kernel("q8_0", "avx2", RW["avx2"], NV)
+_t_q8_0_avx2 = _make_kernel("q8_0", "avx2", RW["avx2"], 1)
 
 
 # ---- parallel drivers: one per (format, path), each calling its own intrinsic (a dispatcher passed
 # as an argument, or a closure, would not be cached across processes) ------------------------------
-# Work item = one register tile; items run weight-row-major so that a thread's consecutive items
-# share the weight rows and walk the same activations, which stay in L2.
+# Work item = one register tile: RW weight rows times NV vectors of activation rows, or times one
+# vector for the groups left over (a clamped 4-vector tile would compute them up to 4 times). Items
+# run weight-row-major so that a thread's consecutive items share the weight rows and walk the same
+# activations, which stay in L2.
 
 
 @numba.njit(cache=True, parallel=True)
 def _drive_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    nr, ng = (rows + 1) // 2, (groups + NV - 1) // NV
-    for job in numba.prange(nr * ng):
-        _k_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, job // ng * 2, rows, job % ng * NV, groups, nb, dstride)
+    full = groups // NV
+    ng = full + groups % NV
+    for job in numba.prange((rows + 1) // 2 * ng):
+        r, j = job // ng * 2, job % ng
+        if j < full:
+            _k_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, j * NV, groups, nb, dstride)
+        else:
+            _t_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, j + full * (NV - 1), groups, nb, dstride)
 
 
 @numba.njit(cache=True, parallel=True)
 def _drive_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    ng = (groups + NV - 1) // NV
+    full = groups // NV
+    ng = full + groups % NV
     for job in numba.prange(rows * ng):
-        _k_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, job // ng, rows, job % ng * NV, groups, nb, dstride)
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, j * NV, groups, nb, dstride)
+        else:
+            _t_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, j + full * (NV - 1), groups, nb, dstride)
 
 
 @numba.njit(cache=True, parallel=True)
 def _drive_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    ng = (groups + NV - 1) // NV
+    full = groups // NV
+    ng = full + groups % NV
     for job in numba.prange(rows * ng):
-        _k_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, job // ng, rows, job % ng * NV, groups, nb, dstride)
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, j * NV, groups, nb, dstride)
+        else:
+            _t_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, j + full * (NV - 1), groups, nb, dstride)
 
 
 @numba.njit(cache=True, parallel=True)
 def _drive_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    nr, ng = (rows + 1) // 2, (groups + NV - 1) // NV
-    for job in numba.prange(nr * ng):
-        _k_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, job // ng * 2, rows, job % ng * NV, groups, nb, dstride)
+    full = groups // NV
+    ng = full + groups % NV
+    for job in numba.prange((rows + 1) // 2 * ng):
+        r, j = job // ng * 2, job % ng
+        if j < full:
+            _k_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, j * NV, groups, nb, dstride)
+        else:
+            _t_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, j + full * (NV - 1), groups, nb, dstride)
 
 
 @numba.njit(cache=True, parallel=True)
 def _drive_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    ng = (groups + NV - 1) // NV
+    full = groups // NV
+    ng = full + groups % NV
     for job in numba.prange(rows * ng):
-        _k_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, job // ng, rows, job % ng * NV, groups, nb, dstride)
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, j * NV, groups, nb, dstride)
+        else:
+            _t_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, j + full * (NV - 1), groups, nb, dstride)
 
 
 @numba.njit(cache=True, parallel=True)
 def _drive_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    ng = (groups + NV - 1) // NV
+    full = groups // NV
+    ng = full + groups % NV
     for job in numba.prange(rows * ng):
-        _k_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, job // ng, rows, job % ng * NV, groups, nb, dstride)
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, j * NV, groups, nb, dstride)
+        else:
+            _t_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, j + full * (NV - 1), groups, nb, dstride)
 
 
 @numba.njit(cache=True, parallel=True)
 def _drive_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    nr, ng = (rows + 1) // 2, (groups + NV - 1) // NV
-    for job in numba.prange(nr * ng):
-        _k_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, job // ng * 2, rows, job % ng * NV, groups, nb, dstride)
+    full = groups // NV
+    ng = full + groups % NV
+    for job in numba.prange((rows + 1) // 2 * ng):
+        r, j = job // ng * 2, job % ng
+        if j < full:
+            _k_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, j * NV, groups, nb, dstride)
+        else:
+            _t_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, j + full * (NV - 1), groups, nb, dstride)
 
 
 @numba.njit(cache=True, parallel=True)
 def _drive_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    ng = (groups + NV - 1) // NV
+    full = groups // NV
+    ng = full + groups % NV
     for job in numba.prange(rows * ng):
-        _k_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, job // ng, rows, job % ng * NV, groups, nb, dstride)
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, j * NV, groups, nb, dstride)
+        else:
+            _t_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, j + full * (NV - 1), groups, nb, dstride)
 
 
 @numba.njit(cache=True, parallel=True)
 def _drive_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    ng = (groups + NV - 1) // NV
+    full = groups // NV
+    ng = full + groups % NV
     for job in numba.prange(rows * ng):
-        _k_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, job // ng, rows, job % ng * NV, groups, nb, dstride)
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, j * NV, groups, nb, dstride)
+        else:
+            _t_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, j + full * (NV - 1), groups, nb, dstride)
 
 
 _DRIVERS = {
