@@ -49,8 +49,10 @@ PATHS = (("avx512vnni", ("avx512vnni", "avx512bw", "avx512f"), 16), ("avxvnni", 
 #: each path the CPU can run.
 PATH = next((name for name, feats, _ in PATHS if cpu.has(*feats)), "portable")
 LANES = {name: lanes for name, _, lanes in PATHS}
-#: Activation rows from which mode "q8_0" takes the int8 kernels (below: the per-row tile kernels).
-MIN_ROWS = 8
+#: Activation rows from which mode "q8_0" takes the int8 kernels (below: the per-row tile kernels,
+#: which stream the weights once per row). Measured crossovers (11008 x 4096, one thread): Q4_0 at
+#: n = 4 (tiles 18.5 ms, int8 19.6), Q8_0 at n = 2 (28.1 vs 20.9 ms; n = 1: tiles 14 ms).
+MIN_ROWS = {"q4_0": 4, "q4_1": 4, "q8_0": 2}
 
 
 def available() -> list[str]:
@@ -58,16 +60,22 @@ def available() -> list[str]:
     return [name for name, feats, _ in PATHS if cpu.has(*feats)]
 
 
-def qmatmul_path(op: str, n: int, mode: str, nibbles: bool = False) -> str:
-    """Format.kernel_path of Q4_0, Q4_1 (nibbles) and Q8_0: the tiles and these kernels are theirs
-    in common; Q4_0/Q4_1 decode in mode "f32" may take plugins/_q4simd.py."""
+def takes(kind: str, n: int, mode: str) -> bool:
+    """Whether qmatmul of n activation rows in `mode` on a `kind` ("q4_0", "q4_1", "q8_0") Prepared
+    runs here."""
+    return mode == "q8_0" and n >= MIN_ROWS[kind] and PATH != "portable"
+
+
+def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
+    """Format.kernel_path of Q4_0, Q4_1 and Q8_0: the tiles and these kernels are theirs in
+    common; Q4_0/Q4_1 decode in mode "f32" may take plugins/_q4simd.py."""
     if op != "qmatmul":
         return "numba"
-    if mode == "q8_0" and n >= MIN_ROWS and PATH != "portable":
+    if takes(kind, n, mode):
         return f"int8-{PATH}"
     if n >= BLAS_MIN_ROWS:
         return "blas-tiles"
-    if nibbles and mode == "f32":
+    if kind != "q8_0" and mode == "f32":
         from . import _q4simd
 
         return f"tiles-f32-{_q4simd.PATH}"

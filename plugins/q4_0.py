@@ -403,8 +403,9 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
     n = x.shape[0]
     nbp = prep.nbp
     has_m = prep.m.shape[0] > 0
-    if mode == "q8_0" and n >= _i8gemm.MIN_ROWS and _i8gemm.PATH != "portable":
-        return _i8gemm.qmatmul_q8("q4_1" if has_m else "q4_0", prep, x, tag)
+    kind = "q4_1" if has_m else "q4_0"
+    if _i8gemm.takes(kind, n, mode):
+        return _i8gemm.qmatmul_q8(kind, prep, x, tag)
     if mode == "q8_0":
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         lut = fp16_table()
@@ -468,7 +469,7 @@ class Q4_0(GGMLFormat):
         return nibble_qmatmul(prep, x, mode, self.tag)
 
     def kernel_path(self, op, n=1, mode="f32"):
-        return _i8gemm.qmatmul_path(op, n, mode, nibbles=True)
+        return _i8gemm.qmatmul_path(op, n, mode, "q4_0")
 
 
 @quantfmt.hookimpl

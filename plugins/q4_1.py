@@ -197,7 +197,7 @@ class Q4_1(GGMLFormat):
         return nibble_qmatmul(prep, x, mode, self.tag)
 
     def kernel_path(self, op, n=1, mode="f32"):
-        return _i8gemm.qmatmul_path(op, n, mode, nibbles=True)
+        return _i8gemm.qmatmul_path(op, n, mode, "q4_1")
 
 
 @quantfmt.hookimpl

@@ -236,7 +236,7 @@ def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray) -> None:
 def tiles_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
     n = x.shape[0]
     nbp = prep.nbp
-    if mode == "q8_0" and n >= _i8gemm.MIN_ROWS and _i8gemm.PATH != "portable":
+    if _i8gemm.takes("q8_0", n, mode):
         return _i8gemm.qmatmul_q8("q8_0", prep, x, tag)
     if mode == "q8_0":
         d16, _, qx = quantize_activations(x, with_sum=False, tag=tag)
@@ -282,7 +282,7 @@ class Q8_0(GGMLFormat):
         return tiles_qmatmul(prep, x, mode, self.tag)
 
     def kernel_path(self, op, n=1, mode="f32"):
-        return _i8gemm.qmatmul_path(op, n, mode)
+        return _i8gemm.qmatmul_path(op, n, mode, "q8_0")
 
 
 @quantfmt.hookimpl
