@@ -114,3 +114,17 @@ print(fmt.kernel_path("qmatmul", 9, "q8_0"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "blas-tiles"
+
+
+@pytest.mark.parametrize(
+    ("features", "int8", "simd"),
+    [("+avx2,+fma", "avx2", "simd8"), ("+avx2,+fma,+avxvnni", "avxvnni", "simd8"),
+     ("+avx2,+fma,+avx512f,+avx512bw,+avx512vnni", "avx512vnni", "simd16"), ("+sse4.2", "portable", "portable")],
+)
+def test_paths_follow_the_features_numba_compiles_for(features, int8, simd):
+    # What a Zen 3 (AVX2), an AVX-VNNI laptop part, an AVX-512 VNNI server and an old CPU get.
+    code = "from quantfmt_formats import _i8gemm, _q4simd; print(_i8gemm.PATH, _q4simd.PATH)"
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CPU_FEATURES": features}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [int8, simd]
