@@ -221,9 +221,11 @@ def _make_kernel(kind: str, isa: str, rw: int, nv: int):
     return kern
 
 
-# Register tiles: 32 zmm registers hold 2x4 int32 + 2x4 float32 accumulators and the operands;
-# 16 ymm registers (AVX2 / AVX-VNNI without AVX-512) take 1x4.
-RW = {"avx512vnni": 2, "avxvnni": 1, "avx2": 1}
+# Register tiles: 32 zmm registers hold 3x4 int32 accumulators, the operands, and most of the 3x4
+# float32 ones (touched once per block); 3 rows ran ~10% faster than 2 (Q8_0 n=128, one thread:
+# 0.44x vs 0.51x sgemm). 16 ymm registers (AVX2 / AVX-VNNI without AVX-512) take 1x4.
+RW512 = 3  # weight rows per zmm register tile
+RW = {"avx512vnni": RW512, "avxvnni": 1, "avx2": 1}
 NV = 4
 CHUNK_GROUPS = 8  # activation vectors per parallel loop (see the drivers)
 
@@ -261,8 +263,8 @@ def _drive_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstri
     for c0 in range(0, groups, CHUNK_GROUPS):
         full = min(CHUNK_GROUPS, groups - c0) // NV
         ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange((rows + 1) // 2 * ng):
-            r, j = job // ng * 2, job % ng
+        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
+            r, j = job // ng * RW512, job % ng
             if j < full:
                 _k_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
             else:
@@ -300,8 +302,8 @@ def _drive_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstri
     for c0 in range(0, groups, CHUNK_GROUPS):
         full = min(CHUNK_GROUPS, groups - c0) // NV
         ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange((rows + 1) // 2 * ng):
-            r, j = job // ng * 2, job % ng
+        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
+            r, j = job // ng * RW512, job % ng
             if j < full:
                 _k_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
             else:
@@ -339,8 +341,8 @@ def _drive_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstri
     for c0 in range(0, groups, CHUNK_GROUPS):
         full = min(CHUNK_GROUPS, groups - c0) // NV
         ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange((rows + 1) // 2 * ng):
-            r, j = job // ng * 2, job % ng
+        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
+            r, j = job // ng * RW512, job % ng
             if j < full:
                 _k_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
             else:
