@@ -52,13 +52,16 @@ class Prepared:
     """The tiled form of one matrix: what Q4_0/Q4_1/Q8_0 `prepare()` return.
 
     q: quants (tiles, nbp, k, T); d: scales (tiles, nbp, T) float32; m: Q4_1's minimums
-    like d, or an empty array. nbp = blocks per row padded to a multiple of G.
+    like d, or an empty array. nbp = blocks per row padded to a multiple of G. raw: the
+    ggml bytes themselves (a reference, not a copy), which the int8 prefill kernels read
+    (plugins/_i8gemm.py), or None.
     """
 
-    __slots__ = ("rows", "cols", "q", "d", "m")
+    __slots__ = ("rows", "cols", "q", "d", "m", "raw")
 
-    def __init__(self, rows: int, cols: int, q: np.ndarray, d: np.ndarray, m: np.ndarray):
-        self.rows, self.cols, self.q, self.d, self.m = rows, cols, q, d, m
+    def __init__(self, rows: int, cols: int, q: np.ndarray, d: np.ndarray, m: np.ndarray,
+                 raw: np.ndarray | None = None):
+        self.rows, self.cols, self.q, self.d, self.m, self.raw = rows, cols, q, d, m, raw
 
     @property
     def tiles(self) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
+from . import _i8gemm, _q4simd
 from ._ggml import (
     QK,
     f32_to_f16_bits,
@@ -398,6 +399,9 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
     n = x.shape[0]
     nbp = prep.nbp
     has_m = prep.m.shape[0] > 0
+    kind = "q4_1" if has_m else "q4_0"
+    if _i8gemm.takes(kind, n, mode):
+        return _i8gemm.qmatmul_q8(kind, prep, x, tag)
     if mode == "q8_0":
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         lut = fp16_table()
@@ -428,7 +432,9 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
     xs = xp.reshape(n, nbp, QK).sum(-1)
     out = np.empty((n, prep.tiles * T), np.float32)
     for i in range(n):
-        _tiles_dot_f32(prep.q, prep.d, prep.m, xp[i], xs[i], out[i])
+        # the vector kernel of plugins/_q4simd.py where the CPU has AVX2/AVX-512, else numba's
+        if not _q4simd.tiles_dot_f32(prep.q, prep.d, prep.m, xp[i], xs[i], out[i]):
+            _tiles_dot_f32(prep.q, prep.d, prep.m, xp[i], xs[i], out[i])
     return out[:, : prep.rows]
 
 
@@ -451,11 +457,15 @@ class Q4_0(GGMLFormat):
 
     def prepare(self, data, rows, cols):
         # Tiles of T rows (see "fast qmatmul" above): 0.625 byte per weight, 1.11x the bytes.
+        # The bytes themselves stay referenced for the int8 prefill kernels (plugins/_i8gemm.py).
         q, d, _ = tile_nibbles(data, rows, cols, BLOCK_BYTES)
-        return Prepared(rows, cols, q, d, np.zeros((0, 0, T), np.float32))
+        return Prepared(rows, cols, q, d, np.zeros((0, 0, T), np.float32), data)
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return nibble_qmatmul(prep, x, mode, self.tag)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        return _i8gemm.qmatmul_path(op, n, mode, "q4_0")
 
 
 @quantfmt.hookimpl

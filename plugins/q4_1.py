@@ -38,6 +38,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
+from . import _i8gemm
 from ._ggml import (
     QK,
     f32_to_f16_bits,
@@ -188,10 +189,13 @@ class Q4_1(GGMLFormat):
 
     def prepare(self, data, rows, cols):
         q, d, m = tile_nibbles(data, rows, cols, BLOCK_BYTES)
-        return Prepared(rows, cols, q, d, m)
+        return Prepared(rows, cols, q, d, m, data)
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return nibble_qmatmul(prep, x, mode, self.tag)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        return _i8gemm.qmatmul_path(op, n, mode, "q4_1")
 
 
 @quantfmt.hookimpl

@@ -28,6 +28,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
+from . import _i8gemm
 from ._ggml import (
     QK,
     f32_to_f16_bits,
@@ -173,7 +174,8 @@ def tile_q8(data: np.ndarray, rows: int, cols: int) -> Prepared:
     blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
     d = fp16_table()[blk[:, :, 0].astype(np.uint16) | (blk[:, :, 1].astype(np.uint16) << 8)]
     q = tile_units(blk, rows, 2, 1).view(np.int8)[..., 0]
-    return Prepared(rows, cols, q, to_tiles(d, rows), np.zeros((0, 0, T), np.float32))
+    # the bytes themselves stay referenced for the int8 prefill kernels (plugins/_i8gemm.py)
+    return Prepared(rows, cols, q, to_tiles(d, rows), np.zeros((0, 0, T), np.float32), data)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -230,6 +232,8 @@ def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray) -> None:
 def tiles_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
     n = x.shape[0]
     nbp = prep.nbp
+    if _i8gemm.takes("q8_0", n, mode):
+        return _i8gemm.qmatmul_q8("q8_0", prep, x, tag)
     if mode == "q8_0":
         d16, _, qx = quantize_activations(x, with_sum=False, tag=tag)
         dx = fp16_table()[d16]
@@ -272,6 +276,9 @@ class Q8_0(GGMLFormat):
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return tiles_qmatmul(prep, x, mode, self.tag)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        return _i8gemm.qmatmul_path(op, n, mode, "q8_0")
 
 
 @quantfmt.hookimpl

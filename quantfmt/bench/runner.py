@@ -266,7 +266,8 @@ class Bench:
                 sec = median_time(functools.partial(tm.matmul, act, mode), self.repeat, info=info)
                 self.add(
                     record("qmatmul", fmt.tag, shape, n, sec, what, base, nbytes=t.nbytes + (cols * 4 + rows * 4) * n,
-                           mode=mode, prepare_seconds=prep, prepared_bytes=getattr(prepared, "nbytes", None),
+                           mode=mode, kernel_path=fmt.kernel_path("qmatmul", n, mode), prepare_seconds=prep,
+                           prepared_bytes=getattr(prepared, "nbytes", None),
                            samples=info["samples"], baseline_before_numba=f32[(shape, n)], **common)
                 )
 

@@ -1,0 +1,431 @@
+"""Int8 prefill: qmatmul mode "q8_0" of Q4_0, Q4_1 and Q8_0 for batches, on int8 dot-product instructions.
+
+Owns the batched integer kernels (vpdpbusd with AVX512-VNNI or AVX-VNNI, vpmaddubsw + vpmaddwd with
+AVX2), the choice among them by `quantfmt.cpu`, and the activation layout they read. CPUs without
+AVX2 (ARM, generic builds) take the portable path: dequantized tiles + sgemm (plugins/_qtiles.py).
+
+What is computed is ggml's integer dot (ggml_vec_dot_{q4_0,q8_0}_q8_0, ggml_vec_dot_q4_1_q8_1) for
+every (activation row, weight row): per block of 32 the exact integer sum sumi of weight quants times
+activation quants, then sum over blocks of float(sumi) * (d_w * d_x) (+ m_w * s_x for Q4_1) in
+float32, the activations quantized once per call as ggml-cpu does (plugins/_ggml.py). So it belongs
+to mode "q8_0", and differs from the other "q8_0" kernels only in the float summation order. Mode
+"f32" never comes here: int8 activations would lose its float accuracy.
+
+Layout. The weights are NOT repacked: the kernel reads the ggml bytes as they are (prepare() keeps a
+reference to them in Prepared.raw) and vectorizes across activation rows instead of weight rows:
+    a vector holds L activation rows (L = 16 in a zmm, 8 in a ymm) x 4 consecutive quants of a block:
+        xa[group, block, chunk c (0..7), lane, 4] int8 = quant 4c..4c+3 of `block` of row group*L+lane
+    the weight side is 4 bytes of one weight row broadcast to every lane (vpbroadcastd), so
+    vpdpbusd(acc, w4 broadcast, xa chunk) adds to each lane the dot of 4 quants of that row.
+Q4_0/Q4_1: byte j of a block holds quant j (low nibble) and j+16 (high): one 4-byte load gives chunk c
+(low nibbles, quants 4c..) and chunk 4+c (high), split by vpand / vpsrld. The nibbles (0..15) are the
+unsigned operand of vpdpbusd and the activations the signed one; Q4_0's "q - 8" becomes -8*sum(q_x)
+per block and lane, the initial value of the block's accumulator. Q8_0's weights are signed, so they
+are flipped to q_w + 128 (xor 0x80 on the 4 loaded bytes) and the accumulator starts at -128*sum(q_x). vpmaddubsw (AVX2)
+saturates its int16 pair sums, which 255*127*2 would overflow: there Q8_0 uses ggml's sign trick,
+|x| times sign(x)*w (vpabsb, vpsignb), and products stay within 2*127*127.
+Register tile: RW weight rows x V vectors of activation rows; per block 8*RW*V dot instructions,
+then per (row, vector) one int->float convert and two float ops for the scales. The weight rows of a
+work item are a few KB and the activations (cols bytes per row) stay in L2 across work items.
+Not used (yet): AMX tiles (TDPBUSD), which Linux grants only after an arch_prctl request for the
+tile state; on the AVX-512 Xeon the zmm kernel reaches about half the time of float32 sgemm.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from quantfmt import cpu
+
+from ._ggml import QK, fp16_table, quantize_activations
+from ._qtiles import BLAS_MIN_ROWS
+
+#: The int8 paths, best first: (name, required CPU features, lanes per vector).
+PATHS = (("avx512vnni", ("avx512vnni", "avx512bw", "avx512f"), 16), ("avxvnni", ("avxvnni", "avx2"), 8),
+         ("avx2", ("avx2",), 8))
+#: Which int8 path this process uses ("portable": none, dequantized tiles + sgemm). Tests set it to
+#: each path the CPU can run.
+PATH = next((name for name, feats, _ in PATHS if cpu.has(*feats)), "portable")
+LANES = {name: lanes for name, _, lanes in PATHS}
+#: Activation rows from which mode "q8_0" takes the int8 kernels (below: the per-row tile kernels,
+#: which stream the weights once per row). Measured crossovers (11008 x 4096, one thread): Q4_0 at
+#: n = 4 (tiles 18.5 ms, int8 19.6), Q8_0 at n = 2 (28.1 vs 20.9 ms; n = 1: tiles 14 ms).
+MIN_ROWS = {"q4_0": 4, "q4_1": 4, "q8_0": 2}
+
+
+def available() -> list[str]:
+    """The int8 paths this CPU can run (what the tests exercise)."""
+    return [name for name, feats, _ in PATHS if cpu.has(*feats)]
+
+
+def takes(kind: str, n: int, mode: str) -> bool:
+    """Whether qmatmul of n activation rows in `mode` on a `kind` ("q4_0", "q4_1", "q8_0") Prepared
+    runs here."""
+    return mode == "q8_0" and n >= MIN_ROWS[kind] and PATH != "portable"
+
+
+def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
+    """Format.kernel_path of Q4_0, Q4_1 and Q8_0: the tiles and these kernels are theirs in
+    common; Q4_0/Q4_1 decode in mode "f32" may take plugins/_q4simd.py."""
+    if op != "qmatmul":
+        return "numba"
+    if takes(kind, n, mode):
+        return f"int8-{PATH}"
+    if n >= BLAS_MIN_ROWS:
+        return "blas-tiles"
+    if kind != "q8_0" and mode == "f32":
+        from . import _q4simd
+
+        return f"tiles-f32-{_q4simd.PATH}"
+    return f"tiles-{mode}"
+
+
+# ---- code generation ------------------------------------------------------------------------
+
+_I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+# (block bytes, offset of the quants, nibbles?, minimum m?) per format
+_KINDS = {"q4_0": (18, 2, True, False), "q4_1": (20, 4, True, True), "q8_0": (34, 2, False, False)}
+
+
+def _make_kernel(kind: str, isa: str, rw: int, nv: int):
+    """The intrinsic computing one register tile: weight rows r..r+rw-1 (clamped to rows-1) times
+    activation groups g0..g0+nv-1 (clamped to G-1) over all nb blocks, stored into out (G*L, rows)."""
+    bb, qoff, nibbles, has_m = _KINDS[kind]
+    lanes = LANES[isa]
+    vi32 = ir.VectorType(_I32, lanes)
+    vf32 = ir.VectorType(_F32, lanes)
+    vi8 = ir.VectorType(_I8, 4 * lanes)
+    vi16 = ir.VectorType(ir.IntType(16), 2 * lanes)
+
+    @intrinsic
+    def kern(typingctx, w, d, m, xa, dx, cx, sx, out, r0, rows, g0, groups, nb, dstride):
+        sig = types.void(w, d, m, xa, dx, cx, sx, out, r0, rows, g0, groups, nb, dstride)
+
+        def codegen(context, builder, signature, args):
+            wa, da, ma, xaa, dxa, cxa, sxa, outa, r0v, rowsv, g0v, groupsv, nbv, dstridev = args
+            at = signature.args
+            ptr = [context.make_array(at[i])(context, builder, args[i]).data for i in range(8)]
+            wp, dp, mp, xp, dxp, cxp, sxp, outp = ptr
+            mod = builder.module
+            fma = mod.declare_intrinsic(f"llvm.fmuladd.v{lanes}f32", (), ir.FunctionType(vf32, [vf32] * 3))
+            if isa == "avx2":
+                maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", (), ir.FunctionType(vi16, [vi8, vi8]))
+                maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", (), ir.FunctionType(vi32, [vi16, vi16]))
+                psignb = mod.declare_intrinsic("llvm.x86.avx2.psign.b", (), ir.FunctionType(vi8, [vi8, vi8]))
+                pabsb = mod.declare_intrinsic("llvm.abs.v32i8", (), ir.FunctionType(vi8, [vi8, ir.IntType(1)]))
+                ones16 = ir.Constant(vi16, [1] * (2 * lanes))
+            else:
+                name = "llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256"
+                dpbusd = mod.declare_intrinsic(name, (), ir.FunctionType(vi32, [vi32] * 3))
+
+            def c64(v):
+                return ir.Constant(_I64, v)
+
+            def splat(val, vt):
+                undef = ir.Constant(vt, ir.Undefined)
+                v = builder.insert_element(undef, val, ir.Constant(_I32, 0))
+                return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_I32, vt.count), [0] * vt.count))
+
+            def vload(p, off, vt, align):
+                return builder.load(builder.bitcast(builder.gep(p, [off]), vt.as_pointer()), align=align)
+
+            def dot(acc, wu8, xs8, xabs=None):
+                # acc += per lane, sum of 4 products of unsigned wu8 and signed xs8 bytes
+                if isa != "avx2":
+                    return builder.call(dpbusd, [acc, wu8, xs8])
+                a = builder.bitcast(wu8, vi8)
+                b = builder.bitcast(xs8, vi8)
+                if xabs is not None:  # Q8_0: |x| * (sign(x) * w), both within int8
+                    a, b = xabs, builder.call(psignb, [a, b])
+                p = builder.call(maddubs, [a, b])
+                return builder.add(acc, builder.call(maddwd, [p, ones16]))
+
+            # the clamped row and group indices of this tile
+            last_r = builder.sub(rowsv, c64(1))
+            last_g = builder.sub(groupsv, c64(1))
+            rs, gs = [], []
+            for i in range(rw):
+                r = builder.add(r0v, c64(i))
+                rs.append(builder.select(builder.icmp_signed("<", r, last_r), r, last_r))
+            for v in range(nv):
+                g = builder.add(g0v, c64(v))
+                gs.append(builder.select(builder.icmp_signed("<", g, last_g), g, last_g))
+            wrow = builder.mul(nbv, c64(bb))
+            # d and m are Q4/Q8 tiles (tiles, nbp, 32): row r, block b at (r//32)*nbp*32 + r%32 + 32*b
+            doffs = [builder.add(builder.mul(builder.sdiv(r, c64(32)), dstridev), builder.srem(r, c64(32)))
+                     for r in rs]
+            zero_f = ir.Constant(vf32, [0.0] * lanes)
+            faccs = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(nv)] for _ in range(rw)]
+            mask4 = ir.Constant(vi32, [0x0F0F0F0F] * lanes)
+            four = ir.Constant(vi32, [4] * lanes)
+            with cgutils.for_range(builder, nbv) as loop:
+                b = loop.index
+                gb = [builder.add(builder.mul(g, nbv), b) for g in gs]  # (group, block) index
+                xbase = [builder.mul(k, c64(32 * lanes)) for k in gb]
+                # the accumulators start at the per-lane correction cx (see the layout notes)
+                cxs = [vload(cxp, builder.mul(gb[v], c64(lanes)), vi32, 4) for v in range(nv)]
+                accs = [list(cxs) for _ in range(rw)]
+                wbase = [builder.add(builder.add(builder.mul(r, wrow), builder.mul(b, c64(bb))), c64(qoff))
+                         for r in rs]
+                for c in range(4 if nibbles else 8):
+                    xs = [vload(xp, builder.add(xbase[v], c64(4 * lanes * c)), vi32, 4) for v in range(nv)]
+                    if nibbles:
+                        xh = [vload(xp, builder.add(xbase[v], c64(4 * lanes * (c + 4))), vi32, 4) for v in range(nv)]
+                    xabs = None
+                    if not nibbles and isa == "avx2":
+                        xabs = [builder.call(pabsb, [builder.bitcast(x, vi8), ir.Constant(ir.IntType(1), 0)])
+                                for x in xs]
+                    for i in range(rw):
+                        w4 = vload(wp, builder.add(wbase[i], c64(4 * c)), _I32, 1)
+                        if not nibbles and isa != "avx2":
+                            # on the scalar: a vector xor of the broadcast sent LLVM's zmm
+                            # instruction selection into minutes of work
+                            w4 = builder.xor(w4, ir.Constant(_I32, 0x80808080))
+                        wv = splat(w4, vi32)
+                        if nibbles:
+                            lo = builder.and_(wv, mask4)
+                            hi = builder.and_(builder.lshr(wv, four), mask4)
+                            for v in range(nv):
+                                accs[i][v] = dot(dot(accs[i][v], lo, xs[v]), hi, xh[v])
+                        else:
+                            for v in range(nv):
+                                accs[i][v] = dot(accs[i][v], wv, xs[v], None if xabs is None else xabs[v])
+                # scales: acc_f += float(sumi) * (d_w * d_x)  (+ m_w * s_x)
+                dxs = [vload(dxp, builder.mul(gb[v], c64(lanes)), vf32, 4) for v in range(nv)]
+                sxs = [vload(sxp, builder.mul(gb[v], c64(lanes)), vf32, 4) for v in range(nv)] if has_m else None
+                for i in range(rw):
+                    di = builder.add(doffs[i], builder.mul(b, c64(32)))
+                    dw = splat(builder.load(builder.gep(dp, [di])), vf32)
+                    mw = splat(builder.load(builder.gep(mp, [di])), vf32) if has_m else None
+                    for v in range(nv):
+                        f = builder.load(faccs[i][v])
+                        s = builder.fmul(dw, dxs[v])
+                        f = builder.call(fma, [builder.sitofp(accs[i][v], vf32), s, f])
+                        if has_m:
+                            f = builder.call(fma, [mw, sxs[v], f])
+                        builder.store(f, faccs[i][v])
+            # out is (G*L, rows), the result's layout: lane l of vector v is activation row gs[v]*L + l.
+            # Scalar stores (one per result, once per tile) cost far less than transposing a
+            # (rows, n) result afterwards (numpy's strided copy: 53 ms for n = 512).
+            for i in range(rw):
+                for v in range(nv):
+                    f = builder.load(faccs[i][v])
+                    row0 = builder.mul(gs[v], c64(lanes))
+                    for lane in range(lanes):
+                        o = builder.add(builder.mul(builder.add(row0, c64(lane)), rowsv), rs[i])
+                        builder.store(builder.extract_element(f, ir.Constant(_I32, lane)), builder.gep(outp, [o]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kern
+
+
+# Register tiles: 32 zmm registers hold 3x4 int32 accumulators, the operands, and most of the 3x4
+# float32 ones (touched once per block); 3 rows ran ~10% faster than 2 (Q8_0 n=128, one thread:
+# 0.44x vs 0.51x sgemm). 16 ymm registers (AVX2 / AVX-VNNI without AVX-512) take 1x4.
+RW512 = 3  # weight rows per zmm register tile
+RW = {"avx512vnni": RW512, "avxvnni": 1, "avx2": 1}
+NV = 4
+CHUNK_GROUPS = 8  # activation vectors per parallel loop (see the drivers)
+
+_k_q4_0_avx512vnni = _make_kernel("q4_0", "avx512vnni", RW["avx512vnni"], NV)
+_t_q4_0_avx512vnni = _make_kernel("q4_0", "avx512vnni", RW["avx512vnni"], 1)
+_k_q4_0_avxvnni = _make_kernel("q4_0", "avxvnni", RW["avxvnni"], NV)
+_t_q4_0_avxvnni = _make_kernel("q4_0", "avxvnni", RW["avxvnni"], 1)
+_k_q4_0_avx2 = _make_kernel("q4_0", "avx2", RW["avx2"], NV)
+_t_q4_0_avx2 = _make_kernel("q4_0", "avx2", RW["avx2"], 1)
+_k_q4_1_avx512vnni = _make_kernel("q4_1", "avx512vnni", RW["avx512vnni"], NV)
+_t_q4_1_avx512vnni = _make_kernel("q4_1", "avx512vnni", RW["avx512vnni"], 1)
+_k_q4_1_avxvnni = _make_kernel("q4_1", "avxvnni", RW["avxvnni"], NV)
+_t_q4_1_avxvnni = _make_kernel("q4_1", "avxvnni", RW["avxvnni"], 1)
+_k_q4_1_avx2 = _make_kernel("q4_1", "avx2", RW["avx2"], NV)
+_t_q4_1_avx2 = _make_kernel("q4_1", "avx2", RW["avx2"], 1)
+_k_q8_0_avx512vnni = _make_kernel("q8_0", "avx512vnni", RW["avx512vnni"], NV)
+_t_q8_0_avx512vnni = _make_kernel("q8_0", "avx512vnni", RW["avx512vnni"], 1)
+_k_q8_0_avxvnni = _make_kernel("q8_0", "avxvnni", RW["avxvnni"], NV)
+_t_q8_0_avxvnni = _make_kernel("q8_0", "avxvnni", RW["avxvnni"], 1)
+_k_q8_0_avx2 = _make_kernel("q8_0", "avx2", RW["avx2"], NV)
+_t_q8_0_avx2 = _make_kernel("q8_0", "avx2", RW["avx2"], 1)
+
+
+# ---- parallel drivers: one per (format, path), each calling its own intrinsic (a dispatcher passed
+# as an argument, or a closure, would not be cached across processes) ------------------------------
+# Work item = one register tile: RW weight rows times NV vectors of activation rows, or times one
+# vector for the groups left over (a clamped 4-vector tile would compute them up to 4 times). The
+# activation groups go in chunks of CHUNK_GROUPS (128 rows of a zmm), one parallel loop each, so
+# that the activations a thread walks stay in L2: 512 rows of 4096 int8 (2 MB) at once ran 1.3-1.9x
+# float32 sgemm where 128 rows ran 0.4x. Within a chunk items run weight-row-major.
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
+            r, j = job // ng * RW512, job % ng
+            if j < full:
+                _k_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange(rows * ng):
+            r, j = job // ng, job % ng
+            if j < full:
+                _k_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange(rows * ng):
+            r, j = job // ng, job % ng
+            if j < full:
+                _k_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
+            r, j = job // ng * RW512, job % ng
+            if j < full:
+                _k_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange(rows * ng):
+            r, j = job // ng, job % ng
+            if j < full:
+                _k_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange(rows * ng):
+            r, j = job // ng, job % ng
+            if j < full:
+                _k_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
+            r, j = job // ng * RW512, job % ng
+            if j < full:
+                _k_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange(rows * ng):
+            r, j = job // ng, job % ng
+            if j < full:
+                _k_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange(rows * ng):
+            r, j = job // ng, job % ng
+            if j < full:
+                _k_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+_DRIVERS = {
+    ("q4_0", "avx512vnni"): _drive_q4_0_avx512vnni, ("q4_0", "avxvnni"): _drive_q4_0_avxvnni,
+    ("q4_0", "avx2"): _drive_q4_0_avx2, ("q4_1", "avx512vnni"): _drive_q4_1_avx512vnni,
+    ("q4_1", "avxvnni"): _drive_q4_1_avxvnni, ("q4_1", "avx2"): _drive_q4_1_avx2,
+    ("q8_0", "avx512vnni"): _drive_q8_0_avx512vnni, ("q8_0", "avxvnni"): _drive_q8_0_avxvnni,
+    ("q8_0", "avx2"): _drive_q8_0_avx2,
+}
+
+
+# ---- the activations, once per call -----------------------------------------------------------
+
+
+def _lanes_layout(a: np.ndarray, groups: int, lanes: int) -> np.ndarray:
+    """(n, nb, *unit) -> (groups, nb, *unit, lanes) zero-padded rows, C-contiguous."""
+    n = a.shape[0]
+    z = np.zeros((groups * lanes,) + a.shape[1:], a.dtype)
+    z[:n] = a
+    z = z.reshape((groups, lanes) + a.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(z, 1, -1))
+
+
+def qmatmul_q8(kind: str, prep, x: np.ndarray, tag: str, path: str | None = None) -> np.ndarray:
+    """Mode "q8_0" x (n, cols) float32 @ W.T for a Q4_0 / Q4_1 / Q8_0 Prepared, on int8 path `path`
+    (default PATH, which must not be "portable")."""
+    path = path or PATH
+    lanes = LANES[path]
+    n, cols = x.shape
+    nb = cols // QK
+    has_m = kind == "q4_1"
+    d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
+    lut = fp16_table()
+    groups = -(-n // lanes)
+    # xa (groups, nb, 8 chunks, lanes, 4): the 32 quants of a block as 8 chunks of 4
+    xa = _lanes_layout(qx.reshape(n, nb, 8, 4), groups, lanes)
+    xa = np.ascontiguousarray(np.moveaxis(xa.reshape(groups, nb, 8, 4, lanes), 3, 4))
+    dx = _lanes_layout(lut[d16], groups, lanes)
+    if kind == "q4_1":
+        cx = np.zeros((groups, nb, lanes), np.int32)
+    elif kind == "q8_0" and path == "avx2":
+        cx = np.zeros((groups, nb, lanes), np.int32)  # the sign trick needs no correction
+    else:
+        # the initial block sums: -8*sum(q_x) for Q4_0's q - 8; -128*sum(q_x) for Q8_0's q_w + 128
+        cx = _lanes_layout(qx.sum(-1, dtype=np.int32) * np.int32(-8 if kind == "q4_0" else -128), groups, lanes)
+    sx = _lanes_layout(lut[s16], groups, lanes) if has_m else dx
+    m = prep.m if has_m else prep.d
+    out = np.empty((groups * lanes, prep.rows), np.float32)
+    raw = prep.raw.reshape(-1)
+    _DRIVERS[(kind, path)](raw, prep.d.reshape(-1), m.reshape(-1), xa.reshape(-1), dx.reshape(-1),
+                           cx.reshape(-1), sx.reshape(-1), out.reshape(-1), prep.rows, groups, nb, prep.nbp * 32)
+    return out[:n]

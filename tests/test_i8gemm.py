@@ -1,0 +1,130 @@
+"""The int8 prefill kernels of Q4_0, Q4_1, Q8_0 (plugins/_i8gemm.py) == ggml's dot product.
+
+Every int8 path this CPU can run (AVX512-VNNI, AVX-VNNI, AVX2) is forced in turn through the
+module switch `_i8gemm.PATH`, and so is the portable path (dequantized tiles + sgemm); a
+subprocess compiling for a generic CPU checks that the portable path is what such a CPU gets.
+Mode "q8_0" is compared with each format's numpy re-implementation of ggml's integer dot
+(qmatmul_q8_ref) at the summation-order tolerance of tests/test_qtiles.py, on shapes that need
+padding (rows not a multiple of the 2-row register tile, activation rows not a multiple of the
+16- or 8-lane vector or of the 4-vector tile) and batch sizes across the tiles/int8 thresholds.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf.quants import quantize as gguf_quantize
+
+from quantfmt import get_format
+from quantfmt_formats import _i8gemm, q4_0, q4_1, q8_0
+
+MODULES = {"Q4_0": q4_0, "Q8_0": q8_0, "Q4_1": q4_1}
+PATHS = [*_i8gemm.available(), "portable"]
+SHAPES = [(1, 32), (3, 64), (70, 96), (33, 1024)]
+NS = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 65, 127, 129]
+
+
+def weights(rng, rows, cols, tag):
+    w = (rng.standard_normal((rows, cols)) + 0.3).astype(np.float32)
+    w[:, :32] *= 50  # blocks of very different scales
+    w[rows // 2, 32:64] = 0  # an all-zero block (scale 0)
+    return gguf_quantize(w, getattr(GT, tag)).reshape(-1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("tag", list(MODULES))
+def test_int8_prefill_matches_ggml_dot(tag, path, monkeypatch):
+    monkeypatch.setattr(_i8gemm, "PATH", path)
+    rng = np.random.default_rng(20261206)
+    fmt, mod = get_format(tag), MODULES[tag]
+    for rows, cols in SHAPES:
+        data = weights(rng, rows, cols, tag)
+        wq = fmt.dequantize(data, (rows, cols))
+        prep = fmt.prepare(data, rows, cols)
+        for n in NS:
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            x[0, :32] *= 1e-3
+            x[n // 2, 32:64] *= 300
+            if cols > 32:
+                x[-1, 32:64] = 0  # an all-zero activation block (scale 0)
+            mag = float((np.abs(x) @ np.abs(wq).T).max())
+            got = fmt.qmatmul(data, (rows, cols), x, "q8_0", prepared=prep)
+            assert got.shape == (n, rows) and got.dtype == np.float32
+            ref = mod.qmatmul_q8_ref(data, rows, cols, x)
+            np.testing.assert_allclose(got, ref, rtol=0, atol=mag * 2e-6, err_msg=f"{rows}x{cols} n={n}")
+            if n >= _i8gemm.MIN_ROWS[tag.lower()] and path != "portable":
+                assert fmt.kernel_path("qmatmul", n, "q8_0") == f"int8-{path}"
+            else:
+                assert fmt.kernel_path("qmatmul", n, "q8_0") in ("blas-tiles", "tiles-q8_0")
+
+
+@pytest.mark.parametrize("path", _i8gemm.available())
+def test_each_path_is_the_same_function(path):
+    # The paths differ only in the float order of the block sums: against each other they agree
+    # to float32 rounding (a wrong lane or block order would not).
+    rng = np.random.default_rng(7)
+    for tag in MODULES:
+        fmt = get_format(tag)
+        rows, cols = 37, 256
+        data = weights(rng, rows, cols, tag)
+        prep = fmt.prepare(data, rows, cols)
+        x = rng.standard_normal((40, cols)).astype(np.float32)
+        a = _i8gemm.qmatmul_q8(tag.lower(), prep, x, tag, path)
+        b = _i8gemm.qmatmul_q8(tag.lower(), prep, x, tag, _i8gemm.available()[-1])
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_f32_mode_stays_float():
+    # Mode "f32" batches never take the int8 kernels: their error stays at float32 level.
+    rng = np.random.default_rng(3)
+    for tag in MODULES:
+        fmt = get_format(tag)
+        data = weights(rng, 40, 128, tag)
+        wq = fmt.dequantize(data, (40, 128))
+        x = rng.standard_normal((64, 128)).astype(np.float32)
+        mag = float((np.abs(x) @ np.abs(wq).T).max())
+        assert fmt.kernel_path("qmatmul", 64, "f32") == "blas-tiles"
+        got = fmt.qmatmul(data, (40, 128), x, "f32")
+        np.testing.assert_allclose(got, x @ wq.T.astype(np.float64), rtol=0, atol=mag * 1e-6)
+
+
+def test_generic_cpu_takes_the_portable_path():
+    code = """
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+from gguf.quants import quantize
+from quantfmt import get_format
+from quantfmt_formats import _i8gemm, q4_0
+assert _i8gemm.PATH == "portable" and _i8gemm.available() == []
+fmt = get_format("Q4_0")
+rng = np.random.default_rng(0)
+data = quantize(rng.standard_normal((40, 96)).astype(np.float32), GT.Q4_0).reshape(-1)
+x = rng.standard_normal((9, 96)).astype(np.float32)
+got = fmt.qmatmul(data, (40, 96), x, "q8_0")
+ref = q4_0.qmatmul_q8_ref(data, 40, 96, x)
+wq = fmt.dequantize(data, (40, 96))
+assert np.abs(got - ref).max() <= 2e-6 * (np.abs(x) @ np.abs(wq).T).max()
+print(fmt.kernel_path("qmatmul", 9, "q8_0"))
+"""
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic"}
+    env.pop("NUMBA_CPU_FEATURES", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "blas-tiles"
+
+
+@pytest.mark.parametrize(
+    ("features", "int8", "simd"),
+    [("+avx2,+fma", "avx2", "simd8"), ("+avx2,+fma,+avxvnni", "avxvnni", "simd8"),
+     ("+avx2,+fma,+avx512f,+avx512bw,+avx512vnni", "avx512vnni", "simd16"), ("+sse4.2", "portable", "portable")],
+)
+def test_paths_follow_the_features_numba_compiles_for(features, int8, simd):
+    # What a Zen 3 (AVX2), an AVX-VNNI laptop part, an AVX-512 VNNI server and an old CPU get.
+    code = "from quantfmt_formats import _i8gemm, _q4simd; print(_i8gemm.PATH, _q4simd.PATH)"
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CPU_FEATURES": features}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [int8, simd]
