@@ -24,6 +24,7 @@ from .records import GET_ROWS_N, PREFILL_N, TARGET_SHAPE, record, with_target
 from .timing import (
     bandwidth_probes,
     blas_threads,
+    cpu_model,
     first_call,
     loadavg,
     median_time,
@@ -120,10 +121,14 @@ class Bench:
     def env_record(self) -> dict:
         import numba
 
+        from .. import cpu
+
         numba_threads = set_numba_threads(self.threads)
         return self.add(
             record(
                 "env",
+                cpu_model=cpu_model(),
+                cpu_features=cpu.reported(),
                 threads=self.threads,
                 blas_threads=blas_threads(),
                 numba_threads=numba_threads,
@@ -218,7 +223,7 @@ class Bench:
                 base = median_time(gather, self.repeat)
                 touched = len({int(i) // fmt.block_shape[0] for i in idx}) * fmt.row_group_bytes(cols)
                 self.add(record("get_rows", fmt.tag, shape, k, sec, "numpy float32 W[idx]", base,
-                                nbytes=touched + k * cols * 4, **common))
+                                nbytes=touched + k * cols * 4, path=fmt.kernel_path("get_rows", k), **common))
 
             if "qmatmul" in self.ops:
                 self.qmatmul(fmt, t, shape, x, xs, w, f32, common)
@@ -241,7 +246,8 @@ class Bench:
             base, what = median_time(theirs, min(self.repeat, 3)), f"gguf numpy {op}"
         else:
             base, what = median_time(w.copy, self.repeat), "numpy float32 copy"
-        self.add(record(op, fmt.tag, shape, None, sec, what, base, nbytes=w.nbytes, **common))
+        self.add(record(op, fmt.tag, shape, None, sec, what, base, nbytes=w.nbytes, path=fmt.kernel_path(op),
+                        **common))
 
     def qmatmul(self, fmt, t, shape, x, xs, w, f32: dict, common: dict) -> None:
         from ..tensor import QTensor
@@ -266,7 +272,8 @@ class Bench:
                 sec = median_time(functools.partial(tm.matmul, act, mode), self.repeat, info=info)
                 self.add(
                     record("qmatmul", fmt.tag, shape, n, sec, what, base, nbytes=t.nbytes + (cols * 4 + rows * 4) * n,
-                           mode=mode, prepare_seconds=prep, prepared_bytes=getattr(prepared, "nbytes", None),
+                           mode=mode, path=fmt.kernel_path("qmatmul", n, mode), prepare_seconds=prep,
+                           prepared_bytes=getattr(prepared, "nbytes", None),
                            samples=info["samples"], baseline_before_numba=f32[(shape, n)], **common)
                 )
 

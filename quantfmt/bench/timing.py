@@ -61,6 +61,18 @@ def set_numba_threads(threads: int) -> int:
     return n
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name as the OS reports it (Linux /proc/cpuinfo), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return None
+
+
 def loadavg() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
