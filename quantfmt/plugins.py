@@ -162,9 +162,10 @@ def _validate(fmt, plugin: str) -> None:
 
 
 def _load() -> _Registry:
-    from . import numba_cache
+    from . import numba_cache, numba_threads
 
     numba_cache.ensure_writable()  # before any plugin decorates a cache=True kernel
+    numba_threads.choose_layer()  # before any parallel kernel runs
     reg = _Registry()
     strict = _strict()
     for name, source, loader in _candidates():
