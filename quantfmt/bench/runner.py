@@ -37,6 +37,8 @@ QUICK_SHAPES = [TARGET_SHAPE]
 KERNEL_OPS = ("qmatmul", "quantize", "dequantize", "get_rows")
 OPS = (*KERNEL_OPS, "startup", "cache", "e2e")
 QUICK_OPS = (*KERNEL_OPS, "startup")
+# The pause after a BLAS baseline before a format's kernels are timed (OpenBLAS's threads go idle).
+BLAS_IDLE_SECONDS = 0.2
 
 # Types gguf's numpy code can quantize, by our tag (F16/F32 there are plain casts, not quantizers).
 GGUF_QUANTIZERS = ("Q4_0", "Q4_1", "Q8_0", "BF16")
@@ -266,6 +268,10 @@ class Bench:
             else:
                 base = median_time(lambda: xs @ w.T, self.repeat, budget=2.0)
             what = "numpy float32 W @ x" if n == 1 else "numpy float32 X @ W.T"
+            # And the same courtesy the other way: OpenBLAS's threads spin (sched_yield loops) after
+            # a call, ~20 ms of CPU in the next 100 ms measured on the 2-core Xeon, and a kernel timed
+            # right then shares a core with them. Let them go idle first.
+            time.sleep(BLAS_IDLE_SECONDS)
             for mode in fmt.modes:
                 tm = QTensor("w", fmt, shape, t.data)
                 info: dict = {}  # the untimed warm-up call does prepare() and any compile left
