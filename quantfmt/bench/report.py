@@ -389,7 +389,7 @@ SENTENCES = {
 
 def _head(records: list[dict], shape: list[int]) -> list[str]:
     """The sentences before the table: threads and load, the float32 baselines at `shape`, the probes."""
-    out = []
+    out = [line + "." for line in cpu_lines(records)]
     if envs := op("env")(records):
         e = envs[0]
         out.append(f"Threads: {e.get('threads')} (OpenBLAS reports {e.get('blas_threads')}, "
