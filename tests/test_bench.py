@@ -132,6 +132,12 @@ def test_targets_pass_and_miss():
     cold = bench.with_target(bench.record("cache", "Q4_0", None, None, 5.5, "warm", 0.1, cold_seconds=5.5))
     assert cold["target"] == "<= 5 s" and cold["status"] == "MISS"
     assert bench.with_target(bench.record("cache", "all", None, None, 60.0, "warm", 1.0)).get("status") is None
+    # issue 12's parallel conversion rows are told apart by what they measure
+    par = bench.with_target(
+        bench.record("parallel", "Q4_0", None, 2, 1.0, "--jobs 1", 2.0, what="--jobs 2 vs --jobs 1"))
+    assert par["target"] == "<= 0.59x" and par["status"] == "PASS"
+    one = bench.with_target(bench.record("parallel", "Q4_0", None, 1, 2.0, what="--jobs 1 (this process)"))
+    assert one.get("status") is None
     # quantize Q4_0: both >= 3 GB/s and <= 0.25x gguf must hold
     w_bytes = 3e9
     ok = bench.with_target(
