@@ -33,11 +33,12 @@ from numba.extending import intrinsic
 import quantfmt
 from quantfmt import cpu
 from quantfmt.families import KernelFormat
+from quantfmt.numba_threads import claim
 
 QK = 256
 NBINS = 16
 BLOCK_BYTES = 4 * NBINS + QK // 2
-ROW_CHUNK = 64  # rows per parallel work item in qmatmul
+ROW_CHUNK = 64  # rows per chunk of work a thread claims in qmatmul
 
 
 # ---- numpy reference ------------------------------------------------------------------
@@ -200,7 +201,7 @@ def _get_rows_kernel(data, cols, idx, out):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def _matvec_portable(blocks, cb, x, out):
+def _matvec_portable(blocks, cb, x, out, threads):
     # Any CPU. blocks: uint8 (rows, nb, 192), the bytes as they are; cb: float32 (rows, nb, 16),
     # the codebooks unpacked by prepare(). LLVM does not vectorize the codebook lookup
     # (gathers are slow on the CPUs it tunes for), so this runs at scalar speed.
@@ -208,20 +209,25 @@ def _matvec_portable(blocks, cb, x, out):
     n = x.shape[0]
     xb = x.reshape(n, nb, QK)
     nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    for ch in numba.prange(nchunks):
+    counter = np.empty(1, np.int64)  # not np.zeros: in a parallel function that is a region of its own
+    counter[0] = 0
+    for _t in numba.prange(threads):  # one claimer per thread
         accv = np.empty(QK, np.float32)
-        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-            for k in range(n):
-                accv[:] = 0.0
-                for b in range(nb):
-                    for i in range(QK // 2):
-                        p = blocks[row, b, 4 * NBINS + i]
-                        accv[i] += cb[row, b, p & 15] * xb[k, b, i]
-                        accv[i + QK // 2] += cb[row, b, p >> 4] * xb[k, b, i + QK // 2]
-                tot = np.float32(0.0)
-                for i in range(QK):
-                    tot += accv[i]
-                out[k, row] = tot
+        ch = claim(counter)
+        while ch < nchunks:
+            for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+                for k in range(n):
+                    accv[:] = 0.0
+                    for b in range(nb):
+                        for i in range(QK // 2):
+                            p = blocks[row, b, 4 * NBINS + i]
+                            accv[i] += cb[row, b, p & 15] * xb[k, b, i]
+                            accv[i + QK // 2] += cb[row, b, p >> 4] * xb[k, b, i + QK // 2]
+                    tot = np.float32(0.0)
+                    for i in range(QK):
+                        tot += accv[i]
+                    out[k, row] = tot
+            ch = claim(counter)
 
 
 # The AVX2 kernel. A codebook lookup is a 16-entry table lookup, which is exactly what the
@@ -309,20 +315,94 @@ def _block_dot_avx2(typingctx, planes, pl_off, data, p_off, xp, x_off):
 
 
 @numba.njit(cache=True, parallel=True)
-def _matvec_avx2(planes, data, xp, rows, cols, out):
+def _matvec_avx2(planes, data, xp, rows, cols, out, threads):
     # planes: uint8 (nblocks * 64,), from prepare(); data: the bytes; xp: (n, cols) from _permute_x.
     nb = cols // QK
     n = xp.shape[0]
     xf = xp.reshape(-1)
-    for row in numba.prange(rows):
-        for k in range(n):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                blk = row * nb + b
-                acc += _block_dot_avx2(
-                    planes, blk * 64, data, blk * BLOCK_BYTES + 4 * NBINS, xf, k * cols + b * QK
-                )
-            out[k, row] = acc
+    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
+    counter = np.empty(1, np.int64)
+    counter[0] = 0
+    for _t in numba.prange(threads):  # one claimer per thread
+        ch = claim(counter)
+        while ch < nchunks:
+            for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+                for k in range(n):
+                    acc = np.float32(0.0)
+                    for b in range(nb):
+                        blk = row * nb + b
+                        acc += _block_dot_avx2(
+                            planes, blk * 64, data, blk * BLOCK_BYTES + 4 * NBINS, xf, k * cols + b * QK
+                        )
+                    out[k, row] = acc
+            ch = claim(counter)
+
+
+# The AVX-512 kernel. A block's codebook is 16 float32 = one 512-bit register, and `vpermps`
+# (AVX512F) looks up 16 floats by 16 4-bit indices at once in it, in order: per 16 weights, one
+# zero-extension of 16 index bytes, a mask or a shift for the nibble, one vpermps, one FMA. No
+# byte planes, no permuted activations, and the sums stay in 4 vector accumulators across the
+# row's blocks (one horizontal sum per row, in numba).
+_V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+
+
+@intrinsic
+def _block_fma_avx512(typingctx, acc, data, blk_off, x, x_off):
+    """acc[0:64] (4 vectors of 16 float32) += the block at data[blk_off:] times x[x_off:x_off+256]."""
+    sig = types.none(acc, data, blk_off, x, x_off)
+
+    def codegen(context, builder, signature, args):
+        def base(i, off):
+            arr = context.make_array(signature.args[i])(context, builder, args[i])
+            return builder.gep(arr.data, [off])
+
+        accp, dp, xp = base(0, ir.Constant(_I64, 0)), base(1, args[2]), base(3, args[4])
+        mod = builder.module
+        perm = mod.declare_intrinsic("llvm.x86.avx512.permvar.sf.512", (), ir.FunctionType(_V16F, [_V16F, _V16I]))
+        fma = mod.declare_intrinsic("llvm.fmuladd.v16f32", (), ir.FunctionType(_V16F, [_V16F, _V16F, _V16F]))
+
+        def vptr(ptr, off, vt):
+            return builder.bitcast(builder.gep(ptr, [ir.Constant(_I64, off)]), vt.as_pointer())
+
+        cb = builder.load(vptr(dp, 0, _V16F), align=1)  # the file's bytes: no alignment promised
+        accs = [builder.load(vptr(accp, 16 * k, _V16F), align=4) for k in range(4)]
+        low4, four = ir.Constant(_V16I, [15] * 16), ir.Constant(_V16I, [4] * 16)
+        for i in range(8):  # 16 index bytes: weights 16i.. (low nibbles) and 128+16i.. (high nibbles)
+            z = builder.zext(builder.load(vptr(dp, 4 * NBINS + 16 * i, _V16B), align=1), _V16I)
+            for h, idx in enumerate((builder.and_(z, low4), builder.lshr(z, four))):
+                w = builder.call(perm, [cb, idx])
+                xv = builder.load(vptr(xp, h * (QK // 2) + 16 * i, _V16F), align=4)
+                a = (2 * i + h) % 4
+                accs[a] = builder.call(fma, [w, xv, accs[a]])
+        for k in range(4):
+            builder.store(accs[k], vptr(accp, 16 * k, _V16F), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, parallel=True)
+def _matvec_avx512(data, rows, cols, x, out, threads):
+    nb = cols // QK
+    n = x.shape[0]
+    xf = x.reshape(-1)
+    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
+    counter = np.empty(1, np.int64)
+    counter[0] = 0
+    for _t in numba.prange(threads):  # one claimer per thread
+        acc = np.empty(64, np.float32)
+        ch = claim(counter)
+        while ch < nchunks:
+            for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+                for k in range(n):
+                    acc[:] = 0.0
+                    for b in range(nb):
+                        _block_fma_avx512(acc, data, (row * nb + b) * BLOCK_BYTES, xf, k * cols + b * QK)
+                    tot = np.float32(0.0)
+                    for i in range(64):
+                        tot += acc[i]
+                    out[k, row] = tot
+            ch = claim(counter)
 
 
 def _permute_x(x):
@@ -338,9 +418,9 @@ def _codebook_planes(data):
     return np.ascontiguousarray(cb.transpose(0, 2, 1)).reshape(-1)
 
 
-# numba compiles for the host CPU unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES say otherwise (quantfmt.cpu):
-# only then may the kernel use AVX2 instructions.
-USE_AVX2 = cpu.has("avx2")
+# The matvec kernel, by what numba compiles for (the host CPU unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES
+# say otherwise, quantfmt.cpu): AVX-512's vpermps, else AVX2's vpshufb, else the portable loop.
+PATH = "avx512" if cpu.has("avx512f") else "avx2" if cpu.has("avx2") else "portable"
 
 
 # ---- the format -----------------------------------------------------------------------
@@ -356,23 +436,29 @@ class Q4_A(KernelFormat):
     get_rows_kernel = staticmethod(_get_rows_kernel)
 
     def prepare(self, data, rows, cols):
-        # The bytes stay as they are; only the codebooks (1/3 of the bytes) are repacked:
-        # into byte planes for the AVX2 kernel, into an aligned float32 array otherwise.
-        if USE_AVX2:
-            return data, _codebook_planes(data)
+        # (bytes, what the kernel wants, the kernel): the bytes stay as they are; only the codebooks
+        # (1/3 of the bytes) are repacked: into byte planes for the AVX2 kernel, into an aligned
+        # float32 array for the portable one. The AVX-512 kernel reads them straight from the bytes.
+        if PATH == "avx512":
+            return data, None, PATH
+        if PATH == "avx2":
+            return data, _codebook_planes(data), PATH
         blocks = data.reshape(rows, cols // QK, BLOCK_BYTES)
-        return data, blocks[:, :, : 4 * NBINS].copy().view("<f4").astype(np.float32)
+        return data, blocks[:, :, : 4 * NBINS].copy().view("<f4").astype(np.float32), PATH
 
     def kernel_path(self, op, n=1, mode="f32"):
         path = super().kernel_path(op, n, mode)
-        return f"{path}-{'avx2' if USE_AVX2 else 'portable'}" if path == "matvec" else path
+        return f"{path}-{PATH}" if path == "matvec" else path
 
     def matvec(self, prep, rows, cols, x, out):
-        data, cb = prep
-        if cb.dtype == np.uint8:  # byte planes: prepare() chose the AVX2 kernel
-            _matvec_avx2(cb, data, _permute_x(x), rows, cols, out)
+        data, extra, path = prep
+        threads = numba.get_num_threads()  # an argument: read inside a kernel, it defeats numba's cache
+        if path == "avx512":
+            _matvec_avx512(data, rows, cols, np.ascontiguousarray(x), out, threads)
+        elif path == "avx2":
+            _matvec_avx2(extra, data, _permute_x(x), rows, cols, out, threads)
         else:
-            _matvec_portable(data.reshape(rows, cols // QK, BLOCK_BYTES), cb, x, out)
+            _matvec_portable(data.reshape(rows, cols // QK, BLOCK_BYTES), extra, x, out, threads)
 
 
 @quantfmt.hookimpl

@@ -32,6 +32,7 @@ import numpy as np
 
 import quantfmt
 from quantfmt.families import KernelFormat
+from quantfmt.numba_threads import claim
 
 from ._rounding import round_half_away, round_half_away_scalar
 
@@ -136,29 +137,37 @@ def _dequantize_kernel(data, rows, cols, out):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def _matvec_kernel(data, rows, cols, x, out):
+def _matvec_kernel(data, rows, cols, x, out, threads):
     # out[k, i] = sum_c s[g, c] * q[i, c] / 127 * x[k, c]: fold the column scales into x once
     # per group (xs = s * x / 127), then each row is a plain int8 x float32 dot product.
+    # Row groups are claimed one at a time from a shared counter (quantfmt.numba_threads): a
+    # descheduled thread's groups are taken by the one that runs, instead of a fixed half each.
     gb = GROUP_BYTES_PER_COL * cols
     n = x.shape[0]
-    for g in numba.prange(rows // QK):
-        base = g * gb
-        sc = data[base : base + 4 * cols].view(np.float32)
-        q = data[base + 4 * cols : base + gb].view(np.int8).reshape(QK, cols)
+    groups = rows // QK
+    counter = np.empty(1, np.int64)  # not np.zeros: in a parallel function that is a region of its own
+    counter[0] = 0
+    for _t in numba.prange(threads):  # one claimer per thread
         xs = np.empty(cols, np.float32)
-        for k in range(n):
-            for c in range(cols):
-                xs[c] = sc[c] * x[k, c] * np.float32(1.0 / 127.0)
-            for r in range(0, QK, 4):  # four rows per pass: four FMA chains share each xs load
-                a0 = a1 = a2 = a3 = np.float32(0.0)
+        g = claim(counter)
+        while g < groups:
+            base = g * gb
+            sc = data[base : base + 4 * cols].view(np.float32)
+            q = data[base + 4 * cols : base + gb].view(np.int8).reshape(QK, cols)
+            for k in range(n):
                 for c in range(cols):
-                    xv = xs[c]
-                    a0 += np.float32(q[r, c]) * xv
-                    a1 += np.float32(q[r + 1, c]) * xv
-                    a2 += np.float32(q[r + 2, c]) * xv
-                    a3 += np.float32(q[r + 3, c]) * xv
-                i = g * QK + r
-                out[k, i], out[k, i + 1], out[k, i + 2], out[k, i + 3] = a0, a1, a2, a3
+                    xs[c] = sc[c] * x[k, c] * np.float32(1.0 / 127.0)
+                for r in range(0, QK, 4):  # four rows per pass: four FMA chains share each xs load
+                    a0 = a1 = a2 = a3 = np.float32(0.0)
+                    for c in range(cols):
+                        xv = xs[c]
+                        a0 += np.float32(q[r, c]) * xv
+                        a1 += np.float32(q[r + 1, c]) * xv
+                        a2 += np.float32(q[r + 2, c]) * xv
+                        a3 += np.float32(q[r + 3, c]) * xv
+                    i = g * QK + r
+                    out[k, i], out[k, i + 1], out[k, i + 2], out[k, i + 3] = a0, a1, a2, a3
+            g = claim(counter)
 
 
 # ---- the format -----------------------------------------------------------------------
@@ -175,7 +184,7 @@ class Q8_A(KernelFormat):
     get_rows_kernel = staticmethod(_dequantize_rows)
 
     def matvec(self, prep, rows, cols, x, out):
-        _matvec_kernel(prep[0], rows, cols, x, out)
+        _matvec_kernel(prep[0], rows, cols, x, out, numba.get_num_threads())
 
 
 @quantfmt.hookimpl

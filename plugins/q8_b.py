@@ -30,12 +30,13 @@ import numpy as np
 import quantfmt
 from quantfmt.errors import RangeError
 from quantfmt.families import KernelFormat
+from quantfmt.numba_threads import claim
 
 from ._rounding import round_half_away
 
 QK = 128
 BLOCK_BYTES = 8 + QK
-ROW_CHUNK = 64  # rows per parallel work item in qmatmul
+ROW_CHUNK = 64  # rows per chunk of work claimed by a thread in qmatmul (a multiple of 4)
 
 
 # ---- numpy reference ------------------------------------------------------------------
@@ -178,13 +179,11 @@ def _get_rows_kernel(data, cols, idx, out):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def _matvec_kernel(blocks, sm, x, out):
+def _matvec_kernel(blocks, sm, x, out, threads):
     # blocks: int8 (rows, nb, 136), the bytes as they are; sm: float32 (rows, nb, 2) = (s/127, m),
     # unpacked once by prepare() (slicing a float32 view out of the bytes per block costs more
     # than the block's arithmetic). w = m + q * s/127, so a block contributes
-    # m * sum(x_block) + s/127 * dot(q, x_block); the block sums of x are computed once. The
-    # per-weight work accumulates into a 128-wide vector across the row's blocks (one
-    # horizontal sum per row); rows go in chunks so that vector is allocated once per chunk.
+    # m * sum(x_block) + s/127 * dot(q, x_block); the block sums of x are computed once.
     rows, nb = blocks.shape[0], blocks.shape[1]
     n = x.shape[0]
     xsum = np.empty((n, nb), np.float32)  # not np.zeros: that would be a parallel region of its own
@@ -195,12 +194,26 @@ def _matvec_kernel(blocks, sm, x, out):
                 a += x[k, b * QK + j]
             xsum[k, b] = a
     xb = x.reshape(n, nb, QK)
+    # Rows go in chunks of ROW_CHUNK claimed from a shared counter (quantfmt.numba_threads): a
+    # descheduled thread's chunks are taken by the one that runs, instead of a fixed half each.
+    chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
+    counter = np.empty(1, np.int64)  # not np.zeros: in a parallel function that is a region of its own
+    counter[0] = 0
+    for _t in numba.prange(threads):  # one claimer per thread
+        ch = claim(counter)
+        while ch < chunks:
+            _matvec_rows(blocks, sm, xb, xsum, out, ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK))
+            ch = claim(counter)
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _matvec_rows(blocks, sm, xb, xsum, out, start, stop):
     # Four rows at a time: four independent FMA chains (one chain is latency-bound) that
     # share each activation load.
-    for t in numba.prange((rows + 3) // 4):
-        r0 = 4 * t
+    n, nb = xb.shape[0], xb.shape[1]
+    for r0 in range(start, stop, 4):
         for k in range(n):
-            if r0 + 4 <= rows:
+            if r0 + 4 <= stop:
                 t0 = t1 = t2 = t3 = np.float32(0.0)
                 for b in range(nb):
                     d0 = d1 = d2 = d3 = np.float32(0.0)
@@ -217,7 +230,7 @@ def _matvec_kernel(blocks, sm, x, out):
                     t3 += sm[r0 + 3, b, 0] * d3 + sm[r0 + 3, b, 1] * xs
                 out[k, r0], out[k, r0 + 1], out[k, r0 + 2], out[k, r0 + 3] = t0, t1, t2, t3
             else:
-                for row in range(r0, rows):
+                for row in range(r0, stop):
                     tot = np.float32(0.0)
                     for b in range(nb):
                         dot = np.float32(0.0)
@@ -258,7 +271,7 @@ class Q8_B(KernelFormat):
 
     def matvec(self, prep, rows, cols, x, out):
         blocks, sm = prep[1]
-        _matvec_kernel(blocks, sm, x, out)
+        _matvec_kernel(blocks, sm, x, out, numba.get_num_threads())
 
 
 @quantfmt.hookimpl

@@ -23,8 +23,10 @@ bytes. So rows [r0, r1) of a tensor are one contiguous byte range, whatever the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import threading
 
 import numpy as np
 
@@ -37,6 +39,21 @@ from .errors import (
     ShapeError,
     UnsupportedModeError,
 )
+
+# One parallel numba kernel at a time per process. quantfmt runs numba on its workqueue threading
+# layer (quantfmt.numba_threads: measured fastest on a busy 2-core machine), which aborts the whole
+# process when two Python threads launch parallel kernels at once. Every kernel already uses every
+# core, so callers on several threads lose little by taking turns. Reentrant: qmatmul may prepare.
+_KERNEL_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def kernel_section():
+    """Where this format's numba kernels run: one Python thread at a time, float warnings off (the
+    kernels report bad values through quantfmt's errors, not numpy's warnings)."""
+    with _KERNEL_LOCK, np.errstate(all="ignore"):
+        yield
+
 
 TAG_RE = re.compile(r"^[A-Z0-9_]{1,4}$")
 # A bound on element counts, far above any real tensor, so a hostile header cannot
@@ -183,7 +200,8 @@ class Format:
             if weighted is None:
                 raise UnsupportedModeError(f"{self.tag}: this format's quantizer takes no importance weights "
                                            "(quant_weights)")
-            return weighted(w, quant_weights)
+            with _KERNEL_LOCK:
+                return weighted(w, quant_weights)
         w = self._float_input(w, "weights")
         rows, cols = self.matrix_shape(w.shape)
         src = w.reshape(rows, cols)
@@ -207,7 +225,7 @@ class Format:
         w2 = np.ascontiguousarray(src, dtype=np.float32)
         if w2.size == 0:
             return np.zeros(0, np.uint8)
-        with np.errstate(all="ignore"):
+        with kernel_section():
             out = self._quantize(w2)
         expect = self.nbytes(w.shape)
         if out.dtype != np.uint8 or out.ndim != 1 or out.size != expect:
@@ -221,7 +239,7 @@ class Format:
         data = self._bytes_input(data, shape)
         if rows * cols == 0:
             return np.zeros(shape, np.float32)
-        with np.errstate(all="ignore"):
+        with kernel_section():
             out = self._dequantize(data, rows, cols)
         return out.reshape(shape)
 
@@ -239,7 +257,7 @@ class Format:
         idx = np.where(idx < 0, idx + rows, idx)
         if idx.size == 0 or cols == 0:
             return np.zeros((idx.size, cols), np.float32)
-        with np.errstate(all="ignore"):
+        with kernel_section():
             return self._get_rows(data, rows, cols, idx)
 
     def get_row(self, data, shape, i: int) -> np.ndarray:
@@ -268,7 +286,7 @@ class Format:
         if x2.shape[0] == 0 or rows == 0 or cols == 0:
             out = np.zeros((x2.shape[0], rows), np.float32)
         else:
-            with np.errstate(all="ignore"):
+            with kernel_section():
                 if prepared is None:
                     prepared = self.prepare(data, rows, cols)
                 out = self._qmatmul(prepared, rows, cols, x2, mode)

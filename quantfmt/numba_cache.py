@@ -1,4 +1,5 @@
-"""Somewhere writable for numba's on-disk cache, so `cache=True` kernels work for every user.
+"""numba's process-wide settings, made before any kernel is decorated or run: somewhere writable for
+its on-disk cache, so `cache=True` kernels work for every user, and the threading layer.
 
 numba decides where a `cache=True` kernel's cache lives when the kernel is *decorated*
 (at plugin import): NUMBA_CACHE_DIR if set, else `__pycache__` next to the source file,
@@ -10,6 +11,11 @@ case, points numba at a private directory under the system temp dir (created 070
 checked to be ours: numba's cache index is a pickle, so a directory someone else can
 write into must never be used). It does not import numba (plugins that need no kernel,
 such as the plain formats, load without it).
+
+`choose_threading_layer()` makes numba's workqueue layer the default (why, with figures:
+quantfmt.numba_threads), without importing numba either: before numba loads it sets the
+environment variable numba's config reads, after, the config itself. A user's NUMBA_THREADING_LAYER
+stands.
 """
 
 from __future__ import annotations
@@ -100,3 +106,20 @@ def ensure_writable() -> str | None:
         # numba already imported: its config is read when a kernel is decorated (numba ships no stubs for it)
         config.CACHE_DIR = path  # type: ignore[attr-defined]
     return path
+
+
+#: The threading layer quantfmt prefers (quantfmt.numba_threads says why).
+THREADING_LAYER = "workqueue"
+LAYER_ENV = "NUMBA_THREADING_LAYER"
+
+
+def choose_threading_layer() -> str | None:
+    """Make THREADING_LAYER numba's layer for this process (and the processes it starts) unless the
+    user chose one; returns the layer set here, or None. Call before the first parallel kernel runs."""
+    if os.environ.get(LAYER_ENV):
+        return None
+    os.environ[LAYER_ENV] = THREADING_LAYER  # read by numba's config when numba loads; workers inherit it
+    numba = sys.modules.get("numba")
+    if numba is not None and hasattr(numba, "config"):  # already loaded: its config was read
+        numba.config.THREADING_LAYER = THREADING_LAYER
+    return THREADING_LAYER

@@ -194,6 +194,7 @@ def _load_one(reg: _Registry, name: str, source: str, loader, strict: bool) -> N
         from . import numba_cache
 
         numba_cache.ensure_writable()  # before any plugin decorates a cache=True kernel
+        numba_cache.choose_threading_layer()  # before any parallel kernel runs
         reg.cache_checked = True
     record: dict = {"name": name, "source": source, "formats": [], "error": None}
     reg.plugins.append(record)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import errors
-from .format import Format
+from .format import Format, kernel_section
 from .plugins import get_format
 
 
@@ -110,7 +110,8 @@ class QTensor:
         with self._context():
             if self._prepared is None:
                 rows, cols = self.fmt.matrix_shape(self.shape)
-                self._prepared = self.fmt.prepare(self.data, rows, cols)
+                with kernel_section():
+                    self._prepared = self.fmt.prepare(self.data, rows, cols)
             x = np.asarray(x)
             if x.ndim > 2:
                 lead = x.shape[:-1]

@@ -384,14 +384,18 @@ def test_hypothesis_matrices(tag):
     run()
 
 
-@pytest.mark.parametrize("kernel", ["portable", "avx2"])
-def test_q4a_both_matvec_kernels(kernel, rng, monkeypatch):
-    # qmatmul takes the AVX2 kernel where the CPU has it; run each path through the public API.
+@pytest.mark.parametrize("kernel", ["portable", "avx2", "avx512"])
+def test_q4a_every_matvec_kernel(kernel, rng, monkeypatch):
+    # qmatmul takes the widest kernel the CPU has (quantfmt.cpu); run each path this CPU can run
+    # through the public API, against the float64 product of the dequantized weights.
+    from quantfmt import cpu
+
     m = MODULES["Q4_A"]
-    if kernel == "avx2" and not m.USE_AVX2:
-        pytest.skip("this CPU (or NUMBA_CPU_NAME/NUMBA_CPU_FEATURES) has no AVX2")
-    monkeypatch.setattr(m, "USE_AVX2", kernel == "avx2")
-    rows, cols = 24, 1024
+    needs = {"portable": (), "avx2": ("avx2",), "avx512": ("avx512f",)}[kernel]
+    if not cpu.has(*needs):
+        pytest.skip(f"this CPU (or NUMBA_CPU_NAME/NUMBA_CPU_FEATURES) has no {kernel}")
+    monkeypatch.setattr(m, "PATH", kernel)
+    rows, cols = 131, 1024  # rows: two full chunks of work and a partial one
     scale = np.float32(10.0) ** rng.integers(-3, 3, (rows, 1))
     w = rng.standard_normal((rows, cols)).astype(np.float32) * scale
     f = fmt("Q4_A")
@@ -399,11 +403,15 @@ def test_q4a_both_matvec_kernels(kernel, rng, monkeypatch):
     x = rng.standard_normal((3, cols)).astype(np.float32)
     deq = f.dequantize(data, w.shape).astype(np.float64)
     prep = f.prepare(data, rows, cols)
-    assert prep[1].dtype == (np.uint8 if kernel == "avx2" else np.float32)  # the path really taken
+    assert prep[2] == kernel and f.kernel_path("qmatmul", 3) == f"matvec-{kernel}"  # the path really taken
     out = f.qmatmul(data, w.shape, x, prepared=prep)
     ref = x.astype(np.float64) @ deq.T
     tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T) + 1e-6
     assert (np.abs(out - ref) <= tol).all()
+    # the bytes at an odd address (a file mapped at any offset): same result
+    odd = np.empty(data.size + 1, np.uint8)[1:]
+    odd[:] = data
+    assert np.array_equal(f.qmatmul(odd, w.shape, x, prepared=f.prepare(odd, rows, cols)), out)
 
 
 @pytest.mark.slow

@@ -9,12 +9,13 @@ format). Standard library only: re-printing a records file loads no numpy.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from ..table import markdown_lines, text_lines
-from .records import GET_ROWS_N, PREFILL_N, TARGET_SHAPE
+from .records import GET_ROWS_N, PREFILL_N, TARGET_SHAPE, TARGETS, Target, target_of, with_target
 
 # ---- cells and columns --------------------------------------------------------------------
 
@@ -124,11 +125,20 @@ def env_lines(records: list[dict]) -> list[str]:
         return []
     e = envs[0]
     end = f", at end {envs[-1].get('loadavg')}" if len(envs) > 1 else ""
-    return [
+    return [*cpu_lines(records),
         f"threads {e.get('threads')} (BLAS reports {e.get('blas_threads')}, numba {e.get('numba_threads')}, "
         f"layer {e.get('numba_threading_layer')}); numpy {e.get('numpy')}, numba {e.get('numba')}, "
         f"{e.get('cpu_count')} CPUs; load average at start {e.get('loadavg')}{end}"
     ]
+
+
+def cpu_lines(records: list[dict]) -> list[str]:
+    """The CPU and the features kernels choose their paths by (quantfmt.cpu.reported()), if recorded."""
+    e = next(iter(op("env")(records)), {})
+    if "cpu_features" not in e:
+        return []
+    return [f"CPU: {e.get('cpu_model') or 'unknown model'}; features detected: "
+            f"{' '.join(e['cpu_features']) or 'none of ' + 'the reported ones'}"]
 
 
 def cache_dir_lines(records: list[dict]) -> list[str]:
@@ -143,6 +153,60 @@ def e2e_lines(records: list[dict]) -> list[str]:
 def skip_lines(records: list[dict]) -> list[str]:
     lines = [f"skipped {r['format']} {shape_of(r)}: {r['note']}" for r in op("skip")(records)]
     return ["", *lines] if lines else []
+
+
+def path_rows(records: list[dict]) -> list[dict]:
+    """One row per format: the kernel path each op took (records' "path", from Format.kernel_path)."""
+    rows: dict = {}
+    for r in records:
+        if r.get("path") is None or r["op"] not in ("qmatmul", "quantize", "dequantize", "get_rows"):
+            continue
+        row = rows.setdefault(r["format"], {"format": r["format"]})
+        key = f"qmatmul n={r['n']}" if r["op"] == "qmatmul" else r["op"]
+        cell = row.setdefault(key, {})
+        cell[r.get("mode") or ""] = r["path"]
+    return [{k: v if isinstance(v, str) else ", ".join(f"{m} {p}".strip() for m, p in v.items())
+             for k, v in row.items()} for row in rows.values()]
+
+
+def _figure(r: dict, t: Target) -> str:
+    if t.kind == "ratio<=":
+        value = f"{fmt(r['ratio'], '.2f')}x"
+    elif t.kind == "gbps>=":
+        value = f"{fmt(r['gbps'], '.2f')} GB/s"
+    else:
+        value = fmt_s(r["seconds"])
+    where = " ".join(str(p) for p in (r["format"], r.get("mode")) if p)
+    if t.shape is None and r.get("shape") and tuple(r["shape"]) != TARGET_SHAPE:
+        where += f" {shape_of(r)}"
+    if r["op"] == "convert" and "(" in (r.get("what") or ""):
+        where += " (" + r["what"].rsplit("(", 1)[1]  # which run: input in or out of the page cache
+    return f"{where} {value} {r['status']}".strip()
+
+
+def checklist_lines(records: list[dict]) -> list[str]:
+    """Every stated target (records.TARGETS), each with the figures of this run it judges and PASS/MISS,
+    or "not measured in this run". Records are judged afresh by the current targets."""
+    judged = [with_target(dict(r)) for r in records if r["op"] not in ("env", "skip")]
+    counts = {"PASS": 0, "MISS": 0, "-": 0}
+    body = []
+    for t in TARGETS:
+        mine = [r for r in judged if r.get("status") and target_of(r) is t]
+        if t.shape is None and any(tuple(r["shape"] or ()) == TARGET_SHAPE for r in mine):
+            mine = [r for r in mine if tuple(r["shape"]) == TARGET_SHAPE]  # quantize etc.: the target shape only
+        status = "-" if not mine else "MISS" if any(r["status"] == "MISS" for r in mine) else "PASS"
+        counts[status] += 1
+        figures = [_figure(r, t) for r in mine]
+        missing = [tag for tag in t.formats or () if not any(r["format"] == tag for r in mine)]
+        if missing:
+            figures.append(f"not measured: {', '.join(missing)}")
+        if not mine and not missing:
+            figures.append("not measured in this run")
+        body.append(f"  {status:4s}  {t.what}")
+        body += textwrap.wrap("; ".join(figures), 118, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    head = f"stated targets, one line each (- = not measured): {counts['PASS']} met, {counts['MISS']} missed, " \
+           f"{counts['-']} not measured"
+    return ["", head, *body]
 
 
 def target_lines(records: list[dict]) -> list[str]:
@@ -221,6 +285,13 @@ REPORT: tuple[Table | Callable[[list[dict]], list[str]], ...] = (
     ),
     e2e_lines,
     skip_lines,
+    Table(
+        "kernel path of each op (Format.kernel_path: which implementation ran, chosen by CPU features and size)",
+        path_rows,
+        (FORMAT, text("quantize", "quantize"), text("dequantize", "dequantize"), text("get_rows", "get_rows"),
+         text("qmatmul n=1", "qmatmul n=1"), text(f"qmatmul n={PREFILL_N}", f"qmatmul n={PREFILL_N}")),
+    ),
+    checklist_lines,
     target_lines,
 )
 
@@ -318,7 +389,7 @@ SENTENCES = {
 
 def _head(records: list[dict], shape: list[int]) -> list[str]:
     """The sentences before the table: threads and load, the float32 baselines at `shape`, the probes."""
-    out = []
+    out = [line + "." for line in cpu_lines(records)]
     if envs := op("env")(records):
         e = envs[0]
         out.append(f"Threads: {e.get('threads')} (OpenBLAS reports {e.get('blas_threads')}, "

@@ -24,6 +24,7 @@ from .records import GET_ROWS_N, PREFILL_N, TARGET_SHAPE, record, with_target
 from .timing import (
     bandwidth_probes,
     blas_threads,
+    cpu_model,
     first_call,
     loadavg,
     median_time,
@@ -36,6 +37,8 @@ QUICK_SHAPES = [TARGET_SHAPE]
 KERNEL_OPS = ("qmatmul", "quantize", "dequantize", "get_rows")
 OPS = (*KERNEL_OPS, "startup", "cache", "e2e")
 QUICK_OPS = (*KERNEL_OPS, "startup")
+# The pause after a BLAS baseline before a format's kernels are timed (OpenBLAS's threads go idle).
+BLAS_IDLE_SECONDS = 0.2
 
 # Types gguf's numpy code can quantize, by our tag (F16/F32 there are plain casts, not quantizers).
 GGUF_QUANTIZERS = ("Q4_0", "Q4_1", "Q8_0", "BF16")
@@ -120,10 +123,14 @@ class Bench:
     def env_record(self) -> dict:
         import numba
 
+        from .. import cpu
+
         numba_threads = set_numba_threads(self.threads)
         return self.add(
             record(
                 "env",
+                cpu_model=cpu_model(),
+                cpu_features=cpu.reported(),
                 threads=self.threads,
                 blas_threads=blas_threads(),
                 numba_threads=numba_threads,
@@ -218,7 +225,7 @@ class Bench:
                 base = median_time(gather, self.repeat)
                 touched = len({int(i) // fmt.block_shape[0] for i in idx}) * fmt.row_group_bytes(cols)
                 self.add(record("get_rows", fmt.tag, shape, k, sec, "numpy float32 W[idx]", base,
-                                nbytes=touched + k * cols * 4, **common))
+                                nbytes=touched + k * cols * 4, path=fmt.kernel_path("get_rows", k), **common))
 
             if "qmatmul" in self.ops:
                 self.qmatmul(fmt, t, shape, x, xs, w, f32, common)
@@ -241,7 +248,8 @@ class Bench:
             base, what = median_time(theirs, min(self.repeat, 3)), f"gguf numpy {op}"
         else:
             base, what = median_time(w.copy, self.repeat), "numpy float32 copy"
-        self.add(record(op, fmt.tag, shape, None, sec, what, base, nbytes=w.nbytes, **common))
+        self.add(record(op, fmt.tag, shape, None, sec, what, base, nbytes=w.nbytes, path=fmt.kernel_path(op),
+                        **common))
 
     def qmatmul(self, fmt, t, shape, x, xs, w, f32: dict, common: dict) -> None:
         from ..tensor import QTensor
@@ -260,13 +268,17 @@ class Bench:
             else:
                 base = median_time(lambda: xs @ w.T, self.repeat, budget=2.0)
             what = "numpy float32 W @ x" if n == 1 else "numpy float32 X @ W.T"
+            # And the same courtesy the other way: OpenBLAS's threads spin (sched_yield loops) after
+            # a call, ~20 ms of CPU in the next 100 ms measured on the 2-core Xeon, and a kernel timed
+            # right then shares a core with them. Let them go idle first.
+            time.sleep(BLAS_IDLE_SECONDS)
             for mode in fmt.modes:
                 tm = QTensor("w", fmt, shape, t.data)
                 info: dict = {}  # the untimed warm-up call does prepare() and any compile left
                 sec = median_time(functools.partial(tm.matmul, act, mode), self.repeat, info=info)
                 self.add(
                     record("qmatmul", fmt.tag, shape, n, sec, what, base, nbytes=t.nbytes + (cols * 4 + rows * 4) * n,
-                           mode=mode, kernel_path=fmt.kernel_path("qmatmul", n, mode), prepare_seconds=prep,
+                           mode=mode, path=fmt.kernel_path("qmatmul", n, mode), prepare_seconds=prep,
                            prepared_bytes=getattr(prepared, "nbytes", None),
                            samples=info["samples"], baseline_before_numba=f32[(shape, n)], **common)
                 )
