@@ -93,8 +93,10 @@ def _make_qx_ref(x: np.ndarray, wt: np.ndarray):
     def fit(iscale):
         ll = np.clip(nearest_int_ref(iscale[:, None] * x), -16, 15)
         lf = ll.astype(np.float32)
-        sumlx = np.add.accumulate((wt * x) * lf, axis=1, dtype=np.float32)[:, -1]
-        suml2 = np.add.accumulate((wt * lf) * lf, axis=1, dtype=np.float32)[:, -1]
+        # ggml's sums start from +0.0: a block whose every term is -0.0 sums to +0.0, not -0.0 (the
+        # trailing + 0 does exactly that and changes no other sum)
+        sumlx = np.add.accumulate((wt * x) * lf, axis=1, dtype=np.float32)[:, -1] + np.float32(0)
+        suml2 = np.add.accumulate((wt * lf) * lf, axis=1, dtype=np.float32)[:, -1] + np.float32(0)
         return ll, sumlx, suml2
 
     L, sumlx, suml2 = fit(np.float32(-16) / mxs)

@@ -97,8 +97,9 @@ def quantize_ref(w: np.ndarray, quant_weights: np.ndarray | None = None) -> np.n
 
 
 def _acc(a: np.ndarray) -> np.ndarray:
-    """Sum over the last axis in order (j = 0, 1, ...), in float32."""
-    return np.add.accumulate(a, axis=-1, dtype=np.float32)[..., -1]
+    """Sum over the last axis in order (j = 0, 1, ...), in float32, from +0.0 as ggml's loops start (all
+    -0.0 terms sum to +0.0; the trailing + 0 changes no other sum)."""
+    return np.add.accumulate(a, axis=-1, dtype=np.float32)[..., -1] + np.float32(0)
 
 
 def _make_qkx3_ref(x: np.ndarray, wt: np.ndarray):

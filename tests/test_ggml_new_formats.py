@@ -595,3 +595,13 @@ def test_weighted_positive_zero_scale_matches_ggml():
     qw = np.zeros(32, np.float32)
     ref = np.asarray(oracle.load().quantize("IQ4_NL", w, imatrix=qw)).reshape(-1)
     assert np.array_equal(get_format("IQ4N").quantize_weighted(w, qw), ref)
+
+
+def test_weighted_q5_references_sum_from_positive_zero():
+    """Found by hypothesis: tiny weights and importances whose products underflow to -0.0 made the numpy
+    reference's scale -0.0 where ggml's C (and the kernel) give +0.0 (checked against the oracle)."""
+    w = np.full((1, 32), np.float32(100000) * np.float32(1e-20), np.float32)
+    qw = np.full(32, 3.7837415e-25, np.float32)
+    for tag in ("Q5_0", "Q5_1"):
+        ours = get_format(tag).quantize_weighted(w, qw)
+        np.testing.assert_array_equal(ours, weighted_ref(tag, w, qw))
