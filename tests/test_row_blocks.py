@@ -118,3 +118,23 @@ def test_convert_in_row_blocks_is_byte_identical(tmp_path, monkeypatch):
     for ext in ("safetensors", "gguf"):
         assert out["blocks", ext] == out["whole", ext]
     assert len(used) == 4 * 5  # blocks: 4 runs of the 5 tensors larger than a block (whole: none)
+
+
+def test_gguf_export_in_row_blocks_is_byte_identical(tmp_path, monkeypatch):
+    """An HF llama to GGUF (q/k rows permuted after quantizing): the same file with row blocks as without."""
+    from test_hf_export import hf_config, hf_weights, make_folder
+
+    d = make_folder(tmp_path / "hf", hf_weights(4, bias=True), hf_config(attention_bias=True), tokenizer=False)
+    recipe = quantfmt.Recipe("Q8_0", rules=[("*.k_proj.weight", "Q4_0"), ("*.v_proj.weight", "Q4_K")])
+    real, used = convmod._requantize_blocks, []
+    monkeypatch.setattr(convmod, "_requantize_blocks", lambda t, *a: used.append(t.name) or real(t, *a))
+    out = {}
+    for name, block in (("whole", 1 << 40), ("blocks", 1 << 10)):
+        monkeypatch.setattr(convmod, "ROW_BLOCK_BYTES", block)
+        quantfmt.convert(d / "model.safetensors", tmp_path / f"{name}.gguf", recipe)
+        with ThreadPoolExecutor(2) as ex:
+            quantfmt.convert(d / "model.safetensors", tmp_path / f"{name}-ex.gguf", recipe, executor=ex)
+        out[name] = (tmp_path / f"{name}.gguf").read_bytes()
+        assert (tmp_path / f"{name}-ex.gguf").read_bytes() == out[name]
+    assert out["blocks"] == out["whole"]
+    assert any("k_proj" in n for n in used) and any("v_proj" in n for n in used)
