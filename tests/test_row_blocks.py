@@ -138,3 +138,26 @@ def test_gguf_export_in_row_blocks_is_byte_identical(tmp_path, monkeypatch):
         assert (tmp_path / f"{name}-ex.gguf").read_bytes() == out[name]
     assert out["blocks"] == out["whole"]
     assert any("k_proj" in n for n in used) and any("v_proj" in n for n in used)
+
+
+def test_the_kit_refuses_a_false_declaration():
+    """The conformance kit holds a format to its rows_independent: one scale for the whole tensor fails."""
+    from quantfmt.testing import check_format
+
+    class TensorScale(Format):
+        tag = "TSC8"
+        block_shape, block_bytes = (1, 1), 1
+        rows_independent = True  # wrong: the scale is tensor-wide
+
+        def _quantize(self, w):
+            s = max(float(np.abs(w).max()), 1e-30)
+            return np.round(w / s * 127).astype(np.int8).reshape(-1).view(np.uint8)
+
+        def _dequantize(self, data, rows, cols):
+            return data.view(np.int8).astype(np.float32).reshape(rows, cols) / 127
+
+    rep = {c.name: c for c in check_format(TensorScale())}
+    assert not rep["row_blocks"].ok and "rows 0..0 alone" in rep["row_blocks"].detail
+    ok = {c.name: c for c in check_format("Q8_A")}["row_blocks"]
+    assert ok.ok and "(512, " in ok.detail, ok.detail
+    assert {c.name: c for c in check_format("Q4_0")}["row_blocks"].ok
