@@ -37,6 +37,8 @@ check is one function below, registered with @_check):
   input_layouts   Fortran-ordered, strided, read-only, float16 and float64 inputs give
                   the bytes of the same values as float32 (float64 -> float32 first)
   higher_rank     3-D tensors are their 2-D flattening (bytes, dequantize, rows, matmul)
+  row_blocks      a format declaring rows_independent: runs of row groups quantize to their slices
+                  of the whole tensor's bytes, and those bytes dequantize to their rows
   empty           tensors with a zero dimension
   zeros           zero tensors and zero blocks dequantize to exact zeros
   constant        constant tensors and blockwise-constant tensors
