@@ -29,9 +29,9 @@ from ..sources import RECIPE_KEY, input_files, open_model, writer_for
 
 # Row blocks of a large tensor are quantized one at a time (formats that are rows_independent):
 # about this much float32 per block. Memory grows by one block; each block is a quantize call of
-# its own, whose output is copied into place. Measured (/tmp script: 180 MB tensor from a mapped
-# F32 file, whole vs blocks alternated 7 times, medians, 2-core machine at load ~1.5, 2 numba
-# threads): the quantize step takes 1.24x / 1.21x / 1.16x the whole-tensor time for Q4_0 in blocks
+# its own, whose output is copied into place. Measured (scripts/bench_row_blocks.py: a 180 MB
+# mapped F32 tensor, whole vs blocks alternated 7 times, medians, 2-core machine at load ~1.5, 2
+# numba threads): the quantize step takes 1.24x / 1.21x / 1.16x the whole-tensor time for Q4_0 in blocks
 # of 16 / 32 / 64 MiB, 1.14x / 1.12x / 1.11x for Q8_0, 1.03x / 1.02x / 1.02x for Q4_K (~12 ms per
 # 180 MB of Q4_0, a few % of a conversion's wall time).
 ROW_BLOCK_BYTES = 32 << 20
