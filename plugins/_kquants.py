@@ -1060,6 +1060,7 @@ class KQuant(GGMLFormat):
     layout_version = 1
     vec_dot_type = "Q8_K"
     block_shape = (1, QK_K)
+    rows_independent = True  # super-blocks of 256 along a row; importance weights are per column
     modes = ("f32", "q8_k")
     # No exact refusal threshold (it depends on the block): every block below safe_abs fits.
     max_abs = None

@@ -142,6 +142,7 @@ class GGMLDequantFormat(BlockFormat):
     """A ggml type stored byte for byte and decoded by the gguf package (one instance per type)."""
 
     modes = ("f32",)
+    rows_independent = True  # ggml/gguf blocks along a row, nothing tensor-wide
     #: Blocks per call into gguf: bounds gguf's temporaries (measured peak ~4x the decoded
     #: floats: ~9 MB for 2048 blocks of 256) and amortizes its per-call overhead.
     blocks_per_call: int = 2048

@@ -196,6 +196,7 @@ SAFE_ABS = 6.9e6
 
 class IQ4N(ImportanceWeighted, GGMLFormat):
     tag = "IQ4N"
+    rows_independent = True  # blocks along a row, nothing tensor-wide
     aliases = ("IQ4_NL",)
     version = 1
     ggml_type = "IQ4_NL"

@@ -269,6 +269,7 @@ def _dequantize_kernel(blocks, lut, idx, out):
 
 class IQ4X(ImportanceWeighted, GGMLFormat):
     tag = "IQ4X"
+    rows_independent = True  # blocks along a row, nothing tensor-wide
     aliases = ("IQ4_XS",)
     version = 1
     ggml_type = "IQ4_XS"

@@ -187,6 +187,7 @@ def _dequantize_kernel(blocks, lut, idx, out):
 
 class MXF4(GGMLFormat):
     tag = "MXF4"
+    rows_independent = True  # blocks along a row, nothing tensor-wide
     aliases = ("MXFP4",)
     version = 1
     ggml_type = "MXFP4"

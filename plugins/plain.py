@@ -67,6 +67,7 @@ def f32_from_bf16(h: np.ndarray) -> np.ndarray:
 
 class F32(Format):
     tag = "F32"
+    rows_independent = True  # element by element
     block_bytes = 4
     native_dtype = "<f4"
     ggml_type = "F32"
@@ -143,6 +144,7 @@ class _HalfFormat(Format):
 
 class F16(_HalfFormat):
     tag = "F16"
+    rows_independent = True  # element by element
     block_bytes = 2
     native_dtype = "<f2"
     ggml_type = "F16"
@@ -159,6 +161,7 @@ class F16(_HalfFormat):
 
 class BF16(_HalfFormat):
     tag = "BF16"
+    rows_independent = True  # element by element
     block_bytes = 2
     ggml_type = "BF16"
     # float32 0x7F7F8000 (3.3961775e38) and up round to bf16 infinity
@@ -180,6 +183,7 @@ class Raw(Format):
     any array of the dtype as it is."""
 
     can_quantize = False  # from N(0,1) weights nothing round-trips; the kit checks decoding only
+    rows_independent = True  # element by element
 
     def __init__(self, tag: str, dtype: str, ggml_type: str | None, summary: str):
         self.tag, self.native_dtype, self.ggml_type, self.summary = tag, dtype, ggml_type, summary

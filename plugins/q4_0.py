@@ -443,6 +443,7 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
 
 class Q4_0(GGMLFormat):
     tag = "Q4_0"
+    rows_independent = True  # blocks along a row, nothing tensor-wide
     layout_version = 1
     ggml_type = "Q4_0"
     vec_dot_type = "Q8_0"

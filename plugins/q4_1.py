@@ -175,6 +175,7 @@ def _dequantize_kernel(blocks, lut, idx, out):
 
 class Q4_1(GGMLFormat):
     tag = "Q4_1"
+    rows_independent = True  # blocks along a row, nothing tensor-wide
     layout_version = 1
     ggml_type = "Q4_1"
     vec_dot_type = "Q8_1"

@@ -427,6 +427,7 @@ PATH = "avx512" if cpu.has("avx512f") else "avx2" if cpu.has("avx2") else "porta
 
 class Q4_A(KernelFormat):
     tag = "Q4_A"
+    rows_independent = True  # each block's codebook comes from its own 256 weights
     layout_version = 1
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES

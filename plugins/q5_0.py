@@ -332,6 +332,7 @@ def _quantize_kernel(w, out, bad):
 
 class Q5_0(ImportanceWeighted, GGMLFormat):
     tag = "Q5_0"
+    rows_independent = True  # per-block scales; sigma2 (weighted) is per row
     version = 1
     ggml_type = "Q5_0"
     vec_dot_type = "Q8_0"

@@ -370,6 +370,7 @@ def _dequantize_kernel(blocks, lut, idx, out):
 
 class Q5_1(ImportanceWeighted, GGMLFormat):
     tag = "Q5_1"
+    rows_independent = True  # per-block scales; sigma2 (weighted) is per row
     version = 1
     ggml_type = "Q5_1"
     vec_dot_type = "Q8_1"

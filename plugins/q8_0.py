@@ -258,6 +258,7 @@ def tiles_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndar
 
 class Q8_0(GGMLFormat):
     tag = "Q8_0"
+    rows_independent = True  # blocks along a row, nothing tensor-wide
     layout_version = 1
     ggml_type = "Q8_0"
     vec_dot_type = "Q8_0"

@@ -175,6 +175,7 @@ def _matvec_kernel(data, rows, cols, x, out, threads):
 
 class Q8_A(KernelFormat):
     tag = "Q8_A"
+    rows_independent = True  # each group of 128 rows has its own column scales
     layout_version = 1
     block_shape = (QK, 1)
     block_bytes = 4 + QK

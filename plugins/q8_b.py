@@ -244,6 +244,7 @@ def _matvec_rows(blocks, sm, xb, xsum, out, start, stop):
 
 class Q8_B(KernelFormat):
     tag = "Q8_B"
+    rows_independent = True  # each block's mean and scale come from its own 128 weights
     layout_version = 1
     block_shape = (1, QK)
     block_bytes = BLOCK_BYTES

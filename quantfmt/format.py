@@ -113,6 +113,13 @@ class Format:
     #: whose quantizer needs an importance matrix); it then supplies example_bytes() so the
     #: conformance kit can check everything but quantize.
     can_quantize: bool = True
+    #: True when the bytes of any run of whole row groups (block_shape[0] rows each) are the same
+    #: whether quantized alone or as part of the tensor, and dequantizing that run's bytes gives its
+    #: rows: blocks lie within row groups and nothing tensor-wide (a scale, a codebook, statistics
+    #: over rows) enters. Conversion then streams a large tensor a block of rows at a time
+    #: (quantfmt.ops.convert), holding one block of float32 instead of the tensor. False by default:
+    #: a format that does not declare it is converted whole.
+    rows_independent: bool = False
     #: numpy dtype of the values when the bytes ARE a plain array (F32, F16, I64, BOOL, ...), which
     #: QTensor.to_numpy() returns as they are; None for block formats.
     native_dtype: str | None = None

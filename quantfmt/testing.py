@@ -37,6 +37,8 @@ check is one function below, registered with @_check):
   input_layouts   Fortran-ordered, strided, read-only, float16 and float64 inputs give
                   the bytes of the same values as float32 (float64 -> float32 first)
   higher_rank     3-D tensors are their 2-D flattening (bytes, dequantize, rows, matmul)
+  row_blocks      a format declaring rows_independent: runs of row groups quantize to their slices
+                  of the whole tensor's bytes, and those bytes dequantize to their rows
   empty           tensors with a zero dimension
   zeros           zero tensors and zero blocks dequantize to exact zeros
   constant        constant tensors and blockwise-constant tensors
@@ -627,6 +629,40 @@ def _higher_rank(k):
         _require(got.shape == (cols,) and _same_floats(got, full[0]), "1-D dequantize differs from row 0")
         done.append(f"({cols},)")
     return " and ".join(done) + " equal to their 2-D flattening"
+
+
+@_check("row_blocks")
+def _row_blocks(k):
+    """A format that declares rows_independent is converted a block of row groups at a time
+    (quantfmt.ops.convert): each run of row groups must quantize to its slice of the whole
+    tensor's bytes and its bytes dequantize to its rows."""
+    f = k.fmt
+    if not f.rows_independent:
+        return "not declared rows_independent: conversion quantizes tensors whole"
+    br, cols = f.block_shape[0], k.cols
+    rows = 4 * br
+    w = k.rng(11).standard_normal((rows, cols), dtype=np.float32)
+    w[br : 2 * br] *= 50.0  # row groups of very different scale: anything tensor-wide shows
+    w[3 * br :] *= 0.01
+    whole = f.quantize(w)
+    full = f.dequantize(whole, (rows, cols))
+    gb = f.row_group_bytes(cols)
+    for g0, g1 in ((0, 1), (1, 3), (3, 4), (0, 2)):
+        part = f.quantize(w[g0 * br : g1 * br])
+        want = whole[g0 * gb : g1 * gb]
+        _require(
+            np.array_equal(part, want),
+            f"rows_independent, but quantizing rows {g0 * br}..{g1 * br - 1} alone gives "
+            f"{int((part != want).sum()) if part.shape == want.shape else 'a different number of'} bytes "
+            f"different from that slice of the whole ({rows}, {cols}) tensor's",
+        )
+        got = f.dequantize(want, ((g1 - g0) * br, cols))
+        _require(
+            _same_floats(got, full[g0 * br : g1 * br]),
+            f"dequantizing the bytes of rows {g0 * br}..{g1 * br - 1} alone: "
+            f"{_first_diff(got, full[g0 * br : g1 * br])}",
+        )
+    return f"runs of row groups of a ({rows}, {cols}) tensor quantize to their slices of its bytes"
 
 
 @_check("empty")
