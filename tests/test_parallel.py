@@ -464,3 +464,10 @@ def test_finite_check_runs_in_row_blocks_and_still_finds_the_value(monkeypatch):
         with pytest.raises(NonFiniteError, match=rf"index \({r}, {c}\)"):
             quantfmt.QTensor.quantize(w, "Q4_0")
     assert quantfmt.QTensor.quantize(np.ones((10, 32), np.float32), "Q4_0").nbytes == 10 * 18
+
+
+def test_auto_jobs_stays_in_process_on_small_machines_and_small_work(monkeypatch):
+    """On 2 cores, workers measured ~3x slower than the in-process kernels (ops/parallel.py says why)."""
+    for cpus, work, want in ((2, 10 << 30, 1), (4, 10 << 30, 1), (8, 10 << 30, 8), (8, 1 << 20, 1)):
+        monkeypatch.setattr(parallel, "cpu_count", lambda c=cpus: c)
+        assert parallel.auto_jobs(work) == want, (cpus, work)

@@ -165,8 +165,9 @@ def _print_report(rep, out) -> None:
 @click.option("--dry-run", is_flag=True, help="Show each tensor's format, size and why, and the total bits per "
                                               "weight; write nothing (OUT may be left out).")
 @click.option("-j", "--jobs", default="auto", show_default=True, metavar="N|auto",
-              help="Worker processes quantizing in parallel (auto: one per CPU, or none when there is little to "
-                   "convert); the output is byte for byte the same whatever N.")
+              help="Worker processes quantizing in parallel (auto: this process, whose kernels use every core, on "
+                   "machines of up to 4 CPUs or below 256 MB to convert; else one per CPU); the output is byte for "
+                   "byte the same whatever N.")
 @click.option("--max-shard-size", metavar="SIZE",
               help="Write OUT as a folder of Hugging Face shards (model-00001-of-0000N.safetensors) of at most SIZE "
                    "(e.g. 5GB, 500MiB) plus model.safetensors.index.json, written last; for OUT.gguf, llama.cpp's "

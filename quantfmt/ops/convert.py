@@ -213,7 +213,7 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
     model.safetensors.index.json, written last, or for *.gguf llama.cpp's split files
     (NAME-00001-of-0000N.gguf, the first written last); a rerun keeps the shards already complete.
     """
-    from .parallel import AUTO_MIN_BYTES, as_executor, cpu_count
+    from .parallel import as_executor, auto_jobs
 
     r = Recipe.coerce(recipe if recipe is not None else Recipe(default=None))
     if strict:
@@ -235,8 +235,7 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
         meta = {k: v for k, v in src.metadata.items() if k != RECIPE_KEY}
         rec = record(r, rep.steps)
         if jobs is None:  # auto: a worker per CPU, unless starting them costs more than they save
-            work = sum(rep.in_bytes[s.name] for s in rep.steps if not s.copy)
-            jobs = cpu_count() if work >= AUTO_MIN_BYTES else 1
+            jobs = auto_jobs(sum(rep.in_bytes[s.name] for s in rep.steps if not s.copy))
         if jobs < 1:
             raise QuantfmtError(f"jobs must be at least 1, not {jobs}")
         if not gguf and (jobs > 1 or executor is not None or max_shard_size is not None):
