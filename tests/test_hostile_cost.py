@@ -188,3 +188,21 @@ def test_hostile_generators_write_valid_files(tmp_path):
     assert len(json.loads(s.read_bytes()[8:8 + n])) == 7
     with quantfmt.load(g) as a, quantfmt.load(s) as b:
         assert list(a) == list(b) == [f"t.{i}" for i in range(7)]
+
+
+def test_inspect_writes_its_table_at_once(tmp_path, monkeypatch):
+    """A line per tensor, but not a write (and flush) per line."""
+    import click
+    from click.testing import CliRunner
+
+    from quantfmt.cli import cli
+
+    p = tmp_path / "tiny.gguf"
+    hostile.gguf_tiny(p, 2000)
+    calls = []
+    real = click.echo
+    monkeypatch.setattr(click, "echo", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r = CliRunner().invoke(cli, ["inspect", str(p)])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("\nt.") == 2000 and "2000 tensors" in r.output
+    assert len(calls) < 20
