@@ -39,7 +39,8 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import RecipeError, UnknownFormatError, context
+from .errors import QuantfmtError, RecipeError, UnknownFormatError
+from .gcpause import paused
 
 KEEP = "keep"
 AUTO = "auto"
@@ -268,7 +269,7 @@ class Recipe:
                 tag, why = self.default, "default"
                 if head and self.promote_output:
                     tag, why = self._promote(tag, shape)
-        if get_format(tag).accepts(shape):
+        if tag == src_tag or get_format(tag).accepts(shape):  # a source's own format fits its shape (the readers check)
             return Step(name, src_tag, tag, why)
         if self.fallback is None:
             raise RecipeError(
@@ -302,6 +303,10 @@ class Recipe:
 
         Warns (RecipeWarning; RecipeError with strict=True) about rules that matched no tensor
         and rules whose every match was kept by protection."""
+        with paused():  # a Step per tensor: 2**20 tiny tensors are millions of small objects (gcpause.py)
+            return self._plan(model, strict)
+
+    def _plan(self, model, strict: bool) -> list[Step]:
         if hasattr(model, "sources"):
             infos = [(t.name, t.tag, t.shape) for t in model.sources()]
         else:
@@ -314,9 +319,14 @@ class Recipe:
             mixed = mix_types(self.mix, [(n, tuple(shape)) for n, _, shape in infos])
         used: set[int] = set()
         steps = []
-        for n, tag, shape in infos:
-            with context(tensor=n):
-                steps.append(self.choose(n, tag, shape, head=(n == head), used=used, mix_tag=mixed.get(n)))
+        choose, n = self.choose, None
+        try:  # not `with context(tensor=n)` per tensor: that costs more than choose() on a tiny tensor
+            for n, tag, shape in infos:
+                steps.append(choose(n, tag, shape, head=(n == head), used=used, mix_tag=mixed.get(n)))
+        except QuantfmtError as e:
+            if e.tensor is None:
+                e.tensor = n
+            raise
         for i, (pat, tag) in enumerate(self.rules):
             if i in used:
                 continue
@@ -327,7 +337,7 @@ class Recipe:
                 msg = f"rule {pat}={tag} matches no tensor of the model"
             if strict:
                 raise RecipeError(msg)
-            warnings.warn(msg, RecipeWarning, stacklevel=2)
+            warnings.warn(msg, RecipeWarning, stacklevel=3)
         return steps
 
 

@@ -150,6 +150,12 @@ def e2e_lines(records: list[dict]) -> list[str]:
     return [f"end to end: {r.get('note')}" for r in op("e2e")(records)]
 
 
+def model_lines(records: list[dict]) -> list[str]:
+    from .model import report_lines  # here, not at the top: model.py builds its table from this module
+
+    return report_lines(records)
+
+
 def skip_lines(records: list[dict]) -> list[str]:
     lines = [f"skipped {r['format']} {shape_of(r)}: {r['note']}" for r in op("skip")(records)]
     return ["", *lines] if lines else []
@@ -284,6 +290,7 @@ REPORT: tuple[Table | Callable[[list[dict]], list[str]], ...] = (
          num("file MB mapped", "touched_mb", ".2f")),
     ),
     e2e_lines,
+    model_lines,
     skip_lines,
     Table(
         "kernel path of each op (Format.kernel_path: which implementation ran, chosen by CPU features and size)",

@@ -35,7 +35,7 @@ from .timing import (
 DEFAULT_SHAPES = [(4096, 4096), TARGET_SHAPE, (4096, 11008), (576, 1536)]
 QUICK_SHAPES = [TARGET_SHAPE]
 KERNEL_OPS = ("qmatmul", "quantize", "dequantize", "get_rows")
-OPS = (*KERNEL_OPS, "startup", "cache", "e2e")
+OPS = (*KERNEL_OPS, "startup", "cache", "e2e", "model")
 QUICK_OPS = (*KERNEL_OPS, "startup")
 # The pause after a BLAS baseline before a format's kernels are timed (OpenBLAS's threads go idle).
 BLAS_IDLE_SECONDS = 0.2
@@ -313,5 +313,9 @@ class Bench:
         if "e2e" in self.ops:
             self._progress("end-to-end (files)")
             procs.end_to_end(self)
+        if "model" in self.ops:  # SmolLM2 end to end, ours vs llama.cpp (model.py)
+            from .model import bench_model
+
+            bench_model(self)
         self.add(record("env", note="end of run", loadavg=loadavg()))
         return self.records

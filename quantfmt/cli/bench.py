@@ -16,7 +16,8 @@ _BENCH_CHILD = "QUANTFMT_BENCH_CHILD"
 @click.option("--shapes", default="",
               help="Comma-separated ROWSxCOLS (default: 4096x4096,11008x4096,4096x11008,576x1536).")
 @click.option("--ops", default="",
-              help="Comma-separated subset of: qmatmul,quantize,dequantize,get_rows,startup,cache,e2e.")
+              help="Comma-separated subset of: qmatmul,quantize,dequantize,get_rows,startup,cache,e2e,"
+                   "model (SmolLM2 prefill/decode vs llama.cpp).")
 @click.option("--repeat", default=5, show_default=True, type=click.IntRange(1, 1000),
               help="Timed calls per figure (the median is reported; one warm-up call is never timed).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..errors import FileFormatError, QuantfmtError, context
 from ..format import MAX_ELEMENTS, Format
+from ..gcpause import paused
 from .files import (
     atomic_output,
     gguf_split_files,
@@ -265,6 +266,7 @@ def _read_value(cur: _Cursor, vtype: int, key: str):
 
 
 _INFO = {n: struct.Struct(f"<{n}QIQ") for n in range(1, MAX_DIMS + 1)}
+_U64, _U32 = struct.Struct("<Q"), struct.Struct("<I")
 
 
 def _scan(buf, size: int, path: str) -> GGUFHeader:
@@ -316,11 +318,24 @@ def _scan(buf, size: int, path: str) -> GGUFHeader:
     sizes = _ggml_sizes()
     names = set()
     for i in range(n_tensors):
-        name = cur.name(f"the name of tensor {i}")
+        # Fast path (a million tiny tensors cost ~1 us each here): name length, name and dimension
+        # count read directly when they are in the file and valid; else the cursor's reads, whose
+        # messages say what is wrong.
+        pos = cur.pos
+        n = _U64.unpack_from(buf, pos)[0] if size - pos >= 8 else -1
+        if 0 <= n <= MAX_NAME_BYTES and size - pos - 8 - n >= 4:
+            try:
+                name = str(buf[pos + 8 : pos + 8 + n], "utf-8")
+            except UnicodeDecodeError:
+                name = cur.name(f"the name of tensor {i}")  # raises, naming the bytes
+            n_dims = _U32.unpack_from(buf, pos + 8 + n)[0]
+            cur.pos = pos + 12 + n
+        else:
+            name = cur.name(f"the name of tensor {i}")
+            n_dims = cur.unpack("I", f"the dimension count of tensor {name!r}")
         if name in names:
             raise cur.fail("two tensors have this name", tensor=name)
         names.add(name)
-        n_dims = cur.unpack("I", f"the dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise cur.fail(f"{n_dims} dimensions; GGUF tensors have 1 to {MAX_DIMS}", tensor=name)
         # the dims, type and offset in one unpack: files with a million tiny tensors exist
@@ -451,7 +466,6 @@ def read_gguf(path, *, unsupported: str | None = None):
     QUANTFMT_GGUF_UNSUPPORTED if set (how CLI users choose), else "error".
     Close the Model (or use `with`) to release the map.
     """
-    from ..tensor import Model, TensorSource
 
     if unsupported is None:
         unsupported = os.environ.get(UNSUPPORTED_ENV) or "error"
@@ -460,6 +474,13 @@ def read_gguf(path, *, unsupported: str | None = None):
                             "'dequantize'", file=str(path))
     one = isinstance(path, _OneSplit)
     path = str(path)
+    with paused():  # a header of 2**20 tiny tensors: millions of small objects, no cycles (gcpause.py)
+        return _read(path, unsupported, one)
+
+
+def _read(path: str, unsupported: str, one: bool):
+    from ..tensor import Model, TensorSource
+
     hdr = scan_gguf(path)
     n_split = _kv_value(hdr.kv, "split.count")
     if isinstance(n_split, int) and n_split > 1 and not one:

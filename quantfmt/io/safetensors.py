@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import FileFormatError, QuantfmtError, UnknownFormatError, context
 from ..format import MAX_ELEMENTS, TAG_RE
+from ..gcpause import paused
 from ..plugins import get_format
 from .files import (
     TensorPlan,
@@ -55,6 +56,19 @@ RECIPE_KEY = "quantfmt.recipe"  # Model.metadata key of the recipe a file was ma
 # not make us read (or allocate) gigabytes before we can say the file is bad.
 MAX_HEADER_BYTES = 100_000_000
 MAX_RANK = 64
+#: Tensors in one header: the GGUF reader's cap, far above real checkpoints (thousands).
+MAX_TENSORS = 1 << 20
+# What the JSON of a header may hold, by its tensor count T (counted before parsing as occurrences of
+# '"data_offsets"', an upper bound): a tensor entry is one object with two arrays and four keys (with
+# its name), and its quantfmt document entry (an escaped JSON string in __metadata__, whose brackets
+# and colons are in the same bytes) one object, one array and four keys. METADATA_JSON_SLACK more of
+# each cover the model metadata (GGUF key-values with a vocabulary: a few thousand). Counting "{", "["
+# and ":" bytes over-counts those inside strings, so the caps are upper bounds with room to spare.
+# Parsing builds objects, so this is what bounds its cost: 99 MB of "{}" or of metadata keys would
+# otherwise take seconds and GBs before any check could say the file is bad.
+CONTAINERS_PER_TENSOR = 5
+KEYS_PER_TENSOR = 8
+METADATA_JSON_SLACK = 1 << 20
 # Tensors whose dtype *is* their format: stored natively so plain safetensors readers see floats.
 NATIVE_TAGS = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL")
 # Every dtype the safetensors library knows, with its size in bytes (so a foreign file parses
@@ -93,12 +107,35 @@ class Header:
 
 
 def _no_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise _Dup(k)
-        seen[k] = v
-    return seen
+    d = dict(pairs)  # one dict per JSON object (not a second one to look for duplicates): a C loop
+    if len(d) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Dup(k)
+            seen.add(k)
+    return d
+
+
+def _check_size(raw: bytes, file: str) -> None:
+    """Refuse, before parsing, a header whose JSON holds more objects/arrays or keys than its tensor
+    count needs (see CONTAINERS_PER_TENSOR); FileFormatError naming the count and the limit."""
+    tensors = raw.count(b'"data_offsets"')
+    if tensors > MAX_TENSORS + 1:  # +1: the name may occur in metadata text
+        raise FileFormatError(f"header describes more than {MAX_TENSORS} tensors ({tensors} 'data_offsets' keys); "
+                              f"at most {MAX_TENSORS} are accepted", file=file)
+    containers = raw.count(b"{") + raw.count(b"[")
+    limit = CONTAINERS_PER_TENSOR * tensors + METADATA_JSON_SLACK
+    if containers > limit:
+        raise FileFormatError(f"header holds up to {containers} JSON objects and arrays for {tensors} tensors; at "
+                              f"most {limit} are accepted ({CONTAINERS_PER_TENSOR} per tensor + "
+                              f"{METADATA_JSON_SLACK} for metadata): refusing to parse it", file=file)
+    keys = raw.count(b":")
+    limit = KEYS_PER_TENSOR * tensors + METADATA_JSON_SLACK
+    if keys > limit:
+        raise FileFormatError(f"header holds up to {keys} JSON keys for {tensors} tensors; at most {limit} are "
+                              f"accepted ({KEYS_PER_TENSOR} per tensor + {METADATA_JSON_SLACK} for metadata): "
+                              "refusing to parse it", file=file)
 
 
 class _Dup(Exception):
@@ -140,7 +177,8 @@ def _int(v) -> TypeGuard[int]:
 
 
 def _shape(v, file, name, what="shape") -> tuple[int, ...]:
-    if not isinstance(v, list) or len(v) > MAX_RANK or not all(_int(d) and d >= 0 for d in v):
+    # type(d) is int: a JSON number that is an integer (never a bool: json makes those from true/false)
+    if type(v) is not list or len(v) > MAX_RANK or not all(type(d) is int and d >= 0 for d in v):
         raise FileFormatError(
             f"{what} {_short(v)} is not a list of at most {MAX_RANK} non-negative integers", file=file, tensor=name
         )
@@ -163,6 +201,11 @@ def read_header(path) -> Header:
     Reads only the header bytes; never trusts a length, offset, dtype, shape or tag before
     checking it, so a hostile file costs at most MAX_HEADER_BYTES of memory.
     """
+    with paused():  # a header of 2**20 tiny tensors: millions of small objects, no cycles (gcpause.py)
+        return _read_header(path)
+
+
+def _read_header(path) -> Header:
     file = str(path)
     require_regular(path)
     try:
@@ -185,6 +228,7 @@ def read_header(path) -> Header:
         raise FileFormatError(f"cannot read: {e.strerror or e}", file=file) from None
     if len(raw) != n:
         raise FileFormatError("file shrank while reading its header", file=file)
+    _check_size(raw, file)  # before decoding: a refused header costs its bytes once
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -223,7 +267,7 @@ def read_header(path) -> Header:
             )
         shape = _shape(info["shape"], file, name)
         offs = info["data_offsets"]
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_int(o) and o >= 0 for o in offs)):
+        if not (type(offs) is list and len(offs) == 2 and all(type(o) is int and o >= 0 for o in offs)):
             raise FileFormatError(f"data_offsets {_short(offs)} is not [begin, end] of non-negative integers",
                                   file=file, tensor=name)
         begin, end = offs
@@ -262,13 +306,17 @@ def read_header(path) -> Header:
         if qname not in hdr:
             raise FileFormatError("named in the quantfmt metadata but not in the header", file=file, tensor=qname)
     entries = []
+    plain: dict[str, bool] = {}
     for begin, end, name, dtype, shape in raw_entries:
         if name in qinfo:
             tag, shape = _quantized(qinfo[name], dtype, shape, end - begin, file, name)
         elif dtype in NATIVE_TAGS:
             tag = dtype
+            if tag not in plain:  # once per dtype, not per tensor: a million tiny tensors exist
+                plain[tag] = get_format(tag).block_shape == (1, 1)
             try:
-                get_format(tag).matrix_shape(shape)
+                if not plain[tag]:  # a (1, 1) block takes any shape _shape() accepted
+                    get_format(tag).matrix_shape(shape)
             except QuantfmtError as e:
                 raise FileFormatError(e.message, file=file, tensor=name) from None
         else:
@@ -355,9 +403,15 @@ def _quantized(info, dtype, st_shape, nbytes, file, name):
 
 def open_safetensors(path):
     """Open one safetensors/quantfmt file lazily: a Model of sources whose bytes are views of a read-only map."""
-    from ..tensor import Model, TensorSource
 
     file = str(path)
+    with paused():  # a header of 2**20 tiny tensors: millions of small objects, no cycles (gcpause.py)
+        return _open(path, file)
+
+
+def _open(path, file):
+    from ..tensor import Model, TensorSource
+
     hdr = read_header(path)
     flat, close = map_readonly(path, expect_size=hdr.data_start + sum(e.nbytes for e in hdr.entries))
     tensors = {
