@@ -24,9 +24,12 @@ def _run_convert(src, dst, recipe, overwrite, out, strict=False, label="converti
     tty = show and sys.stderr.isatty()
     t0 = time.monotonic()
     done = {"tensors": 0, "bytes": 0}
+    totals: dict[int, int] = {}  # id(report) -> its input bytes: summed once, not per tensor (2**20 tiny tensors)
 
     def status(rep) -> str:
-        total = sum(rep.in_bytes.values())
+        total = totals.get(id(rep))
+        if total is None:
+            total = totals[id(rep)] = sum(rep.in_bytes.values())
         el = max(time.monotonic() - t0, 1e-9)
         rate = done["bytes"] / el
         eta = f"{(total - done['bytes']) / rate:5.0f} s" if rate > 0 else "    ?"
