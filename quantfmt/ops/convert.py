@@ -163,11 +163,19 @@ class ConvertReport:
     def by_tag(self) -> dict[str, tuple[int, int, int]]:
         """tag -> (tensors, weights, bytes) of the output."""
         agg: dict[str, list[int]] = {}
+        counts: dict[tuple, int] = {}  # shape -> weights, computed once per distinct shape
+        shapes, out_bytes = self.shapes, self.out_bytes
         for s in self.steps:
-            a = agg.setdefault(s.tag, [0, 0, 0])
+            a = agg.get(s.tag)
+            if a is None:
+                a = agg[s.tag] = [0, 0, 0]
+            shape = shapes[s.name]
+            w = counts.get(shape)
+            if w is None:
+                w = counts[shape] = math.prod(shape)
             a[0] += 1
-            a[1] += math.prod(self.shapes[s.name])
-            a[2] += self.out_bytes[s.name]
+            a[1] += w
+            a[2] += out_bytes[s.name]
         return {k: (v[0], v[1], v[2]) for k, v in agg.items()}
 
     @property
