@@ -36,6 +36,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -73,7 +74,7 @@ def _check_tag(tag, where: str) -> str:
     return tag
 
 
-@dataclass
+@dataclass(slots=True)  # one per tensor, kept for the whole conversion: no __dict__ each
 class Step:
     """What the recipe decided for one tensor."""
 
@@ -247,7 +248,8 @@ class Recipe:
             if used is not None:
                 used.update(-1 - i for i, m in enumerate(self._matchers) if m(name))
             return Step(name, src_tag, src_tag, "non-float kept")
-        small = self.protect and protection(name, shape) is not None
+        prot = protection(name, shape) if self.protect else None
+        small = prot is not None
         for i, ((pat, tag), match) in enumerate(zip(self.rules, self._matchers, strict=True)):
             if match(name):
                 if small and not names_explicitly(pat):
@@ -256,11 +258,12 @@ class Recipe:
                     continue
                 if used is not None:
                     used.add(i)
-                tag, why = (src_tag if tag == KEEP else tag), f"rule {pat}={tag}"
+                # interned: one string per rule, not per tensor (a file of 2**20 tensors keeps every Step)
+                tag, why = (src_tag if tag == KEEP else tag), sys.intern(f"rule {pat}={tag}")
                 break
         else:
             if small:
-                tag, why = src_tag, f"{protection(name, shape)} kept"
+                tag, why = src_tag, sys.intern(f"{prot} kept")
             elif mix_tag is not None:
                 tag, why = (src_tag, f"mix {self.mix} keeps F32") if mix_tag == "F32" else (
                     get_format(mix_tag).tag, f"mix {self.mix}")
