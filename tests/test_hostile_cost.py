@@ -272,7 +272,8 @@ def test_cli_convert_progress_sums_the_sizes_once(tmp_path, monkeypatch):
 
 def test_convert_memory_per_tiny_tensor(tmp_path):
     """Peak traced memory of opening, planning and writing 2**14 one-value tensors, per tensor: it was
-    ~2200 bytes (two closures and a TensorPlan per tensor, the header as a dict per tensor, ...)."""
+    ~2280 bytes on main before this bound (two closures and a TensorPlan per tensor, the header as a dict
+    per tensor, ...), ~1000 after (the reader's and the planner's objects, the header text)."""
     import tracemalloc
 
     p = tmp_path / "tiny.gguf"
@@ -286,4 +287,4 @@ def test_convert_memory_per_tiny_tensor(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak / (1 << 14) < 1600, f"{peak / (1 << 14):.0f} bytes per tensor"
+    assert peak / (1 << 14) < 1300, f"{peak / (1 << 14):.0f} bytes per tensor"
