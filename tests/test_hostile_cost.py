@@ -272,7 +272,7 @@ def test_cli_convert_progress_sums_the_sizes_once(tmp_path, monkeypatch):
 
 def test_convert_memory_per_tiny_tensor(tmp_path):
     """Peak traced memory of opening, planning and writing 2**14 one-value tensors, per tensor: it was
-    ~2280 bytes on main before this bound (two closures and a TensorPlan per tensor, the header as a dict
+    ~2280 bytes before the per-tensor work was cut (two closures and a TensorPlan per tensor, the header as a dict
     per tensor, ...), ~1000 after (the reader's and the planner's objects, the header text)."""
     import tracemalloc
 
