@@ -36,6 +36,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -73,7 +74,7 @@ def _check_tag(tag, where: str) -> str:
     return tag
 
 
-@dataclass
+@dataclass(slots=True)  # one per tensor, kept for the whole conversion: no __dict__ each
 class Step:
     """What the recipe decided for one tensor."""
 
@@ -234,19 +235,21 @@ class Recipe:
     # ---- application -----------------------------------------------------------------
 
     def choose(self, name: str, src_tag: str, shape, *, head: bool = False, used: set | None = None,
-               mix_tag: str | None = None) -> Step:
+               mix_tag: str | None = None, src_fmt=None) -> Step:
         """The Step for one tensor (RecipeError when its shape does not fit and there is no fallback).
 
         `head`: the tensor is the model's output head (see plan). `used` collects the indexes of the
-        rules that decided a tensor, and (as -1 - i) of rules whose match protection overrode."""
+        rules that decided a tensor, and (as -1 - i) of rules whose match protection overrode.
+        `src_fmt`: the format of `src_tag` when the caller has it (plan looks each tag up once)."""
         from .plugins import get_format
 
-        if get_format(src_tag).value_kind != "f":
+        if (src_fmt if src_fmt is not None else get_format(src_tag)).value_kind != "f":
             # integer and bool buffers (position ids, masks) are data, not weights: never converted
             if used is not None:
                 used.update(-1 - i for i, m in enumerate(self._matchers) if m(name))
             return Step(name, src_tag, src_tag, "non-float kept")
-        small = self.protect and protection(name, shape) is not None
+        prot = protection(name, shape) if self.protect else None
+        small = prot is not None
         for i, ((pat, tag), match) in enumerate(zip(self.rules, self._matchers, strict=True)):
             if match(name):
                 if small and not names_explicitly(pat):
@@ -255,11 +258,12 @@ class Recipe:
                     continue
                 if used is not None:
                     used.add(i)
-                tag, why = (src_tag if tag == KEEP else tag), f"rule {pat}={tag}"
+                # interned: one string per rule, not per tensor (a file of 2**20 tensors keeps every Step)
+                tag, why = (src_tag if tag == KEEP else tag), sys.intern(f"rule {pat}={tag}")
                 break
         else:
             if small:
-                tag, why = src_tag, f"{protection(name, shape)} kept"
+                tag, why = src_tag, sys.intern(f"{prot} kept")
             elif mix_tag is not None:
                 tag, why = (src_tag, f"mix {self.mix} keeps F32") if mix_tag == "F32" else (
                     get_format(mix_tag).tag, f"mix {self.mix}")
@@ -307,6 +311,8 @@ class Recipe:
             return self._plan(model, strict)
 
     def _plan(self, model, strict: bool) -> list[Step]:
+        from .plugins import get_format
+
         if hasattr(model, "sources"):
             infos = [(t.name, t.tag, t.shape) for t in model.sources()]
         else:
@@ -320,9 +326,14 @@ class Recipe:
         used: set[int] = set()
         steps = []
         choose, n = self.choose, None
+        fmts: dict = {}  # source tag -> its format, looked up once per tag, not per tensor
         try:  # not `with context(tensor=n)` per tensor: that costs more than choose() on a tiny tensor
             for n, tag, shape in infos:
-                steps.append(choose(n, tag, shape, head=(n == head), used=used, mix_tag=mixed.get(n)))
+                fmt = fmts.get(tag)
+                if fmt is None:
+                    fmt = fmts[tag] = get_format(tag)
+                steps.append(choose(n, tag, shape, head=(n == head), used=used, mix_tag=mixed.get(n),
+                                    src_fmt=fmt))
         except QuantfmtError as e:
             if e.tensor is None:
                 e.tensor = n

@@ -24,9 +24,12 @@ def _run_convert(src, dst, recipe, overwrite, out, strict=False, label="converti
     tty = show and sys.stderr.isatty()
     t0 = time.monotonic()
     done = {"tensors": 0, "bytes": 0}
+    totals: dict[int, int] = {}  # id(report) -> its input bytes: summed once, not per tensor (2**20 tiny tensors)
 
     def status(rep) -> str:
-        total = sum(rep.in_bytes.values())
+        total = totals.get(id(rep))
+        if total is None:
+            total = totals[id(rep)] = sum(rep.in_bytes.values())
         el = max(time.monotonic() - t0, 1e-9)
         rate = done["bytes"] / el
         eta = f"{(total - done['bytes']) / rate:5.0f} s" if rate > 0 else "    ?"
@@ -101,7 +104,8 @@ def _report_dict(rep) -> dict:
 
 def _print_report(rep, out) -> None:
     rows = []
-    for tag, (n, weights, nbytes) in sorted(rep.by_tag().items()):
+    by_tag = rep.by_tag()  # once: a pass over every tensor
+    for tag, (n, weights, nbytes) in sorted(by_tag.items()):
         rows.append([tag, n, weights, size(nbytes), f"{8.0 * nbytes / weights:.3g}" if weights else "-"])
     if rep.output.startswith("("):
         out.echo(rep.output)
@@ -119,7 +123,7 @@ def _print_report(rep, out) -> None:
     out.table(["tag", "tensors", "weights", "size", "bpw"], rows, right={1, 2, 3, 4})
     tin, tout = sum(rep.in_bytes.values()), sum(rep.out_bytes.values())
     copied = sum(1 for s in rep.steps if s.copy)
-    weights = sum(w for _, w, _ in rep.by_tag().values())
+    weights = sum(w for _, w, _ in by_tag.values())
     bpw = f" ({8.0 * tout / weights:.3f} bits per weight)" if weights else ""
     out.echo(f"total: {size(tin)} -> {size(tout)}{bpw}; {len(rep.steps) - copied} tensors converted, "
              f"{copied} copied unchanged")
@@ -205,7 +209,7 @@ def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, dry_r
             out.echo("")
             _print_report(rep, out)
 
-        out.emit(_report_dict(rep), render)
+        out.emit(lambda: _report_dict(rep), render)
         return
     if dst is None:
         raise click.UsageError("give OUT, the file to write (or --dry-run to only show the plan)")
@@ -229,7 +233,7 @@ def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, dry_r
     finally:
         if close is not None:
             close()
-    out.emit(_report_dict(rep), lambda: _print_report(rep, out))
+    out.emit(lambda: _report_dict(rep), lambda: _print_report(rep, out))
 
 
 @click.command()
@@ -245,7 +249,7 @@ def dequantize(src, dst, dtype, overwrite, out):
 
     recipe = Recipe(default=dtype, fallback=None, protect=False)
     rep = _run_convert(src, dst, recipe, overwrite, out, label="dequantizing")
-    out.emit(_report_dict(rep), lambda: _print_report(rep, out))
+    out.emit(lambda: _report_dict(rep), lambda: _print_report(rep, out))
 
 
 @click.command()

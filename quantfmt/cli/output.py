@@ -36,8 +36,12 @@ class Output:
             click.echo(text, err=True)
 
     def emit(self, data, render=None) -> None:
-        """The command's result: `data` as JSON with --json, else `render()` (or `data` as JSON if none)."""
+        """The command's result: `data` as JSON with --json, else `render()` (or `data` as JSON if none).
+        `data` may be a function returning it, called only when JSON is written (a report of 2**20
+        tensors is a dict per tensor: not built for a table)."""
         if self.as_json or render is None:
+            if callable(data):
+                data = data()
             click.echo(json.dumps(data, indent=2, default=str))
         else:
             render()

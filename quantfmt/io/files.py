@@ -24,10 +24,11 @@ from typing import cast
 
 import numpy as np
 
-from ..errors import FileFormatError, OutputExistsError, context
+from ..errors import FileFormatError, OutputExistsError, QuantfmtError
 
 _PAGE = mmap.PAGESIZE
 _SMALL = 1 << 16  # tensors below this are written and released in batches, not one syscall each
+SMALL_BYTES = _SMALL  # release_pages does nothing for fewer bytes (callers may skip finding the array)
 
 
 # ---- reading ----------------------------------------------------------------------------
@@ -331,9 +332,13 @@ def plans_from_model(model) -> list[TensorPlan]:
 def write_stream(f, plans: list[TensorPlan], sizes: list[int], *, align: int = 1,
                  progress: Callable[[int], None] | None = None) -> None:
     """Write each plan's bytes to the open file `f` in turn, each checked against the size the
-    header promised and zero-padded to a multiple of `align`. One tensor is in memory at a time."""
-    for p, n in zip(plans, sizes, strict=True):
-        with context(tensor=p.name):
+    header promised and zero-padded to a multiple of `align`. One tensor is in memory at a time.
+
+    Errors name the tensor (one try around the loop, not a context manager per tensor: on a file of
+    2**20 one-value tensors that cost more than writing them)."""
+    p = None
+    try:
+        for p, n in zip(plans, sizes, strict=True):
             data = p.produce()
             buf = data if isinstance(data, np.ndarray) else np.frombuffer(cast(bytes, data), np.uint8)  # bytes-like
             buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
@@ -345,10 +350,14 @@ def write_stream(f, plans: list[TensorPlan], sizes: list[int], *, align: int = 1
             if n >= _SMALL:
                 flush(f)  # each large tensor goes out as it is done: the file grows as the work progresses
             del data, buf
-        if p.after is not None:
-            p.after()
-        if progress is not None:
-            progress(n)
+            if p.after is not None:
+                p.after()
+            if progress is not None:
+                progress(n)
+    except QuantfmtError as e:
+        if e.tensor is None and p is not None:
+            e.tensor = p.name
+        raise
 
 
 def pwrite_all(fd: int, buf, offset: int) -> None:

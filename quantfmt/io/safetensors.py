@@ -446,29 +446,54 @@ def _json_default(o):
 
 
 def build_header(plans: list[TensorPlan], metadata: dict | None, recipe: dict | None) -> tuple[bytes, list[int]]:
-    """The header bytes (length prefix included, padded to 8 bytes) and each tensor's byte count."""
-    hdr, qinfo, sizes, pos = {}, {}, [], 0
-    for p in plans:
-        if not isinstance(p.name, str) or p.name == "__metadata__" or p.name in hdr:
-            raise FileFormatError(f"invalid or duplicate tensor name {p.name!r}")
-        fmt = get_format(p.tag)
-        shape = [int(d) for d in p.shape]
-        with _as_file_error(None, p.name):
-            n = fmt.nbytes(shape)
-        if fmt.tag in NATIVE_TAGS:
-            hdr[p.name] = {"dtype": fmt.tag, "shape": shape, "data_offsets": [pos, pos + n]}
-        else:
-            hdr[p.name] = {"dtype": "U8", "shape": [n], "data_offsets": [pos, pos + n]}
-            qinfo[p.name] = {"tag": fmt.tag, "layout_version": fmt.layout_version, "shape": shape}
-        sizes.append(n)
-        pos += n
+    """The header bytes (length prefix included, padded to 8 bytes) and each tensor's byte count.
+
+    The JSON is written in one pass, a string per tensor, byte for byte what json.dumps(ensure_ascii=False,
+    separators=(",", ":")) makes of the header dict: no dict and lists per tensor (on a file of 2**20
+    one-value tensors those were most of the memory of writing it). The format, byte count and the
+    fixed part of the entry are computed once per (tag, shape); one try around the loop names the
+    failing tensor (no context manager per tensor)."""
+    enc = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses for every string
+    entries, names, qinfo, sizes, pos = [], set(), {}, [], 0
+    known: dict[tuple, tuple] = {}
+    name = None
+    try:
+        for p in plans:
+            name = p.name
+            if not isinstance(name, str) or name == "__metadata__" or name in names:
+                raise FileFormatError(f"invalid or duplicate tensor name {name!r}")
+            names.add(name)
+            pshape = p.shape
+            key = (p.tag, pshape if type(pshape) is tuple else tuple(pshape))
+            got = known.get(key)
+            if got is None:
+                fmt = get_format(p.tag)
+                shape = [int(d) for d in pshape]
+                with _as_file_error(None, name):
+                    n = fmt.nbytes(shape)
+                native = fmt.tag in NATIVE_TAGS
+                dtype, st_shape = (fmt.tag, shape) if native else ("U8", [n])
+                fixed = f':{{"dtype":{enc(dtype)},"shape":[{",".join(map(str, st_shape))}],"data_offsets":['
+                q = None if native else {"tag": fmt.tag, "layout_version": fmt.layout_version, "shape": shape}
+                got = known[key] = (n, fixed, q)
+            n, fixed, q = got
+            entries.append(f",{enc(name)}{fixed}{pos},{pos + n}]}}")
+            if q is not None:
+                qinfo[name] = q
+            sizes.append(n)
+            pos += n
+    except QuantfmtError as e:
+        if e.tensor is None:
+            e.tensor = name if isinstance(name, str) else None
+        raise
     doc = {"container_version": CONTAINER_VERSION, "tensors": qinfo, "recipe": recipe, "metadata": metadata or {}}
     try:
         doc_text = json.dumps(doc, default=_json_default, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as e:
         raise FileFormatError(f"model metadata cannot be stored as JSON: {e}") from None
-    full = {"__metadata__": {META_KEY: doc_text}, **hdr}
-    text = json.dumps(full, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    meta = json.dumps({META_KEY: doc_text}, ensure_ascii=False, separators=(",", ":"))
+    text = f'{{"__metadata__":{meta}{"".join(entries)}}}'.encode()
+    del entries
     text += b" " * (-len(text) % 8)  # safetensors' own writer aligns the data region to 8 bytes
     if len(text) > MAX_HEADER_BYTES:
         raise FileFormatError(f"header would be {len(text)} bytes, over the limit of {MAX_HEADER_BYTES}")

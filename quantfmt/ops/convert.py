@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import QuantfmtError, context, memory_error
-from ..io.files import TensorPlan, check_output, plans_from_model, release_pages
+from ..gcpause import paused
+from ..io.files import SMALL_BYTES, TensorPlan, check_output, plans_from_model, release_pages
 from ..recipe import Recipe, Step, record
 from ..sources import RECIPE_KEY, input_files, open_model, writer_for
 
@@ -162,11 +163,19 @@ class ConvertReport:
     def by_tag(self) -> dict[str, tuple[int, int, int]]:
         """tag -> (tensors, weights, bytes) of the output."""
         agg: dict[str, list[int]] = {}
+        counts: dict[tuple, int] = {}  # shape -> weights, computed once per distinct shape
+        shapes, out_bytes = self.shapes, self.out_bytes
         for s in self.steps:
-            a = agg.setdefault(s.tag, [0, 0, 0])
+            a = agg.get(s.tag)
+            if a is None:
+                a = agg[s.tag] = [0, 0, 0]
+            shape = shapes[s.name]
+            w = counts.get(shape)
+            if w is None:
+                w = counts[shape] = math.prod(shape)
             a[0] += 1
-            a[1] += math.prod(self.shapes[s.name])
-            a[2] += self.out_bytes[s.name]
+            a[1] += w
+            a[2] += out_bytes[s.name]
         return {k: (v[0], v[1], v[2]) for k, v in agg.items()}
 
     @property
@@ -182,11 +191,22 @@ def plan_convert(src, recipe: Recipe, *, strict: bool = False) -> ConvertReport:
     from ..plugins import get_format
 
     steps = recipe.plan(src, strict=strict)
-    info = {s.name: src.source(s.name) for s in steps}
-    return ConvertReport(
-        steps, {n: i.shape for n, i in info.items()}, {n: i.nbytes for n, i in info.items()},
-        {s.name: get_format(s.tag).nbytes(info[s.name].shape) for s in steps},
-    )
+    shapes, in_bytes, out_bytes = {}, {}, {}
+    # The output size per (tag, shape), asked of the format once: a registry lookup and nbytes per
+    # tensor cost more than the rest of planning on a file of 2**20 one-value tensors.
+    sized: dict[tuple, int] = {}
+    with paused():
+        for s in steps:
+            info = src.source(s.name)
+            shape = info.shape
+            shapes[s.name] = shape
+            in_bytes[s.name] = info.nbytes
+            key = (s.tag, shape)
+            n = sized.get(key)
+            if n is None:
+                n = sized[key] = get_format(s.tag).nbytes(shape)
+            out_bytes[s.name] = n
+    return ConvertReport(steps, shapes, in_bytes, out_bytes)
 
 
 def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: bool = False, progress=None,
@@ -254,31 +274,12 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
             from ..llm.export import NOT_RUNNABLE  # the llm package only for GGUF output (start-up)
 
             warnings.warn(f"{out_path}: {NOT_RUNNABLE}", stacklevel=2)
-        plans = []
+        job = _Job(src, rep, exp, on_tensor)
+        plans: list = []
         for i, s in enumerate(rep.steps):
             if exp is not None and s.name not in exp.names:
                 continue  # a tensor llama.cpp's converter drops (rope tables)
-
-            def produce(s=s):
-                rep.seconds[s.name] = -time.perf_counter()
-                if s.copy:  # bytes unchanged: never build the tensor
-                    data = src.source(s.name).load()
-                else:
-                    data = _requantize(src[s.name], s.tag, src.path)
-                if exp is not None and s.name in exp.permute:
-                    from ..llm.export import permute_rows
-
-                    data = permute_rows(data, s.tag, rep.shapes[s.name], exp.permute[s.name], name=s.name)
-                return data
-
-            def after(i=i, s=s):
-                release_pages(src.source(s.name).load() if s.copy else src[s.name].data)
-                rep.seconds[s.name] += time.perf_counter()
-                if on_tensor is not None:
-                    on_tensor(i, s, rep)
-
-            out_name = exp.names[s.name] if exp is not None else s.name
-            plans.append(TensorPlan(out_name, s.tag, rep.shapes[s.name], produce, after=after))
+            plans.append(_Plan(exp.names[s.name] if exp is not None else s.name, i, s, job))
         for name, arr in (exp.extra.items() if exp is not None else ()):
             def extra(a=arr) -> object:
                 return a.astype("<f4").view(np.uint8)
@@ -301,6 +302,59 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
         return rep
     finally:
         src.close()
+
+
+class _Job:
+    """What every tensor of one convert() shares (one object, not a closure per tensor)."""
+
+    __slots__ = ("src", "rep", "exp", "on_tensor")
+
+    def __init__(self, src, rep: ConvertReport, exp, on_tensor):
+        self.src, self.rep, self.exp, self.on_tensor = src, rep, exp, on_tensor
+
+
+class _Plan:
+    """A TensorPlan (io.files) for tensor `i` of a conversion: name, tag, shape, produce(), after().
+
+    One small object per tensor with methods, instead of a TensorPlan holding two closures (each a
+    function object with its defaults): on a file of 2**20 one-value tensors those were ~600 bytes per
+    tensor, a third of the peak memory of converting it."""
+
+    __slots__ = ("name", "i", "step", "job")
+
+    def __init__(self, name: str, i: int, step: Step, job: _Job):
+        self.name, self.i, self.step, self.job = name, i, step, job
+
+    @property
+    def tag(self) -> str:
+        return self.step.tag
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.job.rep.shapes[self.step.name]
+
+    def produce(self):
+        s, job = self.step, self.job
+        job.rep.seconds[s.name] = -time.perf_counter()
+        if s.copy:  # bytes unchanged: never build the tensor
+            data = job.src.source(s.name).load()
+        else:
+            data = _requantize(job.src[s.name], s.tag, job.src.path)
+        if job.exp is not None and s.name in job.exp.permute:
+            from ..llm.export import permute_rows
+
+            data = permute_rows(data, s.tag, job.rep.shapes[s.name], job.exp.permute[s.name], name=s.name)
+        return data
+
+    def after(self) -> None:
+        s, job = self.step, self.job
+        if not s.copy:
+            release_pages(job.src[s.name].data)
+        elif job.rep.in_bytes[s.name] >= SMALL_BYTES:  # release_pages skips smaller ones: skip loading them
+            release_pages(job.src.source(s.name).load())
+        job.rep.seconds[s.name] += time.perf_counter()
+        if job.on_tensor is not None:
+            job.on_tensor(self.i, s, job.rep)
 
 
 def _has_arch(meta) -> bool:
