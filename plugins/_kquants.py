@@ -1043,11 +1043,13 @@ _D_OFFSETS = {"q2_k": (80, 82), "q3_k": (108, None), "q4_k": (0, 2), "q5_k": (0,
 
 
 def q8k_path(kind: str, n: int, mode: str) -> str:
-    """Format.kernel_path("qmatmul", n, mode) of the k-quants."""
+    """Format.kernel_path("qmatmul", n, mode) of the k-quants: "kdot-<isa>" (decode) or "kgemm-<isa>"
+    (prefill) for mode q8_k on an int8 path (plugins/_kdot.py); else "int-<mode>" (_dot_kernel) or
+    "blas-tiles"."""
     from . import _i8gemm, _kdot
 
     if mode == "q8_k" and _i8gemm.PATH != "portable":
-        return f"{'kdot' if n < _kdot.MIN_ROWS else 'kgemm'}-{_i8gemm.PATH}"
+        return f"{'kdot' if n < _kdot.MIN_ROWS[kind] else 'kgemm'}-{_i8gemm.PATH}"
     return "blas-tiles" if n >= Q8K_BLAS_MIN_ROWS else f"int-{mode}"
 
 
@@ -1056,9 +1058,12 @@ Q8K_BLAS_MIN_ROWS = 8
 
 
 def kquant_qmatmul(fmt, prep: KPrepared, x: np.ndarray, mode: str) -> np.ndarray:
-    """x (n, cols) @ W.T for a k-quant in mode "f32" or "q8_k". Up to Q8K_BLAS_MIN_ROWS - 1 rows a
-    kernel on the integer form; from there sgemm on dequantized tiles (q8_k: on the dequantized
-    activation quants d_x*q_x, exact products, so only the summation order differs)."""
+    """x (n, cols) @ W.T for a k-quant in mode "f32" or "q8_k".
+
+    Mode "q8_k" on a CPU with AVX2 (or VNNI): the int8 kernels of plugins/_kdot.py on the ggml bytes.
+    Mode "f32", and "q8_k" on the portable path: up to Q8K_BLAS_MIN_ROWS - 1 rows a float kernel on
+    the integer form (KPrepared.parts); from there sgemm on dequantized tiles (q8_k: on the
+    dequantized activation quants d_x*q_x, exact products, so only the summation order differs)."""
     rows, cols = prep.rows, prep.cols
     n = x.shape[0]
     if mode == "q8_k":
@@ -1070,12 +1075,10 @@ def kquant_qmatmul(fmt, prep: KPrepared, x: np.ndarray, mode: str) -> np.ndarray
                 f"{fmt.tag}: qmatmul mode 'q8_k': activations of shape {x.shape}: row {r}, column {c} is "
                 f"{x[r, c]}; a non-finite activation cannot be quantized"
             )
+        from . import _i8gemm, _kdot  # imported on first use: start-up stays light
+
         dx, qx, bs = quantize_q8_K(x)
-        from . import _i8gemm
-
         if _i8gemm.PATH != "portable":
-            from . import _kdot
-
             return _kdot.qmatmul(prep.kind, prep, dx, qx, bs)
         if n >= Q8K_BLAS_MIN_ROWS:
             return fmt._blas_tiles(prep.data, rows, cols, (qx.astype(np.float32) * dx[..., None]).reshape(x.shape))
