@@ -474,23 +474,20 @@ def _make_prefill(rw: int, nv: int):
 RW = 3  # weight rows per register tile
 NV = 2  # activation vectors per register tile
 _kpre = _make_prefill(RW, NV)
-_kpre1 = _make_prefill(RW, 1)
 CHUNK_GROUPS = _i8gemm.CHUNK_GROUPS
 
 
 @numba.njit(cache=True, parallel=True)
 def _drive_prefill(tok, w, dw, mw, xa, xbs, dx, out, rows, groups, nb):
     # as plugins/_i8gemm.py's drivers: activation chunks of CHUNK_GROUPS vectors (they stay in L2),
-    # weight-row-major register tiles within a chunk, one vector for the groups left over
+    # weight-row-major register tiles within a chunk. An odd group count leaves a last tile whose
+    # second vector is clamped onto the first (computed twice, stored twice, the same values): no
+    # separate 1-vector kernel, which would double the cold compile time (~5 s here).
     for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        ng = (min(CHUNK_GROUPS, groups - c0) + NV - 1) // NV
         for job in numba.prange((rows + RW - 1) // RW * ng):
             r, j = job // ng * RW, job % ng
-            if j < full:
-                _kpre(tok, w, dw, mw, xa, xbs, dx, out, r, rows, c0 + j * NV, groups, nb)
-            else:
-                _kpre1(tok, w, dw, mw, xa, xbs, dx, out, r, rows, c0 + j + full * (NV - 1), groups, nb)
+            _kpre(tok, w, dw, mw, xa, xbs, dx, out, r, rows, c0 + j * NV, groups, nb)
 
 
 # ---- entry ------------------------------------------------------------------------------------------
