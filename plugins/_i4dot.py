@@ -1,0 +1,294 @@
+"""Quantized-activation qmatmul of the 4-bit table formats IQ4_NL, IQ4_XS and MXFP4, on int8 dot products.
+
+Owns their Prepared form (`LutPrepared`), the decode kernels (few activation rows), the choice among
+decode, prefill (plugins/_i8gemm.py, kind "lut") and the portable path (plugins/_i8tiles.py: int8
+tiles, numba / sgemm), and their kernel_path. Mode "f32" always takes the portable path's tiles.
+
+The three formats are Q4_0 with a table: per 32-block, 16 bytes of nibbles (quant j low, j+16
+high) index a 16-entry int8 table V (IQ4: kvalues_iq4nl, -127..113; MXFP4: the E2M1 values
+doubled, -12..12), times one float32 scale d_w per block (IQ4_NL: fp16 d; IQ4_XS: d*(ls - 32);
+MXFP4: the E8M0 scale halved). What is computed is ggml's ggml_vec_dot_{iq4_nl,mxfp4}_q8_0 (and
+IQ4_XS with Q8_K activations, as ggml pairs it): per block the exact integer sum of V[L] times the
+activation quants, then sum over blocks of float(sumi) * (d_w * d_x); only the float order differs
+(d_x of a Q8_K activation is its 256-super-block's scale, the same for its eight 32-blocks).
+
+Decode layout. The kernels vectorize across weight rows: prepare() repacks the nibble bytes as
+_qtiles.tile_units does, qn[tile, block, c (0..3), t (0..31), 4] = bytes 4c..4c+3 of row
+tile*32+t's block, so one zmm (ymm) load holds 4 bytes of 16 (8) rows, and per block and chunk c
+    vpand / vpsrld+vpand   -> the nibbles of quants 4c.. (low) and 16+4c.. (high) of each row
+    vpshufb                -> their table values, in register (the table in every 128-bit lane)
+    vpdpbusd               with the 4 activation quants broadcast (vpbroadcastd): each lane (row)
+                           adds the dot of 4 quants.
+vpdpbusd multiplies unsigned by signed bytes: the table is stored as V + 128 (1..241) and each
+block's accumulator starts at -128*sum(q_x) (exact). AVX2 without VNNI has vpmaddubsw, whose
+int16 pair sums would overflow with 241*127*2: there the table is V itself and ggml's sign trick
+applies, |x| (unsigned) times sign(x)*V, products within 2*127*128. Per block: one int->float
+convert and an FMA by d_w*d_x per 16 rows; the 32 rows' d_w are Prepared.d's tiles. The weights
+cost 0.5 byte + 4/32 bytes per weight, read once per activation row (rows stay in L1/L2 for the
+next activation row of the same tile).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from quantfmt.errors import NonFiniteError
+
+from . import _i8gemm
+from ._ggml import QK, fp16_table, quantize_activations
+from ._i8tiles import prepare_int8, qmatmul_int8
+from ._qtiles import BLAS_MIN_ROWS, T, tile_units, to_tiles
+
+#: "avx512vnni", "avxvnni", "avx2" (the int8 instructions used) or "portable" (_i8tiles). Tests
+#: force each path the CPU can run.
+PATH = _i8gemm.PATH
+#: Activation rows from which the prefill kernel (16 or 8 activation rows per vector) beats the
+#: decode kernel (one activation row at a time). Measured crossover (11008 x 4096, 2 threads): see
+#: the commit message / docstring of MIN_ROWS measurements.
+MIN_ROWS = 4
+
+
+class LutPrepared:
+    """What prepare() of IQ4_NL, IQ4_XS and MXFP4 returns.
+
+    raw: the ggml bytes (a reference); layout int64 (sbb, qoff, sh) of the nibbles in them (see
+    _i8gemm._KINDS "lut"); table: V int8 (16,); d: float32 block scales as Q tiles (tiles, nbp, T);
+    qn(): the decode tiles (tiles, nbp, 4, T, 4) uint8; int8(): the portable path's int8 tiles
+    (plugins/_i8tiles.py), from `values`, a callable giving (V[L] int8 (rows, nb, 32), d (rows, nb)).
+    Both are made on first use: a matrix only ever multiplied in one way pays for one.
+    """
+
+    __slots__ = ("rows", "cols", "raw", "layout", "table", "d", "_qn", "_values", "_int8")
+
+    def __init__(self, rows, cols, raw, layout, table, d, values):
+        self.rows, self.cols, self.raw, self.layout, self.table = rows, cols, raw, layout, table
+        self.d, self._qn, self._values, self._int8 = d, None, values, None
+
+    def qn(self):
+        if self._qn is None:
+            sbb, qoff, sh = (int(v) for v in self.layout)
+            nb = self.cols // QK
+            blk = self.raw.reshape(self.rows, nb >> sh, sbb)[:, :, qoff:qoff + (16 << sh)]
+            self._qn = tile_units(np.ascontiguousarray(blk).reshape(self.rows, nb, 16), self.rows, 0, 4)
+        return self._qn
+
+    def int8(self):
+        if self._int8 is None:
+            v, d = self._values()
+            self._int8 = prepare_int8(v, d)
+        return self._int8
+
+    @property
+    def nbp(self) -> int:
+        return self.d.shape[1]
+
+
+def prepare_lut(data, rows: int, cols: int, *, block_bytes: int, qoff: int, blocks_per: int, table: np.ndarray,
+                d: np.ndarray, values) -> LutPrepared:
+    """The Prepared form of a 4-bit table format: blocks of `block_bytes` bytes each holding
+    `blocks_per` 32-blocks' nibbles (16 bytes each) from byte `qoff`; d float32 (rows, nb) the
+    32-blocks' scales; values: see LutPrepared."""
+    raw = np.asarray(data).reshape(-1)
+    sh = int(blocks_per).bit_length() - 1
+    layout = np.array([block_bytes, qoff, sh], np.int64)
+    dt = to_tiles(np.ascontiguousarray(d, np.float32), rows)
+    return LutPrepared(rows, cols, raw, layout, np.ascontiguousarray(table, np.int8), dt, values)
+
+
+def kernel_path(op: str, n: int, mode: str) -> str:
+    """Format.kernel_path of IQ4_NL, IQ4_XS and MXFP4."""
+    if op != "qmatmul":
+        return "numba"
+    if mode != "f32" and PATH != "portable":
+        return f"int8-{PATH}" if n >= MIN_ROWS else f"lut-{PATH}"
+    if n >= BLAS_MIN_ROWS:
+        return "blas-tiles"
+    return f"tiles-{mode}"
+
+
+def _quantize_q8_k(x: np.ndarray, tag: str):
+    """Q8_K activations as 32-blocks: (qx int8 (n, nb, 32), d_x float32 (n, nb), each 32-block with
+    its super-block's scale)."""
+    from ._kquants import QK_K, quantize_q8_K
+
+    if not np.isfinite(x).all():
+        r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
+        raise NonFiniteError(
+            f"{tag}: qmatmul mode 'q8_k': activations of shape {x.shape}: row {r}, column {c} is "
+            f"{x[r, c]}; a non-finite activation cannot be quantized"
+        )
+    n, cols = x.shape
+    dx, qx, _ = quantize_q8_K(x)
+    return qx.reshape(n, cols // QK, QK), np.repeat(dx, QK_K // QK, axis=1)
+
+
+def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | None = None) -> np.ndarray:
+    """x (n, cols) float32 @ W.T in `mode` for a LutPrepared, on int8 path `path` (default PATH)."""
+    path = path or PATH
+    if mode == "f32" or path == "portable":
+        return qmatmul_int8(prep.int8(), x, mode, tag)
+    n = x.shape[0]
+    if mode == "q8_k":
+        qx, dxb = _quantize_q8_k(x, tag)
+    else:
+        d16, _, qx = quantize_activations(x, with_sum=False, tag=tag)
+        dxb = fp16_table()[d16]
+    # vpdpbusd wants the table unsigned (V + 128, undone by the accumulators' start); the sign trick
+    # of the AVX2 path wants V itself
+    table = prep.table.view(np.uint8) if path == "avx2" else (prep.table.astype(np.int16) + 128).astype(np.uint8)
+    if n >= MIN_ROWS:
+        return _i8gemm.gemm_lut(prep.raw, prep.layout, table, prep.d, prep.nbp * T, prep.rows, qx, dxb, path)
+    nb = dxb.shape[1]
+    cx = np.zeros((n, nb), np.int32) if path == "avx2" else qx.sum(-1, dtype=np.int32) * np.int32(-128)
+    tiles = prep.d.shape[0]
+    out = np.empty((n, tiles * T), np.float32)
+    _DECODE[path](prep.qn(), prep.d, table, np.ascontiguousarray(qx).reshape(n, -1), np.ascontiguousarray(dxb), cx,
+                  out, nb)
+    return out[:, : prep.rows]
+
+
+# ---- decode kernels ------------------------------------------------------------------------------
+
+_I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+
+def _make_decode(isa: str):
+    """The intrinsic: out[tl*T + t] = row tl*T+t of the weights (one tile) dotted with one
+    activation row (xq its quants, dx the blocks' scales, cx the accumulators' start)."""
+    lanes = _i8gemm.LANES[isa]
+    parts = T // lanes
+    vi32 = ir.VectorType(_I32, lanes)
+    vf32 = ir.VectorType(_F32, lanes)
+    vi8 = ir.VectorType(_I8, 4 * lanes)
+    vi16 = ir.VectorType(ir.IntType(16), 2 * lanes)
+
+    @intrinsic
+    def kern(typingctx, qn, d, tab, xq, dx, cx, out, tl, nb, nbp):
+        sig = types.void(qn, d, tab, xq, dx, cx, out, tl, nb, nbp)
+
+        def codegen(context, builder, signature, args):
+            at = signature.args
+            qp, dp, tp, xp, dxp, cxp, outp = (context.make_array(at[i])(context, builder, args[i]).data
+                                              for i in range(7))
+            tlv, nbv, nbpv = args[7], args[8], args[9]
+            mod = builder.module
+            fma = mod.declare_intrinsic(f"llvm.fmuladd.v{lanes}f32", (), ir.FunctionType(vf32, [vf32] * 3))
+            pshufb = mod.declare_intrinsic("llvm.x86.avx512.pshuf.b.512" if lanes == 16 else "llvm.x86.avx2.pshuf.b",
+                                           (), ir.FunctionType(vi8, [vi8, vi8]))
+            if isa == "avx2":
+                maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", (), ir.FunctionType(vi16, [vi8, vi8]))
+                maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", (), ir.FunctionType(vi32, [vi16, vi16]))
+                psignb = mod.declare_intrinsic("llvm.x86.avx2.psign.b", (), ir.FunctionType(vi8, [vi8, vi8]))
+                pabsb = mod.declare_intrinsic("llvm.abs.v32i8", (), ir.FunctionType(vi8, [vi8, ir.IntType(1)]))
+                ones16 = ir.Constant(vi16, [1] * (2 * lanes))
+            else:
+                name = "llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256"
+                dpbusd = mod.declare_intrinsic(name, (), ir.FunctionType(vi32, [vi32] * 3))
+
+            def c64(v):
+                return ir.Constant(_I64, v)
+
+            def splat(val, vt):
+                undef = ir.Constant(vt, ir.Undefined)
+                v = builder.insert_element(undef, val, ir.Constant(_I32, 0))
+                return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_I32, vt.count), [0] * vt.count))
+
+            def vload(p, off, vt, align):
+                return builder.load(builder.bitcast(builder.gep(p, [off]), vt.as_pointer()), align=align)
+
+            t16 = builder.load(builder.bitcast(tp, ir.VectorType(_I8, 16).as_pointer()), align=1)
+            table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 4 * lanes),
+                                                                 list(range(16)) * (lanes // 4)))
+
+            def lookup(v):
+                return builder.call(pshufb, [table, builder.bitcast(v, vi8)])
+
+            def dot(acc, w8, x32, xabs):
+                # acc += per lane, sum of 4 products of the table values w8 and the activations x32
+                if isa != "avx2":
+                    return builder.call(dpbusd, [acc, builder.bitcast(w8, vi32), x32])
+                p = builder.call(maddubs, [xabs, builder.call(psignb, [w8, builder.bitcast(x32, vi8)])])
+                return builder.add(acc, builder.call(maddwd, [p, ones16]))
+
+            zero_f = ir.Constant(vf32, [0.0] * lanes)
+            faccs = [cgutils.alloca_once_value(builder, zero_f) for _ in range(parts)]
+            mask4 = ir.Constant(vi32, [0x0F0F0F0F] * lanes)
+            four = ir.Constant(vi32, [4] * lanes)
+            tbase = builder.mul(tlv, nbpv)
+            with cgutils.for_range(builder, nbv) as loop:
+                b = loop.index
+                k = builder.add(tbase, b)  # (tile, block)
+                c0 = splat(builder.load(builder.gep(cxp, [b])), vi32)
+                accs = [c0] * parts
+                xo = builder.mul(b, c64(QK))
+                for c in range(4):
+                    xlo = splat(vload(xp, builder.add(xo, c64(4 * c)), _I32, 1), vi32)
+                    xhi = splat(vload(xp, builder.add(xo, c64(16 + 4 * c)), _I32, 1), vi32)
+                    alo = ahi = None
+                    if isa == "avx2":
+                        alo = builder.call(pabsb, [builder.bitcast(xlo, vi8), ir.Constant(ir.IntType(1), 0)])
+                        ahi = builder.call(pabsb, [builder.bitcast(xhi, vi8), ir.Constant(ir.IntType(1), 0)])
+                    qoff = builder.mul(builder.add(builder.mul(k, c64(4)), c64(c)), c64(4 * T))
+                    for p in range(parts):
+                        w = vload(qp, builder.add(qoff, c64(4 * lanes * p)), vi32, 4)
+                        lo = lookup(builder.and_(w, mask4))
+                        hi = lookup(builder.and_(builder.lshr(w, four), mask4))
+                        accs[p] = dot(dot(accs[p], lo, xlo, alo), hi, xhi, ahi)
+                s = splat(builder.load(builder.gep(dxp, [b])), vf32)
+                doff = builder.mul(k, c64(T))
+                for p in range(parts):
+                    dv = vload(dp, builder.add(doff, c64(lanes * p)), vf32, 4)
+                    f = builder.load(faccs[p])
+                    builder.store(builder.call(fma, [builder.sitofp(accs[p], vf32), builder.fmul(dv, s), f]), faccs[p])
+            obase = builder.mul(tlv, c64(T))
+            for p in range(parts):
+                ptr = builder.gep(outp, [builder.add(obase, c64(p * lanes))])
+                builder.store(builder.load(faccs[p]), builder.bitcast(ptr, vf32.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kern
+
+
+_dk_avx512vnni = _make_decode("avx512vnni")
+_dk_avxvnni = _make_decode("avxvnni")
+_dk_avx2 = _make_decode("avx2")
+
+
+# One driver per path, each calling its own intrinsic (a dispatcher passed as an argument would not
+# be cached across processes). Work item: one tile of 32 weight rows, for every activation row.
+
+
+@numba.njit(cache=True, parallel=True)
+def _decode_avx512vnni(qn, d, tab, xq, dx, cx, out, nb):
+    tiles, nbp = qn.shape[0], qn.shape[1]
+    q, dd = qn.reshape(-1), d.reshape(-1)
+    for tl in numba.prange(tiles):
+        for i in range(xq.shape[0]):
+            _dk_avx512vnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+
+
+@numba.njit(cache=True, parallel=True)
+def _decode_avxvnni(qn, d, tab, xq, dx, cx, out, nb):
+    tiles, nbp = qn.shape[0], qn.shape[1]
+    q, dd = qn.reshape(-1), d.reshape(-1)
+    for tl in numba.prange(tiles):
+        for i in range(xq.shape[0]):
+            _dk_avxvnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+
+
+@numba.njit(cache=True, parallel=True)
+def _decode_avx2(qn, d, tab, xq, dx, cx, out, nb):
+    tiles, nbp = qn.shape[0], qn.shape[1]
+    q, dd = qn.reshape(-1), d.reshape(-1)
+    for tl in numba.prange(tiles):
+        for i in range(xq.shape[0]):
+            _dk_avx2(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+
+
+_DECODE = {"avx512vnni": _decode_avx512vnni, "avxvnni": _decode_avxvnni, "avx2": _decode_avx2}
