@@ -46,10 +46,15 @@ from ._qtiles import BLAS_MIN_ROWS, T, tile_units, to_tiles
 #: "avx512vnni", "avxvnni", "avx2" (the int8 instructions used) or "portable" (_i8tiles). Tests
 #: force each path the CPU can run.
 PATH = _i8gemm.PATH
-#: Activation rows from which the prefill kernel (16 or 8 activation rows per vector) beats the
-#: decode kernel (one activation row at a time). Measured crossover (11008 x 4096, 2 threads): see
-#: the commit message / docstring of MIN_ROWS measurements.
-MIN_ROWS = 4
+#: Activation rows from which the prefill kernel (16 or 8 activation rows per vector, so it wastes
+#: lanes below that) beats the decode kernel (~0.55 ms per activation row after the first 3 ms).
+#: Measured on IQ4_NL 11008 x 4096, 2 threads, AVX-512 Xeon: n = 8 decode 6.3 ms, prefill 9.9 ms
+#: (flat up to 16 rows); the ymm paths' prefill is ~1.7x slower per row, so they switch earlier.
+MIN_ROWS = {"avx512vnni": 12, "avxvnni": 6, "avx2": 6}
+
+
+def takes_prefill(n: int, path: str) -> bool:
+    return n >= MIN_ROWS[path]
 
 
 class LutPrepared:
@@ -104,7 +109,7 @@ def kernel_path(op: str, n: int, mode: str) -> str:
     if op != "qmatmul":
         return "numba"
     if mode != "f32" and PATH != "portable":
-        return f"int8-{PATH}" if n >= MIN_ROWS else f"lut-{PATH}"
+        return f"int8-{PATH}" if takes_prefill(n, PATH) else f"lut-{PATH}"
     if n >= BLAS_MIN_ROWS:
         return "blas-tiles"
     return f"tiles-{mode}"
@@ -140,7 +145,7 @@ def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | N
     # vpdpbusd wants the table unsigned (V + 128, undone by the accumulators' start); the sign trick
     # of the AVX2 path wants V itself
     table = prep.table.view(np.uint8) if path == "avx2" else (prep.table.astype(np.int16) + 128).astype(np.uint8)
-    if n >= MIN_ROWS:
+    if takes_prefill(n, path):
         return _i8gemm.gemm_lut(prep.raw, prep.layout, table, prep.d, prep.nbp * T, prep.rows, qx, dxb, path)
     nb = dxb.shape[1]
     cx = np.zeros((n, nb), np.int32) if path == "avx2" else qx.sum(-1, dtype=np.int32) * np.int32(-128)

@@ -131,8 +131,8 @@ def _make_kernel(kind: str, isa: str, rw: int, nv: int):
                 name = "llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256"
                 dpbusd = mod.declare_intrinsic(name, (), ir.FunctionType(vi32, [vi32] * 3))
             if lut:
-                pshufb = mod.declare_intrinsic("llvm.x86.avx512.pshuf.b.512" if lanes == 16 else "llvm.x86.avx2.pshuf.b",
-                                               (), ir.FunctionType(vi8, [vi8, vi8]))
+                shuf = "llvm.x86.avx512.pshuf.b.512" if lanes == 16 else "llvm.x86.avx2.pshuf.b"
+                pshufb = mod.declare_intrinsic(shuf, (), ir.FunctionType(vi8, [vi8, vi8]))
                 # the 16-entry table in every 128-bit lane (vpshufb looks up within lanes)
                 t16 = builder.load(builder.bitcast(mp, ir.VectorType(_I8, 16).as_pointer()), align=1)
                 table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 4 * lanes),
