@@ -90,18 +90,26 @@ def test_decode_and_prefill_kernels_agree(path, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
 
 
-def test_f32_mode_stays_float():
+@pytest.mark.parametrize("path", PATHS)
+def test_f32_mode_stays_float(path, monkeypatch):
+    # Mode "f32" never quantizes the activations: batches run sgemm on dequantize()'s very weights
+    # (rows dequantized with vpshufb; chunked when ROW_CHUNK_BYTES is small), one row the int8 tiles.
+    monkeypatch.setattr(_i4dot, "PATH", path)
     rng = np.random.default_rng(3)
     for tag in FORMATS:
         fmt = get_format(tag)
-        rows, cols = 40, 256
+        rows, cols = 70, 512
         data = fmt.quantize(weights(rng, rows, cols)).reshape(-1)
         wq = fmt.dequantize(data, (rows, cols))
-        for n in (1, 3, 64):
+        prep = fmt.prepare(data, rows, cols)
+        for n, chunk in ((1, None), (3, None), (64, None), (9, 8 * cols * 4)):
+            if chunk:
+                monkeypatch.setattr(_i4dot, "ROW_CHUNK_BYTES", chunk)
             x = rng.standard_normal((n, cols)).astype(np.float32)
             mag = float((np.abs(x) @ np.abs(wq).T).max())
-            assert fmt.kernel_path("qmatmul", n, "f32") == ("blas-tiles" if n >= 8 else "tiles-f32")
-            got = fmt.qmatmul(data, (rows, cols), x, "f32")
+            want = "tiles-f32" if n < 8 else "blas-tiles" if path == "portable" else "blas-rows"
+            assert fmt.kernel_path("qmatmul", n, "f32") == want
+            got = fmt.qmatmul(data, (rows, cols), x, "f32", prepared=prep)
             np.testing.assert_allclose(got, x @ wq.T.astype(np.float64), rtol=0, atol=mag * 1e-6)
 
 
