@@ -39,6 +39,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from quantfmt.errors import NonFiniteError
+from quantfmt.numba_threads import claim
 
 from . import _i8gemm
 from ._ggml import QK, fp16_table, quantize_activations
@@ -156,7 +157,7 @@ def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | N
     tiles = prep.d.shape[0]
     out = np.empty((n, tiles * T), np.float32)
     _DECODE[path](prep.qn(), prep.d, table, np.ascontiguousarray(qx).reshape(n, -1), np.ascontiguousarray(dxb), cx,
-                  out, nb)
+                  out, nb, np.zeros(1, np.int64), numba.get_num_threads())
     return out[:, : prep.rows]
 
 
@@ -236,10 +237,22 @@ def _dequant_row(typingctx, raw, layout, tab, d, out, r, r0, nbp):
 
 
 @numba.njit(cache=True, parallel=True)
-def _dequant_rows(raw, layout, tab, d, r0, r1, out):
+def _dequant_rows(raw, layout, tab, d, r0, r1, out, counter, threads):
     nbp = d.shape[1]
-    for r in numba.prange(r0, r1):
-        _dequant_row(raw, layout, tab, d.reshape(-1), out, r, r0, nbp)
+    dd = d.reshape(-1)
+    chunks = (r1 - r0 + 63) // 64  # 64 rows per claim (see the decode drivers)
+    for _t in numba.prange(threads):
+        ch = claim(counter)
+        while ch < chunks:
+            for r in range(r0 + 64 * ch, min(r1, r0 + 64 * ch + 64)):
+                _dequant_row(raw, layout, tab, dd, out, r, r0, nbp)
+            ch = claim(counter)
+
+
+def dequant_rows(prep: LutPrepared, r0: int, r1: int, out: np.ndarray) -> None:
+    """out (r1 - r0, cols) float32 = rows r0..r1-1 of the weights, as dequantize() gives them."""
+    _dequant_rows(prep.raw, prep.layout, prep.table, prep.d, r0, r1, out, np.zeros(1, np.int64),
+                  numba.get_num_threads())
 
 
 def blas_rows(prep: LutPrepared, x: np.ndarray) -> np.ndarray:
@@ -251,7 +264,7 @@ def blas_rows(prep: LutPrepared, x: np.ndarray) -> np.ndarray:
     for r0 in range(0, prep.rows, chunk):
         r1 = min(prep.rows, r0 + chunk)
         wc = buf[: r1 - r0]
-        _dequant_rows(prep.raw, prep.layout, prep.table, prep.d, r0, r1, wc)
+        dequant_rows(prep, r0, r1, wc)
         np.matmul(x, wc.T, out=out[:, r0:r1])
     return out
 
@@ -366,34 +379,52 @@ _dk_avx2 = _make_decode("avx2")
 
 
 # One driver per path, each calling its own intrinsic (a dispatcher passed as an argument would not
-# be cached across processes). Work item: one tile of 32 weight rows, for every activation row.
+# be cached across processes). Work: chunks of TILE_CHUNK tiles of 32 weight rows, for every
+# activation row, claimed from a counter (quantfmt.numba_threads: a descheduled thread's share is
+# taken by the running one, on a machine shared with other work).
+TILE_CHUNK = 4
 
 
 @numba.njit(cache=True, parallel=True)
-def _decode_avx512vnni(qn, d, tab, xq, dx, cx, out, nb):
+def _decode_avx512vnni(qn, d, tab, xq, dx, cx, out, nb, counter, threads):
     tiles, nbp = qn.shape[0], qn.shape[1]
     q, dd = qn.reshape(-1), d.reshape(-1)
-    for tl in numba.prange(tiles):
-        for i in range(xq.shape[0]):
-            _dk_avx512vnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+    chunks = (tiles + TILE_CHUNK - 1) // TILE_CHUNK
+    for _t in numba.prange(threads):  # one claimer per thread
+        ch = claim(counter)
+        while ch < chunks:
+            for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
+                for i in range(xq.shape[0]):
+                    _dk_avx512vnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+            ch = claim(counter)
 
 
 @numba.njit(cache=True, parallel=True)
-def _decode_avxvnni(qn, d, tab, xq, dx, cx, out, nb):
+def _decode_avxvnni(qn, d, tab, xq, dx, cx, out, nb, counter, threads):
     tiles, nbp = qn.shape[0], qn.shape[1]
     q, dd = qn.reshape(-1), d.reshape(-1)
-    for tl in numba.prange(tiles):
-        for i in range(xq.shape[0]):
-            _dk_avxvnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+    chunks = (tiles + TILE_CHUNK - 1) // TILE_CHUNK
+    for _t in numba.prange(threads):  # one claimer per thread
+        ch = claim(counter)
+        while ch < chunks:
+            for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
+                for i in range(xq.shape[0]):
+                    _dk_avxvnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+            ch = claim(counter)
 
 
 @numba.njit(cache=True, parallel=True)
-def _decode_avx2(qn, d, tab, xq, dx, cx, out, nb):
+def _decode_avx2(qn, d, tab, xq, dx, cx, out, nb, counter, threads):
     tiles, nbp = qn.shape[0], qn.shape[1]
     q, dd = qn.reshape(-1), d.reshape(-1)
-    for tl in numba.prange(tiles):
-        for i in range(xq.shape[0]):
-            _dk_avx2(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+    chunks = (tiles + TILE_CHUNK - 1) // TILE_CHUNK
+    for _t in numba.prange(threads):  # one claimer per thread
+        ch = claim(counter)
+        while ch < chunks:
+            for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
+                for i in range(xq.shape[0]):
+                    _dk_avx2(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+            ch = claim(counter)
 
 
 _DECODE = {"avx512vnni": _decode_avx512vnni, "avxvnni": _decode_avxvnni, "avx2": _decode_avx2}

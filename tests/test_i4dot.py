@@ -102,6 +102,10 @@ def test_f32_mode_stays_float(path, monkeypatch):
         data = fmt.quantize(weights(rng, rows, cols)).reshape(-1)
         wq = fmt.dequantize(data, (rows, cols))
         prep = fmt.prepare(data, rows, cols)
+        if path != "portable":
+            wd = np.empty((rows - 3, cols), np.float32)
+            _i4dot.dequant_rows(prep, 3, rows, wd)
+            np.testing.assert_array_equal(wd, wq[3:])  # dequantize()'s floats, bit for bit
         for n, chunk in ((1, None), (3, None), (64, None), (9, 8 * cols * 4)):
             if chunk:
                 monkeypatch.setattr(_i4dot, "ROW_CHUNK_BYTES", chunk)
