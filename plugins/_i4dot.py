@@ -38,12 +38,11 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from quantfmt.errors import NonFiniteError
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
 from ._ggml import QK, fp16_table, quantize_activations
-from ._i8tiles import prepare_int8, qmatmul_int8
+from ._i8tiles import prepare_int8, q8_k_blocks, qmatmul_int8
 from ._qtiles import BLAS_MIN_ROWS, T, tile_units, to_tiles
 
 #: "avx512vnni", "avxvnni", "avx2" (the int8 instructions used) or "portable" (_i8tiles). Tests
@@ -118,22 +117,6 @@ def kernel_path(op: str, n: int, mode: str) -> str:
     return f"tiles-{mode}"
 
 
-def _quantize_q8_k(x: np.ndarray, tag: str):
-    """Q8_K activations as 32-blocks: (qx int8 (n, nb, 32), d_x float32 (n, nb), each 32-block with
-    its super-block's scale)."""
-    from ._kquants import QK_K, quantize_q8_K
-
-    if not np.isfinite(x).all():
-        r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])
-        raise NonFiniteError(
-            f"{tag}: qmatmul mode 'q8_k': activations of shape {x.shape}: row {r}, column {c} is "
-            f"{x[r, c]}; a non-finite activation cannot be quantized"
-        )
-    n, cols = x.shape
-    dx, qx, _ = quantize_q8_K(x)
-    return qx.reshape(n, cols // QK, QK), np.repeat(dx, QK_K // QK, axis=1)
-
-
 def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | None = None) -> np.ndarray:
     """x (n, cols) float32 @ W.T in `mode` for a LutPrepared, on int8 path `path` (default PATH)."""
     path = path or PATH
@@ -143,7 +126,7 @@ def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | N
     if mode == "f32" or path == "portable":
         return qmatmul_int8(prep.int8(), x, mode, tag)
     if mode == "q8_k":
-        qx, dxb = _quantize_q8_k(x, tag)
+        qx, dxb = q8_k_blocks(x, tag)
     else:
         d16, _, qx = quantize_activations(x, with_sum=False, tag=tag)
         dxb = fp16_table()[d16]

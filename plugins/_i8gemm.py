@@ -27,6 +27,8 @@ saturates its int16 pair sums, which 255*127*2 would overflow: there Q8_0 uses g
 Register tile: RW weight rows x V vectors of activation rows; per block 8*RW*V dot instructions,
 then per (row, vector) one int->float convert and two float ops for the scales. The weight rows of a
 work item are a few KB and the activations (cols bytes per row) stay in L2 across work items.
+The 4-bit table formats (IQ4_NL, IQ4_XS, MXFP4) share this kernel as kind "lut" (see _KINDS): Q4_0's
+nibbles, looked up in register (vpshufb) before the dot; plugins/_i4dot.py calls it (gemm_lut).
 Not used (yet): AMX tiles (TDPBUSD), which Linux grants only after an arch_prctl request for the
 tile state; on the AVX-512 Xeon the zmm kernel reaches about half the time of float32 sgemm.
 """
