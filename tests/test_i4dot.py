@@ -103,9 +103,11 @@ def test_f32_mode_stays_float(path, monkeypatch):
         wq = fmt.dequantize(data, (rows, cols))
         prep = fmt.prepare(data, rows, cols)
         if path != "portable":
-            wd = np.empty((rows - 3, cols), np.float32)
+            wd = _i4dot.aligned_empty(rows - 3, cols)
             _i4dot.dequant_rows(prep, 3, rows, wd)
             np.testing.assert_array_equal(wd, wq[3:])  # dequantize()'s floats, bit for bit
+            with pytest.raises(ValueError, match="aligned"):
+                _i4dot.dequant_rows(prep, 3, rows, np.empty((rows - 3, cols + 16), np.float32)[:, 16:])
         for n, chunk in ((1, None), (3, None), (64, None), (9, 8 * cols * 4)):
             if chunk:
                 monkeypatch.setattr(_i4dot, "ROW_CHUNK_BYTES", chunk)
