@@ -156,8 +156,9 @@ def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | N
 # vpshufb (PATH "portable") take the int8 tiles instead (plugins/_i8tiles.py).
 #
 # Measured on IQ4_NL 11008 x 4096, n = 128, 2 threads, on a loaded machine (load average 6-7 on 2
-# cores), ratios to x @ W.T in the same run: chunks of 8 / 16 / 32 / 64 MB of rows 5.9x / 4.6x /
-# 2.6x / 1.5x, the whole matrix at once 1.39x (n = 512: 1.07x); the int8 tiles' path 2.0-2.1x.
+# cores), ratios to x @ W.T in the same run, with normal stores: chunks of 8 / 16 / 32 / 64 MB of
+# rows 5.9x / 4.6x / 2.6x / 1.5x, the whole matrix at once 1.39x (n = 512: 1.07x); the int8 tiles'
+# path 2.0-2.1x. With the non-temporal stores, whole matrix: 1.07-1.11x (n = 512: 1.01-1.04x).
 # Every sgemm call pays a thread barrier (OpenBLAS's threads spin against numba's between calls),
 # so the chunks are as large as ROW_CHUNK_BYTES allows. And the float buffer is kept per thread
 # and reused: a fresh 180 MB buffer per call, faulted in page by page, ran 4.4x.
