@@ -27,6 +27,8 @@ saturates its int16 pair sums, which 255*127*2 would overflow: there Q8_0 uses g
 Register tile: RW weight rows x V vectors of activation rows; per block 8*RW*V dot instructions,
 then per (row, vector) one int->float convert and two float ops for the scales. The weight rows of a
 work item are a few KB and the activations (cols bytes per row) stay in L2 across work items.
+The 4-bit table formats (IQ4_NL, IQ4_XS, MXFP4) share this kernel as kind "lut" (see _KINDS): Q4_0's
+nibbles, looked up in register (vpshufb) before the dot; plugins/_i4dot.py calls it (gemm_lut).
 Not used (yet): AMX tiles (TDPBUSD), which Linux grants only after an arch_prctl request for the
 tile state; on the AVX-512 Xeon the zmm kernel reaches about half the time of float32 sgemm.
 """
@@ -109,13 +111,22 @@ def vload(builder, p, off, vt, align):
 
 _splat, _vload = splat, vload
 # (block bytes, offset of the quants, nibbles?, minimum m?) per format
-_KINDS = {"q4_0": (18, 2, True, False), "q4_1": (20, 4, True, True), "q8_0": (34, 2, False, False)}
+_KINDS = {"q4_0": (18, 2, True, False), "q4_1": (20, 4, True, True), "q8_0": (34, 2, False, False),
+          "lut": (0, 0, True, False)}
+# "lut": the 4-bit table formats (IQ4_NL, IQ4_XS, MXFP4; plugins/_i4dot.py): nibbles packed as Q4_0's
+# (quant j low, j+16 high, 16 bytes per 32-block), each nibble an index into a 16-entry int8 table that
+# vpshufb looks up in register. For this kind the kernel's `m` is that table (16 bytes: V + 128 for
+# vpdpbusd's unsigned operand, the accumulators starting at -128*sum(q_x); V itself for vpmaddubsw,
+# with the sign trick) and `sx` the byte layout (int64 sbb, qoff, sh): 32-block b of row r starts at
+# r*(nb >> sh)*sbb + (b >> sh)*sbb + qoff + 16*(b & (2**sh - 1)) (IQ4_NL: 18, 2, 0; MXFP4: 17, 1, 0;
+# IQ4_XS: 136, 8, 3), so the kernel reads every format's ggml bytes as they are.
 
 
 def _make_kernel(kind: str, isa: str, rw: int, nv: int):
     """The intrinsic computing one register tile: weight rows r..r+rw-1 (clamped to rows-1) times
     activation groups g0..g0+nv-1 (clamped to G-1) over all nb blocks, stored into out (G*L, rows)."""
     bb, qoff, nibbles, has_m = _KINDS[kind]
+    lut = kind == "lut"
     lanes = LANES[isa]
     vi32 = ir.VectorType(_I32, lanes)
     vf32 = ir.VectorType(_F32, lanes)
@@ -142,6 +153,16 @@ def _make_kernel(kind: str, isa: str, rw: int, nv: int):
             else:
                 name = "llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256"
                 dpbusd = mod.declare_intrinsic(name, (), ir.FunctionType(vi32, [vi32] * 3))
+            if lut:
+                shuf = "llvm.x86.avx512.pshuf.b.512" if lanes == 16 else "llvm.x86.avx2.pshuf.b"
+                pshufb = mod.declare_intrinsic(shuf, (), ir.FunctionType(vi8, [vi8, vi8]))
+                # the 16-entry table in every 128-bit lane (vpshufb looks up within lanes)
+                t16 = builder.load(builder.bitcast(mp, ir.VectorType(_I8, 16).as_pointer()), align=1)
+                table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 4 * lanes),
+                                                                     list(range(16)) * (lanes // 4)))
+
+                def lookup(v):
+                    return builder.bitcast(builder.call(pshufb, [table, builder.bitcast(v, vi8)]), vi32)
 
             def splat(val, vt):
                 return _splat(builder, val, vt)
@@ -170,7 +191,12 @@ def _make_kernel(kind: str, isa: str, rw: int, nv: int):
             for v in range(nv):
                 g = builder.add(g0v, c64(v))
                 gs.append(builder.select(builder.icmp_signed("<", g, last_g), g, last_g))
-            wrow = builder.mul(nbv, c64(bb))
+            if lut:
+                sbb, lqoff, lsh = (builder.load(builder.gep(sxp, [c64(k)])) for k in range(3))
+                lmask = builder.sub(builder.shl(c64(1), lsh), c64(1))
+                wrow = builder.mul(builder.ashr(nbv, lsh), sbb)
+            else:
+                wrow = builder.mul(nbv, c64(bb))
             # d and m are Q4/Q8 tiles (tiles, nbp, 32): row r, block b at (r//32)*nbp*32 + r%32 + 32*b
             doffs = [builder.add(builder.mul(builder.sdiv(r, c64(32)), dstridev), builder.srem(r, c64(32)))
                      for r in rs]
@@ -185,16 +211,23 @@ def _make_kernel(kind: str, isa: str, rw: int, nv: int):
                 # the accumulators start at the per-lane correction cx (see the layout notes)
                 cxs = [vload(cxp, builder.mul(gb[v], c64(lanes)), vi32, 4) for v in range(nv)]
                 accs = [list(cxs) for _ in range(rw)]
-                wbase = [builder.add(builder.add(builder.mul(r, wrow), builder.mul(b, c64(bb))), c64(qoff))
-                         for r in rs]
+                if lut:
+                    boff = builder.add(builder.add(builder.mul(builder.ashr(b, lsh), sbb), lqoff),
+                                       builder.mul(builder.and_(b, lmask), c64(16)))
+                else:
+                    boff = builder.add(builder.mul(b, c64(bb)), c64(qoff))
+                wbase = [builder.add(builder.mul(r, wrow), boff) for r in rs]
                 for c in range(4 if nibbles else 8):
                     xs = [vload(xp, builder.add(xbase[v], c64(4 * lanes * c)), vi32, 4) for v in range(nv)]
                     if nibbles:
                         xh = [vload(xp, builder.add(xbase[v], c64(4 * lanes * (c + 4))), vi32, 4) for v in range(nv)]
-                    xabs = None
-                    if not nibbles and isa == "avx2":
+                    xabs = xhabs = None
+                    if (lut or not nibbles) and isa == "avx2":
                         xabs = [builder.call(pabsb, [builder.bitcast(x, vi8), ir.Constant(ir.IntType(1), 0)])
                                 for x in xs]
+                    if lut and isa == "avx2":
+                        xhabs = [builder.call(pabsb, [builder.bitcast(x, vi8), ir.Constant(ir.IntType(1), 0)])
+                                 for x in xh]
                     for i in range(rw):
                         w4 = vload(wp, builder.add(wbase[i], c64(4 * c)), _I32, 1)
                         if not nibbles and isa != "avx2":
@@ -205,8 +238,11 @@ def _make_kernel(kind: str, isa: str, rw: int, nv: int):
                         if nibbles:
                             lo = builder.and_(wv, mask4)
                             hi = builder.and_(builder.lshr(wv, four), mask4)
+                            if lut:
+                                lo, hi = lookup(lo), lookup(hi)
                             for v in range(nv):
-                                accs[i][v] = dot(dot(accs[i][v], lo, xs[v]), hi, xh[v])
+                                accs[i][v] = dot(dot(accs[i][v], lo, xs[v], None if xabs is None else xabs[v]),
+                                                 hi, xh[v], None if xhabs is None else xhabs[v])
                         else:
                             for v in range(nv):
                                 accs[i][v] = dot(accs[i][v], wv, xs[v], None if xabs is None else xabs[v])
@@ -267,6 +303,12 @@ _k_q8_0_avxvnni = _make_kernel("q8_0", "avxvnni", RW["avxvnni"], NV)
 _t_q8_0_avxvnni = _make_kernel("q8_0", "avxvnni", RW["avxvnni"], 1)
 _k_q8_0_avx2 = _make_kernel("q8_0", "avx2", RW["avx2"], NV)
 _t_q8_0_avx2 = _make_kernel("q8_0", "avx2", RW["avx2"], 1)
+_k_lut_avx512vnni = _make_kernel("lut", "avx512vnni", RW["avx512vnni"], NV)
+_t_lut_avx512vnni = _make_kernel("lut", "avx512vnni", RW["avx512vnni"], 1)
+_k_lut_avxvnni = _make_kernel("lut", "avxvnni", RW["avxvnni"], NV)
+_t_lut_avxvnni = _make_kernel("lut", "avxvnni", RW["avxvnni"], 1)
+_k_lut_avx2 = _make_kernel("lut", "avx2", RW["avx2"], NV)
+_t_lut_avx2 = _make_kernel("lut", "avx2", RW["avx2"], 1)
 
 
 # ---- parallel drivers: one per (format, path), each calling its own intrinsic (a dispatcher passed
@@ -395,12 +437,53 @@ def _drive_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
                 _t_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
+@numba.njit(cache=True, parallel=True)
+def _drive_lut_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
+            r, j = job // ng * RW512, job % ng
+            if j < full:
+                _k_lut_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_lut_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_lut_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange(rows * ng):
+            r, j = job // ng, job % ng
+            if j < full:
+                _k_lut_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_lut_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, parallel=True)
+def _drive_lut_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        full = min(CHUNK_GROUPS, groups - c0) // NV
+        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
+        for job in numba.prange(rows * ng):
+            r, j = job // ng, job % ng
+            if j < full:
+                _k_lut_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+            else:
+                _t_lut_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
 _DRIVERS = {
     ("q4_0", "avx512vnni"): _drive_q4_0_avx512vnni, ("q4_0", "avxvnni"): _drive_q4_0_avxvnni,
     ("q4_0", "avx2"): _drive_q4_0_avx2, ("q4_1", "avx512vnni"): _drive_q4_1_avx512vnni,
     ("q4_1", "avxvnni"): _drive_q4_1_avxvnni, ("q4_1", "avx2"): _drive_q4_1_avx2,
     ("q8_0", "avx512vnni"): _drive_q8_0_avx512vnni, ("q8_0", "avxvnni"): _drive_q8_0_avxvnni,
     ("q8_0", "avx2"): _drive_q8_0_avx2,
+    ("lut", "avx512vnni"): _drive_lut_avx512vnni, ("lut", "avxvnni"): _drive_lut_avxvnni,
+    ("lut", "avx2"): _drive_lut_avx2,
 }
 
 
@@ -444,4 +527,27 @@ def qmatmul_q8(kind: str, prep, x: np.ndarray, tag: str, path: str | None = None
     raw = prep.raw.reshape(-1)
     _DRIVERS[(kind, path)](raw, prep.d.reshape(-1), m.reshape(-1), xa.reshape(-1), dx.reshape(-1),
                            cx.reshape(-1), sx.reshape(-1), out.reshape(-1), prep.rows, groups, nb, prep.nbp * 32)
+    return out[:n]
+
+
+def gemm_lut(raw: np.ndarray, layout: np.ndarray, table: np.ndarray, d: np.ndarray, dstride: int, rows: int,
+             qx: np.ndarray, dxb: np.ndarray, path: str) -> np.ndarray:
+    """x @ W.T for a 4-bit table format (kind "lut", see _KINDS) from quantized activations: qx int8
+    (n, nb, 32) and their float32 scale per 32-block dxb (n, nb) (Q8_0's d, or Q8_K's d of the
+    super-block). raw: the ggml bytes; layout int64 (sbb, qoff, sh); table: 16 bytes, V + 128 on the
+    vpdpbusd paths, V on "avx2"; d: the weights' float32 block scales as Q4/Q8 tiles, row stride
+    dstride. The integer dot of each 32-block is exact, as in ggml; only the float order differs."""
+    lanes = LANES[path]
+    n, nb = dxb.shape
+    groups = -(-n // lanes)
+    xa = _lanes_layout(qx.reshape(n, nb, 8, 4), groups, lanes)
+    xa = np.ascontiguousarray(np.moveaxis(xa.reshape(groups, nb, 8, 4, lanes), 3, 4))
+    dx = _lanes_layout(np.ascontiguousarray(dxb, np.float32), groups, lanes)
+    if path == "avx2":
+        cx = np.zeros((groups, nb, lanes), np.int32)  # the sign trick needs no correction
+    else:
+        cx = _lanes_layout(qx.sum(-1, dtype=np.int32) * np.int32(-128), groups, lanes)  # undoes V + 128
+    out = np.empty((groups * lanes, rows), np.float32)
+    _DRIVERS[("lut", path)](raw.reshape(-1), d.reshape(-1), table, xa.reshape(-1), dx.reshape(-1), cx.reshape(-1),
+                            layout, out.reshape(-1), rows, groups, nb, dstride)
     return out[:n]

@@ -1,6 +1,7 @@
 """qmatmul for ggml formats whose weights are small integers times a per-block scale.
 
-Owns the first-version qmatmul of Q5_0, Q5_1, IQ4_NL, IQ4_XS and MXFP4: prepare() decodes each
+Owns the first-version qmatmul of Q5_0, Q5_1, IQ4_NL, IQ4_XS and MXFP4 (the last three now take it
+only for mode "f32" decode and on CPUs without AVX2: plugins/_i4dot.py): prepare() decodes each
 block to its integer values (Q5_0: q - 16; Q5_1: q; IQ4_NL, IQ4_XS and MXFP4: the table value
 of each 4-bit index) as int8, and its scale as float32 (IQ4_XS: each 32-block's d*(ls - 32),
 the float32 its dequantize multiplies by), and repacks them into Q8_0's row
@@ -75,7 +76,9 @@ def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarr
     return out
 
 
-def _qmatmul_q8_k(prep: Prepared, x: np.ndarray, tag: str) -> np.ndarray:
+def q8_k_blocks(x: np.ndarray, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """x (n, cols) quantized to Q8_K as ggml does, as 32-blocks: (quants int8 (n, cols/32, 32), float32
+    scale d_x (n, cols/32): each 32-block its 256-super-block's). NonFiniteError for NaN/inf."""
     from ._kquants import QK_K, quantize_q8_K
 
     n, cols = x.shape
@@ -86,10 +89,15 @@ def _qmatmul_q8_k(prep: Prepared, x: np.ndarray, tag: str) -> np.ndarray:
             f"{x[r, c]}; a non-finite activation cannot be quantized"
         )
     dx, qx, _ = quantize_q8_K(x)  # (n, cols/256), (n, cols/256, 256): Q8_K's scale cannot overflow
+    return qx.reshape(n, cols // QK, QK), np.repeat(dx, QK_K // QK, axis=1)
+
+
+def _qmatmul_q8_k(prep: Prepared, x: np.ndarray, tag: str) -> np.ndarray:
+    n, cols = x.shape
+    qx, cx = q8_k_blocks(x, tag)
     if n >= BLAS_MIN_ROWS:
-        return blas_matmul(dequant_tiles, prep, (qx.astype(np.float32) * dx[..., None]).reshape(n, cols))
-    xs = qx.astype(np.float32).reshape(n, cols // QK, QK)
-    cx = np.repeat(dx, QK_K // QK, axis=1)
+        return blas_matmul(dequant_tiles, prep, (qx.astype(np.float32) * cx[..., None]).reshape(n, cols))
+    xs = qx.astype(np.float32)
     return _kernel(prep, pad_blocks(xs, prep.nbp).reshape(n, -1), pad_blocks(cx, prep.nbp))
 
 

@@ -36,7 +36,7 @@ sums accumulated j = 0, 1, ..., 31:
     max |x| below 6.9e6 quantizes (without importance weights: with them there is no such bound).
 
 qmatmul: ggml pairs IQ4_NL with Q8_0 activations (ggml_vec_dot_iq4_nl_q8_0: per block the
-integer dot of V[L] with the activation quants, times d_w*d_x). See plugins/_i8tiles.py.
+integer dot of V[L] with the activation quants, times d_w*d_x). See plugins/_i4dot.py.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
 from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
-from ._i8tiles import prepare_int8, qmatmul_int8
+from ._i4dot import kernel_path, prepare_lut, qmatmul
 from ._iq4 import BRACKET, KVALUES, best_index_ref, search_scale, search_scales_ref
 from ._iq4 import VF as _VF
 from ._iq4 import best_index as _best
@@ -214,11 +214,17 @@ class IQ4N(ImportanceWeighted, GGMLFormat):
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):
-        v, d = unpack(data, rows, cols)
-        return prepare_int8(v, d)
+        # the ggml bytes read in place by the int8 kernels (plugins/_i4dot.py), the fp16 d as float32
+        blk = np.asarray(data).reshape(rows, cols // QK, BLOCK_BYTES)
+        d = fp16_table()[blk[..., 0].astype(np.uint16) | (blk[..., 1].astype(np.uint16) << 8)]
+        return prepare_lut(data, rows, cols, block_bytes=BLOCK_BYTES, qoff=2, blocks_per=1, table=KVALUES, d=d,
+                           values=lambda: unpack(data, rows, cols))
 
     def _qmatmul(self, prep, rows, cols, x, mode):
-        return qmatmul_int8(prep, x, mode, self.tag)
+        return qmatmul(prep, x, mode, self.tag)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        return kernel_path(op, n, mode)
 
 
 @quantfmt.hookimpl

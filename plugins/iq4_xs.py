@@ -42,7 +42,7 @@ ntry 7. All arithmetic float32, one rounding per operation, sums accumulated in 
 
 qmatmul: ggml pairs IQ4_XS with Q8_K activations (ggml_vec_dot_iq4_xs_q8_K: per sub-block of 32 the
 integer dot of V[L] with the activation quants times (ls - 32), summed over the super-block, times
-fp16(d)*d_x). Both modes run on IQ4_NL's int8 tiles (plugins/_i8tiles.py), each 32-block with the
+fp16(d)*d_x). Both modes run on IQ4_NL's kernels (plugins/_i4dot.py), each 32-block with the
 float32 scale d*(ls - 32): mode "q8_k" multiplies the same exact integer dots by that scale times
 d_x (only float rounding differs from ggml's order); `int_parts` is the k-quants' integer form of
 the weights, for the numpy reference of mode q8_k (plugins/_kquants.py's dot_q8k_ref).
@@ -57,7 +57,7 @@ import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
 from ._ggml import f32_to_f16_bits, fp16_table
-from ._i8tiles import prepare_int8, qmatmul_int8
+from ._i4dot import kernel_path, prepare_lut, qmatmul
 from ._iq4 import BRACKET, KVALUES, VF, best_index, best_index_ref, search_scale, search_scales_ref
 from ._kquants import QK_K
 from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest_int_ref
@@ -125,16 +125,21 @@ def quantize_ref(w: np.ndarray, quant_weights: np.ndarray | None = None) -> np.n
     return out.reshape(-1)
 
 
-def unpack(data: np.ndarray, rows: int, cols: int):
-    """IQ4_XS bytes -> (table values int8 (rows, nb, 8, 32), sub-block scales ls - 32 int16 (rows, nb, 8),
-    d float32 (rows, nb))."""
-    blk = data.reshape(rows, cols // QK_K, BLOCK_BYTES)
+def _scales(data: np.ndarray, rows: int, cols: int):
+    """IQ4_XS bytes -> (blocks uint8 (rows, nb, 136), ls - 32 int16 (rows, nb, 8), d float32 (rows, nb))."""
+    blk = np.asarray(data).reshape(rows, cols // QK_K, BLOCK_BYTES)
     d = fp16_table()[blk[..., 0].astype(np.uint16) | (blk[..., 1].astype(np.uint16) << 8)]
     sh = blk[..., 2].astype(np.uint16) | (blk[..., 3].astype(np.uint16) << 8)
     k = np.arange(8)
     hi = (sh[..., None] >> (2 * k).astype(np.uint16)) & 3
     lo = (blk[..., 4 + k // 2] >> (4 * (k % 2)).astype(np.uint8)) & 15
-    sc = (lo.astype(np.int16) | (hi.astype(np.int16) << 4)) - 32
+    return blk, (lo.astype(np.int16) | (hi.astype(np.int16) << 4)) - 32, d
+
+
+def unpack(data: np.ndarray, rows: int, cols: int):
+    """IQ4_XS bytes -> (table values int8 (rows, nb, 8, 32), sub-block scales ls - 32 int16 (rows, nb, 8),
+    d float32 (rows, nb))."""
+    blk, sc, d = _scales(data, rows, cols)
     qs = blk[..., 8:].reshape(rows, cols // QK_K, 8, 16)
     L = np.concatenate([qs & 15, qs >> 4], axis=-1)
     return KVALUES[L], sc, d
@@ -288,14 +293,23 @@ class IQ4X(ImportanceWeighted, GGMLFormat):
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):
-        # Each 32-block is IQ4_NL's: int8 table values times one float32 scale d*(ls - 32), the
-        # very product dequantize uses, so IQ4_NL's int8 tiles serve both modes.
-        v, sc, d = unpack(data, rows, cols)
-        dl = d[..., None] * sc.astype(np.float32)
-        return prepare_int8(v.reshape(rows, -1, 32), dl.reshape(rows, -1))
+        # Each 32-block is IQ4_NL's: table values times one float32 scale d*(ls - 32), the very
+        # product dequantize uses, so IQ4_NL's kernels (plugins/_i4dot.py) serve both modes; they
+        # read the nibbles in place, 8 blocks of 16 bytes from byte 8 of each 136-byte super-block.
+        def values():
+            v, sc, d = unpack(data, rows, cols)
+            return v.reshape(rows, -1, 32), (d[..., None] * sc.astype(np.float32)).reshape(rows, -1)
+
+        _, sc, d = _scales(data, rows, cols)
+        dl = (d[..., None] * sc.astype(np.float32)).reshape(rows, -1)
+        return prepare_lut(data, rows, cols, block_bytes=BLOCK_BYTES, qoff=8, blocks_per=8, table=KVALUES, d=dl,
+                           values=values)
 
     def _qmatmul(self, prep, rows, cols, x, mode):
-        return qmatmul_int8(prep, x, mode, self.tag)
+        return qmatmul(prep, x, mode, self.tag)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        return kernel_path(op, n, mode)
 
 
 @quantfmt.hookimpl

@@ -30,7 +30,7 @@ Quantize (gguf-py's `quants.MXFP4`, byte for byte; ggml's quantize_row_mxfp4_ref
     No scale can overflow: every finite block quantizes (no RangeError).
 
 qmatmul: ggml pairs MXFP4 with Q8_0 activations (ggml_vec_dot_mxfp4_q8_0: per block the
-integer dot of V[L] with the activation quants, times d_x * h(e)). See plugins/_i8tiles.py.
+integer dot of V[L] with the activation quants, times d_x * h(e)). See plugins/_i4dot.py.
 ggml's quantize_mxfp4 ignores importance weights, and so do we.
 """
 
@@ -43,7 +43,7 @@ import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
 from ._ggml import QK, vec_dot_ref
-from ._i8tiles import prepare_int8, qmatmul_int8
+from ._i4dot import kernel_path, prepare_lut, qmatmul
 
 BLOCK_BYTES = 17
 KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
@@ -202,11 +202,16 @@ class MXF4(GGMLFormat):
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):
-        v, d = unpack(data, rows, cols)
-        return prepare_int8(v, d)
+        # the ggml bytes read in place by the int8 kernels (plugins/_i4dot.py), h(e) as float32
+        d = e8m0_half(np.asarray(data).reshape(rows, cols // QK, BLOCK_BYTES)[..., 0])
+        return prepare_lut(data, rows, cols, block_bytes=BLOCK_BYTES, qoff=1, blocks_per=1, table=KVALUES, d=d,
+                           values=lambda: unpack(data, rows, cols))
 
     def _qmatmul(self, prep, rows, cols, x, mode):
-        return qmatmul_int8(prep, x, mode, self.tag)
+        return qmatmul(prep, x, mode, self.tag)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        return kernel_path(op, n, mode)
 
 
 @quantfmt.hookimpl

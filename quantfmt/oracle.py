@@ -139,6 +139,11 @@ def _find_built(cache: Path) -> Path | None:
     return None
 
 
+def built(cache_dir=None) -> bool:
+    """True when the library is already built (load() then needs neither compiler nor network)."""
+    return _find_built(_cache_dir(cache_dir)) is not None
+
+
 def available(cache_dir=None) -> bool:
     """True when the library is already built, or gcc and g++ are on PATH to build it (network not probed)."""
     if _find_built(_cache_dir(cache_dir)) is not None:

@@ -3,28 +3,24 @@
     nice .venv/bin/python scripts/bench_qmatmul.py [--formats Q4_0,Q8_0] [--n 1,128] [--modes q8_0] [--repeat 5]
 
 For each n: the float32 baseline (W @ x or X @ W.T) is timed right before each format's modes,
-medians of --repeat calls; the kernel path each call took is printed (Format.kernel_path).
+medians of --repeat calls
+(quantfmt.bench.timing.median_time, as `quantfmt bench`); the kernel path each call took is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import quantfmt
 from quantfmt import cpu
+from quantfmt.bench.timing import median_time
 
 
 def median(f, repeat):
-    f()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    # the bench's one statistic (warm-up call, median of samples, short calls looped)
+    return median_time(f, repeat, budget=10.0)
 
 
 def main() -> None:

@@ -338,6 +338,19 @@ def test_markdown_renders_the_fixture_as_the_old_summary_did(saved, shape, name)
     assert bench.markdown(saved, shape=shape) + "\n" == (DATA / name).read_text()
 
 
+def test_markdown_names_ggml_c_when_the_oracle_was_timed(saved):
+    """A quantize record with ggml's C time (the bench times it when the oracle is built) shows how many
+    times faster ours is, and the caption says so; records without it render as before."""
+    recs = [dict(r) for r in saved]
+    q = next(r for r in recs if r["op"] == "quantize" and r["format"] == "Q4_0"
+             and r["shape"] == list(bench.TARGET_SHAPE))
+    q["ggml_c_seconds"] = 3 * q["seconds"]
+    md = bench.markdown(recs)
+    assert "than ggml's C reference on one thread" in md
+    row = next(line for line in md.splitlines() if line.startswith("| Q4_0 |"))
+    assert "3.0x ggml C" in row
+
+
 def test_reprint_from_a_records_file_loads_no_numpy():
     """`python -m quantfmt.bench FILE --markdown` re-prints a saved run, and the report needs no numpy."""
     code = (

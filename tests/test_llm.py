@@ -540,6 +540,54 @@ def test_smollm2_quantized_kld_matches_llama_cpp(oracle_files):
         assert abs(k_us - k_ll) <= rel * k_ll, (tag, k_us, k_ll)
 
 
+@pytest.mark.oracle
+@pytest.mark.model
+def test_llama_cpp_q4_k_m_file_opens_round_trips_and_runs(oracle_files, tmp_path):
+    """Issue 13's user path on a file llama.cpp made: llama_model_quantize(Q4_K_M) of SmolLM2 opens with
+    its true tags, goes to quantfmt and back to the same bytes, our --recipe Q4_K_M picks the same type
+    per tensor (bytes differ only in the few FMA ties of the wheel's build), and it runs: our logits on
+    those very bytes agree with llama.cpp's."""
+    import gguf
+
+    llama_cpp, files = oracle_files
+    km = tmp_path / "q4km.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(str(files["F32"]).encode(), str(km).encode(), params) == 0
+
+    theirs = {t.name: t for t in gguf.GGUFReader(km).tensors}
+    desc = quantfmt.describe(quantfmt.open_model(km))
+    tags = {t["name"]: t["tag"] for t in desc["tensors"]}
+    assert tags.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert quantfmt.get_format(tags[name]).ggml_type == t.tensor_type.name, name
+    assert {"Q6_K", "Q5_0", "Q8_0"} <= set(tags.values())
+
+    st, back = tmp_path / "q4km.safetensors", tmp_path / "back.gguf"
+    quantfmt.convert(km, st)
+    quantfmt.convert(st, back)
+    assert back.read_bytes() == km.read_bytes()
+
+    ours = tmp_path / "ours.gguf"
+    quantfmt.convert(files["F32"], ours, recipe="Q4_K_M")
+    mine = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    for name, t in theirs.items():
+        assert mine[name].tensor_type == t.tensor_type, name
+        a, b = np.asarray(t.data).view(np.uint8).ravel(), np.asarray(mine[name].data).view(np.uint8).ravel()
+        assert (a != b).mean() < 1e-3, (name, int((a != b).sum()))
+
+    n_ctx = 128
+    ll = llama_cpp.Llama(model_path=str(km), n_ctx=n_ctx, logits_all=True, verbose=False)
+    ids = ll.tokenize(GPL.read_bytes(), add_bos=False)[:n_ctx]
+    ll.eval(ids)
+    ref = np.array(ll.scores[:n_ctx], np.float32)
+    got = LlamaRunner.from_model(quantfmt.load(st), n_ctx=n_ctx, activations="blas").forward(ids)
+    assert _kld(ref, got).mean() <= 1e-4  # 4.5e-6 measured
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    res = evaluate(LlamaRunner.from_model(quantfmt.load(st), n_ctx=64), ids, n_ctx=64)
+    assert 1 < res.ppl < 100
+
+
 def test_fused_matmuls_equal_separate(weights_hf):
     w = gguf_twin(weights_hf)
     for tag, act in (("F32", "f32"), ("Q4_0", "auto"), ("Q8_A", "auto"), ("Q4_A", "auto")):

@@ -352,7 +352,10 @@ def _codec_cell(name: str) -> Callable[[list[dict]], str]:
         r = _first(group, name)
         if not r:
             return "-"
-        return f"{r['gbps']:.2f}" + (f" ({1 / r['ratio']:.1f}x gguf)" if r["baseline"].startswith("gguf") else "")
+        vs = [f"{1 / r['ratio']:.1f}x gguf"] if r["baseline"].startswith("gguf") else []
+        if r.get("ggml_c_seconds"):
+            vs.append(f"{r['ggml_c_seconds'] / r['seconds']:.1f}x ggml C")
+        return f"{r['gbps']:.2f}" + (f" ({', '.join(vs)})" if vs else "")
 
     return cell
 
@@ -441,8 +444,10 @@ def markdown(records: list[dict], shape=TARGET_SHAPE) -> str:
     def groups(records):
         return [g for tag in tags if (g := [r for r in records if r["format"] == tag and r["shape"] == shape])]
 
+    than = ", and than ggml's C reference on one thread" if any(r.get("ggml_c_seconds") for r in records) else ""
     kernels = Table(f"Kernels at {shape[0]}x{shape[1]}; qmatmul as time / numpy float32 time (median), "
-                    "quantize/dequantize as GB/s of float32 (and x faster than gguf's numpy code):", groups, SUMMARY)
+                    f"quantize/dequantize as GB/s of float32 (and x faster than gguf's numpy code{than}):",
+                    groups, SUMMARY)
     return "\n".join([
         *_head(records, shape), *table_lines(kernels, records, markdown_lines), "", *_cache_sentence(records, tags),
         *(SENTENCES[r["op"]](r) for r in records if r["op"] in SENTENCES),

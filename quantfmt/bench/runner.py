@@ -244,12 +244,32 @@ class Bench:
             # theirs is timed only when gg is set, and then so is gq
             ours, theirs = t.dequantize, (lambda: quants.dequantize(cast(np.ndarray, gq), gg))
         sec = median_time(ours, self.repeat)
+        extra = dict(common)
+        if op == "quantize" and (c := self._ggml_c(fmt)) is not None:
+            # ggml's C reference (quantize_row_*_ref through ggml_quantize_chunk, one thread, no FMA): the
+            # anchor issue 13 names for the byte-identical quantizers; timed only when the oracle is built
+            extra["ggml_c_seconds"] = median_time(lambda: c.quantize(fmt.ggml_type, w), min(self.repeat, 3))
         if gg is not None:  # gguf's numpy code is slow: fewer samples
             base, what = median_time(theirs, min(self.repeat, 3)), f"gguf numpy {op}"
         else:
             base, what = median_time(w.copy, self.repeat), "numpy float32 copy"
         self.add(record(op, fmt.tag, shape, None, sec, what, base, nbytes=w.nbytes, path=fmt.kernel_path(op),
-                        **common))
+                        **extra))
+
+    def _ggml_c(self, fmt):
+        """The built ggml oracle when it quantizes fmt's ggml type without an importance matrix, else None.
+        Never builds it (that needs a compiler and the network): `pytest -m oracle` or quantfmt.oracle.build()."""
+        if not hasattr(self, "_oracle"):
+            from .. import oracle
+
+            try:
+                self._oracle = oracle.load() if oracle.built() else None
+            except oracle.OracleError:
+                self._oracle = None
+        c, name = self._oracle, fmt.ggml_type
+        if c is None or not name or name not in c.quantizable or c.requires_imatrix(name):
+            return None
+        return c
 
     def qmatmul(self, fmt, t, shape, x, xs, w, f32: dict, common: dict) -> None:
         from ..tensor import QTensor

@@ -1,0 +1,151 @@
+"""The int8 kernels of the 4-bit table formats IQ4_NL, IQ4_XS, MXFP4 (plugins/_i4dot.py, and _i8gemm's
+kind "lut") == ggml's dot product with quantized activations.
+
+Every path this CPU can run (AVX512-VNNI, AVX-VNNI, AVX2) is forced in turn through the module switch
+`_i4dot.PATH`, and so is the portable path (int8 tiles, plugins/_i8tiles.py); subprocesses compiling
+for a generic CPU with only AVX2, and with nothing, check that such CPUs get (and pass on) the AVX2
+and the portable paths. Modes "q8_0" (IQ4_NL, MXFP4) and "q8_k" (IQ4_XS) are compared with the numpy
+re-implementations of ggml's integer dot at the summation-order tolerance of tests/test_i8gemm.py,
+on shapes that need padding (weight rows not a multiple of the 32-row decode tile or the 3-row
+register tile, activation rows not a multiple of the vector lanes) and batch sizes on both sides of
+the decode/prefill switch.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from quantfmt import get_format
+from quantfmt_formats import _i4dot, _i8gemm, iq4_nl, iq4_xs, mxfp4
+from quantfmt_formats._kquants import dot_q8k_ref
+
+PATHS = [*_i8gemm.available(), "portable"]
+FORMATS = {"IQ4N": (iq4_nl, "q8_0"), "MXF4": (mxfp4, "q8_0"), "IQ4X": (iq4_xs, "q8_k")}
+SHAPES = [(1, 256), (37, 512), (70, 1024)]
+NS = [1, 2, 3, 5, 6, 7, 9, 11, 12, 13, 17, 40]
+
+
+def weights(rng, rows, cols):
+    w = (rng.standard_normal((rows, cols)) + 0.3).astype(np.float32)
+    w[:, :32] *= 50  # blocks of very different scales
+    w[rows // 2, 32:64] = 0  # an all-zero block
+    w[0, 64:96] = np.linspace(-1, 1, 32)  # the table's ends (-127, 113 / -12, 12)
+    return w
+
+
+def reference(tag, data, rows, cols, x):
+    mod, mode = FORMATS[tag]
+    if mode == "q8_k":
+        return dot_q8k_ref(iq4_xs.int_parts(data, rows, cols), x)
+    return mod.qmatmul_q8_ref(data, rows, cols, x)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("tag", list(FORMATS))
+def test_quantized_activations_match_ggml_dot(tag, path, monkeypatch):
+    monkeypatch.setattr(_i4dot, "PATH", path)
+    rng = np.random.default_rng(20261206)
+    fmt = get_format(tag)
+    mode = FORMATS[tag][1]
+    for rows, cols in SHAPES:
+        data = fmt.quantize(weights(rng, rows, cols)).reshape(-1)
+        wq = fmt.dequantize(data, (rows, cols))
+        prep = fmt.prepare(data, rows, cols)
+        for n in NS:
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            x[0, :32] *= 1e-3
+            x[n // 2, 32:64] *= 300
+            x[-1, 64:96] = 0  # an all-zero activation block (scale 0)
+            mag = float((np.abs(x) @ np.abs(wq).T).max())
+            got = fmt.qmatmul(data, (rows, cols), x, mode, prepared=prep)
+            assert got.shape == (n, rows) and got.dtype == np.float32
+            ref = reference(tag, data, rows, cols, x)
+            np.testing.assert_allclose(got, ref, rtol=0, atol=mag * 2e-6, err_msg=f"{rows}x{cols} n={n}")
+            kp = fmt.kernel_path("qmatmul", n, mode)
+            if path == "portable":
+                assert kp == ("blas-tiles" if n >= 8 else f"tiles-{mode}")
+            else:
+                assert kp == (f"int8-{path}" if n >= _i4dot.MIN_ROWS[path] else f"lut-{path}")
+
+
+@pytest.mark.parametrize("path", _i8gemm.available())
+def test_decode_and_prefill_kernels_agree(path, monkeypatch):
+    # The same product through the decode kernel (weight rows in lanes) and the prefill kernel
+    # (activation rows in lanes): only the float order of the block sums differs.
+    monkeypatch.setattr(_i4dot, "PATH", path)
+    rng = np.random.default_rng(5)
+    for tag, (_, mode) in FORMATS.items():
+        fmt = get_format(tag)
+        rows, cols = 45, 512
+        data = fmt.quantize(weights(rng, rows, cols)).reshape(-1)
+        prep = fmt.prepare(data, rows, cols)
+        x = rng.standard_normal((5, cols)).astype(np.float32)
+        monkeypatch.setitem(_i4dot.MIN_ROWS, path, 1)
+        a = fmt.qmatmul(data, (rows, cols), x, mode, prepared=prep)
+        monkeypatch.setitem(_i4dot.MIN_ROWS, path, 100)
+        b = fmt.qmatmul(data, (rows, cols), x, mode, prepared=prep)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_f32_mode_stays_float(path, monkeypatch):
+    # Mode "f32" never quantizes the activations: batches run sgemm on dequantize()'s very weights
+    # (rows dequantized with vpshufb; chunked when ROW_CHUNK_BYTES is small), one row the int8 tiles.
+    monkeypatch.setattr(_i4dot, "PATH", path)
+    rng = np.random.default_rng(3)
+    for tag in FORMATS:
+        fmt = get_format(tag)
+        rows, cols = 70, 512
+        data = fmt.quantize(weights(rng, rows, cols)).reshape(-1)
+        wq = fmt.dequantize(data, (rows, cols))
+        prep = fmt.prepare(data, rows, cols)
+        if path != "portable":
+            wd = _i4dot.aligned_empty(rows - 3, cols)
+            _i4dot.dequant_rows(prep, 3, rows, wd)
+            np.testing.assert_array_equal(wd, wq[3:])  # dequantize()'s floats, bit for bit
+            with pytest.raises(ValueError, match="aligned"):
+                _i4dot.dequant_rows(prep, 3, rows, np.empty((rows - 3, cols + 16), np.float32)[:, 16:])
+        for n, chunk in ((1, None), (3, None), (64, None), (9, 8 * cols * 4)):
+            if chunk:
+                monkeypatch.setattr(_i4dot, "ROW_CHUNK_BYTES", chunk)
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            mag = float((np.abs(x) @ np.abs(wq).T).max())
+            want = "tiles-f32" if n < 8 else "blas-tiles" if path == "portable" else "blas-rows"
+            assert fmt.kernel_path("qmatmul", n, "f32") == want
+            got = fmt.qmatmul(data, (rows, cols), x, "f32", prepared=prep)
+            np.testing.assert_allclose(got, x @ wq.T.astype(np.float64), rtol=0, atol=mag * 1e-6)
+
+
+_SUBPROCESS = """
+import numpy as np
+from quantfmt import get_format
+from quantfmt_formats import _i4dot, iq4_nl, mxfp4
+rng = np.random.default_rng(0)
+for tag, mod in (("IQ4N", iq4_nl), ("MXF4", mxfp4)):
+    fmt = get_format(tag)
+    data = fmt.quantize(rng.standard_normal((40, 256)).astype(np.float32)).reshape(-1)
+    wq = fmt.dequantize(data, (40, 256))
+    for n in (1, 20):
+        x = rng.standard_normal((n, 256)).astype(np.float32)
+        got = fmt.qmatmul(data, (40, 256), x, "q8_0")
+        ref = mod.qmatmul_q8_ref(data, 40, 256, x)
+        assert np.abs(got - ref).max() <= 2e-6 * (np.abs(x) @ np.abs(wq).T).max()
+        print(fmt.kernel_path("qmatmul", n, "q8_0"))
+"""
+
+
+@pytest.mark.parametrize(("features", "paths"), [("+avx2,+fma", ["lut-avx2", "int8-avx2"]),
+                                                 (None, ["tiles-q8_0", "blas-tiles"])])
+def test_cpus_with_less(features, paths):
+    # Compiled for a generic CPU with only AVX2 (no AVX-512 instruction may appear), and with
+    # nothing (the portable path): each gets its path and the reference's results.
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic"}
+    env.pop("NUMBA_CPU_FEATURES", None)
+    if features:
+        env["NUMBA_CPU_FEATURES"] = features
+    out = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == paths * 2
