@@ -540,13 +540,13 @@ def gemm_lut(raw: np.ndarray, layout: np.ndarray, table: np.ndarray, d: np.ndarr
     lanes = LANES[path]
     n, nb = dxb.shape
     groups = -(-n // lanes)
-    xa = _lanes_layout(qx.reshape(n, nb, 8, 4), groups, lanes)
+    xa = lanes_layout(qx.reshape(n, nb, 8, 4), groups, lanes)
     xa = np.ascontiguousarray(np.moveaxis(xa.reshape(groups, nb, 8, 4, lanes), 3, 4))
-    dx = _lanes_layout(np.ascontiguousarray(dxb, np.float32), groups, lanes)
+    dx = lanes_layout(np.ascontiguousarray(dxb, np.float32), groups, lanes)
     if path == "avx2":
         cx = np.zeros((groups, nb, lanes), np.int32)  # the sign trick needs no correction
     else:
-        cx = _lanes_layout(qx.sum(-1, dtype=np.int32) * np.int32(-128), groups, lanes)  # undoes V + 128
+        cx = lanes_layout(qx.sum(-1, dtype=np.int32) * np.int32(-128), groups, lanes)  # undoes V + 128
     out = np.empty((groups * lanes, rows), np.float32)
     _DRIVERS[("lut", path)](raw.reshape(-1), d.reshape(-1), table, xa.reshape(-1), dx.reshape(-1), cx.reshape(-1),
                             layout, out.reshape(-1), rows, groups, nb, dstride)
