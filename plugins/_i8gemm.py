@@ -89,6 +89,27 @@ def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
 # ---- code generation ------------------------------------------------------------------------
 
 _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+
+# Small IR helpers, shared with the k-quant kernels (plugins/_kdot.py).
+def c64(v: int) -> ir.Constant:
+    """An i64 constant (numba's index type)."""
+    return ir.Constant(_I64, v)
+
+
+def splat(builder, val, vt):
+    """val broadcast to every lane of vector type vt (vpbroadcast)."""
+    undef = ir.Constant(vt, ir.Undefined)
+    v = builder.insert_element(undef, val, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_I32, vt.count), [0] * vt.count))
+
+
+def vload(builder, p, off, vt, align):
+    """A vector of type vt loaded from element `off` of pointer p."""
+    return builder.load(builder.bitcast(builder.gep(p, [off]), vt.as_pointer()), align=align)
+
+
+_splat, _vload = splat, vload
 # (block bytes, offset of the quants, nibbles?, minimum m?) per format
 _KINDS = {"q4_0": (18, 2, True, False), "q4_1": (20, 4, True, True), "q8_0": (34, 2, False, False),
           "lut": (0, 0, True, False)}
@@ -143,16 +164,11 @@ def _make_kernel(kind: str, isa: str, rw: int, nv: int):
                 def lookup(v):
                     return builder.bitcast(builder.call(pshufb, [table, builder.bitcast(v, vi8)]), vi32)
 
-            def c64(v):
-                return ir.Constant(_I64, v)
-
             def splat(val, vt):
-                undef = ir.Constant(vt, ir.Undefined)
-                v = builder.insert_element(undef, val, ir.Constant(_I32, 0))
-                return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_I32, vt.count), [0] * vt.count))
+                return _splat(builder, val, vt)
 
             def vload(p, off, vt, align):
-                return builder.load(builder.bitcast(builder.gep(p, [off]), vt.as_pointer()), align=align)
+                return _vload(builder, p, off, vt, align)
 
             def dot(acc, wu8, xs8, xabs=None):
                 # acc += per lane, sum of 4 products of unsigned wu8 and signed xs8 bytes
@@ -474,7 +490,7 @@ _DRIVERS = {
 # ---- the activations, once per call -----------------------------------------------------------
 
 
-def _lanes_layout(a: np.ndarray, groups: int, lanes: int) -> np.ndarray:
+def lanes_layout(a: np.ndarray, groups: int, lanes: int) -> np.ndarray:
     """(n, nb, *unit) -> (groups, nb, *unit, lanes) zero-padded rows, C-contiguous."""
     n = a.shape[0]
     z = np.zeros((groups * lanes,) + a.shape[1:], a.dtype)
@@ -495,17 +511,17 @@ def qmatmul_q8(kind: str, prep, x: np.ndarray, tag: str, path: str | None = None
     lut = fp16_table()
     groups = -(-n // lanes)
     # xa (groups, nb, 8 chunks, lanes, 4): the 32 quants of a block as 8 chunks of 4
-    xa = _lanes_layout(qx.reshape(n, nb, 8, 4), groups, lanes)
+    xa = lanes_layout(qx.reshape(n, nb, 8, 4), groups, lanes)
     xa = np.ascontiguousarray(np.moveaxis(xa.reshape(groups, nb, 8, 4, lanes), 3, 4))
-    dx = _lanes_layout(lut[d16], groups, lanes)
+    dx = lanes_layout(lut[d16], groups, lanes)
     if kind == "q4_1":
         cx = np.zeros((groups, nb, lanes), np.int32)
     elif kind == "q8_0" and path == "avx2":
         cx = np.zeros((groups, nb, lanes), np.int32)  # the sign trick needs no correction
     else:
         # the initial block sums: -8*sum(q_x) for Q4_0's q - 8; -128*sum(q_x) for Q8_0's q_w + 128
-        cx = _lanes_layout(qx.sum(-1, dtype=np.int32) * np.int32(-8 if kind == "q4_0" else -128), groups, lanes)
-    sx = _lanes_layout(lut[s16], groups, lanes) if has_m else dx
+        cx = lanes_layout(qx.sum(-1, dtype=np.int32) * np.int32(-8 if kind == "q4_0" else -128), groups, lanes)
+    sx = lanes_layout(lut[s16], groups, lanes) if has_m else dx
     m = prep.m if has_m else prep.d
     out = np.empty((groups * lanes, prep.rows), np.float32)
     raw = prep.raw.reshape(-1)
@@ -524,13 +540,13 @@ def gemm_lut(raw: np.ndarray, layout: np.ndarray, table: np.ndarray, d: np.ndarr
     lanes = LANES[path]
     n, nb = dxb.shape
     groups = -(-n // lanes)
-    xa = _lanes_layout(qx.reshape(n, nb, 8, 4), groups, lanes)
+    xa = lanes_layout(qx.reshape(n, nb, 8, 4), groups, lanes)
     xa = np.ascontiguousarray(np.moveaxis(xa.reshape(groups, nb, 8, 4, lanes), 3, 4))
-    dx = _lanes_layout(np.ascontiguousarray(dxb, np.float32), groups, lanes)
+    dx = lanes_layout(np.ascontiguousarray(dxb, np.float32), groups, lanes)
     if path == "avx2":
         cx = np.zeros((groups, nb, lanes), np.int32)  # the sign trick needs no correction
     else:
-        cx = _lanes_layout(qx.sum(-1, dtype=np.int32) * np.int32(-128), groups, lanes)  # undoes V + 128
+        cx = lanes_layout(qx.sum(-1, dtype=np.int32) * np.int32(-128), groups, lanes)  # undoes V + 128
     out = np.empty((groups * lanes, rows), np.float32)
     _DRIVERS[("lut", path)](raw.reshape(-1), d.reshape(-1), table, xa.reshape(-1), dx.reshape(-1), cx.reshape(-1),
                             layout, out.reshape(-1), rows, groups, nb, dstride)

@@ -995,13 +995,18 @@ def dot_q8k_ref(parts, x: np.ndarray) -> np.ndarray:
 
 
 class KPrepared:
-    """What prepare() returns for a k-quant: the bytes, and their integer form, made on first use
-    by mode "q8_k" (a pure function of the bytes, so caching it is safe)."""
+    """What prepare() returns for a k-quant: the bytes (which the int8 kernels of plugins/_kdot.py
+    read as they are), their fp16 super-block scales as float32 (made on first use by those kernels:
+    8 bytes per super-block), and the integer form of the portable and float-activation paths (made
+    on first use by them only: int16 per weight, 3.5-7.6x the bytes). All pure functions of the bytes,
+    so caching them is safe."""
 
-    def __init__(self, data, rows, cols, int_parts):
+    def __init__(self, data, rows, cols, int_parts, kind):
         self.data, self.rows, self.cols = data, rows, cols
+        self.kind = kind  # "q4_k", ...: which _kdot kernel reads these bytes
         self._int_parts = int_parts
         self._parts = None
+        self._scales = None
 
     @property
     def parts(self):
@@ -1013,15 +1018,52 @@ class KPrepared:
             self._parts = (wi, mi, dw, mw)
         return self._parts
 
+    @property
+    def scales(self):
+        """(dw, mw) float32 (rows, nb): the super-block d and dmin (0 where the format has none)."""
+        if self._scales is None:
+            from ._ggml import fp16_table
+
+            nb = self.cols // QK_K
+            blk = self.data.reshape(self.rows, nb, -1)
+            lut = fp16_table()
+            off_d, off_m = _D_OFFSETS[self.kind]
+
+            def h(o):
+                return lut[blk[:, :, o].astype(np.uint16) | (blk[:, :, o + 1].astype(np.uint16) << 8)]
+
+            dw = h(off_d)
+            mw = h(off_m) if off_m is not None else np.zeros_like(dw)
+            self._scales = (np.ascontiguousarray(dw, np.float32), np.ascontiguousarray(mw, np.float32))
+        return self._scales
+
+
+#: byte offsets of d and dmin in each k-quant's super-block
+_D_OFFSETS = {"q2_k": (80, 82), "q3_k": (108, None), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208, None)}
+
+
+def q8k_path(kind: str, n: int, mode: str) -> str:
+    """Format.kernel_path("qmatmul", n, mode) of the k-quants: "kdot-<isa>" (decode) or "kgemm-<isa>"
+    (prefill) for mode q8_k on an int8 path (plugins/_kdot.py); else "int-<mode>" (_dot_kernel) or
+    "blas-tiles"."""
+    from . import _i8gemm, _kdot
+
+    if mode == "q8_k" and _i8gemm.PATH != "portable":
+        return f"{'kdot' if n < _kdot.MIN_ROWS[kind] else 'kgemm'}-{_i8gemm.PATH}"
+    return "blas-tiles" if n >= Q8K_BLAS_MIN_ROWS else f"int-{mode}"
+
 
 #: Activation rows from which mode "q8_k" goes to sgemm on dequantized operands.
 Q8K_BLAS_MIN_ROWS = 8
 
 
 def kquant_qmatmul(fmt, prep: KPrepared, x: np.ndarray, mode: str) -> np.ndarray:
-    """x (n, cols) @ W.T for a k-quant in mode "f32" or "q8_k". Up to Q8K_BLAS_MIN_ROWS - 1 rows a
-    kernel on the integer form; from there sgemm on dequantized tiles (q8_k: on the dequantized
-    activation quants d_x*q_x, exact products, so only the summation order differs)."""
+    """x (n, cols) @ W.T for a k-quant in mode "f32" or "q8_k".
+
+    Mode "q8_k" on a CPU with AVX2 (or VNNI): the int8 kernels of plugins/_kdot.py on the ggml bytes.
+    Mode "f32", and "q8_k" on the portable path: up to Q8K_BLAS_MIN_ROWS - 1 rows a float kernel on
+    the integer form (KPrepared.parts); from there sgemm on dequantized tiles (q8_k: on the
+    dequantized activation quants d_x*q_x, exact products, so only the summation order differs)."""
     rows, cols = prep.rows, prep.cols
     n = x.shape[0]
     if mode == "q8_k":
@@ -1033,7 +1075,11 @@ def kquant_qmatmul(fmt, prep: KPrepared, x: np.ndarray, mode: str) -> np.ndarray
                 f"{fmt.tag}: qmatmul mode 'q8_k': activations of shape {x.shape}: row {r}, column {c} is "
                 f"{x[r, c]}; a non-finite activation cannot be quantized"
             )
+        from . import _i8gemm, _kdot  # imported on first use: start-up stays light
+
         dx, qx, bs = quantize_q8_K(x)
+        if _i8gemm.PATH != "portable":
+            return _kdot.qmatmul(prep.kind, prep, dx, qx, bs)
         if n >= Q8K_BLAS_MIN_ROWS:
             return fmt._blas_tiles(prep.data, rows, cols, (qx.astype(np.float32) * dx[..., None]).reshape(x.shape))
         xa = qx.astype(np.float32)
@@ -1075,10 +1121,13 @@ class KQuant(GGMLFormat):
         raise NotImplementedError
 
     def prepare(self, data, rows, cols):
-        return KPrepared(data, rows, cols, self.int_parts)
+        return KPrepared(data, rows, cols, self.int_parts, self.tag.lower())
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return kquant_qmatmul(self, prep, x, mode)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        return q8k_path(self.tag.lower(), n, mode) if op == "qmatmul" else "numba"
 
     def quantize_weighted(self, w, quant_weights) -> np.ndarray:
         """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as

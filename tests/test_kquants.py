@@ -175,7 +175,7 @@ def test_q8_k_matmul_equals_reference(tag):
     rng = np.random.default_rng(6)
     w = rng.standard_normal((12, 768), dtype=np.float32)
     q = f.quantize(w)
-    for n in (1, 3, 9):  # 9: the sgemm path on dequantized operands
+    for n in (1, 3, 9):  # 1, 3: decode; 9: prefill (int8 kernels) or sgemm on dequantized operands (portable)
         x = rng.standard_normal((n, 768), dtype=np.float32)
         want = dot_q8k_ref(m.int_parts(q, *w.shape), x)
         got = f.qmatmul(q, w.shape, x, "q8_k")

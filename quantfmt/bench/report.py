@@ -333,10 +333,16 @@ def _first(group: list[dict], name: str, **where) -> dict | None:
     return next(iter(op(name, **where)(group)), None)
 
 
-def _qmatmul_cell(n: int, mode: str) -> Callable[[list[dict]], str]:
+def _qmatmul_cell(n: int, mode: str, *others: str) -> Callable[[list[dict]], str]:
+    """The qmatmul ratio of n rows in `mode`, else in the first of `others` the format has (that
+    mode's name then follows the figure: the k-quants' activations are "q8_k")."""
+
     def cell(group):
-        r = _first(group, "qmatmul", n=n, mode=mode)
-        return f"{r['ratio']:.2f}x ({fmt_s(r['seconds'])})" if r else "-"
+        for m in (mode, *others):
+            r = _first(group, "qmatmul", n=n, mode=m)
+            if r:
+                return f"{r['ratio']:.2f}x ({fmt_s(r['seconds'])})" + (f" {m}" if m != mode else "")
+        return "-"
 
     return cell
 
@@ -359,9 +365,9 @@ SUMMARY: tuple[Col[list[dict]], ...] = (
     Col("format", lambda g: g[0]["format"]),
     Col("bpw", lambda g: f"{next((r.get('bpw') for r in g if r.get('bpw')), 0):g}"),
     Col("decode f32", _qmatmul_cell(1, "f32")),
-    Col("decode q8_0", _qmatmul_cell(1, "q8_0")),
+    Col("decode q8_0", _qmatmul_cell(1, "q8_0", "q8_k")),
     Col("prefill f32", _qmatmul_cell(PREFILL_N, "f32")),
-    Col("prefill q8_0", _qmatmul_cell(PREFILL_N, "q8_0")),
+    Col("prefill q8_0", _qmatmul_cell(PREFILL_N, "q8_0", "q8_k")),
     Col("quantize GB/s", _codec_cell("quantize")),
     Col("dequantize GB/s", _codec_cell("dequantize")),
     Col(f"get_rows {GET_ROWS_N}", lambda g: fmt_s(r["seconds"]) if (r := _first(g, "get_rows")) else "-"),
