@@ -194,8 +194,8 @@ def _make_pack32(kind: str):
             dv = _splat(builder, iddv)
             idx = []
             for h in range(2):
-                xv = builder.load(builder.bitcast(builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, 16 * h))]),
-                                                  _V16F.as_pointer()), align=4)
+                xh = builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, 16 * h))])
+                xv = builder.load(builder.bitcast(xh, _V16F.as_pointer()), align=4)
                 a = builder.fmul(dv, xv)
                 nan = builder.fcmp_unordered("uno", a, a)
                 a0 = builder.select(nan, _vf([0.0] * 16), a)  # keeps NaN out of the conversion
