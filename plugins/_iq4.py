@@ -146,7 +146,8 @@ def _lookup(builder, kind, a, lo_tab, hi_tab):
 def _make_fit16(kind: str):
     @intrinsic
     def fit16(typingctx, x, xoff, wt, mx, sums):
-        """The 16 fits of a block: sums[t] = sumqx, sums[16 + t] = sumq2 of fit t (t = 0: the first
+        """The 16 fits of a block: sums[t] = sumqx, sums[16 + t] = sumq2, sums[32 + t] = sumqx/sumq2,
+        sums[48 + t] = that times sumqx of fit t (t = 0: the first
         guess id = 1/(max/127); t = 1..15: id = (t - 8 - 127)/max), accumulated over x[xoff:xoff+32]
         in element order (as the C loop: each lane one fit, its sums in order: the same roundings);
         wt (32,) the weights, mx the block's signed max (|mx| >= 1e-15)."""
@@ -171,13 +172,47 @@ def _make_fit16(kind: str):
                 wq = builder.fmul(wv, q)
                 sqx = builder.fadd(sqx, builder.fmul(wq, xv))  # separate mul and add: no FMA
                 sq2 = builder.fadd(sq2, builder.fmul(wq, q))
-            builder.store(sqx, builder.bitcast(sp, _V16F.as_pointer()), align=4)
-            builder.store(sq2, builder.bitcast(builder.gep(sp, [ir.Constant(_I64, 16)]), _V16F.as_pointer()), align=4)
+            # each fit's candidate d = sumqx/sumq2 and its best = d*sumqx, as the C computes them (the
+            # divisions of fits that lose, or have sumq2 <= 0, are never read)
+            dv = builder.fdiv(sqx, sq2)
+            for i, v in enumerate((sqx, sq2, dv, builder.fmul(dv, sqx))):
+                vp = builder.bitcast(builder.gep(sp, [ir.Constant(_I64, 16 * i)]), _V16F.as_pointer())
+                builder.store(v, vp, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
 
     return fit16
+
+
+@intrinsic
+def _block_max(typingctx, x, xoff):
+    """max in ggml's search: the first x[xoff + j] (j < 32) of largest |x| (0 if all are 0), found
+    with vector compares (the scalar loop's branch mispredicts on random data)."""
+    sig = types.float32(x, xoff)
+
+    def codegen(context, builder, signature, args):
+        xp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        xoffv = args[1]
+        fabs = builder.module.declare_intrinsic("llvm.fabs.v16f32", (), ir.FunctionType(_V16F, [_V16F]))
+        cttz = builder.module.declare_intrinsic("llvm.cttz.i32", (), ir.FunctionType(_I32, [_I32, ir.IntType(1)]))
+        halves = []
+        for h in range(2):
+            xh = builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, 16 * h))])
+            halves.append(builder.call(fabs, [builder.load(builder.bitcast(xh, _V16F.as_pointer()), align=4)]))
+        m = builder.select(builder.fcmp_ordered(">", halves[0], halves[1]), halves[0], halves[1])
+        for width in (8, 4, 2, 1):  # the largest |x| (inputs are finite; exact in any order)
+            sh = builder.shuffle_vector(m, m, ir.Constant(_V16I, [(i + width) % 16 for i in range(16)]))
+            m = builder.select(builder.fcmp_ordered(">", m, sh), m, sh)
+        mall = _splat(builder, builder.extract_element(m, ir.Constant(_I32, 0)))
+        bits = [builder.zext(builder.bitcast(builder.fcmp_ordered("==", v, mall), ir.IntType(16)), ir.IntType(32))
+                for v in halves]
+        mask = builder.or_(bits[0], builder.shl(bits[1], ir.Constant(ir.IntType(32), 16)))
+        j = builder.call(cttz, [mask, ir.Constant(ir.IntType(1), 1)])  # the first of equal maxima
+        # all zeros: every lane equals max 0, j = 0 and x[0] is +-0: |max| < eps either way
+        return builder.load(builder.gep(xp, [builder.add(xoffv, builder.zext(j, xoffv.type))]))
+
+    return sig, codegen
 
 
 def _make_pack32(kind: str):
@@ -234,26 +269,21 @@ def best_index(a, vf, bracket):
 @numba.njit(cache=True, error_model="numpy")
 def search_scale(x, xoff, wt, sums):
     """The fitted scale of the block x[xoff:xoff+32] (x contiguous) with weights wt (32,), as
-    search_scales_ref; sums: float32 (32,), work space. The 16 fits run in _fit16, one lane each
-    (its portable and simd16 forms give the same bits: tests/test_iq4_xs.py); the choice among
-    them is ggml's, in order."""
-    amax = np.float32(0.0)
-    mx = np.float32(0.0)
-    for j in range(32):
-        a = abs(x[xoff + j])
-        if a > amax:
-            amax = a
-            mx = x[xoff + j]
-    if amax < GROUP_MAX_EPS:
+    search_scales_ref; sums: float32 (64,), work space. The 16 fits run in _fit16, one lane each
+    (its portable and simd16 forms give the same bits: tests/test_iq4_paths.py); the choice among
+    them is ggml's, in order, without branches (which fit wins is data: a branch per fit
+    mispredicts often, and cost as much as the fits' vector code)."""
+    mx = _block_max(x, xoff)
+    if abs(mx) < GROUP_MAX_EPS:
         return np.float32(0.0)
     _fit16(x, xoff, wt, mx, sums)
-    d = sums[0] / sums[16] if sums[16] > 0 else np.float32(0.0)
+    d = sums[32] if sums[16] > 0 else np.float32(0.0)
     best = d * sums[0]
     for t in range(1, 16):
         sqx = sums[t]
         sq2 = sums[16 + t]
-        if sq2 > 0 and sqx * sqx > best * sq2:
-            d = sqx / sq2
-            best = d * sqx
+        take = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = sums[32 + t] if take else d
+        best = sums[48 + t] if take else best
     return d
 

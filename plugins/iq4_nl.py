@@ -122,7 +122,7 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     nb = w.shape[1] // 32
     wt = np.empty(32, np.float32)
-    sums = np.empty(32, np.float32)
+    sums = np.empty(64, np.float32)
     wf = w.reshape(-1)  # the vector code reads blocks by offset (w is C-contiguous)
     of = out.reshape(-1)
     for r in range(r0, r1):

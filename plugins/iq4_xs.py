@@ -165,7 +165,7 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     nb = w.shape[1] // QK_K
     wt = np.empty(32, np.float32)
-    sums = np.empty(32, np.float32)
+    sums = np.empty(64, np.float32)
     s = np.empty(8, np.float32)
     wf = w.reshape(-1)  # the vector code reads blocks by offset (w is C-contiguous)
     of = out.reshape(-1)

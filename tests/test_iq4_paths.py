@@ -70,7 +70,7 @@ def test_fit16_sums_equal_reference(path, rng):
     mx = x[np.arange(x.shape[0]), i]
     keep = np.abs(mx) >= _iq4.GROUP_MAX_EPS
     x, wt, mx = x[keep], wt[keep], mx[keep]
-    sums = np.empty((x.shape[0], 32), np.float32)
+    sums = np.empty((x.shape[0], 64), np.float32)
     fits(x, wt, mx, sums)
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
         ids = [np.float32(1) / (-mx / _iq4.VF[0])] + [np.float32(itry - 127) / mx for itry in range(-7, 8)]
