@@ -31,6 +31,8 @@ import numpy as np
 
 from quantfmt.families import GGMLFormat
 
+from ._klanes import qkx2_16, qx_16
+
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml: a sub-block below this max |x| counts as all zeros
 MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the mantissa
@@ -367,12 +369,36 @@ def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
     return scale, -mn
 
 
+_QKX2_32 = qkx2_16(32, False)  # Q4_K, Q5_K
+_QKX2_16 = qkx2_16(16, False)  # Q2_K with importance weights
+_QKX2_16_MAD = qkx2_16(16, True)  # Q2_K
+
+
 @jit
 def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
     """make_qkx2_quants on M sub-blocks at once, in lock step: x, w (n, M) float32 element-major (column
-    j is sub-block j), L (n, M) uint8 out, scale/the_min (M,) out. Each lane runs ggml's operations in
-    ggml's order (the element loop is outside, the lane loop inside), so every lane's bytes are those of
-    the scalar search; the lane loop (a run-time trip count M) is what vectorizes."""
+    j is sub-block j; C order), L (n, M) uint8 out, scale/the_min (M,) out. Each group of 16 lanes runs
+    in plugins/_klanes.py's vector code (~2x the loop below), the rest in the loop; both give every
+    lane the bytes of the scalar search."""
+    n, M = x.shape
+    G = M // 16 if (n == 32 and not use_mad) or n == 16 else 0
+    for g in range(G):
+        if n == 32:
+            _QKX2_32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        elif use_mad:
+            _QKX2_16_MAD(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        else:
+            _QKX2_16(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+    if 16 * G < M:
+        c = 16 * G
+        qkx2_lanes_loop(x[:, c:], w[:, c:], L[:, c:], nmax, rmin, rdelta, nstep, use_mad, scale[c:], the_min[c:])
+
+
+@jit
+def qkx2_lanes_loop(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
+    """make_qkx2_lanes in numba loops: each lane runs ggml's operations in ggml's order (the element
+    loop is outside, the lane loop inside), so every lane's bytes are those of the scalar search;
+    the lane loop (a run-time trip count M) is what vectorizes."""
     n, M = x.shape
     mn = np.empty(M, np.float32)
     mx = np.empty(M, np.float32)
@@ -515,11 +541,31 @@ def make_qx_quants(x, L, nmax, qw):
     return scale
 
 
+_QX_16 = qx_16(16, False)  # Q6_K
+_QX_16_W = qx_16(16, True)  # Q6_K with importance weights
+
+
 @jit
 def make_qx_lanes(x, L, nmax, qw, scale):
-    """make_qx_quants (rmse_type 1) on M sub-blocks at once, in lock step: x (n, M) float32 element-major,
-    qw (n, M) importance weights or (0, 0) for w = x*x, L (n, M) int8 out (0..2*nmax-1), scale (M,) out.
-    Per lane ggml's operations in ggml's order; the lane loop vectorizes."""
+    """make_qx_quants (rmse_type 1) on M sub-blocks at once, in lock step: x (n, M) float32 element-major
+    (C order), qw (n, M) importance weights or (0, 0) for w = x*x, L (n, M) int8 out (0..2*nmax-1),
+    scale (M,) out. Groups of 16 lanes of 16 elements run in plugins/_klanes.py's vector code, the
+    rest in the loop; both give every lane the bytes of the scalar search."""
+    n, M = x.shape
+    G = M // 16 if n == 16 else 0
+    for g in range(G):
+        if qw.shape[0] > 0:
+            _QX_16_W(x, L, nmax, qw, scale, g)
+        else:
+            _QX_16(x, L, nmax, qw, scale, g)
+    if 16 * G < M:
+        c = 16 * G
+        qx_lanes_loop(x[:, c:], L[:, c:], nmax, qw if qw.shape[0] == 0 else qw[:, c:], scale[c:])
+
+
+@jit
+def qx_lanes_loop(x, L, nmax, qw, scale):
+    """make_qx_lanes in numba loops: per lane ggml's operations in ggml's order; the lane loop vectorizes."""
     n, M = x.shape
     has_qw = qw.shape[0] > 0
     amax = np.zeros(M, np.float32)

@@ -1,0 +1,238 @@
+"""The k-quants' sub-block scale searches on 16 sub-blocks at once, as LLVM vector IR (16 lanes).
+
+Owns `qkx2_16(n, use_mad)`, make_qkx2_quants (Q2_K, Q4_K, Q5_K) on lanes 16g..16g+15 of the
+element-major work arrays of plugins/_kquants.py's make_qkx2_lanes, which calls it for every full
+group of 16 lanes (its numba loop keeps the rest).
+
+Why. The numba lane loops keep every lane's sums in memory (the element loop is outside the lane
+loop, so the accumulators are arrays: a load and a store per sum and element), and numba's int64
+nearest_int widens every vector to 64-bit lanes. Here a group of 16 lanes is one <16 x float> per
+quantity: the sums stay in registers through the 32 (or 16) unrolled elements of each trial,
+nearest_int is 32-bit integer arithmetic on the float bits, exactly ggml's. Each lane does ggml's
+operations in ggml's order, every product and sum rounded on its own (separate fmul and fadd: LLVM
+does not contract them without fast-math flags), so the bytes are those of the scalar search.
+The IR is generic (no x86 intrinsics): LLVM emits zmm with AVX-512, two ymm with AVX2, NEON on ARM.
+
+This module is private (its name starts with "_"), so the registry does not load it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+_F32, _I32, _I64, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(8)
+VF = ir.VectorType(_F32, 16)
+VI = ir.VectorType(_I32, 16)
+VB = ir.VectorType(_I8, 16)
+
+
+def _cf(v: float) -> ir.Constant:
+    return ir.Constant(VF, [float(v)] * 16)
+
+
+def _ci(v: int) -> ir.Constant:
+    return ir.Constant(VI, [int(v)] * 16)
+
+
+def splat(builder, val, vt=VF):
+    undef = ir.Constant(vt, ir.Undefined)
+    v = builder.insert_element(undef, val, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(VI, [0] * 16))
+
+
+def nearest_clamp(builder, f, lo, hi):
+    """min(max(nearest_int(f), lo), hi) as float: ggml's nearest_int is the low 23 bits of the float32
+    f + 1.5*2**23 minus 2**22 (the same bit arithmetic for any f); lo, hi: <16 x i32>."""
+    v = builder.bitcast(builder.fadd(f, _cf(12582912.0)), VI)
+    li = builder.sub(builder.and_(v, _ci(0x007FFFFF)), _ci(0x00400000))
+    li = builder.select(builder.icmp_signed("<", li, lo), lo, li)
+    li = builder.select(builder.icmp_signed(">", li, hi), hi, li)
+    return builder.sitofp(li, VF)
+
+
+def vptr(builder, base, off, vt=VF):
+    return builder.bitcast(builder.gep(base, [off]), vt.as_pointer())
+
+
+@functools.cache
+def qkx2_16(n: int, use_mad: bool):
+    """The intrinsic qkx2(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g): _kquants'
+    make_qkx2_lanes on lanes 16g..16g+15 of x, w (n, M) float32 and L (n, M) uint8 (C order),
+    scale/the_min (M,). The state of the search (min, scale, best error, L) stays per lane, as there."""
+
+    @intrinsic
+    def qkx2(typingctx, x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g):
+        sig = types.void(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+
+        def codegen(context, builder, signature, args):
+            at = signature.args
+            arrs = [context.make_array(at[i])(context, builder, args[i]) for i in (0, 1, 2, 7, 8)]
+            xp, wp, lp, sp, mp = (a.data for a in arrs)
+            nmaxv, rminv, rdeltav, nstepv, gv = args[3], args[4], args[5], args[6], args[9]
+            M = builder.extract_value(arrs[0].shape, 1)
+            col = builder.mul(gv, ir.Constant(_I64, 16))
+
+            def off(i):
+                return builder.add(builder.mul(ir.Constant(_I64, i), M), col)
+
+            xs = [builder.load(vptr(builder, xp, off(i)), align=4) for i in range(n)]
+            ws = [builder.load(vptr(builder, wp, off(i)), align=4) for i in range(n)]
+            nmax32 = builder.trunc(nmaxv, _I32)
+            nmaxf = builder.sitofp(nmax32, _F32)
+            hi = splat(builder, nmax32, VI)
+            zero_i = _ci(0)
+
+            fabs = builder.module.declare_intrinsic("llvm.fabs.v16f32", (), ir.FunctionType(VF, [VF]))
+
+            def err(d):  # ggml's use_mad: |d|, else d*d
+                return builder.call(fabs, [d]) if use_mad else builder.fmul(d, d)
+
+            mn, mx, sum_w = xs[0], xs[0], ws[0]
+            sum_x = builder.fmul(ws[0], xs[0])
+            for i in range(1, n):
+                mn = builder.select(builder.fcmp_ordered("<", xs[i], mn), xs[i], mn)
+                mx = builder.select(builder.fcmp_ordered(">", xs[i], mx), xs[i], mx)
+                sum_w = builder.fadd(sum_w, ws[i])
+                sum_x = builder.fadd(sum_x, builder.fmul(ws[i], xs[i]))
+            mn = builder.select(builder.fcmp_ordered(">", mn, _cf(0.0)), _cf(0.0), mn)
+            flat = builder.fcmp_ordered("==", mx, mn)
+            rng = builder.fsub(mx, mn)
+            isc = builder.fdiv(splat(builder, nmaxf), rng)
+            sc0 = builder.fdiv(_cf(1.0), isc)
+            best = _cf(0.0)
+            Ls = []
+            for i in range(n):
+                li = nearest_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_i, hi)
+                Ls.append(li)
+                d = builder.fsub(builder.fadd(builder.fmul(sc0, li), mn), xs[i])
+                best = builder.fadd(best, builder.fmul(ws[i], err(d)))
+            # the trials: a loop in IR (its state in allocas, which LLVM keeps in registers)
+            st_mn = cgutils.alloca_once_value(builder, mn)
+            st_sc = cgutils.alloca_once_value(builder, sc0)
+            st_best = cgutils.alloca_once_value(builder, best)
+            st_L = [cgutils.alloca_once_value(builder, li) for li in Ls]
+            with cgutils.for_range(builder, builder.add(nstepv, ir.Constant(nstepv.type, 1))) as loop:
+                s = builder.sitofp(loop.index, _F32)
+                num = builder.fadd(builder.fadd(rminv, builder.fmul(rdeltav, s)), nmaxf)
+                mn = builder.load(st_mn)
+                isc = builder.fdiv(splat(builder, num), builder.fsub(mx, mn))
+                sl = sl2 = sxl = _cf(0.0)
+                La = []
+                for i in range(n):
+                    li = nearest_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_i, hi)
+                    La.append(li)
+                    wl = builder.fmul(ws[i], li)
+                    sl = builder.fadd(sl, wl)
+                    sl2 = builder.fadd(sl2, builder.fmul(wl, li))
+                    sxl = builder.fadd(sxl, builder.fmul(wl, xs[i]))
+                D = builder.fsub(builder.fmul(sum_w, sl2), builder.fmul(sl, sl))
+                a = builder.fdiv(builder.fsub(builder.fmul(sum_w, sxl), builder.fmul(sum_x, sl)), D)
+                m = builder.fdiv(builder.fsub(builder.fmul(sl2, sum_x), builder.fmul(sl, sxl)), D)
+                pos = builder.fcmp_ordered(">", m, _cf(0.0))
+                m = builder.select(pos, _cf(0.0), m)
+                a = builder.select(pos, builder.fdiv(sxl, sl2), a)
+                cur = _cf(0.0)
+                for i in range(n):
+                    d = builder.fsub(builder.fadd(builder.fmul(a, La[i]), m), xs[i])
+                    cur = builder.fadd(cur, builder.fmul(ws[i], err(d)))
+                take = builder.and_(builder.fcmp_ordered(">", D, _cf(0.0)),
+                                    builder.fcmp_ordered("<", cur, builder.load(st_best)))
+                builder.store(builder.select(take, cur, builder.load(st_best)), st_best)
+                builder.store(builder.select(take, a, builder.load(st_sc)), st_sc)
+                builder.store(builder.select(take, m, mn), st_mn)
+                for i in range(n):
+                    builder.store(builder.select(take, La[i], builder.load(st_L[i])), st_L[i])
+            # flat lanes (max == min): ggml returns early with L = 0, scale 0
+            sc = builder.select(flat, _cf(0.0), builder.load(st_sc))
+            builder.store(sc, vptr(builder, sp, col), align=4)
+            builder.store(builder.fneg(builder.load(st_mn)), vptr(builder, mp, col), align=4)
+            for i in range(n):
+                li = builder.select(flat, _cf(0.0), builder.load(st_L[i]))
+                builder.store(builder.fptoui(li, VB), vptr(builder, lp, off(i), VB), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return qkx2
+
+
+@functools.cache
+def qx_16(n: int, has_qw: bool):
+    """The intrinsic qx(x, L, nmax, qw, scale, g): _kquants' make_qx_lanes (make_qx_quants, rmse_type 1)
+    on lanes 16g..16g+15 of x (n, M) float32, L (n, M) int8 (C order), qw (n, M) importance weights
+    (read only if has_qw; else w = x*x), scale (M,)."""
+
+    @intrinsic
+    def qx(typingctx, x, L, nmax, qw, scale, g):
+        sig = types.void(x, L, nmax, qw, scale, g)
+
+        def codegen(context, builder, signature, args):
+            at = signature.args
+            arrs = [context.make_array(at[i])(context, builder, args[i]) for i in (0, 1, 3, 4)]
+            xp, lp, qp, sp = (a.data for a in arrs)
+            nmaxv, gv = args[2], args[5]
+            M = builder.extract_value(arrs[0].shape, 1)
+            col = builder.mul(gv, ir.Constant(_I64, 16))
+
+            def off(i):
+                return builder.add(builder.mul(ir.Constant(_I64, i), M), col)
+
+            xs = [builder.load(vptr(builder, xp, off(i)), align=4) for i in range(n)]
+            if has_qw:
+                ws = [builder.load(vptr(builder, qp, off(i)), align=4) for i in range(n)]
+            else:
+                ws = [builder.fmul(v, v) for v in xs]
+            wx = [builder.fmul(ws[i], xs[i]) for i in range(n)]  # C: w*x*l = (w*x)*l
+            nmax32 = builder.trunc(nmaxv, _I32)
+            nmaxf = builder.sitofp(nmax32, _F32)
+            lo = splat(builder, builder.neg(nmax32), VI)
+            hi = splat(builder, builder.sub(nmax32, ir.Constant(_I32, 1)), VI)
+            fabs = builder.module.declare_intrinsic("llvm.fabs.v16f32", (), ir.FunctionType(VF, [VF]))
+            amax = mx = _cf(0.0)
+            for i in range(n):
+                ax = builder.call(fabs, [xs[i]])
+                gt = builder.fcmp_ordered(">", ax, amax)
+                amax = builder.select(gt, ax, amax)
+                mx = builder.select(gt, xs[i], mx)
+
+            def fit(isc):
+                sumlx = suml2 = _cf(0.0)
+                ls = []
+                for i in range(n):
+                    lf = nearest_clamp(builder, builder.fmul(isc, xs[i]), lo, hi)
+                    ls.append(lf)
+                    sumlx = builder.fadd(sumlx, builder.fmul(wx[i], lf))
+                    suml2 = builder.fadd(suml2, builder.fmul(builder.fmul(ws[i], lf), lf))
+                return ls, sumlx, suml2
+
+            isc = builder.fdiv(splat(builder, builder.fneg(nmaxf)), mx)
+            Ls, sumlx, suml2 = fit(isc)
+            sc = builder.select(builder.fcmp_ordered("!=", suml2, _cf(0.0)), builder.fdiv(sumlx, suml2), _cf(0.0))
+            best = builder.fmul(sc, sumlx)
+            for s in range(-9, 10):
+                if s == 0:
+                    continue
+                tenth = builder.fmul(ir.Constant(_F32, 0.1), ir.Constant(_F32, float(s)))  # 0.1f * is
+                num = builder.fneg(builder.fadd(nmaxf, tenth))
+                La, sumlx, suml2 = fit(builder.fdiv(splat(builder, num), mx))
+                take = builder.and_(builder.fcmp_ordered(">", suml2, _cf(0.0)),
+                                    builder.fcmp_ordered(">", builder.fmul(sumlx, sumlx), builder.fmul(best, suml2)))
+                nsc = builder.fdiv(sumlx, suml2)
+                sc = builder.select(take, nsc, sc)
+                best = builder.select(take, builder.fmul(nsc, sumlx), best)
+                Ls = [builder.select(take, a, b) for a, b in zip(La, Ls, strict=True)]
+            small = builder.fcmp_ordered("<", amax, _cf(1e-15))  # ggml returns early: L = 0, scale 0
+            builder.store(builder.select(small, _cf(0.0), sc), vptr(builder, sp, col), align=4)
+            for i in range(n):
+                li = builder.fadd(Ls[i], splat(builder, nmaxf))  # L = l + nmax
+                li = builder.select(small, _cf(0.0), li)
+                builder.store(builder.fptosi(li, VB), vptr(builder, lp, off(i), VB), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return qx

@@ -1,0 +1,64 @@
+"""The k-quants' 16-lane vector searches (plugins/_klanes.py) against the numba lane loops of
+plugins/_kquants.py, bit for bit, for every configuration the formats use (LLVM legalizes the generic
+vector IR for whatever CPU numba targets: this runs the one of this machine). The formats' bytes
+against ggml are tested in test_kquants.py / test_golden.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantfmt_formats import _kquants as K
+
+# (n, nmax, rmin, rdelta, nstep, use_mad): Q4_K, Q5_K (reference and weighted), Q2_K (both)
+QKX2 = [(32, 15, -1.0, 0.1, 20, False), (32, 31, -0.5, 0.1, 15, False), (32, 15, -0.9, 0.05, 36, False),
+        (16, 3, -0.5, 0.1, 15, True), (16, 3, -0.9, 0.05, 36, False)]
+
+
+def _lanes(rng, n, M):
+    x = rng.standard_normal((n, M)).astype(np.float32)
+    x[:, 1] = 0.0  # flat
+    x[:, 2] = 3.5  # flat, positive
+    x[:, 3] = np.abs(x[:, 3])  # min > 0: clamped to 0
+    x[:, 4] *= np.float32(1e-30)
+    x[:, 5] *= np.float32(1e30)
+    x[:, 6] = np.round(x[:, 6] * 2) / 2  # ties
+    x[0, 7], x[1:, 7] = np.float32(1.0), np.nextafter(np.float32(1.0), np.float32(2))  # range of one ulp
+    x[:, 8] = -np.abs(x[:, 8])
+    return x
+
+
+@pytest.mark.parametrize("cfg", QKX2)
+def test_qkx2_vector_equals_loop(cfg, rng):
+    n, nmax, rmin, rdelta, nstep, use_mad = cfg
+    M = 56  # three groups of 16 in the vector code, 8 lanes in the loop
+    x = _lanes(rng, n, M)
+    w = (np.abs(x) + rng.uniform(0, 1, x.shape)).astype(np.float32)
+    w[:, 9] = 0.0
+    out = []
+    for f in (K.make_qkx2_lanes, K.qkx2_lanes_loop):
+        L = np.full((n, M), 77, np.uint8)
+        sc = np.empty(M, np.float32)
+        mi = np.empty(M, np.float32)
+        with np.errstate(all="ignore"):
+            f(x, w, L, nmax, np.float32(rmin), np.float32(rdelta), nstep, use_mad, sc, mi)
+        out.append((L, sc.view(np.int32), mi.view(np.int32)))
+    for a, b in zip(*out, strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_qx_vector_equals_loop(weighted, rng):
+    n, M = 16, 40
+    x = _lanes(rng, n, M)
+    x[:, 10] = np.float32(1e-16)  # below ggml's 1e-15: L = 0, scale 0
+    qw = rng.uniform(0, 2, x.shape).astype(np.float32) if weighted else np.empty((0, 0), np.float32)
+    out = []
+    for f in (K.make_qx_lanes, K.qx_lanes_loop):
+        L = np.full((n, M), 77, np.int8)
+        sc = np.empty(M, np.float32)
+        with np.errstate(all="ignore"):
+            f(x, L, 32, qw, sc)
+        out.append((L, sc.view(np.int32)))
+    for a, b in zip(*out, strict=True):
+        assert np.array_equal(a, b)
