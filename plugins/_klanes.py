@@ -104,17 +104,18 @@ def qkx2_16(n: int, use_mad: bool):
             isc = builder.fdiv(splat(builder, nmaxf), rng)
             sc0 = builder.fdiv(_cf(1.0), isc)
             best = _cf(0.0)
-            Ls = []
             for i in range(n):
                 li = nearest_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_i, hi)
-                Ls.append(li)
                 d = builder.fsub(builder.fadd(builder.fmul(sc0, li), mn), xs[i])
                 best = builder.fadd(best, builder.fmul(ws[i], err(d)))
-            # the trials: a loop in IR (its state in allocas, which LLVM keeps in registers)
+            # the trials: a loop in IR (its state in allocas, which LLVM keeps in registers). A lane's L
+            # are those of its last taken trial (or the first pass): kept as that trial's (iscale, min),
+            # L recomputed from them at the end (the same operations: the same L), not selected per trial.
             st_mn = cgutils.alloca_once_value(builder, mn)
             st_sc = cgutils.alloca_once_value(builder, sc0)
             st_best = cgutils.alloca_once_value(builder, best)
-            st_L = [cgutils.alloca_once_value(builder, li) for li in Ls]
+            st_lisc = cgutils.alloca_once_value(builder, isc)
+            st_lmn = cgutils.alloca_once_value(builder, mn)
             with cgutils.for_range(builder, builder.add(nstepv, ir.Constant(nstepv.type, 1))) as loop:
                 s = builder.sitofp(loop.index, _F32)
                 num = builder.fadd(builder.fadd(rminv, builder.fmul(rdeltav, s)), nmaxf)
@@ -144,14 +145,16 @@ def qkx2_16(n: int, use_mad: bool):
                 builder.store(builder.select(take, cur, builder.load(st_best)), st_best)
                 builder.store(builder.select(take, a, builder.load(st_sc)), st_sc)
                 builder.store(builder.select(take, m, mn), st_mn)
-                for i in range(n):
-                    builder.store(builder.select(take, La[i], builder.load(st_L[i])), st_L[i])
+                builder.store(builder.select(take, isc, builder.load(st_lisc)), st_lisc)
+                builder.store(builder.select(take, mn, builder.load(st_lmn)), st_lmn)
             # flat lanes (max == min): ggml returns early with L = 0, scale 0
             sc = builder.select(flat, _cf(0.0), builder.load(st_sc))
             builder.store(sc, vptr(builder, sp, col), align=4)
             builder.store(builder.fneg(builder.load(st_mn)), vptr(builder, mp, col), align=4)
+            lisc, lmn = builder.load(st_lisc), builder.load(st_lmn)
             for i in range(n):
-                li = builder.select(flat, _cf(0.0), builder.load(st_L[i]))
+                li = nearest_clamp(builder, builder.fmul(lisc, builder.fsub(xs[i], lmn)), zero_i, hi)
+                li = builder.select(flat, _cf(0.0), li)
                 builder.store(builder.fptoui(li, VB), vptr(builder, lp, off(i), VB), align=1)
             return context.get_dummy_value()
 
