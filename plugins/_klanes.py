@@ -239,3 +239,90 @@ def qx_16(n: int, has_qw: bool):
         return sig, codegen
 
     return qx
+
+
+@functools.cache
+def q3_16(n: int):
+    """The intrinsic q3(x, L, nmax, scale, g): _kquants' make_q3_quants (do_rmse: the coordinate descent
+    of up to 5 rounds) on lanes 16g..16g+15 of x (n, M) float32, L (n, M) int8 (C order), scale (M,).
+    The rounds run until no lane changes: a lane whose round changed nothing has the same state in
+    the next round, which then changes nothing either, so running it on is ggml's early break."""
+
+    @intrinsic
+    def q3(typingctx, x, L, nmax, scale, g):
+        sig = types.void(x, L, nmax, scale, g)
+
+        def codegen(context, builder, signature, args):
+            at = signature.args
+            arrs = [context.make_array(at[i])(context, builder, args[i]) for i in (0, 1, 3)]
+            xp, lp, sp = (a.data for a in arrs)
+            nmaxv, gv = args[2], args[4]
+            M = builder.extract_value(arrs[0].shape, 1)
+            col = builder.mul(gv, ir.Constant(_I64, 16))
+
+            def off(i):
+                return builder.add(builder.mul(ir.Constant(_I64, i), M), col)
+
+            xs = [builder.load(vptr(builder, xp, off(i)), align=4) for i in range(n)]
+            ws = [builder.fmul(v, v) for v in xs]
+            wx = [builder.fmul(ws[i], xs[i]) for i in range(n)]  # C: w*x[i]*l = (w*x)*l
+            nmax32 = builder.trunc(nmaxv, _I32)
+            nmaxf = builder.sitofp(nmax32, _F32)
+            lo = splat(builder, builder.neg(nmax32), VI)
+            hi = splat(builder, builder.sub(nmax32, ir.Constant(_I32, 1)), VI)
+            fabs = builder.module.declare_intrinsic("llvm.fabs.v16f32", (), ir.FunctionType(VF, [VF]))
+            amax = mx = _cf(0.0)
+            for i in range(n):
+                ax = builder.call(fabs, [xs[i]])
+                gt = builder.fcmp_ordered(">", ax, amax)
+                amax = builder.select(gt, ax, amax)
+                mx = builder.select(gt, xs[i], mx)
+            isc = builder.fdiv(splat(builder, builder.fneg(nmaxf)), mx)
+            sumlx = suml2 = _cf(0.0)
+            st_L = []
+            for i in range(n):
+                lf = nearest_clamp(builder, builder.fmul(isc, xs[i]), lo, hi)
+                st_L.append(cgutils.alloca_once_value(builder, lf))
+                sumlx = builder.fadd(sumlx, builder.fmul(wx[i], lf))
+                suml2 = builder.fadd(suml2, builder.fmul(builder.fmul(ws[i], lf), lf))
+            st_x = cgutils.alloca_once_value(builder, sumlx)
+            st_2 = cgutils.alloca_once_value(builder, suml2)
+            i1 = ir.IntType(1)
+            with cgutils.for_range(builder, ir.Constant(_I64, 5)) as loop:
+                changed = ir.Constant(ir.VectorType(i1, 16), [0] * 16)
+                sumlx, suml2 = builder.load(st_x), builder.load(st_2)
+                for i in range(n):
+                    lf = builder.load(st_L[i])
+                    slx = builder.fsub(sumlx, builder.fmul(wx[i], lf))
+                    c1 = builder.fcmp_ordered(">", slx, _cf(0.0))
+                    sl2 = builder.fsub(suml2, builder.fmul(builder.fmul(ws[i], lf), lf))
+                    new = nearest_clamp(builder, builder.fdiv(builder.fmul(xs[i], sl2), slx), lo, hi)
+                    c2 = builder.fcmp_unordered("!=", new, lf)
+                    slx2 = builder.fadd(slx, builder.fmul(wx[i], new))
+                    sl22 = builder.fadd(sl2, builder.fmul(builder.fmul(ws[i], new), new))
+                    c3 = builder.and_(builder.fcmp_ordered(">", sl22, _cf(0.0)),
+                                      builder.fcmp_ordered(">", builder.fmul(builder.fmul(slx2, slx2), suml2),
+                                                           builder.fmul(builder.fmul(sumlx, sumlx), sl22)))
+                    acc = builder.and_(builder.and_(c1, c2), c3)
+                    builder.store(builder.select(acc, new, lf), st_L[i])
+                    sumlx = builder.select(acc, slx2, sumlx)
+                    suml2 = builder.select(acc, sl22, suml2)
+                    changed = builder.or_(changed, acc)
+                builder.store(sumlx, st_x)
+                builder.store(suml2, st_2)
+                i16 = ir.IntType(16)
+                none = builder.icmp_unsigned("==", builder.bitcast(changed, i16), ir.Constant(i16, 0))
+                with builder.if_then(none):  # no lane changed: every lane is done
+                    loop.do_break()
+            sumlx, suml2 = builder.load(st_x), builder.load(st_2)
+            small = builder.fcmp_ordered("<", amax, _cf(1e-15))  # ggml returns early: L = 0, scale 0
+            sc = builder.select(builder.fcmp_ordered(">", suml2, _cf(0.0)), builder.fdiv(sumlx, suml2), _cf(0.0))
+            builder.store(builder.select(small, _cf(0.0), sc), vptr(builder, sp, col), align=4)
+            for i in range(n):
+                li = builder.select(small, _cf(0.0), builder.fadd(builder.load(st_L[i]), splat(builder, nmaxf)))
+                builder.store(builder.fptosi(li, VB), vptr(builder, lp, off(i), VB), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return q3

@@ -31,7 +31,7 @@ import numpy as np
 
 from quantfmt.families import GGMLFormat
 
-from ._klanes import qkx2_16, qx_16
+from ._klanes import q3_16, qkx2_16, qx_16
 
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml: a sub-block below this max |x| counts as all zeros
@@ -627,6 +627,22 @@ def qx_lanes_loop(x, L, nmax, qw, scale):
             scale[j] = np.float32(0.0)
             for i in range(n):
                 L[i, j] = 0
+
+
+_Q3_16 = q3_16(16)  # Q3_K
+
+
+@jit
+def make_q3_lanes(x, L, nmax, scale):
+    """make_q3_quants on M sub-blocks of 16 at once: x (n, M) float32 element-major (C order), L (n, M)
+    int8 out (0..2*nmax-1), scale (M,) out. Groups of 16 lanes run in plugins/_klanes.py's vector
+    code (n = 16), the rest one lane at a time in make_q3_quants; the same bytes."""
+    n, M = x.shape
+    G = M // 16 if n == 16 else 0
+    for g in range(G):
+        _Q3_16(x, L, nmax, scale, g)
+    for j in range(16 * G, M):
+        scale[j] = make_q3_quants(x[:, j], L[:, j], nmax)
 
 
 @jit

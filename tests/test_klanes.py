@@ -62,3 +62,18 @@ def test_qx_vector_equals_loop(weighted, rng):
         out.append((L, sc.view(np.int32)))
     for a, b in zip(*out, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_q3_vector_equals_scalar(rng):
+    n, M = 16, 40
+    x = _lanes(rng, n, M)
+    x[:, 10] = np.float32(1e-16)  # below ggml's 1e-15: L = 0, scale 0
+    L = np.full((n, M), 77, np.int8)
+    sc = np.empty(M, np.float32)
+    with np.errstate(all="ignore"):
+        K.make_q3_lanes(x, L, 4, sc)
+        for j in range(M):
+            Lj = np.empty(n, np.int8)
+            s = K.make_q3_quants(np.ascontiguousarray(x[:, j]), Lj, 4)
+            assert np.array_equal(L[:, j], Lj), j
+            assert sc[j].view(np.int32) == np.float32(s).view(np.int32), j
