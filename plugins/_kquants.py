@@ -369,28 +369,42 @@ def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
     return scale, -mn
 
 
+# (the 32-lane forms: two zmm per quantity, two independent chains for the CPU to overlap)
 _QKX2_32 = qkx2_16(32, False)  # Q4_K, Q5_K
+_QKX2_32W = qkx2_16(32, False, 32)
 _QKX2_16 = qkx2_16(16, False)  # Q2_K with importance weights
+_QKX2_16W = qkx2_16(16, False, 32)
 _QKX2_16_MAD = qkx2_16(16, True)  # Q2_K
+_QKX2_16_MADW = qkx2_16(16, True, 32)
 
 
 @jit
 def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
     """make_qkx2_quants on M sub-blocks at once, in lock step: x, w (n, M) float32 element-major (column
-    j is sub-block j; C order), L (n, M) uint8 out, scale/the_min (M,) out. Each group of 16 lanes runs
-    in plugins/_klanes.py's vector code (~2x the loop below), the rest in the loop; both give every
-    lane the bytes of the scalar search."""
+    j is sub-block j; C order), L (n, M) uint8 out, scale/the_min (M,) out. Groups of 32 lanes, then
+    one of 16, run in plugins/_klanes.py's vector code (~2x the loop below), the rest in the loop;
+    both give every lane the bytes of the scalar search."""
     n, M = x.shape
-    G = M // 16 if (n == 32 and not use_mad) or n == 16 else 0
-    for g in range(G):
+    ok = (n == 32 and not use_mad) or n == 16
+    G2 = M // 32 if ok else 0
+    for g in range(G2):
+        if n == 32:
+            _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        elif use_mad:
+            _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        else:
+            _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+    c = 32 * G2
+    if ok and M - c >= 16:
+        g = c // 16
         if n == 32:
             _QKX2_32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
         elif use_mad:
             _QKX2_16_MAD(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
         else:
             _QKX2_16(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
-    if 16 * G < M:
-        c = 16 * G
+        c += 16
+    if c < M:
         qkx2_lanes_loop(x[:, c:], w[:, c:], L[:, c:], nmax, rmin, rdelta, nstep, use_mad, scale[c:], the_min[c:])
 
 
@@ -543,23 +557,31 @@ def make_qx_quants(x, L, nmax, qw):
 
 _QX_16 = qx_16(16, False)  # Q6_K
 _QX_16_W = qx_16(16, True)  # Q6_K with importance weights
+_QX_32 = qx_16(16, False, 32)
+_QX_32_W = qx_16(16, True, 32)
 
 
 @jit
 def make_qx_lanes(x, L, nmax, qw, scale):
     """make_qx_quants (rmse_type 1) on M sub-blocks at once, in lock step: x (n, M) float32 element-major
     (C order), qw (n, M) importance weights or (0, 0) for w = x*x, L (n, M) int8 out (0..2*nmax-1),
-    scale (M,) out. Groups of 16 lanes of 16 elements run in plugins/_klanes.py's vector code, the
-    rest in the loop; both give every lane the bytes of the scalar search."""
+    scale (M,) out. Groups of 32 lanes (then one of 16) of 16 elements run in plugins/_klanes.py's
+    vector code, the rest in the loop; both give every lane the bytes of the scalar search."""
     n, M = x.shape
-    G = M // 16 if n == 16 else 0
-    for g in range(G):
+    G2 = M // 32 if n == 16 else 0
+    for g in range(G2):
         if qw.shape[0] > 0:
-            _QX_16_W(x, L, nmax, qw, scale, g)
+            _QX_32_W(x, L, nmax, qw, scale, g)
         else:
-            _QX_16(x, L, nmax, qw, scale, g)
-    if 16 * G < M:
-        c = 16 * G
+            _QX_32(x, L, nmax, qw, scale, g)
+    c = 32 * G2
+    if n == 16 and M - c >= 16:
+        if qw.shape[0] > 0:
+            _QX_16_W(x, L, nmax, qw, scale, c // 16)
+        else:
+            _QX_16(x, L, nmax, qw, scale, c // 16)
+        c += 16
+    if c < M:
         qx_lanes_loop(x[:, c:], L[:, c:], nmax, qw if qw.shape[0] == 0 else qw[:, c:], scale[c:])
 
 
@@ -630,18 +652,24 @@ def qx_lanes_loop(x, L, nmax, qw, scale):
 
 
 _Q3_16 = q3_16(16)  # Q3_K
+_Q3_32 = q3_16(16, 32)
 
 
 @jit
 def make_q3_lanes(x, L, nmax, scale):
     """make_q3_quants on M sub-blocks of 16 at once: x (n, M) float32 element-major (C order), L (n, M)
-    int8 out (0..2*nmax-1), scale (M,) out. Groups of 16 lanes run in plugins/_klanes.py's vector
-    code (n = 16), the rest one lane at a time in make_q3_quants; the same bytes."""
+    int8 out (0..2*nmax-1), scale (M,) out. Groups of 32 lanes (then one of 16) run in
+    plugins/_klanes.py's vector code (n = 16), the rest one lane at a time in make_q3_quants; the
+    same bytes."""
     n, M = x.shape
-    G = M // 16 if n == 16 else 0
-    for g in range(G):
-        _Q3_16(x, L, nmax, scale, g)
-    for j in range(16 * G, M):
+    G2 = M // 32 if n == 16 else 0
+    for g in range(G2):
+        _Q3_32(x, L, nmax, scale, g)
+    c = 32 * G2
+    if n == 16 and M - c >= 16:
+        _Q3_16(x, L, nmax, scale, c // 16)
+        c += 16
+    for j in range(c, M):
         scale[j] = make_q3_quants(x[:, j], L[:, j], nmax)
 
 
