@@ -1156,6 +1156,11 @@ class KQuant(GGMLFormat):
     max_abs = None
     safe_abs: float = 0.0
 
+    def kernel_path(self, op: str, n: int = 1, mode: str = "f32") -> str:
+        # quantize: the sub-block searches run 16/32 lanes at a time in plugins/_klanes.py's vector IR
+        # (generic LLVM vectors, on any CPU; a row of fewer than 16 sub-blocks takes the numba loop)
+        return "vector-lanes" if op == "quantize" else super().kernel_path(op, n, mode)
+
     @staticmethod
     def int_parts(*args):  # pragma: no cover - supplied by the format
         raise NotImplementedError

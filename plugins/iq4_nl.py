@@ -47,6 +47,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
+from . import _iq4
 from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
 from ._i8tiles import prepare_int8, qmatmul_int8
 from ._iq4 import BRACKET, KVALUES, best_index_ref, pack32, search_scale, search_scales_ref
@@ -211,6 +212,11 @@ class IQ4N(ImportanceWeighted, GGMLFormat):
     summary = "ggml IQ4_NL: per 32 weights an fp16 scale d and 4-bit indices into a 16-value table, w = d*V[L]"
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        # quantize: the scale search and index pass of plugins/_iq4.py, "simd16" (AVX-512 vpermi2ps)
+        # or "portable" (generic vector IR), by the CPU numba compiles for
+        return f"iq4-{_iq4.PATH}" if op == "quantize" else super().kernel_path(op, n, mode)
 
     def prepare(self, data, rows, cols):
         v, d = unpack(data, rows, cols)

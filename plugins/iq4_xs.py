@@ -56,6 +56,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
+from . import _iq4
 from ._ggml import f32_to_f16_bits, fp16_table
 from ._i8tiles import prepare_int8, qmatmul_int8
 from ._iq4 import BRACKET, KVALUES, VF, best_index_ref, pack32, search_scale, search_scales_ref
@@ -285,6 +286,11 @@ class IQ4X(ImportanceWeighted, GGMLFormat):
                "into a 16-value table, w = d*(ls-32)*V[L]")
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
+
+    def kernel_path(self, op, n=1, mode="f32"):
+        # quantize: the scale search and index pass of plugins/_iq4.py, "simd16" (AVX-512 vpermi2ps)
+        # or "portable" (generic vector IR), by the CPU numba compiles for
+        return f"iq4-{_iq4.PATH}" if op == "quantize" else super().kernel_path(op, n, mode)
 
     def prepare(self, data, rows, cols):
         # Each 32-block is IQ4_NL's: int8 table values times one float32 scale d*(ls - 32), the
