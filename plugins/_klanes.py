@@ -1,8 +1,13 @@
-"""The k-quants' sub-block scale searches on 16 sub-blocks at once, as LLVM vector IR (16 lanes).
+"""The k-quants' sub-block scale searches on 16 or 32 sub-blocks at once, as LLVM vector IR.
 
-Owns `qkx2_16(n, use_mad)`, make_qkx2_quants (Q2_K, Q4_K, Q5_K) on lanes 16g..16g+15 of the
-element-major work arrays of plugins/_kquants.py's make_qkx2_lanes, which calls it for every full
-group of 16 lanes (its numba loop keeps the rest).
+Owns three intrinsic factories, each one of plugins/_kquants.py's lane searches on lanes
+lanes*g .. lanes*g + lanes-1 of its element-major work arrays (lanes = 16: one zmm per quantity with
+AVX-512; 32: two, whose independent chains the CPU overlaps, ~10% on the Q4_K search):
+    qkx2_16(n, use_mad, lanes)  make_qkx2_quants (Q2_K, Q4_K, Q5_K): make_qkx2_lanes
+    qx_16(n, has_qw, lanes)     make_qx_quants, rmse_type 1 (Q6_K): make_qx_lanes
+    q3_16(n, lanes)             make_q3_quants with its coordinate descent (Q3_K): make_q3_lanes
+Those functions call them for every full group of lanes; their numba loops keep the rest (and are
+what tests/test_klanes.py compares the vector code with, bit for bit).
 
 Why. The numba lane loops keep every lane's sums in memory (the element loop is outside the lane
 loop, so the accumulators are arrays: a load and a store per sum and element), and numba's int64
