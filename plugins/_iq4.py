@@ -2,10 +2,11 @@
 
 Owns the table V = kvalues_iq4nl, ggml's best_index_int8 on it, and the per-32-block search
 of quantize_row_iq4_nl_impl (ntry = 7) that both formats run on each block of 32 weights,
-twice: numpy, vectorized over many blocks (the references), and numba on one block (the kernels).
-What differs between the formats (where the importance weights' sigma2 comes from, how the
-block scale is stored) stays in plugins/iq4_nl.py and plugins/iq4_xs.py; the exact arithmetic
-is in their docstrings.
+twice: numpy, vectorized over many blocks (the references), and numba on one block (the kernels:
+the 16 fits of a block side by side in 16-lane vector IR, `fit16`, and the final index pass `pack32`;
+paths "simd16" (AVX-512) and "portable", see below). What differs between the formats (where the
+importance weights' sigma2 comes from, how the block scale is stored) stays in plugins/iq4_nl.py
+and plugins/iq4_xs.py; the exact arithmetic is in their docstrings.
 
 This module is private (its name starts with "_"), so the registry does not load it.
 """
