@@ -340,3 +340,34 @@ def q3_16(n: int, lanes: int = 16):
         return sig, codegen
 
     return q3
+
+
+@functools.cache
+def qdiv(n: int, has_add: bool):
+    """The intrinsic qd(x, xoff, add, div, lo, hi, bias, L, loff): the k-quants' final pass over n
+    consecutive weights, L[loff + i] = min(max(nearest_int((x[xoff + i] + add) / div), lo), hi) + bias
+    ((x + add) only if has_add; else x / div), one vector division instead of n scalar ones."""
+
+    @intrinsic
+    def qd(typingctx, x, xoff, add, div, lo, hi, bias, L, loff):
+        sig = types.void(x, xoff, add, div, lo, hi, bias, L, loff)
+
+        def codegen(context, builder, signature, args):
+            t = _Vec(n)
+            at = signature.args
+            xp = context.make_array(at[0])(context, builder, args[0]).data
+            lp = context.make_array(at[7])(context, builder, args[7]).data
+            xoff, addv, divv, lov, hiv, biasv, loff = args[1], args[2], args[3], args[4], args[5], args[6], args[8]
+            v = builder.load(t.ptr(builder, xp, xoff), align=4)
+            if has_add:
+                v = builder.fadd(v, t.splat(builder, addv))
+            v = builder.fdiv(v, t.splat(builder, divv))
+            lo32, hi32 = builder.trunc(lov, _I32), builder.trunc(hiv, _I32)
+            li = t.nearest_clamp(builder, v, t.splat(builder, lo32, t.I), t.splat(builder, hi32, t.I))
+            li = builder.fadd(li, t.splat(builder, builder.sitofp(builder.trunc(biasv, _I32), _F32)))
+            builder.store(builder.fptosi(li, t.B), t.ptr(builder, lp, loff, t.B), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return qd

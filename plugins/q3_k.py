@@ -45,6 +45,7 @@ import quantfmt
 from quantfmt.families import parallel_rows
 
 from ._ggml import f32_to_f16_bits
+from ._klanes import qdiv
 from ._kquants import (
     F32,
     QK_K,
@@ -163,6 +164,8 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
             dw.reshape(rows, nb), np.zeros((rows, nb), np.float32))
 
 
+_QDIV = qdiv(16, False)  # the final pass of a sub-block, one vector division
+
 # ---- numba kernels ---------------------------------------------------------------------------
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
@@ -231,8 +234,7 @@ def _quantize_block(x, qw, out, L, scales, weights, sw, Ls):
         dj = df * np.float32(_scale(s, j) - 32)
         if dj == 0:
             continue
-        for i in range(16):
-            L[16 * j + i] = min(max(nearest_int(x[16 * j + i] / dj), -4), 3) + 4
+        _QDIV(x, 16 * j, np.float32(0.0), dj, -4, 3, 4, L, 16 * j)  # L = clamp(nearest_int(x/dj), -4, 3) + 4
     for i in range(32):
         h = 0
         for k in range(8):

@@ -42,6 +42,7 @@ import quantfmt
 from quantfmt.families import parallel_rows
 
 from ._ggml import f32_to_f16_bits
+from ._klanes import qdiv
 from ._kquants import (
     F32,
     GROUP_MAX_EPS,
@@ -136,6 +137,8 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
             dw.reshape(rows, nb), np.zeros((rows, nb), np.float32))
 
 
+_QDIV16 = qdiv(16, False)  # the final pass of a sub-block, one vector division
+
 # ---- numba kernels ---------------------------------------------------------------------------
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
@@ -169,8 +172,7 @@ def _quantize_block(x, out, L, scales):
         dj = df * np.float32(v - 256 if v > 127 else v)
         if dj == 0:
             continue
-        for i in range(16):
-            L[16 * j + i] = min(max(nearest_int(x[16 * j + i] / dj), -32), 31) + 32
+        _QDIV16(x, 16 * j, np.float32(0.0), dj, -32, 31, 32, L, 16 * j)  # L = clamp(nearest_int(x/dj)) + 32
     for h in range(2):
         e = 128 * h
         for i in range(32):

@@ -86,3 +86,31 @@ def test_q3_vector_equals_scalar(seed):
             s = K.make_q3_quants(np.ascontiguousarray(x[:, j]), Lj, 4)
             assert np.array_equal(L[:, j], Lj), j
             assert sc[j].view(np.int32) == np.float32(s).view(np.int32), j
+
+
+@pytest.mark.parametrize("n,has_add,lo,hi,bias", [(16, False, -32, 31, 32), (16, False, -4, 3, 4), (16, True, 0, 3, 0),
+                                                  (32, True, 0, 15, 0), (32, True, 0, 31, 0)])
+def test_qdiv_equals_scalar(n, has_add, lo, hi, bias):
+    import numba
+
+    from quantfmt_formats._klanes import qdiv
+
+    qd = qdiv(n, has_add)
+
+    @numba.njit
+    def run(x, add, div, L):
+        for b in range(x.size // n):
+            qd(x, b * n, add, div[b], lo, hi, bias, L, b * n)
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(64 * n) * 10).astype(np.float32)
+    x[:n] = np.round(x[:n]) + np.float32(0.5)  # ties (div 1)
+    div = rng.uniform(0.5, 4, 64).astype(np.float32)
+    div[0], div[1], div[2] = 1.0, np.float32(1e-40), -2.0  # 1e-40: x/div overflows to +-inf
+    add = np.float32(0.75) if has_add else np.float32(0.0)
+    L = np.empty(x.size, np.int8)
+    with np.errstate(all="ignore"):
+        run(x, add, div, L)
+        v = ((x + add) if has_add else x) / np.repeat(div, n)
+    want = np.clip(K.nearest_int_np(v.astype(np.float32)), lo, hi) + bias
+    assert np.array_equal(L.astype(np.int64), want)
