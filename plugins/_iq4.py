@@ -2,10 +2,11 @@
 
 Owns the table V = kvalues_iq4nl, ggml's best_index_int8 on it, and the per-32-block search
 of quantize_row_iq4_nl_impl (ntry = 7) that both formats run on each block of 32 weights,
-twice: numpy, vectorized over many blocks (the references), and numba on one block (the kernels).
-What differs between the formats (where the importance weights' sigma2 comes from, how the
-block scale is stored) stays in plugins/iq4_nl.py and plugins/iq4_xs.py; the exact arithmetic
-is in their docstrings.
+twice: numpy, vectorized over many blocks (the references), and numba on one block (the kernels:
+the 16 fits of a block side by side in 16-lane vector IR, `fit16`, and the final index pass `pack32`;
+paths "simd16" (AVX-512) and "portable", see below). What differs between the formats (where the
+importance weights' sigma2 comes from, how the block scale is stored) stays in plugins/iq4_nl.py
+and plugins/iq4_xs.py; the exact arithmetic is in their docstrings.
 
 This module is private (its name starts with "_"), so the registry does not load it.
 """
@@ -14,6 +15,11 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+from quantfmt import cpu
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 NTRY = 7
@@ -73,15 +79,184 @@ def search_scales_ref(x: np.ndarray, wt: np.ndarray) -> np.ndarray:
 
 
 # ---- numba: one block of 32 -----------------------------------------------------------------
-# best_index is the final pass's (NaN included); search_scale runs the 16 fits interleaved.
 # No fastmath: FMA would change last bits, and `ninf`/`nnan` would break the IEEE
 # comparisons of overflowing sums that the search relies on.
+#
+# The index without a search. best(a) counts the midpoints M[k] = (V[k] + V[k+1]) / 2 (exact
+# half-integers) at or below a: best(a) = #{k : a >= M[k]} for every float32 a but NaN (checked
+# exhaustively over all 2**32 bit patterns against best_index below: ggml's float32 comparison
+# (a - V[l]) < (V[l+1] - a) flips exactly at M[l]). Two ways to count, as LLVM vector IR on 16
+# lanes (plugins/_q4simd.py does the same for Q4_0):
+#   "simd16" (AVX-512): buckets of 8 over [-128, 128) hold at most one midpoint (the closest two
+#            are 11.5 apart), so with b = trunc(clamp(a, -128, 127) + 128) >> 3 (0..31) the value is
+#            a >= BMID[b] ? BHI[b] : BLO[b], three 32-entry table lookups by vpermi2ps. (A rounding
+#            of clamp(a) + 128 up into the next bucket does not matter: only -16 sits on a bucket
+#            start, and it is that bucket's own midpoint; the exhaustive check covers this too.)
+#   "portable": 15 compares and selects per lane (any CPU: LLVM splits the 16 lanes as it must).
+# Per lane that is ~20 vector instructions for 16 of the 512 (element, scale) pairs of a block
+# instead of ~15 scalar ones per pair: ~10x on this Xeon for the search.
+
+MID = ((VF[:-1] + VF[1:]) / 2).astype(np.float32)
+_bucket = np.searchsorted(MID, (8 * np.arange(32) - 128).astype(np.float32), side="left")  # midpoints < start
+BMID = np.full(32, np.inf, np.float32)  # the bucket's midpoint, +inf where it has none
+BMID[((MID + 128) // 8).astype(np.int64)] = MID
+BLO_I = _bucket.astype(np.float32)  # the index below the bucket's midpoint (float: one table kind)
+BHI_I = np.minimum(_bucket + 1, 15).astype(np.float32)
+BLO = VF[_bucket]
+BHI = VF[np.minimum(_bucket + 1, 15)]
+
+#: "simd16" (AVX-512 vpermi2ps) or "portable"; chosen for the CPU numba compiles for (quantfmt.cpu,
+#: which NUMBA_CPU_NAME / NUMBA_CPU_FEATURES override), so a cached kernel matches its CPU.
+PATH = "simd16" if cpu.has("avx512f") else "portable"
+
+_F32, _I32, _I64, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(8)
+_V16F, _V16I, _V16B = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16), ir.VectorType(_I8, 16)
+
+
+def _vf(vals) -> ir.Constant:
+    return ir.Constant(_V16F, [float(v) for v in vals])
+
+
+def _splat(builder, val, vt=_V16F):
+    undef = ir.Constant(vt, ir.Undefined)
+    v = builder.insert_element(undef, val, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(_V16I, [0] * 16))
+
+
+def _lookup(builder, kind, a, lo_tab, hi_tab):
+    """Per lane of a (<16 x float>, no NaN): hi_tab's entry if a is at or above the midpoint of its
+    bracket else lo_tab's, i.e. table[best(a)] for a table (V, or the indices) given per bucket."""
+    if kind == "simd16":
+        perm = builder.module.declare_intrinsic("llvm.x86.avx512.vpermi2var.ps.512", (),
+                                                ir.FunctionType(_V16F, [_V16F, _V16I, _V16F]))
+        c = builder.select(builder.fcmp_ordered("<", a, _vf([-128.0] * 16)), _vf([-128.0] * 16), a)
+        c = builder.select(builder.fcmp_ordered(">", c, _vf([127.0] * 16)), _vf([127.0] * 16), c)
+        b = builder.lshr(builder.fptosi(builder.fadd(c, _vf([128.0] * 16)), _V16I), ir.Constant(_V16I, [3] * 16))
+        m = builder.call(perm, [_vf(BMID[:16]), b, _vf(BMID[16:])])
+        lo = builder.call(perm, [_vf(lo_tab[:16]), b, _vf(lo_tab[16:])])
+        hi = builder.call(perm, [_vf(hi_tab[:16]), b, _vf(hi_tab[16:])])
+        return builder.select(builder.fcmp_ordered(">=", a, m), hi, lo)
+    # portable: the value climbs one step per midpoint at or below a (steps of V or of the index)
+    q = _vf([lo_tab[0]] * 16)
+    steps = np.diff(VF) if lo_tab is BLO else np.ones(15, np.float32)
+    for k in range(15):
+        q = builder.select(builder.fcmp_ordered(">=", a, _vf([MID[k]] * 16)), builder.fadd(q, _vf([steps[k]] * 16)), q)
+    return q
+
+
+def _make_fit16(kind: str):
+    @intrinsic
+    def fit16(typingctx, x, xoff, wt, mx, sums):
+        """The 16 fits of a block: sums[t] = sumqx, sums[16 + t] = sumq2, sums[32 + t] = sumqx/sumq2,
+        sums[48 + t] = that times sumqx of fit t (t = 0: the first
+        guess id = 1/(max/127); t = 1..15: id = (t - 8 - 127)/max), accumulated over x[xoff:xoff+32]
+        in element order (as the C loop: each lane one fit, its sums in order: the same roundings);
+        wt (32,) the weights, mx the block's signed max (|mx| >= 1e-15)."""
+        sig = types.void(x, xoff, wt, mx, sums)
+
+        def codegen(context, builder, signature, args):
+            at = signature.args
+            xp = context.make_array(at[0])(context, builder, args[0]).data
+            wp = context.make_array(at[2])(context, builder, args[2]).data
+            sp = context.make_array(at[4])(context, builder, args[4]).data
+            xoffv, mxv = args[1], args[3]
+            # ids: lane 0 is 1/(-max/V[0]) (two roundings, as C), lanes 1..15 (itry - 127)/max
+            ids = builder.fdiv(_vf([0.0] + list(range(-134, -119))), _splat(builder, mxv))
+            id0 = builder.fdiv(ir.Constant(_F32, 1.0), builder.fdiv(builder.fneg(mxv), ir.Constant(_F32, -127.0)))
+            ids = builder.insert_element(ids, id0, ir.Constant(_I32, 0))
+            sqx = sq2 = _vf([0.0] * 16)
+            for j in range(32):
+                xj = builder.load(builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, j))]))
+                wj = builder.load(builder.gep(wp, [ir.Constant(_I64, j)]))
+                xv, wv = _splat(builder, xj), _splat(builder, wj)
+                q = _lookup(builder, kind, builder.fmul(ids, xv), BLO, BHI)
+                wq = builder.fmul(wv, q)
+                sqx = builder.fadd(sqx, builder.fmul(wq, xv))  # separate mul and add: no FMA
+                sq2 = builder.fadd(sq2, builder.fmul(wq, q))
+            # each fit's candidate d = sumqx/sumq2 and its best = d*sumqx, as the C computes them (the
+            # divisions of fits that lose, or have sumq2 <= 0, are never read)
+            dv = builder.fdiv(sqx, sq2)
+            for i, v in enumerate((sqx, sq2, dv, builder.fmul(dv, sqx))):
+                vp = builder.bitcast(builder.gep(sp, [ir.Constant(_I64, 16 * i)]), _V16F.as_pointer())
+                builder.store(v, vp, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return fit16
+
+
+@intrinsic
+def _block_max(typingctx, x, xoff):
+    """max in ggml's search: the first x[xoff + j] (j < 32) of largest |x| (0 if all are 0), found
+    with vector compares (the scalar loop's branch mispredicts on random data)."""
+    sig = types.float32(x, xoff)
+
+    def codegen(context, builder, signature, args):
+        xp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        xoffv = args[1]
+        fabs = builder.module.declare_intrinsic("llvm.fabs.v16f32", (), ir.FunctionType(_V16F, [_V16F]))
+        cttz = builder.module.declare_intrinsic("llvm.cttz.i32", (), ir.FunctionType(_I32, [_I32, ir.IntType(1)]))
+        halves = []
+        for h in range(2):
+            xh = builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, 16 * h))])
+            halves.append(builder.call(fabs, [builder.load(builder.bitcast(xh, _V16F.as_pointer()), align=4)]))
+        m = builder.select(builder.fcmp_ordered(">", halves[0], halves[1]), halves[0], halves[1])
+        for width in (8, 4, 2, 1):  # the largest |x| (inputs are finite; exact in any order)
+            sh = builder.shuffle_vector(m, m, ir.Constant(_V16I, [(i + width) % 16 for i in range(16)]))
+            m = builder.select(builder.fcmp_ordered(">", m, sh), m, sh)
+        mall = _splat(builder, builder.extract_element(m, ir.Constant(_I32, 0)))
+        bits = [builder.zext(builder.bitcast(builder.fcmp_ordered("==", v, mall), ir.IntType(16)), ir.IntType(32))
+                for v in halves]
+        mask = builder.or_(bits[0], builder.shl(bits[1], ir.Constant(ir.IntType(32), 16)))
+        j = builder.call(cttz, [mask, ir.Constant(ir.IntType(1), 1)])  # the first of equal maxima
+        # all zeros: every lane equals max 0, j = 0 and x[0] is +-0: |max| < eps either way
+        return builder.load(builder.gep(xp, [builder.add(xoffv, builder.zext(j, xoffv.type))]))
+
+    return sig, codegen
+
+
+def _make_pack32(kind: str):
+    @intrinsic
+    def pack32(typingctx, x, xoff, idd, out, ooff):
+        """out[ooff + j] = best(idd*x[xoff+j]) | best(idd*x[xoff+16+j]) << 4 for j < 16; NaN gives 14."""
+        sig = types.void(x, xoff, idd, out, ooff)
+
+        def codegen(context, builder, signature, args):
+            at = signature.args
+            xp = context.make_array(at[0])(context, builder, args[0]).data
+            op = context.make_array(at[3])(context, builder, args[3]).data
+            xoffv, iddv, ooffv = args[1], args[2], args[4]
+            dv = _splat(builder, iddv)
+            idx = []
+            for h in range(2):
+                xh = builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, 16 * h))])
+                xv = builder.load(builder.bitcast(xh, _V16F.as_pointer()), align=4)
+                a = builder.fmul(dv, xv)
+                nan = builder.fcmp_unordered("uno", a, a)
+                a0 = builder.select(nan, _vf([0.0] * 16), a)  # keeps NaN out of the conversion
+                li = builder.select(nan, _vf([14.0] * 16), _lookup(builder, kind, a0, BLO_I, BHI_I))
+                idx.append(builder.fptoui(li, _V16B))
+            b = builder.or_(idx[0], builder.shl(idx[1], ir.Constant(_V16B, [4] * 16)))
+            builder.store(b, builder.bitcast(builder.gep(op, [ooffv]), _V16B.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return pack32
+
+
+fit16_simd16, fit16_portable = _make_fit16("simd16"), _make_fit16("portable")
+pack32_simd16, pack32_portable = _make_pack32("simd16"), _make_pack32("portable")
+_fit16 = fit16_simd16 if PATH == "simd16" else fit16_portable
+#: The kernels' final pass: pack32(x, xoff, idd, out, ooff) writes a block's 16 bytes of indices.
+pack32 = pack32_simd16 if PATH == "simd16" else pack32_portable
 
 
 @numba.njit(cache=True, inline="always")
 def best_index(a, vf, bracket):
     # best_index_int8 without the binary search: V are integers, so floor(a) finds the
-    # bracket; the final comparison is ggml's, in float32.
+    # bracket; the final comparison is ggml's, in float32. (Scalar; the kernels use pack32.)
     if a <= vf[0]:
         return 0
     if a >= vf[15]:
@@ -93,55 +268,23 @@ def best_index(a, vf, bracket):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def search_scale(xb, wt, vf, bracket, scratch):
-    """The fitted scale of the block xb (32,) with weights wt (32,), as search_scales_ref;
-    scratch: float32 (3, 16), work space.
-
-    The 16 fits (the first guess and itry = -7..7) run side by side, one lane each, element by
-    element: each lane's sums still accumulate in element order (the same roundings as one fit
-    after the other), and the 16 independent chains keep the CPU busy where one fit's sums
-    would wait on each other (2x on these machines). In a fit |id*x| <= 134 (|x| <= max,
-    max >= 1e-15), never NaN, so the table index needs no NaN case: the clamped floor finds
-    the bracket, and the two ends are selected after."""
-    amax = np.float32(0.0)
-    mx = np.float32(0.0)
-    for j in range(32):
-        a = abs(xb[j])
-        if a > amax:
-            amax = a
-            mx = xb[j]
-    if amax < GROUP_MAX_EPS:
+def search_scale(x, xoff, wt, sums):
+    """The fitted scale of the block x[xoff:xoff+32] (x contiguous) with weights wt (32,), as
+    search_scales_ref; sums: float32 (64,), work space. The 16 fits run in _fit16, one lane each
+    (its portable and simd16 forms give the same bits: tests/test_iq4_paths.py); the choice among
+    them is ggml's, in order, without branches (which fit wins is data: a branch per fit
+    mispredicts often, and cost as much as the fits' vector code)."""
+    mx = _block_max(x, xoff)
+    if abs(mx) < GROUP_MAX_EPS:
         return np.float32(0.0)
-    ids = scratch[0]
-    sqx = scratch[1]
-    sq2 = scratch[2]
-    ids[0] = np.float32(1.0) / (-mx / vf[0])
-    for t in range(2 * NTRY + 1):
-        ids[t + 1] = np.float32(t - NTRY - 127) / mx  # (itry + V[0]) / max, itry = t - 7
-    n = ids.shape[0]
-    for t in range(n):
-        sqx[t] = 0
-        sq2[t] = 0
-    v0 = vf[0]
-    v15 = vf[15]
-    for j in range(32):
-        xj = xb[j]
-        wj = wt[j]
-        for t in range(n):
-            a = ids[t] * xj
-            lo = np.int64(bracket[np.int64(np.floor(min(max(a, np.float32(-127.0)), np.float32(112.0)))) + 127])
-            vl = vf[lo]
-            vh = vf[lo + 1]
-            q = vl if (a - vl) < (vh - a) else vh
-            q = v0 if a <= v0 else q
-            q = v15 if a >= v15 else q
-            wq = wj * q
-            sqx[t] += wq * xj
-            sq2[t] += wq * q
-    d = sqx[0] / sq2[0] if sq2[0] > 0 else np.float32(0.0)
-    best = d * sqx[0]
-    for t in range(1, n):
-        if sq2[t] > 0 and sqx[t] * sqx[t] > best * sq2[t]:
-            d = sqx[t] / sq2[t]
-            best = d * sqx[t]
+    _fit16(x, xoff, wt, mx, sums)
+    d = sums[32] if sums[16] > 0 else np.float32(0.0)
+    best = d * sums[0]
+    for t in range(1, 16):
+        sqx = sums[t]
+        sq2 = sums[16 + t]
+        take = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = sums[32 + t] if take else d
+        best = sums[48 + t] if take else best
     return d
+

@@ -31,6 +31,8 @@ import numpy as np
 
 from quantfmt.families import GGMLFormat
 
+from ._klanes import q3_16, qkx2_16, qx_16
+
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml: a sub-block below this max |x| counts as all zeros
 MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the mantissa
@@ -367,12 +369,50 @@ def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
     return scale, -mn
 
 
+# (the 32-lane forms: two zmm per quantity, two independent chains for the CPU to overlap)
+_QKX2_32 = qkx2_16(32, False)  # Q4_K, Q5_K
+_QKX2_32W = qkx2_16(32, False, 32)
+_QKX2_16 = qkx2_16(16, False)  # Q2_K with importance weights
+_QKX2_16W = qkx2_16(16, False, 32)
+_QKX2_16_MAD = qkx2_16(16, True)  # Q2_K
+_QKX2_16_MADW = qkx2_16(16, True, 32)
+
+
 @jit
 def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
     """make_qkx2_quants on M sub-blocks at once, in lock step: x, w (n, M) float32 element-major (column
-    j is sub-block j), L (n, M) uint8 out, scale/the_min (M,) out. Each lane runs ggml's operations in
-    ggml's order (the element loop is outside, the lane loop inside), so every lane's bytes are those of
-    the scalar search; the lane loop (a run-time trip count M) is what vectorizes."""
+    j is sub-block j; C order), L (n, M) uint8 out, scale/the_min (M,) out. Groups of 32 lanes, then
+    one of 16, run in plugins/_klanes.py's vector code (~2x the loop below), the rest in the loop;
+    both give every lane the bytes of the scalar search."""
+    n, M = x.shape
+    ok = (n == 32 and not use_mad) or n == 16
+    G2 = M // 32 if ok else 0
+    for g in range(G2):
+        if n == 32:
+            _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        elif use_mad:
+            _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        else:
+            _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+    c = 32 * G2
+    if ok and M - c >= 16:
+        g = c // 16
+        if n == 32:
+            _QKX2_32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        elif use_mad:
+            _QKX2_16_MAD(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        else:
+            _QKX2_16(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        c += 16
+    if c < M:
+        qkx2_lanes_loop(x[:, c:], w[:, c:], L[:, c:], nmax, rmin, rdelta, nstep, use_mad, scale[c:], the_min[c:])
+
+
+@jit
+def qkx2_lanes_loop(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
+    """make_qkx2_lanes in numba loops: each lane runs ggml's operations in ggml's order (the element
+    loop is outside, the lane loop inside), so every lane's bytes are those of the scalar search;
+    the lane loop (a run-time trip count M) is what vectorizes."""
     n, M = x.shape
     mn = np.empty(M, np.float32)
     mx = np.empty(M, np.float32)
@@ -515,11 +555,39 @@ def make_qx_quants(x, L, nmax, qw):
     return scale
 
 
+_QX_16 = qx_16(16, False)  # Q6_K
+_QX_16_W = qx_16(16, True)  # Q6_K with importance weights
+_QX_32 = qx_16(16, False, 32)
+_QX_32_W = qx_16(16, True, 32)
+
+
 @jit
 def make_qx_lanes(x, L, nmax, qw, scale):
-    """make_qx_quants (rmse_type 1) on M sub-blocks at once, in lock step: x (n, M) float32 element-major,
-    qw (n, M) importance weights or (0, 0) for w = x*x, L (n, M) int8 out (0..2*nmax-1), scale (M,) out.
-    Per lane ggml's operations in ggml's order; the lane loop vectorizes."""
+    """make_qx_quants (rmse_type 1) on M sub-blocks at once, in lock step: x (n, M) float32 element-major
+    (C order), qw (n, M) importance weights or (0, 0) for w = x*x, L (n, M) int8 out (0..2*nmax-1),
+    scale (M,) out. Groups of 32 lanes (then one of 16) of 16 elements run in plugins/_klanes.py's
+    vector code, the rest in the loop; both give every lane the bytes of the scalar search."""
+    n, M = x.shape
+    G2 = M // 32 if n == 16 else 0
+    for g in range(G2):
+        if qw.shape[0] > 0:
+            _QX_32_W(x, L, nmax, qw, scale, g)
+        else:
+            _QX_32(x, L, nmax, qw, scale, g)
+    c = 32 * G2
+    if n == 16 and M - c >= 16:
+        if qw.shape[0] > 0:
+            _QX_16_W(x, L, nmax, qw, scale, c // 16)
+        else:
+            _QX_16(x, L, nmax, qw, scale, c // 16)
+        c += 16
+    if c < M:
+        qx_lanes_loop(x[:, c:], L[:, c:], nmax, qw if qw.shape[0] == 0 else qw[:, c:], scale[c:])
+
+
+@jit
+def qx_lanes_loop(x, L, nmax, qw, scale):
+    """make_qx_lanes in numba loops: per lane ggml's operations in ggml's order; the lane loop vectorizes."""
     n, M = x.shape
     has_qw = qw.shape[0] > 0
     amax = np.zeros(M, np.float32)
@@ -581,6 +649,28 @@ def make_qx_lanes(x, L, nmax, qw, scale):
             scale[j] = np.float32(0.0)
             for i in range(n):
                 L[i, j] = 0
+
+
+_Q3_16 = q3_16(16)  # Q3_K
+_Q3_32 = q3_16(16, 32)
+
+
+@jit
+def make_q3_lanes(x, L, nmax, scale):
+    """make_q3_quants on M sub-blocks of 16 at once: x (n, M) float32 element-major (C order), L (n, M)
+    int8 out (0..2*nmax-1), scale (M,) out. Groups of 32 lanes (then one of 16) run in
+    plugins/_klanes.py's vector code (n = 16), the rest one lane at a time in make_q3_quants; the
+    same bytes."""
+    n, M = x.shape
+    G2 = M // 32 if n == 16 else 0
+    for g in range(G2):
+        _Q3_32(x, L, nmax, scale, g)
+    c = 32 * G2
+    if n == 16 and M - c >= 16:
+        _Q3_16(x, L, nmax, scale, c // 16)
+        c += 16
+    for j in range(c, M):
+        scale[j] = make_q3_quants(x[:, j], L[:, j], nmax)
 
 
 @jit
@@ -1112,6 +1202,13 @@ class KQuant(GGMLFormat):
     max_abs = None
     safe_abs: float = 0.0
 
+    def kernel_path(self, op: str, n: int = 1, mode: str = "f32") -> str:
+        # quantize: the sub-block searches run 16/32 lanes at a time in plugins/_klanes.py's vector IR
+        # (generic LLVM vectors, on any CPU; a row of fewer than 16 sub-blocks takes the numba loop)
+        if op == "quantize":
+            return "vector-lanes"
+        return q8k_path(self.tag.lower(), n, mode) if op == "qmatmul" else "numba"
+
     @staticmethod
     def int_parts(*args):  # pragma: no cover - supplied by the format
         raise NotImplementedError
@@ -1125,9 +1222,6 @@ class KQuant(GGMLFormat):
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return kquant_qmatmul(self, prep, x, mode)
-
-    def kernel_path(self, op, n=1, mode="f32"):
-        return q8k_path(self.tag.lower(), n, mode) if op == "qmatmul" else "numba"
 
     def quantize_weighted(self, w, quant_weights) -> np.ndarray:
         """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as

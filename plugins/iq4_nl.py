@@ -47,11 +47,13 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
+from . import _iq4
 from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
-from ._i4dot import kernel_path, prepare_lut, qmatmul
-from ._iq4 import BRACKET, KVALUES, best_index_ref, search_scale, search_scales_ref
+from ._i4dot import kernel_path as lut_kernel_path
+from ._i4dot import prepare_lut, qmatmul
+from ._iq4 import BRACKET, KVALUES, best_index_ref, pack32, search_scale, search_scales_ref
 from ._iq4 import VF as _VF
-from ._iq4 import best_index as _best
+from ._iq4 import best_index as _best  # noqa: F401  (the scalar best(a): tests check it against ggml)
 from ._weighted import ImportanceWeighted, current_weights
 
 BLOCK_BYTES = 18
@@ -122,7 +124,9 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     nb = w.shape[1] // 32
     wt = np.empty(32, np.float32)
-    scratch = np.empty((3, 16), np.float32)
+    sums = np.empty(64, np.float32)
+    wf = w.reshape(-1)  # the vector code reads blocks by offset (w is C-contiguous)
+    of = out.reshape(-1)
     for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
@@ -137,7 +141,7 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
             else:
                 for j in range(32):
                     wt[j] = xb[j] * xb[j]
-            d = search_scale(xb, wt, vf, bracket, scratch)
+            d = search_scale(wf, r * w.shape[1] + b * 32, wt, sums)
             if not (abs(d) < np.float32(65520.0)):
                 if bad[r] < 0:
                     bad[r] = b
@@ -146,10 +150,7 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
             out[r, b, 0] = np.uint8(h & 0xFF)
             out[r, b, 1] = np.uint8(h >> 8)
             idd = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            for j in range(16):
-                lo = _best(idd * xb[j], vf, bracket)
-                hi = _best(idd * xb[j + 16], vf, bracket)
-                out[r, b, 2 + j] = np.uint8(lo | (hi << 4))
+            pack32(wf, r * w.shape[1] + b * 32, idd, of, (r * nb + b) * BLOCK_BYTES + 2)
 
 
 def _quantize_weighted_kernel(w, qw, has_qw, out, bad, vf, bracket):
@@ -213,6 +214,11 @@ class IQ4N(ImportanceWeighted, GGMLFormat):
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
+    def kernel_path(self, op, n=1, mode="f32"):
+        # quantize: the scale search and index pass of plugins/_iq4.py, "simd16" (AVX-512 vpermi2ps)
+        # or "portable" (generic vector IR), by the CPU numba compiles for
+        return f"iq4-{_iq4.PATH}" if op == "quantize" else lut_kernel_path(op, n, mode)
+
     def prepare(self, data, rows, cols):
         # the ggml bytes read in place by the int8 kernels (plugins/_i4dot.py), the fp16 d as float32
         blk = np.asarray(data).reshape(rows, cols // QK, BLOCK_BYTES)
@@ -222,9 +228,6 @@ class IQ4N(ImportanceWeighted, GGMLFormat):
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return qmatmul(prep, x, mode, self.tag)
-
-    def kernel_path(self, op, n=1, mode="f32"):
-        return kernel_path(op, n, mode)
 
 
 @quantfmt.hookimpl

@@ -56,9 +56,11 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
+from . import _iq4
 from ._ggml import f32_to_f16_bits, fp16_table
-from ._i4dot import kernel_path, prepare_lut, qmatmul
-from ._iq4 import BRACKET, KVALUES, VF, best_index, best_index_ref, search_scale, search_scales_ref
+from ._i4dot import kernel_path as lut_kernel_path
+from ._i4dot import prepare_lut, qmatmul
+from ._iq4 import BRACKET, KVALUES, VF, best_index_ref, pack32, search_scale, search_scales_ref
 from ._kquants import QK_K
 from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest_int_ref
 
@@ -170,8 +172,10 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     nb = w.shape[1] // QK_K
     wt = np.empty(32, np.float32)
-    scratch = np.empty((3, 16), np.float32)
+    sums = np.empty(64, np.float32)
     s = np.empty(8, np.float32)
+    wf = w.reshape(-1)  # the vector code reads blocks by offset (w is C-contiguous)
+    of = out.reshape(-1)
     for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
@@ -193,7 +197,7 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
                 else:
                     for j in range(32):
                         wt[j] = xb[j] * xb[j]
-                sk = search_scale(xb, wt, vf, bracket, scratch)
+                sk = search_scale(wf, r * w.shape[1] + c + 32 * k, wt, sums)
                 s[k] = sk
                 nan = nan or sk != sk
                 if abs(sk) > amax:
@@ -214,10 +218,7 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
                 l = min(max(nearest_int(idd * s[k]), -32), 31)
                 dl = d * np.float32(l)
                 idl = np.float32(1.0) / dl if dl != 0 else np.float32(0.0)
-                for j in range(16):
-                    lo = best_index(idl * x[32 * k + j], vf, bracket)
-                    hi = best_index(idl * x[32 * k + 16 + j], vf, bracket)
-                    o[8 + 16 * k + j] = np.uint8(lo | (hi << 4))
+                pack32(wf, r * w.shape[1] + c + 32 * k, idl, of, (r * nb + b) * BLOCK_BYTES + 8 + 16 * k)
                 l += 32
                 if k % 2 == 0:
                     o[4 + k // 2] = np.uint8(l & 15)
@@ -292,6 +293,11 @@ class IQ4X(ImportanceWeighted, GGMLFormat):
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
+    def kernel_path(self, op, n=1, mode="f32"):
+        # quantize: the scale search and index pass of plugins/_iq4.py, "simd16" (AVX-512 vpermi2ps)
+        # or "portable" (generic vector IR), by the CPU numba compiles for
+        return f"iq4-{_iq4.PATH}" if op == "quantize" else lut_kernel_path(op, n, mode)
+
     def prepare(self, data, rows, cols):
         # Each 32-block is IQ4_NL's: table values times one float32 scale d*(ls - 32), the very
         # product dequantize uses, so IQ4_NL's kernels (plugins/_i4dot.py) serve both modes; they
@@ -307,9 +313,6 @@ class IQ4X(ImportanceWeighted, GGMLFormat):
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return qmatmul(prep, x, mode, self.tag)
-
-    def kernel_path(self, op, n=1, mode="f32"):
-        return kernel_path(op, n, mode)
 
 
 @quantfmt.hookimpl

@@ -41,6 +41,7 @@ import quantfmt
 from quantfmt.families import parallel_rows
 
 from ._ggml import f32_to_f16_bits
+from ._klanes import qdiv
 from ._kquants import (
     F32,
     QK_K,
@@ -142,6 +143,8 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
             (blk[:, 0:16] >> 4).astype(np.int16).reshape(rows, nb, 16), dw.reshape(rows, nb), mw.reshape(rows, nb))
 
 
+_QDIV = qdiv(16, True)  # the final pass of a sub-block, one vector division
+
 # ---- numba kernels ---------------------------------------------------------------------------
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
@@ -198,8 +201,7 @@ def _quantize_block(x, weighted, out, L, scales, mins, sw, lq):
         if dj == 0:
             continue
         mj = dmf * np.float32(np.int64(s[j]) >> 4)
-        for i in range(16):
-            L[16 * j + i] = min(max(nearest_int((x[16 * j + i] + mj) / dj), 0), 3)
+        _QDIV(x, 16 * j, mj, dj, 0, 3, 0, L, 16 * j)  # L = clamp(nearest_int((x + mj)/dj), 0, 3)
     for hh in range(2):
         e = 128 * hh
         for i in range(32):

@@ -45,13 +45,14 @@ import quantfmt
 from quantfmt.families import parallel_rows
 
 from ._ggml import f32_to_f16_bits
+from ._klanes import qdiv
 from ._kquants import (
     F32,
     QK_K,
     KQuant,
     f16_bits_to_f32,
     f16_round_np,
-    make_q3_quants,
+    make_q3_lanes,
     make_q3_quants_np,
     make_qx_quants,
     make_qx_quants_np,
@@ -163,6 +164,8 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
             dw.reshape(rows, nb), np.zeros((rows, nb), np.float32))
 
 
+_QDIV = qdiv(16, False)  # the final pass of a sub-block, one vector division
+
 # ---- numba kernels ---------------------------------------------------------------------------
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
@@ -184,9 +187,8 @@ def _quantize_block(x, qw, out, L, scales, weights, sw, Ls):
     if qw.shape[0] == 0:
         amax = np.float32(0.0)
         max_scale = np.float32(0.0)
-        for j in range(16):
-            v = make_q3_quants(x[16 * j : 16 * j + 16], L[16 * j : 16 * j + 16], 4)
-            scales[j] = v
+        for j in range(16):  # L and scales: make_q3_lanes over the row (in _quantize_rows)
+            v = scales[j]
             if abs(v) > amax:
                 amax = abs(v)
                 max_scale = v
@@ -232,8 +234,7 @@ def _quantize_block(x, qw, out, L, scales, weights, sw, Ls):
         dj = df * np.float32(_scale(s, j) - 32)
         if dj == 0:
             continue
-        for i in range(16):
-            L[16 * j + i] = min(max(nearest_int(x[16 * j + i] / dj), -4), 3) + 4
+        _QDIV(x, 16 * j, np.float32(0.0), dj, -4, 3, 4, L, 16 * j)  # L = clamp(nearest_int(x/dj), -4, 3) + 4
     for i in range(32):
         h = 0
         for k in range(8):
@@ -258,11 +259,27 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
     sw = np.empty(16, np.float32)
     Ls = np.empty(16, np.int8)
     empty = np.empty(0, np.float32)
+    # without importance weights, the row's 16*nb sub-blocks are searched side by side (element-major),
+    # 16 lanes at a time in vector code (make_q3_lanes)
+    M = 16 * nb if qw.shape[0] == 0 else 0
+    xt = np.empty((16, M), np.float32)
+    Lt = np.empty((16, M), np.int8)
+    sc_all = np.empty(M, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
+        if M:
+            for k in range(M):
+                for i in range(16):
+                    xt[i, k] = w[r, 16 * k + i]
+            make_q3_lanes(xt, Lt, 4, sc_all)
         for b in range(nb):
             c = b * QK_K
             q = qw[r, c : c + QK_K] if qw.shape[0] > 0 else empty
+            if M:
+                for j in range(16):
+                    scales[j] = sc_all[16 * b + j]
+                    for i in range(16):
+                        L[16 * j + i] = Lt[i, 16 * b + j]
             if _quantize_block(w[r, c : c + QK_K], q, out[r, b], L, scales, weights, sw, Ls):
                 if bad[r] < 0:
                     bad[r] = b

@@ -47,13 +47,13 @@ import quantfmt
 from quantfmt.families import parallel_rows
 
 from ._ggml import f32_to_f16_bits
+from ._klanes import qdiv
 from ._kquants import (
     F32,
     QK_K,
     KQuant,
     f16_bits_to_f32,
     f16_round_np,
-    nearest_int,
     nearest_int_np,
     pack_scale_min_k4,
     pack_scale_min_k4_np,
@@ -128,6 +128,8 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
             np.repeat(m, 2, axis=1).astype(np.int16).reshape(rows, nb, 16), dw.reshape(rows, nb), mw.reshape(rows, nb))
 
 
+_QDIV = qdiv(32, True)  # the final pass of a sub-block, one vector division
+
 # ---- numba kernels ---------------------------------------------------------------------------
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
@@ -153,8 +155,7 @@ def _quantize_block(x, out, L, ls, lm, d, dmin):
         if dj == 0:
             continue
         mj = dmf * np.float32(m)
-        for i in range(32):
-            L[32 * j + i] = min(max(nearest_int((x[32 * j + i] + mj) / dj), 0), NMAX)
+        _QDIV(x, 32 * j, mj, dj, 0, NMAX, 0, L, 32 * j)  # L = clamp(nearest_int((x + mj)/dj), 0, NMAX)
     for k in range(4):
         for i in range(32):
             out[16 + 32 * k + i] = L[64 * k + i] | (L[64 * k + 32 + i] << 4)

@@ -42,6 +42,7 @@ import quantfmt
 from quantfmt.families import parallel_rows
 
 from ._ggml import f32_to_f16_bits
+from ._klanes import qdiv
 from ._kquants import (
     F32,
     GROUP_MAX_EPS,
@@ -136,27 +137,16 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
             dw.reshape(rows, nb), np.zeros((rows, nb), np.float32))
 
 
+_QDIV16 = qdiv(16, False)  # the final pass of a sub-block, one vector division
+
 # ---- numba kernels ---------------------------------------------------------------------------
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _quantize_block(x, qw, out, L, scales):
-    """One super-block x (256,) into out (210,); True if d overflows fp16. qw: importance
-    weights of this super-block, or empty."""
-    # the sixteen sub-blocks side by side (element-major), searched in lock step
-    xt = np.empty((16, 16), np.float32)
-    Lt = np.empty((16, 16), np.int8)
-    qt = np.empty((16, 16) if qw.shape[0] > 0 else (0, 0), np.float32)
-    for j in range(16):
-        for i in range(16):
-            xt[i, j] = x[16 * j + i]
-            if qw.shape[0] > 0:
-                qt[i, j] = qw[16 * j + i]
-    make_qx_lanes(xt, Lt, 32, qt, scales)
-    for j in range(16):
-        for i in range(16):
-            L[16 * j + i] = Lt[i, j]
+def _quantize_block(x, out, L, scales):
+    """One super-block x (256,) into out (210,), given its sixteen sub-blocks' make_qx_quants (L (256,),
+    scales (16,): make_qx_lanes over the whole row in _quantize_rows); True if d overflows fp16."""
     amax = np.float32(0.0)
     max_scale = np.float32(0.0)
     for j in range(16):
@@ -182,8 +172,7 @@ def _quantize_block(x, qw, out, L, scales):
         dj = df * np.float32(v - 256 if v > 127 else v)
         if dj == 0:
             continue
-        for i in range(16):
-            L[16 * j + i] = min(max(nearest_int(x[16 * j + i] / dj), -32), 31) + 32
+        _QDIV16(x, 16 * j, np.float32(0.0), dj, -32, 31, 32, L, 16 * j)  # L = clamp(nearest_int(x/dj)) + 32
     for h in range(2):
         e = 128 * h
         for i in range(32):
@@ -200,15 +189,29 @@ def _quantize_block(x, qw, out, L, scales):
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_rows(w, qw, out, bad, r0, r1):
     nb = w.shape[1] // QK_K
+    M = 16 * nb
+    # the row's 16*nb sub-blocks side by side (element-major), searched in lock step (one call per
+    # row: its vector code runs 16 lanes at a time, and no work space is allocated per super-block)
+    xt = np.empty((16, M), np.float32)
+    Lt = np.empty((16, M), np.int8)
+    has_qw = qw.shape[0] > 0
+    qt = np.empty((16, M) if has_qw else (0, 0), np.float32)
+    scales = np.empty(M, np.float32)
     L = np.empty(QK_K, np.int8)
-    scales = np.empty(16, np.float32)
-    empty = np.empty(0, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
+        for k in range(M):
+            for i in range(16):
+                xt[i, k] = w[r, 16 * k + i]
+                if has_qw:
+                    qt[i, k] = qw[r, 16 * k + i]
+        make_qx_lanes(xt, Lt, 32, qt, scales)
         for b in range(nb):
             c = b * QK_K
-            q = qw[r, c : c + QK_K] if qw.shape[0] > 0 else empty
-            if _quantize_block(w[r, c : c + QK_K], q, out[r, b], L, scales):
+            for j in range(16):
+                for i in range(16):
+                    L[16 * j + i] = Lt[i, 16 * b + j]
+            if _quantize_block(w[r, c : c + QK_K], out[r, b], L, scales[16 * b : 16 * b + 16]):
                 if bad[r] < 0:
                     bad[r] = b
 

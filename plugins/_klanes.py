@@ -1,0 +1,373 @@
+"""The k-quants' sub-block scale searches on 16 or 32 sub-blocks at once, as LLVM vector IR.
+
+Owns three intrinsic factories, each one of plugins/_kquants.py's lane searches on lanes
+lanes*g .. lanes*g + lanes-1 of its element-major work arrays (lanes = 16: one zmm per quantity with
+AVX-512; 32: two, whose independent chains the CPU overlaps, ~10% on the Q4_K search):
+    qkx2_16(n, use_mad, lanes)  make_qkx2_quants (Q2_K, Q4_K, Q5_K): make_qkx2_lanes
+    qx_16(n, has_qw, lanes)     make_qx_quants, rmse_type 1 (Q6_K): make_qx_lanes
+    q3_16(n, lanes)             make_q3_quants with its coordinate descent (Q3_K): make_q3_lanes
+Those functions call them for every full group of lanes; their numba loops keep the rest (and are
+what tests/test_klanes.py compares the vector code with, bit for bit).
+
+Why. The numba lane loops keep every lane's sums in memory (the element loop is outside the lane
+loop, so the accumulators are arrays: a load and a store per sum and element), and numba's int64
+nearest_int widens every vector to 64-bit lanes. Here a group of 16 lanes is one <16 x float> per
+quantity: the sums stay in registers through the 32 (or 16) unrolled elements of each trial,
+nearest_int is 32-bit integer arithmetic on the float bits, exactly ggml's. Each lane does ggml's
+operations in ggml's order, every product and sum rounded on its own (separate fmul and fadd: LLVM
+does not contract them without fast-math flags), so the bytes are those of the scalar search.
+The IR is generic (no x86 intrinsics): LLVM emits zmm with AVX-512, two ymm with AVX2, NEON on ARM.
+
+This module is private (its name starts with "_"), so the registry does not load it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+_F32, _I32, _I64, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(8)
+class _Vec:
+    """The vector types and constants of one lane count (16: a zmm with AVX-512; 32: two of them, whose
+    independent dependency chains LLVM interleaves: the trials are a serial chain per lane group)."""
+
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+        self.F = ir.VectorType(_F32, lanes)
+        self.I = ir.VectorType(_I32, lanes)
+        self.B = ir.VectorType(_I8, lanes)
+        self.M = ir.IntType(lanes)  # a lane mask as an integer
+
+    def cf(self, v: float) -> ir.Constant:
+        return ir.Constant(self.F, [float(v)] * self.lanes)
+
+    def ci(self, v: int) -> ir.Constant:
+        return ir.Constant(self.I, [int(v)] * self.lanes)
+
+    def splat(self, builder, val, vt=None):
+        vt = vt or self.F
+        undef = ir.Constant(vt, ir.Undefined)
+        v = builder.insert_element(undef, val, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(v, undef, ir.Constant(self.I, [0] * self.lanes))
+
+    def nearest_clamp(self, builder, f, lo, hi):
+        """min(max(nearest_int(f), lo), hi) as float: ggml's nearest_int is the low 23 bits of the float32
+        f + 1.5*2**23 minus 2**22 (the same bit arithmetic for any f); lo, hi: integer vectors."""
+        v = builder.bitcast(builder.fadd(f, self.cf(12582912.0)), self.I)
+        li = builder.sub(builder.and_(v, self.ci(0x007FFFFF)), self.ci(0x00400000))
+        li = builder.select(builder.icmp_signed("<", li, lo), lo, li)
+        li = builder.select(builder.icmp_signed(">", li, hi), hi, li)
+        return builder.sitofp(li, self.F)
+
+    def ptr(self, builder, base, off, vt=None):
+        return builder.bitcast(builder.gep(base, [off]), (vt or self.F).as_pointer())
+
+    def fabs(self, builder):
+        return builder.module.declare_intrinsic(f"llvm.fabs.v{self.lanes}f32", (), ir.FunctionType(self.F, [self.F]))
+
+
+@functools.cache
+def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
+    """The intrinsic qkx2(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g): _kquants'
+    make_qkx2_lanes on lanes 16g..16g+15 of x, w (n, M) float32 and L (n, M) uint8 (C order),
+    scale/the_min (M,). The state of the search (min, scale, best error, L) stays per lane, as there."""
+
+    @intrinsic
+    def qkx2(typingctx, x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g):
+        sig = types.void(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+
+        def codegen(context, builder, signature, args):
+            t = _Vec(lanes)
+            at = signature.args
+            arrs = [context.make_array(at[i])(context, builder, args[i]) for i in (0, 1, 2, 7, 8)]
+            xp, wp, lp, sp, mp = (a.data for a in arrs)
+            nmaxv, rminv, rdeltav, nstepv, gv = args[3], args[4], args[5], args[6], args[9]
+            M = builder.extract_value(arrs[0].shape, 1)
+            col = builder.mul(gv, ir.Constant(_I64, lanes))
+
+            def off(i):
+                return builder.add(builder.mul(ir.Constant(_I64, i), M), col)
+
+            xs = [builder.load(t.ptr(builder, xp, off(i)), align=4) for i in range(n)]
+            ws = [builder.load(t.ptr(builder, wp, off(i)), align=4) for i in range(n)]
+            nmax32 = builder.trunc(nmaxv, _I32)
+            nmaxf = builder.sitofp(nmax32, _F32)
+            hi = t.splat(builder, nmax32, t.I)
+            zero_i = t.ci(0)
+
+            fabs = t.fabs(builder)
+
+            def err(d):  # ggml's use_mad: |d|, else d*d
+                return builder.call(fabs, [d]) if use_mad else builder.fmul(d, d)
+
+            mn, mx, sum_w = xs[0], xs[0], ws[0]
+            sum_x = builder.fmul(ws[0], xs[0])
+            for i in range(1, n):
+                mn = builder.select(builder.fcmp_ordered("<", xs[i], mn), xs[i], mn)
+                mx = builder.select(builder.fcmp_ordered(">", xs[i], mx), xs[i], mx)
+                sum_w = builder.fadd(sum_w, ws[i])
+                sum_x = builder.fadd(sum_x, builder.fmul(ws[i], xs[i]))
+            mn = builder.select(builder.fcmp_ordered(">", mn, t.cf(0.0)), t.cf(0.0), mn)
+            flat = builder.fcmp_ordered("==", mx, mn)
+            rng = builder.fsub(mx, mn)
+            isc = builder.fdiv(t.splat(builder, nmaxf), rng)
+            sc0 = builder.fdiv(t.cf(1.0), isc)
+            best = t.cf(0.0)
+            for i in range(n):
+                li = t.nearest_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_i, hi)
+                d = builder.fsub(builder.fadd(builder.fmul(sc0, li), mn), xs[i])
+                best = builder.fadd(best, builder.fmul(ws[i], err(d)))
+            # the trials: a loop in IR (its state in allocas, which LLVM keeps in registers). A lane's L
+            # are those of its last taken trial (or the first pass): kept as that trial's (iscale, min),
+            # L recomputed from them at the end (the same operations: the same L), not selected per trial.
+            st_mn = cgutils.alloca_once_value(builder, mn)
+            st_sc = cgutils.alloca_once_value(builder, sc0)
+            st_best = cgutils.alloca_once_value(builder, best)
+            st_lisc = cgutils.alloca_once_value(builder, isc)
+            st_lmn = cgutils.alloca_once_value(builder, mn)
+            with cgutils.for_range(builder, builder.add(nstepv, ir.Constant(nstepv.type, 1))) as loop:
+                s = builder.sitofp(loop.index, _F32)
+                num = builder.fadd(builder.fadd(rminv, builder.fmul(rdeltav, s)), nmaxf)
+                mn = builder.load(st_mn)
+                isc = builder.fdiv(t.splat(builder, num), builder.fsub(mx, mn))
+                sl = sl2 = sxl = t.cf(0.0)
+                La = []
+                for i in range(n):
+                    li = t.nearest_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_i, hi)
+                    La.append(li)
+                    wl = builder.fmul(ws[i], li)
+                    sl = builder.fadd(sl, wl)
+                    sl2 = builder.fadd(sl2, builder.fmul(wl, li))
+                    sxl = builder.fadd(sxl, builder.fmul(wl, xs[i]))
+                D = builder.fsub(builder.fmul(sum_w, sl2), builder.fmul(sl, sl))
+                a = builder.fdiv(builder.fsub(builder.fmul(sum_w, sxl), builder.fmul(sum_x, sl)), D)
+                m = builder.fdiv(builder.fsub(builder.fmul(sl2, sum_x), builder.fmul(sl, sxl)), D)
+                pos = builder.fcmp_ordered(">", m, t.cf(0.0))
+                m = builder.select(pos, t.cf(0.0), m)
+                a = builder.select(pos, builder.fdiv(sxl, sl2), a)
+                cur = t.cf(0.0)
+                for i in range(n):
+                    d = builder.fsub(builder.fadd(builder.fmul(a, La[i]), m), xs[i])
+                    cur = builder.fadd(cur, builder.fmul(ws[i], err(d)))
+                take = builder.and_(builder.fcmp_ordered(">", D, t.cf(0.0)),
+                                    builder.fcmp_ordered("<", cur, builder.load(st_best)))
+                builder.store(builder.select(take, cur, builder.load(st_best)), st_best)
+                builder.store(builder.select(take, a, builder.load(st_sc)), st_sc)
+                builder.store(builder.select(take, m, mn), st_mn)
+                builder.store(builder.select(take, isc, builder.load(st_lisc)), st_lisc)
+                builder.store(builder.select(take, mn, builder.load(st_lmn)), st_lmn)
+            # flat lanes (max == min): ggml returns early with L = 0, scale 0
+            sc = builder.select(flat, t.cf(0.0), builder.load(st_sc))
+            builder.store(sc, t.ptr(builder, sp, col), align=4)
+            builder.store(builder.fneg(builder.load(st_mn)), t.ptr(builder, mp, col), align=4)
+            lisc, lmn = builder.load(st_lisc), builder.load(st_lmn)
+            for i in range(n):
+                li = t.nearest_clamp(builder, builder.fmul(lisc, builder.fsub(xs[i], lmn)), zero_i, hi)
+                li = builder.select(flat, t.cf(0.0), li)
+                builder.store(builder.fptoui(li, t.B), t.ptr(builder, lp, off(i), t.B), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return qkx2
+
+
+@functools.cache
+def qx_16(n: int, has_qw: bool, lanes: int = 16):
+    """The intrinsic qx(x, L, nmax, qw, scale, g): _kquants' make_qx_lanes (make_qx_quants, rmse_type 1)
+    on lanes 16g..16g+15 of x (n, M) float32, L (n, M) int8 (C order), qw (n, M) importance weights
+    (read only if has_qw; else w = x*x), scale (M,)."""
+
+    @intrinsic
+    def qx(typingctx, x, L, nmax, qw, scale, g):
+        sig = types.void(x, L, nmax, qw, scale, g)
+
+        def codegen(context, builder, signature, args):
+            t = _Vec(lanes)
+            at = signature.args
+            arrs = [context.make_array(at[i])(context, builder, args[i]) for i in (0, 1, 3, 4)]
+            xp, lp, qp, sp = (a.data for a in arrs)
+            nmaxv, gv = args[2], args[5]
+            M = builder.extract_value(arrs[0].shape, 1)
+            col = builder.mul(gv, ir.Constant(_I64, lanes))
+
+            def off(i):
+                return builder.add(builder.mul(ir.Constant(_I64, i), M), col)
+
+            xs = [builder.load(t.ptr(builder, xp, off(i)), align=4) for i in range(n)]
+            if has_qw:
+                ws = [builder.load(t.ptr(builder, qp, off(i)), align=4) for i in range(n)]
+            else:
+                ws = [builder.fmul(v, v) for v in xs]
+            wx = [builder.fmul(ws[i], xs[i]) for i in range(n)]  # C: w*x*l = (w*x)*l
+            nmax32 = builder.trunc(nmaxv, _I32)
+            nmaxf = builder.sitofp(nmax32, _F32)
+            lo = t.splat(builder, builder.neg(nmax32), t.I)
+            hi = t.splat(builder, builder.sub(nmax32, ir.Constant(_I32, 1)), t.I)
+            fabs = t.fabs(builder)
+            amax = mx = t.cf(0.0)
+            for i in range(n):
+                ax = builder.call(fabs, [xs[i]])
+                gt = builder.fcmp_ordered(">", ax, amax)
+                amax = builder.select(gt, ax, amax)
+                mx = builder.select(gt, xs[i], mx)
+
+            def fit(isc):
+                sumlx = suml2 = t.cf(0.0)
+                ls = []
+                for i in range(n):
+                    lf = t.nearest_clamp(builder, builder.fmul(isc, xs[i]), lo, hi)
+                    ls.append(lf)
+                    sumlx = builder.fadd(sumlx, builder.fmul(wx[i], lf))
+                    suml2 = builder.fadd(suml2, builder.fmul(builder.fmul(ws[i], lf), lf))
+                return ls, sumlx, suml2
+
+            isc = builder.fdiv(t.splat(builder, builder.fneg(nmaxf)), mx)
+            Ls, sumlx, suml2 = fit(isc)
+            nz = builder.fcmp_unordered("!=", suml2, t.cf(0.0))  # C's !=: true for NaN (overflowed sums)
+            sc = builder.select(nz, builder.fdiv(sumlx, suml2), t.cf(0.0))
+            best = builder.fmul(sc, sumlx)
+            for s in range(-9, 10):
+                if s == 0:
+                    continue
+                tenth = builder.fmul(ir.Constant(_F32, 0.1), ir.Constant(_F32, float(s)))  # 0.1f * is
+                num = builder.fneg(builder.fadd(nmaxf, tenth))
+                La, sumlx, suml2 = fit(builder.fdiv(t.splat(builder, num), mx))
+                take = builder.and_(builder.fcmp_ordered(">", suml2, t.cf(0.0)),
+                                    builder.fcmp_ordered(">", builder.fmul(sumlx, sumlx), builder.fmul(best, suml2)))
+                nsc = builder.fdiv(sumlx, suml2)
+                sc = builder.select(take, nsc, sc)
+                best = builder.select(take, builder.fmul(nsc, sumlx), best)
+                Ls = [builder.select(take, a, b) for a, b in zip(La, Ls, strict=True)]
+            small = builder.fcmp_ordered("<", amax, t.cf(1e-15))  # ggml returns early: L = 0, scale 0
+            builder.store(builder.select(small, t.cf(0.0), sc), t.ptr(builder, sp, col), align=4)
+            for i in range(n):
+                li = builder.fadd(Ls[i], t.splat(builder, nmaxf))  # L = l + nmax
+                li = builder.select(small, t.cf(0.0), li)
+                builder.store(builder.fptosi(li, t.B), t.ptr(builder, lp, off(i), t.B), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return qx
+
+
+@functools.cache
+def q3_16(n: int, lanes: int = 16):
+    """The intrinsic q3(x, L, nmax, scale, g): _kquants' make_q3_quants (do_rmse: the coordinate descent
+    of up to 5 rounds) on lanes 16g..16g+15 of x (n, M) float32, L (n, M) int8 (C order), scale (M,).
+    The rounds run until no lane changes: a lane whose round changed nothing has the same state in
+    the next round, which then changes nothing either, so running it on is ggml's early break."""
+
+    @intrinsic
+    def q3(typingctx, x, L, nmax, scale, g):
+        sig = types.void(x, L, nmax, scale, g)
+
+        def codegen(context, builder, signature, args):
+            t = _Vec(lanes)
+            at = signature.args
+            arrs = [context.make_array(at[i])(context, builder, args[i]) for i in (0, 1, 3)]
+            xp, lp, sp = (a.data for a in arrs)
+            nmaxv, gv = args[2], args[4]
+            M = builder.extract_value(arrs[0].shape, 1)
+            col = builder.mul(gv, ir.Constant(_I64, lanes))
+
+            def off(i):
+                return builder.add(builder.mul(ir.Constant(_I64, i), M), col)
+
+            xs = [builder.load(t.ptr(builder, xp, off(i)), align=4) for i in range(n)]
+            ws = [builder.fmul(v, v) for v in xs]
+            wx = [builder.fmul(ws[i], xs[i]) for i in range(n)]  # C: w*x[i]*l = (w*x)*l
+            nmax32 = builder.trunc(nmaxv, _I32)
+            nmaxf = builder.sitofp(nmax32, _F32)
+            lo = t.splat(builder, builder.neg(nmax32), t.I)
+            hi = t.splat(builder, builder.sub(nmax32, ir.Constant(_I32, 1)), t.I)
+            fabs = t.fabs(builder)
+            amax = mx = t.cf(0.0)
+            for i in range(n):
+                ax = builder.call(fabs, [xs[i]])
+                gt = builder.fcmp_ordered(">", ax, amax)
+                amax = builder.select(gt, ax, amax)
+                mx = builder.select(gt, xs[i], mx)
+            isc = builder.fdiv(t.splat(builder, builder.fneg(nmaxf)), mx)
+            sumlx = suml2 = t.cf(0.0)
+            st_L = []
+            for i in range(n):
+                lf = t.nearest_clamp(builder, builder.fmul(isc, xs[i]), lo, hi)
+                st_L.append(cgutils.alloca_once_value(builder, lf))
+                sumlx = builder.fadd(sumlx, builder.fmul(wx[i], lf))
+                suml2 = builder.fadd(suml2, builder.fmul(builder.fmul(ws[i], lf), lf))
+            st_x = cgutils.alloca_once_value(builder, sumlx)
+            st_2 = cgutils.alloca_once_value(builder, suml2)
+            i1 = ir.IntType(1)
+            with cgutils.for_range(builder, ir.Constant(_I64, 5)) as loop:
+                changed = ir.Constant(ir.VectorType(i1, lanes), [0] * lanes)
+                sumlx, suml2 = builder.load(st_x), builder.load(st_2)
+                for i in range(n):
+                    lf = builder.load(st_L[i])
+                    slx = builder.fsub(sumlx, builder.fmul(wx[i], lf))
+                    c1 = builder.fcmp_ordered(">", slx, t.cf(0.0))
+                    sl2 = builder.fsub(suml2, builder.fmul(builder.fmul(ws[i], lf), lf))
+                    new = t.nearest_clamp(builder, builder.fdiv(builder.fmul(xs[i], sl2), slx), lo, hi)
+                    c2 = builder.fcmp_unordered("!=", new, lf)
+                    slx2 = builder.fadd(slx, builder.fmul(wx[i], new))
+                    sl22 = builder.fadd(sl2, builder.fmul(builder.fmul(ws[i], new), new))
+                    c3 = builder.and_(builder.fcmp_ordered(">", sl22, t.cf(0.0)),
+                                      builder.fcmp_ordered(">", builder.fmul(builder.fmul(slx2, slx2), suml2),
+                                                           builder.fmul(builder.fmul(sumlx, sumlx), sl22)))
+                    acc = builder.and_(builder.and_(c1, c2), c3)
+                    builder.store(builder.select(acc, new, lf), st_L[i])
+                    sumlx = builder.select(acc, slx2, sumlx)
+                    suml2 = builder.select(acc, sl22, suml2)
+                    changed = builder.or_(changed, acc)
+                builder.store(sumlx, st_x)
+                builder.store(suml2, st_2)
+                none = builder.icmp_unsigned("==", builder.bitcast(changed, t.M), ir.Constant(t.M, 0))
+                with builder.if_then(none):  # no lane changed: every lane is done
+                    loop.do_break()
+            sumlx, suml2 = builder.load(st_x), builder.load(st_2)
+            small = builder.fcmp_ordered("<", amax, t.cf(1e-15))  # ggml returns early: L = 0, scale 0
+            sc = builder.select(builder.fcmp_ordered(">", suml2, t.cf(0.0)), builder.fdiv(sumlx, suml2), t.cf(0.0))
+            builder.store(builder.select(small, t.cf(0.0), sc), t.ptr(builder, sp, col), align=4)
+            for i in range(n):
+                li = builder.select(small, t.cf(0.0), builder.fadd(builder.load(st_L[i]), t.splat(builder, nmaxf)))
+                builder.store(builder.fptosi(li, t.B), t.ptr(builder, lp, off(i), t.B), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return q3
+
+
+@functools.cache
+def qdiv(n: int, has_add: bool):
+    """The intrinsic qd(x, xoff, add, div, lo, hi, bias, L, loff): the k-quants' final pass over n
+    consecutive weights, L[loff + i] = min(max(nearest_int((x[xoff + i] + add) / div), lo), hi) + bias
+    ((x + add) only if has_add; else x / div), one vector division instead of n scalar ones."""
+
+    @intrinsic
+    def qd(typingctx, x, xoff, add, div, lo, hi, bias, L, loff):
+        sig = types.void(x, xoff, add, div, lo, hi, bias, L, loff)
+
+        def codegen(context, builder, signature, args):
+            t = _Vec(n)
+            at = signature.args
+            xp = context.make_array(at[0])(context, builder, args[0]).data
+            lp = context.make_array(at[7])(context, builder, args[7]).data
+            xoff, addv, divv, lov, hiv, biasv, loff = args[1], args[2], args[3], args[4], args[5], args[6], args[8]
+            v = builder.load(t.ptr(builder, xp, xoff), align=4)
+            if has_add:
+                v = builder.fadd(v, t.splat(builder, addv))
+            v = builder.fdiv(v, t.splat(builder, divv))
+            lo32, hi32 = builder.trunc(lov, _I32), builder.trunc(hiv, _I32)
+            li = t.nearest_clamp(builder, v, t.splat(builder, lo32, t.I), t.splat(builder, hi32, t.I))
+            li = builder.fadd(li, t.splat(builder, builder.sitofp(builder.trunc(biasv, _I32), _F32)))
+            builder.store(builder.fptosi(li, t.B), t.ptr(builder, lp, loff, t.B), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return qd
