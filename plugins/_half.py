@@ -26,13 +26,17 @@ no-NaN/no-inf fast-math flags are not used.
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from quantfmt import cpu
+from quantfmt import blas, cpu
+from quantfmt.families import parallel_rows
+from quantfmt.numba_threads import claim
 
 #: Whether the F16 kernels use F16C. numba compiles for the host CPU unless NUMBA_CPU_NAME /
 #: NUMBA_CPU_FEATURES say otherwise (quantfmt.cpu); tests set this False to run the portable path here.
@@ -41,17 +45,17 @@ USE_F16C = cpu.has("f16c")
 # Columns per work item of the conversion kernel: 64 KiB of float32, so one row of a wide tensor
 # still splits across threads, and there are many more items than threads.
 COL_CHUNK = 16384
-# Rows per work item of the matvec: with 4096 columns, 16 rows are 128 KiB of fp16.
-ROW_CHUNK = 16
-# Weights a thread takes at a time from a parallel loop (numba.parallel_chunksize): threads take the
-# next items when done (dynamic scheduling), not a fixed half each, so a thread that shares its core
-# (another process, BLAS threads still spinning after a call) or is descheduled delays the loop by
-# one grab, not by half the work. An 11008x4096 matrix is 172 grabs; measured on a loaded 2-core
-# machine: 2-thread decode 1.6x -> 1.16x the float32 time.
+# Weights a thread takes at a time (the conversion's numba.parallel_chunksize, the matvec's claimed
+# row chunks): threads take the next items when done, not a fixed half each, so a thread that shares
+# its core (another process, BLAS threads still spinning after a call) or is descheduled delays the
+# loop by one grab, not by half the work. An 11008x4096 matrix is 172 grabs.
 GRAB_WEIGHTS = 1 << 18
 # Conversions of fewer weights than this run on the calling thread: 4 MiB of float32 out, ~1 ms of one
 # core, where waking a thread pool and waiting for its slowest thread can cost more on a busy machine.
 PARALLEL_MIN = 1 << 20
+#: Weights per prefill tile when every thread runs its own sgemm (prefill()): 256 rows of 4096, 4 MiB
+#: of float32, about one core's L2, so the sgemm reads the tile its own thread just wrote from cache.
+PREFILL_TILE = 1 << 20
 # reassociation and contraction (FMA) let LLVM vectorize the dot product's sum; nnan/ninf are left
 # out on purpose: weights may be inf or NaN and must propagate.
 FAST = {"reassoc", "contract"}
@@ -225,53 +229,120 @@ def gather_bf16(src, idx, out):
 
 
 # ---- decode: out[k, r] = sum_j w[r, j] * x[k, j], each weight read from memory once -------------
-# Row chunks are the parallel items; within a chunk each row is dotted with every activation row
-# while it is in L1.
+# Work: chunks of `grab` rows claimed from a shared counter (quantfmt.numba_threads.claim), one claimer
+# per thread, not prange's fixed half each: on a busy 2-core machine a descheduled thread delays the
+# call by one chunk, not by its whole half (measured, 11008x4096 BF16 at load ~5: 0.99x float32 with
+# dynamic prange chunks, 0.45x claimed). Within a chunk, four rows per pass share each load of x
+# (four independent FMA chains, four weight streams in flight); each is dotted with every activation
+# row while it is in L1. One kernel per conversion (a converter passed in would not be cached).
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
-def matvec_f16c(w, x, out):
+def matvec_f16c(w, x, out, threads, grab):
     rows, cols = w.shape
     n = x.shape[0]
-    for ch in numba.prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        for r in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-            wr = w[r]
-            for k in range(n):
-                xk = x[k]
-                acc = np.float32(0.0)
-                for j in range(cols):
-                    acc += f16_dot_f16c(wr[j]) * xk[j]
-                out[k, r] = acc
+    nch = (rows + grab - 1) // grab
+    counter = np.empty(1, np.int64)  # not np.zeros: in a parallel function that is a region of its own
+    counter[0] = 0
+    for _t in numba.prange(threads):  # one claimer per thread
+        ch = claim(counter)
+        while ch < nch:
+            r, r1 = ch * grab, min(rows, (ch + 1) * grab)
+            while r + 4 <= r1:
+                w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+                for k in range(n):
+                    xk = x[k]
+                    a0 = a1 = a2 = a3 = np.float32(0.0)
+                    for j in range(cols):
+                        xv = xk[j]
+                        a0 += f16_dot_f16c(w0[j]) * xv
+                        a1 += f16_dot_f16c(w1[j]) * xv
+                        a2 += f16_dot_f16c(w2[j]) * xv
+                        a3 += f16_dot_f16c(w3[j]) * xv
+                    out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
+                r += 4
+            while r < r1:
+                wr = w[r]
+                for k in range(n):
+                    xk = x[k]
+                    acc = np.float32(0.0)
+                    for j in range(cols):
+                        acc += f16_dot_f16c(wr[j]) * xk[j]
+                    out[k, r] = acc
+                r += 1
+            ch = claim(counter)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
-def matvec_f16_portable(w, x, out):
+def matvec_f16_portable(w, x, out, threads, grab):
     rows, cols = w.shape
     n = x.shape[0]
-    for ch in numba.prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        for r in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-            wr = w[r]
-            for k in range(n):
-                xk = x[k]
-                acc = np.float32(0.0)
-                for j in range(cols):
-                    acc += f16_portable(wr[j]) * xk[j]
-                out[k, r] = acc
+    nch = (rows + grab - 1) // grab
+    counter = np.empty(1, np.int64)
+    counter[0] = 0
+    for _t in numba.prange(threads):
+        ch = claim(counter)
+        while ch < nch:
+            r, r1 = ch * grab, min(rows, (ch + 1) * grab)
+            while r + 4 <= r1:
+                w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+                for k in range(n):
+                    xk = x[k]
+                    a0 = a1 = a2 = a3 = np.float32(0.0)
+                    for j in range(cols):
+                        xv = xk[j]
+                        a0 += f16_portable(w0[j]) * xv
+                        a1 += f16_portable(w1[j]) * xv
+                        a2 += f16_portable(w2[j]) * xv
+                        a3 += f16_portable(w3[j]) * xv
+                    out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
+                r += 4
+            while r < r1:
+                wr = w[r]
+                for k in range(n):
+                    xk = x[k]
+                    acc = np.float32(0.0)
+                    for j in range(cols):
+                        acc += f16_portable(wr[j]) * xk[j]
+                    out[k, r] = acc
+                r += 1
+            ch = claim(counter)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
-def matvec_bf16(w, x, out):
+def matvec_bf16(w, x, out, threads, grab):
     rows, cols = w.shape
     n = x.shape[0]
-    for ch in numba.prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        for r in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-            wr = w[r]
-            for k in range(n):
-                xk = x[k]
-                acc = np.float32(0.0)
-                for j in range(cols):
-                    acc += bf16_shift(wr[j]) * xk[j]
-                out[k, r] = acc
+    nch = (rows + grab - 1) // grab
+    counter = np.empty(1, np.int64)
+    counter[0] = 0
+    for _t in numba.prange(threads):
+        ch = claim(counter)
+        while ch < nch:
+            r, r1 = ch * grab, min(rows, (ch + 1) * grab)
+            while r + 4 <= r1:
+                w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+                for k in range(n):
+                    xk = x[k]
+                    a0 = a1 = a2 = a3 = np.float32(0.0)
+                    for j in range(cols):
+                        xv = xk[j]
+                        a0 += bf16_shift(w0[j]) * xv
+                        a1 += bf16_shift(w1[j]) * xv
+                        a2 += bf16_shift(w2[j]) * xv
+                        a3 += bf16_shift(w3[j]) * xv
+                    out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
+                r += 4
+            while r < r1:
+                wr = w[r]
+                for k in range(n):
+                    xk = x[k]
+                    acc = np.float32(0.0)
+                    for j in range(cols):
+                        acc += bf16_shift(wr[j]) * xk[j]
+                    out[k, r] = acc
+                r += 1
+            ch = claim(counter)
 
 
 def path_f16() -> str:
@@ -313,11 +384,59 @@ def tile_to_f32(kind: str, src: np.ndarray, idx: np.ndarray, out: np.ndarray) ->
 
 def matvec(kind: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (n, rows) = x (n, cols) @ w.T for w the uint16 bits (rows, cols); kind "F16" or "BF16"."""
-    with numba.parallel_chunksize(max(1, GRAB_WEIGHTS // (ROW_CHUNK * w.shape[1]))):
-        if kind == "BF16":
-            matvec_bf16(w, x, out)
-        elif USE_F16C:
-            matvec_f16c(w, x, out)
-        else:
-            matvec_f16_portable(w, x, out)
+    rows, cols = w.shape
+    threads = numba.get_num_threads()
+    # chunks of GRAB_WEIGHTS (64 rows of 4096), a multiple of 4 rows; fewer rows than threads * 4
+    # per chunk would leave a thread idle on small matrices
+    grab = max(4, min(GRAB_WEIGHTS // max(1, cols), -(-rows // threads)) // 4 * 4)
+    if kind == "BF16":
+        matvec_bf16(w, x, out, threads, grab)
+    elif USE_F16C:
+        matvec_f16c(w, x, out, threads, grab)
+    else:
+        matvec_f16_portable(w, x, out, threads, grab)
+    return out
+
+
+# ---- prefill: float32 tiles of W, one sgemm per thread ---------------------------------------------
+# Each thread takes the next range of rows (quantfmt.families.parallel_rows), converts it into its own
+# tile (on that thread, into cache) and multiplies it by a single-threaded sgemm (quantfmt.blas): no
+# thread waits for another at every tile, as with one converting thread and BLAS's own threads (which
+# split each call into fixed shares, so every call waits for a descheduled one, while a core idles
+# during each conversion). The result is written in place: out[:, r0:r1] is a BLAS-able strided
+# matrix (ldc = rows), so no transposing copy either.
+
+def prefill_threads() -> int:
+    """Threads prefill() runs its sgemms on, or 0 where it cannot run (BLAS threads not settable:
+    prefill then goes tile by tile to BLAS's own threads) or would use one thread only."""
+    t = numba.get_num_threads()
+    return t if t > 1 and blas.available() else 0
+
+
+def prefill_tile(n: int, cols: int) -> int:
+    """Weights per prefill() tile for n activation rows: 2n rows of W, within [PREFILL_TILE, 4 PREFILL_TILE].
+    Every sgemm packs all of x again, so the more activation rows, the taller the tile that pays for it
+    (measured at 11008x4096, loaded 2-core Xeon, ratio to float32: n=512, 128-row tiles 1.21x, 256 1.07x,
+    1024 0.98x; n=128, 128 to 512 rows alike, 0.93-0.98x)."""
+    return min(max(PREFILL_TILE, 2 * n * cols), 4 * PREFILL_TILE)
+
+
+def prefill(kind: str, w: np.ndarray, x: np.ndarray, tile_weights: int = 0) -> np.ndarray:
+    """x (n, cols) @ w.T for w the uint16 bits (rows, cols), as float32 tiles each multiplied by one
+    thread's sgemm; kind "F16" or "BF16". Only where prefill_threads() is not 0."""
+    rows, cols = w.shape
+    n = x.shape[0]
+    out = np.empty((n, rows), np.float32)
+    tile_weights = tile_weights or prefill_tile(n, cols)
+    tiles: dict[int, np.ndarray] = {}  # per thread, for this call only (nothing held between calls)
+
+    def work(r0: int, r1: int) -> None:
+        buf = tiles.get(threading.get_ident())
+        if buf is None or buf.shape[0] < r1 - r0:
+            buf = tiles[threading.get_ident()] = np.empty((r1 - r0, cols), np.float32)
+        t = tile_to_f32(kind, w, np.arange(r0, r1, dtype=np.int64), buf[: r1 - r0])
+        np.matmul(x, t.T, out=out[:, r0:r1])
+
+    with blas.one_thread():
+        parallel_rows(work, rows, cols, weights=tile_weights)
     return out
