@@ -45,10 +45,11 @@ USE_F16C = cpu.has("f16c")
 # Columns per work item of the conversion kernel: 64 KiB of float32, so one row of a wide tensor
 # still splits across threads, and there are many more items than threads.
 COL_CHUNK = 16384
-# Weights a thread takes at a time (the conversion's numba.parallel_chunksize, the matvec's claimed
-# row chunks): threads take the next items when done, not a fixed half each, so a thread that shares
-# its core (another process, BLAS threads still spinning after a call) or is descheduled delays the
-# loop by one grab, not by half the work. An 11008x4096 matrix is 172 grabs.
+# Weights a thread takes at a time (the conversion's numba.parallel_chunksize, the matvec's row chunks
+# claimed from a shared counter, quantfmt.numba_threads.claim). Threads take the next grab when
+# done, not a fixed half each, so a thread that shares its core (another process, BLAS threads still
+# spinning after a call) or is descheduled delays the loop by one grab, not by half the work. An
+# 11008x4096 matrix is 172 grabs.
 GRAB_WEIGHTS = 1 << 18
 # Conversions of fewer weights than this run on the calling thread: 4 MiB of float32 out, ~1 ms of one
 # core, where waking a thread pool and waiting for its slowest thread can cost more on a busy machine.
@@ -131,6 +132,20 @@ def f16_f16c(typingctx, h):
                                           ir.Constant(i32, 0x7F800000)),
                               builder.shl(builder.and_(x, ir.Constant(i32, 0x7FFF)), ir.Constant(i32, 13)))
         return builder.select(exp_ones, builder.bitcast(special, f32), f)
+
+    return sig, codegen
+
+
+@intrinsic
+def _fptrunc_half(typingctx, f):
+    """fp16 bits (uint16) of float32 `f` rounded by LLVM's fptrunc: vcvtps2ph with F16C, in the MXCSR
+    rounding mode (nearest-even unless someone changed it: numpy's cast assumes the same). The result is
+    normal, subnormal, zero or infinity as IEEE says; FTZ does not apply to vcvtps2ph, and DAZ would only
+    make a float32 subnormal input (far below fp16's smallest subnormal) the zero it rounds to anyway."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return sig, codegen
 
@@ -226,6 +241,45 @@ def gather_bf16(src, idx, out):
         s, o = src[idx[k]], out[k]
         for j in range(src.shape[1]):
             o[j] = bf16_shift(s[j])
+
+
+# ---- quantize: float32 -> fp16 bits -------------------------------------------------------------
+# numpy's astype(float16) then a separate finiteness pass ran at 0.5-1 GB/s; one parallel pass with
+# vcvtps2ph, counting the results that overflowed to infinity, runs at memory speed. Only with F16C:
+# elsewhere LLVM would call a compiler-rt helper numba's JIT may not link, and F16.quantize keeps numpy's
+# cast. Chunks claimed from a counter, as the matvec's (a descheduled thread delays one chunk).
+QUANT_CHUNK = 1 << 16
+
+
+@numba.njit(cache=True, parallel=True)
+def f16_round_f16c(w, out, threads):
+    """out[i] = fp16 bits of float32 w[i] (both 1-D), round-to-nearest-even; returns how many are
+    infinite (inputs are finite: every one is an overflow)."""
+    nch = (w.size + QUANT_CHUNK - 1) // QUANT_CHUNK
+    counter = np.empty(1, np.int64)
+    counter[0] = 0
+    overflow = 0
+    for _t in numba.prange(threads):
+        ch = claim(counter)
+        while ch < nch:
+            i0 = ch * QUANT_CHUNK
+            s, o = w[i0 : i0 + QUANT_CHUNK], out[i0 : i0 + QUANT_CHUNK]
+            over = 0
+            for j in range(s.size):  # from 0 over slices: vectorized
+                h = _fptrunc_half(s[j])
+                o[j] = h
+                over += (h & np.uint16(0x7C00)) == np.uint16(0x7C00)
+            overflow += over
+            ch = claim(counter)
+    return overflow
+
+
+def f16_round(w: np.ndarray, out: np.ndarray) -> int | None:
+    """out = fp16 bits of w (float32, 1-D, C-contiguous), nearest-even, where the F16C path runs (returns
+    the number of overflows), else None (the caller casts with numpy)."""
+    if not USE_F16C:
+        return None
+    return int(f16_round_f16c(w, out, numba.get_num_threads()))
 
 
 # ---- decode: out[k, r] = sum_j w[r, j] * x[k, j], each weight read from memory once -------------

@@ -160,12 +160,20 @@ class F16(_HalfFormat):
     max_abs = 65520.0
     summary = "IEEE float16 (round-to-nearest-even)"
 
+    def kernel_path(self, op, n=1, mode="f32"):
+        if op == "quantize":  # vcvtps2ph in one parallel numba pass, else numpy's cast
+            return "f16c" if _kernels().USE_F16C else "numpy"
+        return super().kernel_path(op, n, mode)
+
     def _quantize(self, w):
-        h = w.astype(LE_F16)
-        ok = np.isfinite(h)
-        if not ok.all():
-            raise _range_error(self.tag, w, ok, "|w| < 65520")
-        return h.reshape(-1).view(np.uint8)
+        h = np.empty(w.size, np.uint16)
+        over = _kernels().f16_round(w.reshape(-1), h) if sys.byteorder == "little" else None
+        if over is None:
+            h = w.astype(LE_F16).reshape(-1).view(np.uint16)
+            over = not np.isfinite(h.view(LE_F16)).all()
+        if over:
+            raise _range_error(self.tag, w, np.isfinite(w.astype(np.float16)), "|w| < 65520")
+        return h.view(np.uint8)
 
 
 class BF16(_HalfFormat):

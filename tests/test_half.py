@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from quantfmt import blas, cpu, get_format
+from quantfmt.errors import RangeError
 from quantfmt_formats import _half
 from quantfmt_formats.plain import f32_from_bf16
 
@@ -232,3 +233,35 @@ def test_portable_path_compiled_for_a_generic_cpu(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["portable", "matvec-portable", "tiles-portable"]
+
+
+def rounding_corpus(rng) -> np.ndarray:
+    """float32 values where float32 -> fp16 rounding can go wrong: every exponent from below fp16's
+    smallest subnormal to above its overflow, with the 13 dropped mantissa bits at and around the
+    tie (and all-zero / all-one), both signs, plus random finite bit patterns."""
+    exps = np.arange(100, 145, dtype=np.uint32)  # 2**-27 .. 2**17
+    low = np.array([0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF], np.uint32)
+    high = rng.integers(0, 1 << 10, 64, dtype=np.uint32)
+    high[:4] = [0, 1, 0x3FE, 0x3FF]
+    m = (high[:, None] << 13 | low[None, :]).reshape(-1)
+    bits = (exps[:, None] << 23 | m[None, :]).reshape(-1)
+    bits = np.concatenate([bits, bits | 0x80000000, rng.integers(0, 1 << 32, 1 << 16, dtype=np.uint32)])
+    w = bits.view(np.float32)
+    return w[np.isfinite(w) & (np.abs(w) < 65520)]
+
+
+def test_f16_quantize_identical_to_numpy(f16_path, rng):
+    f = get_format("F16")
+    assert f.kernel_path("quantize") == ("f16c" if f16_path == "f16c" else "numpy")
+    w = rounding_corpus(rng)
+    for shape in ((w.size,), (1, w.size), (w.size // 64, 64)):
+        v = w[: np.prod(shape)].reshape(shape)
+        assert np.array_equal(f.quantize(v), v.astype("<f2").view(np.uint8).reshape(-1))
+    # several chunks claimed by several threads, overflow found in the last one only
+    big = rng.standard_normal(3 * _half.QUANT_CHUNK + 5).astype(np.float32)
+    assert np.array_equal(f.quantize(big), big.astype("<f2").view(np.uint8))
+    big[-1] = 65520.0  # the tie that rounds to infinity
+    with pytest.raises(RangeError, match=r"F16: weight 65520\.0 at row 0, column 196612"):
+        f.quantize(big)
+    big[-1] = np.nextafter(np.float32(65520), np.float32(0))  # rounds down to 65504
+    assert f.quantize(big).view("<u2")[-1] == 0x7BFF
