@@ -2,9 +2,11 @@
 
 Owns every numba kernel that reads F16/BF16 weights: the conversion of rows to float32 (in parallel over
 (row, column range) items for large dequantize/get_rows, on the calling thread for small ones and for
-prefill's tiles, which go to BLAS), and the matvec that decode uses (parallel over row chunks, converting
-on the fly, reading each weight byte once). Each exists per path, chosen at run time from quantfmt.cpu
-(`path_f16()`):
+prefill's tiles), the matvec that decode uses (row chunks claimed by the threads from a shared counter,
+four rows per pass, converting on the fly, reading each weight byte once), prefill (each thread converts
+its own tiles and multiplies them by a single-threaded sgemm, `prefill()`, where quantfmt.blas can set
+numpy's OpenBLAS threads), and F16's quantize (vcvtps2ph, with F16C). Each exists per path, chosen at
+run time from quantfmt.cpu (`path_f16()`):
   "f16c"      F16 -> float32 by LLVM's `fpext half to float`, which LLVM lowers to vcvtph2ps (F16C) or
               vcvtph2psx (AVX512-FP16); only compiled where the CPU has F16C (elsewhere LLVM would emit a
               call to a compiler-rt helper numba's JIT may not link).
