@@ -2,7 +2,7 @@
 
 Owns every numba kernel that reads F16/BF16 weights: the conversion of rows to float32 (in parallel over
 (row, column range) items for large dequantize/get_rows, on the calling thread for small ones and for
-prefill's tiles), the matvec that decode uses (row chunks claimed by the threads from a shared counter,
+prefill's tiles), the matvec that decode uses (ranges of rows taken by Python threads one after another,
 four rows per pass, converting on the fly, reading each weight byte once), prefill (each thread converts
 its own tiles and multiplies them by a single-threaded sgemm, `prefill()`, where quantfmt.blas can set
 numpy's OpenBLAS threads), and F16's quantize (vcvtps2ph, with F16C). Each exists per path, chosen at
@@ -47,11 +47,10 @@ USE_F16C = cpu.has("f16c")
 # Columns per work item of the conversion kernel: 64 KiB of float32, so one row of a wide tensor
 # still splits across threads, and there are many more items than threads.
 COL_CHUNK = 16384
-# Weights a thread takes at a time (the conversion's numba.parallel_chunksize, the matvec's row chunks
-# claimed from a shared counter, quantfmt.numba_threads.claim). Threads take the next grab when
-# done, not a fixed half each, so a thread that shares its core (another process, BLAS threads still
-# spinning after a call) or is descheduled delays the loop by one grab, not by half the work. An
-# 11008x4096 matrix is 172 grabs.
+# Weights a thread takes at a time in the conversion (numba.parallel_chunksize): threads take the next
+# grab when done, not a fixed half each, so a thread that shares its core (another process, BLAS
+# threads still spinning after a call) or is descheduled delays the loop by one grab, not by half the
+# work. An 11008x4096 matrix is 172 grabs.
 GRAB_WEIGHTS = 1 << 18
 # Conversions of fewer weights than this run on the calling thread: 4 MiB of float32 out, ~1 ms of one
 # core, where waking a thread pool and waiting for its slowest thread can cost more on a busy machine.
@@ -249,7 +248,7 @@ def gather_bf16(src, idx, out):
 # numpy's astype(float16) then a separate finiteness pass ran at 0.5-1 GB/s; one parallel pass with
 # vcvtps2ph, counting the results that overflowed to infinity, runs at memory speed. Only with F16C:
 # elsewhere LLVM would call a compiler-rt helper numba's JIT may not link, and F16.quantize keeps numpy's
-# cast. Chunks claimed from a counter, as the matvec's (a descheduled thread delays one chunk).
+# cast. Chunks claimed from a counter (a descheduled thread delays one chunk, not its half).
 QUANT_CHUNK = 1 << 16
 
 
@@ -285,120 +284,103 @@ def f16_round(w: np.ndarray, out: np.ndarray) -> int | None:
 
 
 # ---- decode: out[k, r] = sum_j w[r, j] * x[k, j], each weight read from memory once -------------
-# Work: chunks of `grab` rows claimed from a shared counter (quantfmt.numba_threads.claim), one claimer
-# per thread, not prange's fixed half each: on a busy 2-core machine a descheduled thread delays the
-# call by one chunk, not by its whole half (measured, 11008x4096 BF16 at load ~5: 0.99x float32 with
-# dynamic prange chunks, 0.45x claimed). Within a chunk, four rows per pass share each load of x
-# (four independent FMA chains, four weight streams in flight); each is dotted with every activation
-# row while it is in L1. One kernel per conversion (a converter passed in would not be cached).
+# Rows r0..r1-1 per call, on the calling thread (nogil): matvec() runs them over ranges of
+# MATVEC_GRAB weights on numba.get_num_threads() Python threads, each taking the next range when done
+# (quantfmt.families.parallel_rows). Measured at 11008x4096 BF16 on the loaded 2-core Xeon (load ~4,
+# ratio to float32 `W @ x`, medians of 21 interleaved): a parallel=True kernel with prange's fixed
+# halves 0.97x, the same with chunks claimed from an atomic counter 1.14-1.26x in that process (its
+# region still waits for every numba thread to wake and join), these Python threads 0.56-0.63x.
+# Four rows per pass share each load of x (four independent FMA chains, four weight streams in
+# flight); each row is dotted with every activation row while it is in L1. One kernel per
+# conversion (a converter passed in would not be cached).
+MATVEC_GRAB = 1 << 20  # 256 rows of 4096: 43 ranges for 11008 rows, a few microseconds of Python each
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FAST)
-def matvec_f16c(w, x, out, threads, grab):
-    rows, cols = w.shape
+@numba.njit(cache=True, nogil=True, fastmath=FAST)
+def matvec_f16c(w, x, out, r0, r1):
+    cols = w.shape[1]
     n = x.shape[0]
-    nch = (rows + grab - 1) // grab
-    counter = np.empty(1, np.int64)  # not np.zeros: in a parallel function that is a region of its own
-    counter[0] = 0
-    for _t in numba.prange(threads):  # one claimer per thread
-        ch = claim(counter)
-        while ch < nch:
-            r, r1 = ch * grab, min(rows, (ch + 1) * grab)
-            while r + 4 <= r1:
-                w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
-                for k in range(n):
-                    xk = x[k]
-                    a0 = a1 = a2 = a3 = np.float32(0.0)
-                    for j in range(cols):
-                        xv = xk[j]
-                        a0 += f16_dot_f16c(w0[j]) * xv
-                        a1 += f16_dot_f16c(w1[j]) * xv
-                        a2 += f16_dot_f16c(w2[j]) * xv
-                        a3 += f16_dot_f16c(w3[j]) * xv
-                    out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
-                r += 4
-            while r < r1:
-                wr = w[r]
-                for k in range(n):
-                    xk = x[k]
-                    acc = np.float32(0.0)
-                    for j in range(cols):
-                        acc += f16_dot_f16c(wr[j]) * xk[j]
-                    out[k, r] = acc
-                r += 1
-            ch = claim(counter)
+    r = r0
+    while r + 4 <= r1:
+        w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+        for k in range(n):
+            xk = x[k]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(cols):
+                xv = xk[j]
+                a0 += f16_dot_f16c(w0[j]) * xv
+                a1 += f16_dot_f16c(w1[j]) * xv
+                a2 += f16_dot_f16c(w2[j]) * xv
+                a3 += f16_dot_f16c(w3[j]) * xv
+            out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
+        r += 4
+    while r < r1:
+        wr = w[r]
+        for k in range(n):
+            xk = x[k]
+            acc = np.float32(0.0)
+            for j in range(cols):
+                acc += f16_dot_f16c(wr[j]) * xk[j]
+            out[k, r] = acc
+        r += 1
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FAST)
-def matvec_f16_portable(w, x, out, threads, grab):
-    rows, cols = w.shape
+@numba.njit(cache=True, nogil=True, fastmath=FAST)
+def matvec_f16_portable(w, x, out, r0, r1):
+    cols = w.shape[1]
     n = x.shape[0]
-    nch = (rows + grab - 1) // grab
-    counter = np.empty(1, np.int64)
-    counter[0] = 0
-    for _t in numba.prange(threads):
-        ch = claim(counter)
-        while ch < nch:
-            r, r1 = ch * grab, min(rows, (ch + 1) * grab)
-            while r + 4 <= r1:
-                w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
-                for k in range(n):
-                    xk = x[k]
-                    a0 = a1 = a2 = a3 = np.float32(0.0)
-                    for j in range(cols):
-                        xv = xk[j]
-                        a0 += f16_portable(w0[j]) * xv
-                        a1 += f16_portable(w1[j]) * xv
-                        a2 += f16_portable(w2[j]) * xv
-                        a3 += f16_portable(w3[j]) * xv
-                    out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
-                r += 4
-            while r < r1:
-                wr = w[r]
-                for k in range(n):
-                    xk = x[k]
-                    acc = np.float32(0.0)
-                    for j in range(cols):
-                        acc += f16_portable(wr[j]) * xk[j]
-                    out[k, r] = acc
-                r += 1
-            ch = claim(counter)
+    r = r0
+    while r + 4 <= r1:
+        w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+        for k in range(n):
+            xk = x[k]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(cols):
+                xv = xk[j]
+                a0 += f16_portable(w0[j]) * xv
+                a1 += f16_portable(w1[j]) * xv
+                a2 += f16_portable(w2[j]) * xv
+                a3 += f16_portable(w3[j]) * xv
+            out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
+        r += 4
+    while r < r1:
+        wr = w[r]
+        for k in range(n):
+            xk = x[k]
+            acc = np.float32(0.0)
+            for j in range(cols):
+                acc += f16_portable(wr[j]) * xk[j]
+            out[k, r] = acc
+        r += 1
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FAST)
-def matvec_bf16(w, x, out, threads, grab):
-    rows, cols = w.shape
+@numba.njit(cache=True, nogil=True, fastmath=FAST)
+def matvec_bf16(w, x, out, r0, r1):
+    cols = w.shape[1]
     n = x.shape[0]
-    nch = (rows + grab - 1) // grab
-    counter = np.empty(1, np.int64)
-    counter[0] = 0
-    for _t in numba.prange(threads):
-        ch = claim(counter)
-        while ch < nch:
-            r, r1 = ch * grab, min(rows, (ch + 1) * grab)
-            while r + 4 <= r1:
-                w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
-                for k in range(n):
-                    xk = x[k]
-                    a0 = a1 = a2 = a3 = np.float32(0.0)
-                    for j in range(cols):
-                        xv = xk[j]
-                        a0 += bf16_shift(w0[j]) * xv
-                        a1 += bf16_shift(w1[j]) * xv
-                        a2 += bf16_shift(w2[j]) * xv
-                        a3 += bf16_shift(w3[j]) * xv
-                    out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
-                r += 4
-            while r < r1:
-                wr = w[r]
-                for k in range(n):
-                    xk = x[k]
-                    acc = np.float32(0.0)
-                    for j in range(cols):
-                        acc += bf16_shift(wr[j]) * xk[j]
-                    out[k, r] = acc
-                r += 1
-            ch = claim(counter)
+    r = r0
+    while r + 4 <= r1:
+        w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+        for k in range(n):
+            xk = x[k]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(cols):
+                xv = xk[j]
+                a0 += bf16_shift(w0[j]) * xv
+                a1 += bf16_shift(w1[j]) * xv
+                a2 += bf16_shift(w2[j]) * xv
+                a3 += bf16_shift(w3[j]) * xv
+            out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
+        r += 4
+    while r < r1:
+        wr = w[r]
+        for k in range(n):
+            xk = x[k]
+            acc = np.float32(0.0)
+            for j in range(cols):
+                acc += bf16_shift(wr[j]) * xk[j]
+            out[k, r] = acc
+        r += 1
 
 
 def path_f16() -> str:
@@ -441,16 +423,8 @@ def tile_to_f32(kind: str, src: np.ndarray, idx: np.ndarray, out: np.ndarray) ->
 def matvec(kind: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (n, rows) = x (n, cols) @ w.T for w the uint16 bits (rows, cols); kind "F16" or "BF16"."""
     rows, cols = w.shape
-    threads = numba.get_num_threads()
-    # chunks of GRAB_WEIGHTS (64 rows of 4096), a multiple of 4 rows; fewer rows than threads * 4
-    # per chunk would leave a thread idle on small matrices
-    grab = max(4, min(GRAB_WEIGHTS // max(1, cols), -(-rows // threads)) // 4 * 4)
-    if kind == "BF16":
-        matvec_bf16(w, x, out, threads, grab)
-    elif USE_F16C:
-        matvec_f16c(w, x, out, threads, grab)
-    else:
-        matvec_f16_portable(w, x, out, threads, grab)
+    kernel = matvec_bf16 if kind == "BF16" else matvec_f16c if USE_F16C else matvec_f16_portable
+    parallel_rows(kernel, rows, cols, w, x, out, weights=MATVEC_GRAB)
     return out
 
 

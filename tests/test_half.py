@@ -146,6 +146,12 @@ def _check_qmatmul(tag, rng, monkeypatch):
             x[:, -1] = 0.0  # inf * 0 = NaN: the rows holding inf at the last column
             assert_matmul_close(f.qmatmul(data, (rows, cols), x), x, wf)
         assert_matmul_close(f.qmatmul(data, (rows, cols), x[0])[None], x[:1], wf)
+    # decode in several row ranges on several threads, the last one partial and not a multiple of 4
+    monkeypatch.setattr(_half, "MATVEC_GRAB", 6 * 130)
+    bits = weights_with_specials(tag, 39, 130, rng)
+    for n in (1, 3):
+        x = rng.standard_normal((n, 130)).astype(np.float32)
+        assert_matmul_close(f.qmatmul(bits.reshape(-1).view(np.uint8), (39, 130), x), x, reference(tag, bits))
     # prefill in several tiles, the last one partial (both prefill paths size their tiles)
     monkeypatch.setattr(f, "prefill_tile_elements", 7 * 130)
     monkeypatch.setattr(_half, "prefill_tile", lambda n, cols: 7 * 130)
