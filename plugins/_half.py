@@ -2,9 +2,11 @@
 
 Owns every numba kernel that reads F16/BF16 weights: the conversion of rows to float32 (in parallel over
 (row, column range) items for large dequantize/get_rows, on the calling thread for small ones and for
-prefill's tiles, which go to BLAS), and the matvec that decode uses (parallel over row chunks, converting
-on the fly, reading each weight byte once). Each exists per path, chosen at run time from quantfmt.cpu
-(`path_f16()`):
+prefill's tiles), the matvec that decode uses (ranges of rows taken by Python threads one after another,
+four rows per pass, converting on the fly, reading each weight byte once), prefill (each thread converts
+its own tiles and multiplies them by a single-threaded sgemm, `prefill()`, where quantfmt.blas can set
+numpy's OpenBLAS threads), and F16's quantize (vcvtps2ph, with F16C). Each exists per path, chosen at
+run time from quantfmt.cpu (`path_f16()`):
   "f16c"      F16 -> float32 by LLVM's `fpext half to float`, which LLVM lowers to vcvtph2ps (F16C) or
               vcvtph2psx (AVX512-FP16); only compiled where the CPU has F16C (elsewhere LLVM would emit a
               call to a compiler-rt helper numba's JIT may not link).
@@ -26,13 +28,17 @@ no-NaN/no-inf fast-math flags are not used.
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from quantfmt import cpu
+from quantfmt import blas, cpu
+from quantfmt.families import parallel_rows
+from quantfmt.numba_threads import claim
 
 #: Whether the F16 kernels use F16C. numba compiles for the host CPU unless NUMBA_CPU_NAME /
 #: NUMBA_CPU_FEATURES say otherwise (quantfmt.cpu); tests set this False to run the portable path here.
@@ -41,17 +47,17 @@ USE_F16C = cpu.has("f16c")
 # Columns per work item of the conversion kernel: 64 KiB of float32, so one row of a wide tensor
 # still splits across threads, and there are many more items than threads.
 COL_CHUNK = 16384
-# Rows per work item of the matvec: with 4096 columns, 16 rows are 128 KiB of fp16.
-ROW_CHUNK = 16
-# Weights a thread takes at a time from a parallel loop (numba.parallel_chunksize): threads take the
-# next items when done (dynamic scheduling), not a fixed half each, so a thread that shares its core
-# (another process, BLAS threads still spinning after a call) or is descheduled delays the loop by
-# one grab, not by half the work. An 11008x4096 matrix is 172 grabs; measured on a loaded 2-core
-# machine: 2-thread decode 1.6x -> 1.16x the float32 time.
+# Weights a thread takes at a time in the conversion (numba.parallel_chunksize): threads take the next
+# grab when done, not a fixed half each, so a thread that shares its core (another process, BLAS
+# threads still spinning after a call) or is descheduled delays the loop by one grab, not by half the
+# work. An 11008x4096 matrix is 172 grabs.
 GRAB_WEIGHTS = 1 << 18
 # Conversions of fewer weights than this run on the calling thread: 4 MiB of float32 out, ~1 ms of one
 # core, where waking a thread pool and waiting for its slowest thread can cost more on a busy machine.
 PARALLEL_MIN = 1 << 20
+#: Weights per prefill tile when every thread runs its own sgemm (prefill()): 256 rows of 4096, 4 MiB
+#: of float32, about one core's L2, so the sgemm reads the tile its own thread just wrote from cache.
+PREFILL_TILE = 1 << 20
 # reassociation and contraction (FMA) let LLVM vectorize the dot product's sum; nnan/ninf are left
 # out on purpose: weights may be inf or NaN and must propagate.
 FAST = {"reassoc", "contract"}
@@ -127,6 +133,20 @@ def f16_f16c(typingctx, h):
                                           ir.Constant(i32, 0x7F800000)),
                               builder.shl(builder.and_(x, ir.Constant(i32, 0x7FFF)), ir.Constant(i32, 13)))
         return builder.select(exp_ones, builder.bitcast(special, f32), f)
+
+    return sig, codegen
+
+
+@intrinsic
+def _fptrunc_half(typingctx, f):
+    """fp16 bits (uint16) of float32 `f` rounded by LLVM's fptrunc: vcvtps2ph with F16C, in the MXCSR
+    rounding mode (nearest-even unless someone changed it: numpy's cast assumes the same). The result is
+    normal, subnormal, zero or infinity as IEEE says; FTZ does not apply to vcvtps2ph, and DAZ would only
+    make a float32 subnormal input (far below fp16's smallest subnormal) the zero it rounds to anyway."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return sig, codegen
 
@@ -224,54 +244,143 @@ def gather_bf16(src, idx, out):
             o[j] = bf16_shift(s[j])
 
 
+# ---- quantize: float32 -> fp16 bits -------------------------------------------------------------
+# numpy's astype(float16) then a separate finiteness pass ran at 0.5-1 GB/s; one parallel pass with
+# vcvtps2ph, counting the results that overflowed to infinity, runs at memory speed. Only with F16C:
+# elsewhere LLVM would call a compiler-rt helper numba's JIT may not link, and F16.quantize keeps numpy's
+# cast. Chunks claimed from a counter (a descheduled thread delays one chunk, not its half).
+QUANT_CHUNK = 1 << 16
+
+
+@numba.njit(cache=True, parallel=True)
+def f16_round_f16c(w, out, threads):
+    """out[i] = fp16 bits of float32 w[i] (both 1-D), round-to-nearest-even; returns how many are
+    infinite (inputs are finite: every one is an overflow)."""
+    nch = (w.size + QUANT_CHUNK - 1) // QUANT_CHUNK
+    counter = np.empty(1, np.int64)
+    counter[0] = 0
+    overflow = 0
+    for _t in numba.prange(threads):
+        ch = claim(counter)
+        while ch < nch:
+            i0 = ch * QUANT_CHUNK
+            s, o = w[i0 : i0 + QUANT_CHUNK], out[i0 : i0 + QUANT_CHUNK]
+            over = 0
+            for j in range(s.size):  # from 0 over slices: vectorized
+                h = _fptrunc_half(s[j])
+                o[j] = h
+                over += (h & np.uint16(0x7C00)) == np.uint16(0x7C00)
+            overflow += over
+            ch = claim(counter)
+    return overflow
+
+
+def f16_round(w: np.ndarray, out: np.ndarray) -> int | None:
+    """out = fp16 bits of w (float32, 1-D, C-contiguous), nearest-even, where the F16C path runs (returns
+    the number of overflows), else None (the caller casts with numpy)."""
+    if not USE_F16C:
+        return None
+    return int(f16_round_f16c(w, out, numba.get_num_threads()))
+
+
 # ---- decode: out[k, r] = sum_j w[r, j] * x[k, j], each weight read from memory once -------------
-# Row chunks are the parallel items; within a chunk each row is dotted with every activation row
-# while it is in L1.
+# Rows r0..r1-1 per call, on the calling thread (nogil): matvec() runs them over ranges of
+# MATVEC_GRAB weights on numba.get_num_threads() Python threads, each taking the next range when done
+# (quantfmt.families.parallel_rows). Measured at 11008x4096 BF16 on the loaded 2-core Xeon (load ~4,
+# ratio to float32 `W @ x`, medians of 21 interleaved): a parallel=True kernel with prange's fixed
+# halves 0.97x, the same with chunks claimed from an atomic counter 1.14-1.26x in that process (its
+# region still waits for every numba thread to wake and join), these Python threads 0.56-0.63x.
+# Four rows per pass share each load of x (four independent FMA chains, four weight streams in
+# flight); each row is dotted with every activation row while it is in L1. One kernel per
+# conversion (a converter passed in would not be cached).
+MATVEC_GRAB = 1 << 20  # 256 rows of 4096: 43 ranges for 11008 rows, a few microseconds of Python each
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FAST)
-def matvec_f16c(w, x, out):
-    rows, cols = w.shape
+@numba.njit(cache=True, nogil=True, fastmath=FAST)
+def matvec_f16c(w, x, out, r0, r1):
+    cols = w.shape[1]
     n = x.shape[0]
-    for ch in numba.prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        for r in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-            wr = w[r]
-            for k in range(n):
-                xk = x[k]
-                acc = np.float32(0.0)
-                for j in range(cols):
-                    acc += f16_dot_f16c(wr[j]) * xk[j]
-                out[k, r] = acc
+    r = r0
+    while r + 4 <= r1:
+        w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+        for k in range(n):
+            xk = x[k]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(cols):
+                xv = xk[j]
+                a0 += f16_dot_f16c(w0[j]) * xv
+                a1 += f16_dot_f16c(w1[j]) * xv
+                a2 += f16_dot_f16c(w2[j]) * xv
+                a3 += f16_dot_f16c(w3[j]) * xv
+            out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
+        r += 4
+    while r < r1:
+        wr = w[r]
+        for k in range(n):
+            xk = x[k]
+            acc = np.float32(0.0)
+            for j in range(cols):
+                acc += f16_dot_f16c(wr[j]) * xk[j]
+            out[k, r] = acc
+        r += 1
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FAST)
-def matvec_f16_portable(w, x, out):
-    rows, cols = w.shape
+@numba.njit(cache=True, nogil=True, fastmath=FAST)
+def matvec_f16_portable(w, x, out, r0, r1):
+    cols = w.shape[1]
     n = x.shape[0]
-    for ch in numba.prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        for r in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-            wr = w[r]
-            for k in range(n):
-                xk = x[k]
-                acc = np.float32(0.0)
-                for j in range(cols):
-                    acc += f16_portable(wr[j]) * xk[j]
-                out[k, r] = acc
+    r = r0
+    while r + 4 <= r1:
+        w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+        for k in range(n):
+            xk = x[k]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(cols):
+                xv = xk[j]
+                a0 += f16_portable(w0[j]) * xv
+                a1 += f16_portable(w1[j]) * xv
+                a2 += f16_portable(w2[j]) * xv
+                a3 += f16_portable(w3[j]) * xv
+            out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
+        r += 4
+    while r < r1:
+        wr = w[r]
+        for k in range(n):
+            xk = x[k]
+            acc = np.float32(0.0)
+            for j in range(cols):
+                acc += f16_portable(wr[j]) * xk[j]
+            out[k, r] = acc
+        r += 1
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FAST)
-def matvec_bf16(w, x, out):
-    rows, cols = w.shape
+@numba.njit(cache=True, nogil=True, fastmath=FAST)
+def matvec_bf16(w, x, out, r0, r1):
+    cols = w.shape[1]
     n = x.shape[0]
-    for ch in numba.prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        for r in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-            wr = w[r]
-            for k in range(n):
-                xk = x[k]
-                acc = np.float32(0.0)
-                for j in range(cols):
-                    acc += bf16_shift(wr[j]) * xk[j]
-                out[k, r] = acc
+    r = r0
+    while r + 4 <= r1:
+        w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+        for k in range(n):
+            xk = x[k]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(cols):
+                xv = xk[j]
+                a0 += bf16_shift(w0[j]) * xv
+                a1 += bf16_shift(w1[j]) * xv
+                a2 += bf16_shift(w2[j]) * xv
+                a3 += bf16_shift(w3[j]) * xv
+            out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
+        r += 4
+    while r < r1:
+        wr = w[r]
+        for k in range(n):
+            xk = x[k]
+            acc = np.float32(0.0)
+            for j in range(cols):
+                acc += bf16_shift(wr[j]) * xk[j]
+            out[k, r] = acc
+        r += 1
 
 
 def path_f16() -> str:
@@ -313,11 +422,51 @@ def tile_to_f32(kind: str, src: np.ndarray, idx: np.ndarray, out: np.ndarray) ->
 
 def matvec(kind: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (n, rows) = x (n, cols) @ w.T for w the uint16 bits (rows, cols); kind "F16" or "BF16"."""
-    with numba.parallel_chunksize(max(1, GRAB_WEIGHTS // (ROW_CHUNK * w.shape[1]))):
-        if kind == "BF16":
-            matvec_bf16(w, x, out)
-        elif USE_F16C:
-            matvec_f16c(w, x, out)
-        else:
-            matvec_f16_portable(w, x, out)
+    rows, cols = w.shape
+    kernel = matvec_bf16 if kind == "BF16" else matvec_f16c if USE_F16C else matvec_f16_portable
+    parallel_rows(kernel, rows, cols, w, x, out, weights=MATVEC_GRAB)
+    return out
+
+
+# ---- prefill: float32 tiles of W, one sgemm per thread ---------------------------------------------
+# Each thread takes the next range of rows (quantfmt.families.parallel_rows), converts it into its own
+# tile (on that thread, into cache) and multiplies it by a single-threaded sgemm (quantfmt.blas): no
+# thread waits for another at every tile, as with one converting thread and BLAS's own threads (which
+# split each call into fixed shares, so every call waits for a descheduled one, while a core idles
+# during each conversion). The result is written in place: out[:, r0:r1] is a BLAS-able strided
+# matrix (ldc = rows), so no transposing copy either.
+
+def prefill_threads() -> int:
+    """Threads prefill() runs its sgemms on, or 0 where it cannot run (BLAS threads not settable:
+    prefill then goes tile by tile to BLAS's own threads) or would use one thread only."""
+    t = numba.get_num_threads()
+    return t if t > 1 and blas.available() else 0
+
+
+def prefill_tile(n: int, cols: int) -> int:
+    """Weights per prefill() tile for n activation rows: 2n rows of W, within [PREFILL_TILE, 4 PREFILL_TILE].
+    Every sgemm packs all of x again, so the more activation rows, the taller the tile that pays for it
+    (measured at 11008x4096, loaded 2-core Xeon, ratio to float32: n=512, 128-row tiles 1.21x, 256 1.07x,
+    1024 0.98x; n=128, 128 to 512 rows alike, 0.93-0.98x)."""
+    return min(max(PREFILL_TILE, 2 * n * cols), 4 * PREFILL_TILE)
+
+
+def prefill(kind: str, w: np.ndarray, x: np.ndarray, tile_weights: int = 0) -> np.ndarray:
+    """x (n, cols) @ w.T for w the uint16 bits (rows, cols), as float32 tiles each multiplied by one
+    thread's sgemm; kind "F16" or "BF16". Only where prefill_threads() is not 0."""
+    rows, cols = w.shape
+    n = x.shape[0]
+    out = np.empty((n, rows), np.float32)
+    tile_weights = tile_weights or prefill_tile(n, cols)
+    tiles: dict[int, np.ndarray] = {}  # per thread, for this call only (nothing held between calls)
+
+    def work(r0: int, r1: int) -> None:
+        buf = tiles.get(threading.get_ident())
+        if buf is None or buf.shape[0] < r1 - r0:
+            buf = tiles[threading.get_ident()] = np.empty((r1 - r0, cols), np.float32)
+        t = tile_to_f32(kind, w, np.arange(r0, r1, dtype=np.int64), buf[: r1 - r0])
+        np.matmul(x, t.T, out=out[:, r0:r1])
+
+    with blas.one_thread():
+        parallel_rows(work, rows, cols, weights=tile_weights)
     return out

@@ -14,7 +14,9 @@ F32 and the buffers run on numpy. F16 and BF16 read their bits with _half.py's n
 use F16C where the CPU has it (a portable exact path elsewhere): dequantize and get_rows convert in
 parallel, bit for bit numpy's astype(float32); qmatmul converts on the fly for a few activation rows
 (decode: half the bytes of float32 read once), and converts tiles of rows to float32 for BLAS for more
-(prefill), so W is never materialized whole. BF16 quantize (the rounding) is one parallel numba pass
+(prefill: each thread converts its own tiles and multiplies them with a single-threaded sgemm where
+numpy's OpenBLAS lets its threads be set, else one tile at a time on BLAS's threads), so W is never
+materialized whole. BF16 quantize (the rounding) is one parallel numba pass
 (numpy's version needs five passes over temporaries), in _bf16.py.
 numba is imported only when a kernel runs (_half.py and _bf16.py are imported on first use): loading
 these formats, which every model file has, must not cost a command numba's start-up.
@@ -94,10 +96,11 @@ class _HalfFormat(Format):
     #: Xeon, ratio to float32 BLAS, matvec vs tiles: n=4 0.28 vs 1.12, n=8 0.43 vs 1.29, n=16 0.58 vs
     #: 1.27, n=32 1.08 vs 1.25 (the matvec converts each row once per activation row: it loses from ~32).
     matvec_max_n: int = 16
-    #: Weights per prefill tile: 16 MB of float32. Each tile is one sgemm; fewer, larger calls lose less
-    #: to BLAS's per-call thread start and to a descheduled BLAS thread on a busy machine (measured:
-    #: 256-row tiles of 4096 cols ran 2x slower than 1024-row ones on a loaded 2-core machine), and a
-    #: tile this size still sits in the L2/L3 that sgemm streams it from.
+    #: Weights per prefill tile where tiles go one by one to BLAS's threads (_half.prefill_threads() is 0;
+    #: else _half.prefill's per-thread tiles, sized there): 16 MB of float32. Each tile is one sgemm;
+    #: fewer, larger calls lose less to BLAS's per-call thread start and to a descheduled BLAS thread on
+    #: a busy machine (measured: 256-row tiles of 4096 cols ran 2x slower than 1024-row ones on a loaded
+    #: 2-core machine), and a tile this size still sits in the L2/L3 that sgemm streams it from.
     prefill_tile_elements = 1 << 22
 
     def _bits(self, data: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -112,7 +115,9 @@ class _HalfFormat(Format):
     def kernel_path(self, op, n=1, mode="f32"):
         conv = self._conversion()
         if op == "qmatmul":
-            return f"matvec-{conv}" if n <= self.matvec_max_n else f"tiles-{conv}+blas"
+            if n <= self.matvec_max_n:
+                return f"matvec-{conv}"
+            return f"tiles-{conv}+blas-per-thread" if _kernels().prefill_threads() else f"tiles-{conv}+blas"
         if op in ("dequantize", "get_rows"):
             return conv
         return super().kernel_path(op, n, mode)
@@ -130,6 +135,10 @@ class _HalfFormat(Format):
         n = x.shape[0]
         if n <= self.matvec_max_n:
             return _kernels().matvec(self.tag, w, x, np.empty((n, rows), np.float32))
+        if _kernels().prefill_threads():
+            return _kernels().prefill(self.tag, w, x)
+        # Where numpy's BLAS threads cannot be set (not OpenBLAS, not Linux) or on one thread: tiles
+        # converted on this thread, each multiplied by BLAS's own threads.
         # out.T's rows are contiguous, so each tile's sgemm writes its result in place (out[:, r0:r1]
         # would be a strided copy); one transposing copy at the end gives the (n, rows) result.
         step = max(1, min(rows, self.prefill_tile_elements // cols))
@@ -151,12 +160,20 @@ class F16(_HalfFormat):
     max_abs = 65520.0
     summary = "IEEE float16 (round-to-nearest-even)"
 
+    def kernel_path(self, op, n=1, mode="f32"):
+        if op == "quantize":  # vcvtps2ph in one parallel numba pass, else numpy's cast
+            return "f16c" if _kernels().USE_F16C else "numpy"
+        return super().kernel_path(op, n, mode)
+
     def _quantize(self, w):
-        h = w.astype(LE_F16)
-        ok = np.isfinite(h)
-        if not ok.all():
-            raise _range_error(self.tag, w, ok, "|w| < 65520")
-        return h.reshape(-1).view(np.uint8)
+        h = np.empty(w.size, np.uint16)
+        over = _kernels().f16_round(w.reshape(-1), h) if sys.byteorder == "little" else None
+        if over is None:
+            h = w.astype(LE_F16).reshape(-1).view(np.uint16)
+            over = not np.isfinite(h.view(LE_F16)).all()
+        if over:
+            raise _range_error(self.tag, w, np.isfinite(w.astype(np.float16)), "|w| < 65520")
+        return h.view(np.uint8)
 
 
 class BF16(_HalfFormat):

@@ -257,11 +257,13 @@ class Format:
         idx = np.asarray(indices)
         if idx.ndim != 1 or not (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)):
             raise RowIndexError(f"{self.tag}: row indices must be a 1-D integer array, got {idx.dtype}{idx.shape}")
-        idx = idx.astype(np.int64)
-        if idx.size and (idx.min() < -rows or idx.max() >= rows):
+        idx = idx.astype(np.int64)  # a copy: kernels get a writeable array of their own (one compiled type)
+        lo = int(idx.min()) if idx.size else 0
+        if idx.size and (lo < -rows or int(idx.max()) >= rows):
             bad = idx[(idx < -rows) | (idx >= rows)][0]
             raise RowIndexError(f"{self.tag}: row {bad} is out of range for a tensor of {rows} rows (shape {shape})")
-        idx = np.where(idx < 0, idx + rows, idx)
+        if lo < 0:  # negative indices count from the end (a few rows are fetched per token: skip when none)
+            idx = np.where(idx < 0, idx + rows, idx)
         if idx.size == 0 or cols == 0:
             return np.zeros((idx.size, cols), np.float32)
         with kernel_section():

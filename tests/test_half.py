@@ -10,7 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from quantfmt import cpu, get_format
+from quantfmt import blas, cpu, get_format
+from quantfmt.errors import RangeError
 from quantfmt_formats import _half
 from quantfmt_formats.plain import f32_from_bf16
 
@@ -145,24 +146,54 @@ def _check_qmatmul(tag, rng, monkeypatch):
             x[:, -1] = 0.0  # inf * 0 = NaN: the rows holding inf at the last column
             assert_matmul_close(f.qmatmul(data, (rows, cols), x), x, wf)
         assert_matmul_close(f.qmatmul(data, (rows, cols), x[0])[None], x[:1], wf)
-    # prefill in several tiles, the last one partial
+    # decode in several row ranges on several threads, the last one partial and not a multiple of 4
+    monkeypatch.setattr(_half, "MATVEC_GRAB", 6 * 130)
+    bits = weights_with_specials(tag, 39, 130, rng)
+    for n in (1, 3):
+        x = rng.standard_normal((n, 130)).astype(np.float32)
+        assert_matmul_close(f.qmatmul(bits.reshape(-1).view(np.uint8), (39, 130), x), x, reference(tag, bits))
+    # prefill in several tiles, the last one partial (both prefill paths size their tiles)
     monkeypatch.setattr(f, "prefill_tile_elements", 7 * 130)
+    monkeypatch.setattr(_half, "prefill_tile", lambda n, cols: 7 * 130)
     bits = weights_with_specials(tag, 40, 130, rng)
     x = rng.standard_normal((12, 130)).astype(np.float32)
     assert_matmul_close(f.qmatmul(bits.reshape(-1).view(np.uint8), (40, 130), x), x, reference(tag, bits))
 
 
-def test_f16_qmatmul(f16_path, rng, monkeypatch):
+PREFILL_PATHS = ["blas"] + (["blas-per-thread"] if blas.available() else [])
+
+
+@pytest.fixture(params=PREFILL_PATHS)
+def prefill_path(request, monkeypatch):
+    # per-thread sgemms where numpy's OpenBLAS threads can be set; else (forced here) BLAS's own threads
+    monkeypatch.setattr(blas, "ENABLED", request.param == "blas-per-thread")
+    return request.param
+
+
+def test_f16_qmatmul(f16_path, prefill_path, rng, monkeypatch):
     f = get_format("F16")
     assert f.kernel_path("qmatmul", 1) == f"matvec-{f16_path}"
-    assert f.kernel_path("qmatmul", 128) == f"tiles-{f16_path}+blas"
+    assert f.kernel_path("qmatmul", 128) == f"tiles-{f16_path}+{prefill_path}"
     _check_qmatmul("F16", rng, monkeypatch)
 
 
-def test_bf16_qmatmul(rng, monkeypatch):
+def test_bf16_qmatmul(prefill_path, rng, monkeypatch):
     f = get_format("BF16")
-    assert (f.kernel_path("qmatmul", 1), f.kernel_path("qmatmul", 128)) == ("matvec-shift", "tiles-shift+blas")
+    assert f.kernel_path("qmatmul", 1) == "matvec-shift"
+    assert f.kernel_path("qmatmul", 128) == f"tiles-shift+{prefill_path}"
     _check_qmatmul("BF16", rng, monkeypatch)
+
+
+def test_prefill_per_thread_restores_blas_threads(rng):
+    # the per-thread path sets OpenBLAS to one thread for its sgemms only
+    if not blas.available():
+        pytest.skip("numpy's OpenBLAS thread count cannot be set here")
+    get, _ = blas._controls()
+    before = get()
+    bits = weights_with_specials("BF16", 300, 64, rng, nonfinite=False)
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    assert_matmul_close(_half.prefill("BF16", bits, x, 64 * 7), x, reference("BF16", bits))
+    assert get() == before
 
 
 def test_assert_matmul_close_can_fail(rng):
@@ -183,7 +214,7 @@ def test_portable_path_compiled_for_a_generic_cpu(tmp_path):
     # so quantfmt.cpu reports no F16C and the kernels must pick the portable path by themselves.
     code = textwrap.dedent("""
         import numpy as np
-        from quantfmt import cpu, get_format
+        from quantfmt import blas, cpu, get_format
         assert not cpu.has("f16c")
         bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(16, 4096)
         ref = bits.view(np.float16).astype(np.float32)
@@ -199,10 +230,44 @@ def test_portable_path_compiled_for_a_generic_cpu(tmp_path):
         for n in (1, 20):
             x = rng.standard_normal((n, 4096)).astype(np.float32)
             np.testing.assert_allclose(f.qmatmul(d, bits.shape, x), x @ fin.T, rtol=1e-4, atol=1e-3)
-        print(f.kernel_path("dequantize"), f.kernel_path("qmatmul", 1), f.kernel_path("qmatmul", 20))
+        prefill = "blas-per-thread" if _half.prefill_threads() else "blas"
+        assert f.kernel_path("qmatmul", 20) == "tiles-portable+" + prefill
+        print(f.kernel_path("dequantize"), f.kernel_path("qmatmul", 1), f.kernel_path("qmatmul", 20).split("+")[0])
     """)
     env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
     env.pop("NUMBA_CPU_FEATURES", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["portable", "matvec-portable", "tiles-portable+blas"]
+    assert out.stdout.split() == ["portable", "matvec-portable", "tiles-portable"]
+
+
+def rounding_corpus(rng) -> np.ndarray:
+    """float32 values where float32 -> fp16 rounding can go wrong: every exponent from below fp16's
+    smallest subnormal to above its overflow, with the 13 dropped mantissa bits at and around the
+    tie (and all-zero / all-one), both signs, plus random finite bit patterns."""
+    exps = np.arange(100, 145, dtype=np.uint32)  # 2**-27 .. 2**17
+    low = np.array([0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF], np.uint32)
+    high = rng.integers(0, 1 << 10, 64, dtype=np.uint32)
+    high[:4] = [0, 1, 0x3FE, 0x3FF]
+    m = (high[:, None] << 13 | low[None, :]).reshape(-1)
+    bits = (exps[:, None] << 23 | m[None, :]).reshape(-1)
+    bits = np.concatenate([bits, bits | 0x80000000, rng.integers(0, 1 << 32, 1 << 16, dtype=np.uint32)])
+    w = bits.view(np.float32)
+    return w[np.isfinite(w) & (np.abs(w) < 65520)]
+
+
+def test_f16_quantize_identical_to_numpy(f16_path, rng):
+    f = get_format("F16")
+    assert f.kernel_path("quantize") == ("f16c" if f16_path == "f16c" else "numpy")
+    w = rounding_corpus(rng)
+    for shape in ((w.size,), (1, w.size), (w.size // 64, 64)):
+        v = w[: np.prod(shape)].reshape(shape)
+        assert np.array_equal(f.quantize(v), v.astype("<f2").view(np.uint8).reshape(-1))
+    # several chunks claimed by several threads, overflow found in the last one only
+    big = rng.standard_normal(3 * _half.QUANT_CHUNK + 5).astype(np.float32)
+    assert np.array_equal(f.quantize(big), big.astype("<f2").view(np.uint8))
+    big[-1] = 65520.0  # the tie that rounds to infinity
+    with pytest.raises(RangeError, match=r"F16: weight 65520\.0 at row 0, column 196612"):
+        f.quantize(big)
+    big[-1] = np.nextafter(np.float32(65520), np.float32(0))  # rounds down to 65504
+    assert f.quantize(big).view("<u2")[-1] == 0x7BFF
