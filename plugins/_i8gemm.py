@@ -42,6 +42,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from quantfmt import cpu
+from quantfmt.families import prefill_path
 
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS
@@ -78,7 +79,7 @@ def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
     if takes(kind, n, mode):
         return f"int8-{PATH}"
     if n >= BLAS_MIN_ROWS:
-        return "blas-tiles"
+        return prefill_path()
     if kind != "q8_0" and mode == "f32":
         from . import _q4simd
 
