@@ -37,37 +37,41 @@ def main() -> None:
         prep = fmt.prepare(fmt._bytes_input(data, w.shape), rows, cols)
         wf = fmt.dequantize(data, w.shape)
         for n in (int(v) for v in a.n.split(",")):
-            x = rng.standard_normal((n, cols), dtype=np.float32)
+            ab(fmt, data, prep, wf, rng.standard_normal((n, cols), dtype=np.float32), a.repeat)
 
-            def old():
-                families.PER_THREAD_PREFILL = False
-                try:
-                    return fmt.qmatmul(data, w.shape, x, prepared=prep)
-                finally:
-                    families.PER_THREAD_PREFILL = True
 
-            def new():
-                return fmt.qmatmul(data, w.shape, x, prepared=prep)
+def ab(fmt, data, prep, wf, x, repeat: int) -> None:
+    n = x.shape[0]
+    shape = (wf.shape[0], wf.shape[1])
 
-            fns = {"f32": lambda: x @ wf.T, "old": old, "new": new}
-            ref = x @ wf.T
-            for f in fns.values():
-                f()
-            err = float(np.abs(new() - ref).max() / np.abs(ref).max())
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for _ in range(a.repeat):
-                for k, f in fns.items():
-                    t = time.perf_counter()
-                    f()
-                    times[k].append(time.perf_counter() - t)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            families.PER_THREAD_PREFILL = False
-            p_old = fmt.kernel_path("qmatmul", n, "f32")
+    def old():
+        families.PER_THREAD_PREFILL = False
+        try:
+            return fmt.qmatmul(data, shape, x, prepared=prep)
+        finally:
             families.PER_THREAD_PREFILL = True
-            p_new = fmt.kernel_path("qmatmul", n, "f32")
-            print(f"{tag:5} n={n:4} f32 {med['f32'] * 1e3:7.1f} ms  old {med['old'] / med['f32']:5.2f}x ({p_old})  "
-                  f"new {med['new'] / med['f32']:5.2f}x ({p_new})  max rel err {err:.1e}", flush=True)
 
+    def new():
+        return fmt.qmatmul(data, shape, x, prepared=prep)
+
+    fns = {"f32": lambda: x @ wf.T, "old": old, "new": new}
+    ref = x @ wf.T
+    for f in fns.values():
+        f()
+    err = float(np.abs(new() - ref).max() / np.abs(ref).max())
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    families.PER_THREAD_PREFILL = False
+    p_old = fmt.kernel_path("qmatmul", n, "f32")
+    families.PER_THREAD_PREFILL = True
+    p_new = fmt.kernel_path("qmatmul", n, "f32")
+    print(f"{fmt.tag:5} n={n:4} f32 {med['f32'] * 1e3:7.1f} ms  old {med['old'] / med['f32']:5.2f}x ({p_old})  "
+          f"new {med['new'] / med['f32']:5.2f}x ({p_new})  max rel err {err:.1e}", flush=True)
 
 if __name__ == "__main__":
     main()
