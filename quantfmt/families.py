@@ -163,8 +163,8 @@ def tiles_prefill(fill, rows: int, cols: int, x: np.ndarray, *args, group: int =
                   tile_rows: int = 0) -> np.ndarray:
     """out (n, rows) = x (n, cols) float32 @ W.T, W given tile by tile by `fill(*args, r0, r1, buf)`.
 
-    fill writes rows r0..r1-1 of W as float32 into buf, on the calling thread (a nogil kernel, or a
-    dequantize_kernel that goes through parallel_rows, which runs inline here):
+    fill writes rows r0..r1-1 of W as float32 into buf (C-contiguous, 64-byte aligned), on the calling
+    thread (a nogil kernel, or a dequantize_kernel that goes through parallel_rows, which runs inline):
       width == 0: buf is (r1 - r0, cols), W's rows (sgemm x @ buf.T);
       width > 0:  buf is (width, group * ceil((r1 - r0) / group)), W.T with its columns padded to `width`
                   and its rows to whole groups (tiled layouts, plugins/_qtiles.py); only [:cols, :r1-r0]
@@ -184,7 +184,9 @@ def tiles_prefill(fill, rows: int, cols: int, x: np.ndarray, *args, group: int =
         size = shape[0] * shape[1]
         flat = bufs.get(threading.get_ident())
         if flat is None or flat.size < size:
-            flat = bufs[threading.get_ident()] = np.empty(size, np.float32)
+            raw = np.empty(size + 16, np.float32)  # started on a 64-byte boundary: aligned vector stores
+            a = (-raw.ctypes.data // 4) % 16
+            flat = bufs[threading.get_ident()] = raw[a : a + size]
         buf = flat[:size].reshape(shape)
         fill(*args, r0, r1, buf)
         if width == 0:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from quantfmt import get_format
-from quantfmt.families import prefill_path
+from quantfmt.families import prefill_path, prefill_threads
 from quantfmt_formats import _i4dot, _i8gemm, iq4_nl, iq4_xs, mxfp4
 from quantfmt_formats._kquants import dot_q8k_ref
 
@@ -114,7 +114,8 @@ def test_f32_mode_stays_float(path, monkeypatch):
                 monkeypatch.setattr(_i4dot, "ROW_CHUNK_BYTES", chunk)
             x = rng.standard_normal((n, cols)).astype(np.float32)
             mag = float((np.abs(x) @ np.abs(wq).T).max())
-            want = "tiles-f32" if n < 8 else prefill_path() if path == "portable" else "blas-rows"
+            rows_path = "rows+blas-per-thread" if prefill_threads() else "blas-rows"
+            want = "tiles-f32" if n < 8 else prefill_path() if path == "portable" else rows_path
             assert fmt.kernel_path("qmatmul", n, "f32") == want
             got = fmt.qmatmul(data, (rows, cols), x, "f32", prepared=prep)
             np.testing.assert_allclose(got, x @ wq.T.astype(np.float64), rtol=0, atol=mag * 1e-6)
