@@ -29,6 +29,7 @@ import numba
 import numpy as np
 
 from quantfmt.errors import NonFiniteError
+from quantfmt.families import prefill_path
 
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
@@ -43,6 +44,13 @@ def prepare_int8(q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> P
     qt = tile_units(np.ascontiguousarray(q).view(np.uint8), rows, 0, 1).view(np.int8)[..., 0]
     mm = np.zeros((0, 0), np.float32) if m is None else np.ascontiguousarray(m, np.float32)
     return Prepared(rows, nb * QK, qt, to_tiles(np.ascontiguousarray(d, np.float32), rows), mm)
+
+
+def qmatmul_path(op: str, n: int, mode: str) -> str:
+    """Format.kernel_path of the formats whose qmatmul is qmatmul_int8 (Q5_0, Q5_1)."""
+    if op != "qmatmul":
+        return "numba"
+    return prefill_path() if n >= BLAS_MIN_ROWS else f"tiles-{mode}"
 
 
 def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
