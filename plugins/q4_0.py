@@ -30,7 +30,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
-from . import _i4dot, _i8gemm, _q4simd
+from . import _i8gemm, _q4simd
 from ._ggml import (
     QK,
     f32_to_f16_bits,
@@ -402,14 +402,17 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
     kind = "q4_1" if has_m else "q4_0"
     if _i8gemm.takes(kind, n, mode):
         return _i8gemm.qmatmul_q8(kind, prep, x, tag)
-    if kind == "q4_0" and mode == "q8_0" and _i4dot.PATH != "portable":
+    if kind == "q4_0" and mode == "q8_0" and _i8gemm.PATH != "portable":
+        from . import _i4dot  # here, not at the top: it imports Q8_0's module (see test_lazy_loading)
+
         # Q4_0 is IQ4_NL's layout with the table -8..7: _i4dot's decode (vpshufb + int8 dot products
         # across 32 weight rows) measured ~1.7x faster than _tiles_dot_q8's int16 lanes
-        if prep.lut is None:
-            layout = np.array([BLOCK_BYTES, 2, 0], np.int64)
-            prep.lut = _i4dot.LutPrepared(prep.rows, prep.cols, np.asarray(prep.raw).reshape(-1), layout,
-                                          np.arange(-8, 8, dtype=np.int8), prep.d, None)
-        return _i4dot.qmatmul(prep.lut, x, mode, tag)
+        if _i4dot.PATH != "portable":
+            if prep.lut is None:
+                layout = np.array([BLOCK_BYTES, 2, 0], np.int64)
+                prep.lut = _i4dot.LutPrepared(prep.rows, prep.cols, np.asarray(prep.raw).reshape(-1), layout,
+                                              np.arange(-8, 8, dtype=np.int8), prep.d, None)
+            return _i4dot.qmatmul(prep.lut, x, mode, tag)
     if mode == "q8_0":
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         lut = fp16_table()
