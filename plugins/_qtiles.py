@@ -59,23 +59,36 @@ class Prepared:
     (plugins/_i8gemm.py), or None.
     """
 
-    __slots__ = ("rows", "cols", "q", "d", "m", "raw")
+    __slots__ = ("rows", "cols", "_q", "_make_q", "d", "m", "raw", "lut")
 
-    def __init__(self, rows: int, cols: int, q: np.ndarray, d: np.ndarray, m: np.ndarray,
+    def __init__(self, rows: int, cols: int, q, d: np.ndarray, m: np.ndarray,
                  raw: np.ndarray | None = None):
-        self.rows, self.cols, self.q, self.d, self.m, self.raw = rows, cols, q, d, m, raw
+        # q: the tiles, or a callable making them on first use (Q4_0: a matrix only multiplied with
+        # quantized activations never needs them, see q4_0.nibble_qmatmul)
+        self._q, self._make_q = (None, q) if callable(q) else (q, None)
+        self.rows, self.cols, self.d, self.m, self.raw = rows, cols, d, m, raw
+        self.lut = None  # Q4_0's decode form for plugins/_i4dot.py, made on first use
+
+    @property
+    def q(self) -> np.ndarray:
+        if self._q is None:
+            self._q = self._make_q()
+        return self._q
 
     @property
     def tiles(self) -> int:
-        return self.q.shape[0]
+        return self.d.shape[0]
 
     @property
     def nbp(self) -> int:
-        return self.q.shape[1]
+        return self.d.shape[1]
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + self.d.nbytes + self.m.nbytes
+        made = [a for a in (self._q, self.d, self.m) if a is not None]
+        if self.lut is not None:
+            made += [self.lut.d] + ([self.lut._qn] if self.lut._qn is not None else [])
+        return sum(a.nbytes for a in made)
 
     def __repr__(self) -> str:
         return f"<Prepared {self.rows}x{self.cols} in {self.tiles} tiles of {T} rows, {self.nbytes} bytes>"
@@ -152,6 +165,8 @@ def blas_matmul(dequant_tiles, prep: Prepared, x: np.ndarray) -> np.ndarray:
     """
     n, cols = x.shape
     if prefill_threads():
+        prep.q  # noqa: B018  (tiles made on first use: here, once, not by every prefill thread)
+
         def fill(r0: int, r1: int, wt: np.ndarray) -> None:
             dequant_tiles(prep, r0 // T, -(-r1 // T), wt, True)
 

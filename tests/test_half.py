@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numba
 import numpy as np
 import pytest
 
@@ -160,14 +161,18 @@ def _check_qmatmul(tag, rng, monkeypatch):
     assert_matmul_close(f.qmatmul(bits.reshape(-1).view(np.uint8), (40, 130), x), x, reference(tag, bits))
 
 
-PREFILL_PATHS = ["blas"] + (["blas-per-thread"] if blas.available() else [])
+PREFILL_PATHS = ["blas"] + (["blas-per-thread"] if blas.available() and numba.config.NUMBA_NUM_THREADS > 1 else [])
 
 
 @pytest.fixture(params=PREFILL_PATHS)
 def prefill_path(request, monkeypatch):
     # per-thread sgemms where numpy's OpenBLAS threads can be set; else (forced here) BLAS's own threads
     monkeypatch.setattr(blas, "ENABLED", request.param == "blas-per-thread")
-    return request.param
+    # the per-thread path needs two numba threads, whatever an earlier test left numba at
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    yield request.param
+    numba.set_num_threads(before)
 
 
 def test_f16_qmatmul(f16_path, prefill_path, rng, monkeypatch):
