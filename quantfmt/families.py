@@ -152,12 +152,12 @@ def prefill_path() -> str:
 
 
 def prefill_tile_rows(n: int, cols: int, group: int = 1) -> int:
-    """Rows of W per tile for n activation rows: 2n rows' worth of weights within [1, 2] PREFILL_TILE, a
-    multiple of `group`. Every sgemm packs all of x again, so more activation rows want taller tiles; past
-    ~8 MiB the tile no longer stays in cache for its sgemm (11008x4096, loaded 2-core Xeon, ratio to
-    float32 for tiles of 128/256/512/1024 rows: Q4_K n=128 1.04/0.80/0.81/0.95, n=512 1.08/1.09/1.00/1.06;
-    Q4_0 n=128 1.05/0.80/0.84/0.88, n=512 1.00/0.87/0.87/0.98)."""
-    weights = min(max(PREFILL_TILE, 2 * n * cols), 2 * PREFILL_TILE)
+    """Rows of W per tile for n activation rows: 2n rows' worth of weights within [1, 4] PREFILL_TILE, a
+    multiple of `group`. Every single-threaded sgemm packs all of x again, so more activation rows want
+    taller tiles (11008x4096, loaded 2-core Xeon, interleaved, ratio to float32 for tiles of
+    128/256/512/1024 rows: Q4_K n=128 1.04/0.80/0.81/0.95, Q4_0 n=128 1.05/0.80/0.84/0.88; n=512, tiles
+    of 512/1024/2048 rows: Q8_0 1.08/0.98/1.01, Q4_K 1.06/0.94/0.93; F16 alike, plugins/_half.py)."""
+    weights = min(max(PREFILL_TILE, 2 * n * cols), 4 * PREFILL_TILE)
     return max(group, weights // max(cols, 1) // group * group)
 
 
