@@ -28,16 +28,15 @@ no-NaN/no-inf fast-math flags are not used.
 
 from __future__ import annotations
 
-import threading
-
 import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from quantfmt import blas, cpu
-from quantfmt.families import parallel_rows
+from quantfmt import cpu
+from quantfmt.families import parallel_rows, tiles_prefill
+from quantfmt.families import prefill_threads as prefill_threads_shared
 from quantfmt.numba_threads import claim
 
 #: Whether the F16 kernels use F16C. numba compiles for the host CPU unless NUMBA_CPU_NAME /
@@ -439,8 +438,7 @@ def matvec(kind: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> np.ndarr
 def prefill_threads() -> int:
     """Threads prefill() runs its sgemms on, or 0 where it cannot run (BLAS threads not settable:
     prefill then goes tile by tile to BLAS's own threads) or would use one thread only."""
-    t = numba.get_num_threads()
-    return t if t > 1 and blas.available() else 0
+    return prefill_threads_shared()
 
 
 def prefill_tile(n: int, cols: int) -> int:
@@ -455,18 +453,11 @@ def prefill(kind: str, w: np.ndarray, x: np.ndarray, tile_weights: int = 0) -> n
     """x (n, cols) @ w.T for w the uint16 bits (rows, cols), as float32 tiles each multiplied by one
     thread's sgemm; kind "F16" or "BF16". Only where prefill_threads() is not 0."""
     rows, cols = w.shape
-    n = x.shape[0]
-    out = np.empty((n, rows), np.float32)
-    tile_weights = tile_weights or prefill_tile(n, cols)
-    tiles: dict[int, np.ndarray] = {}  # per thread, for this call only (nothing held between calls)
+    tile_weights = tile_weights or prefill_tile(x.shape[0], cols)
+    idx = np.arange(rows, dtype=np.int64)
 
-    def work(r0: int, r1: int) -> None:
-        buf = tiles.get(threading.get_ident())
-        if buf is None or buf.shape[0] < r1 - r0:
-            buf = tiles[threading.get_ident()] = np.empty((r1 - r0, cols), np.float32)
-        t = tile_to_f32(kind, w, np.arange(r0, r1, dtype=np.int64), buf[: r1 - r0])
-        np.matmul(x, t.T, out=out[:, r0:r1])
+    def fill(r0: int, r1: int, buf: np.ndarray) -> None:
+        tile_to_f32(kind, w, idx[r0:r1], buf)
 
-    with blas.one_thread():
-        parallel_rows(work, rows, cols, weights=tile_weights)
-    return out
+    # the driver every format's f32 batches share (families.tiles_prefill)
+    return tiles_prefill(fill, rows, cols, x, tile_rows=max(1, tile_weights // cols))

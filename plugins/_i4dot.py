@@ -38,6 +38,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from quantfmt.families import prefill_path, prefill_threads, tiles_prefill
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
@@ -113,7 +114,9 @@ def kernel_path(op: str, n: int, mode: str) -> str:
     if mode != "f32" and PATH != "portable":
         return f"int8-{PATH}" if takes_prefill(n, PATH) else f"lut-{PATH}"
     if n >= BLAS_MIN_ROWS:
-        return "blas-rows" if mode == "f32" and PATH != "portable" else "blas-tiles"
+        if mode == "f32" and PATH != "portable":
+            return "rows+blas-per-thread" if prefill_threads() else "blas-rows"
+        return prefill_path()
     return f"tiles-{mode}"
 
 
@@ -182,8 +185,18 @@ def aligned_empty(rows: int, cols: int) -> np.ndarray:
     return raw[a : a + rows * cols].reshape(rows, cols)
 
 
-@intrinsic
-def _dequant_row(typingctx, raw, layout, tab, d, out, r, r0, nbp):
+def _make_dequant_row(nontemporal: bool):
+    """The row intrinsic below, its stores non-temporal (a large scratch streamed to memory) or not (a
+    per-thread prefill tile, read back from cache by the next sgemm)."""
+
+    @intrinsic
+    def dequant_row(typingctx, raw, layout, tab, d, out, r, r0, nbp):
+        return _dequant_row_sig(raw, layout, tab, d, out, r, r0, nbp, nontemporal)
+
+    return dequant_row
+
+
+def _dequant_row_sig(raw, layout, tab, d, out, r, r0, nbp, nontemporal):
     """out[r - r0, :] = row r of the weights, from the ggml bytes raw (layout: see _i8gemm "lut")
     and the block scales d (Q tiles, nbp blocks per row)."""
     sig = types.void(raw, layout, tab, d, out, r, r0, nbp)
@@ -226,10 +239,25 @@ def _dequant_row(typingctx, raw, layout, tab, d, out, r, r0, nbp):
                 o = builder.add(obase, builder.add(builder.mul(b, c64(QK)), c64(16 * h)))
                 st = builder.store(builder.fmul(v, dv), builder.bitcast(builder.gep(op, [o]), v16f.as_pointer()),
                                    align=64)
-                st.set_metadata("nontemporal", nt)
+                if nontemporal:
+                    st.set_metadata("nontemporal", nt)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+_dequant_row = _make_dequant_row(True)
+_dequant_row_cached = _make_dequant_row(False)
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequant_rows_1(raw, layout, tab, d, r0, r1, out):
+    # rows r0..r1-1 into out (r1 - r0, cols), 64-byte aligned, on the calling thread: a per-thread
+    # prefill tile (families.tiles_prefill), kept in cache for the sgemm that follows
+    nbp = d.shape[1]
+    dd = d.reshape(-1)
+    for r in range(r0, r1):
+        _dequant_row_cached(raw, layout, tab, dd, out, r, r0, nbp)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -257,6 +285,9 @@ def dequant_rows(prep: LutPrepared, r0: int, r1: int, out: np.ndarray) -> None:
 def blas_rows(prep: LutPrepared, x: np.ndarray) -> np.ndarray:
     """x (n, cols) float32 @ W.T through chunks of dequantized rows and sgemm."""
     n, cols = x.shape
+    if prefill_threads():
+        # each thread its own tiles of rows and its own sgemm (families.tiles_prefill)
+        return tiles_prefill(_dequant_rows_1, prep.rows, cols, x, prep.raw, prep.layout, prep.table, prep.d)
     out = np.empty((n, prep.rows), np.float32)
     chunk = max(1, min(prep.rows, ROW_CHUNK_BYTES // (cols * 4)))
     buf = _buffer(chunk, cols)

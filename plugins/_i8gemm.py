@@ -42,6 +42,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from quantfmt import cpu
+from quantfmt.families import prefill_path
 
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS
@@ -83,7 +84,7 @@ def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
         if _i4dot.PATH != "portable":
             return _i4dot.kernel_path("qmatmul", n, mode)
     if n >= BLAS_MIN_ROWS:
-        return "blas-tiles"
+        return prefill_path()
     if kind != "q8_0" and mode == "f32":
         from . import _q4simd
 

@@ -29,6 +29,7 @@ import numba
 import numpy as np
 
 from quantfmt.errors import NonFiniteError
+from quantfmt.families import prefill_path, prefill_threads, tiles_prefill
 
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
@@ -43,6 +44,13 @@ def prepare_int8(q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> P
     qt = tile_units(np.ascontiguousarray(q).view(np.uint8), rows, 0, 1).view(np.int8)[..., 0]
     mm = np.zeros((0, 0), np.float32) if m is None else np.ascontiguousarray(m, np.float32)
     return Prepared(rows, nb * QK, qt, to_tiles(np.ascontiguousarray(d, np.float32), rows), mm)
+
+
+def qmatmul_path(op: str, n: int, mode: str) -> str:
+    """Format.kernel_path of the formats whose qmatmul is qmatmul_int8 (Q5_0, Q5_1)."""
+    if op != "qmatmul":
+        return "numba"
+    return prefill_path() if n >= BLAS_MIN_ROWS else f"tiles-{mode}"
 
 
 def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
@@ -68,6 +76,13 @@ def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarr
             _add_offsets(out, lut[s16], prep.m)
         return out
     if n >= BLAS_MIN_ROWS:
+        if has_m and prefill_threads():
+            # per-thread tiles with the offsets folded in (w = d*q + m): no _add_offsets pass, whose
+            # n x nb x rows product (scalar sums) cost as much as the sgemm again
+            def fill(r0: int, r1: int, wt: np.ndarray) -> None:
+                _dequant_tiles_m(prep.q, prep.d, prep.m, r0 // T, -(-r1 // T), wt)
+
+            return tiles_prefill(fill, prep.rows, cols, x, group=T, width=nbp * QK)
         out = blas_matmul(dequant_tiles, prep, x)
     else:
         out = _kernel(prep, pad_cols(x, nbp), np.ones((n, nbp), np.float32))
@@ -99,6 +114,25 @@ def _qmatmul_q8_k(prep: Prepared, x: np.ndarray, tag: str) -> np.ndarray:
         return blas_matmul(dequant_tiles, prep, (qx.astype(np.float32) * cx[..., None]).reshape(n, cols))
     xs = qx.astype(np.float32)
     return _kernel(prep, pad_blocks(xs, prep.nbp).reshape(n, -1), pad_blocks(cx, prep.nbp))
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _dequant_tiles_m(q, d, m, t0, t1, wt):
+    # Tiles t0..t1-1 as W.T into wt (nbp*32, (t1-t0)*T), offsets included: d*q + m[row, block] (m
+    # untiled (rows, nb); padded rows and blocks get 0). On the calling thread (families.tiles_prefill).
+    rows, nb = m.shape
+    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
+    TT = wt3.shape[2]  # a runtime bound: LLVM vectorizes the t loops instead of unrolling them
+    mm = np.empty(TT, np.float32)
+    for b in range(q.shape[1]):
+        for i in range(t1 - t0):
+            tl = t0 + i
+            for t in range(TT):
+                r = tl * TT + t
+                mm[t] = m[r, b] if r < rows and b < nb else np.float32(0.0)
+            for j in range(QK):
+                for t in range(TT):
+                    wt3[b * QK + j, i, t] = np.float32(q[tl, b, j, t]) * d[tl, b, t] + mm[t]
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FASTMATH)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from quantfmt.families import GGMLFormat
+from quantfmt.families import GGMLFormat, prefill_path
 
 from ._klanes import q3_16, qkx2_16, qx_16
 
@@ -1135,12 +1135,12 @@ _D_OFFSETS = {"q2_k": (80, 82), "q3_k": (108, None), "q4_k": (0, 2), "q5_k": (0,
 def q8k_path(kind: str, n: int, mode: str) -> str:
     """Format.kernel_path("qmatmul", n, mode) of the k-quants: "kdot-<isa>" (decode) or "kgemm-<isa>"
     (prefill) for mode q8_k on an int8 path (plugins/_kdot.py); else "int-<mode>" (_dot_kernel) or
-    "blas-tiles"."""
+    prefill_path() ("tiles+blas-per-thread" or "blas-tiles")."""
     from . import _i8gemm, _kdot
 
     if mode == "q8_k" and _i8gemm.PATH != "portable":
         return f"{'kdot' if n < _kdot.MIN_ROWS[kind] else 'kgemm'}-{_i8gemm.PATH}"
-    return "blas-tiles" if n >= Q8K_BLAS_MIN_ROWS else f"int-{mode}"
+    return prefill_path() if n >= Q8K_BLAS_MIN_ROWS else f"int-{mode}"
 
 
 #: Activation rows from which mode "q8_k" goes to sgemm on dequantized operands.

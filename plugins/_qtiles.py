@@ -32,6 +32,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from quantfmt.families import prefill_threads, tiles_prefill
+
 QK = 32  # weights per ggml block
 T = 32  # rows per tile
 G = 4  # blocks are padded to a multiple of G: kernels finish G blocks per scale pass
@@ -155,10 +157,20 @@ def pad_blocks(a: np.ndarray, nbp: int) -> np.ndarray:
 def blas_matmul(dequant_tiles, prep: Prepared, x: np.ndarray) -> np.ndarray:
     """x (n, cols) float32 @ W.T via dequantized chunks of tiles and sgemm -> (n, rows).
 
-    `dequant_tiles(prep, t0, t1, wt)` writes tiles [t0, t1) as W.T into wt
+    `dequant_tiles(prep, t0, t1, wt, serial)` writes tiles [t0, t1) as W.T into wt
     (nbp*32, (t1-t0)*T); the padded columns of x are dropped instead (rows of wt past cols).
+    Where quantfmt.families.prefill_threads() allows, each thread dequantizes its own tiles
+    (serial=True) and multiplies them by its own sgemm (families.tiles_prefill); else chunks
+    dequantized in parallel, each multiplied on BLAS's threads.
     """
     n, cols = x.shape
+    if prefill_threads():
+        prep.q  # noqa: B018  (tiles made on first use: here, once, not by every prefill thread)
+
+        def fill(r0: int, r1: int, wt: np.ndarray) -> None:
+            dequant_tiles(prep, r0 // T, -(-r1 // T), wt, True)
+
+        return tiles_prefill(fill, prep.rows, cols, x, group=T, width=prep.nbp * QK)
     tiles = prep.tiles
     out = np.empty((n, tiles * T), np.float32)
     chunk = max(1, min(tiles, CHUNK_BYTES // (prep.nbp * QK * T * 4)))

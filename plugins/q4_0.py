@@ -389,9 +389,18 @@ def _dequant_tiles_t(q, d, m, t0, t1, wt):
             _dequant_block_t(q, d, m, t0 + i, b, wt3, i)
 
 
-def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray) -> None:
-    """Tiles [t0, t1) of a Q4_0/Q4_1 Prepared as W.T into wt (the BLAS path)."""
-    _dequant_tiles_t(prep.q, prep.d, prep.m, t0, t1, wt)
+@numba.njit(cache=True, nogil=True)
+def _dequant_tiles_1(q, d, m, t0, t1, wt):
+    # _dequant_tiles_t on the calling thread: a per-thread prefill tile (_qtiles.blas_matmul)
+    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
+    for b in range(q.shape[1]):
+        for i in range(t1 - t0):
+            _dequant_block_t(q, d, m, t0 + i, b, wt3, i)
+
+
+def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray, serial: bool = False) -> None:
+    """Tiles [t0, t1) of a Q4_0/Q4_1 Prepared as W.T into wt (the BLAS path); `serial`: on this thread."""
+    (_dequant_tiles_1 if serial else _dequant_tiles_t)(prep.q, prep.d, prep.m, t0, t1, wt)
 
 
 def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:

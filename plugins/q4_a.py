@@ -194,7 +194,7 @@ def _dequantize_kernel(data, rows, cols, out):
         _dequantize_row(data, cols // QK, row, out[row])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # nogil: prefill tiles on several threads (families.tiles_prefill)
 def _get_rows_kernel(data, cols, idx, out):
     for k in range(idx.size):
         _dequantize_row(data, cols // QK, idx[k], out[k])

@@ -225,8 +225,18 @@ def _dequant_tiles_t(q, d, t0, t1, wt):
             _dequant_block_t(q, d, t0 + i, b, wt3, i)
 
 
-def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray) -> None:
-    _dequant_tiles_t(prep.q, prep.d, t0, t1, wt)
+@numba.njit(cache=True, nogil=True)
+def _dequant_tiles_1(q, d, t0, t1, wt):
+    # _dequant_tiles_t on the calling thread: a per-thread prefill tile (_qtiles.blas_matmul)
+    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
+    for b in range(q.shape[1]):
+        for i in range(t1 - t0):
+            _dequant_block_t(q, d, t0 + i, b, wt3, i)
+
+
+def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray, serial: bool = False) -> None:
+    """Tiles [t0, t1) of int8 tiles (Q8_0, Q5_0, Q5_1) as W.T into wt; `serial`: on this thread."""
+    (_dequant_tiles_1 if serial else _dequant_tiles_t)(prep.q, prep.d, t0, t1, wt)
 
 
 def tiles_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:

@@ -110,7 +110,7 @@ def _quantize_kernel(w, out):
                     q[r, c] = np.int8(v)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # nogil: prefill tiles on several threads (families.tiles_prefill)
 def _dequantize_rows(data, cols, idx, out):
     # out[k] = row idx[k]; touches only that row's group scales and the row's own bytes.
     gb = GROUP_BYTES_PER_COL * cols

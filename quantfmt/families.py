@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import blas
 from .errors import RangeError
 from .format import Format
 
@@ -61,6 +62,7 @@ def n_chunks(rows: int, cols: int, weights: int = 65536) -> int:
 _pool: concurrent.futures.ThreadPoolExecutor | None = None  # helper threads of parallel_rows
 _pool_size = [0]
 _pool_lock = threading.Lock()
+_in_rows = threading.local()  # .active: this thread is running a range of parallel_rows
 
 
 def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tail: tuple = ()) -> None:
@@ -78,7 +80,9 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
 
     nchunk = n_chunks(rows, cols, weights)
     nthreads = min(numba.get_num_threads(), nchunk)  # honours numba.set_num_threads, as prange does
-    if nthreads <= 1:
+    if nthreads <= 1 or getattr(_in_rows, "active", False):
+        # one range, or called from inside a range (a prefill tile's dequantize_kernel): this thread
+        # does it all; handing work to the pool from one of its own threads could wait forever
         kernel(*args, 0, rows, *tail)
         return
     chunks = iter(range(nchunk))
@@ -86,6 +90,7 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
     stop = [False]  # set when a thread fails (or Ctrl-C): the others take no new range
 
     def work() -> None:
+        _in_rows.active = True
         try:
             while True:
                 with lock:
@@ -96,6 +101,8 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
         except BaseException:
             stop[0] = True
             raise
+        finally:
+            _in_rows.active = False
 
     global _pool
     with _pool_lock:
@@ -112,6 +119,88 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
     finally:
         for h in helpers:
             h.result()  # re-raises a helper's exception; waits for all before the outputs are read
+
+
+# ---- prefill: float32 tiles of W, one single-threaded sgemm per thread -----------------------------
+# The driver behind every format's mode-"f32" batches (plugins/_half.py's F16/BF16 prefill, generalized):
+# each thread takes the next range of rows (parallel_rows), dequantizes it into its own float32 tile
+# (on that thread, so the tile is still in its L2 when read) and multiplies it by a sgemm on that thread
+# alone (quantfmt.blas.one_thread), writing out[:, r0:r1] in place (a strided BLAS output, ldc = rows).
+# What it replaces: one dequantizing pass (a parallel kernel, or a single thread while a core idles),
+# then one sgemm per chunk on OpenBLAS's threads, whose fixed per-thread shares make every call wait for
+# a descheduled thread on a shared machine. Measured (scripts/prefill_ab.py, 11008x4096, loaded 2-core
+# Xeon, ratio to float32 x @ W.T, fallback -> per-thread): n=128 Q4_0 2.09 -> 0.99x, Q8_0 2.02 -> 0.99x,
+# Q4_K 13.1 -> 0.98x, Q8_A 1.95 -> 1.08x; n=512 Q4_0 1.57 -> 1.18x, Q6_K 1.66 -> 0.98x.
+
+#: Tests set this False to take each format's fallback (tiles dequantized, then BLAS's own threads).
+PER_THREAD_PREFILL = True
+#: Weights per tile at the least: 1 M = 4 MiB of float32, about one core's L2.
+PREFILL_TILE = 1 << 20
+
+
+def prefill_threads() -> int:
+    """Threads tiles_prefill() runs its sgemms on, or 0 where callers must keep their fallback: numpy's
+    BLAS threads cannot be set here (quantfmt.blas.available()), or there is one thread only."""
+    import numba
+
+    t = numba.get_num_threads()
+    return t if PER_THREAD_PREFILL and t > 1 and blas.available() else 0
+
+
+def prefill_path() -> str:
+    """kernel_path of a batch that goes to dequantized tiles and sgemm: "tiles+blas-per-thread" where
+    tiles_prefill runs, else "blas-tiles" (tiles dequantized, then BLAS's own threads)."""
+    return "tiles+blas-per-thread" if prefill_threads() else "blas-tiles"
+
+
+def prefill_tile_rows(n: int, cols: int, group: int = 1) -> int:
+    """Rows of W per tile for n activation rows: 2n rows' worth of weights within [1, 4] PREFILL_TILE, a
+    multiple of `group`. Every single-threaded sgemm packs all of x again, so more activation rows want
+    taller tiles (11008x4096, loaded 2-core Xeon, interleaved, ratio to float32 for tiles of
+    128/256/512/1024 rows: Q4_K n=128 1.04/0.80/0.81/0.95, Q4_0 n=128 1.05/0.80/0.84/0.88; n=512, tiles
+    of 512/1024/2048 rows: Q8_0 1.08/0.98/1.01, Q4_K 1.06/0.94/0.93; F16 alike, plugins/_half.py)."""
+    weights = min(max(PREFILL_TILE, 2 * n * cols), 4 * PREFILL_TILE)
+    return max(group, weights // max(cols, 1) // group * group)
+
+
+def tiles_prefill(fill, rows: int, cols: int, x: np.ndarray, *args, group: int = 1, width: int = 0,
+                  tile_rows: int = 0) -> np.ndarray:
+    """out (n, rows) = x (n, cols) float32 @ W.T, W given tile by tile by `fill(*args, r0, r1, buf)`.
+
+    fill writes rows r0..r1-1 of W as float32 into buf (C-contiguous, 64-byte aligned), on the calling
+    thread (a nogil kernel, or a dequantize_kernel that goes through parallel_rows, which runs inline):
+      width == 0: buf is (r1 - r0, cols), W's rows (sgemm x @ buf.T);
+      width > 0:  buf is (width, group * ceil((r1 - r0) / group)), W.T with its columns padded to `width`
+                  and its rows to whole groups (tiled layouts, plugins/_qtiles.py); only [:cols, :r1-r0]
+                  is read.
+    r0 is a multiple of `group` (a column-block format's row group, a tile of T rows); r1 too, or rows.
+    Call only where prefill_threads() is not 0."""
+    n = x.shape[0]
+    out = np.empty((n, rows), np.float32)
+    step = tile_rows or prefill_tile_rows(n, cols, group)
+    step = max(group, step // group * group)
+    units = -(-rows // group)
+    bufs: dict[int, np.ndarray] = {}  # per thread, for this call only (nothing held between calls)
+
+    def work(u0: int, u1: int) -> None:
+        r0, r1 = u0 * group, min(rows, u1 * group)
+        shape = ((u1 - u0) * group, cols) if width == 0 else (width, (u1 - u0) * group)
+        size = shape[0] * shape[1]
+        flat = bufs.get(threading.get_ident())
+        if flat is None or flat.size < size:
+            raw = np.empty(size + 16, np.float32)  # started on a 64-byte boundary: aligned vector stores
+            a = (-raw.ctypes.data // 4) % 16
+            flat = bufs[threading.get_ident()] = raw[a : a + size]
+        buf = flat[:size].reshape(shape)
+        fill(*args, r0, r1, buf)
+        if width == 0:
+            np.matmul(x, buf[: r1 - r0].T, out=out[:, r0:r1])
+        else:
+            np.matmul(x, buf[:cols, : r1 - r0], out=out[:, r0:r1])
+
+    with blas.one_thread():
+        parallel_rows(work, units, cols * group, weights=step * cols)
+    return out
 
 
 class BlockFormat(Format):
@@ -212,6 +301,19 @@ class GGMLFormat(Format):
         self.dequantize_kernel(data.reshape(rows, cols // self.qk, self.block_bytes), fp16_table(), idx, out)
         return out
 
+    def _blas_tiles(self, data, rows, cols, x):
+        # Batches: each thread dequantizes its own rows with the format's dequantize_kernel (its
+        # parallel_rows runs inline on a prefill thread) and multiplies them by its own sgemm.
+        if not prefill_threads():
+            return super()._blas_tiles(data, rows, cols, x)
+        blocks = data.reshape(rows, cols // self.qk, self.block_bytes)
+        lut, idx = fp16_table(), np.arange(rows, dtype=np.int64)
+
+        def fill(r0: int, r1: int, buf: np.ndarray) -> None:
+            self.dequantize_kernel(blocks, lut, idx[r0:r1], buf)
+
+        return tiles_prefill(fill, rows, cols, x)
+
     def range_error(self, w: np.ndarray, r: int, b: int) -> RangeError:
         """The RangeError for the block at row r, block b of weights w."""
         qk = self.qk
@@ -274,8 +376,21 @@ class KernelFormat(Format):
 
     def kernel_path(self, op: str, n: int = 1, mode: str = "f32") -> str:
         if op == "qmatmul":
-            return "blas-tiles" if n > self.matvec_max_n else "matvec"
+            return prefill_path() if n > self.matvec_max_n else "matvec"
         return "numba"
+
+    def _blas_tiles(self, data, rows, cols, x):
+        # Batches: each thread fills its own tiles of whole row groups (get_rows_kernel must be nogil)
+        # and multiplies them by its own sgemm.
+        if not prefill_threads():
+            return super()._blas_tiles(data, rows, cols, x)
+        idx = np.arange(rows, dtype=np.int64)
+        kernel = self.get_rows_kernel
+
+        def fill(r0: int, r1: int, buf: np.ndarray) -> None:
+            kernel(data, cols, idx[r0:r1], buf)
+
+        return tiles_prefill(fill, rows, cols, x, group=self.block_shape[0])
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         if x.shape[0] > self.matvec_max_n:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from quantfmt import get_format
+from quantfmt.families import prefill_path, prefill_threads
 from quantfmt_formats import _i4dot, _i8gemm, iq4_nl, iq4_xs, mxfp4
 from quantfmt_formats._kquants import dot_q8k_ref
 
@@ -66,7 +67,7 @@ def test_quantized_activations_match_ggml_dot(tag, path, monkeypatch):
             np.testing.assert_allclose(got, ref, rtol=0, atol=mag * 2e-6, err_msg=f"{rows}x{cols} n={n}")
             kp = fmt.kernel_path("qmatmul", n, mode)
             if path == "portable":
-                assert kp == ("blas-tiles" if n >= 8 else f"tiles-{mode}")
+                assert kp == (prefill_path() if n >= 8 else f"tiles-{mode}")
             else:
                 assert kp == (f"int8-{path}" if n >= _i4dot.MIN_ROWS[path] else f"lut-{path}")
 
@@ -113,7 +114,8 @@ def test_f32_mode_stays_float(path, monkeypatch):
                 monkeypatch.setattr(_i4dot, "ROW_CHUNK_BYTES", chunk)
             x = rng.standard_normal((n, cols)).astype(np.float32)
             mag = float((np.abs(x) @ np.abs(wq).T).max())
-            want = "tiles-f32" if n < 8 else "blas-tiles" if path == "portable" else "blas-rows"
+            rows_path = "rows+blas-per-thread" if prefill_threads() else "blas-rows"
+            want = "tiles-f32" if n < 8 else prefill_path() if path == "portable" else rows_path
             assert fmt.kernel_path("qmatmul", n, "f32") == want
             got = fmt.qmatmul(data, (rows, cols), x, "f32", prepared=prep)
             np.testing.assert_allclose(got, x @ wq.T.astype(np.float64), rtol=0, atol=mag * 1e-6)
@@ -138,7 +140,7 @@ for tag, mod in (("IQ4N", iq4_nl), ("MXF4", mxfp4)):
 
 
 @pytest.mark.parametrize(("features", "paths"), [("+avx2,+fma", ["lut-avx2", "int8-avx2"]),
-                                                 (None, ["tiles-q8_0", "blas-tiles"])])
+                                                 (None, ["tiles-q8_0", prefill_path()])])
 def test_cpus_with_less(features, paths):
     # Compiled for a generic CPU with only AVX2 (no AVX-512 instruction may appear), and with
     # nothing (the portable path): each gets its path and the reference's results.
