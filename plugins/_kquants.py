@@ -418,6 +418,17 @@ def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min):
 
 
 @jit
+def qkx2_lanes16(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
+    """make_qkx2_lanes for Q2_K (n = 16) when M is a multiple of 32 (the caller pads its work space):
+    the two 32-lane vector kernels only, where make_qkx2_lanes compiles six and its loop (cold start)."""
+    for g in range(x.shape[1] // 32):
+        if use_mad:
+            _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        else:
+            _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+
+
+@jit
 def qkx2_lanes_loop(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
     """make_qkx2_lanes in numba loops: each lane runs ggml's operations in ggml's order (the element
     loop is outside, the lane loop inside), so every lane's bytes are those of the scalar search;
@@ -592,6 +603,17 @@ def make_qx_lanes(x, L, nmax, qw, scale):
         c += 16
     if c < M:
         qx_lanes_loop(x[:, c:], L[:, c:], nmax, qw if qw.shape[0] == 0 else qw[:, c:], scale[c:])
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def qx_lanes32(x, L, nmax, qw, scale):
+    """make_qx_lanes for Q6_K (n = 16) when M is a multiple of 32 (the caller pads its work space): the
+    two 32-lane vector kernels only, where make_qx_lanes compiles four and its loop (cold start)."""
+    for g in range(x.shape[1] // 32):
+        if qw.shape[0] > 0:
+            _QX_32_W(x, L, nmax, qw, scale, g)
+        else:
+            _QX_32(x, L, nmax, qw, scale, g)
 
 
 @jit
