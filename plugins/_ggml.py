@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from quantfmt.errors import NonFiniteError, RangeError
-from quantfmt.families import fp16_table, n_chunks  # noqa: F401  (re-exported for the format modules)
+from quantfmt.families import fp16_table, n_chunks, parallel_rows  # noqa: F401  (re-exported for the format modules)
 
 QK = 32  # weights per block, along a row, in every ggml format here
 FP16_MAX_EXCL = 65520.0  # the smallest float32 magnitude that rounds to fp16 infinity
@@ -82,11 +82,12 @@ def quantize_activations_ref(x: np.ndarray, with_sum: bool):
     return d16, s.astype(np.float16).view(np.uint16), qs
 
 
-@numba.njit(cache=True, parallel=True)
-def _act_kernel(x, with_sum, d16, s16, qs, bad):
-    n, cols = x.shape
-    nb = cols // 32
-    for i in numba.prange(n * nb):
+@numba.njit(cache=True, nogil=True)
+def _act_blocks(x, with_sum, d16, s16, qs, bad, i0, i1):
+    # blocks i0..i1-1 (row-major over (n, cols/32)), on Python threads (families.parallel_rows): a
+    # parallel=True driver compiled ~2x slower cold (every q8_0-mode format pays it), for the same speed
+    nb = x.shape[1] // 32
+    for i in range(i0, i1):
         r = i // nb
         b = i - r * nb
         xb = x[r, b * 32 : b * 32 + 32]
@@ -127,7 +128,8 @@ def quantize_activations(x: np.ndarray, with_sum: bool, tag: str = "ggml"):
     s16 = np.zeros((n, nb), np.uint16)
     qs = np.empty((n, nb, QK), np.int8)
     bad = np.zeros(n * nb, np.uint8)
-    _act_kernel(x, with_sum, d16, s16, qs, bad)
+    x = np.ascontiguousarray(x, np.float32)  # one compiled signature for every caller
+    parallel_rows(_act_blocks, n * nb, QK, x, with_sum, d16, s16, qs, bad)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         r, b = divmod(i, nb)

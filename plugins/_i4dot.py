@@ -38,7 +38,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from quantfmt.families import prefill_path, prefill_threads, tiles_prefill
+from quantfmt.families import parallel_rows, prefill_path, prefill_threads, tiles_prefill
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
@@ -142,8 +142,9 @@ def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | N
     cx = np.zeros((n, nb), np.int32) if path == "avx2" else qx.sum(-1, dtype=np.int32) * np.int32(-128)
     tiles = prep.d.shape[0]
     out = np.empty((n, tiles * T), np.float32)
-    _DECODE[path](prep.qn(), prep.d, table, np.ascontiguousarray(qx).reshape(n, -1), np.ascontiguousarray(dxb), cx,
-                  out, nb, np.zeros(1, np.int64), numba.get_num_threads())
+    threads = numba.get_num_threads()
+    parallel_rows(_DECODE[path], threads, 1, prep.qn(), prep.d, table, np.ascontiguousarray(qx).reshape(n, -1),
+                  np.ascontiguousarray(dxb), cx, out, nb, np.zeros(1, np.int64), weights=1)
     return out[:, : prep.rows]
 
 
@@ -411,50 +412,49 @@ _dk_avx2 = _make_decode("avx2")
 # One driver per path, each calling its own intrinsic (a dispatcher passed as an argument would not
 # be cached across processes). Work: chunks of TILE_CHUNK tiles of 32 weight rows, for every
 # activation row, claimed from a counter (quantfmt.numba_threads: a descheduled thread's share is
-# taken by the running one, on a machine shared with other work).
+# taken by the running one, on a machine shared with other work). The driver is a nogil claim loop
+# run once on each thread (families.parallel_rows with one "row" per thread), not a parallel=True
+# prange over the threads: that compiled ~2x slower cold, for the same loop.
 TILE_CHUNK = 4
 
 
-@numba.njit(cache=True, parallel=True)
-def _decode_avx512vnni(qn, d, tab, xq, dx, cx, out, nb, counter, threads):
+@numba.njit(cache=True, nogil=True)
+def _decode_avx512vnni(qn, d, tab, xq, dx, cx, out, nb, counter, _c0, _c1):
     tiles, nbp = qn.shape[0], qn.shape[1]
     q, dd = qn.reshape(-1), d.reshape(-1)
     chunks = (tiles + TILE_CHUNK - 1) // TILE_CHUNK
-    for _t in numba.prange(threads):  # one claimer per thread
+    ch = claim(counter)
+    while ch < chunks:
+        for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
+            for i in range(xq.shape[0]):
+                _dk_avx512vnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
         ch = claim(counter)
-        while ch < chunks:
-            for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
-                for i in range(xq.shape[0]):
-                    _dk_avx512vnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
-            ch = claim(counter)
 
 
-@numba.njit(cache=True, parallel=True)
-def _decode_avxvnni(qn, d, tab, xq, dx, cx, out, nb, counter, threads):
+@numba.njit(cache=True, nogil=True)
+def _decode_avxvnni(qn, d, tab, xq, dx, cx, out, nb, counter, _c0, _c1):
     tiles, nbp = qn.shape[0], qn.shape[1]
     q, dd = qn.reshape(-1), d.reshape(-1)
     chunks = (tiles + TILE_CHUNK - 1) // TILE_CHUNK
-    for _t in numba.prange(threads):  # one claimer per thread
+    ch = claim(counter)
+    while ch < chunks:
+        for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
+            for i in range(xq.shape[0]):
+                _dk_avxvnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
         ch = claim(counter)
-        while ch < chunks:
-            for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
-                for i in range(xq.shape[0]):
-                    _dk_avxvnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
-            ch = claim(counter)
 
 
-@numba.njit(cache=True, parallel=True)
-def _decode_avx2(qn, d, tab, xq, dx, cx, out, nb, counter, threads):
+@numba.njit(cache=True, nogil=True)
+def _decode_avx2(qn, d, tab, xq, dx, cx, out, nb, counter, _c0, _c1):
     tiles, nbp = qn.shape[0], qn.shape[1]
     q, dd = qn.reshape(-1), d.reshape(-1)
     chunks = (tiles + TILE_CHUNK - 1) // TILE_CHUNK
-    for _t in numba.prange(threads):  # one claimer per thread
+    ch = claim(counter)
+    while ch < chunks:
+        for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
+            for i in range(xq.shape[0]):
+                _dk_avx2(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
         ch = claim(counter)
-        while ch < chunks:
-            for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
-                for i in range(xq.shape[0]):
-                    _dk_avx2(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
-            ch = claim(counter)
 
 
 _DECODE = {"avx512vnni": _decode_avx512vnni, "avxvnni": _decode_avxvnni, "avx2": _decode_avx2}

@@ -33,7 +33,7 @@ from quantfmt.families import prefill_path, prefill_threads, tiles_prefill
 
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
-from .q8_0 import _tiles_dot, dequant_tiles
+from .q8_0 import dequant_tiles, tiles_dot
 
 
 def prepare_int8(q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> Prepared:
@@ -154,5 +154,5 @@ def _kernel(prep: Prepared, xs: np.ndarray, cx: np.ndarray) -> np.ndarray:
     n = xs.shape[0]
     out = np.empty((n, prep.tiles * T), np.float32)
     for i in range(n):
-        _tiles_dot(prep.q, prep.d, xs[i], cx[i], out[i])
+        tiles_dot(prep, xs[i], cx[i], out[i])
     return out[:, : prep.rows]

@@ -53,6 +53,9 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from quantfmt.families import parallel_rows
+from quantfmt.numba_threads import claim
+
 from . import _i8gemm
 from ._i8gemm import LANES, c64, lanes_layout, splat, vload
 
@@ -332,13 +335,18 @@ def _kdec(typingctx, tok, w, dw, mw, xq, xbs, dx, out, r, k, rows, nb):
 DEC_ROWS = 64
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_decode(tok, w, dw, mw, xq, xbs, dx, out, rows, n, nb):
+# The drivers are nogil claim loops, run once on each thread (families.parallel_rows with one "row"
+# per thread; items claimed from a counter, quantfmt.numba_threads), not parallel=True pranges: those
+# compiled ~2x slower cold (the kernel optimized again inside the gufunc), for the same loop.
+@numba.njit(cache=True, nogil=True)
+def _drive_decode(tok, w, dw, mw, xq, xbs, dx, out, rows, n, nb, counter, _c0, _c1):
     items = (rows + DEC_ROWS - 1) // DEC_ROWS
-    for it in numba.prange(items):
+    it = claim(counter)
+    while it < items:
         for r in range(it * DEC_ROWS, min(rows, (it + 1) * DEC_ROWS)):
             for k in range(n):
                 _kdec(tok, w, dw, mw, xq, xbs, dx, out, r, k, rows, nb)
+        it = claim(counter)
 
 
 # ---- prefill: a register tile of RW weight rows x NV vectors of activation rows -------------------
@@ -477,17 +485,19 @@ _kpre = _make_prefill(RW, NV)
 CHUNK_GROUPS = _i8gemm.CHUNK_GROUPS
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_prefill(tok, w, dw, mw, xa, xbs, dx, out, rows, groups, nb):
-    # as plugins/_i8gemm.py's drivers: activation chunks of CHUNK_GROUPS vectors (they stay in L2),
-    # weight-row-major register tiles within a chunk. An odd group count leaves a last tile whose
-    # second vector is clamped onto the first (computed twice, stored twice, the same values): no
-    # separate 1-vector kernel, which would double the cold compile time (~5 s here).
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        ng = (min(CHUNK_GROUPS, groups - c0) + NV - 1) // NV
-        for job in numba.prange((rows + RW - 1) // RW * ng):
-            r, j = job // ng * RW, job % ng
-            _kpre(tok, w, dw, mw, xa, xbs, dx, out, r, rows, c0 + j * NV, groups, nb)
+@numba.njit(cache=True, nogil=True)
+def _drive_prefill(tok, w, dw, mw, xa, xbs, dx, out, rows, groups, nb, c0, counter, _c0, _c1):
+    # as plugins/_i8gemm.py's drivers: activation chunks of CHUNK_GROUPS vectors (they stay in L2; the
+    # caller runs one chunk c0 at a time), weight-row-major register tiles within a chunk. An odd group
+    # count leaves a last tile whose second vector is clamped onto the first (computed twice, stored
+    # twice, the same values): no separate 1-vector kernel, which would double the cold compile time.
+    ng = (min(CHUNK_GROUPS, groups - c0) + NV - 1) // NV
+    jobs = (rows + RW - 1) // RW * ng
+    job = claim(counter)
+    while job < jobs:
+        r, j = job // ng * RW, job % ng
+        _kpre(tok, w, dw, mw, xa, xbs, dx, out, r, rows, c0 + j * NV, groups, nb)
+        job = claim(counter)
 
 
 # ---- entry ------------------------------------------------------------------------------------------
@@ -511,8 +521,9 @@ def qmatmul(kind: str, prep, dx, qx, bs, path: str | None = None) -> np.ndarray:
         if dec_width(path) == 16:
             qx = np.ascontiguousarray(qx.reshape(n, nb, 8, 32)[:, :, PAIR_ORDER[kind]])
         out = np.empty((n, rows), np.float32)
-        _drive_decode(tok, w, dw.reshape(-1), mw.reshape(-1), qx.reshape(-1), bs.reshape(-1), dx.reshape(-1),
-                      out.reshape(-1), rows, n, nb)
+        parallel_rows(_drive_decode, numba.get_num_threads(), 1, tok, w, dw.reshape(-1), mw.reshape(-1),
+                      qx.reshape(-1), bs.reshape(-1), dx.reshape(-1), out.reshape(-1), rows, n, nb,
+                      np.zeros(1, np.int64), weights=1)
         return out
     lanes = LANES[path]
     groups = -(-n // lanes)
@@ -523,6 +534,8 @@ def qmatmul(kind: str, prep, dx, qx, bs, path: str | None = None) -> np.ndarray:
     xbs = np.ascontiguousarray(np.moveaxis(xbs.reshape(groups, nb, 8, 2, lanes), 3, 4))
     dxl = lanes_layout(dx, groups, lanes)
     out = np.empty((groups * lanes, rows), np.float32)
-    _drive_prefill(tok, w, dw.reshape(-1), mw.reshape(-1), xa.reshape(-1), xbs.reshape(-1), dxl.reshape(-1),
-                   out.reshape(-1), rows, groups, nb)
+    args = (tok, w, dw.reshape(-1), mw.reshape(-1), xa.reshape(-1), xbs.reshape(-1), dxl.reshape(-1), out.reshape(-1),
+            rows, groups, nb)
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        parallel_rows(_drive_prefill, numba.get_num_threads(), 1, *args, c0, np.zeros(1, np.int64), weights=1)
     return out[:n]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from quantfmt.families import GGMLFormat, prefill_path
+from quantfmt.families import GGMLFormat, parallel_rows, prefill_path
 
 from ._klanes import q3_16, qkx2_16, qx_16
 
@@ -408,6 +408,26 @@ def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min)
         qkx2_lanes_loop(x[:, c:], w[:, c:], L[:, c:], nmax, rmin, rdelta, nstep, use_mad, scale[c:], the_min[c:])
 
 
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min):
+    """make_qkx2_lanes for Q4_K/Q5_K (n = 32, no mad) when M is a multiple of 32 (scale_min_search's
+    callers pad their work space; the pad lanes are searched and ignored): one vector kernel, where
+    make_qkx2_lanes compiles six and its loop for the run-time n / use_mad / tail (cold start ~3x)."""
+    for g in range(x.shape[1] // 32):
+        _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+
+
+@jit
+def qkx2_lanes16(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
+    """make_qkx2_lanes for Q2_K (n = 16) when M is a multiple of 32 (the caller pads its work space):
+    the two 32-lane vector kernels only, where make_qkx2_lanes compiles six and its loop (cold start)."""
+    for g in range(x.shape[1] // 32):
+        if use_mad:
+            _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        else:
+            _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+
+
 @jit
 def qkx2_lanes_loop(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
     """make_qkx2_lanes in numba loops: each lane runs ggml's operations in ggml's order (the element
@@ -583,6 +603,17 @@ def make_qx_lanes(x, L, nmax, qw, scale):
         c += 16
     if c < M:
         qx_lanes_loop(x[:, c:], L[:, c:], nmax, qw if qw.shape[0] == 0 else qw[:, c:], scale[c:])
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def qx_lanes32(x, L, nmax, qw, scale):
+    """make_qx_lanes for Q6_K (n = 16) when M is a multiple of 32 (the caller pads its work space): the
+    two 32-lane vector kernels only, where make_qx_lanes compiles four and its loop (cold start)."""
+    for g in range(x.shape[1] // 32):
+        if qw.shape[0] > 0:
+            _QX_32_W(x, L, nmax, qw, scale, g)
+        else:
+            _QX_32(x, L, nmax, qw, scale, g)
 
 
 @jit
@@ -851,13 +882,14 @@ def scale_min_search_np(x, quant_weights, nmax, ref, impl):
     return L.reshape(n, 8, 32), ls, lm, d.astype(np.float32), dmin.astype(np.float32)
 
 
-@jit
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, nmax,
                      rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w):
     """Q4_K/Q5_K, the nb super-blocks of row r of w (rows, 256 * nb): fills L (nb, 256) (the search's
     quants), ls, lm (nb, 8) (the 6-bit scales and mins) and d, dmin (nb,) in float32 before their fp16
     rounding. qw: the importance weights (rows, 256 * nb), or empty (ggml's reference quantizer).
-    Work space: xt, wt (32, 8 * nb) float32, Lt (32, 8 * nb) uint8, scales, mins, sw (8 * nb,) float32.
+    Work space: xt, wt (32, M) float32 (zeros past 8 * nb), Lt (32, M) uint8, scales, mins (M,), sw
+    (8 * nb,) float32, with M = 8 * nb rounded up to a multiple of 32 (qkx2_lanes32: one vector kernel).
 
     All 8 * nb sub-blocks of the row are searched in lock step, one lane each (element-major): ~5x
     faster than the eight of one super-block, as the lane loop then runs long vectors."""
@@ -874,7 +906,24 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
             av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
             for i in range(32):
                 wt[i, k] = av_x + abs(xt[i, k])
-        make_qkx2_lanes(xt, wt, Lt, nmax, rmin, rdelta, nstep, False, scales, mins)
+    else:
+        for b in range(nb):
+            sum_x2 = np.float32(0.0)
+            for i in range(QK_K):
+                xv = w[r, QK_K * b + i]
+                sum_x2 += xv * xv
+            sigma2 = np.float32(2.0) * sum_x2 / np.float32(QK_K)
+            for j in range(8):
+                k = 8 * b + j
+                sumw = np.float32(0.0)
+                for i in range(32):
+                    wt[i, k] = qw[r, QK_K * b + 32 * j + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
+                    sumw += wt[i, k]
+                sw[k] = sumw
+        rmin, rdelta, nstep = rmin_w, rdelta_w, nstep_w
+    # one call site: the vector kernel is large, and this function is inlined into its callers
+    qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins)
+    if qw.shape[0] == 0:
         for b in range(nb):
             max_scale = np.float32(0.0)
             max_min = np.float32(0.0)
@@ -891,20 +940,6 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
             d[b] = max_scale / np.float32(63.0)
             dmin[b] = max_min / np.float32(63.0)
     else:
-        for b in range(nb):
-            sum_x2 = np.float32(0.0)
-            for i in range(QK_K):
-                xv = w[r, QK_K * b + i]
-                sum_x2 += xv * xv
-            sigma2 = np.float32(2.0) * sum_x2 / np.float32(QK_K)
-            for j in range(8):
-                k = 8 * b + j
-                sumw = np.float32(0.0)
-                for i in range(32):
-                    wt[i, k] = qw[r, QK_K * b + 32 * j + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
-                    sumw += wt[i, k]
-                sw[k] = sumw
-        make_qkx2_lanes(xt, wt, Lt, nmax, rmin_w, rdelta_w, nstep_w, False, scales, mins)
         lq = np.empty(8, np.uint8)
         for b in range(nb):
             d[b] = make_qp_quants(scales[8 * b : 8 * b + 8], lq, 63, sw[8 * b : 8 * b + 8])
@@ -985,7 +1020,7 @@ def quantize_q8_K_ref(x: np.ndarray):
     return d.reshape(n, nb), qs.reshape(n, nb, QK_K), bs.reshape(n, nb, 16)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _q8k_blocks(x, d, qs, bs, t0, t1):
     nb = x.shape[1] // QK_K
     for t in range(t0, t1):
@@ -1018,14 +1053,6 @@ def _q8k_blocks(x, d, qs, bs, t0, t1):
         d[r, b] = np.float32(1.0) / iscale
 
 
-@numba.njit(cache=True, parallel=True)
-def _q8k_kernel(x, d, qs, bs):
-    n = x.shape[0] * (x.shape[1] // QK_K)
-    nchunk = max(1, min(n, n // 64))  # a few blocks of activations are not worth waking the threads for
-    for c in numba.prange(nchunk):
-        _q8k_blocks(x, d, qs, bs, c * n // nchunk, (c + 1) * n // nchunk)
-
-
 def quantize_q8_K(x: np.ndarray):
     """The numba twin of quantize_q8_K_ref (same outputs)."""
     n, cols = x.shape
@@ -1034,15 +1061,14 @@ def quantize_q8_K(x: np.ndarray):
     qs = np.empty((n, nb, QK_K), np.int8)
     bs = np.empty((n, nb, 16), np.int16)
     x = np.ascontiguousarray(x, np.float32)
-    if n * nb < 64:
-        _q8k_blocks(x, d, qs, bs, 0, n * nb)
-    else:
-        _q8k_kernel(x, d, qs, bs)
+    # Python threads over ranges of 64+ blocks (a few blocks are not worth waking threads for), not a
+    # parallel=True driver: the same speed, and a cold start compiles only _q8k_blocks (families.parallel_rows).
+    parallel_rows(_q8k_blocks, n * nb, QK_K, x, d, qs, bs, weights=64 * QK_K)
     return d, qs, bs
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
-def _dot_kernel(wi, mi, dw, mw, xa, xsub, dx, out):
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+def _dot_rows(wi, mi, dw, mw, xa, xsub, dx, out, r0, r1):
     """out[k, r] = sum over super-blocks b of (dw*dx) * (wi . xa) - (mw*dx) * (mi . xsub).
 
     wi (rows, nb, 256) int16 = sc*qi (each weight's integer times its sub-block scale), mi (rows, nb, 16)
@@ -1051,13 +1077,14 @@ def _dot_kernel(wi, mi, dw, mw, xa, xsub, dx, out):
     dx (n, nb): 1 (f32) or the Q8_K scale. In mode q8_k each product is an exact integer in float32;
     the 256-long sums round only beyond 2**24 (ggml sums them exactly in int32: the results differ by
     float32 rounding). The loops run to trip counts known at run time (array shapes) so that LLVM
-    vectorizes them instead of unrolling them into scalar code.
+    vectorizes them instead of unrolling them into scalar code. Weight rows r0..r1-1, on Python threads
+    (families.parallel_rows: a parallel=True driver compiled ~2x slower cold, for the same speed).
     """
-    rows, nb = dw.shape
+    nb = dw.shape[1]
     n = dx.shape[0]
     L = xa.shape[2]
     S = xsub.shape[2]
-    for r in numba.prange(rows):
+    for r in range(r0, r1):
         for k in range(n):
             acc = np.float32(0.0)
             for b in range(nb):
@@ -1100,7 +1127,7 @@ class KPrepared:
 
     @property
     def parts(self):
-        """(wi, mi, dw, mw): wi = sc*qi per weight as int16 (|sc*qi| <= 127*32), for _dot_kernel."""
+        """(wi, mi, dw, mw): wi = sc*qi per weight as int16 (|sc*qi| <= 127*32), for _dot_rows."""
         if self._parts is None:
             qi, sc, mi, dw, mw = self._int_parts(self.data, self.rows, self.cols)
             rows, nb = dw.shape
@@ -1134,7 +1161,7 @@ _D_OFFSETS = {"q2_k": (80, 82), "q3_k": (108, None), "q4_k": (0, 2), "q5_k": (0,
 
 def q8k_path(kind: str, n: int, mode: str) -> str:
     """Format.kernel_path("qmatmul", n, mode) of the k-quants: "kdot-<isa>" (decode) or "kgemm-<isa>"
-    (prefill) for mode q8_k on an int8 path (plugins/_kdot.py); else "int-<mode>" (_dot_kernel) or
+    (prefill) for mode q8_k on an int8 path (plugins/_kdot.py); else "int-<mode>" (_dot_rows) or
     prefill_path() ("tiles+blas-per-thread" or "blas-tiles")."""
     from . import _i8gemm, _kdot
 
@@ -1183,8 +1210,8 @@ def kquant_qmatmul(fmt, prep: KPrepared, x: np.ndarray, mode: str) -> np.ndarray
     wi, mi, dw, mw = prep.parts
     nb = cols // QK_K
     out = np.empty((n, rows), np.float32)
-    _dot_kernel(wi, mi, dw, mw, np.ascontiguousarray(xa, np.float32).reshape(n, nb, QK_K),
-                np.ascontiguousarray(xsub, np.float32).reshape(n, nb, 16), dx, out)
+    parallel_rows(_dot_rows, rows, cols * n, wi, mi, dw, mw, np.ascontiguousarray(xa, np.float32).reshape(n, nb, QK_K),
+                  np.ascontiguousarray(xsub, np.float32).reshape(n, nb, 16), dx, out)
     return out
 
 

@@ -25,6 +25,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from quantfmt import cpu
+from quantfmt.families import parallel_rows
 
 from ._qtiles import FASTMATH, T
 
@@ -112,23 +113,24 @@ _tile_dot16 = _make_tile_dot(16)
 _tile_dot8 = _make_tile_dot(8)
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _dot16(q, d, m, x, xs, out):
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _dot16(q, d, m, x, xs, out, tl0, tl1):
     # q (tiles, nbp, 8, T) uint16, d (tiles, nbp, T), m like d for Q4_1 (else a dummy: has_m 0);
-    # x (nbp*32,) float32 zero-padded, xs (nbp,) its block sums; out (tiles*T,)
-    tiles, nbp = q.shape[0], q.shape[1]
+    # x (nbp*32,) float32 zero-padded, xs (nbp,) its block sums; out (tiles*T,). Tiles tl0..tl1-1, on
+    # Python threads (families.parallel_rows): a parallel=True driver compiled ~2x slower cold.
+    nbp = q.shape[1]
     has_m = m.shape[0] > 0
     mm = m.reshape(-1) if has_m else d.reshape(-1)
-    for tl in numba.prange(tiles):
+    for tl in range(tl0, tl1):
         _tile_dot16(q.reshape(-1), d.reshape(-1), mm, x, xs, out, tl, nbp, has_m)
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _dot8(q, d, m, x, xs, out):
-    tiles, nbp = q.shape[0], q.shape[1]
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _dot8(q, d, m, x, xs, out, tl0, tl1):
+    nbp = q.shape[1]
     has_m = m.shape[0] > 0
     mm = m.reshape(-1) if has_m else d.reshape(-1)
-    for tl in numba.prange(tiles):
+    for tl in range(tl0, tl1):
         _tile_dot8(q.reshape(-1), d.reshape(-1), mm, x, xs, out, tl, nbp, has_m)
 
 
@@ -138,5 +140,6 @@ def tiles_dot_f32(q, d, m, x, xs, out, path: str | None = None) -> bool:
     path = path or PATH
     if path == "portable":
         return False
-    (_dot16 if path == "simd16" else _dot8)(q, d, m, x, xs, out)
+    parallel_rows(_dot16 if path == "simd16" else _dot8, q.shape[0], q.shape[1] * 32 * T, q, d, m, x, xs, out,
+                  weights=1 << 20)
     return True

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from quantfmt.families import prefill_threads, tiles_prefill
+from quantfmt.families import parallel_rows, prefill_threads, tiles_prefill
 
 QK = 32  # weights per ggml block
 T = 32  # rows per tile
@@ -118,15 +118,17 @@ def tile_units(blocks: np.ndarray, rows: int, start: int, unit_bytes: int) -> np
     units = (blocks.shape[2] - start) // unit_bytes
     nbp = -(-nb // G) * G
     out = np.zeros((-(-rows // T), nbp, units, T, unit_bytes), np.uint8)
-    _tile_units(blocks, start, out)
+    # Python threads over ranges of tiles (families.parallel_rows): a parallel=True driver compiled
+    # ~2x slower cold (every tiled format's first qmatmul paid it), for the same speed.
+    parallel_rows(_tile_units, out.shape[0], nb * units * T * unit_bytes, blocks, start, out, weights=1 << 20)
     return out
 
 
-@numba.njit(cache=True, parallel=True)
-def _tile_units(blocks, start, out):
+@numba.njit(cache=True, nogil=True)
+def _tile_units(blocks, start, out, tl0, tl1):
     rows, nb = blocks.shape[0], blocks.shape[1]
-    tiles, _, units, tt, ub = out.shape
-    for tl in numba.prange(tiles):
+    _, _, units, tt, ub = out.shape
+    for tl in range(tl0, tl1):
         for t in range(min(tt, rows - tl * tt)):
             r = tl * tt + t
             for b in range(nb):

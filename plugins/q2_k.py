@@ -48,13 +48,13 @@ from ._kquants import (
     KQuant,
     f16_bits_to_f32,
     f16_round_np,
-    make_qkx2_lanes,
     make_qkx2_quants_np,
     make_qkx3_quants_np,
     make_qp_quants,
     make_qp_quants_np,
     nearest_int,
     nearest_int_np,
+    qkx2_lanes16,
 )
 
 BLOCK_BYTES = 84
@@ -219,11 +219,14 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
     lq = np.empty(16, np.uint8)
     # all 16 * nb sub-blocks of a row side by side (element-major), searched in lock step: long
     # lane loops vectorize far better than one super-block's sixteen
-    xt = np.empty((16, 16 * nb), np.float32)
-    wt = np.empty((16, 16 * nb), np.float32)
-    Lt = np.empty((16, 16 * nb), np.uint8)
-    scales = np.empty(16 * nb, np.float32)
-    mins = np.empty(16 * nb, np.float32)
+    # lanes padded with zeros to a multiple of 32: qkx2_lanes16 runs only the 32-lane vector kernels
+    # (the pad lanes are searched and ignored; cold start: two kernels, not four and a loop)
+    m = (16 * nb + 31) // 32 * 32
+    xt = np.zeros((16, m), np.float32)
+    wt = np.zeros((16, m), np.float32)
+    Lt = np.empty((16, m), np.uint8)
+    scales = np.empty(m, np.float32)
+    mins = np.empty(m, np.float32)
     sw = np.empty(16 * nb, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
@@ -234,7 +237,7 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
             for i in range(16):
                 for k in range(16 * nb):
                     wt[i, k] = abs(xt[i, k])
-            make_qkx2_lanes(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
+            qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
         else:
             for b in range(nb):
                 sum_x2 = np.float32(0.0)
@@ -249,7 +252,7 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
                         wt[i, k] = qw[r, 16 * k + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
                         sumw += wt[i, k]
                     sw[k] = sumw
-            make_qkx2_lanes(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
+            qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
         for b in range(nb):
             c = b * QK_K
             for j in range(16):

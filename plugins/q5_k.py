@@ -165,11 +165,12 @@ def _quantize_block(x, out, L, ls, lm, d, dmin):
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_rows(w, qw, out, bad, r0, r1):
     nb = w.shape[1] // QK_K
-    xt = np.empty((32, 8 * nb), np.float32)
-    wt = np.empty((32, 8 * nb), np.float32)
-    Lt = np.empty((32, 8 * nb), np.uint8)
-    scales = np.empty(8 * nb, np.float32)
-    mins = np.empty(8 * nb, np.float32)
+    m = (8 * nb + 31) // 32 * 32  # lanes padded to the vector kernel's 32 (see scale_min_search)
+    xt = np.zeros((32, m), np.float32)
+    wt = np.zeros((32, m), np.float32)
+    Lt = np.empty((32, m), np.uint8)
+    scales = np.empty(m, np.float32)
+    mins = np.empty(m, np.float32)
     sw = np.empty(8 * nb, np.float32)
     L = np.empty((nb, QK_K), np.uint8)
     ls = np.empty((nb, 8), np.int64)

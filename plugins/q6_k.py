@@ -50,10 +50,10 @@ from ._kquants import (
     KQuant,
     f16_bits_to_f32,
     f16_round_np,
-    make_qx_lanes,
     make_qx_quants_np,
     nearest_int,
     nearest_int_np,
+    qx_lanes32,
 )
 
 BLOCK_BYTES = 210
@@ -192,11 +192,14 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
     M = 16 * nb
     # the row's 16*nb sub-blocks side by side (element-major), searched in lock step (one call per
     # row: its vector code runs 16 lanes at a time, and no work space is allocated per super-block)
-    xt = np.empty((16, M), np.float32)
-    Lt = np.empty((16, M), np.int8)
+    # lanes padded with zeros to a multiple of 32: qx_lanes32 runs only the 32-lane vector kernels
+    # (the pad lanes are searched and ignored; cold start: two kernels, not four and a loop)
+    Mp = (M + 31) // 32 * 32
+    xt = np.zeros((16, Mp), np.float32)
+    Lt = np.empty((16, Mp), np.int8)
     has_qw = qw.shape[0] > 0
-    qt = np.empty((16, M) if has_qw else (0, 0), np.float32)
-    scales = np.empty(M, np.float32)
+    qt = np.zeros((16, Mp) if has_qw else (0, 0), np.float32)
+    scales = np.empty(Mp, np.float32)
     L = np.empty(QK_K, np.int8)
     for r in range(r0, r1):
         bad[r] = -1
@@ -205,7 +208,7 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
                 xt[i, k] = w[r, 16 * k + i]
                 if has_qw:
                     qt[i, k] = qw[r, 16 * k + i]
-        make_qx_lanes(xt, Lt, 32, qt, scales)
+        qx_lanes32(xt, Lt, 32, qt, scales)
         for b in range(nb):
             c = b * QK_K
             for j in range(16):
