@@ -111,6 +111,16 @@ def test_env_record_reports_threads(records):
     assert env["op"] == "env" and env["threads"] == 1 and env["numba_threads"] == 1
 
 
+def test_run_puts_numba_threads_back():
+    """The run sets numba to `threads` and puts the caller's count back after (the fixture's run
+    with threads=1 used to leave every later kernel of the process on one thread)."""
+    import numba
+
+    before = numba.get_num_threads()
+    bench.Bench(formats=["F32"], shapes=[(32, 256)], ops=("quantize",), repeat=1, threads=1, probe_mb=1).run()
+    assert numba.get_num_threads() == before
+
+
 def test_targets_pass_and_miss():
     def q(tag, n, sec, base, shape=bench.TARGET_SHAPE):
         return bench.with_target(bench.record("qmatmul", tag, shape, n, sec, "numpy float32 W @ x", base))
@@ -374,13 +384,20 @@ def test_markdown_table_escapes_pipes_and_marks_right_columns():
 
 
 def test_kernel_records_name_their_path_and_the_env_the_cpu(records, capsys):
+    import numba
+
     from quantfmt import cpu
 
-    for r in records:
-        if r["op"] in KERNEL_OPS:
-            fmt = formats()[r["format"]]
-            want = fmt.kernel_path(r["op"], r["n"] or 1, r.get("mode") or "f32")
-            assert r["path"] == want, r
+    before = numba.get_num_threads()
+    numba.set_num_threads(records[0]["numba_threads"])  # paths as the run took them (threads=1)
+    try:
+        for r in records:
+            if r["op"] in KERNEL_OPS:
+                fmt = formats()[r["format"]]
+                want = fmt.kernel_path(r["op"], r["n"] or 1, r.get("mode") or "f32")
+                assert r["path"] == want, r
+    finally:
+        numba.set_num_threads(before)
     assert records[0]["cpu_features"] == cpu.reported()
     bench.tables(records)
     out = capsys.readouterr().out

@@ -306,6 +306,17 @@ class Bench:
     # -- the whole run --
 
     def run(self) -> list[dict]:
+        """Every figure the ops ask for, as records. numba's thread count (which the run sets to
+        `threads`) is put back after: a library call must not leave the caller's process changed."""
+        import numba
+
+        before = numba.get_num_threads()
+        try:
+            return self._run()
+        finally:
+            numba.set_num_threads(before)
+
+    def _run(self) -> list[dict]:
         self.env_record()
         kernels = any(op in self.ops for op in KERNEL_OPS)
         data = {s: self.matrices(s) for s in self.shapes} if kernels else {}
