@@ -38,7 +38,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from quantfmt.families import parallel_rows, prefill_path, prefill_threads, tiles_prefill
+from quantfmt.families import decode_threads, parallel_rows, prefill_path, prefill_threads, tiles_prefill
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
@@ -142,7 +142,7 @@ def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | N
     cx = np.zeros((n, nb), np.int32) if path == "avx2" else qx.sum(-1, dtype=np.int32) * np.int32(-128)
     tiles = prep.d.shape[0]
     out = np.empty((n, tiles * T), np.float32)
-    threads = numba.get_num_threads()
+    threads = decode_threads(prep.rows, prep.cols)
     parallel_rows(_DECODE[path], threads, 1, prep.qn(), prep.d, table, np.ascontiguousarray(qx).reshape(n, -1),
                   np.ascontiguousarray(dxb), cx, out, nb, np.zeros(1, np.int64), weights=1)
     return out[:, : prep.rows]

@@ -53,7 +53,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from quantfmt.families import parallel_rows
+from quantfmt.families import decode_threads, parallel_rows
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
@@ -521,7 +521,7 @@ def qmatmul(kind: str, prep, dx, qx, bs, path: str | None = None) -> np.ndarray:
         if dec_width(path) == 16:
             qx = np.ascontiguousarray(qx.reshape(n, nb, 8, 32)[:, :, PAIR_ORDER[kind]])
         out = np.empty((n, rows), np.float32)
-        parallel_rows(_drive_decode, numba.get_num_threads(), 1, tok, w, dw.reshape(-1), mw.reshape(-1),
+        parallel_rows(_drive_decode, decode_threads(rows, nb * 256), 1, tok, w, dw.reshape(-1), mw.reshape(-1),
                       qx.reshape(-1), bs.reshape(-1), dx.reshape(-1), out.reshape(-1), rows, n, nb,
                       np.zeros(1, np.int64), weights=1)
         return out
