@@ -51,6 +51,20 @@ def test_run_generates_and_reports_speed(tiny):
     assert q["model_bytes"] < rec["model_bytes"]
     r = CliRunner().invoke(cli, ["run", str(path), "-p", "the thing", "-n", "4"])
     assert r.exit_code == 0 and r.stdout.startswith("the thing") and "decode:" in r.stderr
+    # the kernels' first calls run before the prompt and are reported apart, not in the speeds
+    assert rec["warm_up_seconds"] > 0 and "first calls of the kernels" in r.stderr
+
+
+def test_warm_up_leaves_the_generation_unchanged(tiny):
+    from quantfmt.ops.run import open_runner, run_text
+
+    path, _ = tiny
+    runner, tok, model = open_runner(path)
+    with model:
+        cold = run_text(runner, tok, "the thing " * 20, 8, warm=False)
+        warm = run_text(runner, tok, "the thing " * 20, 8)
+    assert warm[0] == cold[0] and warm[1].generated_tokens == cold[1].generated_tokens
+    assert warm[1].warm_up_seconds > 0 and cold[1].warm_up_seconds == 0
 
 
 def test_eval_perplexity_and_kld_against_a_reference(tiny):

@@ -84,7 +84,8 @@ def run(path, prompt, n_tokens, temperature, top_p, seed, n_ctx, to, recipe_file
         out.emit(rec, lambda: None)
         out.note(f"prefill: {st.prompt_tokens} tokens, {st.prefill_tokens_per_s:.1f} tokens/s; decode: "
                  f"{st.generated_tokens} tokens, {st.decode_tokens_per_s:.1f} tokens/s "
-                 f"(model {size(model.nbytes)}, KV cache {size(runner.kv_cache_bytes)})")
+                 f"(model {size(model.nbytes)}, KV cache {size(runner.kv_cache_bytes)}; first calls of the "
+                 f"kernels before it, numba compiling or loading its cache: {st.warm_up_seconds:.1f} s)")
 
 
 @click.command("eval")

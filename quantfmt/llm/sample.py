@@ -59,6 +59,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0  # forward passes of generated tokens
     sample_seconds: float = 0.0
+    warm_up_seconds: float = 0.0  # kernels' first calls before the prompt (ops.run.warm_up), not in the speeds
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -73,7 +74,7 @@ class GenerationStats:
     def to_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
                 "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
-                "sample_seconds": self.sample_seconds,
+                "sample_seconds": self.sample_seconds, "warm_up_seconds": self.warm_up_seconds,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
