@@ -10,7 +10,9 @@ The rules are llama.cpp's `llama_tensor_get_type` as of spring 2024, the version
 0.2.60 wheel, which is the ground truth the tests compare with (tests/data/llamacpp_mixes_*.json, made by
 scripts/llamacpp_mixes.py). Where current llama.cpp (src/llama-quant.cpp) decides differently, a comment says so.
 
-Only the mixes that need no importance matrix and no i-quant below 4 bits are offered: llama.cpp refuses
+The float file types F16, BF16 and F32 are mixes too, as llama-quantize accepts them: no per-tensor rules,
+every tensor it would quantize in that type. Only the mixes that need no importance matrix and no i-quant
+below 4 bits are offered: llama.cpp refuses
 Q2_K_S, IQ2_* and IQ1_* without an importance matrix; its IQ3_* mixes are left for later.
 """
 
@@ -77,8 +79,14 @@ MIXES: dict[str, Mix] = {
         _mix("Q6_K", 18, "Q6_K", "6.14G, +0.0217 ppl @ Llama-3-8B"),
         _mix("IQ4_NL", 25, "IQ4_NL", "4.50 bpw non-linear quantization", bpw=4.50),
         _mix("IQ4_XS", 30, "IQ4_XS", "4.25 bpw non-linear quantization", bpw=4.25),
+        # the float file types llama-quantize also accepts: every tensor it would quantize in that type, no rules
+        _mix("F16", 1, "F16", "14.00G, +0.0020 ppl @ Mistral-7B", bpw=16.0),
+        _mix("BF16", 32, "BF16", "14.00G, -0.0050 ppl @ Mistral-7B", bpw=16.0),
+        _mix("F32", 0, "F32", "26.00G @ 7B", bpw=32.0),
     )
 }
+# The float mixes: llama-quantize applies no per-tensor rule when the file type is not a quantized one
+FLOAT_MIXES = ("F16", "BF16", "F32")
 
 _BLK = re.compile(r"blk\.(\d+)\.")
 
@@ -195,6 +203,11 @@ def mix_types(mix: str, tensors: list[tuple[str, tuple[int, ...]]], arch: str = 
             continue
         t = m.base
         f = m.name
+        if f in FLOAT_MIXES:
+            # llama.cpp runs its type rules only for a quantized file type: every tensor it would quantize
+            # gets the float type ("F32" here also means float32, not "copied": the recipe converts it)
+            out[name] = t
+            continue
         if name == "output.weight" or (not has_output and name == "token_embd.weight"):
             # a tied embedding is also the output matrix, so it is quantized like one. (Current llama.cpp tests
             # the row against the block size of the mix's type instead of 256; for these mixes the outcome is

@@ -265,7 +265,9 @@ class Recipe:
             if small:
                 tag, why = src_tag, sys.intern(f"{prot} kept")
             elif mix_tag is not None:
-                tag, why = (src_tag, f"mix {self.mix} keeps F32") if mix_tag == "F32" else (
+                # "F32" from a quantized mix: llama.cpp copies the tensor as it is; the F32 mix converts it
+                keep = mix_tag == "F32" and self.mix != "F32"
+                tag, why = (src_tag, f"mix {self.mix} keeps F32") if keep else (
                     get_format(mix_tag).tag, f"mix {self.mix}")
             elif self.default is None or self.default == KEEP:
                 tag, why = src_tag, "kept (no default)"

@@ -39,6 +39,9 @@ MIX_FTYPES = {
     "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
     "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
     "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
+    # the float file types (no per-tensor rules); this llama.cpp predates BF16 (quantfmt.mixes: same rule as F16)
+    "F16": "LLAMA_FTYPE_MOSTLY_F16",
+    "F32": "LLAMA_FTYPE_ALL_F32",
 }
 
 # The synthetic llamas: every matrix row length (ggml ne[0]) is a multiple of 256, so llama.cpp keeps its k-quant

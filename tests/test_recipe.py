@@ -196,7 +196,9 @@ def _smollm2_sources():
     return m, d["mixes"]
 
 
-@pytest.mark.parametrize("mix", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "IQ4_XS", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize(
+    "mix", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "IQ4_XS", "Q8_0", "Q4_0", "F16", "F32"]
+)
 def test_named_mix_recipe_picks_llama_cpps_type_for_every_tensor(mix):
     """On SmolLM2's tensors (names, shapes, file order), quantfmt's recipe gives every tensor the
     ggml type llama.cpp's llama_model_quantize gave it (ground truth recorded from the wheel)."""
