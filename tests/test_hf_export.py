@@ -14,6 +14,7 @@ import math
 import warnings
 from dataclasses import replace
 
+import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -23,6 +24,7 @@ from test_tokenizer import BYTES, MERGES, SPECIALS, TokenType
 import quantfmt
 from quantfmt.llm import LlamaRunner
 from quantfmt.llm.export import ExportError, gguf_export, qk_row_order
+from quantfmt.recipe import Recipe
 from quantfmt.tensor import QTensor
 
 N_LAYER, N_EMBD, N_HEAD, N_KV, N_FF = 2, 256, 4, 2, 512
@@ -170,6 +172,24 @@ def test_names_and_key_values(exported, weights):
             want_q = QTensor.quantize(permute_qk(weights[f"model.layers.{i}.self_attn.q_proj.weight"], N_HEAD), "Q8_0")
             assert q[f"blk.{i}.attn_q.weight"].tag == "Q8_0"
             assert np.asarray(q[f"blk.{i}.attn_q.weight"].data).tobytes() == np.asarray(want_q.data).tobytes()
+
+
+def test_gguf_to_gguf_names_the_file_type_it_writes(exported, tmp_path):
+    """A GGUF source's general.file_type named the source's type: converted, the output names its own (a mix
+    its llama.cpp file type, as llama-quantize writes it), in the same place among the key-values."""
+    src = exported["Q8_0"]
+    with quantfmt.load(src) as m:
+        order = [k for k, _, _ in m.metadata["gguf"]["kv"]]
+    for recipe, ftype, qv in (("Q4_0", 2, 2), ("F16", 1, None), ("F32", 0, None), ("Q4_K_M", 15, 2), (None, 7, 2)):
+        out = tmp_path / f"{recipe}.gguf"
+        quantfmt.convert(src, out, None if recipe is None else Recipe(mix=recipe) if recipe == "Q4_K_M" else recipe)
+        with quantfmt.load(out) as q:
+            kv = kv_of(q)
+            assert (kv["general.file_type"], kv.get("general.quantization_version")) == (ftype, qv), recipe
+            got = [k for k, _, _ in q.metadata["gguf"]["kv"]]
+            assert got == [k for k in order if k in got], recipe  # nothing moved
+        r = gguf.GGUFReader(str(out)).fields["general.file_type"]
+        assert int(r.parts[r.data[0]][0]) == ftype
 
 
 def test_gguf_package_reads_it(exported):

@@ -269,6 +269,8 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
             return rep
         rep.files = [str(out_path)]
         exp = _gguf_export(src, rep, meta) if str(out_path).endswith(".gguf") else None
+        if gguf:
+            _retype_gguf(meta, rep, r)
         meta.update(metadata or {})
         if str(out_path).endswith(".gguf") and not _has_arch(meta):
             from ..llm.export import NOT_RUNNABLE  # the llm package only for GGUF output (start-up)
@@ -362,6 +364,36 @@ def _has_arch(meta) -> bool:
     kv = g.get("kv") if isinstance(g, dict) else None
     return isinstance(kv, list) and any(isinstance(e, (list, tuple)) and e and e[0] == "general.architecture"
                                         for e in kv)
+
+
+def _retype_gguf(meta: dict, rep: ConvertReport, recipe: Recipe) -> None:
+    """general.file_type (and general.quantization_version) of a GGUF output as its tensors are written: a
+    GGUF source's own key-values named the source's type (a Q4_1 file converted to Q4_K_M said Q4_1). A
+    llama.cpp mix names its file type (Q4_K_M: 15), as llama-quantize writes it; otherwise the type holding
+    most matrix weights does, when llama.cpp has a name for it (llm.export.file_type_kv). Kept in place; a
+    conversion that changes no tensor keeps the source's key-values as they are."""
+    g = meta.get("gguf")
+    kv = g.get("kv") if isinstance(g, dict) else None
+    if not isinstance(kv, list) or all(s.tag == s.src_tag for s in rep.steps):
+        return  # nothing converted: the key-values stay the source's, byte for byte
+    from ..llm.export import file_type_kv
+
+    tags = {s.name: s.tag for s in rep.steps}
+    new = {e[0]: e for e in file_type_kv(tags, {n: rep.shapes[n] for n in tags})}
+    if recipe.mix is not None:
+        from ..mixes import get_mix
+
+        new["general.file_type"] = ["general.file_type", "UINT32", get_mix(recipe.mix).ftype]
+    keys = ("general.file_type", "general.quantization_version")
+    out = []
+    for e in kv:
+        k = e[0] if isinstance(e, (list, tuple)) and e else None
+        if k in keys:
+            if k in new:
+                out.append(new.pop(k))
+            continue
+        out.append(e)
+    meta["gguf"] = {**g, "kv": out + [new[k] for k in keys if k in new]}
 
 
 def _gguf_export(src, rep: ConvertReport, meta: dict):
