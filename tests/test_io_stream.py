@@ -107,3 +107,40 @@ def test_convert_through_the_helper_thread_matches_in_turn(monkeypatch, tmp_path
         quantfmt.convert(src, out, quantfmt.Recipe("Q8_0", rules=[("copied", "keep")]))
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("async_min", [1, 1 << 40])
+def test_a_tensor_produced_in_parts_is_written_as_their_concatenation(monkeypatch, async_min):
+    monkeypatch.setattr(files, "_ASYNC_MIN", async_min)
+    rng = np.random.default_rng(4)
+    parts = [rng.integers(0, 256, k, dtype=np.uint8) for k in (1 << 20, 5, 3 << 19)]
+    n = sum(p.size for p in parts)
+    plans = [TensorPlan("a", "U8", (n,), lambda: list(parts)), TensorPlan("b", "U8", (3,), lambda: b"xyz")]
+    f = io.BytesIO()
+    write_stream(f, plans, [n, 3], align=8)
+    assert f.getvalue() == b"".join(p.tobytes() for p in parts) + b"\0" * (-n % 8) + b"xyz" + b"\0" * 5
+    with pytest.raises(FileFormatError, match="promised"):
+        write_stream(io.BytesIO(), plans[:1], [n + 1])
+
+
+def test_convert_in_row_blocks_writes_the_whole_tensor_bytes(monkeypatch, tmp_path):
+    """convert's row blocks reach the writer as parts (no copy into one array): same bytes as whole."""
+    from safetensors.numpy import save_file
+
+    from quantfmt.ops import convert as conv
+
+    rng = np.random.default_rng(5)
+    src = tmp_path / "in.safetensors"
+    save_file({"w": rng.standard_normal((512, 256), dtype=np.float32),
+               "v": rng.standard_normal((96, 512), dtype=np.float32)}, str(src))
+    outs = []
+    for block in (1 << 40, 1 << 16):  # whole tensors / blocks of 64 KiB of float32 (several per tensor)
+        monkeypatch.setattr(conv, "ROW_BLOCK_BYTES", block)
+        out = tmp_path / f"out-{block}.safetensors"
+        quantfmt.convert(src, out, "Q4_0")
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    ref = quantfmt.load(src, "Q4_0")
+    with quantfmt.open_model(tmp_path / f"out-{1 << 16}.safetensors") as m:
+        for name in ("w", "v"):
+            assert np.array_equal(m[name].data, ref[name].data)

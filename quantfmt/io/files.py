@@ -321,7 +321,7 @@ class TensorPlan:
     name: str
     tag: str
     shape: tuple[int, ...]
-    produce: Callable[[], object]  # -> uint8 array or bytes-like of exactly nbytes
+    produce: Callable[[], object]  # -> uint8 array or bytes-like of exactly nbytes, or a list of arrays (parts)
     after: Callable[[], None] | None = None  # called once the bytes are written (e.g. release_pages)
 
 
@@ -341,27 +341,41 @@ def write_stream(f, plans: list[TensorPlan], sizes: list[int], *, align: int = 1
     header promised and zero-padded to a multiple of `align`. One tensor is produced at a time;
     the bytes of the one before may still be going to the file (_Writes), in order.
 
-    `after` and `progress` of a plan are called (on this thread, in order) once its bytes are
-    written. Errors name the tensor (one try around the loop, not a context manager per tensor: on
-    a file of 2**20 one-value tensors that cost more than writing them)."""
+    `produce()` returns the bytes (an array or bytes-like), or a list of arrays whose concatenation
+    they are (a tensor converted in row blocks). `after` and `progress` of a plan are called (on this
+    thread, in order) once its bytes are written. Errors name the tensor (one try around the loop,
+    not a context manager per tensor: on a file of 2**20 one-value tensors that cost more than
+    writing them)."""
     p = None
     writes = _Writes(f)
     try:
         for p, n in zip(plans, sizes, strict=True):
             data = p.produce()
-            buf = data if isinstance(data, np.ndarray) else np.frombuffer(cast(bytes, data), np.uint8)  # bytes-like
-            buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
-            if buf.size != n:
-                raise FileFormatError(f"{p.tag}: produced {buf.size} bytes, the header promised {n}")
-            pad = -n % align
+            parts: list[np.ndarray] | None
+            buf: np.ndarray | None
+            if type(data) is list:  # the tensor's bytes in parts (row blocks), written in turn
+                parts, buf = [_as_bytes(d) for d in data], None
+                got = sum(b.size for b in parts)
+            else:
+                parts, buf = None, _as_bytes(data)
+                got = buf.size
             del data
+            if got != n:
+                raise FileFormatError(f"{p.tag}: produced {got} bytes, the header promised {n}")
+            pad = -n % align
             # after start() the helper thread holds the bytes; this loop lets go of them
-            if n >= _ASYNC_MIN and not _mapped_view(buf):
-                writes.start(buf, pad, p, n, progress)  # waits for the one before; returns at once
+            if n >= _ASYNC_MIN and (buf is None or not _mapped_view(buf)):
+                # waits for the one before; returns at once
+                writes.start(parts if parts is not None else [cast(np.ndarray, buf)], pad, p, n, progress)
             else:  # small, or a view of the input (kept resident until written): written here, now
                 if writes.pending is not None:
                     writes.wait()
-                write(f, buf)  # inline, not _write_one/_done: a file of 2**20 tiny tensors runs this 2**20 times
+                # inline, not _write_one/_done: a file of 2**20 tiny tensors runs this 2**20 times
+                if parts is None:
+                    write(f, buf)
+                else:
+                    for b in parts:
+                        write(f, b)
                 if pad:
                     write(f, b"\0" * pad)
                 if n >= _SMALL:
@@ -370,7 +384,7 @@ def write_stream(f, plans: list[TensorPlan], sizes: list[int], *, align: int = 1
                     p.after()
                 if progress is not None:
                     progress(n)
-            del buf
+            del buf, parts
         writes.wait()
     except QuantfmtError as e:
         if e.tensor is None and p is not None:
@@ -380,8 +394,14 @@ def write_stream(f, plans: list[TensorPlan], sizes: list[int], *, align: int = 1
         writes.close()  # never leave a write running into a file the caller is about to close
 
 
-def _write_one(f, buf, pad: int, n: int) -> None:
-    write(f, buf)
+def _as_bytes(data) -> np.ndarray:
+    buf = data if isinstance(data, np.ndarray) else np.frombuffer(cast(bytes, data), np.uint8)  # bytes-like
+    return np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+
+
+def _write_one(f, parts: list, pad: int, n: int) -> None:
+    for buf in parts:
+        write(f, buf)
     if pad:
         write(f, b"\0" * pad)
     if n >= _SMALL:
@@ -419,18 +439,18 @@ class _Writes:
 
     def __init__(self, f) -> None:
         self.f = f
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # (buf, pad, n), or None: stop
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # (parts, pad, n), or None: stop
         self.results: queue.SimpleQueue = queue.SimpleQueue()  # None (written) or the exception
         self.thread: threading.Thread | None = None
         self.pending: tuple | None = None  # (plan, n, progress) of the write in flight
 
-    def start(self, buf, pad: int, p, n: int, progress) -> None:
+    def start(self, parts: list, pad: int, p, n: int, progress) -> None:
         self.wait()
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="quantfmt-write", daemon=True)
             self.thread.start()
         self.pending = (p, n, progress)
-        self.jobs.put((buf, pad, n))
+        self.jobs.put((parts, pad, n))
 
     def _run(self) -> None:
         while True:
