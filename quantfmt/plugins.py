@@ -20,7 +20,6 @@ use in strict mode (so a broken plugin is an error whatever the command).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -116,6 +115,8 @@ def _builtin_modules() -> list[str]:
 
 
 def _load_dir_module(path: Path):
+    import hashlib  # here: only plugin folders need it (OpenSSL's module, ~5 ms of every start-up)
+
     # A stable module name (not hash(), which is salted per process): numba's on-disk cache
     # records it, and a second process must find the same module to reuse compiled kernels.
     digest = hashlib.sha1(str(path.resolve().parent).encode()).hexdigest()[:12]
