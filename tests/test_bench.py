@@ -404,3 +404,19 @@ def test_kernel_records_name_their_path_and_the_env_the_cpu(records, capsys):
     assert "features detected: " + " ".join(cpu.reported()) in out
     assert "kernel path of each op" in out
     assert "stated targets, one line each" in out and "not measured: Q4_0" in out  # F32/BF16 only were run
+
+
+def test_convert_and_startup_sentences_state_their_records_targets():
+    """The e2e sentence's target comes from the record (records.CONVERT_GBPS), not a literal."""
+    from quantfmt.bench.records import CONVERT_GBPS, STARTUP_SECONDS, record, with_target
+    from quantfmt.bench.report import SENTENCES
+
+    conv = with_target(record("convert", "Q4_0", None, None, 0.5, "quantfmt --help (process start-up)", 0.2,
+                              nbytes=498_000_000, what="quantfmt convert F32 -> Q4_0 --jobs 1 (input in page cache)",
+                              file_mb=498.0, out_mb=70.0, peak_rss_mb=200.0, bytecode_note=None))
+    text = SENTENCES["convert"](conv)
+    assert f"target >= {CONVERT_GBPS:g} GB/s PASS." in text and "1 GB/s" not in text and "Note" not in text
+    conv["bytecode_note"] = "no cached bytecode"
+    assert SENTENCES["convert"](conv).endswith("Note: no cached bytecode.")
+    start = with_target(record("startup", None, None, None, 0.25, "python -c pass", 0.02, heavy_imports="none"))
+    assert f"target < {STARTUP_SECONDS:g} s PASS." in SENTENCES["startup"](start)

@@ -243,6 +243,27 @@ def _write_f32_safetensors(path, tensors: list[tuple[str, tuple[int, int]]], rng
             f.write((rng.standard_normal(shape, dtype="float32") * 0.02).astype("<f4").tobytes())
 
 
+def _bytecode_note() -> str | None:
+    """A note when the children will compile quantfmt's modules from source in every run: Python told
+    not to write bytecode (PYTHONDONTWRITEBYTECODE, inherited) and no .pyc cached for the modules a
+    conversion imports (an editable install run that way never gets them). Measured ~0.1 s of CPU per
+    `quantfmt convert` on a 2-core machine; an installed package has its .pyc files."""
+    import importlib.util
+
+    if not (os.environ.get("PYTHONDONTWRITEBYTECODE") or sys.flags.dont_write_bytecode):
+        return None
+    missing = []
+    for mod in ("quantfmt.cli", "quantfmt.ops.convert", "quantfmt_formats.q4_0"):
+        spec = importlib.util.find_spec(mod)
+        src = spec.origin if spec is not None else None
+        if src and src.endswith(".py") and not os.path.exists(importlib.util.cache_from_source(src)):
+            missing.append(mod)
+    if not missing:
+        return None
+    return (f"no cached bytecode for {', '.join(missing)} and PYTHONDONTWRITEBYTECODE set: every run compiles "
+            "quantfmt's modules from source (~0.1 s); `python -m compileall quantfmt plugins` once removes it")
+
+
 def _evict(path) -> None:
     """Drop this file's pages from the OS page cache, so the next read is cold (best effort)."""
     fd = os.open(path, os.O_RDONLY)
@@ -355,6 +376,7 @@ def end_to_end(b) -> None:
         size = os.path.getsize(src)
         env = thread_env(b.threads)
         startup_sec = next((r["seconds"] for r in b.records if r["op"] == "startup"), None)
+        bytecode = _bytecode_note()
 
         for label, evict in (("input in page cache", False), ("input evicted from page cache", True)):
             if os.path.exists(dst):
@@ -367,7 +389,8 @@ def end_to_end(b) -> None:
                 return
             rec = record("convert", tag, None, None, wall, "quantfmt --help (process start-up)", startup_sec,
                          nbytes=size, what=f"quantfmt convert F32 -> {tag} --jobs 1 ({label})", file_mb=size / 1e6,
-                         out_mb=os.path.getsize(dst) / 1e6, peak_rss_mb=peak / 1e6 if peak else None)
+                         out_mb=os.path.getsize(dst) / 1e6, peak_rss_mb=peak / 1e6 if peak else None,
+                         bytecode_note=bytecode)
             b.add(judge(rec, "gbps>=", CONVERT_GBPS))
 
         parallel_convert(b, src, os.path.join(tmp, "parallel-out.safetensors"), tag, size,

@@ -378,12 +378,13 @@ SUMMARY: tuple[Col[list[dict]], ...] = (
 SENTENCES = {
     "startup": lambda r: (
         f"`quantfmt --help`: {fmt_s(r['seconds'])} (python -c pass {fmt_s(r['baseline_seconds'])}; "
-        f"heavy imports: {r['heavy_imports']}); target < 0.3 s {r['status']}."
+        f"heavy imports: {r['heavy_imports']}); target {r.get('target') or '-'} {r.get('status') or ''}."
     ),
     "convert": lambda r: (
         f"{r['what']}: {r['file_mb']:.0f} MB -> {r['out_mb']:.0f} MB in {r['seconds']:.2f} s "
         f"({r['gbps'] * 1e3:.0f} MB/s of input, wall time incl. start-up), "
-        f"peak RSS {fmt(r['peak_rss_mb'], '.0f')} MB; target >= 1 GB/s {r['status']}."
+        f"peak RSS {fmt(r['peak_rss_mb'], '.0f')} MB; target {r.get('target') or '-'} {r.get('status') or ''}."
+        + (f" Note: {r['bytecode_note']}." if r.get("bytecode_note") else "")
     ),
     "parallel": lambda r: (
         f"{r['what']} ({r['file_mb']:.0f} MB F32 -> {r['format']}): "
