@@ -32,7 +32,7 @@ from numba.extending import intrinsic
 
 import quantfmt
 from quantfmt import cpu
-from quantfmt.families import KernelFormat
+from quantfmt.families import KernelFormat, parallel_rows
 from quantfmt.numba_threads import claim
 
 QK = 256
@@ -81,100 +81,250 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 # ---- numba kernels --------------------------------------------------------------------
+_F32 = ir.FloatType()
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_V8F, _V32B, _V16B, _V16W = (
+    ir.VectorType(_F32, 8),
+    ir.VectorType(_I8, 32),
+    ir.VectorType(_I8, 16),
+    ir.VectorType(_I16, 16),
+)
+_UNPACK_LO_B = [v for lane in (0, 1) for i in range(8) for v in (16 * lane + i, 32 + 16 * lane + i)]
+_UNPACK_HI_B = [v for lane in (0, 1) for i in range(8, 16) for v in (16 * lane + i, 32 + 16 * lane + i)]
+_UNPACK_LO_W = [v for lane in (0, 1) for i in range(4) for v in (8 * lane + i, 16 + 8 * lane + i)]
+_UNPACK_HI_W = [v for lane in (0, 1) for i in range(4, 8) for v in (8 * lane + i, 16 + 8 * lane + i)]
+
+
+def _shuffle_mask(idx):
+    return ir.Constant(ir.VectorType(_I32, len(idx)), list(idx))
+
+
+# ---- the sort: a bitonic network on 16 vectors of 16 int32 ----------------------------
+_V16I32 = ir.VectorType(ir.IntType(32), 16)
+
+
+def _bitonic_plan():
+    """The compare-exchange stages of a bitonic sort of 256 keys held as 16 vectors of 16 lanes (key i in
+    vector i // 16, lane i % 16), ascending: (k, j) for k = 2..256, j = k/2..1."""
+    return [(k, j) for k in (2 ** e for e in range(1, 9)) for j in (k >> s for s in range(1, k.bit_length()))]
+
+
+@intrinsic
+def _sort256(typingctx, src, src_off, dst):
+    """dst[0:256] (uint32) <- the bits of the float32 values src[src_off:src_off+256] (uint32 view), sorted
+    ascending by value. Keys: the bits with the magnitude flipped for negatives (x ^ ((x >> 31) & 0x7FFFFFFF),
+    arithmetic shift), so signed int32 order is float order (-0.0 just below +0.0: only the multiset matters).
+    A bitonic network: 36 stages of vector min/max; a stage with partners in other vectors (j >= 16) pairs
+    whole vectors, one within a vector (j < 16) shuffles the partners in, takes min and max and blends.
+    Generic LLVM vector IR: one vpminsd/vpmaxsd/vpermd/vpblendmd per vector and stage with AVX-512, split
+    into halves or quarters on smaller vector units (any CPU gets a correct sort)."""
+    sig = types.none(src, src_off, dst)
+
+    def codegen(context, builder, signature, args):
+        sp = builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data, [args[1]])
+        dp = context.make_array(signature.args[2])(context, builder, args[2]).data
+        mod = builder.module
+        fty = ir.FunctionType(_V16I32, [_V16I32, _V16I32])
+        smin = mod.declare_intrinsic("llvm.smin.v16i32", (), fty)
+        smax = mod.declare_intrinsic("llvm.smax.v16i32", (), fty)
+
+        def vptr(ptr, r):
+            return builder.bitcast(builder.gep(ptr, [ir.Constant(_I64, 16 * r)]), _V16I32.as_pointer())
+
+        flip = ir.Constant(_V16I32, [0x7FFFFFFF] * 16)
+        sh = ir.Constant(_V16I32, [31] * 16)
+
+        def key(x):  # an involution: the same map turns keys back into bits
+            return builder.xor(x, builder.and_(builder.ashr(x, sh), flip))
+
+        v = [key(builder.load(vptr(sp, r), align=4)) for r in range(16)]
+        for k, j in _bitonic_plan():
+            if j >= 16:
+                rj = j // 16
+                for r in range(16):
+                    if r & rj:
+                        continue
+                    a, b = v[r], v[r | rj]
+                    lo, hi = builder.call(smin, [a, b]), builder.call(smax, [a, b])
+                    asc = (16 * r) & k == 0
+                    v[r], v[r | rj] = (lo, hi) if asc else (hi, lo)
+            else:
+                for r in range(16):
+                    p = builder.shuffle_vector(v[r], v[r], _shuffle_mask([lane ^ j for lane in range(16)]))
+                    lo, hi = builder.call(smin, [v[r], p]), builder.call(smax, [v[r], p])
+                    # lane takes the min where (it is the lower partner) == (its run ascends)
+                    pick = []
+                    for lane in range(16):
+                        i = 16 * r + lane
+                        take_min = (i < (i ^ j)) == ((i & k) == 0)
+                        pick.append(lane if take_min else 16 + lane)
+                    v[r] = builder.shuffle_vector(lo, hi, _shuffle_mask(pick))
+        for r in range(16):
+            builder.store(key(v[r]), vptr(dp, r), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_V16F32, _V8F64 = ir.VectorType(_F32, 16), ir.VectorType(ir.DoubleType(), 8)
+
+
+@intrinsic
+def _nearest256(typingctx, x, x_off, c, c_off, first, p, p_off):
+    """The packed indices p[p_off:p_off+128] of the 256 weights x[x_off:], nearest entries of the ascending
+    codebook c[c_off:c_off+16] (first[k]: the lowest index holding c[k]'s value), when every float64
+    difference w_i - c_k is exact; returns 0 without writing anything when that is not certain (the
+    caller runs formats.md's search as written, _nearest_full).
+
+    Why it is the same index: with exact differences, the nearest entry is the largest c <= w (the first of
+    its run of equal entries: the lowest index) or the smallest c > w, and the lower one wins a tie. Per
+    16 weights (generic LLVM vectors): for k = 0..15 one float32 compare w >= c_k (exact) and three selects
+    carry lo = c_k, hi = c_{k+1} (+inf past the end) and the code first[k] | (k+1) << 8 of the last k
+    that passed; then the two float64 distances pick lo's or hi's index.
+    Exact differences: w and c are float32 (24-bit significands), so w - c fits float64's 53 bits when
+    their ulps are at most 2**28 apart: nonzero magnitudes (weights and codebook) spanning < 2**27 do it."""
+    sig = types.int32(x, x_off, c, c_off, first, p, p_off)
+
+    def codegen(context, builder, signature, args):
+        def base(i, off):
+            arr = context.make_array(signature.args[i])(context, builder, args[i])
+            return builder.gep(arr.data, [off]) if off is not None else arr.data
+
+        xp, cp, fp, pp = base(0, args[1]), base(2, args[3]), base(4, None), base(5, args[6])
+        mod = builder.module
+        i32 = _I32
+
+        def vload(ptr, off, vt, align=4):
+            return builder.load(builder.bitcast(builder.gep(ptr, [ir.Constant(_I64, off)]), vt.as_pointer()),
+                                align=align)
+
+        def splat(val, vt):
+            v = builder.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), _shuffle_mask([0] * 16))
+
+        xs = [vload(xp, 16 * r, _V16F32) for r in range(16)]
+        cv = vload(cp, 0, _V16F32)
+        # the span check, on magnitude bits (integer order = float order): zeros count as +inf for the min
+        absm = ir.Constant(_V16I32, [0x7FFFFFFF] * 16)
+        inf = ir.Constant(_V16I32, [0x7F800000] * 16)
+        zero = ir.Constant(_V16I32, [0] * 16)
+        fty = ir.FunctionType(_V16I32, [_V16I32, _V16I32])
+        smin = mod.declare_intrinsic("llvm.smin.v16i32", (), fty)
+        smax = mod.declare_intrinsic("llvm.smax.v16i32", (), fty)
+        lo_m, hi_m = None, None
+        for v in [*xs, cv]:
+            m = builder.and_(builder.bitcast(v, _V16I32), absm)
+            nz = builder.select(builder.icmp_signed("==", m, zero), inf, m)
+            lo_m = nz if lo_m is None else builder.call(smin, [lo_m, nz])
+            hi_m = m if hi_m is None else builder.call(smax, [hi_m, m])
+        rty = ir.FunctionType(i32, [_V16I32])
+        rmin = builder.call(mod.declare_intrinsic("llvm.vector.reduce.smin.v16i32", (), rty), [lo_m])
+        rmax = builder.call(mod.declare_intrinsic("llvm.vector.reduce.smax.v16i32", (), rty), [hi_m])
+        dbl = ir.DoubleType()
+        amin = builder.fpext(builder.bitcast(rmin, _F32), dbl)
+        amax = builder.fpext(builder.bitcast(rmax, _F32), dbl)
+        ok = builder.fcmp_ordered("<", amax, builder.fmul(amin, ir.Constant(dbl, float(2**27))))
+        with builder.if_then(ok):
+            cs = [builder.extract_element(cv, ir.Constant(i32, k)) for k in range(16)]
+            fs = [builder.load(builder.gep(fp, [ir.Constant(_I64, k)]), align=4) for k in range(16)]
+            ninf, pinf = ir.Constant(_F32, float("-inf")), ir.Constant(_F32, float("inf"))
+            csplat = [splat(cs[k], _V16F32) for k in range(16)]
+            nsplat = [csplat[k + 1] if k < 15 else splat(pinf, _V16F32) for k in range(16)]
+            codes = [splat(builder.or_(fs[k], ir.Constant(i32, (k + 1) << 8)), _V16I32) for k in range(16)]
+            idx = []
+            for r in range(16):
+                lo, hi, code = splat(ninf, _V16F32), csplat[0], zero  # code: first | hk << 8
+                for k in range(16):
+                    ge = builder.fcmp_ordered(">=", xs[r], csplat[k])
+                    lo = builder.select(ge, csplat[k], lo)
+                    hi = builder.select(ge, nsplat[k], hi)
+                    code = builder.select(ge, codes[k], code)
+                # the float64 distances, 8 lanes at a time
+                halves = []
+                for h in range(2):
+                    sel = _shuffle_mask(list(range(8 * h, 8 * h + 8)))
+                    x64 = builder.fpext(builder.shuffle_vector(xs[r], xs[r], sel), _V8F64)
+                    lo64 = builder.fpext(builder.shuffle_vector(lo, lo, sel), _V8F64)
+                    hi64 = builder.fpext(builder.shuffle_vector(hi, hi, sel), _V8F64)
+                    halves.append(builder.fcmp_ordered("<", builder.fsub(hi64, x64), builder.fsub(x64, lo64)))
+                take_hi = builder.shuffle_vector(halves[0], halves[1], _shuffle_mask(list(range(16))))
+                sh8 = ir.Constant(_V16I32, [8] * 16)
+                low8 = ir.Constant(_V16I32, [255] * 16)
+                k = builder.select(take_hi, builder.lshr(code, sh8), builder.and_(code, low8))
+                idx.append(builder.trunc(k, _V16B))
+            four = ir.Constant(_V16B, [4] * 16)
+            for r in range(8):  # byte i: weight i in the low nibble, weight i + 128 in the high one
+                byte = builder.or_(idx[r], builder.shl(idx[r + 8], four))
+                builder.store(byte, builder.bitcast(builder.gep(pp, [ir.Constant(_I64, 16 * r)]), _V16B.as_pointer()),
+                              align=1)
+        return builder.zext(ok, i32)
+
+    return sig, codegen
+
+
 # Quantize: no fastmath (the means and distances must match the reference exactly).
 
-
 @numba.njit(cache=True, inline="always")
-def _sort_block(u, row, c0, keys, tmp, cnt, vu):
-    """vu (256,) uint32 <- the bits of the block's values sorted ascending: an LSD radix sort (4 passes of 8 bits)
-    of order-preserving integer keys, ~6x faster than np.sort on 256 values. Only the sorted values
-    matter (the codebook is a function of the multiset), so stability and the place of -0.0 next
-    to +0.0 do not change a byte."""
-    for i in range(4 * 256):
-        cnt[i] = 0
+def _nearest_full(x64, c64, bd, idx):
+    """formats.md's search as written: every weight tries the 16 entries in order, float64 distances, the
+    lowest index on ties (the candidate loop outside, the 256 weights inside: it vectorizes)."""
     for i in range(QK):
-        k = u[row, c0 + i]
-        # negatives: all bits flipped (larger magnitude sorts first); positives: the sign bit set
-        k = k ^ np.uint32(0xFFFFFFFF) if k >> np.uint32(31) else k | np.uint32(0x80000000)
-        keys[i] = k
-        for d in range(4):  # the four digits' histograms in one pass
-            cnt[d * 256 + ((k >> np.uint32(8 * d)) & np.uint32(255))] += 1
-    src, dst = keys, tmp
-    for d in range(4):
-        if cnt[d * 256 + ((src[0] >> np.uint32(8 * d)) & np.uint32(255))] == QK:
-            continue  # every key has this digit: the pass would not move anything
-        pos = 0
-        for j in range(256):
-            n = cnt[d * 256 + j]
-            cnt[d * 256 + j] = pos
-            pos += n
+        bd[i] = abs(x64[i] - c64[0])
+        idx[i] = 0
+    for kk in range(1, NBINS):
+        ck = c64[kk]
         for i in range(QK):
-            k = src[i]
-            j = d * 256 + ((k >> np.uint32(8 * d)) & np.uint32(255))
-            dst[cnt[j]] = k
-            cnt[j] += 1
-        src, dst = dst, src
-    for i in range(QK):
-        k = src[i]
-        k = k ^ np.uint32(0x80000000) if k >> np.uint32(31) else k ^ np.uint32(0xFFFFFFFF)
-        vu[i] = k
+            d = abs(x64[i] - ck)
+            better = d < bd[i]
+            bd[i] = d if better else bd[i]
+            idx[i] = np.uint8(kk) if better else idx[i]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize_rows(w, u, cb, p, r0, r1):
-    # cb: float32 (blocks, 48), the bytes seen as float32 (192 = 4 * 48), codebook at 0..15;
-    # p: uint8 (blocks, 192), packed indices at 64..191. u: the weights' bits (uint32 view of w).
+    # Rows r0..r1-1, on Python threads (families.parallel_rows: a parallel=True driver costs a cold start
+    # seconds). cb: float32 (blocks, 48), the bytes seen as float32 (192 = 4 * 48), codebook at 0..15;
+    # p: uint8 (blocks, 192), packed indices at 64..191. u: the weights' bits (w C-contiguous, seen as
+    # flat uint32).
     nb = w.shape[1] // QK
-    keys = np.empty(QK, np.uint32)
-    tmp = np.empty(QK, np.uint32)
-    cnt = np.empty(4 * 256, np.int32)
+    cols = w.shape[1]
     vu = np.empty(QK, np.uint32)
     v = vu.view(np.float32)
+    c32 = np.empty(NBINS, np.float32)
     c64 = np.empty(NBINS)
+    acc = np.empty(NBINS)
+    first = np.empty(NBINS, np.int32)
     x64 = np.empty(QK)
     bd = np.empty(QK)
     idx = np.empty(QK, np.uint8)
     for row in range(r0, r1):
         for b in range(nb):
             k = row * nb + b
-            _sort_block(u, row, b * QK, keys, tmp, cnt, vu)
+            _sort256(u, row * cols + b * QK, vu)
+            # each bin's sum is one chain in sorted order (formats.md); the 16 bins' chains side by side
+            # (one chain alone is 16 dependent float64 adds: it was a third of the time)
+            acc[:] = 0.0
+            for j in range(QK // NBINS):
+                for kk in range(NBINS):
+                    acc[kk] += np.float64(v[kk * (QK // NBINS) + j])
             for kk in range(NBINS):
-                acc = 0.0
-                for j in range(QK // NBINS):
-                    acc += np.float64(v[kk * (QK // NBINS) + j])
-                cf = np.float32(acc / 16.0)
+                cf = np.float32(acc[kk] / 16.0)
                 cb[k, kk] = cf
+                c32[kk] = cf
                 c64[kk] = np.float64(cf)
-            # nearest codebook entry: the candidate loop outside, the 256 weights inside (it
-            # vectorizes); each weight still tries 0..15 in order and keeps the lowest on ties
-            for i in range(QK):
-                x64[i] = np.float64(w[row, b * QK + i])
-                bd[i] = abs(x64[i] - c64[0])
-                idx[i] = 0
-            for kk in range(1, NBINS):
-                ck = c64[kk]
+                first[kk] = first[kk - 1] if kk > 0 and cf == c32[kk - 1] else kk
+            if not _nearest256(u, row * cols + b * QK, cb[k], 0, first, p[k], 4 * NBINS):
                 for i in range(QK):
-                    d = abs(x64[i] - ck)
-                    better = d < bd[i]
-                    bd[i] = d if better else bd[i]
-                    idx[i] = np.uint8(kk) if better else idx[i]
-            for i in range(QK // 2):
-                p[k, 4 * NBINS + i] = idx[i] | (idx[i + QK // 2] << np.uint8(4))
-
-
-@numba.njit(cache=True, parallel=True)
-def _quantize_driver(w, u, cb, p):
-    # more work items than threads (~64 KB of weights each): a descheduled thread holds up one
-    # small chunk, not half the matrix
-    rows = w.shape[0]
-    nchunk = max(1, min(rows, rows * w.shape[1] // 16384))
-    for c in numba.prange(nchunk):
-        _quantize_rows(w, u, cb, p, c * rows // nchunk, (c + 1) * rows // nchunk)
+                    x64[i] = np.float64(w[row, b * QK + i])
+                _nearest_full(x64, c64, bd, idx)
+                for i in range(QK // 2):
+                    p[k, 4 * NBINS + i] = idx[i] | (idx[i + QK // 2] << np.uint8(4))
 
 
 def _quantize_kernel(w, out):
-    _quantize_driver(w, w.view(np.uint32), out.view(np.float32).reshape(-1, BLOCK_BYTES // 4),
-                     out.reshape(-1, BLOCK_BYTES))
+    cb = out.view(np.float32).reshape(-1, BLOCK_BYTES // 4)
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, w.reshape(-1).view(np.uint32), cb,
+                  out.reshape(-1, BLOCK_BYTES), weights=16384)
 
 
 @numba.njit(cache=True)
@@ -238,24 +388,6 @@ def _matvec_portable(blocks, cb, x, out, threads):
 # within 128-bit lanes, so those vectors hold weights [0..3,16..19], [4..7,20..23],
 # [8..11,24..27], [12..15,28..31] of each 32: the activations are permuted the same way once
 # per call (_permute_x), and the dot product does not care about the order.
-_F32 = ir.FloatType()
-_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_V8F, _V32B, _V16B, _V16W = (
-    ir.VectorType(_F32, 8),
-    ir.VectorType(_I8, 32),
-    ir.VectorType(_I8, 16),
-    ir.VectorType(_I16, 16),
-)
-_UNPACK_LO_B = [v for lane in (0, 1) for i in range(8) for v in (16 * lane + i, 32 + 16 * lane + i)]
-_UNPACK_HI_B = [v for lane in (0, 1) for i in range(8, 16) for v in (16 * lane + i, 32 + 16 * lane + i)]
-_UNPACK_LO_W = [v for lane in (0, 1) for i in range(4) for v in (8 * lane + i, 16 + 8 * lane + i)]
-_UNPACK_HI_W = [v for lane in (0, 1) for i in range(4, 8) for v in (8 * lane + i, 16 + 8 * lane + i)]
-
-
-def _shuffle_mask(idx):
-    return ir.Constant(ir.VectorType(_I32, len(idx)), list(idx))
-
-
 @intrinsic
 def _block_dot_avx2(typingctx, planes, pl_off, data, p_off, xp, x_off):
     """float32 dot product of one block with 256 permuted activations.

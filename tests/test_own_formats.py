@@ -265,6 +265,31 @@ def test_q4a_distance_ties_go_to_the_lower_index():
     assert not fmt("Q4_A").quantize(same)[64:].any()
 
 
+def test_q4a_nearest_search_both_paths(rng):
+    # Q4_A's quantize sorts with a vector network and finds each weight's entry from two candidates
+    # (the largest c <= w, the smallest c > w) where every float64 difference w - c is exact (nonzero
+    # magnitudes spanning < 2**27), else it runs formats.md's 16-candidate search. Blocks on both sides
+    # of that check, with exact ties, runs of equal codebook entries, signed zeros and subnormals.
+    m = MODULES["Q4_A"]
+    blocks = [
+        rng.integers(-3, 4, 256).astype(np.float32),  # many equal entries, midpoints hit exactly
+        rng.integers(-40, 41, 256).astype(np.float32) * np.float32(0.25),
+        np.where(rng.random(256) < 0.3, 0.0, rng.standard_normal(256)).astype(np.float32),  # zeros: fast path
+        (rng.standard_normal(256) * 1e-42).astype(np.float32),  # subnormals
+        np.concatenate([rng.standard_normal(250), [1e-9, -1e-12, 3e-30, 1e9, -0.0, 0.0]]).astype(np.float32),
+        (rng.standard_normal(256) * 10.0 ** rng.uniform(-12, 12, 256)).astype(np.float32),  # the full search
+        np.concatenate([np.full(200, 1e30), rng.standard_normal(56)]).astype(np.float32),
+        np.concatenate([np.full(128, -2.0), np.full(128, 2.0)]).astype(np.float32),
+        np.concatenate([rng.standard_normal(255), [-(2.0**-126)]]).astype(np.float32),
+    ]
+    for b in blocks:
+        rng.shuffle(b)
+    w = np.concatenate(blocks).reshape(3, -1)
+    data = fmt("Q4_A").quantize(w)
+    assert np.array_equal(data, m.quantize_ref(w))
+    assert_q4a_matches_spec(w, data, fmt("Q4_A").dequantize(data, w.shape))
+
+
 def test_q4a_codebook_ascending_and_nibble_order(rng):
     w = rng.standard_normal((2, 512)).astype(np.float32)
     data = fmt("Q4_A").quantize(w)
