@@ -33,12 +33,10 @@ from numba.extending import intrinsic
 import quantfmt
 from quantfmt import cpu
 from quantfmt.families import KernelFormat, parallel_rows
-from quantfmt.numba_threads import claim
 
 QK = 256
 NBINS = 16
 BLOCK_BYTES = 4 * NBINS + QK // 2
-ROW_CHUNK = 64  # rows per chunk of work a thread claims in qmatmul
 
 
 # ---- numpy reference ------------------------------------------------------------------
@@ -324,7 +322,7 @@ def _quantize_rows(w, u, cb, p, r0, r1):
 def _quantize_kernel(w, out):
     cb = out.view(np.float32).reshape(-1, BLOCK_BYTES // 4)
     parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, w.reshape(-1).view(np.uint32), cb,
-                  out.reshape(-1, BLOCK_BYTES), weights=16384)
+                  out.reshape(-1, BLOCK_BYTES))
 
 
 @numba.njit(cache=True)
@@ -338,46 +336,50 @@ def _dequantize_row(data, nb, row, out):
             out[b * QK + QK // 2 + i] = c[p[i] >> 4]
 
 
-@numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(data, rows, cols, out):
-    for row in numba.prange(rows):
-        _dequantize_row(data, cols // QK, row, out[row])
+# Every driver is Python (families.parallel_rows: ranges of rows on numba.get_num_threads() Python
+# threads, each taking the next range when done) over a cached nogil kernel of a range: a parallel=True
+# prange driver cost a cold start seconds per kernel (numba's parfor passes, the body compiled again
+# inside the gufunc), and in decode its region waited for every numba thread to wake. One row kernel
+# serves get_rows, dequantize and the prefill tiles.
+MATVEC_GRAB = 1 << 20  # weights per range of decode: 256 rows of 4096, 43 ranges for 11008 rows
 
 
-@numba.njit(cache=True, nogil=True)  # nogil: prefill tiles on several threads (families.tiles_prefill)
-def _get_rows_kernel(data, cols, idx, out):
-    for k in range(idx.size):
+@numba.njit(cache=True, nogil=True)
+def _get_rows_range(data, cols, idx, out, k0, k1):
+    for k in range(k0, k1):
         _dequantize_row(data, cols // QK, idx[k], out[k])
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _matvec_portable(blocks, cb, x, out, threads):
+def _get_rows_kernel(data, cols, idx, out):
+    # on a prefill thread (families.tiles_prefill) parallel_rows runs inline
+    parallel_rows(_get_rows_range, idx.size, cols, data, cols, idx, out)
+
+
+def _dequantize_kernel(data, rows, cols, out):
+    _get_rows_kernel(data, cols, np.arange(rows, dtype=np.int64), out)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _matvec_portable(blocks, cb, x, out, r0, r1):
     # Any CPU. blocks: uint8 (rows, nb, 192), the bytes as they are; cb: float32 (rows, nb, 16),
     # the codebooks unpacked by prepare(). LLVM does not vectorize the codebook lookup
     # (gathers are slow on the CPUs it tunes for), so this runs at scalar speed.
-    rows, nb = blocks.shape[0], blocks.shape[1]
+    nb = blocks.shape[1]
     n = x.shape[0]
     xb = x.reshape(n, nb, QK)
-    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    counter = np.empty(1, np.int64)  # not np.zeros: in a parallel function that is a region of its own
-    counter[0] = 0
-    for _t in numba.prange(threads):  # one claimer per thread
-        accv = np.empty(QK, np.float32)
-        ch = claim(counter)
-        while ch < nchunks:
-            for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-                for k in range(n):
-                    accv[:] = 0.0
-                    for b in range(nb):
-                        for i in range(QK // 2):
-                            p = blocks[row, b, 4 * NBINS + i]
-                            accv[i] += cb[row, b, p & 15] * xb[k, b, i]
-                            accv[i + QK // 2] += cb[row, b, p >> 4] * xb[k, b, i + QK // 2]
-                    tot = np.float32(0.0)
-                    for i in range(QK):
-                        tot += accv[i]
-                    out[k, row] = tot
-            ch = claim(counter)
+    accv = np.empty(QK, np.float32)
+    for row in range(r0, r1):
+        for k in range(n):
+            accv[:] = 0.0
+            for b in range(nb):
+                for i in range(QK // 2):
+                    p = blocks[row, b, 4 * NBINS + i]
+                    accv[i] += cb[row, b, p & 15] * xb[k, b, i]
+                    accv[i + QK // 2] += cb[row, b, p >> 4] * xb[k, b, i + QK // 2]
+            tot = np.float32(0.0)
+            for i in range(QK):
+                tot += accv[i]
+            out[k, row] = tot
 
 
 # The AVX2 kernel. A codebook lookup is a 16-entry table lookup, which is exactly what the
@@ -446,28 +448,19 @@ def _block_dot_avx2(typingctx, planes, pl_off, data, p_off, xp, x_off):
     return sig, codegen
 
 
-@numba.njit(cache=True, parallel=True)
-def _matvec_avx2(planes, data, xp, rows, cols, out, threads):
+@numba.njit(cache=True, nogil=True)
+def _matvec_avx2(planes, data, xp, cols, out, r0, r1):
     # planes: uint8 (nblocks * 64,), from prepare(); data: the bytes; xp: (n, cols) from _permute_x.
     nb = cols // QK
     n = xp.shape[0]
     xf = xp.reshape(-1)
-    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    counter = np.empty(1, np.int64)
-    counter[0] = 0
-    for _t in numba.prange(threads):  # one claimer per thread
-        ch = claim(counter)
-        while ch < nchunks:
-            for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-                for k in range(n):
-                    acc = np.float32(0.0)
-                    for b in range(nb):
-                        blk = row * nb + b
-                        acc += _block_dot_avx2(
-                            planes, blk * 64, data, blk * BLOCK_BYTES + 4 * NBINS, xf, k * cols + b * QK
-                        )
-                    out[k, row] = acc
-            ch = claim(counter)
+    for row in range(r0, r1):
+        for k in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                blk = row * nb + b
+                acc += _block_dot_avx2(planes, blk * 64, data, blk * BLOCK_BYTES + 4 * NBINS, xf, k * cols + b * QK)
+            out[k, row] = acc
 
 
 # The AVX-512 kernel. A block's codebook is 16 float32 = one 512-bit register, and `vpermps`
@@ -513,28 +506,21 @@ def _block_fma_avx512(typingctx, acc, data, blk_off, x, x_off):
     return sig, codegen
 
 
-@numba.njit(cache=True, parallel=True)
-def _matvec_avx512(data, rows, cols, x, out, threads):
+@numba.njit(cache=True, nogil=True)
+def _matvec_avx512(data, cols, x, out, r0, r1):
     nb = cols // QK
     n = x.shape[0]
     xf = x.reshape(-1)
-    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    counter = np.empty(1, np.int64)
-    counter[0] = 0
-    for _t in numba.prange(threads):  # one claimer per thread
-        acc = np.empty(64, np.float32)
-        ch = claim(counter)
-        while ch < nchunks:
-            for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-                for k in range(n):
-                    acc[:] = 0.0
-                    for b in range(nb):
-                        _block_fma_avx512(acc, data, (row * nb + b) * BLOCK_BYTES, xf, k * cols + b * QK)
-                    tot = np.float32(0.0)
-                    for i in range(64):
-                        tot += acc[i]
-                    out[k, row] = tot
-            ch = claim(counter)
+    acc = np.empty(64, np.float32)
+    for row in range(r0, r1):
+        for k in range(n):
+            acc[:] = 0.0
+            for b in range(nb):
+                _block_fma_avx512(acc, data, (row * nb + b) * BLOCK_BYTES, xf, k * cols + b * QK)
+            tot = np.float32(0.0)
+            for i in range(64):
+                tot += acc[i]
+            out[k, row] = tot
 
 
 def _permute_x(x):
@@ -585,13 +571,14 @@ class Q4_A(KernelFormat):
 
     def matvec(self, prep, rows, cols, x, out):
         data, extra, path = prep
-        threads = numba.get_num_threads()  # an argument: read inside a kernel, it defeats numba's cache
+        # under families.MIN_THREADED_WEIGHTS this is one range on the calling thread (decode_threads)
         if path == "avx512":
-            _matvec_avx512(data, rows, cols, np.ascontiguousarray(x), out, threads)
+            parallel_rows(_matvec_avx512, rows, cols, data, cols, np.ascontiguousarray(x), out, weights=MATVEC_GRAB)
         elif path == "avx2":
-            _matvec_avx2(extra, data, _permute_x(x), rows, cols, out, threads)
+            parallel_rows(_matvec_avx2, rows, cols, extra, data, _permute_x(x), cols, out, weights=MATVEC_GRAB)
         else:
-            _matvec_portable(data.reshape(rows, cols // QK, BLOCK_BYTES), extra, x, out, threads)
+            parallel_rows(_matvec_portable, rows, cols, data.reshape(rows, cols // QK, BLOCK_BYTES), extra, x, out,
+                          weights=MATVEC_GRAB)
 
 
 @quantfmt.hookimpl

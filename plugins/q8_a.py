@@ -31,8 +31,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import KernelFormat
-from quantfmt.numba_threads import claim
+from quantfmt.families import KernelFormat, parallel_rows
 
 from ._rounding import round_half_away, round_half_away_scalar
 
@@ -83,11 +82,19 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 # bit for bit. qmatmul uses fastmath (reassociation for vector reductions, FMA).
 
 
-@numba.njit(cache=True, parallel=True)
-def _quantize_kernel(w, out):
+# Every driver is Python (families.parallel_rows: ranges of row groups on numba.get_num_threads()
+# Python threads, each taking the next range when done) over a cached nogil kernel of a range: a
+# parallel=True prange driver cost a cold start seconds per kernel (numba's parfor passes, the body
+# compiled again inside the gufunc), and in decode its region waited for every numba thread to wake.
+# One kernel serves get_rows, dequantize and the prefill tiles.
+MATVEC_GRAB = 1 << 20  # weights per range of decode: 2 row groups of 4096 columns, 43 ranges for 11008 rows
+
+
+@numba.njit(cache=True, nogil=True)
+def _quantize_groups(w, out, g0, g1):
     rows, cols = w.shape
     gb = GROUP_BYTES_PER_COL * cols
-    for g in numba.prange(rows // QK):
+    for g in range(g0, g1):
         base = g * gb
         sc = out[base : base + 4 * cols].view(np.float32)
         q = out[base + 4 * cols : base + gb].view(np.int8).reshape(QK, cols)
@@ -110,11 +117,15 @@ def _quantize_kernel(w, out):
                     q[r, c] = np.int8(v)
 
 
-@numba.njit(cache=True, nogil=True)  # nogil: prefill tiles on several threads (families.tiles_prefill)
-def _dequantize_rows(data, cols, idx, out):
-    # out[k] = row idx[k]; touches only that row's group scales and the row's own bytes.
+def _quantize_kernel(w, out):
+    parallel_rows(_quantize_groups, w.shape[0] // QK, QK * w.shape[1], w, out, weights=QK * 128)
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequantize_rows(data, cols, idx, out, k0, k1):
+    # out[k] = row idx[k] for k in k0..k1-1; touches only that row's group scales and the row's own bytes.
     gb = GROUP_BYTES_PER_COL * cols
-    for k in range(idx.size):
+    for k in range(k0, k1):
         g = idx[k] // QK
         r = idx[k] - g * QK
         base = g * gb
@@ -124,50 +135,39 @@ def _dequantize_rows(data, cols, idx, out):
             out[k, c] = np.float32(np.float64(q[c]) * np.float64(sc[c]) / 127.0)
 
 
-@numba.njit(cache=True, parallel=True)
+def _get_rows_kernel(data, cols, idx, out):
+    # on a prefill thread (families.tiles_prefill) parallel_rows runs inline
+    parallel_rows(_dequantize_rows, idx.size, cols, data, cols, idx, out)
+
+
 def _dequantize_kernel(data, rows, cols, out):
+    _get_rows_kernel(data, cols, np.arange(rows, dtype=np.int64), out)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _matvec_groups(data, cols, x, out, g0, g1):
+    # out[k, i] = sum_c s[g, c] * q[i, c] / 127 * x[k, c]: fold the column scales into x once
+    # per group (xs = s * x / 127), then each row is a plain int8 x float32 dot product.
     gb = GROUP_BYTES_PER_COL * cols
-    for g in numba.prange(rows // QK):
+    n = x.shape[0]
+    xs = np.empty(cols, np.float32)
+    for g in range(g0, g1):
         base = g * gb
         sc = data[base : base + 4 * cols].view(np.float32)
         q = data[base + 4 * cols : base + gb].view(np.int8).reshape(QK, cols)
-        for r in range(QK):
+        for k in range(n):
             for c in range(cols):
-                out[g * QK + r, c] = np.float32(np.float64(q[r, c]) * np.float64(sc[c]) / 127.0)
-
-
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _matvec_kernel(data, rows, cols, x, out, threads):
-    # out[k, i] = sum_c s[g, c] * q[i, c] / 127 * x[k, c]: fold the column scales into x once
-    # per group (xs = s * x / 127), then each row is a plain int8 x float32 dot product.
-    # Row groups are claimed one at a time from a shared counter (quantfmt.numba_threads): a
-    # descheduled thread's groups are taken by the one that runs, instead of a fixed half each.
-    gb = GROUP_BYTES_PER_COL * cols
-    n = x.shape[0]
-    groups = rows // QK
-    counter = np.empty(1, np.int64)  # not np.zeros: in a parallel function that is a region of its own
-    counter[0] = 0
-    for _t in numba.prange(threads):  # one claimer per thread
-        xs = np.empty(cols, np.float32)
-        g = claim(counter)
-        while g < groups:
-            base = g * gb
-            sc = data[base : base + 4 * cols].view(np.float32)
-            q = data[base + 4 * cols : base + gb].view(np.int8).reshape(QK, cols)
-            for k in range(n):
+                xs[c] = sc[c] * x[k, c] * np.float32(1.0 / 127.0)
+            for r in range(0, QK, 4):  # four rows per pass: four FMA chains share each xs load
+                a0 = a1 = a2 = a3 = np.float32(0.0)
                 for c in range(cols):
-                    xs[c] = sc[c] * x[k, c] * np.float32(1.0 / 127.0)
-                for r in range(0, QK, 4):  # four rows per pass: four FMA chains share each xs load
-                    a0 = a1 = a2 = a3 = np.float32(0.0)
-                    for c in range(cols):
-                        xv = xs[c]
-                        a0 += np.float32(q[r, c]) * xv
-                        a1 += np.float32(q[r + 1, c]) * xv
-                        a2 += np.float32(q[r + 2, c]) * xv
-                        a3 += np.float32(q[r + 3, c]) * xv
-                    i = g * QK + r
-                    out[k, i], out[k, i + 1], out[k, i + 2], out[k, i + 3] = a0, a1, a2, a3
-            g = claim(counter)
+                    xv = xs[c]
+                    a0 += np.float32(q[r, c]) * xv
+                    a1 += np.float32(q[r + 1, c]) * xv
+                    a2 += np.float32(q[r + 2, c]) * xv
+                    a3 += np.float32(q[r + 3, c]) * xv
+                i = g * QK + r
+                out[k, i], out[k, i + 1], out[k, i + 2], out[k, i + 3] = a0, a1, a2, a3
 
 
 # ---- the format -----------------------------------------------------------------------
@@ -182,10 +182,11 @@ class Q8_A(KernelFormat):
     summary = "int8, one float32 absmax scale per 128 weights down a column (llama2.c brainstorm)"
     quantize_kernel = staticmethod(_quantize_kernel)
     dequantize_kernel = staticmethod(_dequantize_kernel)
-    get_rows_kernel = staticmethod(_dequantize_rows)
+    get_rows_kernel = staticmethod(_get_rows_kernel)
 
     def matvec(self, prep, rows, cols, x, out):
-        _matvec_kernel(prep[0], rows, cols, x, out, numba.get_num_threads())
+        # under families.MIN_THREADED_WEIGHTS this is one range on the calling thread (decode_threads)
+        parallel_rows(_matvec_groups, rows // QK, QK * cols, prep[0], cols, x, out, weights=MATVEC_GRAB)
 
 
 @quantfmt.hookimpl

@@ -29,14 +29,12 @@ import numpy as np
 
 import quantfmt
 from quantfmt.errors import RangeError
-from quantfmt.families import KernelFormat
-from quantfmt.numba_threads import claim
+from quantfmt.families import KernelFormat, parallel_rows
 
 from ._rounding import round_half_away
 
 QK = 128
 BLOCK_BYTES = 8 + QK
-ROW_CHUNK = 64  # rows per chunk of work claimed by a thread in qmatmul (a multiple of 4)
 
 
 # ---- numpy reference ------------------------------------------------------------------
@@ -109,7 +107,7 @@ def _quantize_block(w, row, b, m, hdr, q, k, res):
         q[k, 8 + j] = np.int8(min(max(t, -127.0), 127.0))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize_rows(w, hdr, q, r0, r1):
     # hdr: float32 (rows * nb, 34), the bytes seen as float32 (136 = 4 * 34): (s, m) at 0, 1;
     # q: int8 (rows * nb, 136), the bytes seen as int8: q[j] at 8 + j. Both views are made once
@@ -140,18 +138,18 @@ def _quantize_rows(w, hdr, q, r0, r1):
             b += g
 
 
-@numba.njit(cache=True, parallel=True)
-def _quantize_driver(w, hdr, q):
-    # More work items than threads (~64 KB of weights each), so a descheduled thread on a
-    # shared machine holds up one small chunk rather than half the matrix.
-    rows = w.shape[0]
-    nchunk = max(1, min(rows, rows * w.shape[1] // 16384))
-    for c in numba.prange(nchunk):
-        _quantize_rows(w, hdr, q, c * rows // nchunk, (c + 1) * rows // nchunk)
+# Every driver is Python (families.parallel_rows: ranges of rows on numba.get_num_threads() Python
+# threads, each taking the next range when done; ~64K weights a range in quantize, so a descheduled
+# thread holds up one small range) over a cached nogil kernel of a range: a parallel=True prange driver
+# cost a cold start seconds per kernel (numba's parfor passes, the body compiled again inside the
+# gufunc), and in decode its region waited for every numba thread to wake. One row kernel serves
+# get_rows, dequantize and the prefill tiles.
+MATVEC_GRAB = 1 << 20  # weights per range of decode: 256 rows of 4096, 43 ranges for 11008 rows
 
 
 def _quantize_kernel(w, out):
-    _quantize_driver(w, out.view(np.float32).reshape(-1, BLOCK_BYTES // 4), out.view(np.int8).reshape(-1, BLOCK_BYTES))
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, out.view(np.float32).reshape(-1, BLOCK_BYTES // 4),
+                  out.view(np.int8).reshape(-1, BLOCK_BYTES))
 
 
 @numba.njit(cache=True)
@@ -166,51 +164,40 @@ def _dequantize_row(data, nb, row, out):
             out[b * QK + j] = np.float32(m + np.float64(q[j]) * s / 127.0)
 
 
-@numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(data, rows, cols, out):
-    for row in numba.prange(rows):
-        _dequantize_row(data, cols // QK, row, out[row])
-
-
-@numba.njit(cache=True, nogil=True)  # nogil: prefill tiles on several threads (families.tiles_prefill)
-def _get_rows_kernel(data, cols, idx, out):
-    for k in range(idx.size):
+@numba.njit(cache=True, nogil=True)
+def _get_rows_range(data, cols, idx, out, k0, k1):
+    for k in range(k0, k1):
         _dequantize_row(data, cols // QK, idx[k], out[k])
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _matvec_kernel(blocks, sm, x, out, threads):
+def _get_rows_kernel(data, cols, idx, out):
+    # on a prefill thread (families.tiles_prefill) parallel_rows runs inline
+    parallel_rows(_get_rows_range, idx.size, cols, data, cols, idx, out)
+
+
+def _dequantize_kernel(data, rows, cols, out):
+    _get_rows_kernel(data, cols, np.arange(rows, dtype=np.int64), out)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _matvec_range(blocks, sm, x, out, start, stop):
     # blocks: int8 (rows, nb, 136), the bytes as they are; sm: float32 (rows, nb, 2) = (s/127, m),
     # unpacked once by prepare() (slicing a float32 view out of the bytes per block costs more
     # than the block's arithmetic). w = m + q * s/127, so a block contributes
-    # m * sum(x_block) + s/127 * dot(q, x_block); the block sums of x are computed once.
-    rows, nb = blocks.shape[0], blocks.shape[1]
+    # m * sum(x_block) + s/127 * dot(q, x_block). The block sums of x: once per range (cols adds
+    # against a range's 256 * cols multiply-adds).
+    nb = blocks.shape[1]
     n = x.shape[0]
-    xsum = np.empty((n, nb), np.float32)  # not np.zeros: that would be a parallel region of its own
+    xb = x.reshape(n, nb, QK)
+    xsum = np.empty((n, nb), np.float32)
     for k in range(n):
         for b in range(nb):
             a = np.float32(0.0)
             for j in range(QK):
-                a += x[k, b * QK + j]
+                a += xb[k, b, j]
             xsum[k, b] = a
-    xb = x.reshape(n, nb, QK)
-    # Rows go in chunks of ROW_CHUNK claimed from a shared counter (quantfmt.numba_threads): a
-    # descheduled thread's chunks are taken by the one that runs, instead of a fixed half each.
-    chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    counter = np.empty(1, np.int64)  # not np.zeros: in a parallel function that is a region of its own
-    counter[0] = 0
-    for _t in numba.prange(threads):  # one claimer per thread
-        ch = claim(counter)
-        while ch < chunks:
-            _matvec_rows(blocks, sm, xb, xsum, out, ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK))
-            ch = claim(counter)
-
-
-@numba.njit(cache=True, fastmath=True, inline="always")
-def _matvec_rows(blocks, sm, xb, xsum, out, start, stop):
     # Four rows at a time: four independent FMA chains (one chain is latency-bound) that
     # share each activation load.
-    n, nb = xb.shape[0], xb.shape[1]
     for r0 in range(start, stop, 4):
         for k in range(n):
             if r0 + 4 <= stop:
@@ -272,7 +259,8 @@ class Q8_B(KernelFormat):
 
     def matvec(self, prep, rows, cols, x, out):
         blocks, sm = prep[1]
-        _matvec_kernel(blocks, sm, x, out, numba.get_num_threads())
+        # under families.MIN_THREADED_WEIGHTS this is one range on the calling thread (decode_threads)
+        parallel_rows(_matvec_range, rows, cols, blocks, sm, x, out, weights=MATVEC_GRAB)
 
 
 @quantfmt.hookimpl
