@@ -439,6 +439,53 @@ def test_q4a_every_matvec_kernel(kernel, rng, monkeypatch):
     assert np.array_equal(f.qmatmul(odd, w.shape, x, prepared=f.prepare(odd, rows, cols)), out)
 
 
+@pytest.mark.parametrize("tag", ["Q8_A", "Q8_B"])
+def test_q8_dequantize_without_division_is_exact(tag, rng):
+    # Q8_A/Q8_B dequantize multiply by 1/127 (Q8_B: plus an FMA correction) where formats.md divides:
+    # bytes made directly, every q against scales over every float32 exponent (subnormals too), scales
+    # whose significand 127 divides, and Q8_B means of every size: the same bits as dequantize_ref.
+    m = MODULES[tag]
+    n = 4096
+    s = rng.integers(0, 0x7F800000, n, dtype=np.uint32).view(np.float32)
+    sig = rng.integers(1, (1 << 24) // 127, n // 4) * 127
+    e = rng.integers(0, 254, n // 4)
+    s[: n // 4] = np.where(sig >= 1 << 23, ((e + 1) << 23) | (sig & 0x7FFFFF), sig).astype(np.uint32).view(np.float32)
+    q = np.resize(np.arange(-127, 128, dtype=np.int8), (n, 128))
+    rng.shuffle(q, axis=1)
+    if tag == "Q8_A":  # 32 groups of 128 rows x 128 columns: scales (32, 128), q (32, 128, 128)
+        data = m.pack(s.reshape(32, 128), q.reshape(32, 128, 128))
+        rows, cols = 32 * 128, 128
+    else:
+        mean = (rng.standard_normal(n) * np.minimum(s, 1e30) * 10.0 ** rng.uniform(-3, 3, n)).astype(np.float32)
+        data = m.pack(s, mean, q)
+        rows, cols = 32, 128 * 128
+    got = fmt(tag).dequantize(data, (rows, cols))
+    assert np.array_equal(got.view(np.uint32), m.dequantize_ref(data, rows, cols).view(np.uint32))
+
+
+@pytest.mark.parametrize("kernel", ["portable", "avx512"])
+def test_q4a_every_rows_kernel(kernel, rng, monkeypatch):
+    # get_rows / dequantize / the prefill tiles: the vpermps fill (AVX-512) or the scalar loop; both
+    # against the numpy reference, bit for bit, at an odd address too.
+    from quantfmt import cpu
+
+    m = MODULES["Q4_A"]
+    if kernel == "avx512" and not cpu.has("avx512f"):
+        pytest.skip("this CPU (or NUMBA_CPU_NAME/NUMBA_CPU_FEATURES) has no avx512f")
+    monkeypatch.setattr(m, "PATH", kernel)
+    rows, cols = 37, 768
+    w = (rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-3, 3, (rows, 1))).astype(np.float32)
+    f = fmt("Q4_A")
+    data = f.quantize(w)
+    odd = np.empty(data.size + 1, np.uint8)[1:]
+    odd[:] = data
+    ref = m.dequantize_ref(data, rows, cols)
+    for d in (data, odd):
+        assert np.array_equal(f.dequantize(d, w.shape).view(np.uint32), ref.view(np.uint32))
+        idx = np.array([5, 0, rows - 1, 5], np.int64)
+        assert np.array_equal(f.get_rows(d, w.shape, idx).view(np.uint32), ref[idx].view(np.uint32))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tag", TAGS)
 def test_full_size_matches_reference(tag):
