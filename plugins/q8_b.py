@@ -82,18 +82,47 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 # Quantize and dequantize: no fastmath, bit-identical to the reference. qmatmul: fastmath.
 
 
+_NEAR_HALF = 2.0**-40
+
+
+@intrinsic
+def _bits_to_f32(typingctx, x):
+    """The float32 with the low 32 bits of integer x (a bitcast: no array to view)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if v.type.width > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
 @numba.njit(cache=True, inline="always")
-def _quantize_block(w, row, b, m, hdr, q, k, res):
+def _key_to_float(key):
+    """The float32 whose order-preserving key (bits with the magnitude flipped for negatives) is key."""
+    return _bits_to_f32(key ^ ((key >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+@numba.njit(cache=True, inline="always")
+def _quantize_block(w, u, row, b, m, hdr, q, k):
     """Block b of `row` given its mean m: s, then q (the reference's float64 operations)."""
     m64 = np.float64(m)
-    # max |r| is exact in any order: eight running maxima (one max is a 4-cycle dependency chain)
-    mx = np.zeros(8)
-    for j0 in range(0, QK, 8):
-        for t in range(8):
-            r = np.float64(w[row, b * QK + j0 + t]) - m64
-            res[j0 + t] = r
-            mx[t] = max(mx[t], abs(r))
-    s = np.float32(max(max(max(mx[0], mx[1]), max(mx[2], mx[3])), max(max(mx[4], mx[5]), max(mx[6], mx[7]))))
+    # s = max_j |fl64(w_j - m)|: fl64(w - m) is nondecreasing in w, so that is the larger of
+    # |fl64(wmax - m)| and |fl64(wmin - m)|, exactly (abs, not a negation: +0.0 for a zero block). wmin, wmax: integer min/max of order-preserving keys
+    # of the bits u (a float min/max reduction does not vectorize without fastmath).
+    kmin = np.int32(0x7FFFFFFF)
+    kmax = np.int32(-0x80000000)
+    for j in range(QK):
+        x = u[row, b * QK + j]
+        key = x ^ ((x >> np.int32(31)) & np.int32(0x7FFFFFFF))
+        kmin = min(kmin, key)
+        kmax = max(kmax, key)
+    wmin = np.float64(_key_to_float(kmin))
+    wmax = np.float64(_key_to_float(kmax))
+    s = np.float32(max(abs(wmax - m64), abs(wmin - m64)))
     hdr[k, 0] = s
     hdr[k, 1] = m
     if s == 0:
@@ -101,44 +130,57 @@ def _quantize_block(w, row, b, m, hdr, q, k, res):
             q[k, 8 + j] = 0
         return
     s64 = np.float64(s)
+    # v = (r * 127) / s by a multiplication with inv = 1 / s (one division per block, not per weight: a
+    # vdivpd is ~16 cycles per 8 lanes). inv is correctly rounded, so v' = (r * 127) * inv is within
+    # 3 * 2**-53 * 127 < 2**-44 of formats.md's v. round_half_away is continuous except at half-integers,
+    # so v' rounds as v does unless one of them is within 2**-44 of a half-integer: a weight whose v'
+    # is within 2**-40 of one (structured data: small integers, constant blocks) sends the whole block
+    # through the division as written.
+    inv = 1.0 / s64
+    near = 0
     for j in range(QK):  # branch-free round_half_away, so the loop vectorizes
-        v = res[j] * 127.0 / s64
+        v = (np.float64(w[row, b * QK + j]) - m64) * 127.0 * inv
         t = np.trunc(v)
         d = v - t
+        near += abs(abs(d) - 0.5) < _NEAR_HALF
         t = t + 1.0 if d >= 0.5 else t
         t = t - 1.0 if d <= -0.5 else t
         q[k, 8 + j] = np.int8(min(max(t, -127.0), 127.0))
+    if near:
+        for j in range(QK):
+            v = (np.float64(w[row, b * QK + j]) - m64) * 127.0 / s64
+            t = np.trunc(v)
+            d = v - t
+            t = t + 1.0 if d >= 0.5 else t
+            t = t - 1.0 if d <= -0.5 else t
+            q[k, 8 + j] = np.int8(min(max(t, -127.0), 127.0))
 
 
 @numba.njit(cache=True, nogil=True)
-def _quantize_rows(w, hdr, q, r0, r1):
+def _quantize_rows(w, u, hdr, q, r0, r1):
     # hdr: float32 (rows * nb, 34), the bytes seen as float32 (136 = 4 * 34): (s, m) at 0, 1;
     # q: int8 (rows * nb, 136), the bytes seen as int8: q[j] at 8 + j. Both views are made once
-    # by the caller: slicing views per block costs more than the block's arithmetic.
+    # by the caller: slicing views per block costs more than the block's arithmetic. u: w's bits as int32.
     nb = w.shape[1] // QK
-    res = np.empty(QK)
+    acc = np.empty(8)
+    means = np.empty(nb, np.float32)
     for row in range(r0, r1):
-        b = 0
-        while b < nb:
-            # Each block's sum is one sequential chain in index order (the spec fixes it); four
-            # blocks' chains interleaved keep the adder busy, each chain's order unchanged.
-            g = 4 if b + 4 <= nb else 1
-            a0 = a1 = a2 = a3 = 0.0
-            if g == 4:
-                for j in range(QK):
-                    a0 += np.float64(w[row, b * QK + j])
-                    a1 += np.float64(w[row, (b + 1) * QK + j])
-                    a2 += np.float64(w[row, (b + 2) * QK + j])
-                    a3 += np.float64(w[row, (b + 3) * QK + j])
-            else:
-                for j in range(QK):
-                    a0 += np.float64(w[row, b * QK + j])
-            _quantize_block(w, row, b, np.float32(a0 / 128.0), hdr, q, row * nb + b, res)
-            if g == 4:
-                _quantize_block(w, row, b + 1, np.float32(a1 / 128.0), hdr, q, row * nb + b + 1, res)
-                _quantize_block(w, row, b + 2, np.float32(a2 / 128.0), hdr, q, row * nb + b + 2, res)
-                _quantize_block(w, row, b + 3, np.float32(a3 / 128.0), hdr, q, row * nb + b + 3, res)
-            b += g
+        # Each block's sum is one sequential chain in index order (the spec fixes it); eight
+        # blocks' chains side by side keep the adders busy, each chain's order unchanged.
+        for b0 in range(0, nb - nb % 8, 8):
+            acc[:] = 0.0
+            for j in range(QK):
+                for t in range(8):
+                    acc[t] += np.float64(w[row, (b0 + t) * QK + j])
+            for t in range(8):
+                means[b0 + t] = np.float32(acc[t] / 128.0)
+        for b in range(nb - nb % 8, nb):
+            a = 0.0
+            for j in range(QK):
+                a += np.float64(w[row, b * QK + j])
+            means[b] = np.float32(a / 128.0)
+        for b in range(nb):  # one inlined copy of the block's body (cold start: each copy compiles)
+            _quantize_block(w, u, row, b, means[b], hdr, q, row * nb + b)
 
 
 # Every driver is Python (families.parallel_rows: ranges of rows on numba.get_num_threads() Python
@@ -151,7 +193,8 @@ MATVEC_GRAB = 1 << 20  # weights per range of decode: 256 rows of 4096, 43 range
 
 
 def _quantize_kernel(w, out):
-    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, out.view(np.float32).reshape(-1, BLOCK_BYTES // 4),
+    hdr = out.view(np.float32).reshape(-1, BLOCK_BYTES // 4)
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, w.view(np.int32), hdr,
                   out.view(np.int8).reshape(-1, BLOCK_BYTES))
 
 

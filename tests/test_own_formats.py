@@ -439,6 +439,18 @@ def test_q4a_every_matvec_kernel(kernel, rng, monkeypatch):
     assert np.array_equal(f.qmatmul(odd, w.shape, x, prepared=f.prepare(odd, rows, cols)), out)
 
 
+@pytest.mark.parametrize("tag", TAGS)
+def test_structured_blocks_match_reference(tag, rng):
+    # Small integers, halves and quarters: values whose quotients land exactly on half-integers (Q8_B's
+    # multiply-by-1/s quantize falls back to the division there) and codebooks full of ties (Q4_A).
+    br, bc = fmt(tag).block_shape
+    rows, cols = max(br, 4) * 2, max(bc, 8) * 4
+    for scale in (1.0, 0.5, 0.25, 127.0, 1 / 127):
+        w = (rng.integers(-4, 5, (rows, cols)) * scale).astype(np.float32)
+        w[0, : bc if bc > 1 else cols] = np.float32(scale)  # a constant block
+        check_kernels(tag, w)
+
+
 @pytest.mark.parametrize("tag", ["Q8_A", "Q8_B"])
 def test_q8_dequantize_without_division_is_exact(tag, rng):
     # Q8_A/Q8_B dequantize multiply by 1/127 (Q8_B: plus an FMA correction) where formats.md divides:
