@@ -111,8 +111,9 @@ def _quantize_block(w, u, row, b, m, hdr, q, k):
     """Block b of `row` given its mean m: s, then q (the reference's float64 operations)."""
     m64 = np.float64(m)
     # s = max_j |fl64(w_j - m)|: fl64(w - m) is nondecreasing in w, so that is the larger of
-    # |fl64(wmax - m)| and |fl64(wmin - m)|, exactly (abs, not a negation: +0.0 for a zero block). wmin, wmax: integer min/max of order-preserving keys
-    # of the bits u (a float min/max reduction does not vectorize without fastmath).
+    # |fl64(wmax - m)| and |fl64(wmin - m)|, exactly (abs, not a negation: +0.0 for a zero block).
+    # wmin, wmax: integer min/max of order-preserving keys of the bits u (a float min/max reduction
+    # does not vectorize without fastmath).
     kmin = np.int32(0x7FFFFFFF)
     kmax = np.int32(-0x80000000)
     for j in range(QK):
