@@ -111,19 +111,19 @@ def _bitonic_plan():
 
 
 @intrinsic
-def _sort256(typingctx, src, src_off, dst):
-    """dst[0:256] (uint32) <- the bits of the float32 values src[src_off:src_off+256] (uint32 view), sorted
-    ascending by value. Keys: the bits with the magnitude flipped for negatives (x ^ ((x >> 31) & 0x7FFFFFFF),
-    arithmetic shift), so signed int32 order is float order (-0.0 just below +0.0: only the multiset matters).
+def _sort256(typingctx, src, src_off, sums):
+    """sums[0:16] (float64) <- the 16 bins' sums of the float32 values src[src_off:src_off+256] (uint32
+    view) sorted ascending: bin k is sorted values 16k..16k+15, summed in order from +0.0.
+    Sort keys: the bits with the magnitude flipped for negatives (x ^ ((x >> 31) & 0x7FFFFFFF), arithmetic
+    shift), so signed int32 order is float order (-0.0 just below +0.0: only the multiset matters).
     A bitonic network: 36 stages of vector min/max; a stage with partners in other vectors (j >= 16) pairs
     whole vectors, one within a vector (j < 16) shuffles the partners in, takes min and max and blends.
     Generic LLVM vector IR: one vpminsd/vpmaxsd/vpermd/vpblendmd per vector and stage with AVX-512, split
     into halves or quarters on smaller vector units (any CPU gets a correct sort)."""
-    sig = types.none(src, src_off, dst)
+    sig = types.none(src, src_off, sums)
 
     def codegen(context, builder, signature, args):
         sp = builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data, [args[1]])
-        dp = context.make_array(signature.args[2])(context, builder, args[2]).data
         mod = builder.module
         fty = ir.FunctionType(_V16I32, [_V16I32, _V16I32])
         smin = mod.declare_intrinsic("llvm.smin.v16i32", (), fty)
@@ -160,8 +160,30 @@ def _sort256(typingctx, src, src_off, dst):
                         take_min = (i < (i ^ j)) == ((i & k) == 0)
                         pick.append(lane if take_min else 16 + lane)
                     v[r] = builder.shuffle_vector(lo, hi, _shuffle_mask(pick))
-        for r in range(16):
-            builder.store(key(v[r]), vptr(dp, r), align=4)
+        v = [key(x) for x in v]  # the sorted values' bits
+        # The bins' sums: bin r is vector r, summed lane by lane in order (formats.md's sequential float64
+        # sum, from +0.0). A 16x16 transpose (4 rounds of block swaps, two shuffles per pair of vectors)
+        # puts lane j of every bin in vector j; then 16 float64 additions of 8 lanes add lane j of all
+        # bins at once, each bin's chain in its own lane, in index order.
+        for b in (8, 4, 2, 1):
+            for r in range(16):
+                if r & b:
+                    continue
+                lo = [lane if lane & b == 0 else 16 + lane - b for lane in range(16)]
+                hi = [lane + b if lane & b == 0 else 16 + lane for lane in range(16)]
+                v[r], v[r + b] = (builder.shuffle_vector(v[r], v[r + b], _shuffle_mask(lo)),
+                                  builder.shuffle_vector(v[r], v[r + b], _shuffle_mask(hi)))
+        v4 = ir.VectorType(ir.DoubleType(), 8)
+        acc = [ir.Constant(v4, [0.0] * 8), ir.Constant(v4, [0.0] * 8)]
+        for j in range(16):
+            col = builder.bitcast(v[j], _V16F)
+            for h in range(2):
+                half = builder.shuffle_vector(col, col, _shuffle_mask(list(range(8 * h, 8 * h + 8))))
+                acc[h] = builder.fadd(acc[h], builder.fpext(half, v4))
+        sp_ = context.make_array(signature.args[2])(context, builder, args[2]).data
+        for h in range(2):
+            at = builder.gep(sp_, [ir.Constant(_I64, 8 * h)])
+            builder.store(acc[h], builder.bitcast(at, v4.as_pointer()), align=8)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -289,8 +311,6 @@ def _quantize_rows(w, u, cb, p, r0, r1):
     # flat uint32).
     nb = w.shape[1] // QK
     cols = w.shape[1]
-    vu = np.empty(QK, np.uint32)
-    v = vu.view(np.float32)
     c32 = np.empty(NBINS, np.float32)
     c64 = np.empty(NBINS)
     acc = np.empty(NBINS)
@@ -301,13 +321,7 @@ def _quantize_rows(w, u, cb, p, r0, r1):
     for row in range(r0, r1):
         for b in range(nb):
             k = row * nb + b
-            _sort256(u, row * cols + b * QK, vu)
-            # each bin's sum is one chain in sorted order (formats.md); the 16 bins' chains side by side
-            # (one chain alone is 16 dependent float64 adds: it was a third of the time)
-            acc[:] = 0.0
-            for j in range(QK // NBINS):
-                for kk in range(NBINS):
-                    acc[kk] += np.float64(v[kk * (QK // NBINS) + j])
+            _sort256(u, row * cols + b * QK, acc)  # the 16 bins' sums of the sorted block
             for kk in range(NBINS):
                 cf = np.float32(acc[kk] / 16.0)
                 cb[k, kk] = cf
