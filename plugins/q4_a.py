@@ -193,27 +193,28 @@ _V16F32, _V8F64 = ir.VectorType(_F32, 16), ir.VectorType(ir.DoubleType(), 8)
 
 
 @intrinsic
-def _nearest256(typingctx, x, x_off, c, c_off, first, p, p_off):
+def _nearest256(typingctx, x, x_off, c, c_off, thr, delta, p, p_off):
     """The packed indices p[p_off:p_off+128] of the 256 weights x[x_off:], nearest entries of the ascending
-    codebook c[c_off:c_off+16] (first[k]: the lowest index holding c[k]'s value), when every float64
-    difference w_i - c_k is exact; returns 0 without writing anything when that is not certain (the
-    caller runs formats.md's search as written, _nearest_full).
+    codebook c[c_off:c_off+16], when every float64 difference w_i - c_k is exact; returns 0 without
+    writing anything when that is not certain (the caller runs formats.md's search as written,
+    _nearest_full). thr[k], delta[k] for k = 0..14: made per block by _quantize_rows.
 
-    Why it is the same index: with exact differences, the nearest entry is the largest c <= w (the first of
-    its run of equal entries: the lowest index) or the smallest c > w, and the lower one wins a tie. Per
-    16 weights (generic LLVM vectors): for k = 0..15 one float32 compare w >= c_k (exact) and three selects
-    carry lo = c_k, hi = c_{k+1} (+inf past the end) and the code first[k] | (k+1) << 8 of the last k
-    that passed; then the two float64 distances pick lo's or hi's index.
+    Why it is the same index: with exact differences the distances are exact, so w's nearest value is
+    c[n], n = #{k : w > (c[k] + c[k+1]) / 2} (the midpoints ascend; a tie stays with the lower value), and
+    the lowest index holding it is first[n] = sum over k < n of delta[k] = first[k+1] - first[k]. The
+    midpoints are exact in float64 and w > mid_k is w >= thr[k], the least float32 above mid_k: per 16
+    weights (generic LLVM vectors), 15 float32 compares and masked adds.
     Exact differences: w and c are float32 (24-bit significands), so w - c fits float64's 53 bits when
-    their ulps are at most 2**28 apart: nonzero magnitudes (weights and codebook) spanning < 2**27 do it."""
-    sig = types.int32(x, x_off, c, c_off, first, p, p_off)
+    their ulps are at most 2**28 apart: nonzero magnitudes (weights and codebook) spanning < 2**27 do it
+    (and make c[k] + c[k+1] exact too)."""
+    sig = types.int32(x, x_off, c, c_off, thr, delta, p, p_off)
 
     def codegen(context, builder, signature, args):
         def base(i, off):
             arr = context.make_array(signature.args[i])(context, builder, args[i])
             return builder.gep(arr.data, [off]) if off is not None else arr.data
 
-        xp, cp, fp, pp = base(0, args[1]), base(2, args[3]), base(4, None), base(5, args[6])
+        xp, cp, tp, dp, pp = base(0, args[1]), base(2, args[3]), base(4, None), base(5, None), base(6, args[7])
         mod = builder.module
         i32 = _I32
 
@@ -248,33 +249,15 @@ def _nearest256(typingctx, x, x_off, c, c_off, first, p, p_off):
         amax = builder.fpext(builder.bitcast(rmax, _F32), dbl)
         ok = builder.fcmp_ordered("<", amax, builder.fmul(amin, ir.Constant(dbl, float(2**27))))
         with builder.if_then(ok):
-            cs = [builder.extract_element(cv, ir.Constant(i32, k)) for k in range(16)]
-            fs = [builder.load(builder.gep(fp, [ir.Constant(_I64, k)]), align=4) for k in range(16)]
-            ninf, pinf = ir.Constant(_F32, float("-inf")), ir.Constant(_F32, float("inf"))
-            csplat = [splat(cs[k], _V16F32) for k in range(16)]
-            nsplat = [csplat[k + 1] if k < 15 else splat(pinf, _V16F32) for k in range(16)]
-            codes = [splat(builder.or_(fs[k], ir.Constant(i32, (k + 1) << 8)), _V16I32) for k in range(16)]
+            tv, dv = vload(tp, 0, _V16F32), vload(dp, 0, _V16I32)
+            ts = [splat(builder.extract_element(tv, ir.Constant(i32, k)), _V16F32) for k in range(NBINS - 1)]
+            ds = [splat(builder.extract_element(dv, ir.Constant(i32, k)), _V16I32) for k in range(NBINS - 1)]
             idx = []
             for r in range(16):
-                lo, hi, code = splat(ninf, _V16F32), csplat[0], zero  # code: first | hk << 8
-                for k in range(16):
-                    ge = builder.fcmp_ordered(">=", xs[r], csplat[k])
-                    lo = builder.select(ge, csplat[k], lo)
-                    hi = builder.select(ge, nsplat[k], hi)
-                    code = builder.select(ge, codes[k], code)
-                # the float64 distances, 8 lanes at a time
-                halves = []
-                for h in range(2):
-                    sel = _shuffle_mask(list(range(8 * h, 8 * h + 8)))
-                    x64 = builder.fpext(builder.shuffle_vector(xs[r], xs[r], sel), _V8F64)
-                    lo64 = builder.fpext(builder.shuffle_vector(lo, lo, sel), _V8F64)
-                    hi64 = builder.fpext(builder.shuffle_vector(hi, hi, sel), _V8F64)
-                    halves.append(builder.fcmp_ordered("<", builder.fsub(hi64, x64), builder.fsub(x64, lo64)))
-                take_hi = builder.shuffle_vector(halves[0], halves[1], _shuffle_mask(list(range(16))))
-                sh8 = ir.Constant(_V16I32, [8] * 16)
-                low8 = ir.Constant(_V16I32, [255] * 16)
-                k = builder.select(take_hi, builder.lshr(code, sh8), builder.and_(code, low8))
-                idx.append(builder.trunc(k, _V16B))
+                n = zero
+                for k in range(NBINS - 1):
+                    n = builder.add(n, builder.select(builder.fcmp_ordered(">=", xs[r], ts[k]), ds[k], zero))
+                idx.append(builder.trunc(n, _V16B))
             four = ir.Constant(_V16B, [4] * 16)
             for r in range(8):  # byte i: weight i in the low nibble, weight i + 128 in the high one
                 byte = builder.or_(idx[r], builder.shl(idx[r + 8], four))
@@ -315,6 +298,9 @@ def _quantize_rows(w, u, cb, p, r0, r1):
     c64 = np.empty(NBINS)
     acc = np.empty(NBINS)
     first = np.empty(NBINS, np.int32)
+    thr = np.zeros(NBINS, np.float32)
+    thr_bits = thr.view(np.int32)
+    delta = np.zeros(NBINS, np.int32)
     x64 = np.empty(QK)
     bd = np.empty(QK)
     idx = np.empty(QK, np.uint8)
@@ -328,7 +314,15 @@ def _quantize_rows(w, u, cb, p, r0, r1):
                 c32[kk] = cf
                 c64[kk] = np.float64(cf)
                 first[kk] = first[kk - 1] if kk > 0 and cf == c32[kk - 1] else kk
-            if not _nearest256(u, row * cols + b * QK, cb[k], 0, first, p[k], 4 * NBINS):
+            for kk in range(NBINS - 1):
+                # thr: the least float32 above the midpoint (exact in float64 where the fast path runs)
+                mid = (c64[kk] + c64[kk + 1]) * 0.5
+                t = np.float32(mid)
+                thr[kk] = t
+                if np.float64(t) <= mid:  # the next float32 up, on the bits (np.nextafter is a libm call)
+                    thr_bits[kk] = thr_bits[kk] + 1 if t > 0 else thr_bits[kk] - 1 if t < 0 else 1
+                delta[kk] = first[kk + 1] - first[kk]
+            if not _nearest256(u, row * cols + b * QK, cb[k], 0, thr, delta, p[k], 4 * NBINS):
                 for i in range(QK):
                     x64[i] = np.float64(w[row, b * QK + i])
                 _nearest_full(x64, c64, bd, idx)
