@@ -193,11 +193,11 @@ _V16F32, _V8F64 = ir.VectorType(_F32, 16), ir.VectorType(ir.DoubleType(), 8)
 
 
 @intrinsic
-def _nearest256(typingctx, x, x_off, c, c_off, thr, delta, p, p_off):
+def _nearest256(typingctx, x, x_off, c, c_off, p, p_off):
     """The packed indices p[p_off:p_off+128] of the 256 weights x[x_off:], nearest entries of the ascending
     codebook c[c_off:c_off+16], when every float64 difference w_i - c_k is exact; returns 0 without
     writing anything when that is not certain (the caller runs formats.md's search as written,
-    _nearest_full). thr[k], delta[k] for k = 0..14: made per block by _quantize_rows.
+    _nearest_full).
 
     Why it is the same index: with exact differences the distances are exact, so w's nearest value is
     c[n], n = #{k : w > (c[k] + c[k+1]) / 2} (the midpoints ascend; a tie stays with the lower value), and
@@ -207,14 +207,14 @@ def _nearest256(typingctx, x, x_off, c, c_off, thr, delta, p, p_off):
     Exact differences: w and c are float32 (24-bit significands), so w - c fits float64's 53 bits when
     their ulps are at most 2**28 apart: nonzero magnitudes (weights and codebook) spanning < 2**27 do it
     (and make c[k] + c[k+1] exact too)."""
-    sig = types.int32(x, x_off, c, c_off, thr, delta, p, p_off)
+    sig = types.int32(x, x_off, c, c_off, p, p_off)
 
     def codegen(context, builder, signature, args):
         def base(i, off):
             arr = context.make_array(signature.args[i])(context, builder, args[i])
             return builder.gep(arr.data, [off]) if off is not None else arr.data
 
-        xp, cp, tp, dp, pp = base(0, args[1]), base(2, args[3]), base(4, None), base(5, None), base(6, args[7])
+        xp, cp, pp = base(0, args[1]), base(2, args[3]), base(4, args[5])
         mod = builder.module
         i32 = _I32
 
@@ -249,7 +249,39 @@ def _nearest256(typingctx, x, x_off, c, c_off, thr, delta, p, p_off):
         amax = builder.fpext(builder.bitcast(rmax, _F32), dbl)
         ok = builder.fcmp_ordered("<", amax, builder.fmul(amin, ir.Constant(dbl, float(2**27))))
         with builder.if_then(ok):
-            tv, dv = vload(tp, 0, _V16F32), vload(dp, 0, _V16I32)
+            # per block, in vectors (scalar code with data-dependent branches cost as much as the search):
+            # first[k] = the lowest index holding c[k]'s value, a prefix max of run starts; delta[k] =
+            # first[k+1] - first[k]; thr[k] = the least float32 above mid_k = (c[k] + c[k+1]) / 2 (exact
+            # in float64 here): RN32(mid_k), or the next float32 up (on the bits) if that is <= mid_k.
+            lanes = ir.Constant(_V16I32, list(range(16)))
+            cprev = builder.shuffle_vector(cv, cv, _shuffle_mask([0] + list(range(15))))
+            start = builder.or_(builder.fcmp_unordered("!=", cv, cprev),
+                                builder.icmp_signed("==", lanes, zero))
+            first = builder.select(start, lanes, zero)
+            for sh in (1, 2, 4, 8):  # prefix max: lane k gets max over lanes <= k
+                prev = builder.shuffle_vector(first, zero, _shuffle_mask([16] * sh + list(range(16 - sh))))
+                first = builder.call(smax, [first, prev])
+            nxt = _shuffle_mask(list(range(1, 16)) + [15])
+            dv = builder.sub(builder.shuffle_vector(first, first, nxt), first)
+            cnext = builder.shuffle_vector(cv, cv, nxt)
+            thr_h = []
+            for h in range(2):
+                sel = _shuffle_mask(list(range(8 * h, 8 * h + 8)))
+                a = builder.fpext(builder.shuffle_vector(cv, cv, sel), _V8F64)
+                b_ = builder.fpext(builder.shuffle_vector(cnext, cnext, sel), _V8F64)
+                mid = builder.fmul(builder.fadd(a, b_), ir.Constant(_V8F64, [0.5] * 8))
+                thr_h.append((mid, builder.fptrunc(mid, ir.VectorType(_F32, 8))))
+            mid16 = [m for m, _ in thr_h]
+            t = builder.shuffle_vector(thr_h[0][1], thr_h[1][1], _shuffle_mask(list(range(16))))
+            tb = builder.bitcast(t, _V16I32)
+            one = ir.Constant(_V16I32, [1] * 16)
+            fz = ir.Constant(_V16F32, [0.0] * 16)
+            up = builder.select(builder.fcmp_ordered(">", t, fz), builder.add(tb, one),
+                                builder.select(builder.fcmp_ordered("<", t, fz), builder.sub(tb, one), one))
+            le = [builder.fcmp_ordered("<=", builder.fpext(builder.shuffle_vector(
+                t, t, _shuffle_mask(list(range(8 * h, 8 * h + 8)))), _V8F64), mid16[h]) for h in range(2)]
+            le16 = builder.shuffle_vector(le[0], le[1], _shuffle_mask(list(range(16))))
+            tv = builder.bitcast(builder.select(le16, up, tb), _V16F32)
             ts = [splat(builder.extract_element(tv, ir.Constant(i32, k)), _V16F32) for k in range(NBINS - 1)]
             ds = [splat(builder.extract_element(dv, ir.Constant(i32, k)), _V16I32) for k in range(NBINS - 1)]
             idx = []
@@ -294,13 +326,8 @@ def _quantize_rows(w, u, cb, p, r0, r1):
     # flat uint32).
     nb = w.shape[1] // QK
     cols = w.shape[1]
-    c32 = np.empty(NBINS, np.float32)
     c64 = np.empty(NBINS)
     acc = np.empty(NBINS)
-    first = np.empty(NBINS, np.int32)
-    thr = np.zeros(NBINS, np.float32)
-    thr_bits = thr.view(np.int32)
-    delta = np.zeros(NBINS, np.int32)
     x64 = np.empty(QK)
     bd = np.empty(QK)
     idx = np.empty(QK, np.uint8)
@@ -309,20 +336,10 @@ def _quantize_rows(w, u, cb, p, r0, r1):
             k = row * nb + b
             _sort256(u, row * cols + b * QK, acc)  # the 16 bins' sums of the sorted block
             for kk in range(NBINS):
-                cf = np.float32(acc[kk] / 16.0)
-                cb[k, kk] = cf
-                c32[kk] = cf
-                c64[kk] = np.float64(cf)
-                first[kk] = first[kk - 1] if kk > 0 and cf == c32[kk - 1] else kk
-            for kk in range(NBINS - 1):
-                # thr: the least float32 above the midpoint (exact in float64 where the fast path runs)
-                mid = (c64[kk] + c64[kk + 1]) * 0.5
-                t = np.float32(mid)
-                thr[kk] = t
-                if np.float64(t) <= mid:  # the next float32 up, on the bits (np.nextafter is a libm call)
-                    thr_bits[kk] = thr_bits[kk] + 1 if t > 0 else thr_bits[kk] - 1 if t < 0 else 1
-                delta[kk] = first[kk + 1] - first[kk]
-            if not _nearest256(u, row * cols + b * QK, cb[k], 0, thr, delta, p[k], 4 * NBINS):
+                cb[k, kk] = np.float32(acc[kk] / 16.0)
+            if not _nearest256(u, row * cols + b * QK, cb[k], 0, p[k], 4 * NBINS):
+                for kk in range(NBINS):
+                    c64[kk] = np.float64(cb[k, kk])
                 for i in range(QK):
                     x64[i] = np.float64(w[row, b * QK + i])
                 _nearest_full(x64, c64, bd, idx)
