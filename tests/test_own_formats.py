@@ -184,6 +184,14 @@ def test_many_chunks_and_block_groups(tag, rng):
     check_kernels(tag, w.astype(np.float32))
 
 
+def test_q8b_sixteen_block_sums_and_tail(rng):
+    # Q8_B sums sixteen blocks' chains at a time in vectors, then the rest one by one: 35 blocks a row
+    # (16 + 16 + 3), magnitudes far apart per block, so any change of a chain's order shows in m.
+    w = rng.standard_normal((5, 35 * 128)) * 10.0 ** rng.uniform(-8, 8, (5, 35)).repeat(128, axis=1)
+    w += 10.0 ** rng.uniform(-8, 8, (5, 35)).repeat(128, axis=1)
+    check_kernels("Q8_B", w.astype(np.float32))
+
+
 def test_q8a_scale_uses_the_blocks_own_rows():
     # Row group g holds the value 10**g in every row: each block's scale must be exactly 10**g.
     w = np.repeat(np.float32(10.0) ** np.arange(4, dtype=np.float32), 128)[:, None] * np.ones(
