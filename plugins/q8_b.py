@@ -298,6 +298,46 @@ def _dequantize_kernel(data, rows, cols, out):
     _get_rows_kernel(data, cols, np.arange(rows, dtype=np.int64), out)
 
 
+_V16B = ir.VectorType(ir.IntType(8), 16)
+
+
+@intrinsic
+def _rows4_block(typingctx, acc, blocks, off, rstride, x, x_off, s0, s1, s2, s3):
+    """acc[16i:16i+16] += s_i * (q x) lane-wise for rows i = 0..3 of one block: q the 128 int8 at byte
+    blocks[off + i * rstride:] (flat), x[x_off:x_off+128]. The block's dot stays in 16 lanes, scaled by
+    the row's s/127 in one FMA: no horizontal sum per block (one per row, at the end). Generic LLVM
+    vectors: 16 int8 -> float32 and an FMA per 16 weights and row, four rows' chains side by side."""
+    sig = types.none(acc, blocks, off, rstride, x, x_off, s0, s1, s2, s3)
+
+    def codegen(context, builder, signature, args):
+        ap = context.make_array(signature.args[0])(context, builder, args[0]).data
+        bp = context.make_array(signature.args[1])(context, builder, args[1]).data
+        xp = builder.gep(context.make_array(signature.args[4])(context, builder, args[4]).data, [args[5]])
+        i64 = ir.IntType(64)
+        fma = builder.module.declare_intrinsic("llvm.fmuladd.v16f32", (), ir.FunctionType(_V16F, [_V16F] * 3))
+
+        def vptr(ptr, off, vt):
+            return builder.bitcast(builder.gep(ptr, [off]), vt.as_pointer())
+
+        rows = [builder.add(args[2], builder.mul(args[3], ir.Constant(i64, i))) for i in range(4)]
+        dots = [ir.Constant(_V16F, [0.0] * 16) for _ in range(4)]
+        for c in range(QK // 16):
+            xv = builder.load(vptr(xp, ir.Constant(i64, 16 * c), _V16F), align=4)
+            for i in range(4):
+                qv = builder.load(vptr(bp, builder.add(rows[i], ir.Constant(i64, 16 * c)), _V16B), align=1)
+                dots[i] = builder.call(fma, [builder.sitofp(qv, _V16F), xv, dots[i]])
+        for i in range(4):
+            sv = context.cast(builder, args[6 + i], signature.args[6 + i], types.float32)
+            sv = builder.shuffle_vector(builder.insert_element(ir.Constant(_V16F, ir.Undefined), sv,
+                                                               ir.Constant(ir.IntType(32), 0)),
+                                        ir.Constant(_V16F, ir.Undefined), _mask([0] * 16))
+            at = vptr(ap, ir.Constant(i64, 16 * i), _V16F)
+            builder.store(builder.call(fma, [sv, dots[i], builder.load(at, align=4)]), at, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(cache=True, nogil=True, fastmath=True)
 def _matvec_range(blocks, sm, x, out, start, stop):
     # blocks: int8 (rows, nb, 136), the bytes as they are; sm: float32 (rows, nb, 2) = (s/127, m),
@@ -307,7 +347,9 @@ def _matvec_range(blocks, sm, x, out, start, stop):
     # against a range's 256 * cols multiply-adds).
     nb = blocks.shape[1]
     n = x.shape[0]
+    cols = nb * QK
     xb = x.reshape(n, nb, QK)
+    xf = x.reshape(-1)
     xsum = np.empty((n, nb), np.float32)
     for k in range(n):
         for b in range(nb):
@@ -315,35 +357,36 @@ def _matvec_range(blocks, sm, x, out, start, stop):
             for j in range(QK):
                 a += xb[k, b, j]
             xsum[k, b] = a
-    # Four rows at a time: four independent FMA chains (one chain is latency-bound) that
-    # share each activation load.
-    for r0 in range(start, stop, 4):
+    acc = np.empty(64, np.float32)
+    rstride = nb * BLOCK_BYTES
+    # Four rows at a time (_rows4_block): four independent FMA chains sharing each activation load.
+    r0 = start
+    while r0 + 4 <= stop:
         for k in range(n):
-            if r0 + 4 <= stop:
-                t0 = t1 = t2 = t3 = np.float32(0.0)
-                for b in range(nb):
-                    d0 = d1 = d2 = d3 = np.float32(0.0)
-                    for j in range(QK):
-                        xv = xb[k, b, j]
-                        d0 += np.float32(blocks[r0, b, 8 + j]) * xv
-                        d1 += np.float32(blocks[r0 + 1, b, 8 + j]) * xv
-                        d2 += np.float32(blocks[r0 + 2, b, 8 + j]) * xv
-                        d3 += np.float32(blocks[r0 + 3, b, 8 + j]) * xv
-                    xs = xsum[k, b]
-                    t0 += sm[r0, b, 0] * d0 + sm[r0, b, 1] * xs
-                    t1 += sm[r0 + 1, b, 0] * d1 + sm[r0 + 1, b, 1] * xs
-                    t2 += sm[r0 + 2, b, 0] * d2 + sm[r0 + 2, b, 1] * xs
-                    t3 += sm[r0 + 3, b, 0] * d3 + sm[r0 + 3, b, 1] * xs
-                out[k, r0], out[k, r0 + 1], out[k, r0 + 2], out[k, r0 + 3] = t0, t1, t2, t3
-            else:
-                for row in range(r0, stop):
-                    tot = np.float32(0.0)
-                    for b in range(nb):
-                        dot = np.float32(0.0)
-                        for j in range(QK):
-                            dot += np.float32(blocks[row, b, 8 + j]) * xb[k, b, j]
-                        tot += sm[row, b, 0] * dot + sm[row, b, 1] * xsum[k, b]
-                    out[k, row] = tot
+            acc[:] = 0.0
+            t0 = t1 = t2 = t3 = np.float32(0.0)
+            for b in range(nb):
+                _rows4_block(acc, blocks, (r0 * nb + b) * BLOCK_BYTES + 8, rstride, xf, k * cols + b * QK,
+                             sm[r0, b, 0], sm[r0 + 1, b, 0], sm[r0 + 2, b, 0], sm[r0 + 3, b, 0])
+                xs = xsum[k, b]
+                t0 += sm[r0, b, 1] * xs
+                t1 += sm[r0 + 1, b, 1] * xs
+                t2 += sm[r0 + 2, b, 1] * xs
+                t3 += sm[r0 + 3, b, 1] * xs
+            out[k, r0] = t0 + acc[0:16].sum()
+            out[k, r0 + 1] = t1 + acc[16:32].sum()
+            out[k, r0 + 2] = t2 + acc[32:48].sum()
+            out[k, r0 + 3] = t3 + acc[48:64].sum()
+        r0 += 4
+    for row in range(r0, stop):
+        for k in range(n):
+            tot = np.float32(0.0)
+            for b in range(nb):
+                dot = np.float32(0.0)
+                for j in range(QK):
+                    dot += np.float32(blocks[row, b, 8 + j]) * xb[k, b, j]
+                tot += sm[row, b, 0] * dot + sm[row, b, 1] * xsum[k, b]
+            out[k, row] = tot
 
 
 # ---- the format -----------------------------------------------------------------------
