@@ -32,7 +32,8 @@ from numba.extending import intrinsic
 
 import quantfmt
 from quantfmt import cpu
-from quantfmt.families import KernelFormat, parallel_rows
+from quantfmt.families import KernelFormat, decode_threads, parallel_rows
+from quantfmt.numba_threads import claim
 
 QK = 256
 NBINS = 16
@@ -395,7 +396,7 @@ def _block_fill_avx512(typingctx, data, blk_off, out, out_off):
 # prange driver cost a cold start seconds per kernel (numba's parfor passes, the body compiled again
 # inside the gufunc), and in decode its region waited for every numba thread to wake. One row kernel
 # serves get_rows, dequantize and the prefill tiles.
-MATVEC_GRAB = 1 << 20  # weights per range of decode: 256 rows of 4096, 43 ranges for 11008 rows
+ROW_CHUNK = 64  # rows per claim in decode
 
 
 @numba.njit(cache=True, nogil=True)
@@ -604,6 +605,34 @@ def _codebook_planes(data):
 PATH = "avx512" if cpu.has("avx512f") else "avx2" if cpu.has("avx2") else "portable"
 
 
+# Decode drivers: one claim loop per thread (families.parallel_rows with one "row" per thread), each
+# taking the next chunk of rows from an atomic counter (quantfmt.numba_threads.claim) until none is left:
+# a descheduled thread's chunks go to the one that runs, and no chunk costs a Python call (ranges
+# handed out by parallel_rows cost a dispatch each: ~10% of an 11008x4096 decode, measured interleaved).
+@numba.njit(cache=True, nogil=True)
+def _claim_avx512(data, cols, x, out, counter, rows, _t0, _t1):
+    ch = claim(counter)
+    while ch * ROW_CHUNK < rows:
+        _matvec_avx512(data, cols, x, out, ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK))
+        ch = claim(counter)
+
+
+@numba.njit(cache=True, nogil=True)
+def _claim_avx2(planes, data, xp, cols, out, counter, rows, _t0, _t1):
+    ch = claim(counter)
+    while ch * ROW_CHUNK < rows:
+        _matvec_avx2(planes, data, xp, cols, out, ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK))
+        ch = claim(counter)
+
+
+@numba.njit(cache=True, nogil=True)
+def _claim_portable(blocks, cb, x, out, counter, rows, _t0, _t1):
+    ch = claim(counter)
+    while ch * ROW_CHUNK < rows:
+        _matvec_portable(blocks, cb, x, out, ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK))
+        ch = claim(counter)
+
+
 # ---- the format -----------------------------------------------------------------------
 
 class Q4_A(KernelFormat):
@@ -634,14 +663,15 @@ class Q4_A(KernelFormat):
 
     def matvec(self, prep, rows, cols, x, out):
         data, extra, path = prep
-        # under families.MIN_THREADED_WEIGHTS this is one range on the calling thread (decode_threads)
+        # under families.MIN_THREADED_WEIGHTS the calling thread alone (decode_threads)
+        threads, counter = decode_threads(rows, cols), np.zeros(1, np.int64)
         if path == "avx512":
-            parallel_rows(_matvec_avx512, rows, cols, data, cols, np.ascontiguousarray(x), out, weights=MATVEC_GRAB)
+            parallel_rows(_claim_avx512, threads, 1, data, cols, np.ascontiguousarray(x), out, counter, rows, weights=1)
         elif path == "avx2":
-            parallel_rows(_matvec_avx2, rows, cols, extra, data, _permute_x(x), cols, out, weights=MATVEC_GRAB)
+            parallel_rows(_claim_avx2, threads, 1, extra, data, _permute_x(x), cols, out, counter, rows, weights=1)
         else:
-            parallel_rows(_matvec_portable, rows, cols, data.reshape(rows, cols // QK, BLOCK_BYTES), extra, x, out,
-                          weights=MATVEC_GRAB)
+            parallel_rows(_claim_portable, threads, 1, data.reshape(rows, cols // QK, BLOCK_BYTES), extra, x, out,
+                          counter, rows, weights=1)
 
 
 @quantfmt.hookimpl
