@@ -424,8 +424,12 @@ def _dequantize_kernel(data, rows, cols, out):
     _get_rows_kernel(data, cols, np.arange(rows, dtype=np.int64), out)
 
 
+# Decode drivers: one claim loop per thread (families.parallel_rows with one "row" per thread), each
+# taking the next chunk of rows from an atomic counter (quantfmt.numba_threads.claim) until none is left:
+# a descheduled thread's chunks go to the one that runs, and no chunk costs a Python call (ranges
+# handed out by parallel_rows cost a dispatch each: ~10% of an 11008x4096 decode, measured interleaved).
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _matvec_portable(blocks, cb, x, out, r0, r1):
+def _matvec_portable(blocks, cb, x, out, counter, rows, _t0, _t1):
     # Any CPU. blocks: uint8 (rows, nb, 192), the bytes as they are; cb: float32 (rows, nb, 16),
     # the codebooks unpacked by prepare(). LLVM does not vectorize the codebook lookup
     # (gathers are slow on the CPUs it tunes for), so this runs at scalar speed.
@@ -433,18 +437,21 @@ def _matvec_portable(blocks, cb, x, out, r0, r1):
     n = x.shape[0]
     xb = x.reshape(n, nb, QK)
     accv = np.empty(QK, np.float32)
-    for row in range(r0, r1):
-        for k in range(n):
-            accv[:] = 0.0
-            for b in range(nb):
-                for i in range(QK // 2):
-                    p = blocks[row, b, 4 * NBINS + i]
-                    accv[i] += cb[row, b, p & 15] * xb[k, b, i]
-                    accv[i + QK // 2] += cb[row, b, p >> 4] * xb[k, b, i + QK // 2]
-            tot = np.float32(0.0)
-            for i in range(QK):
-                tot += accv[i]
-            out[k, row] = tot
+    ch = claim(counter)
+    while ch * ROW_CHUNK < rows:
+        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+            for k in range(n):
+                accv[:] = 0.0
+                for b in range(nb):
+                    for i in range(QK // 2):
+                        p = blocks[row, b, 4 * NBINS + i]
+                        accv[i] += cb[row, b, p & 15] * xb[k, b, i]
+                        accv[i + QK // 2] += cb[row, b, p >> 4] * xb[k, b, i + QK // 2]
+                tot = np.float32(0.0)
+                for i in range(QK):
+                    tot += accv[i]
+                out[k, row] = tot
+        ch = claim(counter)
 
 
 # The AVX2 kernel. A codebook lookup is a 16-entry table lookup, which is exactly what the
@@ -514,18 +521,21 @@ def _block_dot_avx2(typingctx, planes, pl_off, data, p_off, xp, x_off):
 
 
 @numba.njit(cache=True, nogil=True)
-def _matvec_avx2(planes, data, xp, cols, out, r0, r1):
+def _matvec_avx2(planes, data, xp, cols, out, counter, rows, _t0, _t1):
     # planes: uint8 (nblocks * 64,), from prepare(); data: the bytes; xp: (n, cols) from _permute_x.
     nb = cols // QK
     n = xp.shape[0]
     xf = xp.reshape(-1)
-    for row in range(r0, r1):
-        for k in range(n):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                blk = row * nb + b
-                acc += _block_dot_avx2(planes, blk * 64, data, blk * BLOCK_BYTES + 4 * NBINS, xf, k * cols + b * QK)
-            out[k, row] = acc
+    ch = claim(counter)
+    while ch * ROW_CHUNK < rows:
+        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+            for k in range(n):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    blk = row * nb + b
+                    acc += _block_dot_avx2(planes, blk * 64, data, blk * BLOCK_BYTES + 4 * NBINS, xf, k * cols + b * QK)
+                out[k, row] = acc
+        ch = claim(counter)
 
 
 # The AVX-512 kernel. A block's codebook is 16 float32 = one 512-bit register, and `vpermps`
@@ -571,20 +581,23 @@ def _block_fma_avx512(typingctx, acc, data, blk_off, x, x_off):
 
 
 @numba.njit(cache=True, nogil=True)
-def _matvec_avx512(data, cols, x, out, r0, r1):
+def _matvec_avx512(data, cols, x, out, counter, rows, _t0, _t1):
     nb = cols // QK
     n = x.shape[0]
     xf = x.reshape(-1)
     acc = np.empty(64, np.float32)
-    for row in range(r0, r1):
-        for k in range(n):
-            acc[:] = 0.0
-            for b in range(nb):
-                _block_fma_avx512(acc, data, (row * nb + b) * BLOCK_BYTES, xf, k * cols + b * QK)
-            tot = np.float32(0.0)
-            for i in range(64):
-                tot += acc[i]
-            out[k, row] = tot
+    ch = claim(counter)
+    while ch * ROW_CHUNK < rows:
+        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+            for k in range(n):
+                acc[:] = 0.0
+                for b in range(nb):
+                    _block_fma_avx512(acc, data, (row * nb + b) * BLOCK_BYTES, xf, k * cols + b * QK)
+                tot = np.float32(0.0)
+                for i in range(64):
+                    tot += acc[i]
+                out[k, row] = tot
+        ch = claim(counter)
 
 
 def _permute_x(x):
@@ -603,34 +616,6 @@ def _codebook_planes(data):
 # The matvec kernel, by what numba compiles for (the host CPU unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES
 # say otherwise, quantfmt.cpu): AVX-512's vpermps, else AVX2's vpshufb, else the portable loop.
 PATH = "avx512" if cpu.has("avx512f") else "avx2" if cpu.has("avx2") else "portable"
-
-
-# Decode drivers: one claim loop per thread (families.parallel_rows with one "row" per thread), each
-# taking the next chunk of rows from an atomic counter (quantfmt.numba_threads.claim) until none is left:
-# a descheduled thread's chunks go to the one that runs, and no chunk costs a Python call (ranges
-# handed out by parallel_rows cost a dispatch each: ~10% of an 11008x4096 decode, measured interleaved).
-@numba.njit(cache=True, nogil=True)
-def _claim_avx512(data, cols, x, out, counter, rows, _t0, _t1):
-    ch = claim(counter)
-    while ch * ROW_CHUNK < rows:
-        _matvec_avx512(data, cols, x, out, ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK))
-        ch = claim(counter)
-
-
-@numba.njit(cache=True, nogil=True)
-def _claim_avx2(planes, data, xp, cols, out, counter, rows, _t0, _t1):
-    ch = claim(counter)
-    while ch * ROW_CHUNK < rows:
-        _matvec_avx2(planes, data, xp, cols, out, ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK))
-        ch = claim(counter)
-
-
-@numba.njit(cache=True, nogil=True)
-def _claim_portable(blocks, cb, x, out, counter, rows, _t0, _t1):
-    ch = claim(counter)
-    while ch * ROW_CHUNK < rows:
-        _matvec_portable(blocks, cb, x, out, ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK))
-        ch = claim(counter)
 
 
 # ---- the format -----------------------------------------------------------------------
@@ -666,11 +651,12 @@ class Q4_A(KernelFormat):
         # under families.MIN_THREADED_WEIGHTS the calling thread alone (decode_threads)
         threads, counter = decode_threads(rows, cols), np.zeros(1, np.int64)
         if path == "avx512":
-            parallel_rows(_claim_avx512, threads, 1, data, cols, np.ascontiguousarray(x), out, counter, rows, weights=1)
+            xc = np.ascontiguousarray(x)
+            parallel_rows(_matvec_avx512, threads, 1, data, cols, xc, out, counter, rows, weights=1)
         elif path == "avx2":
-            parallel_rows(_claim_avx2, threads, 1, extra, data, _permute_x(x), cols, out, counter, rows, weights=1)
+            parallel_rows(_matvec_avx2, threads, 1, extra, data, _permute_x(x), cols, out, counter, rows, weights=1)
         else:
-            parallel_rows(_claim_portable, threads, 1, data.reshape(rows, cols // QK, BLOCK_BYTES), extra, x, out,
+            parallel_rows(_matvec_portable, threads, 1, data.reshape(rows, cols // QK, BLOCK_BYTES), extra, x, out,
                           counter, rows, weights=1)
 
 

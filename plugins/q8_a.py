@@ -173,14 +173,19 @@ def _dequantize_kernel(data, rows, cols, out):
     _get_rows_kernel(data, cols, np.arange(rows, dtype=np.int64), out)
 
 
+# Decode drivers: one claim loop per thread (families.parallel_rows with one "row" per thread), each
+# taking the next chunk of rows from an atomic counter (quantfmt.numba_threads.claim) until none is left:
+# a descheduled thread's chunks go to the one that runs, and no chunk costs a Python call (ranges
+# handed out by parallel_rows cost a dispatch each: ~10% of an 11008x4096 decode, measured interleaved).
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _matvec_groups(data, cols, x, out, g0, g1):
+def _matvec_groups(data, cols, x, out, counter, groups, _t0, _t1):
     # out[k, i] = sum_c s[g, c] * q[i, c] / 127 * x[k, c]: fold the column scales into x once
     # per group (xs = s * x / 127), then each row is a plain int8 x float32 dot product.
     gb = GROUP_BYTES_PER_COL * cols
     n = x.shape[0]
     xs = np.empty(cols, np.float32)
-    for g in range(g0, g1):
+    g = claim(counter)
+    while g < groups:
         base = g * gb
         sc = data[base : base + 4 * cols].view(np.float32)
         q = data[base + 4 * cols : base + gb].view(np.int8).reshape(QK, cols)
@@ -197,17 +202,6 @@ def _matvec_groups(data, cols, x, out, g0, g1):
                     a3 += np.float32(q[r + 3, c]) * xv
                 i = g * QK + r
                 out[k, i], out[k, i + 1], out[k, i + 2], out[k, i + 3] = a0, a1, a2, a3
-
-
-# Decode drivers: one claim loop per thread (families.parallel_rows with one "row" per thread), each
-# taking the next chunk of rows from an atomic counter (quantfmt.numba_threads.claim) until none is left:
-# a descheduled thread's chunks go to the one that runs, and no chunk costs a Python call (ranges
-# handed out by parallel_rows cost a dispatch each: ~10% of an 11008x4096 decode, measured interleaved).
-@numba.njit(cache=True, nogil=True)
-def _matvec_claim(data, cols, x, out, counter, groups, _t0, _t1):
-    g = claim(counter)
-    while g < groups:
-        _matvec_groups(data, cols, x, out, g, g + 1)
         g = claim(counter)
 
 
@@ -227,7 +221,7 @@ class Q8_A(KernelFormat):
 
     def matvec(self, prep, rows, cols, x, out):
         # under families.MIN_THREADED_WEIGHTS the calling thread alone (decode_threads)
-        parallel_rows(_matvec_claim, decode_threads(rows, cols), 1, prep[0], cols, x, out, np.zeros(1, np.int64),
+        parallel_rows(_matvec_groups, decode_threads(rows, cols), 1, prep[0], cols, x, out, np.zeros(1, np.int64),
                       rows // QK, weights=1)
 
 

@@ -339,8 +339,12 @@ def _rows4_block(typingctx, acc, blocks, off, rstride, x, x_off, s0, s1, s2, s3)
     return sig, codegen
 
 
+# Decode drivers: one claim loop per thread (families.parallel_rows with one "row" per thread), each
+# taking the next chunk of rows from an atomic counter (quantfmt.numba_threads.claim) until none is left:
+# a descheduled thread's chunks go to the one that runs, and no chunk costs a Python call (ranges
+# handed out by parallel_rows cost a dispatch each: ~10% of an 11008x4096 decode, measured interleaved).
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _matvec_range(blocks, sm, x, out, start, stop):
+def _matvec_range(blocks, sm, x, out, counter, _t0, _t1):
     # blocks: int8 (rows, nb, 136), the bytes as they are; sm: float32 (rows, nb, 2) = (s/127, m),
     # unpacked once by prepare() (slicing a float32 view out of the bytes per block costs more
     # than the block's arithmetic). w = m + q * s/127, so a block contributes
@@ -360,46 +364,38 @@ def _matvec_range(blocks, sm, x, out, start, stop):
             xsum[k, b] = a
     acc = np.empty(64, np.float32)
     rstride = nb * BLOCK_BYTES
-    # Four rows at a time (_rows4_block): four independent FMA chains sharing each activation load.
-    r0 = start
-    while r0 + 4 <= stop:
-        for k in range(n):
-            acc[:] = 0.0
-            t0 = t1 = t2 = t3 = np.float32(0.0)
-            for b in range(nb):
-                _rows4_block(acc, blocks, (r0 * nb + b) * BLOCK_BYTES + 8, rstride, xf, k * cols + b * QK,
-                             sm[r0, b, 0], sm[r0 + 1, b, 0], sm[r0 + 2, b, 0], sm[r0 + 3, b, 0])
-                xs = xsum[k, b]
-                t0 += sm[r0, b, 1] * xs
-                t1 += sm[r0 + 1, b, 1] * xs
-                t2 += sm[r0 + 2, b, 1] * xs
-                t3 += sm[r0 + 3, b, 1] * xs
-            out[k, r0] = t0 + acc[0:16].sum()
-            out[k, r0 + 1] = t1 + acc[16:32].sum()
-            out[k, r0 + 2] = t2 + acc[32:48].sum()
-            out[k, r0 + 3] = t3 + acc[48:64].sum()
-        r0 += 4
-    for row in range(r0, stop):
-        for k in range(n):
-            tot = np.float32(0.0)
-            for b in range(nb):
-                dot = np.float32(0.0)
-                for j in range(QK):
-                    dot += np.float32(blocks[row, b, 8 + j]) * xb[k, b, j]
-                tot += sm[row, b, 0] * dot + sm[row, b, 1] * xsum[k, b]
-            out[k, row] = tot
-
-
-# Decode drivers: one claim loop per thread (families.parallel_rows with one "row" per thread), each
-# taking the next chunk of rows from an atomic counter (quantfmt.numba_threads.claim) until none is left:
-# a descheduled thread's chunks go to the one that runs, and no chunk costs a Python call (ranges
-# handed out by parallel_rows cost a dispatch each: ~10% of an 11008x4096 decode, measured interleaved).
-@numba.njit(cache=True, nogil=True)
-def _matvec_claim(blocks, sm, x, out, counter, _t0, _t1):
     rows = blocks.shape[0]
     ch = claim(counter)
     while ch * ROW_CHUNK < rows:
-        _matvec_range(blocks, sm, x, out, ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK))
+        start, stop = ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)
+        # Four rows at a time (_rows4_block): four independent FMA chains sharing each activation load.
+        r0 = start
+        while r0 + 4 <= stop:
+            for k in range(n):
+                acc[:] = 0.0
+                t0 = t1 = t2 = t3 = np.float32(0.0)
+                for b in range(nb):
+                    _rows4_block(acc, blocks, (r0 * nb + b) * BLOCK_BYTES + 8, rstride, xf, k * cols + b * QK,
+                                 sm[r0, b, 0], sm[r0 + 1, b, 0], sm[r0 + 2, b, 0], sm[r0 + 3, b, 0])
+                    xs = xsum[k, b]
+                    t0 += sm[r0, b, 1] * xs
+                    t1 += sm[r0 + 1, b, 1] * xs
+                    t2 += sm[r0 + 2, b, 1] * xs
+                    t3 += sm[r0 + 3, b, 1] * xs
+                out[k, r0] = t0 + acc[0:16].sum()
+                out[k, r0 + 1] = t1 + acc[16:32].sum()
+                out[k, r0 + 2] = t2 + acc[32:48].sum()
+                out[k, r0 + 3] = t3 + acc[48:64].sum()
+            r0 += 4
+        for row in range(r0, stop):
+            for k in range(n):
+                tot = np.float32(0.0)
+                for b in range(nb):
+                    dot = np.float32(0.0)
+                    for j in range(QK):
+                        dot += np.float32(blocks[row, b, 8 + j]) * xb[k, b, j]
+                    tot += sm[row, b, 0] * dot + sm[row, b, 1] * xsum[k, b]
+                out[k, row] = tot
         ch = claim(counter)
 
 
@@ -436,7 +432,7 @@ class Q8_B(KernelFormat):
     def matvec(self, prep, rows, cols, x, out):
         blocks, sm = prep[1]
         # under families.MIN_THREADED_WEIGHTS the calling thread alone (decode_threads)
-        parallel_rows(_matvec_claim, decode_threads(rows, cols), 1, blocks, sm, x, out, np.zeros(1, np.int64),
+        parallel_rows(_matvec_range, decode_threads(rows, cols), 1, blocks, sm, x, out, np.zeros(1, np.int64),
                       weights=1)
 
 
