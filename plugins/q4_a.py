@@ -32,13 +32,12 @@ from numba.extending import intrinsic
 
 import quantfmt
 from quantfmt import cpu
-from quantfmt.families import KernelFormat
+from quantfmt.families import KernelFormat, decode_threads, parallel_rows
 from quantfmt.numba_threads import claim
 
 QK = 256
 NBINS = 16
 BLOCK_BYTES = 4 * NBINS + QK // 2
-ROW_CHUNK = 64  # rows per chunk of work a thread claims in qmatmul
 
 
 # ---- numpy reference ------------------------------------------------------------------
@@ -81,163 +80,6 @@ def dequantize_ref(data: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 # ---- numba kernels --------------------------------------------------------------------
-# Quantize: no fastmath (the means and distances must match the reference exactly).
-
-
-@numba.njit(cache=True, inline="always")
-def _sort_block(u, row, c0, keys, tmp, cnt, vu):
-    """vu (256,) uint32 <- the bits of the block's values sorted ascending: an LSD radix sort (4 passes of 8 bits)
-    of order-preserving integer keys, ~6x faster than np.sort on 256 values. Only the sorted values
-    matter (the codebook is a function of the multiset), so stability and the place of -0.0 next
-    to +0.0 do not change a byte."""
-    for i in range(4 * 256):
-        cnt[i] = 0
-    for i in range(QK):
-        k = u[row, c0 + i]
-        # negatives: all bits flipped (larger magnitude sorts first); positives: the sign bit set
-        k = k ^ np.uint32(0xFFFFFFFF) if k >> np.uint32(31) else k | np.uint32(0x80000000)
-        keys[i] = k
-        for d in range(4):  # the four digits' histograms in one pass
-            cnt[d * 256 + ((k >> np.uint32(8 * d)) & np.uint32(255))] += 1
-    src, dst = keys, tmp
-    for d in range(4):
-        if cnt[d * 256 + ((src[0] >> np.uint32(8 * d)) & np.uint32(255))] == QK:
-            continue  # every key has this digit: the pass would not move anything
-        pos = 0
-        for j in range(256):
-            n = cnt[d * 256 + j]
-            cnt[d * 256 + j] = pos
-            pos += n
-        for i in range(QK):
-            k = src[i]
-            j = d * 256 + ((k >> np.uint32(8 * d)) & np.uint32(255))
-            dst[cnt[j]] = k
-            cnt[j] += 1
-        src, dst = dst, src
-    for i in range(QK):
-        k = src[i]
-        k = k ^ np.uint32(0x80000000) if k >> np.uint32(31) else k ^ np.uint32(0xFFFFFFFF)
-        vu[i] = k
-
-
-@numba.njit(cache=True)
-def _quantize_rows(w, u, cb, p, r0, r1):
-    # cb: float32 (blocks, 48), the bytes seen as float32 (192 = 4 * 48), codebook at 0..15;
-    # p: uint8 (blocks, 192), packed indices at 64..191. u: the weights' bits (uint32 view of w).
-    nb = w.shape[1] // QK
-    keys = np.empty(QK, np.uint32)
-    tmp = np.empty(QK, np.uint32)
-    cnt = np.empty(4 * 256, np.int32)
-    vu = np.empty(QK, np.uint32)
-    v = vu.view(np.float32)
-    c64 = np.empty(NBINS)
-    x64 = np.empty(QK)
-    bd = np.empty(QK)
-    idx = np.empty(QK, np.uint8)
-    for row in range(r0, r1):
-        for b in range(nb):
-            k = row * nb + b
-            _sort_block(u, row, b * QK, keys, tmp, cnt, vu)
-            for kk in range(NBINS):
-                acc = 0.0
-                for j in range(QK // NBINS):
-                    acc += np.float64(v[kk * (QK // NBINS) + j])
-                cf = np.float32(acc / 16.0)
-                cb[k, kk] = cf
-                c64[kk] = np.float64(cf)
-            # nearest codebook entry: the candidate loop outside, the 256 weights inside (it
-            # vectorizes); each weight still tries 0..15 in order and keeps the lowest on ties
-            for i in range(QK):
-                x64[i] = np.float64(w[row, b * QK + i])
-                bd[i] = abs(x64[i] - c64[0])
-                idx[i] = 0
-            for kk in range(1, NBINS):
-                ck = c64[kk]
-                for i in range(QK):
-                    d = abs(x64[i] - ck)
-                    better = d < bd[i]
-                    bd[i] = d if better else bd[i]
-                    idx[i] = np.uint8(kk) if better else idx[i]
-            for i in range(QK // 2):
-                p[k, 4 * NBINS + i] = idx[i] | (idx[i + QK // 2] << np.uint8(4))
-
-
-@numba.njit(cache=True, parallel=True)
-def _quantize_driver(w, u, cb, p):
-    # more work items than threads (~64 KB of weights each): a descheduled thread holds up one
-    # small chunk, not half the matrix
-    rows = w.shape[0]
-    nchunk = max(1, min(rows, rows * w.shape[1] // 16384))
-    for c in numba.prange(nchunk):
-        _quantize_rows(w, u, cb, p, c * rows // nchunk, (c + 1) * rows // nchunk)
-
-
-def _quantize_kernel(w, out):
-    _quantize_driver(w, w.view(np.uint32), out.view(np.float32).reshape(-1, BLOCK_BYTES // 4),
-                     out.reshape(-1, BLOCK_BYTES))
-
-
-@numba.njit(cache=True)
-def _dequantize_row(data, nb, row, out):
-    for b in range(nb):
-        o = (row * nb + b) * BLOCK_BYTES
-        c = data[o : o + 4 * NBINS].view(np.float32)
-        p = data[o + 4 * NBINS : o + BLOCK_BYTES]
-        for i in range(QK // 2):
-            out[b * QK + i] = c[p[i] & 15]
-            out[b * QK + QK // 2 + i] = c[p[i] >> 4]
-
-
-@numba.njit(cache=True, parallel=True)
-def _dequantize_kernel(data, rows, cols, out):
-    for row in numba.prange(rows):
-        _dequantize_row(data, cols // QK, row, out[row])
-
-
-@numba.njit(cache=True, nogil=True)  # nogil: prefill tiles on several threads (families.tiles_prefill)
-def _get_rows_kernel(data, cols, idx, out):
-    for k in range(idx.size):
-        _dequantize_row(data, cols // QK, idx[k], out[k])
-
-
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _matvec_portable(blocks, cb, x, out, threads):
-    # Any CPU. blocks: uint8 (rows, nb, 192), the bytes as they are; cb: float32 (rows, nb, 16),
-    # the codebooks unpacked by prepare(). LLVM does not vectorize the codebook lookup
-    # (gathers are slow on the CPUs it tunes for), so this runs at scalar speed.
-    rows, nb = blocks.shape[0], blocks.shape[1]
-    n = x.shape[0]
-    xb = x.reshape(n, nb, QK)
-    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    counter = np.empty(1, np.int64)  # not np.zeros: in a parallel function that is a region of its own
-    counter[0] = 0
-    for _t in numba.prange(threads):  # one claimer per thread
-        accv = np.empty(QK, np.float32)
-        ch = claim(counter)
-        while ch < nchunks:
-            for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-                for k in range(n):
-                    accv[:] = 0.0
-                    for b in range(nb):
-                        for i in range(QK // 2):
-                            p = blocks[row, b, 4 * NBINS + i]
-                            accv[i] += cb[row, b, p & 15] * xb[k, b, i]
-                            accv[i + QK // 2] += cb[row, b, p >> 4] * xb[k, b, i + QK // 2]
-                    tot = np.float32(0.0)
-                    for i in range(QK):
-                        tot += accv[i]
-                    out[k, row] = tot
-            ch = claim(counter)
-
-
-# The AVX2 kernel. A codebook lookup is a 16-entry table lookup, which is exactly what the
-# byte shuffle `vpshufb` does for 32 nibble indices at once, one byte of the result each.
-# So prepare() splits each codebook into 4 byte planes (plane k = byte k of the 16 float32
-# entries), 4 vpshufb give the 4 bytes of 32 looked-up floats, and 2 rounds of unpacks
-# (vpunpck{l,h}bw, vpunpck{l,h}wd) reassemble them into 4 vectors of 8 float32. Unpacks work
-# within 128-bit lanes, so those vectors hold weights [0..3,16..19], [4..7,20..23],
-# [8..11,24..27], [12..15,28..31] of each 32: the activations are permuted the same way once
-# per call (_permute_x), and the dot product does not care about the order.
 _F32 = ir.FloatType()
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V8F, _V32B, _V16B, _V16W = (
@@ -252,10 +94,374 @@ _UNPACK_LO_W = [v for lane in (0, 1) for i in range(4) for v in (8 * lane + i, 1
 _UNPACK_HI_W = [v for lane in (0, 1) for i in range(4, 8) for v in (8 * lane + i, 16 + 8 * lane + i)]
 
 
+_V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+
+
 def _shuffle_mask(idx):
     return ir.Constant(ir.VectorType(_I32, len(idx)), list(idx))
 
 
+# ---- the sort: a bitonic network on 16 vectors of 16 int32 ----------------------------
+_V16I32 = ir.VectorType(ir.IntType(32), 16)
+
+
+def _bitonic_plan():
+    """The compare-exchange stages of a bitonic sort of 256 keys held as 16 vectors of 16 lanes (key i in
+    vector i // 16, lane i % 16), ascending: (k, j) for k = 2..256, j = k/2..1."""
+    return [(k, j) for k in (2 ** e for e in range(1, 9)) for j in (k >> s for s in range(1, k.bit_length()))]
+
+
+@intrinsic
+def _sort256(typingctx, src, src_off, sums):
+    """sums[0:16] (float64) <- the 16 bins' sums of the float32 values src[src_off:src_off+256] (uint32
+    view) sorted ascending: bin k is sorted values 16k..16k+15, summed in order from +0.0.
+    Sort keys: the bits with the magnitude flipped for negatives (x ^ ((x >> 31) & 0x7FFFFFFF), arithmetic
+    shift), so signed int32 order is float order (-0.0 just below +0.0: only the multiset matters).
+    A bitonic network: 36 stages of vector min/max; a stage with partners in other vectors (j >= 16) pairs
+    whole vectors, one within a vector (j < 16) shuffles the partners in, takes min and max and blends.
+    Generic LLVM vector IR: one vpminsd/vpmaxsd/vpermd/vpblendmd per vector and stage with AVX-512, split
+    into halves or quarters on smaller vector units (any CPU gets a correct sort)."""
+    sig = types.none(src, src_off, sums)
+
+    def codegen(context, builder, signature, args):
+        sp = builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data, [args[1]])
+        mod = builder.module
+        fty = ir.FunctionType(_V16I32, [_V16I32, _V16I32])
+        smin = mod.declare_intrinsic("llvm.smin.v16i32", (), fty)
+        smax = mod.declare_intrinsic("llvm.smax.v16i32", (), fty)
+
+        def vptr(ptr, r):
+            return builder.bitcast(builder.gep(ptr, [ir.Constant(_I64, 16 * r)]), _V16I32.as_pointer())
+
+        flip = ir.Constant(_V16I32, [0x7FFFFFFF] * 16)
+        sh = ir.Constant(_V16I32, [31] * 16)
+
+        def key(x):  # an involution: the same map turns keys back into bits
+            return builder.xor(x, builder.and_(builder.ashr(x, sh), flip))
+
+        v = [key(builder.load(vptr(sp, r), align=4)) for r in range(16)]
+        for k, j in _bitonic_plan():
+            if j >= 16:
+                rj = j // 16
+                for r in range(16):
+                    if r & rj:
+                        continue
+                    a, b = v[r], v[r | rj]
+                    lo, hi = builder.call(smin, [a, b]), builder.call(smax, [a, b])
+                    asc = (16 * r) & k == 0
+                    v[r], v[r | rj] = (lo, hi) if asc else (hi, lo)
+            else:
+                for r in range(16):
+                    p = builder.shuffle_vector(v[r], v[r], _shuffle_mask([lane ^ j for lane in range(16)]))
+                    lo, hi = builder.call(smin, [v[r], p]), builder.call(smax, [v[r], p])
+                    # lane takes the min where (it is the lower partner) == (its run ascends)
+                    pick = []
+                    for lane in range(16):
+                        i = 16 * r + lane
+                        take_min = (i < (i ^ j)) == ((i & k) == 0)
+                        pick.append(lane if take_min else 16 + lane)
+                    v[r] = builder.shuffle_vector(lo, hi, _shuffle_mask(pick))
+        v = [key(x) for x in v]  # the sorted values' bits
+        # The bins' sums: bin r is vector r, summed lane by lane in order (formats.md's sequential float64
+        # sum, from +0.0). A 16x16 transpose (4 rounds of block swaps, two shuffles per pair of vectors)
+        # puts lane j of every bin in vector j; then 16 float64 additions of 8 lanes add lane j of all
+        # bins at once, each bin's chain in its own lane, in index order.
+        for b in (8, 4, 2, 1):
+            for r in range(16):
+                if r & b:
+                    continue
+                lo = [lane if lane & b == 0 else 16 + lane - b for lane in range(16)]
+                hi = [lane + b if lane & b == 0 else 16 + lane for lane in range(16)]
+                v[r], v[r + b] = (builder.shuffle_vector(v[r], v[r + b], _shuffle_mask(lo)),
+                                  builder.shuffle_vector(v[r], v[r + b], _shuffle_mask(hi)))
+        v4 = ir.VectorType(ir.DoubleType(), 8)
+        acc = [ir.Constant(v4, [0.0] * 8), ir.Constant(v4, [0.0] * 8)]
+        for j in range(16):
+            col = builder.bitcast(v[j], _V16F)
+            for h in range(2):
+                half = builder.shuffle_vector(col, col, _shuffle_mask(list(range(8 * h, 8 * h + 8))))
+                acc[h] = builder.fadd(acc[h], builder.fpext(half, v4))
+        sp_ = context.make_array(signature.args[2])(context, builder, args[2]).data
+        for h in range(2):
+            at = builder.gep(sp_, [ir.Constant(_I64, 8 * h)])
+            builder.store(acc[h], builder.bitcast(at, v4.as_pointer()), align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_V16F32, _V8F64 = ir.VectorType(_F32, 16), ir.VectorType(ir.DoubleType(), 8)
+
+
+@intrinsic
+def _nearest256(typingctx, x, x_off, c, c_off, p, p_off):
+    """The packed indices p[p_off:p_off+128] of the 256 weights x[x_off:], nearest entries of the ascending
+    codebook c[c_off:c_off+16], when every float64 difference w_i - c_k is exact; returns 0 without
+    writing anything when that is not certain (the caller runs formats.md's search as written,
+    _nearest_full).
+
+    Why it is the same index: with exact differences the distances are exact, so w's nearest value is
+    c[n], n = #{k : w > (c[k] + c[k+1]) / 2} (the midpoints ascend; a tie stays with the lower value), and
+    the lowest index holding it is first[n] = sum over k < n of delta[k] = first[k+1] - first[k]. The
+    midpoints are exact in float64 and w > mid_k is w >= thr[k], the least float32 above mid_k: per 16
+    weights (generic LLVM vectors), 15 float32 compares and masked adds.
+    Exact differences: w and c are float32 (24-bit significands), so w - c fits float64's 53 bits when
+    their ulps are at most 2**28 apart: nonzero magnitudes (weights and codebook) spanning < 2**27 do it
+    (and make c[k] + c[k+1] exact too)."""
+    sig = types.int32(x, x_off, c, c_off, p, p_off)
+
+    def codegen(context, builder, signature, args):
+        def base(i, off):
+            arr = context.make_array(signature.args[i])(context, builder, args[i])
+            return builder.gep(arr.data, [off]) if off is not None else arr.data
+
+        xp, cp, pp = base(0, args[1]), base(2, args[3]), base(4, args[5])
+        mod = builder.module
+        i32 = _I32
+
+        def vload(ptr, off, vt, align=4):
+            return builder.load(builder.bitcast(builder.gep(ptr, [ir.Constant(_I64, off)]), vt.as_pointer()),
+                                align=align)
+
+        def splat(val, vt):
+            v = builder.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), _shuffle_mask([0] * 16))
+
+        xs = [vload(xp, 16 * r, _V16F32) for r in range(16)]
+        cv = vload(cp, 0, _V16F32)
+        # the span check, on magnitude bits (integer order = float order): zeros count as +inf for the min
+        absm = ir.Constant(_V16I32, [0x7FFFFFFF] * 16)
+        inf = ir.Constant(_V16I32, [0x7F800000] * 16)
+        zero = ir.Constant(_V16I32, [0] * 16)
+        fty = ir.FunctionType(_V16I32, [_V16I32, _V16I32])
+        smin = mod.declare_intrinsic("llvm.smin.v16i32", (), fty)
+        smax = mod.declare_intrinsic("llvm.smax.v16i32", (), fty)
+        lo_m, hi_m = None, None
+        for v in [*xs, cv]:
+            m = builder.and_(builder.bitcast(v, _V16I32), absm)
+            nz = builder.select(builder.icmp_signed("==", m, zero), inf, m)
+            lo_m = nz if lo_m is None else builder.call(smin, [lo_m, nz])
+            hi_m = m if hi_m is None else builder.call(smax, [hi_m, m])
+        rty = ir.FunctionType(i32, [_V16I32])
+        rmin = builder.call(mod.declare_intrinsic("llvm.vector.reduce.smin.v16i32", (), rty), [lo_m])
+        rmax = builder.call(mod.declare_intrinsic("llvm.vector.reduce.smax.v16i32", (), rty), [hi_m])
+        dbl = ir.DoubleType()
+        amin = builder.fpext(builder.bitcast(rmin, _F32), dbl)
+        amax = builder.fpext(builder.bitcast(rmax, _F32), dbl)
+        ok = builder.fcmp_ordered("<", amax, builder.fmul(amin, ir.Constant(dbl, float(2**27))))
+        with builder.if_then(ok):
+            # per block, in vectors (scalar code with data-dependent branches cost as much as the search):
+            # first[k] = the lowest index holding c[k]'s value, a prefix max of run starts; delta[k] =
+            # first[k+1] - first[k]; thr[k] = the least float32 above mid_k = (c[k] + c[k+1]) / 2 (exact
+            # in float64 here): RN32(mid_k), or the next float32 up (on the bits) if that is <= mid_k.
+            lanes = ir.Constant(_V16I32, list(range(16)))
+            cprev = builder.shuffle_vector(cv, cv, _shuffle_mask([0] + list(range(15))))
+            start = builder.or_(builder.fcmp_unordered("!=", cv, cprev),
+                                builder.icmp_signed("==", lanes, zero))
+            first = builder.select(start, lanes, zero)
+            for sh in (1, 2, 4, 8):  # prefix max: lane k gets max over lanes <= k
+                prev = builder.shuffle_vector(first, zero, _shuffle_mask([16] * sh + list(range(16 - sh))))
+                first = builder.call(smax, [first, prev])
+            nxt = _shuffle_mask(list(range(1, 16)) + [15])
+            dv = builder.sub(builder.shuffle_vector(first, first, nxt), first)
+            cnext = builder.shuffle_vector(cv, cv, nxt)
+            thr_h = []
+            for h in range(2):
+                sel = _shuffle_mask(list(range(8 * h, 8 * h + 8)))
+                a = builder.fpext(builder.shuffle_vector(cv, cv, sel), _V8F64)
+                b_ = builder.fpext(builder.shuffle_vector(cnext, cnext, sel), _V8F64)
+                mid = builder.fmul(builder.fadd(a, b_), ir.Constant(_V8F64, [0.5] * 8))
+                thr_h.append((mid, builder.fptrunc(mid, ir.VectorType(_F32, 8))))
+            mid16 = [m for m, _ in thr_h]
+            t = builder.shuffle_vector(thr_h[0][1], thr_h[1][1], _shuffle_mask(list(range(16))))
+            tb = builder.bitcast(t, _V16I32)
+            one = ir.Constant(_V16I32, [1] * 16)
+            fz = ir.Constant(_V16F32, [0.0] * 16)
+            up = builder.select(builder.fcmp_ordered(">", t, fz), builder.add(tb, one),
+                                builder.select(builder.fcmp_ordered("<", t, fz), builder.sub(tb, one), one))
+            le = [builder.fcmp_ordered("<=", builder.fpext(builder.shuffle_vector(
+                t, t, _shuffle_mask(list(range(8 * h, 8 * h + 8)))), _V8F64), mid16[h]) for h in range(2)]
+            le16 = builder.shuffle_vector(le[0], le[1], _shuffle_mask(list(range(16))))
+            tv = builder.bitcast(builder.select(le16, up, tb), _V16F32)
+            ts = [splat(builder.extract_element(tv, ir.Constant(i32, k)), _V16F32) for k in range(NBINS - 1)]
+            ds = [splat(builder.extract_element(dv, ir.Constant(i32, k)), _V16I32) for k in range(NBINS - 1)]
+            idx = []
+            for r in range(16):
+                n = zero
+                for k in range(NBINS - 1):
+                    n = builder.add(n, builder.select(builder.fcmp_ordered(">=", xs[r], ts[k]), ds[k], zero))
+                idx.append(builder.trunc(n, _V16B))
+            four = ir.Constant(_V16B, [4] * 16)
+            for r in range(8):  # byte i: weight i in the low nibble, weight i + 128 in the high one
+                byte = builder.or_(idx[r], builder.shl(idx[r + 8], four))
+                builder.store(byte, builder.bitcast(builder.gep(pp, [ir.Constant(_I64, 16 * r)]), _V16B.as_pointer()),
+                              align=1)
+        return builder.zext(ok, i32)
+
+    return sig, codegen
+
+
+# Quantize: no fastmath (the means and distances must match the reference exactly).
+
+@numba.njit(cache=True, inline="always")
+def _nearest_full(x64, c64, bd, idx):
+    """formats.md's search as written: every weight tries the 16 entries in order, float64 distances, the
+    lowest index on ties (the candidate loop outside, the 256 weights inside: it vectorizes)."""
+    for i in range(QK):
+        bd[i] = abs(x64[i] - c64[0])
+        idx[i] = 0
+    for kk in range(1, NBINS):
+        ck = c64[kk]
+        for i in range(QK):
+            d = abs(x64[i] - ck)
+            better = d < bd[i]
+            bd[i] = d if better else bd[i]
+            idx[i] = np.uint8(kk) if better else idx[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _quantize_rows(w, u, cb, p, r0, r1):
+    # Rows r0..r1-1, on Python threads (families.parallel_rows: a parallel=True driver costs a cold start
+    # seconds). cb: float32 (blocks, 48), the bytes seen as float32 (192 = 4 * 48), codebook at 0..15;
+    # p: uint8 (blocks, 192), packed indices at 64..191. u: the weights' bits (w C-contiguous, seen as
+    # flat uint32).
+    nb = w.shape[1] // QK
+    cols = w.shape[1]
+    c64 = np.empty(NBINS)
+    acc = np.empty(NBINS)
+    x64 = np.empty(QK)
+    bd = np.empty(QK)
+    idx = np.empty(QK, np.uint8)
+    for row in range(r0, r1):
+        for b in range(nb):
+            k = row * nb + b
+            _sort256(u, row * cols + b * QK, acc)  # the 16 bins' sums of the sorted block
+            for kk in range(NBINS):
+                cb[k, kk] = np.float32(acc[kk] / 16.0)
+            if not _nearest256(u, row * cols + b * QK, cb[k], 0, p[k], 4 * NBINS):
+                for kk in range(NBINS):
+                    c64[kk] = np.float64(cb[k, kk])
+                for i in range(QK):
+                    x64[i] = np.float64(w[row, b * QK + i])
+                _nearest_full(x64, c64, bd, idx)
+                for i in range(QK // 2):
+                    p[k, 4 * NBINS + i] = idx[i] | (idx[i + QK // 2] << np.uint8(4))
+
+
+def _quantize_kernel(w, out):
+    cb = out.view(np.float32).reshape(-1, BLOCK_BYTES // 4)
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, w.reshape(-1).view(np.uint32), cb,
+                  out.reshape(-1, BLOCK_BYTES))
+
+
+@numba.njit(cache=True)
+def _dequantize_row(data, nb, row, out):
+    for b in range(nb):
+        o = (row * nb + b) * BLOCK_BYTES
+        c = data[o : o + 4 * NBINS].view(np.float32)
+        p = data[o + 4 * NBINS : o + BLOCK_BYTES]
+        for i in range(QK // 2):
+            out[b * QK + i] = c[p[i] & 15]
+            out[b * QK + QK // 2 + i] = c[p[i] >> 4]
+
+
+@intrinsic
+def _block_fill_avx512(typingctx, data, blk_off, out, out_off):
+    """out[out_off:out_off+256] = the block at data[blk_off:] dequantized: per 16 weights one vpermps of
+    the codebook (one 512-bit register) by 16 nibbles, as _block_fma_avx512 reads them."""
+    sig = types.none(data, blk_off, out, out_off)
+
+    def codegen(context, builder, signature, args):
+        dp = builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data, [args[1]])
+        op = builder.gep(context.make_array(signature.args[2])(context, builder, args[2]).data, [args[3]])
+        perm = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.sf.512", (),
+                                                ir.FunctionType(_V16F, [_V16F, _V16I]))
+
+        def vptr(ptr, off, vt):
+            return builder.bitcast(builder.gep(ptr, [ir.Constant(_I64, off)]), vt.as_pointer())
+
+        cb = builder.load(vptr(dp, 0, _V16F), align=1)  # the file's bytes: no alignment promised
+        low4, four = ir.Constant(_V16I, [15] * 16), ir.Constant(_V16I, [4] * 16)
+        for i in range(8):  # 16 index bytes: weights 16i.. (low nibbles) and 128+16i.. (high nibbles)
+            z = builder.zext(builder.load(vptr(dp, 4 * NBINS + 16 * i, _V16B), align=1), _V16I)
+            for h, idx in enumerate((builder.and_(z, low4), builder.lshr(z, four))):
+                builder.store(builder.call(perm, [cb, idx]), vptr(op, h * (QK // 2) + 16 * i, _V16F), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# Every driver is Python (families.parallel_rows: ranges of rows on numba.get_num_threads() Python
+# threads, each taking the next range when done) over a cached nogil kernel of a range: a parallel=True
+# prange driver cost a cold start seconds per kernel (numba's parfor passes, the body compiled again
+# inside the gufunc), and in decode its region waited for every numba thread to wake. One row kernel
+# serves get_rows, dequantize and the prefill tiles.
+ROW_CHUNK = 64  # rows per claim in decode
+
+
+@numba.njit(cache=True, nogil=True)
+def _get_rows_range(data, cols, idx, out, k0, k1):
+    for k in range(k0, k1):
+        _dequantize_row(data, cols // QK, idx[k], out[k])
+
+
+@numba.njit(cache=True, nogil=True)
+def _get_rows_avx512(data, cols, idx, out, k0, k1):
+    # ~6x the scalar loop's speed (LLVM does not vectorize its table lookup): the prefill tiles' fill
+    nb = cols // QK
+    for k in range(k0, k1):
+        o = out[k]
+        for b in range(nb):
+            _block_fill_avx512(data, (idx[k] * nb + b) * BLOCK_BYTES, o, b * QK)
+
+
+def _get_rows_kernel(data, cols, idx, out):
+    # on a prefill thread (families.tiles_prefill) parallel_rows runs inline
+    parallel_rows(_get_rows_avx512 if PATH == "avx512" else _get_rows_range, idx.size, cols, data, cols, idx, out)
+
+
+def _dequantize_kernel(data, rows, cols, out):
+    _get_rows_kernel(data, cols, np.arange(rows, dtype=np.int64), out)
+
+
+# Decode drivers: one claim loop per thread (families.parallel_rows with one "row" per thread), each
+# taking the next chunk of rows from an atomic counter (quantfmt.numba_threads.claim) until none is left:
+# a descheduled thread's chunks go to the one that runs, and no chunk costs a Python call (ranges
+# handed out by parallel_rows cost a dispatch each: ~10% of an 11008x4096 decode, measured interleaved).
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _matvec_portable(blocks, cb, x, out, counter, rows, _t0, _t1):
+    # Any CPU. blocks: uint8 (rows, nb, 192), the bytes as they are; cb: float32 (rows, nb, 16),
+    # the codebooks unpacked by prepare(). LLVM does not vectorize the codebook lookup
+    # (gathers are slow on the CPUs it tunes for), so this runs at scalar speed.
+    nb = blocks.shape[1]
+    n = x.shape[0]
+    xb = x.reshape(n, nb, QK)
+    accv = np.empty(QK, np.float32)
+    ch = claim(counter)
+    while ch * ROW_CHUNK < rows:
+        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+            for k in range(n):
+                accv[:] = 0.0
+                for b in range(nb):
+                    for i in range(QK // 2):
+                        p = blocks[row, b, 4 * NBINS + i]
+                        accv[i] += cb[row, b, p & 15] * xb[k, b, i]
+                        accv[i + QK // 2] += cb[row, b, p >> 4] * xb[k, b, i + QK // 2]
+                tot = np.float32(0.0)
+                for i in range(QK):
+                    tot += accv[i]
+                out[k, row] = tot
+        ch = claim(counter)
+
+
+# The AVX2 kernel. A codebook lookup is a 16-entry table lookup, which is exactly what the
+# byte shuffle `vpshufb` does for 32 nibble indices at once, one byte of the result each.
+# So prepare() splits each codebook into 4 byte planes (plane k = byte k of the 16 float32
+# entries), 4 vpshufb give the 4 bytes of 32 looked-up floats, and 2 rounds of unpacks
+# (vpunpck{l,h}bw, vpunpck{l,h}wd) reassemble them into 4 vectors of 8 float32. Unpacks work
+# within 128-bit lanes, so those vectors hold weights [0..3,16..19], [4..7,20..23],
+# [8..11,24..27], [12..15,28..31] of each 32: the activations are permuted the same way once
+# per call (_permute_x), and the dot product does not care about the order.
 @intrinsic
 def _block_dot_avx2(typingctx, planes, pl_off, data, p_off, xp, x_off):
     """float32 dot product of one block with 256 permuted activations.
@@ -314,28 +520,22 @@ def _block_dot_avx2(typingctx, planes, pl_off, data, p_off, xp, x_off):
     return sig, codegen
 
 
-@numba.njit(cache=True, parallel=True)
-def _matvec_avx2(planes, data, xp, rows, cols, out, threads):
+@numba.njit(cache=True, nogil=True)
+def _matvec_avx2(planes, data, xp, cols, out, counter, rows, _t0, _t1):
     # planes: uint8 (nblocks * 64,), from prepare(); data: the bytes; xp: (n, cols) from _permute_x.
     nb = cols // QK
     n = xp.shape[0]
     xf = xp.reshape(-1)
-    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    counter = np.empty(1, np.int64)
-    counter[0] = 0
-    for _t in numba.prange(threads):  # one claimer per thread
+    ch = claim(counter)
+    while ch * ROW_CHUNK < rows:
+        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+            for k in range(n):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    blk = row * nb + b
+                    acc += _block_dot_avx2(planes, blk * 64, data, blk * BLOCK_BYTES + 4 * NBINS, xf, k * cols + b * QK)
+                out[k, row] = acc
         ch = claim(counter)
-        while ch < nchunks:
-            for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-                for k in range(n):
-                    acc = np.float32(0.0)
-                    for b in range(nb):
-                        blk = row * nb + b
-                        acc += _block_dot_avx2(
-                            planes, blk * 64, data, blk * BLOCK_BYTES + 4 * NBINS, xf, k * cols + b * QK
-                        )
-                    out[k, row] = acc
-            ch = claim(counter)
 
 
 # The AVX-512 kernel. A block's codebook is 16 float32 = one 512-bit register, and `vpermps`
@@ -343,7 +543,6 @@ def _matvec_avx2(planes, data, xp, rows, cols, out, threads):
 # zero-extension of 16 index bytes, a mask or a shift for the nibble, one vpermps, one FMA. No
 # byte planes, no permuted activations, and the sums stay in 4 vector accumulators across the
 # row's blocks (one horizontal sum per row, in numba).
-_V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
 
 
 @intrinsic
@@ -381,28 +580,24 @@ def _block_fma_avx512(typingctx, acc, data, blk_off, x, x_off):
     return sig, codegen
 
 
-@numba.njit(cache=True, parallel=True)
-def _matvec_avx512(data, rows, cols, x, out, threads):
+@numba.njit(cache=True, nogil=True)
+def _matvec_avx512(data, cols, x, out, counter, rows, _t0, _t1):
     nb = cols // QK
     n = x.shape[0]
     xf = x.reshape(-1)
-    nchunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    counter = np.empty(1, np.int64)
-    counter[0] = 0
-    for _t in numba.prange(threads):  # one claimer per thread
-        acc = np.empty(64, np.float32)
+    acc = np.empty(64, np.float32)
+    ch = claim(counter)
+    while ch * ROW_CHUNK < rows:
+        for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
+            for k in range(n):
+                acc[:] = 0.0
+                for b in range(nb):
+                    _block_fma_avx512(acc, data, (row * nb + b) * BLOCK_BYTES, xf, k * cols + b * QK)
+                tot = np.float32(0.0)
+                for i in range(64):
+                    tot += acc[i]
+                out[k, row] = tot
         ch = claim(counter)
-        while ch < nchunks:
-            for row in range(ch * ROW_CHUNK, min(rows, (ch + 1) * ROW_CHUNK)):
-                for k in range(n):
-                    acc[:] = 0.0
-                    for b in range(nb):
-                        _block_fma_avx512(acc, data, (row * nb + b) * BLOCK_BYTES, xf, k * cols + b * QK)
-                    tot = np.float32(0.0)
-                    for i in range(64):
-                        tot += acc[i]
-                    out[k, row] = tot
-            ch = claim(counter)
 
 
 def _permute_x(x):
@@ -453,13 +648,16 @@ class Q4_A(KernelFormat):
 
     def matvec(self, prep, rows, cols, x, out):
         data, extra, path = prep
-        threads = numba.get_num_threads()  # an argument: read inside a kernel, it defeats numba's cache
+        # under families.MIN_THREADED_WEIGHTS the calling thread alone (decode_threads)
+        threads, counter = decode_threads(rows, cols), np.zeros(1, np.int64)
         if path == "avx512":
-            _matvec_avx512(data, rows, cols, np.ascontiguousarray(x), out, threads)
+            xc = np.ascontiguousarray(x)
+            parallel_rows(_matvec_avx512, threads, 1, data, cols, xc, out, counter, rows, weights=1)
         elif path == "avx2":
-            _matvec_avx2(extra, data, _permute_x(x), rows, cols, out, threads)
+            parallel_rows(_matvec_avx2, threads, 1, extra, data, _permute_x(x), cols, out, counter, rows, weights=1)
         else:
-            _matvec_portable(data.reshape(rows, cols // QK, BLOCK_BYTES), extra, x, out, threads)
+            parallel_rows(_matvec_portable, threads, 1, data.reshape(rows, cols // QK, BLOCK_BYTES), extra, x, out,
+                          counter, rows, weights=1)
 
 
 @quantfmt.hookimpl

@@ -184,6 +184,14 @@ def test_many_chunks_and_block_groups(tag, rng):
     check_kernels(tag, w.astype(np.float32))
 
 
+def test_q8b_sixteen_block_sums_and_tail(rng):
+    # Q8_B sums sixteen blocks' chains at a time in vectors, then the rest one by one: 35 blocks a row
+    # (16 + 16 + 3), magnitudes far apart per block, so any change of a chain's order shows in m.
+    w = rng.standard_normal((5, 35 * 128)) * 10.0 ** rng.uniform(-8, 8, (5, 35)).repeat(128, axis=1)
+    w += 10.0 ** rng.uniform(-8, 8, (5, 35)).repeat(128, axis=1)
+    check_kernels("Q8_B", w.astype(np.float32))
+
+
 def test_q8a_scale_uses_the_blocks_own_rows():
     # Row group g holds the value 10**g in every row: each block's scale must be exactly 10**g.
     w = np.repeat(np.float32(10.0) ** np.arange(4, dtype=np.float32), 128)[:, None] * np.ones(
@@ -263,6 +271,31 @@ def test_q4a_distance_ties_go_to_the_lower_index():
     # Equal codebook entries (a constant run across bins): the lowest index.
     same = np.full((1, 256), 7.0, np.float32)
     assert not fmt("Q4_A").quantize(same)[64:].any()
+
+
+def test_q4a_nearest_search_both_paths(rng):
+    # Q4_A's quantize sorts with a vector network and finds each weight's entry from two candidates
+    # (the largest c <= w, the smallest c > w) where every float64 difference w - c is exact (nonzero
+    # magnitudes spanning < 2**27), else it runs formats.md's 16-candidate search. Blocks on both sides
+    # of that check, with exact ties, runs of equal codebook entries, signed zeros and subnormals.
+    m = MODULES["Q4_A"]
+    blocks = [
+        rng.integers(-3, 4, 256).astype(np.float32),  # many equal entries, midpoints hit exactly
+        rng.integers(-40, 41, 256).astype(np.float32) * np.float32(0.25),
+        np.where(rng.random(256) < 0.3, 0.0, rng.standard_normal(256)).astype(np.float32),  # zeros: fast path
+        (rng.standard_normal(256) * 1e-42).astype(np.float32),  # subnormals
+        np.concatenate([rng.standard_normal(250), [1e-9, -1e-12, 3e-30, 1e9, -0.0, 0.0]]).astype(np.float32),
+        (rng.standard_normal(256) * 10.0 ** rng.uniform(-12, 12, 256)).astype(np.float32),  # the full search
+        np.concatenate([np.full(200, 1e30), rng.standard_normal(56)]).astype(np.float32),
+        np.concatenate([np.full(128, -2.0), np.full(128, 2.0)]).astype(np.float32),
+        np.concatenate([rng.standard_normal(255), [-(2.0**-126)]]).astype(np.float32),
+    ]
+    for b in blocks:
+        rng.shuffle(b)
+    w = np.concatenate(blocks).reshape(3, -1)
+    data = fmt("Q4_A").quantize(w)
+    assert np.array_equal(data, m.quantize_ref(w))
+    assert_q4a_matches_spec(w, data, fmt("Q4_A").dequantize(data, w.shape))
 
 
 def test_q4a_codebook_ascending_and_nibble_order(rng):
@@ -412,6 +445,65 @@ def test_q4a_every_matvec_kernel(kernel, rng, monkeypatch):
     odd = np.empty(data.size + 1, np.uint8)[1:]
     odd[:] = data
     assert np.array_equal(f.qmatmul(odd, w.shape, x, prepared=f.prepare(odd, rows, cols)), out)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_structured_blocks_match_reference(tag, rng):
+    # Small integers, halves and quarters: values whose quotients land exactly on half-integers (Q8_B's
+    # multiply-by-1/s quantize falls back to the division there) and codebooks full of ties (Q4_A).
+    br, bc = fmt(tag).block_shape
+    rows, cols = max(br, 4) * 2, max(bc, 8) * 4
+    for scale in (1.0, 0.5, 0.25, 127.0, 1 / 127):
+        w = (rng.integers(-4, 5, (rows, cols)) * scale).astype(np.float32)
+        w[0, : bc if bc > 1 else cols] = np.float32(scale)  # a constant block
+        check_kernels(tag, w)
+
+
+@pytest.mark.parametrize("tag", ["Q8_A", "Q8_B"])
+def test_q8_dequantize_without_division_is_exact(tag, rng):
+    # Q8_A/Q8_B dequantize multiply by 1/127 (Q8_B: plus an FMA correction) where formats.md divides:
+    # bytes made directly, every q against scales over every float32 exponent (subnormals too), scales
+    # whose significand 127 divides, and Q8_B means of every size: the same bits as dequantize_ref.
+    m = MODULES[tag]
+    n = 4096
+    s = rng.integers(0, 0x7F800000, n, dtype=np.uint32).view(np.float32)
+    sig = rng.integers(1, (1 << 24) // 127, n // 4) * 127
+    e = rng.integers(0, 254, n // 4)
+    s[: n // 4] = np.where(sig >= 1 << 23, ((e + 1) << 23) | (sig & 0x7FFFFF), sig).astype(np.uint32).view(np.float32)
+    q = np.resize(np.arange(-127, 128, dtype=np.int8), (n, 128))
+    rng.shuffle(q, axis=1)
+    if tag == "Q8_A":  # 32 groups of 128 rows x 128 columns: scales (32, 128), q (32, 128, 128)
+        data = m.pack(s.reshape(32, 128), q.reshape(32, 128, 128))
+        rows, cols = 32 * 128, 128
+    else:
+        mean = (rng.standard_normal(n) * np.minimum(s, 1e30) * 10.0 ** rng.uniform(-3, 3, n)).astype(np.float32)
+        data = m.pack(s, mean, q)
+        rows, cols = 32, 128 * 128
+    got = fmt(tag).dequantize(data, (rows, cols))
+    assert np.array_equal(got.view(np.uint32), m.dequantize_ref(data, rows, cols).view(np.uint32))
+
+
+@pytest.mark.parametrize("kernel", ["portable", "avx512"])
+def test_q4a_every_rows_kernel(kernel, rng, monkeypatch):
+    # get_rows / dequantize / the prefill tiles: the vpermps fill (AVX-512) or the scalar loop; both
+    # against the numpy reference, bit for bit, at an odd address too.
+    from quantfmt import cpu
+
+    m = MODULES["Q4_A"]
+    if kernel == "avx512" and not cpu.has("avx512f"):
+        pytest.skip("this CPU (or NUMBA_CPU_NAME/NUMBA_CPU_FEATURES) has no avx512f")
+    monkeypatch.setattr(m, "PATH", kernel)
+    rows, cols = 37, 768
+    w = (rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-3, 3, (rows, 1))).astype(np.float32)
+    f = fmt("Q4_A")
+    data = f.quantize(w)
+    odd = np.empty(data.size + 1, np.uint8)[1:]
+    odd[:] = data
+    ref = m.dequantize_ref(data, rows, cols)
+    for d in (data, odd):
+        assert np.array_equal(f.dequantize(d, w.shape).view(np.uint32), ref.view(np.uint32))
+        idx = np.array([5, 0, rows - 1, 5], np.int64)
+        assert np.array_equal(f.get_rows(d, w.shape, idx).view(np.uint32), ref[idx].view(np.uint32))
 
 
 @pytest.mark.slow
