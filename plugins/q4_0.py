@@ -348,61 +348,51 @@ def _tiles_dot_f32(q, d, m, x, xs, out):
             out[tl * TT + t] = acc[t]
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
-def _dequant_block_t(q, d, m, tl, b, wt, i):
-    # Block b of tile tl -> rows b*32..b*32+31 of wt[:, i, :], wt (cols, tiles in chunk, T)
-    # being W.T: per weight column a contiguous run of T floats. (Indexing wt[e, i*T + t]
-    # instead would compute one negative-index check per element and turn the stores into
-    # scalar ones.) Constant shifts on uint16, truncated back to uint16, stay 16 bits wide;
-    # one store stream per loop ran 2x faster than four; TT (== T) is a runtime bound so
-    # LLVM vectorizes these short loops instead of unrolling them into scalar lines.
-    TT = wt.shape[2]
-    mm = np.empty(TT, np.float32)
-    if m.shape[0] > 0:
-        for t in range(TT):
-            mm[t] = m[tl, b, t]
-    else:
-        for t in range(TT):
-            mm[t] = np.float32(-8) * d[tl, b, t]
-    for u in range(8):
-        e = b * QK + 2 * u
-        for t in range(TT):
-            n = np.uint16(q[tl, b, u, t] & np.uint16(15))
-            wt[e, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-        for t in range(TT):
-            n = np.uint16((q[tl, b, u, t] >> np.uint16(4)) & np.uint16(15))
-            wt[e + 16, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-        for t in range(TT):
-            n = np.uint16((q[tl, b, u, t] >> np.uint16(8)) & np.uint16(15))
-            wt[e + 1, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-        for t in range(TT):
-            n = np.uint16(q[tl, b, u, t] >> np.uint16(12))
-            wt[e + 17, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-
-
-@numba.njit(cache=True, parallel=True)
-def _dequant_tiles_t(q, d, m, t0, t1, wt):
-    # Parallel over blocks, tiles inner: each thread fills whole rows of wt in order
-    # (tiles outer wrote 128 bytes to every row, i.e. every page, of the buffer per tile:
-    # 8x slower once the buffer is larger than the caches).
-    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
-    for b in numba.prange(q.shape[1]):
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _dequant_tiles(q, d, m, mf, t0, t1, wt, b0, b1):
+    # Blocks b0..b1-1 of tiles t0..t1-1 -> rows b*32..b*32+31 of wt (padded cols, (t1-t0)*T), W.T:
+    # per weight column a contiguous run of T floats per tile. Blocks outer, tiles inner: a thread
+    # fills whole rows of wt in order (tiles outer wrote 128 bytes to every row, i.e. every page, of
+    # the buffer per tile: 8x slower once the buffer is larger than the caches).
+    # w = n*d + mf*m: Q4_1 passes its m and mf = 1, Q4_0 its d as m and mf = -8 (q - 8); n*d and mf*m
+    # are exact in float32 (4-bit times 11-bit mantissas), so fused or not the sum rounds once.
+    # Indexing wt3[e, i, t] rather than wt[e, i*T + t] (one negative-index check per element turned
+    # the stores scalar). Constant shifts on uint16, truncated back to uint16, stay 16 bits wide; one
+    # store stream per loop ran 2x faster than four. TT and U come from array shapes, not constants:
+    # constant 32- and 8-long loops got fully unrolled into scalar code (and compiled for seconds),
+    # run-time bounds get vectorized.
+    TT = d.shape[2]
+    U = q.shape[2]
+    wt3 = wt.reshape(wt.shape[0], t1 - t0, TT)
+    for b in range(b0, b1):
         for i in range(t1 - t0):
-            _dequant_block_t(q, d, m, t0 + i, b, wt3, i)
-
-
-@numba.njit(cache=True, nogil=True)
-def _dequant_tiles_1(q, d, m, t0, t1, wt):
-    # _dequant_tiles_t on the calling thread: a per-thread prefill tile (_qtiles.blas_matmul)
-    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
-    for b in range(q.shape[1]):
-        for i in range(t1 - t0):
-            _dequant_block_t(q, d, m, t0 + i, b, wt3, i)
+            tl = t0 + i
+            for u in range(U):
+                e = b * QK + 2 * u
+                for t in range(TT):
+                    n = np.uint16(q[tl, b, u, t] & np.uint16(15))
+                    wt3[e, i, t] = np.float32(n) * d[tl, b, t] + mf * m[tl, b, t]
+                for t in range(TT):
+                    n = np.uint16((q[tl, b, u, t] >> np.uint16(4)) & np.uint16(15))
+                    wt3[e + 16, i, t] = np.float32(n) * d[tl, b, t] + mf * m[tl, b, t]
+                for t in range(TT):
+                    n = np.uint16((q[tl, b, u, t] >> np.uint16(8)) & np.uint16(15))
+                    wt3[e + 1, i, t] = np.float32(n) * d[tl, b, t] + mf * m[tl, b, t]
+                for t in range(TT):
+                    n = np.uint16(q[tl, b, u, t] >> np.uint16(12))
+                    wt3[e + 17, i, t] = np.float32(n) * d[tl, b, t] + mf * m[tl, b, t]
 
 
 def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray, serial: bool = False) -> None:
-    """Tiles [t0, t1) of a Q4_0/Q4_1 Prepared as W.T into wt (the BLAS path); `serial`: on this thread."""
-    (_dequant_tiles_1 if serial else _dequant_tiles_t)(prep.q, prep.d, prep.m, t0, t1, wt)
+    """Tiles [t0, t1) of a Q4_0/Q4_1 Prepared as W.T into wt (the BLAS path); `serial`: on this thread,
+    else ranges of blocks on the threads (families.parallel_rows: one cached nogil kernel for both, where
+    a parallel=True driver cost a cold start ~3 s more)."""
+    has_m = prep.m.shape[0] > 0
+    args = (prep.q, prep.d, prep.m if has_m else prep.d, np.float32(1 if has_m else -8), t0, t1, wt)
+    if serial:
+        _dequant_tiles(*args, 0, prep.nbp)
+    else:
+        parallel_rows(_dequant_tiles, prep.nbp, QK * (t1 - t0) * T, *args, weights=1 << 18)
 
 
 def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:

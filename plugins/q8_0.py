@@ -208,23 +208,20 @@ def _tiles_dot(q, d, x, cx, out, tl0, tl1):
             out[tl * T + t] = acc[t]
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
-def _dequant_block_t(q, d, tl, b, wt, i):
-    # Block b of tile tl -> rows b*32..b*32+31 of wt[:, i, :], wt (cols, tiles in chunk, T)
-    # being W.T (see q4_0._dequant_block_t for the indexing and the runtime bound TT).
-    TT = wt.shape[2]
-    for j in range(QK):
-        for t in range(TT):
-            wt[b * QK + j, i, t] = np.float32(q[tl, b, j, t]) * d[tl, b, t]
-
-
-@numba.njit(cache=True, parallel=True)
-def _dequant_tiles_t(q, d, t0, t1, wt):
-    # Parallel over blocks, tiles inner: each thread fills whole rows of wt in order.
-    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
-    for b in numba.prange(q.shape[1]):
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _dequant_tiles(q, d, t0, t1, wt, b0, b1):
+    # Blocks b0..b1-1 of tiles t0..t1-1 -> rows b*32..b*32+31 of wt (padded cols, (t1-t0)*T), W.T;
+    # blocks outer so that a thread fills whole rows of wt in order (see q4_0._dequant_tiles for the
+    # indexing and the run-time bounds TT, U).
+    TT = d.shape[2]
+    U = q.shape[2]
+    wt3 = wt.reshape(wt.shape[0], t1 - t0, TT)
+    for b in range(b0, b1):
         for i in range(t1 - t0):
-            _dequant_block_t(q, d, t0 + i, b, wt3, i)
+            tl = t0 + i
+            for j in range(U):
+                for t in range(TT):
+                    wt3[b * QK + j, i, t] = np.float32(q[tl, b, j, t]) * d[tl, b, t]
 
 
 def tiles_dot(prep: Prepared, x: np.ndarray, cx: np.ndarray, out: np.ndarray) -> None:
@@ -232,18 +229,14 @@ def tiles_dot(prep: Prepared, x: np.ndarray, cx: np.ndarray, out: np.ndarray) ->
     parallel_rows(_tiles_dot, prep.tiles, prep.nbp * QK * T, prep.q, prep.d, x, cx, out, weights=1 << 20)
 
 
-@numba.njit(cache=True, nogil=True)
-def _dequant_tiles_1(q, d, t0, t1, wt):
-    # _dequant_tiles_t on the calling thread: a per-thread prefill tile (_qtiles.blas_matmul)
-    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
-    for b in range(q.shape[1]):
-        for i in range(t1 - t0):
-            _dequant_block_t(q, d, t0 + i, b, wt3, i)
-
-
 def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray, serial: bool = False) -> None:
-    """Tiles [t0, t1) of int8 tiles (Q8_0, Q5_0, Q5_1) as W.T into wt; `serial`: on this thread."""
-    (_dequant_tiles_1 if serial else _dequant_tiles_t)(prep.q, prep.d, t0, t1, wt)
+    """Tiles [t0, t1) of int8 tiles (Q8_0, Q5_0, Q5_1) as W.T into wt; `serial`: on this thread, else
+    ranges of blocks on the threads (families.parallel_rows: one cached nogil kernel for both, where a
+    parallel=True driver cost a cold start more)."""
+    if serial:
+        _dequant_tiles(prep.q, prep.d, t0, t1, wt, 0, prep.nbp)
+    else:
+        parallel_rows(_dequant_tiles, prep.nbp, QK * (t1 - t0) * T, prep.q, prep.d, t0, t1, wt, weights=1 << 18)
 
 
 def tiles_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
