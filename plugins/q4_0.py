@@ -109,6 +109,7 @@ def _quantize_rows(w, out, bad, r0, r1):
     # 32, computed so LLVM cannot see it: a constant 32-long loop is fully unrolled into
     # scalar code (numba runs no SLP vectorizer); a run-time trip count gets vectorized.
     qk = w.shape[1] // nb
+    half = qk // 2
     for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
@@ -134,9 +135,9 @@ def _quantize_rows(w, out, bad, r0, r1):
             h = f32_to_f16_bits(d)
             out[r, b, 0] = np.uint8(h & 0xFF)
             out[r, b, 1] = np.uint8(h >> 8)
-            for j in range(16):
+            for j in range(half):  # 16, a run-time bound (see qk)
                 t0 = np.floor(w[r, c0 + j] * idd + np.float32(8.5))
-                t1 = np.floor(w[r, c0 + 16 + j] * idd + np.float32(8.5))
+                t1 = np.floor(w[r, c0 + half + j] * idd + np.float32(8.5))
                 # floor == trunc on the valid range (t >= 0); inf and NaN become 0 like numpy's cast
                 t0 = min(t0, np.float32(15.0)) if (t0 >= 0 and t0 < 256) else np.float32(0.0)
                 t1 = min(t1, np.float32(15.0)) if (t1 >= 0 and t1 < 256) else np.float32(0.0)
