@@ -78,8 +78,8 @@ def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
         return "numba"
     if takes(kind, n, mode):
         return f"int8-{PATH}"
-    if kind == "q4_0" and mode == "q8_0" and PATH != "portable":
-        from . import _i4dot  # Q4_0's quantized-activation decode (q4_0.nibble_qmatmul)
+    if kind != "q8_0" and mode == "q8_0" and PATH != "portable":
+        from . import _i4dot  # Q4_0's and Q4_1's quantized-activation decode (q4_0.nibble_qmatmul)
 
         if _i4dot.PATH != "portable":
             return _i4dot.kernel_path("qmatmul", n, mode)

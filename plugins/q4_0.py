@@ -405,17 +405,27 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
     kind = "q4_1" if has_m else "q4_0"
     if _i8gemm.takes(kind, n, mode):
         return _i8gemm.qmatmul_q8(kind, prep, x, tag)
-    if kind == "q4_0" and mode == "q8_0" and _i8gemm.PATH != "portable":
+    if mode == "q8_0" and _i8gemm.PATH != "portable":
         from . import _i4dot  # here, not at the top: it imports Q8_0's module (see test_lazy_loading)
 
         # Q4_0 is IQ4_NL's layout with the table -8..7: _i4dot's decode (vpshufb + int8 dot products
-        # across 32 weight rows) measured ~1.7x faster than _tiles_dot_q8's int16 lanes
+        # across 32 weight rows) measured ~1.7x faster than _tiles_dot_q8's int16 lanes. Q4_1 too, with
+        # the table 0..15 (its bytes: 20 per block, nibbles from byte 4), plus ggml's Q8_1 term
+        # sum_b m_b * s_b below; and a cold start then compiles no _tiles_dot_q8 (2.4 s on a busy machine).
         if _i4dot.PATH != "portable":
             if prep.lut is None:
-                layout = np.array([BLOCK_BYTES, 2, 0], np.int64)
+                layout = np.array([20, 4, 0] if has_m else [BLOCK_BYTES, 2, 0], np.int64)
+                table = np.arange(0, 16) if has_m else np.arange(-8, 8)
                 prep.lut = _i4dot.LutPrepared(prep.rows, prep.cols, np.asarray(prep.raw).reshape(-1), layout,
-                                              np.arange(-8, 8, dtype=np.int8), prep.d, None)
-            return _i4dot.qmatmul(prep.lut, x, mode, tag)
+                                              table.astype(np.int8), prep.d, None)
+            out = _i4dot.qmatmul(prep.lut, x, mode, tag)
+            if has_m:
+                # + sum_b m[r, b] * s_x[b], s_x the fp16 sum of ggml's Q8_1 block (the same quants as
+                # Q8_0's): one small matmul per tile of m, (n, nbp) @ (nbp, T) -> (tiles, n, T)
+                _, s16, _ = quantize_activations(x, with_sum=True, tag=tag)
+                e = pad_blocks(fp16_table()[s16], nbp)
+                out += np.moveaxis(np.matmul(e, prep.m), 0, 1).reshape(n, -1)[:, : prep.rows]
+            return out
     if mode == "q8_0":
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         lut = fp16_table()

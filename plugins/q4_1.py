@@ -42,9 +42,10 @@ from . import _i8gemm
 from ._ggml import (
     QK,
     f32_to_f16_bits,
+    fp16_table,
     vec_dot_ref,
 )
-from ._qtiles import Prepared
+from ._qtiles import Prepared, to_tiles
 from .q4_0 import nibble_qmatmul, tile_nibbles
 
 BLOCK_BYTES = 20
@@ -198,8 +199,13 @@ class Q4_1(GGMLFormat):
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):
-        q, d, m = tile_nibbles(data, rows, cols, BLOCK_BYTES)
-        return Prepared(rows, cols, q, d, m, data)
+        # The nibble tiles are made on first use, as Q4_0's: mode "q8_0" never reads them (batches: the
+        # ggml bytes, plugins/_i8gemm.py; decode: _i4dot's own tiles, see q4_0.nibble_qmatmul).
+        blk = np.asarray(data).reshape(rows, cols // QK, BLOCK_BYTES)
+        lut = fp16_table()
+        d = to_tiles(lut[blk[:, :, 0].astype(np.uint16) | (blk[:, :, 1].astype(np.uint16) << 8)], rows)
+        m = to_tiles(lut[blk[:, :, 2].astype(np.uint16) | (blk[:, :, 3].astype(np.uint16) << 8)], rows)
+        return Prepared(rows, cols, lambda: tile_nibbles(data, rows, cols, BLOCK_BYTES)[0], d, m, data)
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return nibble_qmatmul(prep, x, mode, self.tag)

@@ -59,9 +59,9 @@ def test_int8_prefill_matches_ggml_dot(tag, path, monkeypatch):
             if n >= _i8gemm.MIN_ROWS[tag.lower()] and path != "portable":
                 assert fmt.kernel_path("qmatmul", n, "q8_0") == f"int8-{path}"
             else:
-                # Q4_0 decodes on plugins/_i4dot.py (its own PATH) where the CPU has int8 dot products
+                # Q4_0 and Q4_1 decode on plugins/_i4dot.py (its own PATH) where the CPU has int8 dot products
                 lut = ()
-                if tag == "Q4_0" and path != "portable" and _i4dot.PATH != "portable":
+                if tag in ("Q4_0", "Q4_1") and path != "portable" and _i4dot.PATH != "portable":
                     lut = (f"lut-{_i4dot.PATH}", f"int8-{_i4dot.PATH}")
                 assert fmt.kernel_path("qmatmul", n, "q8_0") in (prefill_path(), "tiles-q8_0", *lut)
 
