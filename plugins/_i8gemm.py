@@ -84,6 +84,11 @@ def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
         if _i4dot.PATH != "portable":
             return _i4dot.kernel_path("qmatmul", n, mode)
     if n >= BLAS_MIN_ROWS:
+        if kind == "q4_0" and mode == "f32" and PATH != "portable":
+            from . import _i4dot  # Q4_0's f32 batches: rows from the bytes (q4_0.nibble_qmatmul)
+
+            if _i4dot.PATH != "portable":
+                return _i4dot.kernel_path("qmatmul", n, mode)
         return prefill_path()
     if kind != "q8_0" and mode == "f32":
         from . import _q4simd
