@@ -46,7 +46,9 @@ def test_f32_batches_match_dequantized_weights(tag, per_thread, monkeypatch):
         # dequantized rows (_i4dot): the table formats, and Q4_0 (IQ4_NL's layout with the table -8..7)
         rows_path = (tag in ("IQ4N", "IQ4X", "MXF4") or (tag == "Q4_0" and _i8gemm.PATH != "portable")) and \
             _i4dot.PATH != "portable"
-        if rows_path:
+        if tag in ("Q4_1", "Q8_0") and per_thread:
+            assert kp == "rows+blas-per-thread", kp  # their own dequantize kernel, per thread
+        elif rows_path:
             assert kp == ("rows+blas-per-thread" if per_thread else "blas-rows"), kp
         else:
             assert kp == ("tiles+blas-per-thread" if per_thread else "blas-tiles"), kp
