@@ -87,19 +87,22 @@ def _act_blocks(x, with_sum, d16, s16, qs, bad, i0, i1):
     # blocks i0..i1-1 (row-major over (n, cols/32)), on Python threads (families.parallel_rows): a
     # parallel=True driver compiled ~2x slower cold (every q8_0-mode format pays it), for the same speed
     nb = x.shape[1] // 32
+    # 32, as a run-time value: constant 32-long loops are fully unrolled into scalar code, which
+    # compiled ~2x slower (and runs no faster: numba has no SLP vectorizer)
+    qk = x.shape[1] // nb
     for i in range(i0, i1):
         r = i // nb
         b = i - r * nb
-        xb = x[r, b * 32 : b * 32 + 32]
+        xb = x[r, b * qk : b * qk + qk]
         amax = np.float32(0.0)
-        for j in range(32):
+        for j in range(qk):
             amax = max(amax, abs(xb[j]))
         d = amax / np.float32(127.0)
         idd = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
         if not np.isfinite(idd):
             idd = np.float32(0.0)
         sq = 0
-        for j in range(32):
+        for j in range(qk):
             q = np.rint(xb[j] * idd)
             qs[r, b, j] = np.int8(q)
             sq += np.int32(q)

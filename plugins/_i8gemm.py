@@ -42,7 +42,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from quantfmt import cpu
-from quantfmt.families import prefill_path
+from quantfmt.families import parallel_rows, prefill_path, prefill_threads
 
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS
@@ -78,12 +78,19 @@ def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
         return "numba"
     if takes(kind, n, mode):
         return f"int8-{PATH}"
-    if kind == "q4_0" and mode == "q8_0" and PATH != "portable":
-        from . import _i4dot  # Q4_0's quantized-activation decode (q4_0.nibble_qmatmul)
+    if kind != "q8_0" and mode == "q8_0" and PATH != "portable":
+        from . import _i4dot  # Q4_0's and Q4_1's quantized-activation decode (q4_0.nibble_qmatmul)
 
         if _i4dot.PATH != "portable":
             return _i4dot.kernel_path("qmatmul", n, mode)
     if n >= BLAS_MIN_ROWS:
+        if kind == "q4_0" and mode == "f32" and PATH != "portable":
+            from . import _i4dot  # Q4_0's f32 batches: rows from the bytes (q4_0.nibble_qmatmul)
+
+            if _i4dot.PATH != "portable":
+                return _i4dot.kernel_path("qmatmul", n, mode)
+        if kind != "q4_0" and mode == "f32" and prefill_threads():
+            return "rows+blas-per-thread"  # Q4_1's, Q8_0's own dequantize kernel per thread (their _qmatmul)
         return prefill_path()
     if kind != "q8_0" and mode == "f32":
         from . import _q4simd
@@ -317,169 +324,135 @@ _k_lut_avx2 = _make_kernel("lut", "avx2", RW["avx2"], NV)
 _t_lut_avx2 = _make_kernel("lut", "avx2", RW["avx2"], 1)
 
 
-# ---- parallel drivers: one per (format, path), each calling its own intrinsic (a dispatcher passed
-# as an argument, or a closure, would not be cached across processes) ------------------------------
+# ---- drivers: one per (format, path), each calling its own intrinsics (a dispatcher passed as an
+# argument, or a closure, would not be cached across processes) ------------------------------------
 # Work item = one register tile: RW weight rows times NV vectors of activation rows, or times one
 # vector for the groups left over (a clamped 4-vector tile would compute them up to 4 times). The
-# activation groups go in chunks of CHUNK_GROUPS (128 rows of a zmm), one parallel loop each, so
+# activation groups go in chunks of CHUNK_GROUPS (128 rows of a zmm), one parallel pass each, so
 # that the activations a thread walks stay in L2: 512 rows of 4096 int8 (2 MB) at once ran 1.3-1.9x
 # float32 sgemm where 128 rows ran 0.4x. Within a chunk items run weight-row-major.
+# Each driver runs work items j0..j1-1 of one chunk, a nogil kernel on Python threads
+# (families.parallel_rows via _run), not a parallel=True prange driver: a cold start compiled the
+# prange driver's body again inside numba's gufunc (Q4_0 avx512vnni: ~5 s on a loaded 2-core
+# machine, more than the rest of Q4_0's kernels), for the same speed.
+@numba.njit(cache=True, nogil=True)
+def _drive_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng * RW512, job % ng
+        if j < full:
+            _k_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
-            r, j = job // ng * RW512, job % ng
-            if j < full:
-                _k_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_q4_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange(rows * ng):
-            r, j = job // ng, job % ng
-            if j < full:
-                _k_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_q4_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange(rows * ng):
-            r, j = job // ng, job % ng
-            if j < full:
-                _k_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_q4_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng * RW512, job % ng
+        if j < full:
+            _k_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
-            r, j = job // ng * RW512, job % ng
-            if j < full:
-                _k_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_q4_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange(rows * ng):
-            r, j = job // ng, job % ng
-            if j < full:
-                _k_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_q4_1_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange(rows * ng):
-            r, j = job // ng, job % ng
-            if j < full:
-                _k_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_q4_1_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng * RW512, job % ng
+        if j < full:
+            _k_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
-            r, j = job // ng * RW512, job % ng
-            if j < full:
-                _k_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_q8_0_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange(rows * ng):
-            r, j = job // ng, job % ng
-            if j < full:
-                _k_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_q8_0_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange(rows * ng):
-            r, j = job // ng, job % ng
-            if j < full:
-                _k_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_lut_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng * RW512, job % ng
+        if j < full:
+            _k_lut_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_lut_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_lut_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange((rows + RW512 - 1) // RW512 * ng):
-            r, j = job // ng * RW512, job % ng
-            if j < full:
-                _k_lut_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_lut_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_lut_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_lut_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_lut_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
-@numba.njit(cache=True, parallel=True)
-def _drive_lut_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange(rows * ng):
-            r, j = job // ng, job % ng
-            if j < full:
-                _k_lut_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_lut_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
-
-
-@numba.njit(cache=True, parallel=True)
-def _drive_lut_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride):
-    for c0 in range(0, groups, CHUNK_GROUPS):
-        full = min(CHUNK_GROUPS, groups - c0) // NV
-        ng = full + min(CHUNK_GROUPS, groups - c0) % NV
-        for job in numba.prange(rows * ng):
-            r, j = job // ng, job % ng
-            if j < full:
-                _k_lut_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
-            else:
-                _t_lut_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+@numba.njit(cache=True, nogil=True)
+def _drive_lut_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_lut_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_lut_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
 
 
 _DRIVERS = {
@@ -491,6 +464,21 @@ _DRIVERS = {
     ("lut", "avx512vnni"): _drive_lut_avx512vnni, ("lut", "avxvnni"): _drive_lut_avxvnni,
     ("lut", "avx2"): _drive_lut_avx2,
 }
+
+
+def _run(kind: str, path: str, w, d, m, xa, dx, cx, sx, out, rows: int, groups: int, nb: int,
+         dstride: int) -> None:
+    """All work items of _DRIVERS[(kind, path)], chunk by chunk of activation groups, on the threads."""
+    drive = _DRIVERS[(kind, path)]
+    rw = RW[path]
+    for c0 in range(0, groups, CHUNK_GROUPS):
+        left = min(CHUNK_GROUPS, groups - c0)
+        full = left // NV
+        ng = full + left % NV
+        jobs = -(-rows // rw) * ng
+        # ~64 ranges: small enough to balance threads that a shared machine deschedules
+        parallel_rows(drive, jobs, 1, w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full,
+                      weights=max(1, jobs // 64))
 
 
 # ---- the activations, once per call -----------------------------------------------------------
@@ -531,7 +519,7 @@ def qmatmul_q8(kind: str, prep, x: np.ndarray, tag: str, path: str | None = None
     m = prep.m if has_m else prep.d
     out = np.empty((groups * lanes, prep.rows), np.float32)
     raw = prep.raw.reshape(-1)
-    _DRIVERS[(kind, path)](raw, prep.d.reshape(-1), m.reshape(-1), xa.reshape(-1), dx.reshape(-1),
+    _run(kind, path, raw, prep.d.reshape(-1), m.reshape(-1), xa.reshape(-1), dx.reshape(-1),
                            cx.reshape(-1), sx.reshape(-1), out.reshape(-1), prep.rows, groups, nb, prep.nbp * 32)
     return out[:n]
 
@@ -554,6 +542,6 @@ def gemm_lut(raw: np.ndarray, layout: np.ndarray, table: np.ndarray, d: np.ndarr
     else:
         cx = lanes_layout(qx.sum(-1, dtype=np.int32) * np.int32(-128), groups, lanes)  # undoes V + 128
     out = np.empty((groups * lanes, rows), np.float32)
-    _DRIVERS[("lut", path)](raw.reshape(-1), d.reshape(-1), table, xa.reshape(-1), dx.reshape(-1), cx.reshape(-1),
+    _run("lut", path, raw.reshape(-1), d.reshape(-1), table, xa.reshape(-1), dx.reshape(-1), cx.reshape(-1),
                             layout, out.reshape(-1), rows, groups, nb, dstride)
     return out[:n]

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from quantfmt.errors import NonFiniteError
-from quantfmt.families import prefill_path, prefill_threads, tiles_prefill
+from quantfmt.families import parallel_rows, prefill_path, prefill_threads, tiles_prefill
 
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
@@ -135,19 +135,25 @@ def _dequant_tiles_m(q, d, m, t0, t1, wt):
                     wt3[b * QK + j, i, t] = np.float32(q[tl, b, j, t]) * d[tl, b, t] + mm[t]
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _add_offsets(out, s, m):
-    # out[i, r] += sum_b s[i, b] * m[r, b]. A small product (n x nb x rows), but through BLAS it
-    # took ~14 ms where the tile kernel took 2-3 ms: on a loaded machine every BLAS call waits
-    # at its thread barrier for a descheduled thread (see _qtiles.CHUNK_BYTES). Here it runs in
-    # numba's threads, which the tile kernel has just used.
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _add_offsets_rows(out, s, m, r0, r1):
+    # Weight rows r0..r1-1 of _add_offsets (families.parallel_rows: a parallel=True driver compiled
+    # ~2x slower cold).
     n, nb = s.shape
-    for r in numba.prange(m.shape[0]):
+    for r in range(r0, r1):
         for i in range(n):
             acc = np.float32(0.0)
             for b in range(nb):
                 acc += s[i, b] * m[r, b]
             out[i, r] += acc
+
+
+def _add_offsets(out, s, m):
+    # out[i, r] += sum_b s[i, b] * m[r, b]. A small product (n x nb x rows), but through BLAS it
+    # took ~14 ms where the tile kernel took 2-3 ms: on a loaded machine every BLAS call waits
+    # at its thread barrier for a descheduled thread (see _qtiles.CHUNK_BYTES). Here it runs on
+    # quantfmt's threads, as the tile kernel before it.
+    parallel_rows(_add_offsets_rows, m.shape[0], out.shape[0] * s.shape[1], out, s, m, weights=1 << 18)
 
 
 def _kernel(prep: Prepared, xs: np.ndarray, cx: np.ndarray) -> np.ndarray:

@@ -109,6 +109,7 @@ def _quantize_rows(w, out, bad, r0, r1):
     # 32, computed so LLVM cannot see it: a constant 32-long loop is fully unrolled into
     # scalar code (numba runs no SLP vectorizer); a run-time trip count gets vectorized.
     qk = w.shape[1] // nb
+    half = qk // 2
     for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
@@ -134,9 +135,9 @@ def _quantize_rows(w, out, bad, r0, r1):
             h = f32_to_f16_bits(d)
             out[r, b, 0] = np.uint8(h & 0xFF)
             out[r, b, 1] = np.uint8(h >> 8)
-            for j in range(16):
+            for j in range(half):  # 16, a run-time bound (see qk)
                 t0 = np.floor(w[r, c0 + j] * idd + np.float32(8.5))
-                t1 = np.floor(w[r, c0 + 16 + j] * idd + np.float32(8.5))
+                t1 = np.floor(w[r, c0 + half + j] * idd + np.float32(8.5))
                 # floor == trunc on the valid range (t >= 0); inf and NaN become 0 like numpy's cast
                 t0 = min(t0, np.float32(15.0)) if (t0 >= 0 and t0 < 256) else np.float32(0.0)
                 t1 = min(t1, np.float32(15.0)) if (t1 >= 0 and t1 < 256) else np.float32(0.0)
@@ -219,7 +220,9 @@ def tile_nibbles(data: np.ndarray, rows: int, cols: int, block_bytes: int):
 def _tiles_dot_q8(q, d, m, qx, dx, sx, out, tl0, tl1):
     # q (tiles, nbp, 8, T) uint16; qx (nbp, 32) int16 activation quants; dx, sx (nbp,)
     # float32: activation scale and the per-block term multiplied by m (Q4_0: 8*dx*sum(q_x),
-    # used as -d*sx). out (tiles*T,).
+    # used as -d*sx). out (tiles*T,), the sums accumulated in place (np.zeros compiled ~0.5 s cold).
+    # lo and hi stay np.empty here: as views of a scratch argument (LLVM then cannot rule out that they
+    # alias q) the int16 loop ran 4.4x slower.
     tiles, nbp = q.shape[0], q.shape[1]
     has_m = m.shape[0] > 0
     qf = q.reshape(tiles * nbp, 8 * T)
@@ -229,7 +232,8 @@ def _tiles_dot_q8(q, d, m, qx, dx, sx, out, tl0, tl1):
     # Tiles tl0..tl1-1, on Python threads (families.parallel_rows, ~1M weights per range): a parallel=True
     # driver compiled ~2x slower cold for the same speed.
     for tl in range(tl0, tl1):
-        acc = np.zeros(TT, np.float32)
+        acc = out[tl * TT : tl * TT + TT]
+        acc[:] = 0
         lo = np.empty((G, TT), np.int16)
         hi = np.empty((G, TT), np.int16)
         for b0 in range(0, nbp, G):
@@ -289,8 +293,6 @@ def _tiles_dot_q8(q, d, m, qx, dx, sx, out, tl0, tl1):
                     f2 = df[k + 2, t] * (c2 * i2 - o2)
                     f3 = df[k + 3, t] * (c3 * i3 - o3)
                     acc[t] += (f0 + f1) + (f2 + f3)
-        for t in range(TT):
-            out[tl * TT + t] = acc[t]
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -348,61 +350,65 @@ def _tiles_dot_f32(q, d, m, x, xs, out):
             out[tl * TT + t] = acc[t]
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
-def _dequant_block_t(q, d, m, tl, b, wt, i):
-    # Block b of tile tl -> rows b*32..b*32+31 of wt[:, i, :], wt (cols, tiles in chunk, T)
-    # being W.T: per weight column a contiguous run of T floats. (Indexing wt[e, i*T + t]
-    # instead would compute one negative-index check per element and turn the stores into
-    # scalar ones.) Constant shifts on uint16, truncated back to uint16, stay 16 bits wide;
-    # one store stream per loop ran 2x faster than four; TT (== T) is a runtime bound so
-    # LLVM vectorizes these short loops instead of unrolling them into scalar lines.
-    TT = wt.shape[2]
-    mm = np.empty(TT, np.float32)
-    if m.shape[0] > 0:
-        for t in range(TT):
-            mm[t] = m[tl, b, t]
-    else:
-        for t in range(TT):
-            mm[t] = np.float32(-8) * d[tl, b, t]
-    for u in range(8):
-        e = b * QK + 2 * u
-        for t in range(TT):
-            n = np.uint16(q[tl, b, u, t] & np.uint16(15))
-            wt[e, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-        for t in range(TT):
-            n = np.uint16((q[tl, b, u, t] >> np.uint16(4)) & np.uint16(15))
-            wt[e + 16, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-        for t in range(TT):
-            n = np.uint16((q[tl, b, u, t] >> np.uint16(8)) & np.uint16(15))
-            wt[e + 1, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-        for t in range(TT):
-            n = np.uint16(q[tl, b, u, t] >> np.uint16(12))
-            wt[e + 17, i, t] = np.float32(n) * d[tl, b, t] + mm[t]
-
-
-@numba.njit(cache=True, parallel=True)
-def _dequant_tiles_t(q, d, m, t0, t1, wt):
-    # Parallel over blocks, tiles inner: each thread fills whole rows of wt in order
-    # (tiles outer wrote 128 bytes to every row, i.e. every page, of the buffer per tile:
-    # 8x slower once the buffer is larger than the caches).
-    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
-    for b in numba.prange(q.shape[1]):
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _dequant_tiles(q, d, m, mf, t0, t1, wt, b0, b1):
+    # Blocks b0..b1-1 of tiles t0..t1-1 -> rows b*32..b*32+31 of wt (padded cols, (t1-t0)*T), W.T:
+    # per weight column a contiguous run of T floats per tile. Blocks outer, tiles inner: a thread
+    # fills whole rows of wt in order (tiles outer wrote 128 bytes to every row, i.e. every page, of
+    # the buffer per tile: 8x slower once the buffer is larger than the caches).
+    # w = n*d + mf*m: Q4_1 passes its m and mf = 1, Q4_0 its d as m and mf = -8 (q - 8); n*d and mf*m
+    # are exact in float32 (4-bit times 11-bit mantissas), so fused or not the sum rounds once.
+    # Indexing wt3[e, i, t] rather than wt[e, i*T + t] (one negative-index check per element turned
+    # the stores scalar). Constant shifts on uint16, truncated back to uint16, stay 16 bits wide; one
+    # store stream per loop ran 2x faster than four. TT and U come from array shapes, not constants:
+    # constant 32- and 8-long loops got fully unrolled into scalar code (and compiled for seconds),
+    # run-time bounds get vectorized.
+    TT = d.shape[2]
+    U = q.shape[2]
+    wt3 = wt.reshape(wt.shape[0], t1 - t0, TT)
+    for b in range(b0, b1):
         for i in range(t1 - t0):
-            _dequant_block_t(q, d, m, t0 + i, b, wt3, i)
-
-
-@numba.njit(cache=True, nogil=True)
-def _dequant_tiles_1(q, d, m, t0, t1, wt):
-    # _dequant_tiles_t on the calling thread: a per-thread prefill tile (_qtiles.blas_matmul)
-    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
-    for b in range(q.shape[1]):
-        for i in range(t1 - t0):
-            _dequant_block_t(q, d, m, t0 + i, b, wt3, i)
+            tl = t0 + i
+            for u in range(U):
+                e = b * QK + 2 * u
+                for t in range(TT):
+                    n = np.uint16(q[tl, b, u, t] & np.uint16(15))
+                    wt3[e, i, t] = np.float32(n) * d[tl, b, t] + mf * m[tl, b, t]
+                for t in range(TT):
+                    n = np.uint16((q[tl, b, u, t] >> np.uint16(4)) & np.uint16(15))
+                    wt3[e + 16, i, t] = np.float32(n) * d[tl, b, t] + mf * m[tl, b, t]
+                for t in range(TT):
+                    n = np.uint16((q[tl, b, u, t] >> np.uint16(8)) & np.uint16(15))
+                    wt3[e + 1, i, t] = np.float32(n) * d[tl, b, t] + mf * m[tl, b, t]
+                for t in range(TT):
+                    n = np.uint16(q[tl, b, u, t] >> np.uint16(12))
+                    wt3[e + 17, i, t] = np.float32(n) * d[tl, b, t] + mf * m[tl, b, t]
 
 
 def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray, serial: bool = False) -> None:
-    """Tiles [t0, t1) of a Q4_0/Q4_1 Prepared as W.T into wt (the BLAS path); `serial`: on this thread."""
-    (_dequant_tiles_1 if serial else _dequant_tiles_t)(prep.q, prep.d, prep.m, t0, t1, wt)
+    """Tiles [t0, t1) of a Q4_0/Q4_1 Prepared as W.T into wt (the BLAS path); `serial`: on this thread,
+    else ranges of blocks on the threads (families.parallel_rows: one cached nogil kernel for both, where
+    a parallel=True driver cost a cold start ~3 s more)."""
+    has_m = prep.m.shape[0] > 0
+    args = (prep.q, prep.d, prep.m if has_m else prep.d, np.float32(1 if has_m else -8), t0, t1, wt)
+    if serial:
+        _dequant_tiles(*args, 0, prep.nbp)
+    else:
+        parallel_rows(_dequant_tiles, prep.nbp, QK * (t1 - t0) * T, *args, weights=1 << 18)
+
+
+def lut_prepared(prep: Prepared):
+    """Q4_0's (Q4_1's) Prepared as plugins/_i4dot.py's LutPrepared (IQ4_NL's layout with the table -8..7,
+    Q4_1's with 0..15 and its 20-byte blocks), made on first use and kept in prep.lut."""
+    if prep.lut is None:
+        from . import _i4dot
+
+        has_m = prep.m.shape[0] > 0
+        layout = np.array([20, 4, 0] if has_m else [BLOCK_BYTES, 2, 0], np.int64)
+        table = np.arange(0, 16) if has_m else np.arange(-8, 8)
+        prep.lut = _i4dot.LutPrepared(prep.rows, prep.cols, np.asarray(prep.raw).reshape(-1), layout,
+                                      table.astype(np.int8), prep.d, None)
+    return prep.lut
 
 
 def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
@@ -413,17 +419,22 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
     kind = "q4_1" if has_m else "q4_0"
     if _i8gemm.takes(kind, n, mode):
         return _i8gemm.qmatmul_q8(kind, prep, x, tag)
-    if kind == "q4_0" and mode == "q8_0" and _i8gemm.PATH != "portable":
+    if mode == "q8_0" and _i8gemm.PATH != "portable":
         from . import _i4dot  # here, not at the top: it imports Q8_0's module (see test_lazy_loading)
 
         # Q4_0 is IQ4_NL's layout with the table -8..7: _i4dot's decode (vpshufb + int8 dot products
-        # across 32 weight rows) measured ~1.7x faster than _tiles_dot_q8's int16 lanes
+        # across 32 weight rows) measured ~1.7x faster than _tiles_dot_q8's int16 lanes. Q4_1 too, with
+        # the table 0..15 (its bytes: 20 per block, nibbles from byte 4), plus ggml's Q8_1 term
+        # sum_b m_b * s_b below; and a cold start then compiles no _tiles_dot_q8 (2.4 s on a busy machine).
         if _i4dot.PATH != "portable":
-            if prep.lut is None:
-                layout = np.array([BLOCK_BYTES, 2, 0], np.int64)
-                prep.lut = _i4dot.LutPrepared(prep.rows, prep.cols, np.asarray(prep.raw).reshape(-1), layout,
-                                              np.arange(-8, 8, dtype=np.int8), prep.d, None)
-            return _i4dot.qmatmul(prep.lut, x, mode, tag)
+            out = _i4dot.qmatmul(lut_prepared(prep), x, mode, tag)
+            if has_m:
+                # + sum_b m[r, b] * s_x[b], s_x the fp16 sum of ggml's Q8_1 block (the same quants as
+                # Q8_0's): one small matmul per tile of m, (n, nbp) @ (nbp, T) -> (tiles, n, T)
+                _, s16, _ = quantize_activations(x, with_sum=True, tag=tag)
+                e = pad_blocks(fp16_table()[s16], nbp)
+                out += np.moveaxis(np.matmul(e, prep.m), 0, 1).reshape(n, -1)[:, : prep.rows]
+            return out
     if mode == "q8_0":
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         lut = fp16_table()
@@ -450,6 +461,15 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
                           weights=1 << 20)
         return out[:, : prep.rows]
     if n >= BLAS_MIN_ROWS:
+        if not has_m and _i8gemm.PATH != "portable":
+            from . import _i4dot
+
+            if _i4dot.PATH != "portable":
+                # Q4_0 as IQ4_NL with the table -8..7: rows dequantized straight from the ggml bytes
+                # (vpshufb, _i4dot.blas_rows) into each thread's sgemm tile. Interleaved against these
+                # tiles (11008x4096, n=128): 0.82x vs 0.83x float32, the fill ~0.35 vs ~0.53 ms per 1M
+                # weights; and a cold start compiles _dequant_rows_1 (0.2 s), not _dequant_tiles (1.1-1.4 s).
+                return _i4dot.blas_rows(lut_prepared(prep), x)
         return blas_matmul(dequant_tiles, prep, x)
     xp = pad_cols(x, nbp)
     xs = xp.reshape(n, nbp, QK).sum(-1)
@@ -481,8 +501,9 @@ class Q4_0(GGMLFormat):
 
     def prepare(self, data, rows, cols):
         # Tiles of T rows (see "fast qmatmul" above): 0.625 byte per weight, 1.11x the bytes, made on
-        # first use by a kernel that reads them (mode f32, the portable paths): the int8 kernels read
-        # the referenced bytes themselves (plugins/_i8gemm.py) or their own decode tiles (_i4dot.py).
+        # first use by a kernel that reads them (mode f32 decode, the portable paths): f32 batches and the
+        # int8 kernels read the referenced bytes themselves (_i4dot.blas_rows, plugins/_i8gemm.py) or
+        # their own decode tiles (_i4dot.py).
         blk = np.asarray(data).reshape(rows, cols // QK, BLOCK_BYTES)
         d = to_tiles(fp16_table()[blk[:, :, 0].astype(np.uint16) | (blk[:, :, 1].astype(np.uint16) << 8)], rows)
         return Prepared(rows, cols, lambda: tile_nibbles(data, rows, cols, BLOCK_BYTES)[0], d,

@@ -36,15 +36,16 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat, parallel_rows
+from quantfmt.families import GGMLFormat, parallel_rows, prefill_threads
 
 from . import _i8gemm
 from ._ggml import (
     QK,
     f32_to_f16_bits,
+    fp16_table,
     vec_dot_ref,
 )
-from ._qtiles import Prepared
+from ._qtiles import BLAS_MIN_ROWS, Prepared, to_tiles
 from .q4_0 import nibble_qmatmul, tile_nibbles
 
 BLOCK_BYTES = 20
@@ -104,14 +105,16 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 # No fastmath in quantize/dequantize (FMA would change last bits).
 
 
-@numba.njit(cache=True, parallel=True)
-def _quantize_kernel(w, out, bad):
-    rows, cols = w.shape
-    nb = cols // 32
-    for r in numba.prange(rows):
+@numba.njit(cache=True, nogil=True)
+def _quantize_rows(w, out, bad, r0, r1):
+    # Rows r0..r1-1 of w (float32) into out (rows, nb, 20).
+    nb = w.shape[1] // 32
+    for r in range(r0, r1):
         bad[r] = -1
+        wr = w[r]  # the row's view, once: the per-block slices then skip a 2-D index (~6% on one thread)
+        orow = out[r]
         for b in range(nb):
-            xb = w[r, b * 32 : b * 32 + 32]
+            xb = wr[b * 32 : b * 32 + 32]
             mn = xb[0]
             mx = xb[0]
             for j in range(1, 32):  # strict comparisons: the first of equal extremes stays
@@ -127,7 +130,7 @@ def _quantize_kernel(w, out, bad):
             idd = np.float32(1.0) / d if d != 0 else np.float32(0.0)
             hd = f32_to_f16_bits(d)
             hm = f32_to_f16_bits(mn)
-            o = out[r, b]
+            o = orow[b]
             o[0] = np.uint8(hd & 0xFF)
             o[1] = np.uint8(hd >> 8)
             o[2] = np.uint8(hm & 0xFF)
@@ -138,6 +141,13 @@ def _quantize_kernel(w, out, bad):
                 t0 = min(t0, np.float32(15.0)) if (t0 >= 0 and t0 < 256) else np.float32(0.0)
                 t1 = min(t1, np.float32(15.0)) if (t1 >= 0 and t1 < 256) else np.float32(0.0)
                 o[4 + j] = np.uint8(t0 + np.float32(16.0) * t1)
+
+
+def _quantize_kernel(w, out, bad):
+    # Python threads over ~1M-weight row ranges, not a parallel=True driver: as fast, and a cold start
+    # compiles _quantize_rows once instead of ~2x its cost (see families.parallel_rows). 64K-weight
+    # ranges ran ~1.15x slower than the prange driver (a busy machine: each range waits for the GIL).
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, out, bad, weights=1 << 20)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -189,10 +199,21 @@ class Q4_1(GGMLFormat):
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):
-        q, d, m = tile_nibbles(data, rows, cols, BLOCK_BYTES)
-        return Prepared(rows, cols, q, d, m, data)
+        # The nibble tiles are made on first use, as Q4_0's: mode "q8_0" never reads them (batches: the
+        # ggml bytes, plugins/_i8gemm.py; decode: _i4dot's own tiles, see q4_0.nibble_qmatmul).
+        blk = np.asarray(data).reshape(rows, cols // QK, BLOCK_BYTES)
+        lut = fp16_table()
+        d = to_tiles(lut[blk[:, :, 0].astype(np.uint16) | (blk[:, :, 1].astype(np.uint16) << 8)], rows)
+        m = to_tiles(lut[blk[:, :, 2].astype(np.uint16) | (blk[:, :, 3].astype(np.uint16) << 8)], rows)
+        return Prepared(rows, cols, lambda: tile_nibbles(data, rows, cols, BLOCK_BYTES)[0], d, m, data)
 
     def _qmatmul(self, prep, rows, cols, x, mode):
+        if mode == "f32" and x.shape[0] >= BLAS_MIN_ROWS and prefill_threads():
+            # f32 batches: each thread dequantizes whole rows from the ggml bytes with the format's own
+            # dequantize kernel (GGMLFormat._blas_tiles) into its sgemm tile. Per 1M weights on one
+            # thread that fill took ~0.29 ms against ~0.36-0.44 ms for the W.T tiles, and a cold start
+            # compiles nothing more (dequantize() has compiled it).
+            return self._blas_tiles(prep.raw, rows, cols, x)
         return nibble_qmatmul(prep, x, mode, self.tag)
 
     def kernel_path(self, op, n=1, mode="f32"):

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat, parallel_rows
+from quantfmt.families import GGMLFormat, parallel_rows, prefill_threads
 
 from . import _i8gemm
 from ._ggml import (
@@ -188,8 +188,10 @@ def _tiles_dot(q, d, x, cx, out, tl0, tl1):
     xb = x.reshape(nbp, QK)
     # Tiles tl0..tl1-1, on Python threads (families.parallel_rows, ~1M weights per range): a parallel=True
     # driver compiled ~2x slower cold for the same speed.
+    # The sums go straight into out (no np.zeros per tile: its allocator compiled ~0.5 s cold).
     for tl in range(tl0, tl1):
-        acc = np.zeros(T, np.float32)
+        acc = out[tl * T : tl * T + T]
+        acc[:] = 0
         for b in range(nbp):
             k = tl * nbp + b
             c = cx[b]
@@ -204,27 +206,22 @@ def _tiles_dot(q, d, x, cx, out, tl0, tl1):
                     s2 += np.float32(qf[k, (j + 2) * T + t]) * xb[b, j + 2]
                     s3 += np.float32(qf[k, (j + 3) * T + t]) * xb[b, j + 3]
                 acc[t] += df[k, t] * (c * ((s0 + s1) + (s2 + s3)))
-        for t in range(T):
-            out[tl * T + t] = acc[t]
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
-def _dequant_block_t(q, d, tl, b, wt, i):
-    # Block b of tile tl -> rows b*32..b*32+31 of wt[:, i, :], wt (cols, tiles in chunk, T)
-    # being W.T (see q4_0._dequant_block_t for the indexing and the runtime bound TT).
-    TT = wt.shape[2]
-    for j in range(QK):
-        for t in range(TT):
-            wt[b * QK + j, i, t] = np.float32(q[tl, b, j, t]) * d[tl, b, t]
-
-
-@numba.njit(cache=True, parallel=True)
-def _dequant_tiles_t(q, d, t0, t1, wt):
-    # Parallel over blocks, tiles inner: each thread fills whole rows of wt in order.
-    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
-    for b in numba.prange(q.shape[1]):
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _dequant_tiles(q, d, t0, t1, wt, b0, b1):
+    # Blocks b0..b1-1 of tiles t0..t1-1 -> rows b*32..b*32+31 of wt (padded cols, (t1-t0)*T), W.T;
+    # blocks outer so that a thread fills whole rows of wt in order (see q4_0._dequant_tiles for the
+    # indexing and the run-time bounds TT, U).
+    TT = d.shape[2]
+    U = q.shape[2]
+    wt3 = wt.reshape(wt.shape[0], t1 - t0, TT)
+    for b in range(b0, b1):
         for i in range(t1 - t0):
-            _dequant_block_t(q, d, t0 + i, b, wt3, i)
+            tl = t0 + i
+            for j in range(U):
+                for t in range(TT):
+                    wt3[b * QK + j, i, t] = np.float32(q[tl, b, j, t]) * d[tl, b, t]
 
 
 def tiles_dot(prep: Prepared, x: np.ndarray, cx: np.ndarray, out: np.ndarray) -> None:
@@ -232,18 +229,14 @@ def tiles_dot(prep: Prepared, x: np.ndarray, cx: np.ndarray, out: np.ndarray) ->
     parallel_rows(_tiles_dot, prep.tiles, prep.nbp * QK * T, prep.q, prep.d, x, cx, out, weights=1 << 20)
 
 
-@numba.njit(cache=True, nogil=True)
-def _dequant_tiles_1(q, d, t0, t1, wt):
-    # _dequant_tiles_t on the calling thread: a per-thread prefill tile (_qtiles.blas_matmul)
-    wt3 = wt.reshape(wt.shape[0], t1 - t0, T)
-    for b in range(q.shape[1]):
-        for i in range(t1 - t0):
-            _dequant_block_t(q, d, t0 + i, b, wt3, i)
-
-
 def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray, serial: bool = False) -> None:
-    """Tiles [t0, t1) of int8 tiles (Q8_0, Q5_0, Q5_1) as W.T into wt; `serial`: on this thread."""
-    (_dequant_tiles_1 if serial else _dequant_tiles_t)(prep.q, prep.d, t0, t1, wt)
+    """Tiles [t0, t1) of int8 tiles (Q8_0, Q5_0, Q5_1) as W.T into wt; `serial`: on this thread, else
+    ranges of blocks on the threads (families.parallel_rows: one cached nogil kernel for both, where a
+    parallel=True driver cost a cold start more)."""
+    if serial:
+        _dequant_tiles(prep.q, prep.d, t0, t1, wt, 0, prep.nbp)
+    else:
+        parallel_rows(_dequant_tiles, prep.nbp, QK * (t1 - t0) * T, prep.q, prep.d, t0, t1, wt, weights=1 << 18)
 
 
 def tiles_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
@@ -293,6 +286,12 @@ class Q8_0(GGMLFormat):
         return tile_q8(data, rows, cols)
 
     def _qmatmul(self, prep, rows, cols, x, mode):
+        if mode == "f32" and x.shape[0] >= BLAS_MIN_ROWS and prefill_threads():
+            # f32 batches: each thread dequantizes whole rows from the ggml bytes with the format's own
+            # dequantize kernel (GGMLFormat._blas_tiles) into its sgemm tile. Per 1M weights on one
+            # thread that fill took ~0.29 ms against ~0.36-0.44 ms for the W.T tiles, and a cold start
+            # compiles nothing more (dequantize() has compiled it).
+            return self._blas_tiles(prep.raw, rows, cols, x)
         return tiles_qmatmul(prep, x, mode, self.tag)
 
     def kernel_path(self, op, n=1, mode="f32"):

@@ -90,14 +90,15 @@ def test_prepared_memory_cost(rng):
     for tag, per_block in (("Q4_0", 16 + 4), ("Q4_1", 16 + 8), ("Q8_0", 32 + 4)):
         fmt, data = get_format(tag), weights(rng, rows, cols, tag)
         prep = fmt.prepare(data, rows, cols)
-        if tag == "Q4_0":
-            # Q4_0 makes its tiles on first use: with quantized activations it reads the bytes
-            # (prefill) or _i4dot's decode tiles (0.5 byte/weight), never both
-            assert prep.nbytes == rows * cols // 32 * 4
+        if tag != "Q8_0":
+            # Q4_0 and Q4_1 make their tiles on first use: with quantized activations they read the
+            # bytes (prefill) or _i4dot's decode tiles (0.5 byte/weight), never both
+            scales = per_block - 16
+            assert prep.nbytes == rows * cols // 32 * scales
             fmt.qmatmul(data, (rows, cols), rng.standard_normal((1, cols)).astype(np.float32), "q8_0",
                         prepared=prep)
             if prep.lut is not None:
-                assert prep._q is None and prep.nbytes == rows * cols // 32 * (4 + 4 + 16)
+                assert prep._q is None and prep.nbytes == rows * cols // 32 * (scales + 4 + 16)
             fmt.qmatmul(data, (rows, cols), rng.standard_normal((1, cols)).astype(np.float32), "f32",
                         prepared=prep)
             prep.lut = None
