@@ -379,6 +379,26 @@ _QKX2_16_MADW = qkx2_16(16, True, 32)
 
 
 @jit
+def qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, c0, mask):
+    """The lanes c0 + k (bit k of mask) that a vector search flagged (see plugins/_klanes.py's qkx2_16:
+    its fast rounding is not ggml's there), searched again one at a time by make_qkx2_quants."""
+    n = x.shape[0]
+    xc = np.empty(n, np.float32)
+    wc = np.empty(n, np.float32)
+    Lc = np.empty(n, np.uint8)
+    La = np.empty(n, np.uint8)
+    for k in range(64):
+        if (mask >> k) & 1:
+            j = c0 + k
+            for i in range(n):
+                xc[i] = x[i, j]
+                wc[i] = w[i, j]
+            scale[j], the_min[j] = make_qkx2_quants(xc, wc, Lc, La, nmax, rmin, rdelta, nstep, use_mad)
+            for i in range(n):
+                L[i, j] = Lc[i]
+
+
+@jit
 def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
     """make_qkx2_quants on M sub-blocks at once, in lock step: x, w (n, M) float32 element-major (column
     j is sub-block j; C order), L (n, M) uint8 out, scale/the_min (M,) out. Groups of 32 lanes, then
@@ -389,20 +409,32 @@ def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min)
     G2 = M // 32 if ok else 0
     for g in range(G2):
         if n == 32:
-            _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, bad)
         elif use_mad:
-            _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, bad)
         else:
-            _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, bad)
     c = 32 * G2
     if ok and M - c >= 16:
         g = c // 16
         if n == 32:
-            _QKX2_32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 16 * g, bad)
         elif use_mad:
-            _QKX2_16_MAD(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_16_MAD(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 16 * g, bad)
         else:
-            _QKX2_16(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_16(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 16 * g, bad)
         c += 16
     if c < M:
         qkx2_lanes_loop(x[:, c:], w[:, c:], L[:, c:], nmax, rmin, rdelta, nstep, use_mad, scale[c:], the_min[c:])
@@ -414,7 +446,9 @@ def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min):
     callers pad their work space; the pad lanes are searched and ignored): one vector kernel, where
     make_qkx2_lanes compiles six and its loop for the run-time n / use_mad / tail (cold start ~3x)."""
     for g in range(x.shape[1] // 32):
-        _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        bad = _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        if bad:
+            qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, False, scale, the_min, 32 * g, bad)
 
 
 @jit
@@ -423,9 +457,13 @@ def qkx2_lanes16(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
     the two 32-lane vector kernels only, where make_qkx2_lanes compiles six and its loop (cold start)."""
     for g in range(x.shape[1] // 32):
         if use_mad:
-            _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, bad)
         else:
-            _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, bad)
 
 
 @jit
