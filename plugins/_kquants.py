@@ -932,18 +932,24 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
     All 8 * nb sub-blocks of the row are searched in lock step, one lane each (element-major): ~5x
     faster than the eight of one super-block, as the lane loop then runs long vectors."""
     nb = w.shape[1] // QK_K
-    for b in range(nb):
-        for j in range(8):
-            for i in range(32):
-                xt[i, 8 * b + j] = w[r, QK_K * b + 32 * j + i]
+    K = 8 * nb
+    for k in range(K):
+        for i in range(32):
+            xt[i, k] = w[r, 32 * k + i]
     if qw.shape[0] == 0:
-        for k in range(8 * nb):
-            sum_x2 = np.float32(0.0)
-            for i in range(32):
-                sum_x2 += xt[i, k] * xt[i, k]
-            av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
-            for i in range(32):
-                wt[i, k] = av_x + abs(xt[i, k])
+        # each sub-block's sum of squares in its element order, all sub-blocks side by side (the loop
+        # over k vectorizes; one per k with the sum in a register is a 32-add latency chain each);
+        # `scales` is the work space (the search overwrites it)
+        for k in range(K):
+            scales[k] = np.float32(0.0)
+        for i in range(32):
+            for k in range(K):
+                scales[k] += xt[i, k] * xt[i, k]
+        for k in range(K):
+            scales[k] = np.float32(np.sqrt(scales[k] / np.float32(32.0)))  # av_x
+        for i in range(32):
+            for k in range(K):
+                wt[i, k] = scales[k] + abs(xt[i, k])
     else:
         for b in range(nb):
             sum_x2 = np.float32(0.0)
