@@ -998,6 +998,48 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
                 L[b, 32 * j + i] = Lt[i, 8 * b + j]
 
 
+# ---- Q3_K/Q6_K: the overflow_abs test in the row kernels --------------------------------------
+# Their float32 sums of squares overflow from ~4.6e18 (silent zero scales in ggml), so weights of
+# |w| >= OVERFLOW_ABS are refused (GGMLFormat.overflow_abs). GGMLFormat tests that with a numpy pass
+# over |w| before the kernel (~20% of Q6_K's quantize); here the row kernel does it on the row it
+# is about to read anyway (an integer max of the float bits, which vectorizes where a float max
+# reduction does not without fast-math) and quantize_checked raises the same RangeError.
+
+OVERFLOW_ABS = 1e18
+_BIG_BITS = int(np.array(OVERFLOW_ABS, np.float32).view(np.int32))  # |w| >= float32(1e18), as bits
+
+
+@numba.njit(cache=True, inline="always")
+def first_big_block(wr):
+    """The first super-block of the float32 row wr holding a |w| >= OVERFLOW_ABS (wr finite), or -1."""
+    bits = wr.view(np.int32)
+    m = np.int32(0)
+    for c in range(bits.size):
+        m = max(m, bits[c] & np.int32(0x7FFFFFFF))
+    if m < np.int32(_BIG_BITS):
+        return -1
+    for c in range(bits.size):
+        if (bits[c] & np.int32(0x7FFFFFFF)) >= np.int32(_BIG_BITS):
+            return c // QK_K
+    return -1
+
+
+def quantize_checked(fmt, w: np.ndarray) -> np.ndarray:
+    """GGMLFormat._quantize for a kernel that reports a row's first |w| >= OVERFLOW_ABS block b as
+    bad[r] = -2 - b (and a fp16 overflow at block b as bad[r] = b): the same RangeErrors, in the same
+    order (the first row with a too large weight, else the first row that overflows)."""
+    rows, cols = w.shape
+    out = np.empty((rows, cols // fmt.qk, fmt.block_bytes), np.uint8)
+    bad = np.empty(rows, np.int64)
+    fmt.quantize_kernel(w, out, bad)
+    for hit in (np.flatnonzero(bad <= -2), np.flatnonzero(bad >= 0)):
+        if hit.size:
+            r = int(hit[0])
+            b = int(bad[r])
+            raise fmt.range_error(w, r, b if b >= 0 else -2 - b)
+    return out.reshape(-1)
+
+
 # ---- importance-weighted quantize (the format method `quantize_weighted`) -------------------
 
 

@@ -46,13 +46,16 @@ from ._klanes import qdiv
 from ._kquants import (
     F32,
     GROUP_MAX_EPS,
+    OVERFLOW_ABS,
     QK_K,
     KQuant,
     f16_bits_to_f32,
     f16_round_np,
+    first_big_block,
     make_qx_quants_np,
     nearest_int,
     nearest_int_np,
+    quantize_checked,
     qx_lanes32,
 )
 
@@ -203,6 +206,11 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
     L = np.empty(QK_K, np.int8)
     for r in range(r0, r1):
         bad[r] = -1
+        if not has_qw:  # (quantize_weighted has no overflow_abs test)
+            big = first_big_block(w[r])
+            if big >= 0:
+                bad[r] = -2 - big
+                continue
         # (the transposes as row slices, branch-free inner loops: ~2x the 2-D indexing with the
         # has_qw test inside)
         wr = w[r]
@@ -288,7 +296,7 @@ class Q6_K(KQuant):
     tag = "Q6_K"
     ggml_type = "Q6_K"
     block_bytes = BLOCK_BYTES
-    overflow_abs = 1e18  # sums of squares of 16 weights overflow float32 from ~4.6e18: silent zeros
+    overflow_abs = OVERFLOW_ABS  # sums of squares of 16 weights overflow float32 from ~4.6e18: silent zeros
     safe_abs = 1.0e7  # measured worst fp16 scale ~0.00026 * max|w|: 25x margin
     range_rule = RULE
     summary = "ggml Q6_K: per 256 weights an fp16 d, sixteen int8 sub-block scales and 6-bit q; ggml-identical bytes"
@@ -296,6 +304,9 @@ class Q6_K(KQuant):
     dequantize_kernel = staticmethod(_dequantize_kernel)
     int_parts = staticmethod(int_parts)
     weighted_kernel = staticmethod(_quantize_kernel_qw)
+
+    def _quantize(self, w):
+        return quantize_checked(self, w)  # overflow_abs tested in the row kernel (first_big_block)
 
 
 @quantfmt.hookimpl

@@ -296,3 +296,23 @@ def test_dequantize_matches_ggml(tag, ggml):
     x = corpus(2, subnormals=False)
     q = f.quantize(x)
     assert same_bits(f.dequantize(q, x.shape), ggml.dequantize(tag, q, x.shape))
+
+
+@pytest.mark.parametrize("tag", ["Q6_K", "Q3_K"])
+def test_overflow_abs_in_the_row_kernel(tag):
+    # the |w| >= overflow_abs refusal (done in the row kernel, _kquants.first_big_block) names the first
+    # row holding such a weight and its first such block, before any row whose fp16 scale overflows
+    f = quantfmt.get_format(tag)
+    w = np.random.default_rng(0).standard_normal((8, 1024)).astype(np.float32)
+    w[2, 100] = 1e12  # an fp16 overflow in an earlier row
+    w[5, 700] = 2e18
+    w[5, 300] = -np.float32(f.overflow_abs)  # exactly the limit (as float32) is refused
+    w[6, 10] = 3e18
+    with pytest.raises(RangeError, match="row 5, columns 256..511"):
+        f.quantize(w)
+    w[5, 300] = -np.nextafter(np.float32(f.overflow_abs), np.float32(0))  # just below: allowed
+    with pytest.raises(RangeError, match="row 5, columns 512..767"):
+        f.quantize(w)
+    w[5], w[6] = 0.5, 0.5
+    with pytest.raises(RangeError, match="row 2, columns 0..255"):
+        f.quantize(w)
