@@ -444,26 +444,28 @@ def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min)
 def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min):
     """make_qkx2_lanes for Q4_K/Q5_K (n = 32, no mad) when M is a multiple of 32 (scale_min_search's
     callers pad their work space; the pad lanes are searched and ignored): one vector kernel, where
-    make_qkx2_lanes compiles six and its loop for the run-time n / use_mad / tail (cold start ~3x)."""
+    make_qkx2_lanes compiles six and its loop for the run-time n / use_mad / tail (cold start ~3x).
+    Returns nonzero if some lane needs the scalar search (see qkx2_16's flags): the callers then redo
+    the row with the numpy reference (redo_rows; never for ordinary data, and no compile of a
+    scalar fallback, ~1.5 s of a cold start)."""
+    flagged = 0
     for g in range(x.shape[1] // 32):
-        bad = _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
-        if bad:
-            qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, False, scale, the_min, 32 * g, bad)
+        flagged |= _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+    return flagged
 
 
 @jit
 def qkx2_lanes16(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
     """make_qkx2_lanes for Q2_K (n = 16) when M is a multiple of 32 (the caller pads its work space):
-    the two 32-lane vector kernels only, where make_qkx2_lanes compiles six and its loop (cold start)."""
+    the two 32-lane vector kernels only, where make_qkx2_lanes compiles six and its loop (cold start).
+    Returns nonzero if some lane needs the scalar search (as qkx2_lanes32)."""
+    flagged = 0
     for g in range(x.shape[1] // 32):
         if use_mad:
-            bad = _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
-            if bad:
-                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, bad)
+            flagged |= _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
         else:
-            bad = _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
-            if bad:
-                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, bad)
+            flagged |= _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+    return flagged
 
 
 @jit
@@ -929,6 +931,8 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
     Work space: xt, wt (32, M) float32 (zeros past 8 * nb), Lt (32, M) uint8, scales, mins (M,), sw
     (8 * nb,) float32, with M = 8 * nb rounded up to a multiple of 32 (qkx2_lanes32: one vector kernel).
 
+    Returns True (and fills nothing) when the row needs the numpy reference (redo_rows).
+
     All 8 * nb sub-blocks of the row are searched in lock step, one lane each (element-major): ~5x
     faster than the eight of one super-block, as the lane loop then runs long vectors."""
     nb = w.shape[1] // QK_K
@@ -966,7 +970,8 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
                 sw[k] = sumw
         rmin, rdelta, nstep = rmin_w, rdelta_w, nstep_w
     # one call site: the vector kernel is large, and this function is inlined into its callers
-    qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins)
+    if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins):
+        return True  # the caller marks the row for redo_rows
     if qw.shape[0] == 0:
         for b in range(nb):
             max_scale = np.float32(0.0)
@@ -996,6 +1001,7 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
         for j in range(8):
             for i in range(32):
                 L[b, 32 * j + i] = Lt[i, 8 * b + j]
+    return False
 
 
 # ---- Q3_K/Q6_K: the overflow_abs test in the row kernels --------------------------------------
@@ -1038,6 +1044,30 @@ def quantize_checked(fmt, w: np.ndarray) -> np.ndarray:
             b = int(bad[r])
             raise fmt.range_error(w, r, b if b >= 0 else -2 - b)
     return out.reshape(-1)
+
+
+# ---- rows the vector searches flag -----------------------------------------------------------
+
+REDO = -2  # bad[r] of a row that the kernel could not do exactly (qkx2_lanes32/16 flagged a lane)
+
+
+def redo_rows(quantize_ref, w, qw, out, bad) -> None:
+    """The rows r with bad[r] == REDO (a sub-block range near 1e-38, or past float32: qkx2_16's fast
+    rounding is not ggml's there), quantized again super-block by super-block with the format's
+    numpy reference (ggml's bytes), bad[r] then set as the kernel would: its first overflowing block,
+    or -1. Never for ordinary data; a few ms a super-block when it is."""
+    from quantfmt.errors import RangeError
+
+    for r in np.flatnonzero(bad == REDO):
+        bad[r] = -1
+        for b in range(out.shape[1]):
+            c = b * QK_K
+            q = None if qw.shape[0] == 0 else qw[r, c : c + QK_K]
+            try:
+                out[r, b] = quantize_ref(w[r : r + 1, c : c + QK_K], q)
+            except RangeError:
+                if bad[r] < 0:
+                    bad[r] = b
 
 
 # ---- importance-weighted quantize (the format method `quantize_weighted`) -------------------

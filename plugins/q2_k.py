@@ -45,6 +45,7 @@ from ._klanes import qdiv
 from ._kquants import (
     F32,
     QK_K,
+    REDO,
     KQuant,
     f16_bits_to_f32,
     f16_round_np,
@@ -55,6 +56,7 @@ from ._kquants import (
     nearest_int,
     nearest_int_np,
     qkx2_lanes16,
+    redo_rows,
 )
 
 BLOCK_BYTES = 84
@@ -237,7 +239,7 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
             for i in range(16):
                 for k in range(16 * nb):
                     wt[i, k] = abs(xt[i, k])
-            qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
+            flagged = qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
         else:
             for b in range(nb):
                 sum_x2 = np.float32(0.0)
@@ -252,7 +254,10 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
                         wt[i, k] = qw[r, 16 * k + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
                         sumw += wt[i, k]
                     sw[k] = sumw
-            qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
+            flagged = qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
+        if flagged:
+            bad[r] = REDO  # redo_rows
+            continue
         for b in range(nb):
             c = b * QK_K
             for j in range(16):
@@ -269,6 +274,7 @@ def _quantize_kernel_qw(w, qw, out, bad):
     # ranges spent ~5% of the time there), not a parallel=True driver: as fast, and a cold
     # start compiles the deep _quantize_rows chain once instead of twice more (families.parallel_rows).
     parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, out, bad, weights=65536)
+    redo_rows(quantize_ref, w, qw, out, bad)
 
 
 def _quantize_kernel(w, out, bad):
