@@ -151,7 +151,7 @@ _QDIV = qdiv(16, True)  # the final pass of a sub-block, one vector division
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _quantize_block(x, weighted, out, L, scales, mins, sw, lq):
     """One super-block x (256,) into out (84,), given its sixteen sub-blocks' make_qkx2_quants
     results (L (256,), scales, mins (16,); sw (16,) the sums of the importance weights when

@@ -131,7 +131,7 @@ _QDIV = qdiv(32, True)  # the final pass of a sub-block, one vector division
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _quantize_block(x, out, L, ls, lm, d, dmin):
     """One super-block x (256,) into out, given its scale search (scale_min_search: L, ls, lm,
     d, dmin); True if d or dmin overflows fp16."""

@@ -146,7 +146,7 @@ _QDIV16 = qdiv(16, False)  # the final pass of a sub-block, one vector division
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _quantize_block(x, out, L, scales):
     """One super-block x (256,) into out (210,), given its sixteen sub-blocks' make_qx_quants (L (256,),
     scales (16,): make_qx_lanes over the whole row in _quantize_rows); True if d overflows fp16."""
