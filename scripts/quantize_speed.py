@@ -1,17 +1,23 @@
 """Quantize speed of formats against Q4_0's, in one process, interleaved.
 
-    python scripts/quantize_speed.py [--rows 4096] [--cols 4096] [--repeat 5] Q2_K Q4_K ...
+    python scripts/quantize_speed.py [--rows 4096] [--cols 4096] [--repeat 5] [--ref main] Q2_K Q4_K ...
 
 Each repeat quantizes the same float32 standard-normal matrix once with Q4_0 and once with every
-format given (QTensor.quantize, through the registry), in that order; prints each format's median
+format given (Format.quantize, through the registry), in that order; prints each format's median
 as GB/s of float32 input and its ratio to Q4_0's median (the machine is shared: the ratio is what
-means something; issue 11's target is about 0.55x Q4_0 or better).
+means something; issue 11's target is about 0.55x Q4_0 or better). With --ref, the formats of that
+git ref (its plugins/ copied as scripts/quantize_side_by_side.py does) run in the same repeats, as
+"<tag>@<ref>" lines: before and after in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -24,10 +30,22 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--ref", default=None, help="also time this git ref's formats (e.g. main)")
     a = ap.parse_args()
     w = np.random.default_rng(0).standard_normal((a.rows, a.cols), dtype=np.float32)
     tags = ["Q4_0", *[t for t in a.formats if t != "Q4_0"]]
     fmts = {t: quantfmt.get_format(t) for t in tags}
+    if a.ref:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quantize_side_by_side import _copy_plugins, _format
+
+        tmp = tempfile.mkdtemp(prefix="quantize_speed_")
+        _copy_plugins(a.ref, Path(tmp))
+        sys.path.insert(0, tmp)
+        for t in tags[1:]:
+            mod = type(fmts[t]).__module__.rsplit(".", 1)[1]
+            fmts[f"{t}@{a.ref}"] = _format(importlib.import_module("oldplugins." + mod))
+        tags = list(fmts)
     for f in fmts.values():
         f.quantize(w)  # compile or cache load
     times: dict[str, list[float]] = {t: [] for t in tags}
