@@ -441,30 +441,40 @@ def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min)
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min):
+def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, exact=None):
     """make_qkx2_lanes for Q4_K/Q5_K (n = 32, no mad) when M is a multiple of 32 (scale_min_search's
     callers pad their work space; the pad lanes are searched and ignored): one vector kernel, where
     make_qkx2_lanes compiles six and its loop for the run-time n / use_mad / tail (cold start ~3x).
-    Returns nonzero if some lane needs the scalar search (see qkx2_16's flags): the callers then redo
-    the row with the numpy reference (redo_rows; never for ordinary data, and no compile of a
-    scalar fallback, ~1.5 s of a cold start)."""
+    exact None: returns nonzero if some lane needs the scalar search (qkx2_16's flags; never for
+    ordinary data), and the caller marks the row for redo_rows. exact True (a separate compilation,
+    made only when redo_rows first needs it: `exact is None` is pruned at compile time): those lanes
+    are searched again by make_qkx2_quants (qkx2_redo) here, returns 0. The scalar fallback thus
+    costs an ordinary cold start nothing (~1.5 s if compiled in)."""
     flagged = 0
     for g in range(x.shape[1] // 32):
-        flagged |= _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        m = _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        if exact is None:
+            flagged |= m
+        elif m:
+            qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, False, scale, the_min, 32 * g, m)
     return flagged
 
 
-@jit
-def qkx2_lanes16(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def qkx2_lanes16(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, exact=None):
     """make_qkx2_lanes for Q2_K (n = 16) when M is a multiple of 32 (the caller pads its work space):
     the two 32-lane vector kernels only, where make_qkx2_lanes compiles six and its loop (cold start).
-    Returns nonzero if some lane needs the scalar search (as qkx2_lanes32)."""
+    exact: as qkx2_lanes32."""
     flagged = 0
     for g in range(x.shape[1] // 32):
         if use_mad:
-            flagged |= _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            m = _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
         else:
-            flagged |= _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            m = _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        if exact is None:
+            flagged |= m
+        elif m:
+            qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, m)
     return flagged
 
 
@@ -924,14 +934,15 @@ def scale_min_search_np(x, quant_weights, nmax, ref, impl):
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, nmax,
-                     rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w):
+                     rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w, exact=None):
     """Q4_K/Q5_K, the nb super-blocks of row r of w (rows, 256 * nb): fills L (nb, 256) (the search's
     quants), ls, lm (nb, 8) (the 6-bit scales and mins) and d, dmin (nb,) in float32 before their fp16
     rounding. qw: the importance weights (rows, 256 * nb), or empty (ggml's reference quantizer).
     Work space: xt, wt (32, M) float32 (zeros past 8 * nb), Lt (32, M) uint8, scales, mins (M,), sw
     (8 * nb,) float32, with M = 8 * nb rounded up to a multiple of 32 (qkx2_lanes32: one vector kernel).
 
-    Returns True (and fills nothing) when the row needs the numpy reference (redo_rows).
+    Returns True (and fills nothing) when the row needs the exact search (redo_rows; exact: see
+    qkx2_lanes32).
 
     All 8 * nb sub-blocks of the row are searched in lock step, one lane each (element-major): ~5x
     faster than the eight of one super-block, as the lane loop then runs long vectors."""
@@ -970,7 +981,7 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
                 sw[k] = sumw
         rmin, rdelta, nstep = rmin_w, rdelta_w, nstep_w
     # one call site: the vector kernel is large, and this function is inlined into its callers
-    if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins):
+    if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins, exact):
         return True  # the caller marks the row for redo_rows
     if qw.shape[0] == 0:
         for b in range(nb):
@@ -1051,23 +1062,13 @@ def quantize_checked(fmt, w: np.ndarray) -> np.ndarray:
 REDO = -2  # bad[r] of a row that the kernel could not do exactly (qkx2_lanes32/16 flagged a lane)
 
 
-def redo_rows(quantize_ref, w, qw, out, bad) -> None:
+def redo_rows(rows_kernel, w, qw, out, bad) -> None:
     """The rows r with bad[r] == REDO (a sub-block range near 1e-38, or past float32: qkx2_16's fast
-    rounding is not ggml's there), quantized again super-block by super-block with the format's
-    numpy reference (ggml's bytes), bad[r] then set as the kernel would: its first overflowing block,
-    or -1. Never for ordinary data; a few ms a super-block when it is."""
-    from quantfmt.errors import RangeError
-
+    rounding is not ggml's there) quantized again by rows_kernel(w, qw, out, bad, r, r + 1, True),
+    the format's row kernel with the flagged lanes searched by the scalar make_qkx2_quants (compiled
+    on first use: never for ordinary data). It sets bad[r] as for any row."""
     for r in np.flatnonzero(bad == REDO):
-        bad[r] = -1
-        for b in range(out.shape[1]):
-            c = b * QK_K
-            q = None if qw.shape[0] == 0 else qw[r, c : c + QK_K]
-            try:
-                out[r, b] = quantize_ref(w[r : r + 1, c : c + QK_K], q)
-            except RangeError:
-                if bad[r] < 0:
-                    bad[r] = b
+        rows_kernel(w, qw, out, bad, r, r + 1, True)
 
 
 # ---- importance-weighted quantize (the format method `quantize_weighted`) -------------------

@@ -214,7 +214,7 @@ def _quantize_block(x, weighted, out, L, scales, mins, sw, lq):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_rows(w, qw, out, bad, r0, r1):
+def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
     nb = w.shape[1] // QK_K
     weighted = qw.shape[0] > 0
     L = np.empty(QK_K, np.uint8)
@@ -239,7 +239,7 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
             for i in range(16):
                 for k in range(16 * nb):
                     wt[i, k] = abs(xt[i, k])
-            flagged = qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
+            flagged = qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins, exact)
         else:
             for b in range(nb):
                 sum_x2 = np.float32(0.0)
@@ -254,7 +254,7 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
                         wt[i, k] = qw[r, 16 * k + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
                         sumw += wt[i, k]
                     sw[k] = sumw
-            flagged = qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
+            flagged = qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins, exact)
         if flagged:
             bad[r] = REDO  # redo_rows
             continue
@@ -274,7 +274,7 @@ def _quantize_kernel_qw(w, qw, out, bad):
     # ranges spent ~5% of the time there), not a parallel=True driver: as fast, and a cold
     # start compiles the deep _quantize_rows chain once instead of twice more (families.parallel_rows).
     parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, out, bad, weights=65536)
-    redo_rows(quantize_ref, w, qw, out, bad)
+    redo_rows(_quantize_rows, w, qw, out, bad)
 
 
 def _quantize_kernel(w, out, bad):

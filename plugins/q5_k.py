@@ -165,7 +165,7 @@ def _quantize_block(x, out, L, ls, lm, d, dmin):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_rows(w, qw, out, bad, r0, r1):
+def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
     nb = w.shape[1] // QK_K
     m = (8 * nb + 31) // 32 * 32  # lanes padded to the vector kernel's 32 (see scale_min_search)
     xt = np.zeros((32, m), np.float32)
@@ -183,7 +183,7 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
         bad[r] = -1
         if scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, NMAX,
                             np.float32(REF[0]), np.float32(REF[1]), REF[2],
-                            np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2]):
+                            np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2], exact):
             bad[r] = REDO
             continue
         for b in range(nb):
@@ -198,7 +198,7 @@ def _quantize_kernel_qw(w, qw, out, bad):
     # ranges spent ~5% of the time there), not a parallel=True driver: as fast, and a cold
     # start compiles the deep _quantize_rows chain once instead of twice more (families.parallel_rows).
     parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, out, bad, weights=65536)
-    redo_rows(quantize_ref, w, qw, out, bad)
+    redo_rows(_quantize_rows, w, qw, out, bad)
 
 
 def _quantize_kernel(w, out, bad):

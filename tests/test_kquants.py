@@ -335,3 +335,26 @@ def test_flagged_rows_redone_by_the_reference(tag, weighted):
     got = f.quantize_weighted(w, qw) if weighted else f.quantize(w)
     with np.errstate(all="ignore"):
         assert np.array_equal(got, mod.quantize_ref(w, quant_weights=qw))
+
+
+@pytest.mark.parametrize("tag", ["Q2_K", "Q4_K"])
+def test_flagged_rows_keep_the_range_error(tag):
+    # a row the kernel hands to the reference (a subnormal-range sub-block) that also overflows fp16:
+    # the RangeError names that row and block, as without the hand-over; a later row's never matters
+    f = quantfmt.get_format(tag)
+    w = np.random.default_rng(6).standard_normal((5, 768)).astype(np.float32)
+    w[1, 0:32] = 0.0
+    w[1, 5] = np.float32(1e-39)
+    w[3, 256:288] = 0.0
+    w[3, 260] = np.float32(1e-39)
+    w[3, 600] = np.float32(1e12)  # block 2 of row 3 overflows
+    w[4, 10] = np.float32(1e12)
+    with pytest.raises(RangeError, match="row 3, columns 512..767"):
+        f.quantize(w)
+    w[0, 300] = np.float32(1e12)  # an earlier ordinary row that overflows comes first
+    with pytest.raises(RangeError, match="row 0, columns 256..511"):
+        f.quantize(w)
+    w[0, 300], w[3, 600], w[4, 10] = 0.5, 0.5, 0.5
+    mod = importlib.import_module(f"quantfmt_formats.{tag.lower()}")
+    with np.errstate(all="ignore"):
+        assert np.array_equal(f.quantize(w), mod.quantize_ref(w))
