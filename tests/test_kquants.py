@@ -6,6 +6,10 @@ numba kernels equal to the numpy references, dequantize equal to gguf's bit for 
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +362,33 @@ def test_flagged_rows_keep_the_range_error(tag):
     mod = importlib.import_module(f"quantfmt_formats.{tag.lower()}")
     with np.errstate(all="ignore"):
         assert np.array_equal(f.quantize(w), mod.quantize_ref(w))
+
+
+@pytest.mark.slow  # ~90 s: a cold compile of seven formats for the generic CPU
+def test_quantize_on_a_generic_cpu_equals_the_reference(tmp_path):
+    # the vector searches (plugins/_klanes.py, _iq4.py) are generic LLVM IR: on a CPU without AVX LLVM
+    # splits them into what it has; the bytes must stay ggml's (hostile rows included: the redo path)
+    code = textwrap.dedent("""
+        import importlib
+        import numpy as np
+        import quantfmt
+        rng = np.random.default_rng(3)
+        w = rng.standard_normal((8, 1024)).astype(np.float32)
+        w[2, :256] *= np.float32(1e-30)
+        w[3, 0:32] = 0
+        w[3, 5] = np.float32(1e-39)
+        w[4, 256:512] = 0.0
+        qw = rng.uniform(0.1, 2, 1024).astype(np.float32)
+        for tag in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4N", "IQ4X"):
+            f = quantfmt.get_format(tag)
+            mod = importlib.import_module(type(f).__module__)
+            with np.errstate(all="ignore"):
+                assert np.array_equal(f.quantize(w), mod.quantize_ref(w)), tag
+                assert np.array_equal(f.quantize_weighted(w, qw), mod.quantize_ref(w, quant_weights=qw)), tag
+        print("ok")
+    """)
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    env.pop("NUMBA_CPU_FEATURES", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ok"]
