@@ -288,3 +288,34 @@ def search_scale(x, xoff, wt, sums):
         best = sums[48 + t] if take else best
     return d
 
+
+
+@numba.njit(cache=True, error_model="numpy")
+def search_scales(x, xoff, wts, S, dout):
+    """search_scale on the n = dout.size consecutive blocks x[xoff + 32k : xoff + 32k + 32] (weights
+    wts[k], (n, 32)), the fitted scales into dout; S (n, 64) float32 work space. The same bits as
+    search_scale block by block: the 16 fits of each block in _fit16, then ggml's choice among them
+    with the loop over blocks inside the loop over fits. Why: the choice is a chain (each `best` feeds
+    the next compare, ~9 cycles a fit, ~25% of the search when run block by block); across blocks
+    the chains are independent, so the CPU overlaps them."""
+    n = dout.size
+    for k in range(n):
+        o = xoff + 32 * k
+        mx = _block_max(x, o)
+        if abs(mx) < GROUP_MAX_EPS:
+            # ggml returns 0: sumq2 <= 0 everywhere makes the choice below keep d = 0
+            for t in range(32):
+                S[k, t] = np.float32(0.0)
+        else:
+            _fit16(x, o, wts[k], mx, S[k])
+    for k in range(n):
+        d = S[k, 32] if S[k, 16] > 0 else np.float32(0.0)
+        dout[k] = d
+        S[k, 48] = d * S[k, 0]  # best (S[k, 48], the first fit's d*sumqx, is read by nothing else)
+    for t in range(1, 16):
+        for k in range(n):
+            sqx = S[k, t]
+            sq2 = S[k, 16 + t]
+            take = (sq2 > 0) & (sqx * sqx > S[k, 48] * sq2)
+            dout[k] = S[k, 32 + t] if take else dout[k]
+            S[k, 48] = S[k, 48 + t] if take else S[k, 48]

@@ -62,6 +62,18 @@ class _Vec:
         li = builder.select(builder.icmp_signed(">", li, hi), hi, li)
         return builder.sitofp(li, self.F)
 
+    def round_clamp(self, builder, f, lo, hi):
+        """min(max(nearest_int(f), lo), hi) as float for |f| < 2**21 (lo, hi: integer-valued float
+        vectors), in 4 instructions where nearest_clamp takes 6 to 8: the clamp first (rounding is
+        monotone and the bounds are integers, so clamping before or after rounding is the same), then
+        round-half-to-even as (c + 1.5*2**23) - 1.5*2**23 (exact for |c| < 2**22; ties go to the even
+        sum, whose parity is c's rounding's, as ggml's nearest_int). Beyond 2**22 (or inf) ggml's bit
+        trick gives other values, and NaN gives lo here but 0 there: callers use it only where |f|
+        is bounded (qx, q3: |iscale*x| <= ~33) or check the bound (qkx2: the lanes it flags)."""
+        c = builder.select(builder.fcmp_ordered(">", f, lo), f, lo)
+        c = builder.select(builder.fcmp_ordered("<", c, hi), c, hi)
+        return builder.fsub(builder.fadd(c, self.cf(12582912.0)), self.cf(12582912.0))
+
     def ptr(self, builder, base, off, vt=None):
         return builder.bitcast(builder.gep(base, [off]), (vt or self.F).as_pointer())
 
@@ -73,11 +85,18 @@ class _Vec:
 def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
     """The intrinsic qkx2(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g): _kquants'
     make_qkx2_lanes on lanes 16g..16g+15 of x, w (n, M) float32 and L (n, M) uint8 (C order),
-    scale/the_min (M,). The state of the search (min, scale, best error, L) stays per lane, as there."""
+    scale/the_min (M,). The state of the search (min, scale, best error, L) stays per lane, as there.
+
+    Returns a bit mask (int64) of the lanes whose results may differ from ggml's: the roundings use
+    _Vec.round_clamp, exact while |iscale*(x - min)| < 2**21, which each pass checks per lane from
+    |iscale| * max(max - min, min - lowest x) (a bound on every |x - min|: float subtraction and
+    multiplication are monotone); the caller redoes the flagged lanes with the scalar search (never
+    for ordinary data: a sub-block range must be ~1e-37 or beyond ~1e38 to trip it; flat lanes,
+    max == min, are ggml's early return and never flagged)."""
 
     @intrinsic
     def qkx2(typingctx, x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g):
-        sig = types.void(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        sig = types.int64(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
 
         def codegen(context, builder, signature, args):
             t = _Vec(lanes)
@@ -95,10 +114,17 @@ def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
             ws = [builder.load(t.ptr(builder, wp, off(i)), align=4) for i in range(n)]
             nmax32 = builder.trunc(nmaxv, _I32)
             nmaxf = builder.sitofp(nmax32, _F32)
-            hi = t.splat(builder, nmax32, t.I)
-            zero_i = t.ci(0)
+            hi = t.splat(builder, nmaxf)
+            zero_f = t.cf(0.0)
 
             fabs = t.fabs(builder)
+
+            def unsafe(isc, mn):  # lanes where some |isc*(x - mn)| may reach 2**21 (or is NaN)
+                span = builder.fsub(mx, mn)
+                below = builder.fsub(mn, xlo)
+                span = builder.select(builder.fcmp_ordered(">", below, span), below, span)
+                bound = builder.fmul(builder.call(fabs, [isc]), span)
+                return builder.fcmp_unordered(">=", bound, t.cf(2097152.0))
 
             def err(d):  # ggml's use_mad: |d|, else d*d
                 return builder.call(fabs, [d]) if use_mad else builder.fmul(d, d)
@@ -110,14 +136,16 @@ def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
                 mx = builder.select(builder.fcmp_ordered(">", xs[i], mx), xs[i], mx)
                 sum_w = builder.fadd(sum_w, ws[i])
                 sum_x = builder.fadd(sum_x, builder.fmul(ws[i], xs[i]))
+            xlo = mn
             mn = builder.select(builder.fcmp_ordered(">", mn, t.cf(0.0)), t.cf(0.0), mn)
             flat = builder.fcmp_ordered("==", mx, mn)
             rng = builder.fsub(mx, mn)
             isc = builder.fdiv(t.splat(builder, nmaxf), rng)
             sc0 = builder.fdiv(t.cf(1.0), isc)
             best = t.cf(0.0)
+            st_bad = cgutils.alloca_once_value(builder, unsafe(isc, mn))
             for i in range(n):
-                li = t.nearest_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_i, hi)
+                li = t.round_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_f, hi)
                 d = builder.fsub(builder.fadd(builder.fmul(sc0, li), mn), xs[i])
                 best = builder.fadd(best, builder.fmul(ws[i], err(d)))
             # the trials: a loop in IR (its state in allocas, which LLVM keeps in registers). A lane's L
@@ -133,10 +161,11 @@ def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
                 num = builder.fadd(builder.fadd(rminv, builder.fmul(rdeltav, s)), nmaxf)
                 mn = builder.load(st_mn)
                 isc = builder.fdiv(t.splat(builder, num), builder.fsub(mx, mn))
+                builder.store(builder.or_(builder.load(st_bad), unsafe(isc, mn)), st_bad)
                 sl = sl2 = sxl = t.cf(0.0)
                 La = []
                 for i in range(n):
-                    li = t.nearest_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_i, hi)
+                    li = t.round_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_f, hi)
                     La.append(li)
                     wl = builder.fmul(ws[i], li)
                     sl = builder.fadd(sl, wl)
@@ -165,10 +194,11 @@ def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
             builder.store(builder.fneg(builder.load(st_mn)), t.ptr(builder, mp, col), align=4)
             lisc, lmn = builder.load(st_lisc), builder.load(st_lmn)
             for i in range(n):
-                li = t.nearest_clamp(builder, builder.fmul(lisc, builder.fsub(xs[i], lmn)), zero_i, hi)
+                li = t.round_clamp(builder, builder.fmul(lisc, builder.fsub(xs[i], lmn)), zero_f, hi)
                 li = builder.select(flat, t.cf(0.0), li)
                 builder.store(builder.fptoui(li, t.B), t.ptr(builder, lp, off(i), t.B), align=1)
-            return context.get_dummy_value()
+            bad = builder.and_(builder.load(st_bad), builder.not_(flat))
+            return builder.zext(builder.bitcast(bad, t.M), _I64)
 
         return sig, codegen
 
@@ -205,8 +235,8 @@ def qx_16(n: int, has_qw: bool, lanes: int = 16):
             wx = [builder.fmul(ws[i], xs[i]) for i in range(n)]  # C: w*x*l = (w*x)*l
             nmax32 = builder.trunc(nmaxv, _I32)
             nmaxf = builder.sitofp(nmax32, _F32)
-            lo = t.splat(builder, builder.neg(nmax32), t.I)
-            hi = t.splat(builder, builder.sub(nmax32, ir.Constant(_I32, 1)), t.I)
+            lo = t.splat(builder, builder.sitofp(builder.neg(nmax32), _F32))
+            hi = t.splat(builder, builder.sitofp(builder.sub(nmax32, ir.Constant(_I32, 1)), _F32))
             fabs = t.fabs(builder)
             amax = mx = t.cf(0.0)
             for i in range(n):
@@ -215,33 +245,38 @@ def qx_16(n: int, has_qw: bool, lanes: int = 16):
                 amax = builder.select(gt, ax, amax)
                 mx = builder.select(gt, xs[i], mx)
 
+            # |iscale*x| <= (nmax + 0.9)/|max| * |x| ~ nmax + 0.9 on every lane that is not `small` (|max|
+            # >= 1e-15 keeps iscale finite; small lanes are zeroed at the end): round_clamp is exact there
+            def lvals(isc):
+                return [t.round_clamp(builder, builder.fmul(isc, xs[i]), lo, hi) for i in range(n)]
+
             def fit(isc):
                 sumlx = suml2 = t.cf(0.0)
-                ls = []
-                for i in range(n):
-                    lf = t.nearest_clamp(builder, builder.fmul(isc, xs[i]), lo, hi)
-                    ls.append(lf)
+                for lf, i in zip(lvals(isc), range(n), strict=True):
                     sumlx = builder.fadd(sumlx, builder.fmul(wx[i], lf))
                     suml2 = builder.fadd(suml2, builder.fmul(builder.fmul(ws[i], lf), lf))
-                return ls, sumlx, suml2
+                return sumlx, suml2
 
             isc = builder.fdiv(t.splat(builder, builder.fneg(nmaxf)), mx)
-            Ls, sumlx, suml2 = fit(isc)
+            sumlx, suml2 = fit(isc)
             nz = builder.fcmp_unordered("!=", suml2, t.cf(0.0))  # C's !=: true for NaN (overflowed sums)
             sc = builder.select(nz, builder.fdiv(sumlx, suml2), t.cf(0.0))
             best = builder.fmul(sc, sumlx)
+            best_isc = isc  # a lane's L are those of its last taken fit: recomputed from its iscale at the end
             for s in range(-9, 10):
                 if s == 0:
                     continue
                 tenth = builder.fmul(ir.Constant(_F32, 0.1), ir.Constant(_F32, float(s)))  # 0.1f * is
                 num = builder.fneg(builder.fadd(nmaxf, tenth))
-                La, sumlx, suml2 = fit(builder.fdiv(t.splat(builder, num), mx))
+                isc = builder.fdiv(t.splat(builder, num), mx)
+                sumlx, suml2 = fit(isc)
                 take = builder.and_(builder.fcmp_ordered(">", suml2, t.cf(0.0)),
                                     builder.fcmp_ordered(">", builder.fmul(sumlx, sumlx), builder.fmul(best, suml2)))
                 nsc = builder.fdiv(sumlx, suml2)
                 sc = builder.select(take, nsc, sc)
                 best = builder.select(take, builder.fmul(nsc, sumlx), best)
-                Ls = [builder.select(take, a, b) for a, b in zip(La, Ls, strict=True)]
+                best_isc = builder.select(take, isc, best_isc)
+            Ls = lvals(best_isc)
             small = builder.fcmp_ordered("<", amax, t.cf(1e-15))  # ggml returns early: L = 0, scale 0
             builder.store(builder.select(small, t.cf(0.0), sc), t.ptr(builder, sp, col), align=4)
             for i in range(n):
@@ -295,8 +330,10 @@ def q3_16(n: int, lanes: int = 16):
             isc = builder.fdiv(t.splat(builder, builder.fneg(nmaxf)), mx)
             sumlx = suml2 = t.cf(0.0)
             st_L = []
+            lof, hif = builder.sitofp(lo, t.F), builder.sitofp(hi, t.F)
             for i in range(n):
-                lf = t.nearest_clamp(builder, builder.fmul(isc, xs[i]), lo, hi)
+                # |iscale*x| <= nmax on lanes that are not `small` (as in qx): round_clamp is exact
+                lf = t.round_clamp(builder, builder.fmul(isc, xs[i]), lof, hif)
                 st_L.append(cgutils.alloca_once_value(builder, lf))
                 sumlx = builder.fadd(sumlx, builder.fmul(wx[i], lf))
                 suml2 = builder.fadd(suml2, builder.fmul(builder.fmul(ws[i], lf), lf))

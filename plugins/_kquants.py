@@ -379,6 +379,26 @@ _QKX2_16_MADW = qkx2_16(16, True, 32)
 
 
 @jit
+def qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, c0, mask):
+    """The lanes c0 + k (bit k of mask) that a vector search flagged (see plugins/_klanes.py's qkx2_16:
+    its fast rounding is not ggml's there), searched again one at a time by make_qkx2_quants."""
+    n = x.shape[0]
+    xc = np.empty(n, np.float32)
+    wc = np.empty(n, np.float32)
+    Lc = np.empty(n, np.uint8)
+    La = np.empty(n, np.uint8)
+    for k in range(64):
+        if (mask >> k) & 1:
+            j = c0 + k
+            for i in range(n):
+                xc[i] = x[i, j]
+                wc[i] = w[i, j]
+            scale[j], the_min[j] = make_qkx2_quants(xc, wc, Lc, La, nmax, rmin, rdelta, nstep, use_mad)
+            for i in range(n):
+                L[i, j] = Lc[i]
+
+
+@jit
 def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
     """make_qkx2_quants on M sub-blocks at once, in lock step: x, w (n, M) float32 element-major (column
     j is sub-block j; C order), L (n, M) uint8 out, scale/the_min (M,) out. Groups of 32 lanes, then
@@ -389,43 +409,73 @@ def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min)
     G2 = M // 32 if ok else 0
     for g in range(G2):
         if n == 32:
-            _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, bad)
         elif use_mad:
-            _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, bad)
         else:
-            _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, bad)
     c = 32 * G2
     if ok and M - c >= 16:
         g = c // 16
         if n == 32:
-            _QKX2_32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 16 * g, bad)
         elif use_mad:
-            _QKX2_16_MAD(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_16_MAD(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 16 * g, bad)
         else:
-            _QKX2_16(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            bad = _QKX2_16(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            if bad:
+                qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 16 * g, bad)
         c += 16
     if c < M:
         qkx2_lanes_loop(x[:, c:], w[:, c:], L[:, c:], nmax, rmin, rdelta, nstep, use_mad, scale[c:], the_min[c:])
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min):
+def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, exact=None):
     """make_qkx2_lanes for Q4_K/Q5_K (n = 32, no mad) when M is a multiple of 32 (scale_min_search's
     callers pad their work space; the pad lanes are searched and ignored): one vector kernel, where
-    make_qkx2_lanes compiles six and its loop for the run-time n / use_mad / tail (cold start ~3x)."""
+    make_qkx2_lanes compiles six and its loop for the run-time n / use_mad / tail (cold start ~3x).
+    exact None: returns nonzero if some lane needs the scalar search (qkx2_16's flags; never for
+    ordinary data), and the caller marks the row for redo_rows. exact True (a separate compilation,
+    made only when redo_rows first needs it: `exact is None` is pruned at compile time): those lanes
+    are searched again by make_qkx2_quants (qkx2_redo) here, returns 0. The scalar fallback thus
+    costs an ordinary cold start nothing (~1.5 s if compiled in)."""
+    flagged = 0
     for g in range(x.shape[1] // 32):
-        _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        m = _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        if exact is None:
+            flagged |= m
+        elif m:
+            qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, False, scale, the_min, 32 * g, m)
+    return flagged
 
 
-@jit
-def qkx2_lanes16(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min):
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def qkx2_lanes16(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, exact=None):
     """make_qkx2_lanes for Q2_K (n = 16) when M is a multiple of 32 (the caller pads its work space):
-    the two 32-lane vector kernels only, where make_qkx2_lanes compiles six and its loop (cold start)."""
+    the two 32-lane vector kernels only, where make_qkx2_lanes compiles six and its loop (cold start).
+    exact: as qkx2_lanes32."""
+    flagged = 0
     for g in range(x.shape[1] // 32):
         if use_mad:
-            _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            m = _QKX2_16_MADW(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
         else:
-            _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+            m = _QKX2_16W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        if exact is None:
+            flagged |= m
+        elif m:
+            qkx2_redo(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min, 32 * g, m)
+    return flagged
 
 
 @jit
@@ -884,28 +934,37 @@ def scale_min_search_np(x, quant_weights, nmax, ref, impl):
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, nmax,
-                     rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w):
+                     rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w, exact=None):
     """Q4_K/Q5_K, the nb super-blocks of row r of w (rows, 256 * nb): fills L (nb, 256) (the search's
     quants), ls, lm (nb, 8) (the 6-bit scales and mins) and d, dmin (nb,) in float32 before their fp16
     rounding. qw: the importance weights (rows, 256 * nb), or empty (ggml's reference quantizer).
     Work space: xt, wt (32, M) float32 (zeros past 8 * nb), Lt (32, M) uint8, scales, mins (M,), sw
     (8 * nb,) float32, with M = 8 * nb rounded up to a multiple of 32 (qkx2_lanes32: one vector kernel).
 
+    Returns True (and fills nothing) when the row needs the exact search (redo_rows; exact: see
+    qkx2_lanes32).
+
     All 8 * nb sub-blocks of the row are searched in lock step, one lane each (element-major): ~5x
     faster than the eight of one super-block, as the lane loop then runs long vectors."""
     nb = w.shape[1] // QK_K
-    for b in range(nb):
-        for j in range(8):
-            for i in range(32):
-                xt[i, 8 * b + j] = w[r, QK_K * b + 32 * j + i]
+    K = 8 * nb
+    for k in range(K):
+        for i in range(32):
+            xt[i, k] = w[r, 32 * k + i]
     if qw.shape[0] == 0:
-        for k in range(8 * nb):
-            sum_x2 = np.float32(0.0)
-            for i in range(32):
-                sum_x2 += xt[i, k] * xt[i, k]
-            av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
-            for i in range(32):
-                wt[i, k] = av_x + abs(xt[i, k])
+        # each sub-block's sum of squares in its element order, all sub-blocks side by side (the loop
+        # over k vectorizes; one per k with the sum in a register is a 32-add latency chain each);
+        # `scales` is the work space (the search overwrites it)
+        for k in range(K):
+            scales[k] = np.float32(0.0)
+        for i in range(32):
+            for k in range(K):
+                scales[k] += xt[i, k] * xt[i, k]
+        for k in range(K):
+            scales[k] = np.float32(np.sqrt(scales[k] / np.float32(32.0)))  # av_x
+        for i in range(32):
+            for k in range(K):
+                wt[i, k] = scales[k] + abs(xt[i, k])
     else:
         for b in range(nb):
             sum_x2 = np.float32(0.0)
@@ -922,7 +981,8 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
                 sw[k] = sumw
         rmin, rdelta, nstep = rmin_w, rdelta_w, nstep_w
     # one call site: the vector kernel is large, and this function is inlined into its callers
-    qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins)
+    if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins, exact):
+        return True  # the caller marks the row for redo_rows
     if qw.shape[0] == 0:
         for b in range(nb):
             max_scale = np.float32(0.0)
@@ -952,6 +1012,63 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
         for j in range(8):
             for i in range(32):
                 L[b, 32 * j + i] = Lt[i, 8 * b + j]
+    return False
+
+
+# ---- Q3_K/Q6_K: the overflow_abs test in the row kernels --------------------------------------
+# Their float32 sums of squares overflow from ~4.6e18 (silent zero scales in ggml), so weights of
+# |w| >= OVERFLOW_ABS are refused (GGMLFormat.overflow_abs). GGMLFormat tests that with a numpy pass
+# over |w| before the kernel (~20% of Q6_K's quantize); here the row kernel does it on the row it
+# is about to read anyway (an integer max of the float bits, which vectorizes where a float max
+# reduction does not without fast-math) and quantize_checked raises the same RangeError.
+
+OVERFLOW_ABS = 1e18
+_BIG_BITS = int(np.array(OVERFLOW_ABS, np.float32).view(np.int32))  # |w| >= float32(1e18), as bits
+
+
+@numba.njit(cache=True, inline="always")
+def first_big_block(wr):
+    """The first super-block of the float32 row wr holding a |w| >= OVERFLOW_ABS (wr finite), or -1."""
+    bits = wr.view(np.int32)
+    m = np.int32(0)
+    for c in range(bits.size):
+        m = max(m, bits[c] & np.int32(0x7FFFFFFF))
+    if m < np.int32(_BIG_BITS):
+        return -1
+    for c in range(bits.size):
+        if (bits[c] & np.int32(0x7FFFFFFF)) >= np.int32(_BIG_BITS):
+            return c // QK_K
+    return -1
+
+
+def quantize_checked(fmt, w: np.ndarray) -> np.ndarray:
+    """GGMLFormat._quantize for a kernel that reports a row's first |w| >= OVERFLOW_ABS block b as
+    bad[r] = -2 - b (and a fp16 overflow at block b as bad[r] = b): the same RangeErrors, in the same
+    order (the first row with a too large weight, else the first row that overflows)."""
+    rows, cols = w.shape
+    out = np.empty((rows, cols // fmt.qk, fmt.block_bytes), np.uint8)
+    bad = np.empty(rows, np.int64)
+    fmt.quantize_kernel(w, out, bad)
+    for hit in (np.flatnonzero(bad <= -2), np.flatnonzero(bad >= 0)):
+        if hit.size:
+            r = int(hit[0])
+            b = int(bad[r])
+            raise fmt.range_error(w, r, b if b >= 0 else -2 - b)
+    return out.reshape(-1)
+
+
+# ---- rows the vector searches flag -----------------------------------------------------------
+
+REDO = -2  # bad[r] of a row that the kernel could not do exactly (qkx2_lanes32/16 flagged a lane)
+
+
+def redo_rows(rows_kernel, w, qw, out, bad) -> None:
+    """The rows r with bad[r] == REDO (a sub-block range near 1e-38, or past float32: qkx2_16's fast
+    rounding is not ggml's there) quantized again by rows_kernel(w, qw, out, bad, r, r + 1, True),
+    the format's row kernel with the flagged lanes searched by the scalar make_qkx2_quants (compiled
+    on first use: never for ordinary data). It sets bad[r] as for any row."""
+    for r in np.flatnonzero(bad == REDO):
+        rows_kernel(w, qw, out, bad, r, r + 1, True)
 
 
 # ---- importance-weighted quantize (the format method `quantize_weighted`) -------------------

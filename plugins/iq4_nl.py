@@ -51,7 +51,7 @@ from . import _iq4
 from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
 from ._i4dot import kernel_path as lut_kernel_path
 from ._i4dot import prepare_lut, qmatmul
-from ._iq4 import BRACKET, KVALUES, best_index_ref, pack32, search_scale, search_scales_ref
+from ._iq4 import BRACKET, KVALUES, best_index_ref, pack32, search_scales, search_scales_ref
 from ._iq4 import VF as _VF
 from ._iq4 import best_index as _best  # noqa: F401  (the scalar best(a): tests check it against ggml)
 from ._weighted import ImportanceWeighted, current_weights
@@ -123,14 +123,16 @@ def qmatmul_q8_ref(data: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.
 @numba.njit(cache=True, nogil=True)
 def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     nb = w.shape[1] // 32
-    wt = np.empty(32, np.float32)
-    sums = np.empty(64, np.float32)
+    wts = np.empty((nb, 32), np.float32)
+    S = np.empty((nb, 64), np.float32)
+    ds = np.empty(nb, np.float32)
     wf = w.reshape(-1)  # the vector code reads blocks by offset (w is C-contiguous)
     of = out.reshape(-1)
     for r in range(r0, r1):
         bad[r] = -1
         for b in range(nb):
             xb = w[r, b * 32 : b * 32 + 32]
+            wt = wts[b]
             if has_qw:
                 s = np.float32(0.0)
                 for j in range(32):
@@ -141,7 +143,9 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
             else:
                 for j in range(32):
                     wt[j] = xb[j] * xb[j]
-            d = search_scale(wf, r * w.shape[1] + b * 32, wt, sums)
+        search_scales(wf, r * w.shape[1], wts, S, ds)  # the row's blocks at once (their choices overlap)
+        for b in range(nb):
+            d = ds[b]
             if not (abs(d) < np.float32(65520.0)):
                 if bad[r] < 0:
                     bad[r] = b

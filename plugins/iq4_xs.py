@@ -60,7 +60,7 @@ from . import _iq4
 from ._ggml import f32_to_f16_bits, fp16_table
 from ._i4dot import kernel_path as lut_kernel_path
 from ._i4dot import prepare_lut, qmatmul
-from ._iq4 import BRACKET, KVALUES, VF, best_index_ref, pack32, search_scale, search_scales_ref
+from ._iq4 import BRACKET, KVALUES, VF, best_index_ref, pack32, search_scales, search_scales_ref
 from ._kquants import QK_K
 from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest_int_ref
 
@@ -171,9 +171,9 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 @numba.njit(cache=True, nogil=True)
 def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     nb = w.shape[1] // QK_K
-    wt = np.empty(32, np.float32)
-    sums = np.empty(64, np.float32)
-    s = np.empty(8, np.float32)
+    wts = np.empty((8 * nb, 32), np.float32)
+    S = np.empty((8 * nb, 64), np.float32)
+    s_all = np.empty(8 * nb, np.float32)
     wf = w.reshape(-1)  # the vector code reads blocks by offset (w is C-contiguous)
     of = out.reshape(-1)
     for r in range(r0, r1):
@@ -186,19 +186,24 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
                 for j in range(QK_K):
                     sigma2 += x[j] * x[j]
                 sigma2 = sigma2 * np.float32(0.0078125)
-            amax = np.float32(0.0)
-            mx = np.float32(0.0)
-            nan = False
             for k in range(8):
                 xb = x[32 * k : 32 * k + 32]
+                wt = wts[8 * b + k]
                 if has_qw:
                     for j in range(32):
                         wt[j] = qw[c + 32 * k + j] * np.sqrt(sigma2 + xb[j] * xb[j])
                 else:
                     for j in range(32):
                         wt[j] = xb[j] * xb[j]
-                sk = search_scale(wf, r * w.shape[1] + c + 32 * k, wt, sums)
-                s[k] = sk
+        search_scales(wf, r * w.shape[1], wts, S, s_all)  # all the row's blocks at once (choices overlap)
+        for b in range(nb):
+            c = b * QK_K
+            s = s_all[8 * b : 8 * b + 8]
+            amax = np.float32(0.0)
+            mx = np.float32(0.0)
+            nan = False
+            for k in range(8):
+                sk = s[k]
                 nan = nan or sk != sk
                 if abs(sk) > amax:
                     amax = abs(sk)

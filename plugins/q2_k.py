@@ -45,6 +45,7 @@ from ._klanes import qdiv
 from ._kquants import (
     F32,
     QK_K,
+    REDO,
     KQuant,
     f16_bits_to_f32,
     f16_round_np,
@@ -55,6 +56,7 @@ from ._kquants import (
     nearest_int,
     nearest_int_np,
     qkx2_lanes16,
+    redo_rows,
 )
 
 BLOCK_BYTES = 84
@@ -149,7 +151,7 @@ _QDIV = qdiv(16, True)  # the final pass of a sub-block, one vector division
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _quantize_block(x, weighted, out, L, scales, mins, sw, lq):
     """One super-block x (256,) into out (84,), given its sixteen sub-blocks' make_qkx2_quants
     results (L (256,), scales, mins (16,); sw (16,) the sums of the importance weights when
@@ -212,7 +214,7 @@ def _quantize_block(x, weighted, out, L, scales, mins, sw, lq):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_rows(w, qw, out, bad, r0, r1):
+def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
     nb = w.shape[1] // QK_K
     weighted = qw.shape[0] > 0
     L = np.empty(QK_K, np.uint8)
@@ -237,7 +239,7 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
             for i in range(16):
                 for k in range(16 * nb):
                     wt[i, k] = abs(xt[i, k])
-            qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
+            flagged = qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins, exact)
         else:
             for b in range(nb):
                 sum_x2 = np.float32(0.0)
@@ -252,7 +254,10 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
                         wt[i, k] = qw[r, 16 * k + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
                         sumw += wt[i, k]
                     sw[k] = sumw
-            qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
+            flagged = qkx2_lanes16(xt, wt, Lt, 3, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins, exact)
+        if flagged:
+            bad[r] = REDO  # redo_rows
+            continue
         for b in range(nb):
             c = b * QK_K
             for j in range(16):
@@ -265,9 +270,11 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
 
 
 def _quantize_kernel_qw(w, qw, out, bad):
-    # Python threads over ~16K-weight row ranges, not a parallel=True driver: as fast, and a cold
+    # Python threads over ~64K-weight row ranges (a call costs ~7 us of dispatch and work space: 16K
+    # ranges spent ~5% of the time there), not a parallel=True driver: as fast, and a cold
     # start compiles the deep _quantize_rows chain once instead of twice more (families.parallel_rows).
-    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, out, bad, weights=16384)
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, out, bad, weights=65536)
+    redo_rows(_quantize_rows, w, qw, out, bad)
 
 
 def _quantize_kernel(w, out, bad):

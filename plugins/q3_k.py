@@ -48,16 +48,19 @@ from ._ggml import f32_to_f16_bits
 from ._klanes import qdiv
 from ._kquants import (
     F32,
+    OVERFLOW_ABS,
     QK_K,
     KQuant,
     f16_bits_to_f32,
     f16_round_np,
+    first_big_block,
     make_q3_lanes,
     make_q3_quants_np,
     make_qx_quants,
     make_qx_quants_np,
     nearest_int,
     nearest_int_np,
+    quantize_checked,
 )
 
 BLOCK_BYTES = 110
@@ -267,6 +270,11 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
     sc_all = np.empty(M, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
+        if qw.shape[0] == 0:  # (quantize_weighted has no overflow_abs test)
+            big = first_big_block(w[r])
+            if big >= 0:
+                bad[r] = -2 - big
+                continue
         if M:
             for k in range(M):
                 for i in range(16):
@@ -286,9 +294,10 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
 
 
 def _quantize_kernel_qw(w, qw, out, bad):
-    # Python threads over ~16K-weight row ranges, not a parallel=True driver: as fast, and a cold
+    # Python threads over ~64K-weight row ranges (a call costs ~7 us of dispatch and work space: 16K
+    # ranges spent ~5% of the time there), not a parallel=True driver: as fast, and a cold
     # start compiles the deep _quantize_rows chain once instead of twice more (families.parallel_rows).
-    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, out, bad, weights=16384)
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, out, bad, weights=65536)
 
 
 def _quantize_kernel(w, out, bad):
@@ -334,7 +343,7 @@ class Q3_K(KQuant):
     tag = "Q3_K"
     ggml_type = "Q3_K"
     block_bytes = BLOCK_BYTES
-    overflow_abs = 1e18  # sums of squares of 16 weights overflow float32 from ~4.6e18: silent zeros
+    overflow_abs = OVERFLOW_ABS  # sums of squares of 16 weights overflow float32 from ~4.6e18: silent zeros
     safe_abs = 2.0e6  # measured worst fp16 scale ~0.012 * max|w|: 2.7x margin
     range_rule = RULE
     summary = "ggml Q3_K: per 256 weights an fp16 d, sixteen 6-bit sub-block scales and 3-bit q; ggml-identical bytes"
@@ -342,6 +351,9 @@ class Q3_K(KQuant):
     dequantize_kernel = staticmethod(_dequantize_kernel)
     int_parts = staticmethod(int_parts)
     weighted_kernel = staticmethod(_quantize_kernel_qw)
+
+    def _quantize(self, w):
+        return quantize_checked(self, w)  # overflow_abs tested in the row kernel (first_big_block)
 
 
 @quantfmt.hookimpl

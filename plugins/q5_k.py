@@ -40,12 +40,14 @@ from ._klanes import qdiv
 from ._kquants import (
     F32,
     QK_K,
+    REDO,
     KQuant,
     f16_bits_to_f32,
     f16_round_np,
     nearest_int_np,
     pack_scale_min_k4,
     pack_scale_min_k4_np,
+    redo_rows,
     scale_min_k4,
     scale_min_search,
     scale_min_search_np,
@@ -129,7 +131,7 @@ _QDIV = qdiv(32, True)  # the final pass of a sub-block, one vector division
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _quantize_block(x, out, L, ls, lm, d, dmin):
     """One super-block x (256,) into out, given its scale search (scale_min_search: L, ls, lm,
     d, dmin); True if d or dmin overflows fp16."""
@@ -163,7 +165,7 @@ def _quantize_block(x, out, L, ls, lm, d, dmin):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_rows(w, qw, out, bad, r0, r1):
+def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
     nb = w.shape[1] // QK_K
     m = (8 * nb + 31) // 32 * 32  # lanes padded to the vector kernel's 32 (see scale_min_search)
     xt = np.zeros((32, m), np.float32)
@@ -179,9 +181,11 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
     dmin = np.empty(nb, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
-        scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, NMAX,
-                         np.float32(REF[0]), np.float32(REF[1]), REF[2],
-                         np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2])
+        if scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, NMAX,
+                            np.float32(REF[0]), np.float32(REF[1]), REF[2],
+                            np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2], exact):
+            bad[r] = REDO
+            continue
         for b in range(nb):
             c = b * QK_K
             if _quantize_block(w[r, c : c + QK_K], out[r, b], L[b], ls[b], lm[b], d[b], dmin[b]):
@@ -190,9 +194,11 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
 
 
 def _quantize_kernel_qw(w, qw, out, bad):
-    # Python threads over ~16K-weight row ranges, not a parallel=True driver: as fast, and a cold
+    # Python threads over ~64K-weight row ranges (a call costs ~7 us of dispatch and work space: 16K
+    # ranges spent ~5% of the time there), not a parallel=True driver: as fast, and a cold
     # start compiles the deep _quantize_rows chain once instead of twice more (families.parallel_rows).
-    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, out, bad, weights=16384)
+    parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, qw, out, bad, weights=65536)
+    redo_rows(_quantize_rows, w, qw, out, bad)
 
 
 def _quantize_kernel(w, out, bad):

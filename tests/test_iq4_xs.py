@@ -309,7 +309,7 @@ def test_quantize_and_dequantize_kernels_are_compiled_without_fastmath():
     from quantfmt_formats import _iq4
 
     jitted = [getattr(iq4_xs, n) for n in dir(iq4_xs) if n.startswith(("_quantize", "_dequantize"))]
-    jitted += [_iq4.best_index, _iq4.search_scale]
+    jitted += [_iq4.best_index, _iq4.search_scale, _iq4.search_scales]
     jitted = [k for k in jitted if hasattr(k, "targetoptions")]
     assert len(jitted) >= 4  # the row kernels and the scale search (the drivers are Python: parallel_rows)
     for k in jitted:

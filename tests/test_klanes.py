@@ -25,6 +25,11 @@ def _lanes(rng, n, M):
     x[:, 6] = np.round(x[:, 6] * 2) / 2  # ties
     x[0, 7], x[1:, 7] = np.float32(1.0), np.nextafter(np.float32(1.0), np.float32(2))  # range of one ulp
     x[:, 8] = -np.abs(x[:, 8])
+    # ranges where the vector searches' fast rounding is not ggml's (qkx2 flags these lanes and redoes
+    # them in the scalar search): subnormal (iscale overflows to inf), and one past float32 (max - min = inf)
+    x[:, 10] *= np.float32(1e-39)
+    x[:, 11] = np.where(x[:, 11] > 0, np.float32(3e38), np.float32(-3e38))
+    x[:, 12] = np.float32(2e-38) * np.sign(x[:, 12])
     return x
 
 

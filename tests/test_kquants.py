@@ -6,6 +6,10 @@ numba kernels equal to the numpy references, dequantize equal to gguf's bit for 
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +300,95 @@ def test_dequantize_matches_ggml(tag, ggml):
     x = corpus(2, subnormals=False)
     q = f.quantize(x)
     assert same_bits(f.dequantize(q, x.shape), ggml.dequantize(tag, q, x.shape))
+
+
+@pytest.mark.parametrize("tag", ["Q6_K", "Q3_K"])
+def test_overflow_abs_in_the_row_kernel(tag):
+    # the |w| >= overflow_abs refusal (done in the row kernel, _kquants.first_big_block) names the first
+    # row holding such a weight and its first such block, before any row whose fp16 scale overflows
+    f = quantfmt.get_format(tag)
+    w = np.random.default_rng(0).standard_normal((8, 1024)).astype(np.float32)
+    w[2, 100] = 1e12  # an fp16 overflow in an earlier row
+    w[5, 700] = 2e18
+    w[5, 300] = -np.float32(f.overflow_abs)  # exactly the limit (as float32) is refused
+    w[6, 10] = 3e18
+    with pytest.raises(RangeError, match="row 5, columns 256..511"):
+        f.quantize(w)
+    w[5, 300] = -np.nextafter(np.float32(f.overflow_abs), np.float32(0))  # just below: allowed
+    with pytest.raises(RangeError, match="row 5, columns 512..767"):
+        f.quantize(w)
+    w[5], w[6] = 0.5, 0.5
+    with pytest.raises(RangeError, match="row 2, columns 0..255"):
+        f.quantize(w)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("tag", ["Q2_K", "Q4_K", "Q5_K"])
+def test_flagged_rows_redone_by_the_reference(tag, weighted):
+    # sub-blocks whose range is subnormal (iscale = inf in ggml's search) are where the vector search's
+    # fast rounding is not ggml's: the kernel flags the row and _kquants.redo_rows quantizes it with the
+    # numpy reference; the bytes are ggml's either way
+    f = quantfmt.get_format(tag)
+    mod = importlib.import_module(f"quantfmt_formats.{tag.lower()}")
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 512)).astype(np.float32)
+    w[1, 0:32] = 0.0
+    w[1, 5] = np.float32(1e-39)
+    w[4, 288:320] = np.float32(-2e-39) * rng.uniform(0, 1, 32).astype(np.float32)
+    qw = rng.uniform(0.1, 2.0, 512).astype(np.float32) if weighted else None
+    got = f.quantize_weighted(w, qw) if weighted else f.quantize(w)
+    with np.errstate(all="ignore"):
+        assert np.array_equal(got, mod.quantize_ref(w, quant_weights=qw))
+
+
+@pytest.mark.parametrize("tag", ["Q2_K", "Q4_K"])
+def test_flagged_rows_keep_the_range_error(tag):
+    # a row the kernel hands to the reference (a subnormal-range sub-block) that also overflows fp16:
+    # the RangeError names that row and block, as without the hand-over; a later row's never matters
+    f = quantfmt.get_format(tag)
+    w = np.random.default_rng(6).standard_normal((5, 768)).astype(np.float32)
+    w[1, 0:32] = 0.0
+    w[1, 5] = np.float32(1e-39)
+    w[3, 256:288] = 0.0
+    w[3, 260] = np.float32(1e-39)
+    w[3, 600] = np.float32(1e12)  # block 2 of row 3 overflows
+    w[4, 10] = np.float32(1e12)
+    with pytest.raises(RangeError, match="row 3, columns 512..767"):
+        f.quantize(w)
+    w[0, 300] = np.float32(1e12)  # an earlier ordinary row that overflows comes first
+    with pytest.raises(RangeError, match="row 0, columns 256..511"):
+        f.quantize(w)
+    w[0, 300], w[3, 600], w[4, 10] = 0.5, 0.5, 0.5
+    mod = importlib.import_module(f"quantfmt_formats.{tag.lower()}")
+    with np.errstate(all="ignore"):
+        assert np.array_equal(f.quantize(w), mod.quantize_ref(w))
+
+
+@pytest.mark.slow  # ~90 s: a cold compile of seven formats for the generic CPU
+def test_quantize_on_a_generic_cpu_equals_the_reference(tmp_path):
+    # the vector searches (plugins/_klanes.py, _iq4.py) are generic LLVM IR: on a CPU without AVX LLVM
+    # splits them into what it has; the bytes must stay ggml's (hostile rows included: the redo path)
+    code = textwrap.dedent("""
+        import importlib
+        import numpy as np
+        import quantfmt
+        rng = np.random.default_rng(3)
+        w = rng.standard_normal((8, 1024)).astype(np.float32)
+        w[2, :256] *= np.float32(1e-30)
+        w[3, 0:32] = 0
+        w[3, 5] = np.float32(1e-39)
+        w[4, 256:512] = 0.0
+        qw = rng.uniform(0.1, 2, 1024).astype(np.float32)
+        for tag in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4N", "IQ4X"):
+            f = quantfmt.get_format(tag)
+            mod = importlib.import_module(type(f).__module__)
+            with np.errstate(all="ignore"):
+                assert np.array_equal(f.quantize(w), mod.quantize_ref(w)), tag
+                assert np.array_equal(f.quantize_weighted(w, qw), mod.quantize_ref(w, quant_weights=qw)), tag
+        print("ok")
+    """)
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    env.pop("NUMBA_CPU_FEATURES", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ok"]
