@@ -104,7 +104,7 @@ def test_convert_in_row_blocks_is_byte_identical(tmp_path, monkeypatch):
     src = float_file(tmp_path / "in.safetensors", [(512, 256), (256, 512), (64, 256), (96, 256), (64, 128), (160, 256)])
     out = {}
     real, used = convmod._requantize_blocks, []
-    monkeypatch.setattr(convmod, "_requantize_blocks", lambda t, *a: used.append(t.name) or real(t, *a))
+    monkeypatch.setattr(convmod, "_requantize_blocks", lambda t, *a, **k: used.append(t.name) or real(t, *a, **k))
     for name, block in (("whole", 1 << 40), ("blocks", 4 * 256 * 32)):
         monkeypatch.setattr(convmod, "ROW_BLOCK_BYTES", block)
         for ext in ("safetensors", "gguf"):
@@ -127,7 +127,7 @@ def test_gguf_export_in_row_blocks_is_byte_identical(tmp_path, monkeypatch):
     d = make_folder(tmp_path / "hf", hf_weights(4, bias=True), hf_config(attention_bias=True), tokenizer=False)
     recipe = quantfmt.Recipe("Q8_0", rules=[("*.k_proj.weight", "Q4_0"), ("*.v_proj.weight", "Q4_K")])
     real, used = convmod._requantize_blocks, []
-    monkeypatch.setattr(convmod, "_requantize_blocks", lambda t, *a: used.append(t.name) or real(t, *a))
+    monkeypatch.setattr(convmod, "_requantize_blocks", lambda t, *a, **k: used.append(t.name) or real(t, *a, **k))
     out = {}
     for name, block in (("whole", 1 << 40), ("blocks", 1 << 10)):
         monkeypatch.setattr(convmod, "ROW_BLOCK_BYTES", block)

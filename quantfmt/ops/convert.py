@@ -386,7 +386,9 @@ def _retype_gguf(meta: dict, rep: ConvertReport, recipe: Recipe) -> None:
     most matrix weights does, when llama.cpp has a name for it (llm.export.file_type_kv). Kept in place; a
     conversion that changes no tensor keeps the source's key-values as they are."""
     g = meta.get("gguf")
-    kv = g.get("kv") if isinstance(g, dict) else None
+    if not isinstance(g, dict):
+        return
+    kv = g.get("kv")
     if not isinstance(kv, list) or all(s.tag == s.src_tag for s in rep.steps):
         return  # nothing converted: the key-values stay the source's, byte for byte
     from ..llm.export import file_type_kv
