@@ -29,7 +29,6 @@ from .timing import (
     loadavg,
     median_time,
     numba_parallel_sum,
-    paired_times,
     set_numba_threads,
 )
 
@@ -40,8 +39,6 @@ OPS = (*KERNEL_OPS, "startup", "cache", "e2e", "model")
 QUICK_OPS = (*KERNEL_OPS, "startup")
 # The pause after a BLAS baseline before a format's kernels are timed (OpenBLAS's threads go idle).
 BLAS_IDLE_SECONDS = 0.2
-# qmatmul figures: rounds of (float32 baseline, each mode's kernel), `repeat` of them within this budget.
-PAIRED_BUDGET_SECONDS = 8.0
 
 # Types gguf's numpy code can quantize, by our tag (F16/F32 there are plain casts, not quantizers).
 GGUF_QUANTIZERS = ("Q4_0", "Q4_1", "Q8_0", "BF16")
@@ -282,28 +279,28 @@ class Bench:
         prepared = fmt.prepare(t.data, rows, cols)
         prep = time.perf_counter() - t0
         for n, act in ((1, x), (PREFILL_N, xs)):
-            # The float32 baseline in the same rounds as this format's kernels (timing.paired_times): the
-            # machine's load drifts over a run, and a ratio must compare like with like.
-            base_fn = (lambda: w @ x) if n == 1 else (lambda: xs @ w.T)
+            # The float32 baseline again, right before this format's figures: the machine's load
+            # drifts over a run and a ratio must compare like with like. The pause lets numba's
+            # spinning pool threads go idle first (see the "interleaved" figures).
+            time.sleep(0.05)
+            if n == 1:
+                base = median_time(lambda: w @ x, self.repeat)
+            else:
+                base = median_time(lambda: xs @ w.T, self.repeat, budget=2.0)
             what = "numpy float32 W @ x" if n == 1 else "numpy float32 X @ W.T"
-            fns = [base_fn]
-            fns += [functools.partial(QTensor("w", fmt, shape, t.data).matmul, act, mode) for mode in fmt.modes]
-            # (the untimed warm-up calls do prepare() and any compile left)
-
-            def gap(i: int) -> None:
-                # OpenBLAS's threads spin (sched_yield loops) after a call, ~20 ms of CPU in the next 100 ms
-                # measured on the 2-core Xeon, and a kernel timed right then shares a core with them; numba's
-                # pool and the row threads likewise before the baseline. Let them go idle first.
-                time.sleep(BLAS_IDLE_SECONDS if i == 1 else 0.05 if i == 0 else 0.0)
-
-            secs, rounds = paired_times(fns, self.repeat, budget=PAIRED_BUDGET_SECONDS, gap=gap)
-            base = secs[0]
-            for mode, sec in zip(fmt.modes, secs[1:], strict=True):
+            # And the same courtesy the other way: OpenBLAS's threads spin (sched_yield loops) after
+            # a call, ~20 ms of CPU in the next 100 ms measured on the 2-core Xeon, and a kernel timed
+            # right then shares a core with them. Let them go idle first.
+            time.sleep(BLAS_IDLE_SECONDS)
+            for mode in fmt.modes:
+                tm = QTensor("w", fmt, shape, t.data)
+                info: dict = {}  # the untimed warm-up call does prepare() and any compile left
+                sec = median_time(functools.partial(tm.matmul, act, mode), self.repeat, info=info)
                 self.add(
                     record("qmatmul", fmt.tag, shape, n, sec, what, base, nbytes=t.nbytes + (cols * 4 + rows * 4) * n,
                            mode=mode, path=fmt.kernel_path("qmatmul", n, mode), prepare_seconds=prep,
                            prepared_bytes=getattr(prepared, "nbytes", None),
-                           samples=rounds, baseline_before_numba=f32[(shape, n)], **common)
+                           samples=info["samples"], baseline_before_numba=f32[(shape, n)], **common)
                 )
 
     # -- the whole run --

@@ -1,9 +1,7 @@
 """How the benchmark measures: thread settings, the one timing statistic, first-call cost, the probes.
 
 The statistic of every timed figure, in process or of a child process, is `median_time`: the median
-of the timed calls after one untimed warm-up call. A figure judged as a ratio to a baseline (qmatmul
-against numpy float32) is sampled interleaved with it, round by round (`paired_times`), same statistic.
-Calls shorter than a few ms are looped and divided
+of the timed calls after one untimed warm-up call. Calls shorter than a few ms are looped and divided
 so timer resolution does not matter. (A first call, a cold cache or a cold page cache happens once
 by nature: those figures are single runs, and say so.)
 """
@@ -119,48 +117,6 @@ def median_time(
     if info is not None:
         info["samples"] = len(samples)
     return float(statistics.median(samples))
-
-
-def paired_times(
-    fns: list[Callable[[], object]],
-    repeat: int,
-    budget: float | None = None,
-    gap: Callable[[int], object] | None = None,
-) -> tuple[list[float], int]:
-    """Median seconds per call of each of `fns`, sampled in rounds (one sample of each, in order, per round)
-    after one untimed warm-up call of each, and the number of rounds.
-
-    Why rounds: on a shared machine the load drifts by 2x within a minute, so a kernel and its float32
-    baseline timed one after the other, each over its own few seconds, compare two different machines.
-    Interleaved, a burst of load hits every figure of the round and their ratio holds. `gap(i)` runs
-    untimed before fns[i] in every round (e.g. a pause that lets BLAS's spinning threads go idle).
-    Short calls are looped as in median_time; sampling stops after `repeat` rounds or once the rounds
-    add up to `budget` seconds (at least one round).
-    """
-    budget = SAMPLE_BUDGET_SECONDS if budget is None else budget
-    inner = []
-    for i, fn in enumerate(fns):
-        if gap is not None:
-            gap(i)
-        t0 = time.perf_counter()
-        fn()
-        first = time.perf_counter() - t0
-        inner.append(min(1000, math.ceil(MIN_SAMPLE_SECONDS / max(first, 1e-7))) if first < MIN_SAMPLE_SECONDS else 1)
-    samples: list[list[float]] = [[] for _ in fns]
-    spent = 0.0
-    rounds = 0
-    while rounds < max(1, repeat) and (not rounds or spent < budget):
-        for i, fn in enumerate(fns):
-            if gap is not None:
-                gap(i)
-            t0 = time.perf_counter()
-            for _ in range(inner[i]):
-                fn()
-            dt = time.perf_counter() - t0
-            spent += dt
-            samples[i].append(dt / inner[i])
-        rounds += 1
-    return [float(statistics.median(s)) for s in samples], rounds
 
 
 def first_call(fn: Callable[[], object]) -> tuple[float, float]:
