@@ -76,6 +76,11 @@ def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
     common; Q4_0/Q4_1 decode in mode "f32" may take plugins/_q4simd.py."""
     if op != "qmatmul":
         return "numba"
+    if kind == "q8_0":
+        from . import _i8dot  # Q8_0's quantized-activation decode (q8_0.tiles_qmatmul)
+
+        if _i8dot.takes(n, mode):
+            return _i8dot.kernel_path()
     if takes(kind, n, mode):
         return f"int8-{PATH}"
     if kind != "q8_0" and mode == "q8_0" and PATH != "portable":

@@ -20,7 +20,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from quantfmt import get_format
 from quantfmt.families import prefill_path, prefill_threads
-from quantfmt_formats import _i4dot, _i8gemm, q4_0, q4_1, q8_0
+from quantfmt_formats import _i4dot, _i8dot, _i8gemm, q4_0, q4_1, q8_0
 
 MODULES = {"Q4_0": q4_0, "Q8_0": q8_0, "Q4_1": q4_1}
 PATHS = [*_i8gemm.available(), "portable"]
@@ -56,7 +56,10 @@ def test_int8_prefill_matches_ggml_dot(tag, path, monkeypatch):
             assert got.shape == (n, rows) and got.dtype == np.float32
             ref = mod.qmatmul_q8_ref(data, rows, cols, x)
             np.testing.assert_allclose(got, ref, rtol=0, atol=mag * 2e-6, err_msg=f"{rows}x{cols} n={n}")
-            if n >= _i8gemm.MIN_ROWS[tag.lower()] and path != "portable":
+            if tag == "Q8_0" and _i8dot.takes(n, "q8_0"):
+                # Q8_0 decodes on plugins/_i8dot.py (its own PATH, tests/test_i8dot.py) below its MIN_ROWS
+                assert fmt.kernel_path("qmatmul", n, "q8_0") == f"i8dot-{_i8dot.PATH}"
+            elif n >= _i8gemm.MIN_ROWS[tag.lower()] and path != "portable":
                 assert fmt.kernel_path("qmatmul", n, "q8_0") == f"int8-{path}"
             else:
                 # Q4_0 and Q4_1 decode on plugins/_i4dot.py (its own PATH) where the CPU has int8 dot products
