@@ -1,16 +1,17 @@
 """Quantized-activation decode of Q8_0 (qmatmul mode "q8_0", few activation rows) on int8 dot products.
 
 Owns Q8_0's decode tiles, the decode kernels (AVX512-VNNI, AVX-VNNI, AVX2; the same structure as
-plugins/_i4dot.py's, without a table) and the choice of path. Batches (from MIN_ROWS) go to plugins/_i8gemm.py (kind "q8_0"),
-CPUs without AVX2 to Q8_0's float tiles (q8_0.tiles_qmatmul).
+plugins/_i4dot.py's, without a table) and the choice of path. Batches (from MIN_ROWS) go to
+plugins/_i8gemm.py (kind "q8_0"), CPUs without AVX2 to Q8_0's float tiles (q8_0.tiles_qmatmul).
 
 What is computed is ggml's ggml_vec_dot_q8_0_q8_0: per 32-block the exact integer sum of weight
 quants times activation quants, then sum over blocks of float(sumi) * (d_w * d_x) in float32; only
 the float order differs (per row one float32 accumulator per block sequence, as ggml's scalar code).
 
 Layout. The kernels vectorize across 32 weight rows (a tile) like _i4dot's: decode_tiles() repacks the
-quants as _qtiles.tile_units does (on a 64-byte boundary) with units of 4 bytes, qn[tile, block, c (0..7), t (0..31), 4] =
-quants 4c..4c+3 of row tile*32+t's block, so one zmm (ymm) load holds 4 quants of 16 (8) rows and
+quants as _qtiles.tile_units does (on a 64-byte boundary) with units of 4 bytes,
+qn[tile, block, c (0..7), t (0..31), 4] = quants 4c..4c+3 of row tile*32+t's block, so one zmm (ymm)
+load holds 4 quants of 16 (8) rows and
     vpdpbusd(acc, w chunk, x quants 4c..4c+3 broadcast)
 adds to each lane (row) the dot of those 4 quants. vpdpbusd multiplies unsigned by signed bytes, and
 both quants are signed. Two exact ways out:

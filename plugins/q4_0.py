@@ -425,16 +425,12 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
         # Q4_0 is IQ4_NL's layout with the table -8..7: _i4dot's decode (vpshufb + int8 dot products
         # across 32 weight rows) measured ~1.7x faster than _tiles_dot_q8's int16 lanes. Q4_1 too, with
         # the table 0..15 (its bytes: 20 per block, nibbles from byte 4), plus ggml's Q8_1 term
-        # sum_b m_b * s_b below; and a cold start then compiles no _tiles_dot_q8 (2.4 s on a busy machine).
+        # sum_b m_b * s_b, in the kernel (one FMA per block and 16 rows on the m tiles); and a cold start
+        # then compiles no _tiles_dot_q8 (2.4 s on a busy machine). That term as a numpy matmul over the
+        # m tiles after the kernel, (n, nbp) @ (nbp, T) per tile, on one thread, with the activations
+        # quantized a second time for their sums, cost ~0.6-0.8 ms at 11008 x 4096: ~40% of the decode.
         if _i4dot.PATH != "portable":
-            out = _i4dot.qmatmul(lut_prepared(prep), x, mode, tag)
-            if has_m:
-                # + sum_b m[r, b] * s_x[b], s_x the fp16 sum of ggml's Q8_1 block (the same quants as
-                # Q8_0's): one small matmul per tile of m, (n, nbp) @ (nbp, T) -> (tiles, n, T)
-                _, s16, _ = quantize_activations(x, with_sum=True, tag=tag)
-                e = pad_blocks(fp16_table()[s16], nbp)
-                out += np.moveaxis(np.matmul(e, prep.m), 0, 1).reshape(n, -1)[:, : prep.rows]
-            return out
+            return _i4dot.qmatmul(lut_prepared(prep), x, mode, tag, m=prep.m if has_m else None)
     if mode == "q8_0":
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         lut = fp16_table()
