@@ -56,7 +56,9 @@ PATH = next((name for name, feats, _ in PATHS if cpu.has(*feats)), "portable")
 LANES = {name: lanes for name, _, lanes in PATHS}
 #: Activation rows from which mode "q8_0" takes the int8 kernels (below: the per-row tile kernels,
 #: which stream the weights once per row). Measured crossovers (11008 x 4096, one thread): Q4_0 at
-#: n = 4 (tiles 18.5 ms, int8 19.6), Q8_0 at n = 2 (28.1 vs 20.9 ms; n = 1: tiles 14 ms).
+#: n = 4 (tiles 18.5 ms, int8 19.6), Q8_0 at n = 2 (28.1 vs 20.9 ms; n = 1: tiles 14 ms). Where the
+#: int8 decode kernels run (plugins/_i4dot.py for Q4_0/Q4_1, plugins/_i8dot.py for Q8_0) they take
+#: the rows below their own MIN_ROWS (10-12 on zmm, 6-12 on ymm) first: they beat these kernels there.
 MIN_ROWS = {"q4_0": 4, "q4_1": 4, "q8_0": 2}
 
 
@@ -81,13 +83,13 @@ def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
 
         if _i8dot.takes(n, mode):
             return _i8dot.kernel_path()
-    if takes(kind, n, mode):
-        return f"int8-{PATH}"
     if kind != "q8_0" and mode == "q8_0" and PATH != "portable":
         from . import _i4dot  # Q4_0's and Q4_1's quantized-activation decode (q4_0.nibble_qmatmul)
 
-        if _i4dot.PATH != "portable":
+        if _i4dot.PATH != "portable" and not _i4dot.takes_prefill(n, _i4dot.PATH):
             return _i4dot.kernel_path("qmatmul", n, mode)
+    if takes(kind, n, mode):
+        return f"int8-{PATH}"
     if n >= BLAS_MIN_ROWS:
         if kind == "q4_0" and mode == "f32" and PATH != "portable":
             from . import _i4dot  # Q4_0's f32 batches: rows from the bytes (q4_0.nibble_qmatmul)

@@ -417,8 +417,6 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
     nbp = prep.nbp
     has_m = prep.m.shape[0] > 0
     kind = "q4_1" if has_m else "q4_0"
-    if _i8gemm.takes(kind, n, mode):
-        return _i8gemm.qmatmul_q8(kind, prep, x, tag)
     if mode == "q8_0" and _i8gemm.PATH != "portable":
         from . import _i4dot  # here, not at the top: it imports Q8_0's module (see test_lazy_loading)
 
@@ -429,8 +427,14 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
         # then compiles no _tiles_dot_q8 (2.4 s on a busy machine). That term as a numpy matmul over the
         # m tiles after the kernel, (n, nbp) @ (nbp, T) per tile, on one thread, with the activations
         # quantized a second time for their sums, cost ~0.6-0.8 ms at 11008 x 4096: ~40% of the decode.
-        if _i4dot.PATH != "portable":
+        # The decode also beats _i8gemm's prefill kinds "q4_0"/"q4_1" (activation rows in lanes, the
+        # weights broadcast from the ggml bytes) up to _i4dot.MIN_ROWS: 11008 x 4096, 2 threads, the
+        # AVX-512 Xeon under load, decode / prefill time: zmm n = 4 0.36-0.37, n = 8 0.47-0.58, n = 12
+        # 0.82-0.83; the AVX2 path forced on it n = 4 0.57-0.61, n = 8 0.93-1.03.
+        if _i4dot.PATH != "portable" and not _i4dot.takes_prefill(n, _i4dot.PATH):
             return _i4dot.qmatmul(lut_prepared(prep), x, mode, tag, m=prep.m if has_m else None)
+    if _i8gemm.takes(kind, n, mode):
+        return _i8gemm.qmatmul_q8(kind, prep, x, tag)
     if mode == "q8_0":
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         lut = fp16_table()

@@ -59,6 +59,10 @@ def test_int8_prefill_matches_ggml_dot(tag, path, monkeypatch):
             if tag == "Q8_0" and _i8dot.takes(n, "q8_0"):
                 # Q8_0 decodes on plugins/_i8dot.py (its own PATH, tests/test_i8dot.py) below its MIN_ROWS
                 assert fmt.kernel_path("qmatmul", n, "q8_0") == f"i8dot-{_i8dot.PATH}"
+            elif (tag != "Q8_0" and path != "portable" and _i4dot.PATH != "portable"
+                  and n < _i4dot.MIN_ROWS[_i4dot.PATH]):
+                # Q4_0 and Q4_1 decode on plugins/_i4dot.py (its own PATH) below its MIN_ROWS
+                assert fmt.kernel_path("qmatmul", n, "q8_0") == f"lut-{_i4dot.PATH}"
             elif n >= _i8gemm.MIN_ROWS[tag.lower()] and path != "portable":
                 assert fmt.kernel_path("qmatmul", n, "q8_0") == f"int8-{path}"
             else:
