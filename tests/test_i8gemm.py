@@ -89,6 +89,22 @@ def test_each_path_is_the_same_function(path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
 
 
+@pytest.mark.parametrize("path", _i8gemm.available())
+def test_q8_0_weight_bytes_of_minus_128(path):
+    # No quantizer writes a Q8_0 quant of -128, a file may hold one: every path stays exact there,
+    # against negative activations too (the AVX2 sign trick takes |w|, never -(-128)).
+    rng = np.random.default_rng(9)
+    rows, cols = 40, 256
+    data = weights(rng, rows, cols, "Q8_0")
+    data.reshape(rows, cols // 32, 34)[:, :, 2:6] = 0x80
+    prep = get_format("Q8_0").prepare(data, rows, cols)
+    x = rng.standard_normal((16, cols)).astype(np.float32)
+    x[::2] = -np.abs(x[::2])
+    got = _i8gemm.qmatmul_q8("q8_0", prep, x, "Q8_0", path)
+    ref = q8_0.qmatmul_q8_ref(data, rows, cols, x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * float(np.abs(ref).max()))
+
+
 def test_f32_mode_stays_float():
     # Mode "f32" batches never take the int8 kernels: their error stays at float32 level.
     rng = np.random.default_rng(3)
