@@ -26,6 +26,11 @@ applies, |x| (unsigned) times sign(x)*V, products within 2*127*128. Per block: o
 convert and an FMA by d_w*d_x per 16 rows; the 32 rows' d_w are Prepared.d's tiles. The weights
 cost 0.5 byte + 4/32 bytes per weight, read once per activation row (rows stay in L1/L2 for the
 next activation row of the same tile).
+
+Q4_0 and Q4_1 decode here too (q4_0.nibble_qmatmul: tables -8..7 and 0..15). Q4_1's activations are
+ggml's Q8_1 blocks, and the kernel adds its term sum_b m_b * s_b (m the minimums as Q tiles like d, s
+the fp16 sums d_x * sum(q_x)) in a second float accumulator per lane, added at the end, as
+ggml_vec_dot_q4_1_q8_1 does; an empty m skips it (one branch per block).
 """
 
 from __future__ import annotations
