@@ -26,6 +26,11 @@ applies, |x| (unsigned) times sign(x)*V, products within 2*127*128. Per block: o
 convert and an FMA by d_w*d_x per 16 rows; the 32 rows' d_w are Prepared.d's tiles. The weights
 cost 0.5 byte + 4/32 bytes per weight, read once per activation row (rows stay in L1/L2 for the
 next activation row of the same tile).
+
+Q4_0 and Q4_1 decode here too (q4_0.nibble_qmatmul: tables -8..7 and 0..15). Q4_1's activations are
+ggml's Q8_1 blocks, and the kernel adds its term sum_b m_b * s_b (m the minimums as Q tiles like d, s
+the fp16 sums d_x * sum(q_x)) in a second float accumulator per lane, added at the end, as
+ggml_vec_dot_q4_1_q8_1 does; an empty m skips it (one branch per block).
 """
 
 from __future__ import annotations
@@ -120,31 +125,40 @@ def kernel_path(op: str, n: int, mode: str) -> str:
     return f"tiles-{mode}"
 
 
-def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | None = None) -> np.ndarray:
-    """x (n, cols) float32 @ W.T in `mode` for a LutPrepared, on int8 path `path` (default PATH)."""
+def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | None = None,
+            m: np.ndarray | None = None) -> np.ndarray:
+    """x (n, cols) float32 @ W.T in `mode` for a LutPrepared, on int8 path `path` (default PATH).
+
+    m: Q4_1's block minimums as Q tiles like prep.d (mode "q8_0", int8 paths only): then the
+    activations are ggml's Q8_1 blocks and the decode adds sum_b m_b * s_b (ggml_vec_dot_q4_1_q8_1)."""
     path = path or PATH
     n = x.shape[0]
     if mode == "f32" and n >= BLAS_MIN_ROWS and path != "portable":
         return blas_rows(prep, x)
     if mode == "f32" or path == "portable":
         return qmatmul_int8(prep.int8(), x, mode, tag)
+    sxb = np.zeros((n, 0), np.float32)
     if mode == "q8_k":
         qx, dxb = q8_k_blocks(x, tag)
     else:
-        d16, _, qx = quantize_activations(x, with_sum=False, tag=tag)
+        d16, s16, qx = quantize_activations(x, with_sum=m is not None, tag=tag)
         dxb = fp16_table()[d16]
+        if m is not None:
+            sxb = fp16_table()[s16]  # ggml's Q8_1 s = d_x * sum(q_x), rounded to fp16
     # vpdpbusd wants the table unsigned (V + 128, undone by the accumulators' start); the sign trick
     # of the AVX2 path wants V itself
     table = prep.table.view(np.uint8) if path == "avx2" else (prep.table.astype(np.int16) + 128).astype(np.uint8)
-    if takes_prefill(n, path):
+    if takes_prefill(n, path) and m is None:
         return _i8gemm.gemm_lut(prep.raw, prep.layout, table, prep.d, prep.nbp * T, prep.rows, qx, dxb, path)
     nb = dxb.shape[1]
     cx = np.zeros((n, nb), np.int32) if path == "avx2" else qx.sum(-1, dtype=np.int32) * np.int32(-128)
     tiles = prep.d.shape[0]
     out = np.empty((n, tiles * T), np.float32)
     threads = decode_threads(prep.rows, prep.cols)
+    mt = np.zeros(0, np.float32) if m is None else m.reshape(-1)  # empty: the kernel skips the m term
     parallel_rows(_DECODE[path], threads, 1, prep.qn(), prep.d, table, np.ascontiguousarray(qx).reshape(n, -1),
-                  np.ascontiguousarray(dxb), cx, out, nb, np.zeros(1, np.int64), weights=1)
+                  np.ascontiguousarray(dxb), cx, mt, np.ascontiguousarray(sxb, np.float32), out, nb,
+                  np.zeros(1, np.int64), weights=1)
     return out[:, : prep.rows]
 
 
@@ -316,14 +330,17 @@ def _make_decode(isa: str):
     vi16 = ir.VectorType(ir.IntType(16), 2 * lanes)
 
     @intrinsic
-    def kern(typingctx, qn, d, tab, xq, dx, cx, out, tl, nb, nbp):
-        sig = types.void(qn, d, tab, xq, dx, cx, out, tl, nb, nbp)
+    def kern(typingctx, qn, d, tab, xq, dx, cx, m, sx, out, tl, nb, nbp):
+        sig = types.void(qn, d, tab, xq, dx, cx, m, sx, out, tl, nb, nbp)
 
         def codegen(context, builder, signature, args):
             at = signature.args
-            qp, dp, tp, xp, dxp, cxp, outp = (context.make_array(at[i])(context, builder, args[i]).data
-                                              for i in range(7))
-            tlv, nbv, nbpv = args[7], args[8], args[9]
+            qp, dp, tp, xp, dxp, cxp, mp, sxp, outp = (context.make_array(at[i])(context, builder, args[i]).data
+                                                       for i in range(9))
+            tlv, nbv, nbpv = args[9], args[10], args[11]
+            # Q4_1's m term, where m is not empty: a branch per block, the same way every block
+            msize = builder.extract_value(context.make_array(at[6])(context, builder, args[6]).shape, 0)
+            has_m = builder.icmp_signed(">", msize, ir.Constant(_I64, 0))
             mod = builder.module
             fma = mod.declare_intrinsic(f"llvm.fmuladd.v{lanes}f32", (), ir.FunctionType(vf32, [vf32] * 3))
             pshufb = mod.declare_intrinsic("llvm.x86.avx512.pshuf.b.512" if lanes == 16 else "llvm.x86.avx2.pshuf.b",
@@ -365,6 +382,8 @@ def _make_decode(isa: str):
 
             zero_f = ir.Constant(vf32, [0.0] * lanes)
             faccs = [cgutils.alloca_once_value(builder, zero_f) for _ in range(parts)]
+            # ggml sums the m * s terms apart from the d terms and adds the two at the end
+            maccs = [cgutils.alloca_once_value(builder, zero_f) for _ in range(parts)]
             mask4 = ir.Constant(vi32, [0x0F0F0F0F] * lanes)
             four = ir.Constant(vi32, [4] * lanes)
             tbase = builder.mul(tlv, nbpv)
@@ -393,10 +412,16 @@ def _make_decode(isa: str):
                     dv = vload(dp, builder.add(doff, c64(lanes * p)), vf32, 4)
                     f = builder.load(faccs[p])
                     builder.store(builder.call(fma, [builder.sitofp(accs[p], vf32), builder.fmul(dv, s), f]), faccs[p])
+                with builder.if_then(has_m):
+                    sm = splat(builder.load(builder.gep(sxp, [b])), vf32)
+                    for p in range(parts):
+                        mv = vload(mp, builder.add(doff, c64(lanes * p)), vf32, 4)
+                        builder.store(builder.call(fma, [mv, sm, builder.load(maccs[p])]), maccs[p])
             obase = builder.mul(tlv, c64(T))
             for p in range(parts):
                 ptr = builder.gep(outp, [builder.add(obase, c64(p * lanes))])
-                builder.store(builder.load(faccs[p]), builder.bitcast(ptr, vf32.as_pointer()), align=4)
+                res = builder.fadd(builder.load(faccs[p]), builder.load(maccs[p]))
+                builder.store(res, builder.bitcast(ptr, vf32.as_pointer()), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -419,41 +444,41 @@ TILE_CHUNK = 4
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode_avx512vnni(qn, d, tab, xq, dx, cx, out, nb, counter, _c0, _c1):
+def _decode_avx512vnni(qn, d, tab, xq, dx, cx, m, sx, out, nb, counter, _c0, _c1):
     tiles, nbp = qn.shape[0], qn.shape[1]
-    q, dd = qn.reshape(-1), d.reshape(-1)
+    q, dd, mm = qn.reshape(-1), d.reshape(-1), m.reshape(-1)
     chunks = (tiles + TILE_CHUNK - 1) // TILE_CHUNK
     ch = claim(counter)
     while ch < chunks:
         for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
             for i in range(xq.shape[0]):
-                _dk_avx512vnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+                _dk_avx512vnni(q, dd, tab, xq[i], dx[i], cx[i], mm, sx[i], out[i], tl, nb, nbp)
         ch = claim(counter)
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode_avxvnni(qn, d, tab, xq, dx, cx, out, nb, counter, _c0, _c1):
+def _decode_avxvnni(qn, d, tab, xq, dx, cx, m, sx, out, nb, counter, _c0, _c1):
     tiles, nbp = qn.shape[0], qn.shape[1]
-    q, dd = qn.reshape(-1), d.reshape(-1)
+    q, dd, mm = qn.reshape(-1), d.reshape(-1), m.reshape(-1)
     chunks = (tiles + TILE_CHUNK - 1) // TILE_CHUNK
     ch = claim(counter)
     while ch < chunks:
         for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
             for i in range(xq.shape[0]):
-                _dk_avxvnni(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+                _dk_avxvnni(q, dd, tab, xq[i], dx[i], cx[i], mm, sx[i], out[i], tl, nb, nbp)
         ch = claim(counter)
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode_avx2(qn, d, tab, xq, dx, cx, out, nb, counter, _c0, _c1):
+def _decode_avx2(qn, d, tab, xq, dx, cx, m, sx, out, nb, counter, _c0, _c1):
     tiles, nbp = qn.shape[0], qn.shape[1]
-    q, dd = qn.reshape(-1), d.reshape(-1)
+    q, dd, mm = qn.reshape(-1), d.reshape(-1), m.reshape(-1)
     chunks = (tiles + TILE_CHUNK - 1) // TILE_CHUNK
     ch = claim(counter)
     while ch < chunks:
         for tl in range(ch * TILE_CHUNK, min(tiles, ch * TILE_CHUNK + TILE_CHUNK)):
             for i in range(xq.shape[0]):
-                _dk_avx2(q, dd, tab, xq[i], dx[i], cx[i], out[i], tl, nb, nbp)
+                _dk_avx2(q, dd, tab, xq[i], dx[i], cx[i], mm, sx[i], out[i], tl, nb, nbp)
         ch = claim(counter)
 
 

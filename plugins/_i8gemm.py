@@ -23,7 +23,7 @@ unsigned operand of vpdpbusd and the activations the signed one; Q4_0's "q - 8" 
 per block and lane, the initial value of the block's accumulator. Q8_0's weights are signed, so they
 are flipped to q_w + 128 (xor 0x80 on the 4 loaded bytes) and the accumulator starts at -128*sum(q_x). vpmaddubsw (AVX2)
 saturates its int16 pair sums, which 255*127*2 would overflow: there Q8_0 uses ggml's sign trick,
-|x| times sign(x)*w (vpabsb, vpsignb), and products stay within 2*127*127.
+|w| times sign(w)*x (vpabsb, vpsignb), and products stay within 2*128*127 (a weight byte of -128 included).
 Register tile: RW weight rows x V vectors of activation rows; per block 8*RW*V dot instructions,
 then per (row, vector) one int->float convert and two float ops for the scales. The weight rows of a
 work item are a few KB and the activations (cols bytes per row) stay in L2 across work items.
@@ -56,7 +56,9 @@ PATH = next((name for name, feats, _ in PATHS if cpu.has(*feats)), "portable")
 LANES = {name: lanes for name, _, lanes in PATHS}
 #: Activation rows from which mode "q8_0" takes the int8 kernels (below: the per-row tile kernels,
 #: which stream the weights once per row). Measured crossovers (11008 x 4096, one thread): Q4_0 at
-#: n = 4 (tiles 18.5 ms, int8 19.6), Q8_0 at n = 2 (28.1 vs 20.9 ms; n = 1: tiles 14 ms).
+#: n = 4 (tiles 18.5 ms, int8 19.6), Q8_0 at n = 2 (28.1 vs 20.9 ms; n = 1: tiles 14 ms). Where the
+#: int8 decode kernels run (plugins/_i4dot.py for Q4_0/Q4_1, plugins/_i8dot.py for Q8_0) they take
+#: the rows below their own MIN_ROWS (10-12 on zmm, 6-12 on ymm) first: they beat these kernels there.
 MIN_ROWS = {"q4_0": 4, "q4_1": 4, "q8_0": 2}
 
 
@@ -76,13 +78,18 @@ def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
     common; Q4_0/Q4_1 decode in mode "f32" may take plugins/_q4simd.py."""
     if op != "qmatmul":
         return "numba"
-    if takes(kind, n, mode):
-        return f"int8-{PATH}"
+    if kind == "q8_0":
+        from . import _i8dot  # Q8_0's quantized-activation decode (q8_0.tiles_qmatmul)
+
+        if _i8dot.takes(n, mode):
+            return _i8dot.kernel_path()
     if kind != "q8_0" and mode == "q8_0" and PATH != "portable":
         from . import _i4dot  # Q4_0's and Q4_1's quantized-activation decode (q4_0.nibble_qmatmul)
 
-        if _i4dot.PATH != "portable":
+        if _i4dot.PATH != "portable" and not _i4dot.takes_prefill(n, _i4dot.PATH):
             return _i4dot.kernel_path("qmatmul", n, mode)
+    if takes(kind, n, mode):
+        return f"int8-{PATH}"
     if n >= BLAS_MIN_ROWS:
         if kind == "q4_0" and mode == "f32" and PATH != "portable":
             from . import _i4dot  # Q4_0's f32 batches: rows from the bytes (q4_0.nibble_qmatmul)
@@ -189,7 +196,7 @@ def _make_kernel(kind: str, isa: str, rw: int, nv: int):
                     return builder.call(dpbusd, [acc, wu8, xs8])
                 a = builder.bitcast(wu8, vi8)
                 b = builder.bitcast(xs8, vi8)
-                if xabs is not None:  # Q8_0: |x| * (sign(x) * w), both within int8
+                if xabs is not None:  # the table formats: |x| * (sign(x) * V), V within -127..127
                     a, b = xabs, builder.call(psignb, [a, b])
                 p = builder.call(maddubs, [a, b])
                 return builder.add(acc, builder.call(maddwd, [p, ones16]))
@@ -235,7 +242,7 @@ def _make_kernel(kind: str, isa: str, rw: int, nv: int):
                     if nibbles:
                         xh = [vload(xp, builder.add(xbase[v], c64(4 * lanes * (c + 4))), vi32, 4) for v in range(nv)]
                     xabs = xhabs = None
-                    if (lut or not nibbles) and isa == "avx2":
+                    if lut and isa == "avx2":
                         xabs = [builder.call(pabsb, [builder.bitcast(x, vi8), ir.Constant(ir.IntType(1), 0)])
                                 for x in xs]
                     if lut and isa == "avx2":
@@ -256,9 +263,19 @@ def _make_kernel(kind: str, isa: str, rw: int, nv: int):
                             for v in range(nv):
                                 accs[i][v] = dot(dot(accs[i][v], lo, xs[v], None if xabs is None else xabs[v]),
                                                  hi, xh[v], None if xhabs is None else xhabs[v])
+                        elif isa == "avx2":
+                            # Q8_0: |w| * (sign(w) * x), as ggml's AVX2 code: |w| read unsigned is 128 for
+                            # a weight byte of -128 (a file may hold one) and x is never -128, so every
+                            # product is exact; |x| * (sign(x) * w) would wrap -(-128) to -128
+                            w8 = builder.bitcast(wv, vi8)
+                            wabs = builder.call(pabsb, [w8, ir.Constant(ir.IntType(1), 0)])
+                            for v in range(nv):
+                                sx8 = builder.call(psignb, [builder.bitcast(xs[v], vi8), w8])
+                                pr = builder.call(maddubs, [wabs, sx8])
+                                accs[i][v] = builder.add(accs[i][v], builder.call(maddwd, [pr, ones16]))
                         else:
                             for v in range(nv):
-                                accs[i][v] = dot(accs[i][v], wv, xs[v], None if xabs is None else xabs[v])
+                                accs[i][v] = dot(accs[i][v], wv, xs[v])
                 # scales: acc_f += float(sumi) * (d_w * d_x)  (+ m_w * s_x)
                 dxs = [vload(dxp, builder.mul(gb[v], c64(lanes)), vf32, 4) for v in range(nv)]
                 sxs = [vload(sxp, builder.mul(gb[v], c64(lanes)), vf32, 4) for v in range(nv)] if has_m else None

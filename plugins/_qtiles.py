@@ -59,7 +59,7 @@ class Prepared:
     (plugins/_i8gemm.py), or None.
     """
 
-    __slots__ = ("rows", "cols", "_q", "_make_q", "d", "m", "raw", "lut")
+    __slots__ = ("rows", "cols", "_q", "_make_q", "d", "m", "raw", "lut", "dec")
 
     def __init__(self, rows: int, cols: int, q, d: np.ndarray, m: np.ndarray,
                  raw: np.ndarray | None = None):
@@ -68,6 +68,7 @@ class Prepared:
         self._q, self._make_q = (None, q) if callable(q) else (q, None)
         self.rows, self.cols, self.d, self.m, self.raw = rows, cols, d, m, raw
         self.lut = None  # Q4_0's decode form for plugins/_i4dot.py, made on first use
+        self.dec = None  # Q8_0's decode tiles for plugins/_i8dot.py, made on first use
 
     @property
     def q(self) -> np.ndarray:
@@ -85,10 +86,11 @@ class Prepared:
 
     @property
     def nbytes(self) -> int:
-        made = [a for a in (self._q, self.d, self.m) if a is not None]
+        made = [a for a in (self._q, self.d, self.m, self.dec) if a is not None]
         if self.lut is not None:
             made += [self.lut.d] + ([self.lut._qn] if self.lut._qn is not None else [])
-        return sum(a.nbytes for a in made)
+        # each array once: the decode form's d is this d (q4_0.lut_prepared)
+        return sum({id(a): a.nbytes for a in made}.values())
 
     def __repr__(self) -> str:
         return f"<Prepared {self.rows}x{self.cols} in {self.tiles} tiles of {T} rows, {self.nbytes} bytes>"

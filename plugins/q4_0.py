@@ -417,24 +417,24 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
     nbp = prep.nbp
     has_m = prep.m.shape[0] > 0
     kind = "q4_1" if has_m else "q4_0"
-    if _i8gemm.takes(kind, n, mode):
-        return _i8gemm.qmatmul_q8(kind, prep, x, tag)
     if mode == "q8_0" and _i8gemm.PATH != "portable":
         from . import _i4dot  # here, not at the top: it imports Q8_0's module (see test_lazy_loading)
 
         # Q4_0 is IQ4_NL's layout with the table -8..7: _i4dot's decode (vpshufb + int8 dot products
         # across 32 weight rows) measured ~1.7x faster than _tiles_dot_q8's int16 lanes. Q4_1 too, with
         # the table 0..15 (its bytes: 20 per block, nibbles from byte 4), plus ggml's Q8_1 term
-        # sum_b m_b * s_b below; and a cold start then compiles no _tiles_dot_q8 (2.4 s on a busy machine).
-        if _i4dot.PATH != "portable":
-            out = _i4dot.qmatmul(lut_prepared(prep), x, mode, tag)
-            if has_m:
-                # + sum_b m[r, b] * s_x[b], s_x the fp16 sum of ggml's Q8_1 block (the same quants as
-                # Q8_0's): one small matmul per tile of m, (n, nbp) @ (nbp, T) -> (tiles, n, T)
-                _, s16, _ = quantize_activations(x, with_sum=True, tag=tag)
-                e = pad_blocks(fp16_table()[s16], nbp)
-                out += np.moveaxis(np.matmul(e, prep.m), 0, 1).reshape(n, -1)[:, : prep.rows]
-            return out
+        # sum_b m_b * s_b, in the kernel (one FMA per block and 16 rows on the m tiles); and a cold start
+        # then compiles no _tiles_dot_q8 (2.4 s on a busy machine). That term as a numpy matmul over the
+        # m tiles after the kernel, (n, nbp) @ (nbp, T) per tile, on one thread, with the activations
+        # quantized a second time for their sums, cost ~0.6-0.8 ms at 11008 x 4096: ~40% of the decode.
+        # The decode also beats _i8gemm's prefill kinds "q4_0"/"q4_1" (activation rows in lanes, the
+        # weights broadcast from the ggml bytes) up to _i4dot.MIN_ROWS: 11008 x 4096, 2 threads, the
+        # AVX-512 Xeon under load, decode / prefill time: zmm n = 4 0.36-0.37, n = 8 0.47-0.58, n = 12
+        # 0.82-0.83; the AVX2 path forced on it n = 4 0.57-0.61, n = 8 0.93-1.03.
+        if _i4dot.PATH != "portable" and not _i4dot.takes_prefill(n, _i4dot.PATH):
+            return _i4dot.qmatmul(lut_prepared(prep), x, mode, tag, m=prep.m if has_m else None)
+    if _i8gemm.takes(kind, n, mode):
+        return _i8gemm.qmatmul_q8(kind, prep, x, tag)
     if mode == "q8_0":
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         lut = fp16_table()

@@ -28,7 +28,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows, prefill_threads
 
-from . import _i8gemm
+from . import _i8dot, _i8gemm
 from ._ggml import (
     QK,
     f32_to_f16_bits,
@@ -162,7 +162,9 @@ def _dequantize_kernel(blocks, lut, idx, out):
 # prepare() repacks into tiles of T rows: q[tile, block, j, t] int8 = element j of the block
 # of row tile*T + t, d[tile, block, t] float32. 1 byte per weight plus 4 bytes of scale per
 # block: 1.06x the bytes.
-# One kernel serves both modes: int8 weights times the activation values, summed in float32
+# Mode "q8_0" with one activation row takes int8 dot products instead where the CPU has them
+# (plugins/_i8dot.py, its own tiles), batches plugins/_i8gemm.py. Elsewhere
+# one kernel serves both modes: int8 weights times the activation values, summed in float32
 # per block, 4 partial sums per row to hide the FMA latency, vectorized across the T rows
 # (vpmovsxbd + vcvtdq2ps + vfmadd per 8 weights). In mode "q8_0" the activations are ggml's
 # int8 quants as floats: every product and every block sum (<= 32*127*127 < 2**24) is an
@@ -173,9 +175,20 @@ def _dequantize_kernel(blocks, lut, idx, out):
 def tile_q8(data: np.ndarray, rows: int, cols: int) -> Prepared:
     blk = data.reshape(rows, cols // QK, BLOCK_BYTES)
     d = fp16_table()[blk[:, :, 0].astype(np.uint16) | (blk[:, :, 1].astype(np.uint16) << 8)]
-    q = tile_units(blk, rows, 2, 1).view(np.int8)[..., 0]
-    # the bytes themselves stay referenced for the int8 prefill kernels (plugins/_i8gemm.py)
-    return Prepared(rows, cols, q, to_tiles(d, rows), np.zeros((0, 0, T), np.float32), data)
+    # The float tiles q are made on first use, as the int8 decode tiles (decode_tiles below): a matrix
+    # multiplied only in mode "q8_0" never reads q (batches read the bytes themselves, plugins/_i8gemm.py,
+    # which stay referenced), one only in mode "f32" never the decode tiles. Either costs 1 byte per
+    # weight (1.06x the file's bytes with d); a matrix used in both modes holds both (2.06x).
+    return Prepared(rows, cols, lambda: tile_units(blk, rows, 2, 1).view(np.int8)[..., 0], to_tiles(d, rows),
+                    np.zeros((0, 0, T), np.float32), data)
+
+
+def decode_tiles(prep: Prepared) -> np.ndarray:
+    """Q8_0's int8 decode tiles (plugins/_i8dot.py), made on first use and kept in prep.dec."""
+    if prep.dec is None:
+        prep.dec = _i8dot.decode_tiles(np.asarray(prep.raw).reshape(prep.rows, prep.cols // QK, BLOCK_BYTES),
+                                       prep.rows)
+    return prep.dec
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -242,6 +255,9 @@ def dequant_tiles(prep: Prepared, t0: int, t1: int, wt: np.ndarray, serial: bool
 def tiles_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
     n = x.shape[0]
     nbp = prep.nbp
+    if _i8dot.takes(n, mode):
+        # a few activation rows: int8 dot products across 32 weight rows (plugins/_i8dot.py)
+        return _i8dot.qmatmul(decode_tiles(prep), prep.d, prep.rows, prep.cols, x, tag)
     if _i8gemm.takes("q8_0", n, mode):
         return _i8gemm.qmatmul_q8("q8_0", prep, x, tag)
     if mode == "q8_0":
@@ -282,7 +298,7 @@ class Q8_0(GGMLFormat):
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):
-        # Tiles of T rows (see "fast qmatmul" above): 1.125 bytes per weight, 1.06x the bytes.
+        # Tiles of T rows (see "fast qmatmul" above and tile_q8): 1.125 bytes per weight, 1.06x the bytes.
         return tile_q8(data, rows, cols)
 
     def _qmatmul(self, prep, rows, cols, x, mode):

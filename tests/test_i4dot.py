@@ -151,3 +151,29 @@ def test_cpus_with_less(features, paths):
     out = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == paths * 2
+
+
+@pytest.mark.parametrize("path", _i8gemm.available())
+@pytest.mark.parametrize("tag", ["Q4_0", "Q4_1"])
+def test_q4_decode_on_each_path(tag, path, monkeypatch):
+    # Q4_0 and Q4_1 decode here too (q4_0.nibble_qmatmul), Q4_1 with ggml's Q8_1 term sum_b m_b * s_b
+    # added in the kernel: every path against ggml's dot (qmatmul_q8_ref), on padded shapes.
+    from quantfmt_formats import q4_0, q4_1
+
+    monkeypatch.setattr(_i4dot, "PATH", path)
+    mod = {"Q4_0": q4_0, "Q4_1": q4_1}[tag]
+    rng = np.random.default_rng(11)
+    fmt = get_format(tag)
+    for rows, cols in ((1, 32), (37, 96), (70, 1024)):
+        w = weights(rng, rows, cols) if cols >= 96 else rng.standard_normal((rows, cols)).astype(np.float32)
+        data = fmt.quantize(w).reshape(-1)
+        wq = fmt.dequantize(data, (rows, cols))
+        prep = fmt.prepare(data, rows, cols)
+        for n in (1, 2, 3):
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            x[0, :32] *= 1e-3
+            mag = float((np.abs(x) @ np.abs(wq).T).max())
+            got = fmt.qmatmul(data, (rows, cols), x, "q8_0", prepared=prep)
+            np.testing.assert_allclose(got, mod.qmatmul_q8_ref(data, rows, cols, x), rtol=0, atol=mag * 2e-6,
+                                       err_msg=f"{rows}x{cols} n={n}")
+            assert fmt.kernel_path("qmatmul", n, "q8_0") == f"lut-{path}"

@@ -20,7 +20,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from quantfmt import get_format
 from quantfmt.families import prefill_path, prefill_threads
-from quantfmt_formats import _i4dot, _i8gemm, q4_0, q4_1, q8_0
+from quantfmt_formats import _i4dot, _i8dot, _i8gemm, q4_0, q4_1, q8_0
 
 MODULES = {"Q4_0": q4_0, "Q8_0": q8_0, "Q4_1": q4_1}
 PATHS = [*_i8gemm.available(), "portable"]
@@ -56,7 +56,14 @@ def test_int8_prefill_matches_ggml_dot(tag, path, monkeypatch):
             assert got.shape == (n, rows) and got.dtype == np.float32
             ref = mod.qmatmul_q8_ref(data, rows, cols, x)
             np.testing.assert_allclose(got, ref, rtol=0, atol=mag * 2e-6, err_msg=f"{rows}x{cols} n={n}")
-            if n >= _i8gemm.MIN_ROWS[tag.lower()] and path != "portable":
+            if tag == "Q8_0" and _i8dot.takes(n, "q8_0"):
+                # Q8_0 decodes on plugins/_i8dot.py (its own PATH, tests/test_i8dot.py) below its MIN_ROWS
+                assert fmt.kernel_path("qmatmul", n, "q8_0") == f"i8dot-{_i8dot.PATH}"
+            elif (tag != "Q8_0" and path != "portable" and _i4dot.PATH != "portable"
+                  and n < _i4dot.MIN_ROWS[_i4dot.PATH]):
+                # Q4_0 and Q4_1 decode on plugins/_i4dot.py (its own PATH) below its MIN_ROWS
+                assert fmt.kernel_path("qmatmul", n, "q8_0") == f"lut-{_i4dot.PATH}"
+            elif n >= _i8gemm.MIN_ROWS[tag.lower()] and path != "portable":
                 assert fmt.kernel_path("qmatmul", n, "q8_0") == f"int8-{path}"
             else:
                 # Q4_0 and Q4_1 decode on plugins/_i4dot.py (its own PATH) where the CPU has int8 dot products
@@ -80,6 +87,22 @@ def test_each_path_is_the_same_function(path):
         a = _i8gemm.qmatmul_q8(tag.lower(), prep, x, tag, path)
         b = _i8gemm.qmatmul_q8(tag.lower(), prep, x, tag, _i8gemm.available()[-1])
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("path", _i8gemm.available())
+def test_q8_0_weight_bytes_of_minus_128(path):
+    # No quantizer writes a Q8_0 quant of -128, a file may hold one: every path stays exact there,
+    # against negative activations too (the AVX2 sign trick takes |w|, never -(-128)).
+    rng = np.random.default_rng(9)
+    rows, cols = 40, 256
+    data = weights(rng, rows, cols, "Q8_0")
+    data.reshape(rows, cols // 32, 34)[:, :, 2:6] = 0x80
+    prep = get_format("Q8_0").prepare(data, rows, cols)
+    x = rng.standard_normal((16, cols)).astype(np.float32)
+    x[::2] = -np.abs(x[::2])
+    got = _i8gemm.qmatmul_q8("q8_0", prep, x, "Q8_0", path)
+    ref = q8_0.qmatmul_q8_ref(data, rows, cols, x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * float(np.abs(ref).max()))
 
 
 def test_f32_mode_stays_float():

@@ -90,18 +90,19 @@ def test_prepared_memory_cost(rng):
     for tag, per_block in (("Q4_0", 16 + 4), ("Q4_1", 16 + 8), ("Q8_0", 32 + 4)):
         fmt, data = get_format(tag), weights(rng, rows, cols, tag)
         prep = fmt.prepare(data, rows, cols)
-        if tag != "Q8_0":
-            # Q4_0 and Q4_1 make their tiles on first use: with quantized activations they read the
-            # bytes (prefill) or _i4dot's decode tiles (0.5 byte/weight), never both
-            scales = per_block - 16
-            assert prep.nbytes == rows * cols // 32 * scales
-            fmt.qmatmul(data, (rows, cols), rng.standard_normal((1, cols)).astype(np.float32), "q8_0",
-                        prepared=prep)
-            if prep.lut is not None:
-                assert prep._q is None and prep.nbytes == rows * cols // 32 * (scales + 4 + 16)
-            fmt.qmatmul(data, (rows, cols), rng.standard_normal((1, cols)).astype(np.float32), "f32",
-                        prepared=prep)
-            prep.lut = None
+        # All three make their tiles on first use: with quantized activations they read the bytes
+        # (prefill) or their decode tiles (_i4dot's: 0.5 byte/weight, which share prep.d; Q8_0's
+        # _i8dot: 1 byte/weight), never both
+        quants = 32 if tag == "Q8_0" else 16
+        scales = per_block - quants
+        assert prep.nbytes == rows * cols // 32 * scales
+        fmt.qmatmul(data, (rows, cols), rng.standard_normal((1, cols)).astype(np.float32), "q8_0",
+                    prepared=prep)
+        if prep.lut is not None or prep.dec is not None:
+            assert prep._q is None and prep.nbytes == rows * cols // 32 * (scales + quants)
+        fmt.qmatmul(data, (rows, cols), rng.standard_normal((1, cols)).astype(np.float32), "f32",
+                    prepared=prep)
+        prep.lut = prep.dec = None
         assert prep.nbytes == rows * cols // 32 * per_block
 
 
