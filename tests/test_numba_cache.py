@@ -144,3 +144,53 @@ def test_a_fallback_dir_others_can_write_is_refused(monkeypatch, tmp_path):
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.setattr(numba_cache, "fallback_dir", lambda: str(link))
     assert numba_cache.ensure_writable() is None
+
+
+# Every kernel of every built-in format, run in a fresh process whose kernels come from numba's cache
+# through quantfmt's light load (numba_cache.light_cache_loads: no target-context refresh), against
+# the same calls in this process. Prints per format the CRC32 of each result, and the dispatchers
+# that had to compile (a cache miss runs numba's full pipeline, refresh included: not a light load).
+LIGHT_CHILD = textwrap.dedent(r"""
+    import json, math, sys, zlib
+    import numpy as np
+    from quantfmt import QTensor, formats
+
+    def results(tag, fmt):
+        br, bc = fmt.block_shape
+        shape = (math.lcm(br, 64), math.lcm(bc, 256))
+        w = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        t = QTensor.quantize(w, tag)
+        out = [t.data, t.dequantize(), t.rows(np.arange(0, shape[0], 3))]
+        for mode in fmt.modes:
+            out += [t.matmul(w[0], mode), t.matmul(w, mode)]
+        return [zlib.crc32(np.ascontiguousarray(a).tobytes()) for a in out]
+
+    tags = [t for t, f in formats().items() if f.can_quantize and f.value_kind == "f"]
+    got = {t: results(t, formats()[t]) for t in tags}
+    if len(sys.argv) > 1:
+        from numba.core.caching import Cache
+        from numba.core.dispatcher import Dispatcher
+        import gc
+        misses = sorted({d.py_func.__module__ + "." + d.py_func.__name__ for d in gc.get_objects()
+                         if isinstance(d, Dispatcher) and d.py_func.__module__.startswith("quantfmt")
+                         and sum(d.stats.cache_misses.values())})
+        light = (Cache.load_overload.__doc__ or "").startswith("quantfmt's light")
+        print(json.dumps({"results": got, "misses": misses, "light": light}))
+    else:
+        print(json.dumps({"results": got}))
+""")
+
+
+def test_light_cache_loads_run_every_kernel_as_numba_loads_them():
+    env = {k: v for k, v in os.environ.items() if k != numba_cache.LIGHT_ENV}
+    # numba's own loads (the full refresh) first: they also fill the cache for the light process
+    full = subprocess.run([sys.executable, "-c", LIGHT_CHILD], capture_output=True, text=True,
+                          env={**env, numba_cache.LIGHT_ENV: "0"})
+    assert full.returncode == 0, full.stderr[-2000:]
+    light = subprocess.run([sys.executable, "-c", LIGHT_CHILD, "light"], capture_output=True, text=True, env=env)
+    assert light.returncode == 0, light.stderr[-2000:]
+    a = json.loads(full.stdout.strip().splitlines()[-1])
+    b = json.loads(light.stdout.strip().splitlines()[-1])
+    assert b["light"], "the light load was not installed"
+    assert b["misses"] == [], f"kernels compiled instead of loading from the cache: {b['misses']}"
+    assert b["results"] == a["results"]
