@@ -144,8 +144,9 @@ def light_cache_loads() -> bool:
     it can call must be in LLVM's symbol table, which numba fills in four places only: when the CPU
     context is made (numba's C helpers, libm), `rtsys.initialize` (the NRT: allocation, refcounts),
     `numba.cpython.hashing`'s import (the hash secret) and a parallel kernel's own reload hooks
-    (the thread pool, run by the load itself). The light load does the two that a refresh does and
-    then numba's own `_load_overload`. Registries matter only to compiling, and every compile (a cache
+    (the thread pool, run by the load itself). The light load does the two that a refresh does (the
+    hashing import only for object code that names its symbols) and then what numba's own
+    `_load_overload` does. Registries matter only to compiling, and every compile (a cache
     miss, another signature, a kernel of the user's) runs numba's pipeline, which refreshes both
     contexts first. Only functions defined in quantfmt's modules and plugins go this way (their kernels
     are tested loaded so, in fresh processes); any other function is loaded as numba does.
@@ -173,10 +174,21 @@ def light_cache_loads() -> bool:
         if not mod.startswith(_LIGHT_PREFIXES):
             return full(self, sig, target_context)
         rtsys.initialize(target_context)  # the NRT's symbols (once per process; numba's refresh does this)
-        import numba.cpython.hashing  # noqa: F401  (its import registers the hash secret's symbols)
-
         with self._guard_against_spurious_io_errors():
-            return self._load_overload(sig, target_context)
+            # numba's _load_overload, with one step between reading and linking: the hash secret's
+            # symbols are registered (by importing numba's hashing module, 10-16 ms) only when the
+            # cached object code names them (none of quantfmt's kernels hashes; a str/dict one would)
+            cache_file, impl = getattr(self, "_cache_file", None), getattr(self, "_impl", None)
+            if not getattr(self, "_enabled", False) or cache_file is None or impl is None:
+                if getattr(self, "_enabled", True):
+                    import numba.cpython.hashing  # noqa: F401
+                return self._load_overload(sig, target_context)
+            data = cache_file.load(self._index_key(sig, target_context.codegen()))
+            if data is None:
+                return None
+            if _names_or_unknown(data, b"_numba_hashsecret_"):
+                import numba.cpython.hashing  # noqa: F401  (its import registers those symbols)
+            return impl.rebuild(target_context, data)
 
     load_overload.__doc__ = "quantfmt's light cache load (quantfmt.numba_cache.light_cache_loads)"
     cls.load_overload = load_overload
@@ -185,3 +197,17 @@ def light_cache_loads() -> bool:
 
 
 _light_installed: bool | None = None
+
+
+def _names_or_unknown(data, symbol: bytes) -> bool:
+    """Whether the bytes in a cached function's data (its object code among them) contain `symbol`;
+    True as well when the data holds no bytes at all (a layout this check does not know)."""
+    blobs: list = []
+    todo = [data]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, (bytes, bytearray)):
+            blobs.append(o)
+        elif isinstance(o, (tuple, list)):
+            todo.extend(o)
+    return not blobs or any(symbol in b for b in blobs)

@@ -194,3 +194,10 @@ def test_light_cache_loads_run_every_kernel_as_numba_loads_them():
     assert b["light"], "the light load was not installed"
     assert b["misses"] == [], f"kernels compiled instead of loading from the cache: {b['misses']}"
     assert b["results"] == a["results"]
+
+
+def test_hash_secret_check_finds_the_symbol_or_assumes_it():
+    names = numba_cache._names_or_unknown
+    assert names(("lib", "object", (b"..._numba_hashsecret_siphash_k0...", b"x")), b"_numba_hashsecret_")
+    assert not names(("lib", "object", (b"NRT_incref", bytearray(b"y"))), b"_numba_hashsecret_")
+    assert names(("no", "bytes", ("at", "all")), b"_numba_hashsecret_")  # a layout it does not know
