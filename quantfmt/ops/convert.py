@@ -241,8 +241,6 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
     model.safetensors.index.json, written last, or for *.gguf llama.cpp's split files
     (NAME-00001-of-0000N.gguf, the first written last); a rerun keeps the shards already complete.
     """
-    from .parallel import as_executor, auto_jobs
-
     r = Recipe.coerce(recipe if recipe is not None else Recipe(default=None))
     if strict:
         r = dataclasses.replace(r, fallback=None)
@@ -252,6 +250,8 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
 
         max_shard_size = parse_size(max_shard_size)
     if executor is not None:
+        from .parallel import as_executor  # here, not above: --jobs 1 never needs ops.parallel (start-up)
+
         executor = as_executor(executor)
     inputs = input_files(in_path)
     if max_shard_size is None:
@@ -263,6 +263,8 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
         meta = {k: v for k, v in src.metadata.items() if k != RECIPE_KEY}
         rec = record(r, rep.steps)
         if jobs is None:  # auto: a worker per CPU, unless starting them costs more than they save
+            from .parallel import auto_jobs
+
             jobs = auto_jobs(sum(rep.in_bytes[s.name] for s in rep.steps if not s.copy))
         if jobs < 1:
             raise QuantfmtError(f"jobs must be at least 1, not {jobs}")
