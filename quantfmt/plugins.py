@@ -205,7 +205,7 @@ def _load_one(reg: _Registry, name: str, source: str, loader, strict: bool) -> N
     try:
         # Importing a plugin imports numba (~10^5 objects, no garbage): the collector's passes over
         # that growing heap were ~8 % of loading Q4_0's plugin; it runs once afterwards instead.
-        with paused():
+        with paused(freeze=True):  # the `quantfmt` command: its objects frozen (gcpause.freeze_imports)
             module = loader()
         if not reg.light_checked and "numba.core.caching" in sys.modules:
             from . import numba_cache

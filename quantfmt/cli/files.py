@@ -189,7 +189,11 @@ def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, dry_r
     are copied byte for byte. 1-D tensors and norms stay as they are unless a rule names them
     explicitly (its pattern has no '*', or mentions 'norm').
     """
-    from ..recipe import Recipe
+    from ..gcpause import paused
+
+    with paused(freeze=True):  # numpy and the modules a conversion runs: no collection while they load
+        from ..ops import convert as _  # noqa: F401
+        from ..recipe import Recipe
 
     # Nothing said: every tensor keeps its format (a lossless change of container).
     recipe = Recipe.from_options(to=to, rules=rules, fallback=fallback, strict=strict, file=recipe_file)
