@@ -144,3 +144,27 @@ def test_convert_in_row_blocks_writes_the_whole_tensor_bytes(monkeypatch, tmp_pa
     with quantfmt.open_model(tmp_path / f"out-{1 << 16}.safetensors") as m:
         for name in ("w", "v"):
             assert np.array_equal(m[name].data, ref[name].data)
+
+
+def test_prefetch_pages_asks_for_the_views_pages_of_a_map_only(tmp_path, monkeypatch):
+    import mmap
+
+    p = tmp_path / "x.bin"
+    p.write_bytes(bytes(range(256)) * (1 << 13))  # 2 MiB
+    arr, close = files.map_readonly(p)
+    base = arr.ctypes.data
+    seen = []
+    real = files._advise
+
+    def spy(a, advice):
+        seen.append((a.ctypes.data - base, a.nbytes, advice))
+        real(a, advice)
+
+    monkeypatch.setattr(files, "_advise", spy)
+    files.prefetch_pages(arr[4096:4096 + (1 << 20)])
+    files.prefetch_pages(arr[:100])  # tiny: not worth a syscall
+    files.prefetch_pages(np.zeros(1 << 20, np.uint8))  # not a map: _advise finds no mmap and does nothing
+    assert seen[0] == (4096, 1 << 20, mmap.MADV_WILLNEED) and len(seen) == 2
+    assert bytes(arr[4096:4100]) == bytes(range(0, 4))  # the data unchanged
+    arr = None
+    close()
