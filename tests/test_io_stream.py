@@ -168,3 +168,24 @@ def test_prefetch_pages_asks_for_the_views_pages_of_a_map_only(tmp_path, monkeyp
     assert bytes(arr[4096:4100]) == bytes(range(0, 4))  # the data unchanged
     arr = None
     close()
+
+
+def test_read_ahead_is_a_hint_that_never_fails(tmp_path):
+    import os
+    import time
+
+    from quantfmt.io.readahead import read_ahead
+
+    p = tmp_path / "m.bin"
+    p.write_bytes(b"x" * (3 << 20))
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    read_ahead(p, 1 << 30)
+    read_ahead(tmp_path, 1 << 20)  # a directory: nothing
+    read_ahead(tmp_path / "missing", 1 << 20)  # no file: nothing (the command reports it)
+    if fds is not None:  # the helper thread closes its descriptor when it is done
+        for _ in range(100):
+            if len(os.listdir("/proc/self/fd")) <= fds:
+                break
+            time.sleep(0.01)
+        assert len(os.listdir("/proc/self/fd")) <= fds
+    assert p.read_bytes() == b"x" * (3 << 20)
