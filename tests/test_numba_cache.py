@@ -201,3 +201,24 @@ def test_hash_secret_check_finds_the_symbol_or_assumes_it():
     assert names(("lib", "object", (b"..._numba_hashsecret_siphash_k0...", b"x")), b"_numba_hashsecret_")
     assert not names(("lib", "object", (b"NRT_incref", bytearray(b"y"))), b"_numba_hashsecret_")
     assert names(("no", "bytes", ("at", "all")), b"_numba_hashsecret_")  # a layout it does not know
+
+
+_COMPILE_AFTER_LIGHT = textwrap.dedent("""
+    import numpy as np, numba, quantfmt
+    quantfmt.get_format("Q4_0").quantize(np.ones((64, 1024), np.float32))  # its kernel: a light load
+
+    @numba.njit
+    def f(a):  # needs what the light load skipped: dict, set and str-hash lowering (numba's refresh)
+        d = {0: 0.0, 1: 0.0, 2: 0.0}
+        for i in range(a.size):
+            d[i % 3] = d[i % 3] + a[i]
+        s = {"a", "b"}
+        return np.sort(a)[-1] + d[0] + len(s) + (hash("abc") - hash("abc"))
+
+    print(f(np.arange(10.0)))
+""")
+
+
+def test_a_compile_after_light_loads_gets_numbas_full_context():
+    out = subprocess.check_output([sys.executable, "-W", "ignore", "-c", _COMPILE_AFTER_LIGHT], text=True)
+    assert float(out.split()[-1]) == 29.0
