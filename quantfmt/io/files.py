@@ -570,6 +570,13 @@ def open_for_write(tmp):
     there and then (its replace-via-truncate safeguard), 43 ms on the caller's thread for a 67 MB
     output; the fsync that follows does that work anyway (and start_writeback began it earlier)."""
     try:
-        return os.fdopen(os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)), "wb")
+        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
+        raise FileFormatError(f"cannot write: {e.strerror or e}") from None
+    try:
+        return os.fdopen(fd, "wb")
+    except BaseException as e:
+        os.close(fd)
+        if not isinstance(e, OSError):
+            raise
         raise FileFormatError(f"cannot write: {e.strerror or e}") from None
