@@ -10,7 +10,7 @@ import click
 from .output import output_options, size
 
 # `convert` asks for this much of its input file (from the start) to be read while it starts up
-# (io.files.read_ahead); the conversion then asks for each next row block in turn (prefetch_pages).
+# (io.readahead.read_ahead); the conversion then asks for each next row block in turn (prefetch_pages).
 # Bounded so that a model larger than memory does not push its own first tensors out of the cache.
 READ_AHEAD_BYTES = 256 << 20
 
