@@ -65,11 +65,25 @@ def n_chunks(rows: int, cols: int, weights: int = 65536) -> int:
 MIN_THREADED_WEIGHTS = 1 << 20
 
 
+def num_threads() -> int:
+    """numba.get_num_threads(), without starting numba's thread pool only to read it.
+
+    numba.get_num_threads() launches the threading layer first (its library, multiprocessing's
+    import, a thread per CPU): 19-36 ms measured on a 2-core machine, a few % of a `quantfmt
+    convert`, which runs no parallel=True kernel (parallel_rows uses Python threads). Until the
+    layer is launched nobody can have called numba.set_num_threads (it launches it too), so the
+    answer is then numba's documented default, config.NUMBA_NUM_THREADS."""
+    import numba
+    from numba.np.ufunc import parallel
+
+    if getattr(parallel, "_is_initialized", True) is False:
+        return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]  # (numba ships no stubs)
+    return numba.get_num_threads()
+
+
 def decode_threads(rows: int, cols: int) -> int:
     """Threads a decode kernel of a rows x cols matrix should claim work on."""
-    import numba
-
-    return 1 if rows * cols < MIN_THREADED_WEIGHTS else numba.get_num_threads()
+    return 1 if rows * cols < MIN_THREADED_WEIGHTS else num_threads()
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None  # helper threads of parallel_rows
@@ -92,7 +106,7 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
     import numba
 
     nchunk = n_chunks(rows, cols, weights)
-    nthreads = min(numba.get_num_threads(), nchunk)  # honours numba.set_num_threads, as prange does
+    nthreads = min(num_threads(), nchunk)  # honours numba.set_num_threads, as prange does
     if nthreads <= 1 or getattr(_in_rows, "active", False):
         # one range, or called from inside a range (a prefill tile's dequantize_kernel): this thread
         # does it all; handing work to the pool from one of its own threads could wait forever
@@ -154,9 +168,7 @@ PREFILL_TILE = 1 << 20
 def prefill_threads() -> int:
     """Threads tiles_prefill() runs its sgemms on, or 0 where callers must keep their fallback: numpy's
     BLAS threads cannot be set here (quantfmt.blas.available()), or there is one thread only."""
-    import numba
-
-    t = numba.get_num_threads()
+    t = num_threads()
     return t if PER_THREAD_PREFILL and t > 1 and blas.available() else 0
 
 

@@ -12,6 +12,9 @@ checked to be ours: numba's cache index is a pickle, so a directory someone else
 write into must never be used). It does not import numba (plugins that need no kernel,
 such as the plain formats, load without it).
 
+`light_cache_loads()` makes loading a quantfmt kernel from the on-disk cache skip numba's context
+refresh (what it is and why it is safe: its docstring), a third of a `quantfmt convert`'s start-up.
+
 `choose_threading_layer()` makes numba's workqueue layer the default (why, with figures:
 quantfmt.numba_threads), without importing numba either: before numba loads it sets the
 environment variable numba's config reads, after, the config itself. A user's NUMBA_THREADING_LAYER
@@ -123,3 +126,88 @@ def choose_threading_layer() -> str | None:
     if numba is not None and hasattr(numba, "config"):  # already loaded: its config was read
         numba.config.THREADING_LAYER = THREADING_LAYER
     return THREADING_LAYER
+
+
+# Set to 0 for numba's own cache loads (the full context refresh before the first), e.g. to compare.
+LIGHT_ENV = "QUANTFMT_NUMBA_LIGHT_LOAD"
+_LIGHT_PREFIXES = ("quantfmt.", "quantfmt_formats.")
+
+
+def light_cache_loads() -> bool:
+    """Load quantfmt's cached kernels without numba's full target-context refresh; True if installed.
+
+    numba's Cache.load_overload calls `target_context.refresh()` before reading a cached function.
+    The first refresh in a process imports ~30 of numba's lowering modules (arraymath, linalg, random,
+    typed containers, unicode, ...) and installs their registries in the typing and target contexts:
+    0.15-0.4 s measured on a 2-core machine, the largest single step of a `quantfmt convert` after
+    the imports. A cache load needs none of it: the cached object code is linked as it is, and what
+    it can call must be in LLVM's symbol table, which numba fills in four places only: when the CPU
+    context is made (numba's C helpers, libm), `rtsys.initialize` (the NRT: allocation, refcounts),
+    `numba.cpython.hashing`'s import (the hash secret) and a parallel kernel's own reload hooks
+    (the thread pool, run by the load itself). The light load does the two that a refresh does (the
+    hashing import only for object code that names its symbols) and then what numba's own
+    `_load_overload` does. Registries matter only to compiling, and every compile (a cache
+    miss, another signature, a kernel of the user's) runs numba's pipeline, which refreshes both
+    contexts first. Only functions defined in quantfmt's modules and plugins go this way (their kernels
+    are tested loaded so, in fresh processes); any other function is loaded as numba does.
+
+    Installed once, after numba is imported (by the first plugin that needs it); a no-op if numba's
+    Cache lacks what it relies on, or LIGHT_ENV is 0."""
+    global _light_installed
+    if _light_installed is not None:
+        return _light_installed
+    _light_installed = False
+    if os.environ.get(LIGHT_ENV, "1") in ("0", ""):
+        return False
+    caching = sys.modules.get("numba.core.caching")
+    if caching is None:
+        return False
+    cls = getattr(caching, "Cache", None)
+    full = getattr(cls, "load_overload", None)
+    if cls is None or full is None or not all(hasattr(cls, a) for a in ("_load_overload",
+                                                                         "_guard_against_spurious_io_errors")):
+        return False
+    from numba.core.runtime import rtsys
+
+    def load_overload(self, sig, target_context):
+        mod = getattr(getattr(self, "_py_func", None), "__module__", None) or ""
+        if not mod.startswith(_LIGHT_PREFIXES):
+            return full(self, sig, target_context)
+        rtsys.initialize(target_context)  # the NRT's symbols (once per process; numba's refresh does this)
+        with self._guard_against_spurious_io_errors():
+            # numba's _load_overload, with one step between reading and linking: the hash secret's
+            # symbols are registered (by importing numba's hashing module, 10-16 ms) only when the
+            # cached object code names them (none of quantfmt's kernels hashes; a str/dict one would)
+            cache_file, impl = getattr(self, "_cache_file", None), getattr(self, "_impl", None)
+            if not getattr(self, "_enabled", False) or cache_file is None or impl is None:
+                if getattr(self, "_enabled", True):
+                    import numba.cpython.hashing  # noqa: F401
+                return self._load_overload(sig, target_context)
+            data = cache_file.load(self._index_key(sig, target_context.codegen()))
+            if data is None:
+                return None
+            if _names_or_unknown(data, b"_numba_hashsecret_"):
+                import numba.cpython.hashing  # noqa: F401  (its import registers those symbols)
+            return impl.rebuild(target_context, data)
+
+    load_overload.__doc__ = "quantfmt's light cache load (quantfmt.numba_cache.light_cache_loads)"
+    cls.load_overload = load_overload
+    _light_installed = True
+    return True
+
+
+_light_installed: bool | None = None
+
+
+def _names_or_unknown(data, symbol: bytes) -> bool:
+    """Whether the bytes in a cached function's data (its object code among them) contain `symbol`;
+    True as well when the data holds no bytes at all (a layout this check does not know)."""
+    blobs: list = []
+    todo = [data]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, (bytes, bytearray)):
+            blobs.append(o)
+        elif isinstance(o, (tuple, list)):
+            todo.extend(o)
+    return not blobs or any(symbol in b for b in blobs)

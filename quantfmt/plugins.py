@@ -55,6 +55,7 @@ class _Registry:
         self.tried: set[tuple[str, str]] = set()  # (name, source) of plugins loaded or failed: never twice
         self.complete = False  # every plugin tried (not just the built-ins some tags needed)
         self.cache_checked = False  # numba_cache.ensure_writable() has run
+        self.light_checked = False  # numba_cache.light_cache_loads() has run (numba was loaded)
 
 
 _lock = threading.RLock()
@@ -204,8 +205,13 @@ def _load_one(reg: _Registry, name: str, source: str, loader, strict: bool) -> N
     try:
         # Importing a plugin imports numba (~10^5 objects, no garbage): the collector's passes over
         # that growing heap were ~8 % of loading Q4_0's plugin; it runs once afterwards instead.
-        with paused():
+        with paused(freeze=True):  # the `quantfmt` command: its objects frozen (gcpause.freeze_imports)
             module = loader()
+        if not reg.light_checked and "numba.core.caching" in sys.modules:
+            from . import numba_cache
+
+            numba_cache.light_cache_loads()  # numba is loaded; no kernel has run yet (they run on first use)
+            reg.light_checked = True
         if reg.pm.is_registered(module):
             return
         reg.pm.register(module, name=name)

@@ -288,3 +288,27 @@ def test_convert_memory_per_tiny_tensor(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak / (1 << 14) < 1300, f"{peak / (1 << 14):.0f} bytes per tensor"
+
+
+_FREEZE_CHILD = """
+import gc, sys
+from quantfmt import gcpause, plugins
+if sys.argv[1] == "cli":
+    gcpause.freeze_imports()  # what the `quantfmt` command does
+plugins.get_format("Q4_0")
+print(gc.get_freeze_count(), gc.isenabled())
+"""
+
+
+@pytest.mark.parametrize("who", ["cli", "library"])
+def test_plugin_imports_are_frozen_only_in_the_command(who):
+    import subprocess
+    import sys
+
+    out = subprocess.check_output([sys.executable, "-c", _FREEZE_CHILD, who], text=True).split()
+    frozen, enabled = int(out[-2]), out[-1]
+    assert enabled == "True"
+    if who == "cli":
+        assert frozen > 10_000  # numba and the plugin: out of the collector's generations
+    else:
+        assert frozen == 0  # a library never freezes its host program's objects

@@ -144,3 +144,48 @@ def test_convert_in_row_blocks_writes_the_whole_tensor_bytes(monkeypatch, tmp_pa
     with quantfmt.open_model(tmp_path / f"out-{1 << 16}.safetensors") as m:
         for name in ("w", "v"):
             assert np.array_equal(m[name].data, ref[name].data)
+
+
+def test_prefetch_pages_asks_for_the_views_pages_of_a_map_only(tmp_path, monkeypatch):
+    import mmap
+
+    p = tmp_path / "x.bin"
+    p.write_bytes(bytes(range(256)) * (1 << 13))  # 2 MiB
+    arr, close = files.map_readonly(p)
+    base = arr.ctypes.data
+    seen = []
+    real = files._advise
+
+    def spy(a, advice):
+        seen.append((a.ctypes.data - base, a.nbytes, advice))
+        real(a, advice)
+
+    monkeypatch.setattr(files, "_advise", spy)
+    files.prefetch_pages(arr[4096:4096 + (1 << 20)])
+    files.prefetch_pages(arr[:100])  # tiny: not worth a syscall
+    files.prefetch_pages(np.zeros(1 << 20, np.uint8))  # not a map: _advise finds no mmap and does nothing
+    assert seen[0] == (4096, 1 << 20, mmap.MADV_WILLNEED) and len(seen) == 2
+    assert bytes(arr[4096:4100]) == bytes(range(0, 4))  # the data unchanged
+    arr = None
+    close()
+
+
+def test_read_ahead_is_a_hint_that_never_fails(tmp_path):
+    import os
+    import time
+
+    from quantfmt.io.readahead import read_ahead
+
+    p = tmp_path / "m.bin"
+    p.write_bytes(b"x" * (3 << 20))
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    read_ahead(p, 1 << 30)
+    read_ahead(tmp_path, 1 << 20)  # a directory: nothing
+    read_ahead(tmp_path / "missing", 1 << 20)  # no file: nothing (the command reports it)
+    if fds is not None:  # the helper thread closes its descriptor when it is done
+        for _ in range(100):
+            if len(os.listdir("/proc/self/fd")) <= fds:
+                break
+            time.sleep(0.01)
+        assert len(os.listdir("/proc/self/fd")) <= fds
+    assert p.read_bytes() == b"x" * (3 << 20)

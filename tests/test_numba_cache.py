@@ -144,3 +144,81 @@ def test_a_fallback_dir_others_can_write_is_refused(monkeypatch, tmp_path):
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.setattr(numba_cache, "fallback_dir", lambda: str(link))
     assert numba_cache.ensure_writable() is None
+
+
+# Every kernel of every built-in format, run in a fresh process whose kernels come from numba's cache
+# through quantfmt's light load (numba_cache.light_cache_loads: no target-context refresh), against
+# the same calls in this process. Prints per format the CRC32 of each result, and the dispatchers
+# that had to compile (a cache miss runs numba's full pipeline, refresh included: not a light load).
+LIGHT_CHILD = textwrap.dedent(r"""
+    import json, math, sys, zlib
+    import numpy as np
+    from quantfmt import QTensor, formats
+
+    def results(tag, fmt):
+        br, bc = fmt.block_shape
+        shape = (math.lcm(br, 64), math.lcm(bc, 256))
+        w = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        t = QTensor.quantize(w, tag)
+        out = [t.data, t.dequantize(), t.rows(np.arange(0, shape[0], 3))]
+        for mode in fmt.modes:
+            out += [t.matmul(w[0], mode), t.matmul(w, mode)]
+        return [zlib.crc32(np.ascontiguousarray(a).tobytes()) for a in out]
+
+    tags = [t for t, f in formats().items() if f.can_quantize and f.value_kind == "f"]
+    got = {t: results(t, formats()[t]) for t in tags}
+    if len(sys.argv) > 1:
+        from numba.core.caching import Cache
+        from numba.core.dispatcher import Dispatcher
+        import gc
+        misses = sorted({d.py_func.__module__ + "." + d.py_func.__name__ for d in gc.get_objects()
+                         if isinstance(d, Dispatcher) and d.py_func.__module__.startswith("quantfmt")
+                         and sum(d.stats.cache_misses.values())})
+        light = (Cache.load_overload.__doc__ or "").startswith("quantfmt's light")
+        print(json.dumps({"results": got, "misses": misses, "light": light}))
+    else:
+        print(json.dumps({"results": got}))
+""")
+
+
+def test_light_cache_loads_run_every_kernel_as_numba_loads_them():
+    env = {k: v for k, v in os.environ.items() if k != numba_cache.LIGHT_ENV}
+    # numba's own loads (the full refresh) first: they also fill the cache for the light process
+    full = subprocess.run([sys.executable, "-c", LIGHT_CHILD], capture_output=True, text=True,
+                          env={**env, numba_cache.LIGHT_ENV: "0"})
+    assert full.returncode == 0, full.stderr[-2000:]
+    light = subprocess.run([sys.executable, "-c", LIGHT_CHILD, "light"], capture_output=True, text=True, env=env)
+    assert light.returncode == 0, light.stderr[-2000:]
+    a = json.loads(full.stdout.strip().splitlines()[-1])
+    b = json.loads(light.stdout.strip().splitlines()[-1])
+    assert b["light"], "the light load was not installed"
+    assert b["misses"] == [], f"kernels compiled instead of loading from the cache: {b['misses']}"
+    assert b["results"] == a["results"]
+
+
+def test_hash_secret_check_finds_the_symbol_or_assumes_it():
+    names = numba_cache._names_or_unknown
+    assert names(("lib", "object", (b"..._numba_hashsecret_siphash_k0...", b"x")), b"_numba_hashsecret_")
+    assert not names(("lib", "object", (b"NRT_incref", bytearray(b"y"))), b"_numba_hashsecret_")
+    assert names(("no", "bytes", ("at", "all")), b"_numba_hashsecret_")  # a layout it does not know
+
+
+_COMPILE_AFTER_LIGHT = textwrap.dedent("""
+    import numpy as np, numba, quantfmt
+    quantfmt.get_format("Q4_0").quantize(np.ones((64, 1024), np.float32))  # its kernel: a light load
+
+    @numba.njit
+    def f(a):  # needs what the light load skipped: dict, set and str-hash lowering (numba's refresh)
+        d = {0: 0.0, 1: 0.0, 2: 0.0}
+        for i in range(a.size):
+            d[i % 3] = d[i % 3] + a[i]
+        s = {"a", "b"}
+        return np.sort(a)[-1] + d[0] + len(s) + (hash("abc") - hash("abc"))
+
+    print(f(np.arange(10.0)))
+""")
+
+
+def test_a_compile_after_light_loads_gets_numbas_full_context():
+    out = subprocess.check_output([sys.executable, "-W", "ignore", "-c", _COMPILE_AFTER_LIGHT], text=True)
+    assert float(out.split()[-1]) == 29.0

@@ -36,6 +36,7 @@ import numpy as np, numba
 from quantfmt import QTensor
 t = QTensor.quantize(np.ones((128, 256), np.float32), "Q8_A", name="w")
 t.matmul(np.ones(256, np.float32))
+numba.get_num_threads()  # starts numba's pool (quantize's Python threads and a small decode need none)
 print(numba.threading_layer())
 """
 
@@ -82,3 +83,21 @@ def test_kernels_called_from_several_python_threads_at_once():
     p = subprocess.run([sys.executable, "-c", _THREADS_CHILD], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == "bad 0"
+
+
+_POOL_CHILD = """
+import numpy as np, numba
+from numba.np.ufunc import parallel
+from quantfmt.families import num_threads
+from quantfmt import QTensor
+QTensor.quantize(np.ones((1024, 4096), np.float32), "Q4_0")  # parallel_rows: Python threads
+before = (parallel._is_initialized, num_threads())
+print(before[0], before[1] == numba.get_num_threads(), parallel._is_initialized)
+numba.set_num_threads(1)
+print(num_threads())
+"""
+
+
+def test_num_threads_reads_numbas_count_without_starting_its_pool():
+    out = subprocess.check_output([sys.executable, "-c", _POOL_CHILD], text=True).strip().splitlines()
+    assert out[-2:] == ["False True True", "1"]

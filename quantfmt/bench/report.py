@@ -382,7 +382,8 @@ SENTENCES = {
     ),
     "convert": lambda r: (
         f"{r['what']}: {r['file_mb']:.0f} MB -> {r['out_mb']:.0f} MB in {r['seconds']:.2f} s "
-        f"({r['gbps'] * 1e3:.0f} MB/s of input, wall time incl. start-up), "
+        f"({r['gbps'] * 1e3:.0f} MB/s of input, wall time incl. start-up"
+        + (f", median of {r['runs']} runs" if (r.get("runs") or 1) > 1 else "") + "), "
         f"peak RSS {fmt(r['peak_rss_mb'], '.0f')} MB; target {r.get('target') or '-'} {r.get('status') or ''}."
         + (f" Note: {r['bytecode_note']}." if r.get("bytecode_note") else "")
     ),

@@ -87,6 +87,9 @@ FULL_EXIT_ENV = "QUANTFMT_FULL_EXIT"
 
 def main() -> None:
     """The `quantfmt` console command: run it, then leave without the interpreter's teardown (_exit)."""
+    from ..gcpause import freeze_imports
+
+    freeze_imports()  # a short-lived process: plugin imports leave the collector's sight (gcpause)
     try:
         cli(prog_name="quantfmt")  # click's standalone mode exits with the command's code itself
     except SystemExit as e:

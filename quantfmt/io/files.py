@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -91,10 +91,26 @@ def release_pages(arr) -> None:
     """
     if getattr(arr, "nbytes", 0) < _SMALL:
         return  # a syscall per tiny tensor costs more than the few pages it would give back
+    _advise(arr, getattr(mmap, "MADV_DONTNEED", None))
+
+
+def prefetch_pages(arr) -> None:
+    """Ask the kernel to start reading the file pages under `arr` (a view of a map opened here) into
+    the page cache now, without waiting (MADV_WILLNEED): a streaming conversion asks for the next row
+    block while it quantizes this one, so an input that is not in the page cache is read while the
+    CPUs work instead of page fault by page fault, each one waiting for the disk. Pages already
+    cached cost a walk over them (microseconds for 32 MB); nothing is mapped, so resident memory
+    does not grow."""
+    if getattr(arr, "nbytes", 0) < _SMALL:
+        return
+    _advise(arr, getattr(mmap, "MADV_WILLNEED", None))
+
+
+def _advise(arr, advice) -> None:
     root = arr
     while isinstance(root, np.ndarray) and not _mapped(root.base):
         root = root.base
-    if not isinstance(root, np.ndarray) or not hasattr(mmap, "MADV_DONTNEED") or arr.size == 0:
+    if not isinstance(root, np.ndarray) or advice is None or arr.size == 0:
         return
     # the loop stopped at the array whose base _mapped() accepted: an mmap, or a memoryview of one
     mm = cast(mmap.mmap, root.base.obj if isinstance(root.base, memoryview) else root.base)
@@ -104,7 +120,7 @@ def release_pages(arr) -> None:
     start = off // _PAGE * _PAGE
     stop = min(-(-(off + arr.nbytes) // _PAGE) * _PAGE, len(mm))
     with contextlib.suppress(OSError, ValueError):
-        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        mm.madvise(advice, start, stop - start)
 
 
 _GGUF_SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<k>[0-9]{5})-of-(?P<n>[0-9]{5})\.gguf$")
@@ -406,6 +422,40 @@ def _write_one(f, parts: list, pad: int, n: int) -> None:
         write(f, b"\0" * pad)
     if n >= _SMALL:
         flush(f)  # each large tensor goes out as it is done: the file grows as the work progresses
+        if n >= _ASYNC_MIN:
+            start_writeback(f)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages, wait for none
+_sync_file_range: Any = None  # libc's sync_file_range once looked up; False where there is none
+
+
+def start_writeback(f) -> None:
+    """Ask the kernel to start writing the open file's dirty pages to disk now, without waiting (Linux's
+    sync_file_range(SYNC_FILE_RANGE_WRITE); elsewhere nothing). Only a head start: the output is made
+    durable by atomic_output's fsync, as ever, and an error there (not here) is the one reported.
+
+    Why: the fsync that publishes an output waited for all of it (and on ext4 the close before it
+    allocated its blocks): ~50-80 ms for the 67 MB of a 500 MB model's Q4_0 conversion on this 2-core
+    VM, all after the last tensor. Started tensor by tensor on the writer thread, that work overlaps
+    the quantizing of the next tensor and the fsync finds most of the file already on its way."""
+    global _sync_file_range
+    fn = _sync_file_range
+    if fn is None:
+        fn = False
+        if hasattr(os, "sched_getaffinity"):  # Linux (the call is Linux's own)
+            try:
+                import ctypes
+
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError, ImportError):
+                fn = False
+        _sync_file_range = fn
+    if fn is not False:
+        with contextlib.suppress(OSError, ValueError):
+            fn(f.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)  # offset 0, nbytes 0: the whole file; GIL released
 
 
 def _done(p, n: int, progress) -> None:
@@ -515,7 +565,18 @@ def flush(f) -> None:
 
 
 def open_for_write(tmp):
+    """The (new, empty) temporary file of atomic_output, opened for writing without O_TRUNC: on ext4
+    closing a file that was truncated to 0 starts writing all of it back and allocates its blocks
+    there and then (its replace-via-truncate safeguard), 43 ms on the caller's thread for a 67 MB
+    output; the fsync that follows does that work anyway (and start_writeback began it earlier)."""
     try:
-        return open(tmp, "wb")
+        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
+        raise FileFormatError(f"cannot write: {e.strerror or e}") from None
+    try:
+        return os.fdopen(fd, "wb")
+    except BaseException as e:
+        os.close(fd)
+        if not isinstance(e, OSError):
+            raise
         raise FileFormatError(f"cannot write: {e.strerror or e}") from None

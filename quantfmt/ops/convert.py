@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import QuantfmtError, context, memory_error
 from ..gcpause import paused
-from ..io.files import SMALL_BYTES, TensorPlan, check_output, plans_from_model, release_pages
+from ..io.files import SMALL_BYTES, TensorPlan, check_output, plans_from_model, prefetch_pages, release_pages
 from ..recipe import Recipe, Step, record
 from ..sources import RECIPE_KEY, input_files, open_model, writer_for
 
@@ -36,6 +36,9 @@ from ..sources import RECIPE_KEY, input_files, open_model, writer_for
 # of 16 / 32 / 64 MiB, 1.14x / 1.12x / 1.11x for Q8_0, 1.03x / 1.02x / 1.02x for Q4_K (~12 ms per
 # 180 MB of Q4_0, a few % of a conversion's wall time).
 ROW_BLOCK_BYTES = 32 << 20
+# Tensors at least this large have their first row block's pages asked for (io.files.prefetch_pages)
+# while the tensor before them is converted.
+_PREFETCH_MIN = 1 << 20
 
 
 def _requantize(t, tag: str, file, chunks: bool = False):
@@ -95,6 +98,8 @@ def _requantize_blocks(t, fmt, rows: int, cols: int, step: int, chunks: bool = F
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         part = t.data[r0 // in_rows * in_group : r1 // in_rows * in_group]
+        if r1 < rows:  # the next block read from disk (if it is not cached) while this one is quantized
+            prefetch_pages(t.data[r1 // in_rows * in_group : min(rows, r1 + step) // in_rows * in_group])
         w = part.view("<f4").reshape(r1 - r0, cols) if t.tag == "F32" else src.dequantize(part, (r1 - r0, cols))
         try:
             q = fmt.quantize(w)
@@ -241,8 +246,6 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
     model.safetensors.index.json, written last, or for *.gguf llama.cpp's split files
     (NAME-00001-of-0000N.gguf, the first written last); a rerun keeps the shards already complete.
     """
-    from .parallel import as_executor, auto_jobs
-
     r = Recipe.coerce(recipe if recipe is not None else Recipe(default=None))
     if strict:
         r = dataclasses.replace(r, fallback=None)
@@ -252,6 +255,8 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
 
         max_shard_size = parse_size(max_shard_size)
     if executor is not None:
+        from .parallel import as_executor  # here, not above: --jobs 1 never needs ops.parallel (start-up)
+
         executor = as_executor(executor)
     inputs = input_files(in_path)
     if max_shard_size is None:
@@ -263,6 +268,8 @@ def convert(in_path, out_path, recipe=None, *, overwrite: bool = False, strict: 
         meta = {k: v for k, v in src.metadata.items() if k != RECIPE_KEY}
         rec = record(r, rep.steps)
         if jobs is None:  # auto: a worker per CPU, unless starting them costs more than they save
+            from .parallel import auto_jobs
+
             jobs = auto_jobs(sum(rep.in_bytes[s.name] for s in rep.steps if not s.copy))
         if jobs < 1:
             raise QuantfmtError(f"jobs must be at least 1, not {jobs}")
@@ -353,6 +360,7 @@ class _Plan:
             # cycles, and the first one loads numba's kernels (its target context: ~10^5 new objects),
             # where the collector's repeated passes cost ~0.08 s of a 500 MB Q4_0 conversion.
             permuted = job.exp is not None and s.name in job.exp.permute  # needs the whole tensor's bytes
+            self._prefetch_next()
             with paused():
                 data = _requantize(job.src[s.name], s.tag, job.src.path, chunks=not permuted)
         if job.exp is not None and s.name in job.exp.permute:
@@ -360,6 +368,18 @@ class _Plan:
 
             data = permute_rows(data, s.tag, job.rep.shapes[s.name], job.exp.permute[s.name], name=s.name)
         return data
+
+    def _prefetch_next(self) -> None:
+        """Start reading the first row block of the next tensor (prefetch_pages) while this one is converted."""
+        steps = self.job.rep.steps
+        if self.i + 1 >= len(steps):
+            return
+        nxt = steps[self.i + 1]
+        if self.job.rep.in_bytes[nxt.name] < _PREFETCH_MIN:
+            return  # small tensors: not worth loading a source (2**20 tiny tensors)
+        with contextlib.suppress(Exception):  # only a hint: the tensor is read (and errors raised) in its turn
+            data = self.job.src.source(nxt.name).load()
+            prefetch_pages(data[:ROW_BLOCK_BYTES] if isinstance(data, np.ndarray) else data)
 
     def after(self) -> None:
         s, job = self.step, self.job
