@@ -262,20 +262,28 @@ def qx_16(n: int, has_qw: bool, lanes: int = 16):
             nz = builder.fcmp_unordered("!=", suml2, t.cf(0.0))  # C's !=: true for NaN (overflowed sums)
             sc = builder.select(nz, builder.fdiv(sumlx, suml2), t.cf(0.0))
             best = builder.fmul(sc, sumlx)
-            best_isc = isc  # a lane's L are those of its last taken fit: recomputed from its iscale at the end
-            for s in range(-9, 10):
-                if s == 0:
-                    continue
-                tenth = builder.fmul(ir.Constant(_F32, 0.1), ir.Constant(_F32, float(s)))  # 0.1f * is
+            # the 18 trials is = -9..-1, 1..9: a loop in IR (its state in allocas, which LLVM keeps in
+            # registers), not 18 unrolled copies of the fit (~4x the machine code to compile: the cold
+            # start of Q6_K's quantize was mostly this kernel's LLVM time)
+            st_sc = cgutils.alloca_once_value(builder, sc)
+            st_best = cgutils.alloca_once_value(builder, best)
+            st_isc = cgutils.alloca_once_value(builder, isc)  # a lane's L are those of its last taken fit:
+            with cgutils.for_range(builder, ir.Constant(_I64, 18)) as loop:  # recomputed from its iscale
+                k = builder.trunc(loop.index, _I32)
+                s = builder.sub(k, ir.Constant(_I32, 9))
+                s = builder.add(s, builder.zext(builder.icmp_signed(">=", k, ir.Constant(_I32, 9)), _I32))
+                tenth = builder.fmul(ir.Constant(_F32, 0.1), builder.sitofp(s, _F32))  # 0.1f * is
                 num = builder.fneg(builder.fadd(nmaxf, tenth))
                 isc = builder.fdiv(t.splat(builder, num), mx)
                 sumlx, suml2 = fit(isc)
+                best = builder.load(st_best)
                 take = builder.and_(builder.fcmp_ordered(">", suml2, t.cf(0.0)),
                                     builder.fcmp_ordered(">", builder.fmul(sumlx, sumlx), builder.fmul(best, suml2)))
                 nsc = builder.fdiv(sumlx, suml2)
-                sc = builder.select(take, nsc, sc)
-                best = builder.select(take, builder.fmul(nsc, sumlx), best)
-                best_isc = builder.select(take, isc, best_isc)
+                builder.store(builder.select(take, nsc, builder.load(st_sc)), st_sc)
+                builder.store(builder.select(take, builder.fmul(nsc, sumlx), best), st_best)
+                builder.store(builder.select(take, isc, builder.load(st_isc)), st_isc)
+            sc, best_isc = builder.load(st_sc), builder.load(st_isc)
             Ls = lvals(best_isc)
             small = builder.fcmp_ordered("<", amax, t.cf(1e-15))  # ggml returns early: L = 0, scale 0
             builder.store(builder.select(small, t.cf(0.0), sc), t.ptr(builder, sp, col), align=4)

@@ -658,12 +658,13 @@ def make_qx_lanes(x, L, nmax, qw, scale):
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def qx_lanes32(x, L, nmax, qw, scale):
     """make_qx_lanes for Q6_K (n = 16) when M is a multiple of 32 (the caller pads its work space): the
-    two 32-lane vector kernels only, where make_qx_lanes compiles four and its loop (cold start)."""
+    two 32-lane vector kernels only, where make_qx_lanes compiles four and its loop (cold start).
+    qw None (w = x*x) or the importance weights (n, M): decided at compile time (one kernel each)."""
     for g in range(x.shape[1] // 32):
-        if qw.shape[0] > 0:
-            _QX_32_W(x, L, nmax, qw, scale, g)
+        if qw is None:
+            _QX_32(x, L, nmax, x, scale, g)  # (its qw operand is not read)
         else:
-            _QX_32(x, L, nmax, qw, scale, g)
+            _QX_32_W(x, L, nmax, qw, scale, g)
 
 
 @jit
@@ -951,7 +952,7 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
     for k in range(K):
         for i in range(32):
             xt[i, k] = w[r, 32 * k + i]
-    if qw.shape[0] == 0:
+    if qw is None:
         # each sub-block's sum of squares in its element order, all sub-blocks side by side (the loop
         # over k vectorizes; one per k with the sum in a register is a 32-add latency chain each);
         # `scales` is the work space (the search overwrites it)
@@ -983,7 +984,7 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
     # one call site: the vector kernel is large, and this function is inlined into its callers
     if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins, exact):
         return True  # the caller marks the row for redo_rows
-    if qw.shape[0] == 0:
+    if qw is None:
         for b in range(nb):
             max_scale = np.float32(0.0)
             max_min = np.float32(0.0)
