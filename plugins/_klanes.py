@@ -107,8 +107,8 @@ def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
             M = builder.extract_value(arrs[0].shape, 1)
             col = builder.mul(gv, ir.Constant(_I64, lanes))
 
-            def off(i):
-                return builder.add(builder.mul(ir.Constant(_I64, i), M), col)
+            def off(i):  # i: a Python int or an i64 value
+                return builder.add(builder.mul(i if isinstance(i, ir.Value) else ir.Constant(_I64, i), M), col)
 
             xs = [builder.load(t.ptr(builder, xp, off(i)), align=4) for i in range(n)]
             ws = [builder.load(t.ptr(builder, wp, off(i)), align=4) for i in range(n)]
@@ -156,31 +156,45 @@ def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
             st_best = cgutils.alloca_once_value(builder, best)
             st_lisc = cgutils.alloca_once_value(builder, isc)
             st_lmn = cgutils.alloca_once_value(builder, mn)
+            st_sl, st_sl2, st_sxl, st_cur = (cgutils.alloca_once(builder, t.F) for _ in range(4))
+            la_buf = cgutils.alloca_once(builder, t.F, size=n)
             with cgutils.for_range(builder, builder.add(nstepv, ir.Constant(nstepv.type, 1))) as loop:
                 s = builder.sitofp(loop.index, _F32)
                 num = builder.fadd(builder.fadd(rminv, builder.fmul(rdeltav, s)), nmaxf)
                 mn = builder.load(st_mn)
                 isc = builder.fdiv(t.splat(builder, num), builder.fsub(mx, mn))
                 builder.store(builder.or_(builder.load(st_bad), unsafe(isc, mn)), st_bad)
-                sl = sl2 = sxl = t.cf(0.0)
-                La = []
-                for i in range(n):
-                    li = t.round_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_f, hi)
-                    La.append(li)
-                    wl = builder.fmul(ws[i], li)
-                    sl = builder.fadd(sl, wl)
-                    sl2 = builder.fadd(sl2, builder.fmul(wl, li))
-                    sxl = builder.fadd(sxl, builder.fmul(wl, xs[i]))
+                # the element loops of a trial as loops in IR too (x_i, w_i loaded again, L_i kept in a
+                # stack array): unrolled, they were ~1000 vector instructions per trial, the bulk of the
+                # Q4_K cold start's LLVM time; the same operations in the same order (the same bytes),
+                # and as fast (the unrolled x_i, w_i did not fit in registers either: 4n zmm)
+                for st_v in (st_sl, st_sl2, st_sxl, st_cur):
+                    builder.store(t.cf(0.0), st_v)
+                with cgutils.for_range(builder, ir.Constant(_I64, n)) as el:
+                    i = el.index
+                    xi = builder.load(t.ptr(builder, xp, off(i)), align=4)
+                    wi = builder.load(t.ptr(builder, wp, off(i)), align=4)
+                    li = t.round_clamp(builder, builder.fmul(isc, builder.fsub(xi, mn)), zero_f, hi)
+                    builder.store(li, builder.gep(la_buf, [i]))
+                    wl = builder.fmul(wi, li)
+                    builder.store(builder.fadd(builder.load(st_sl), wl), st_sl)
+                    builder.store(builder.fadd(builder.load(st_sl2), builder.fmul(wl, li)), st_sl2)
+                    builder.store(builder.fadd(builder.load(st_sxl), builder.fmul(wl, xi)), st_sxl)
+                sl, sl2, sxl = builder.load(st_sl), builder.load(st_sl2), builder.load(st_sxl)
                 D = builder.fsub(builder.fmul(sum_w, sl2), builder.fmul(sl, sl))
                 a = builder.fdiv(builder.fsub(builder.fmul(sum_w, sxl), builder.fmul(sum_x, sl)), D)
                 m = builder.fdiv(builder.fsub(builder.fmul(sl2, sum_x), builder.fmul(sl, sxl)), D)
                 pos = builder.fcmp_ordered(">", m, t.cf(0.0))
                 m = builder.select(pos, t.cf(0.0), m)
                 a = builder.select(pos, builder.fdiv(sxl, sl2), a)
-                cur = t.cf(0.0)
-                for i in range(n):
-                    d = builder.fsub(builder.fadd(builder.fmul(a, La[i]), m), xs[i])
-                    cur = builder.fadd(cur, builder.fmul(ws[i], err(d)))
+                with cgutils.for_range(builder, ir.Constant(_I64, n)) as el:
+                    i = el.index
+                    xi = builder.load(t.ptr(builder, xp, off(i)), align=4)
+                    wi = builder.load(t.ptr(builder, wp, off(i)), align=4)
+                    li = builder.load(builder.gep(la_buf, [i]))
+                    d = builder.fsub(builder.fadd(builder.fmul(a, li), m), xi)
+                    builder.store(builder.fadd(builder.load(st_cur), builder.fmul(wi, err(d))), st_cur)
+                cur = builder.load(st_cur)
                 take = builder.and_(builder.fcmp_ordered(">", D, t.cf(0.0)),
                                     builder.fcmp_ordered("<", cur, builder.load(st_best)))
                 builder.store(builder.select(take, cur, builder.load(st_best)), st_best)
@@ -262,20 +276,28 @@ def qx_16(n: int, has_qw: bool, lanes: int = 16):
             nz = builder.fcmp_unordered("!=", suml2, t.cf(0.0))  # C's !=: true for NaN (overflowed sums)
             sc = builder.select(nz, builder.fdiv(sumlx, suml2), t.cf(0.0))
             best = builder.fmul(sc, sumlx)
-            best_isc = isc  # a lane's L are those of its last taken fit: recomputed from its iscale at the end
-            for s in range(-9, 10):
-                if s == 0:
-                    continue
-                tenth = builder.fmul(ir.Constant(_F32, 0.1), ir.Constant(_F32, float(s)))  # 0.1f * is
+            # the 18 trials is = -9..-1, 1..9: a loop in IR (its state in allocas, which LLVM keeps in
+            # registers), not 18 unrolled copies of the fit (~4x the machine code to compile: the cold
+            # start of Q6_K's quantize was mostly this kernel's LLVM time)
+            st_sc = cgutils.alloca_once_value(builder, sc)
+            st_best = cgutils.alloca_once_value(builder, best)
+            st_isc = cgutils.alloca_once_value(builder, isc)  # a lane's L are those of its last taken fit:
+            with cgutils.for_range(builder, ir.Constant(_I64, 18)) as loop:  # recomputed from its iscale
+                k = builder.trunc(loop.index, _I32)
+                s = builder.sub(k, ir.Constant(_I32, 9))
+                s = builder.add(s, builder.zext(builder.icmp_signed(">=", k, ir.Constant(_I32, 9)), _I32))
+                tenth = builder.fmul(ir.Constant(_F32, 0.1), builder.sitofp(s, _F32))  # 0.1f * is
                 num = builder.fneg(builder.fadd(nmaxf, tenth))
                 isc = builder.fdiv(t.splat(builder, num), mx)
                 sumlx, suml2 = fit(isc)
+                best = builder.load(st_best)
                 take = builder.and_(builder.fcmp_ordered(">", suml2, t.cf(0.0)),
                                     builder.fcmp_ordered(">", builder.fmul(sumlx, sumlx), builder.fmul(best, suml2)))
                 nsc = builder.fdiv(sumlx, suml2)
-                sc = builder.select(take, nsc, sc)
-                best = builder.select(take, builder.fmul(nsc, sumlx), best)
-                best_isc = builder.select(take, isc, best_isc)
+                builder.store(builder.select(take, nsc, builder.load(st_sc)), st_sc)
+                builder.store(builder.select(take, builder.fmul(nsc, sumlx), best), st_best)
+                builder.store(builder.select(take, isc, builder.load(st_isc)), st_isc)
+            sc, best_isc = builder.load(st_sc), builder.load(st_isc)
             Ls = lvals(best_isc)
             small = builder.fcmp_ordered("<", amax, t.cf(1e-15))  # ggml returns early: L = 0, scale 0
             builder.store(builder.select(small, t.cf(0.0), sc), t.ptr(builder, sp, col), align=4)

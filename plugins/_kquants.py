@@ -26,6 +26,8 @@ This module is private (its name starts with "_"), so the registry does not load
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -302,7 +304,8 @@ def f16_bits_to_f32(h):
     elif e == 31:
         v = np.inf if mant == 0 else np.nan
     else:
-        v = (1024.0 + mant) * 2.0 ** (np.int64(e) - 25)
+        # (ldexp, exact: float ** int would compile numba's int_power helper, ~0.2 s of a cold start)
+        v = math.ldexp(1024.0 + mant, np.int64(e) - 25)
     return np.float32(-v if (h & 0x8000) else v)
 
 
@@ -658,12 +661,13 @@ def make_qx_lanes(x, L, nmax, qw, scale):
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def qx_lanes32(x, L, nmax, qw, scale):
     """make_qx_lanes for Q6_K (n = 16) when M is a multiple of 32 (the caller pads its work space): the
-    two 32-lane vector kernels only, where make_qx_lanes compiles four and its loop (cold start)."""
+    two 32-lane vector kernels only, where make_qx_lanes compiles four and its loop (cold start).
+    qw None (w = x*x) or the importance weights (n, M): decided at compile time (one kernel each)."""
     for g in range(x.shape[1] // 32):
-        if qw.shape[0] > 0:
-            _QX_32_W(x, L, nmax, qw, scale, g)
+        if qw is None:
+            _QX_32(x, L, nmax, x, scale, g)  # (its qw operand is not read)
         else:
-            _QX_32(x, L, nmax, qw, scale, g)
+            _QX_32_W(x, L, nmax, qw, scale, g)
 
 
 @jit
@@ -932,39 +936,37 @@ def scale_min_search_np(x, quant_weights, nmax, ref, impl):
     return L.reshape(n, 8, 32), ls, lm, d.astype(np.float32), dmin.astype(np.float32)
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, nmax,
-                     rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w, exact=None):
-    """Q4_K/Q5_K, the nb super-blocks of row r of w (rows, 256 * nb): fills L (nb, 256) (the search's
-    quants), ls, lm (nb, 8) (the 6-bit scales and mins) and d, dmin (nb,) in float32 before their fp16
-    rounding. qw: the importance weights (rows, 256 * nb), or empty (ggml's reference quantizer).
-    Work space: xt, wt (32, M) float32 (zeros past 8 * nb), Lt (32, M) uint8, scales, mins (M,), sw
-    (8 * nb,) float32, with M = 8 * nb rounded up to a multiple of 32 (qkx2_lanes32: one vector kernel).
+# scale_min_search is a thin inlined function around the vector search (qkx2_lanes32, whose LLVM code
+# is the bulk of the work and is thus generated once, in the format's row kernel), with the scalar
+# work before and after it in separately compiled functions: numba copies an inlined callee's IR
+# (twice, and its whole variable scope once per block) into every call site, which cost ~0.6 s of the
+# Q4_K cold start when all of it was inlined. `qw is None` (quantize) or not (quantize_weighted) is
+# decided when they are compiled (their argument types): quantize compiles no weighted code.
 
-    Returns True (and fills nothing) when the row needs the exact search (redo_rows; exact: see
-    qkx2_lanes32).
 
-    All 8 * nb sub-blocks of the row are searched in lock step, one lane each (element-major): ~5x
-    faster than the eight of one super-block, as the lane loop then runs long vectors."""
+@jit
+def _sms_prep(w, qw, r, xt, wt, sw):
+    """The search's inputs for row r: xt = the row's 8*nb sub-blocks element-major, wt their weights
+    (ggml's quantize_row_q4_K_ref: av_x + |x|; with qw, quantize_row_q4_K_impl: qw*sqrt(sigma2 + x*x),
+    and sw their sums per sub-block). sw is work space (overwritten by the search) when qw is None."""
     nb = w.shape[1] // QK_K
     K = 8 * nb
     for k in range(K):
         for i in range(32):
             xt[i, k] = w[r, 32 * k + i]
-    if qw.shape[0] == 0:
+    if qw is None:
         # each sub-block's sum of squares in its element order, all sub-blocks side by side (the loop
-        # over k vectorizes; one per k with the sum in a register is a 32-add latency chain each);
-        # `scales` is the work space (the search overwrites it)
+        # over k vectorizes; one per k with the sum in a register is a 32-add latency chain each)
         for k in range(K):
-            scales[k] = np.float32(0.0)
+            sw[k] = np.float32(0.0)
         for i in range(32):
             for k in range(K):
-                scales[k] += xt[i, k] * xt[i, k]
+                sw[k] += xt[i, k] * xt[i, k]
         for k in range(K):
-            scales[k] = np.float32(np.sqrt(scales[k] / np.float32(32.0)))  # av_x
+            sw[k] = np.float32(np.sqrt(sw[k] / np.float32(32.0)))  # av_x
         for i in range(32):
             for k in range(K):
-                wt[i, k] = scales[k] + abs(xt[i, k])
+                wt[i, k] = sw[k] + abs(xt[i, k])
     else:
         for b in range(nb):
             sum_x2 = np.float32(0.0)
@@ -979,11 +981,14 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
                     wt[i, k] = qw[r, QK_K * b + 32 * j + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
                     sumw += wt[i, k]
                 sw[k] = sumw
-        rmin, rdelta, nstep = rmin_w, rdelta_w, nstep_w
-    # one call site: the vector kernel is large, and this function is inlined into its callers
-    if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins, exact):
-        return True  # the caller marks the row for redo_rows
-    if qw.shape[0] == 0:
+
+
+@jit
+def _sms_finish(qw, scales, mins, sw, Lt, L, ls, lm, d, dmin):
+    """From the search's (scales, mins, Lt): the 6-bit ls, lm, float32 d, dmin (ggml's reference:
+    max/63 and nearest_int(63/max * v); with qw: make_qp_quants weighted by sw) and L (nb, 256)."""
+    nb = d.shape[0]
+    if qw is None:
         for b in range(nb):
             max_scale = np.float32(0.0)
             max_min = np.float32(0.0)
@@ -1012,6 +1017,29 @@ def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin,
         for j in range(8):
             for i in range(32):
                 L[b, 32 * j + i] = Lt[i, 8 * b + j]
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, nmax,
+                     rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w, exact=None):
+    """Q4_K/Q5_K, the nb super-blocks of row r of w (rows, 256 * nb): fills L (nb, 256) (the search's
+    quants), ls, lm (nb, 8) (the 6-bit scales and mins) and d, dmin (nb,) in float32 before their fp16
+    rounding. qw: the importance weights (rows, 256 * nb), or None (ggml's reference quantizer; decided
+    when the caller is compiled: quantize compiles no weighted code).
+    Work space: xt, wt (32, M) float32 (zeros past 8 * nb), Lt (32, M) uint8, scales, mins (M,), sw
+    (8 * nb,) float32, with M = 8 * nb rounded up to a multiple of 32 (qkx2_lanes32: one vector kernel).
+
+    Returns True (and fills nothing) when the row needs the exact search (redo_rows; exact: see
+    qkx2_lanes32).
+
+    All 8 * nb sub-blocks of the row are searched in lock step, one lane each (element-major): ~5x
+    faster than the eight of one super-block, as the lane loop then runs long vectors."""
+    _sms_prep(w, qw, r, xt, wt, sw)
+    if qw is not None:
+        rmin, rdelta, nstep = rmin_w, rdelta_w, nstep_w
+    if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins, exact):
+        return True  # the caller marks the row for redo_rows
+    _sms_finish(qw, scales, mins, sw, Lt, L, ls, lm, d, dmin)
     return False
 
 

@@ -152,12 +152,12 @@ _QDIV = qdiv(16, True)  # the final pass of a sub-block, one vector division
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _quantize_block(x, weighted, out, L, scales, mins, sw, lq):
+def _quantize_block(x, qw, out, L, scales, mins, sw, lq):
     """One super-block x (256,) into out (84,), given its sixteen sub-blocks' make_qkx2_quants
-    results (L (256,), scales, mins (16,); sw (16,) the sums of the importance weights when
-    `weighted`); True if d or dmin overflows fp16."""
+    results (L (256,), scales, mins (16,); sw (16,) the sums of the importance weights when qw,
+    the row kernel's, is not None: decided at compile time); True if d or dmin overflows fp16."""
     s = out[0:16]
-    if not weighted:
+    if qw is None:
         max_scale = np.float32(0.0)
         max_min = np.float32(0.0)
         for j in range(16):
@@ -215,8 +215,9 @@ def _quantize_block(x, weighted, out, L, scales, mins, sw, lq):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
+    # qw None (quantize) or the importance weights (quantize_weighted): `qw is None` is decided when the
+    # kernel is compiled, so quantize compiles neither the weighted search nor make_qp_quants
     nb = w.shape[1] // QK_K
-    weighted = qw.shape[0] > 0
     L = np.empty(QK_K, np.uint8)
     lq = np.empty(16, np.uint8)
     # all 16 * nb sub-blocks of a row side by side (element-major), searched in lock step: long
@@ -235,7 +236,7 @@ def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
         for k in range(16 * nb):
             for i in range(16):
                 xt[i, k] = w[r, 16 * k + i]
-        if not weighted:
+        if qw is None:
             for i in range(16):
                 for k in range(16 * nb):
                     wt[i, k] = abs(xt[i, k])
@@ -264,7 +265,7 @@ def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
                 for i in range(16):
                     L[16 * j + i] = Lt[i, 16 * b + j]
             sl = slice(16 * b, 16 * b + 16)
-            if _quantize_block(w[r, c : c + QK_K], weighted, out[r, b], L, scales[sl], mins[sl], sw[sl], lq):
+            if _quantize_block(w[r, c : c + QK_K], qw, out[r, b], L, scales[sl], mins[sl], sw[sl], lq):
                 if bad[r] < 0:
                     bad[r] = b
 
@@ -278,7 +279,7 @@ def _quantize_kernel_qw(w, qw, out, bad):
 
 
 def _quantize_kernel(w, out, bad):
-    _quantize_kernel_qw(w, np.empty((0, 0), np.float32), out, bad)
+    _quantize_kernel_qw(w, None, out, bad)
 
 
 @numba.njit(cache=True, nogil=True)

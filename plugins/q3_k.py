@@ -183,11 +183,11 @@ def _scale(s, j):
 @numba.njit(cache=True, error_model="numpy")
 def _quantize_block(x, qw, out, L, scales, weights, sw, Ls):
     """One super-block x (256,) into out (110,); True if d overflows fp16. qw: importance
-    weights of this super-block, or empty."""
+    weights of this super-block, or None (a separate compilation: quantize compiles no weighted code)."""
     s = out[96:108]
     for i in range(12):
         s[i] = 0
-    if qw.shape[0] == 0:
+    if qw is None:
         amax = np.float32(0.0)
         max_scale = np.float32(0.0)
         for j in range(16):  # L and scales: make_q3_lanes over the row (in _quantize_rows)
@@ -261,16 +261,15 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
     weights = np.empty(16, np.float32)
     sw = np.empty(16, np.float32)
     Ls = np.empty(16, np.int8)
-    empty = np.empty(0, np.float32)
     # without importance weights, the row's 16*nb sub-blocks are searched side by side (element-major),
     # 16 lanes at a time in vector code (make_q3_lanes)
-    M = 16 * nb if qw.shape[0] == 0 else 0
+    M = 16 * nb if qw is None else 0  # (qw None or not: decided at compile time)
     xt = np.empty((16, M), np.float32)
     Lt = np.empty((16, M), np.int8)
     sc_all = np.empty(M, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
-        if qw.shape[0] == 0:  # (quantize_weighted has no overflow_abs test)
+        if qw is None:  # (quantize_weighted has no overflow_abs test)
             big = first_big_block(w[r])
             if big >= 0:
                 bad[r] = -2 - big
@@ -282,15 +281,17 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
             make_q3_lanes(xt, Lt, 4, sc_all)
         for b in range(nb):
             c = b * QK_K
-            q = qw[r, c : c + QK_K] if qw.shape[0] > 0 else empty
             if M:
                 for j in range(16):
                     scales[j] = sc_all[16 * b + j]
                     for i in range(16):
                         L[16 * j + i] = Lt[i, 16 * b + j]
-            if _quantize_block(w[r, c : c + QK_K], q, out[r, b], L, scales, weights, sw, Ls):
-                if bad[r] < 0:
-                    bad[r] = b
+            if qw is None:
+                over = _quantize_block(w[r, c : c + QK_K], None, out[r, b], L, scales, weights, sw, Ls)
+            else:
+                over = _quantize_block(w[r, c : c + QK_K], qw[r, c : c + QK_K], out[r, b], L, scales, weights, sw, Ls)
+            if over and bad[r] < 0:
+                bad[r] = b
 
 
 def _quantize_kernel_qw(w, qw, out, bad):
@@ -301,7 +302,7 @@ def _quantize_kernel_qw(w, qw, out, bad):
 
 
 def _quantize_kernel(w, out, bad):
-    _quantize_kernel_qw(w, np.empty((0, 0), np.float32), out, bad)
+    _quantize_kernel_qw(w, None, out, bad)
 
 
 @numba.njit(cache=True, nogil=True)

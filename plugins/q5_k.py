@@ -202,7 +202,7 @@ def _quantize_kernel_qw(w, qw, out, bad):
 
 
 def _quantize_kernel(w, out, bad):
-    _quantize_kernel_qw(w, np.empty((0, 0), np.float32), out, bad)
+    _quantize_kernel_qw(w, None, out, bad)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -200,13 +200,16 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
     Mp = (M + 31) // 32 * 32
     xt = np.zeros((16, Mp), np.float32)
     Lt = np.empty((16, Mp), np.int8)
-    has_qw = qw.shape[0] > 0
-    qt = np.zeros((16, Mp) if has_qw else (0, 0), np.float32)
+    # qw None (quantize) or the importance weights (quantize_weighted): `qw is None` is decided when the
+    # kernel is compiled, so each compiles only its own path (quantize never compiles the weighted
+    # vector kernel, ~1 s of a cold start)
+    if qw is not None:
+        qt = np.zeros((16, Mp), np.float32)
     scales = np.empty(Mp, np.float32)
     L = np.empty(QK_K, np.int8)
     for r in range(r0, r1):
         bad[r] = -1
-        if not has_qw:  # (quantize_weighted has no overflow_abs test)
+        if qw is None:  # (quantize_weighted has no overflow_abs test)
             big = first_big_block(w[r])
             if big >= 0:
                 bad[r] = -2 - big
@@ -217,12 +220,14 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
         for k in range(M):
             for i in range(16):
                 xt[i, k] = wr[16 * k + i]
-        if has_qw:
+        if qw is None:
+            qx_lanes32(xt, Lt, 32, None, scales)
+        else:
             qr = qw[r]
             for k in range(M):
                 for i in range(16):
                     qt[i, k] = qr[16 * k + i]
-        qx_lanes32(xt, Lt, 32, qt, scales)
+            qx_lanes32(xt, Lt, 32, qt, scales)
         for b in range(nb):
             c = b * QK_K
             for i in range(16):
@@ -242,7 +247,7 @@ def _quantize_kernel_qw(w, qw, out, bad):
 
 
 def _quantize_kernel(w, out, bad):
-    _quantize_kernel_qw(w, np.empty((0, 0), np.float32), out, bad)
+    _quantize_kernel_qw(w, None, out, bad)
 
 
 @numba.njit(cache=True, nogil=True)

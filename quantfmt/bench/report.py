@@ -260,6 +260,8 @@ REPORT: tuple[Table | Callable[[list[dict]], list[str]], ...] = (
     Table(
         "numba on-disk cache: a fresh process with an empty NUMBA_CACHE_DIR (cold), then another (warm)", op("cache"),
         (FORMAT, secs("cold"), secs("warm", "baseline_seconds"), num("cold/warm", "ratio", ".1f", "x"),
+         # CPU seconds of the same first calls (compiling is one thread): what a busy machine does not inflate
+         secs("cold CPU", lambda r: r.get("cold_cpu_seconds")),
          text("what", lambda r: r.get("what", "first call of every kernel") if r["seconds"] else r.get("note", ""))),
     ),
     cache_dir_lines,
