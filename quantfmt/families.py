@@ -41,7 +41,7 @@ import numpy as np
 
 from . import blas
 from .errors import RangeError
-from .format import Format
+from .format import Format, nonfinite_rows
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -300,6 +300,7 @@ class GGMLFormat(Format):
         out = np.empty((rows, cols // self.qk, self.block_bytes), np.uint8)
         bad = np.empty(rows, np.int64)
         self.quantize_kernel(w, out, bad)
+        nonfinite_rows(bad)  # (a kernel of a checks_finite format flags NaN/inf rows; first, as the old scan was)
         hit = np.flatnonzero(bad >= 0)
         if hit.size:
             r = int(hit[0])
