@@ -20,5 +20,6 @@ def bf16_round(u, out):
         x = u[i]
         h = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
         out[i] = np.uint16(h)
-        overflow += ((h & np.uint32(0x7F80)) == np.uint32(0x7F80)) | ((x & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
+        inf = np.uint32(0x7F800000)
+        overflow += ((h & np.uint32(0x7F80)) == np.uint32(0x7F80)) | ((x & inf) == inf)
     return overflow
