@@ -1,7 +1,8 @@
 """Shared pieces of the ggml-compatible formats (Q4_0, Q8_0, Q4_1).
 
 Owns: f32 -> fp16 rounding usable inside numba (numba cannot hold float16, so fp16
-values travel as uint16 bit patterns), and the activation quantizers of qmatmul mode
+values travel as uint16 bit patterns), the NaN/inf test of a row that the quantizers'
+row kernels share (has_nonfinite), and the activation quantizers of qmatmul mode
 "q8_0" (Q8_0 and Q8_1 blocks exactly as ggml's CPU backend makes them). Quantize,
 dequantize, get_rows and the scale RangeError of these formats are in
 quantfmt.families.GGMLFormat.
@@ -24,6 +25,7 @@ import numpy as np
 
 from quantfmt.errors import NonFiniteError, RangeError
 from quantfmt.families import fp16_table, n_chunks, parallel_rows  # noqa: F401  (re-exported for the format modules)
+from quantfmt.format import NONFINITE_ROW  # noqa: F401  (re-exported: the row kernels' bad[r] code)
 
 QK = 32  # weights per block, along a row, in every ggml format here
 FP16_MAX_EXCL = 65520.0  # the smallest float32 magnitude that rounds to fp16 infinity
@@ -50,6 +52,24 @@ def f32_to_f16_bits(f):
         big = np.float32(8388608.0)
         h = np.int64((af * np.float32(16777216.0) + big) - big)
     return np.uint16(sign | h)
+
+
+# ---- NaN/inf in a row, inside the quantizers' row kernels ------------------------------------
+# Formats with Format.checks_finite skip quantize's whole-tensor scan (one thread, memory-bound: 10-15%
+# of a fast quantizer's time); each row kernel calls this on the row it is about to quantize (read
+# into L1 here, so the quantizer's own reads hit the cache) and writes bad[r] = NONFINITE_ROW instead.
+
+
+@numba.njit(cache=True, inline="always")
+def has_nonfinite(wr):
+    """True when float32 wr (1-D, contiguous) holds a NaN or an infinity: the largest |bits| reaches the
+    all-ones exponent 0x7F800000. An integer max over the bits, which LLVM vectorizes (a float test or a
+    float max reduction does not vectorize without fast-math)."""
+    bits = wr.view(np.int32)
+    m = np.int32(0)
+    for c in range(bits.size):
+        m = max(m, bits[c] & np.int32(0x7FFFFFFF))
+    return m >= np.int32(0x7F800000)
 
 
 # ---- activation quantizers of qmatmul mode "q8_0" --------------------------------------

@@ -32,6 +32,7 @@ import numba
 import numpy as np
 
 from quantfmt.families import GGMLFormat, parallel_rows, prefill_path
+from quantfmt.format import nonfinite_rows
 
 from ._klanes import q3_16, qkx2_16, qx_16
 
@@ -1077,6 +1078,7 @@ def quantize_checked(fmt, w: np.ndarray) -> np.ndarray:
     out = np.empty((rows, cols // fmt.qk, fmt.block_bytes), np.uint8)
     bad = np.empty(rows, np.int64)
     fmt.quantize_kernel(w, out, bad)
+    nonfinite_rows(bad)  # NONFINITE_ROW (<= -2 too): before the codes below
     for hit in (np.flatnonzero(bad <= -2), np.flatnonzero(bad >= 0)):
         if hit.size:
             r = int(hit[0])
@@ -1369,6 +1371,7 @@ class KQuant(GGMLFormat):
     vec_dot_type = "Q8_K"
     block_shape = (1, QK_K)
     rows_independent = True  # super-blocks of 256 along a row; importance weights are per column
+    checks_finite = True  # each row kernel flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     modes = ("f32", "q8_k")
     # No exact refusal threshold (it depends on the block): every block below safe_abs fits.
     max_abs = None

@@ -48,7 +48,7 @@ import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
 from . import _iq4
-from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
+from ._ggml import NONFINITE_ROW, QK, f32_to_f16_bits, fp16_table, has_nonfinite, vec_dot_ref
 from ._i4dot import kernel_path as lut_kernel_path
 from ._i4dot import prepare_lut, qmatmul
 from ._iq4 import BRACKET, KVALUES, best_index_ref, pack32, search_scales, search_scales_ref
@@ -130,6 +130,9 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
     of = out.reshape(-1)
     for r in range(r0, r1):
         bad[r] = -1
+        if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[r] = NONFINITE_ROW
+            continue
         for b in range(nb):
             xb = w[r, b * 32 : b * 32 + 32]
             wt = wts[b]
@@ -216,6 +219,7 @@ class IQ4N(ImportanceWeighted, GGMLFormat):
     range_rule = RULE
     summary = "ggml IQ4_NL: per 32 weights an fp16 scale d and 4-bit indices into a 16-value table, w = d*V[L]"
     quantize_kernel = staticmethod(_quantize_kernel)
+    checks_finite = True  # each row kernel flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def kernel_path(self, op, n=1, mode="f32"):

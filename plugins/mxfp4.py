@@ -42,7 +42,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
-from ._ggml import QK, vec_dot_ref
+from ._ggml import NONFINITE_ROW, QK, has_nonfinite, vec_dot_ref
 from ._i4dot import kernel_path, prepare_lut, qmatmul
 
 BLOCK_BYTES = 17
@@ -111,9 +111,13 @@ def _half(e):
 
 
 @numba.njit(cache=True)
-def _quantize_rows(w, out, r0, r1, vf):
+def _quantize_rows(w, out, bad, r0, r1, vf):
     nb = w.shape[1] // 32
     for r in range(r0, r1):
+        bad[r] = -1  # an E8M0 scale holds every float32 magnitude
+        if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[r] = NONFINITE_ROW
+            continue
         for b in range(nb):
             c0 = b * 32
             amax = np.float32(0.0)
@@ -148,11 +152,9 @@ def _quantize_rows(w, out, r0, r1, vf):
 @numba.njit(cache=True, parallel=True)
 def _quantize_kernel_v(w, out, bad, vf):
     rows = w.shape[0]
-    for r in range(rows):
-        bad[r] = -1  # an E8M0 scale holds every float32 magnitude
     nchunk = max(1, min(rows, rows * w.shape[1] // 65536))
     for c in numba.prange(nchunk):
-        _quantize_rows(w, out, c * rows // nchunk, (c + 1) * rows // nchunk, vf)
+        _quantize_rows(w, out, bad, c * rows // nchunk, (c + 1) * rows // nchunk, vf)
 
 
 def _quantize_kernel(w, out, bad):
@@ -199,6 +201,7 @@ class MXF4(GGMLFormat):
     range_rule = "none (an E8M0 scale holds every float32 magnitude)"
     summary = "MXFP4 (OCP microscaling): per 32 weights an E8M0 scale and 4-bit E2M1 values; gguf-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
+    checks_finite = True  # each row kernel flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):

@@ -159,6 +159,9 @@ class F16(_HalfFormat):
     ggml_type = "F16"
     max_abs = 65520.0
     summary = "IEEE float16 (round-to-nearest-even)"
+    # NaN/inf in float32 give NaN/inf halves, which _quantize counts as overflows: its RangeError makes
+    # quantize scan for NaN/inf then (the same NonFiniteError as its scan before), instead of on every call
+    checks_finite = True
 
     def kernel_path(self, op, n=1, mode="f32"):
         if op == "quantize":  # vcvtps2ph in one parallel numba pass, else numpy's cast
@@ -184,6 +187,7 @@ class BF16(_HalfFormat):
     # float32 0x7F7F8000 (3.3961775e38) and up round to bf16 infinity
     max_abs = float(np.array(0x7F7F8000, np.uint32).view(np.float32))
     summary = "bfloat16 (round-to-nearest-even, as ggml)"
+    checks_finite = True  # bf16_round counts NaN/inf inputs as overflows (see F16.checks_finite)
 
     def _quantize(self, w):
         from ._bf16 import bf16_round

@@ -40,7 +40,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import parallel_rows
 
-from ._ggml import f32_to_f16_bits
+from ._ggml import NONFINITE_ROW, f32_to_f16_bits, has_nonfinite
 from ._klanes import qdiv
 from ._kquants import (
     F32,
@@ -233,6 +233,9 @@ def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
     sw = np.empty(16 * nb, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
+        if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[r] = NONFINITE_ROW
+            continue
         for k in range(16 * nb):
             for i in range(16):
                 xt[i, k] = w[r, 16 * k + i]

@@ -44,7 +44,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import parallel_rows
 
-from ._ggml import f32_to_f16_bits
+from ._ggml import NONFINITE_ROW, f32_to_f16_bits, has_nonfinite
 from ._klanes import qdiv
 from ._kquants import (
     F32,
@@ -269,6 +269,9 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
     sc_all = np.empty(M, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
+        if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[r] = NONFINITE_ROW
+            continue
         if qw is None:  # (quantize_weighted has no overflow_abs test)
             big = first_big_block(w[r])
             if big >= 0:

@@ -32,6 +32,7 @@ from quantfmt.families import GGMLFormat, parallel_rows
 
 from . import _i8gemm, _q4simd
 from ._ggml import (
+    NONFINITE_ROW,
     QK,
     f32_to_f16_bits,
     fp16_table,
@@ -121,6 +122,9 @@ def _quantize_rows(w, out, bad, r0, r1):
             for j in range(qk):
                 a = np.float32(abs(w[r, c0 + j])).view(np.int32)
                 amax = a if a > amax else amax
+            if amax >= np.int32(0x7F800000):  # |bits| of NaN/inf (checks_finite: no scan before)
+                bad[r] = NONFINITE_ROW
+                break
             first = np.int32(32)
             for j in range(qk):
                 a = np.float32(abs(w[r, c0 + j])).view(np.int32)
@@ -497,6 +501,7 @@ class Q4_0(GGMLFormat):
     range_rule = RULE
     summary = "ggml Q4_0: per 32 weights an fp16 scale d and 4-bit q, w = d*(q-8); gguf-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
+    checks_finite = True  # the row kernel's amax flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):

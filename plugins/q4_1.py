@@ -40,9 +40,11 @@ from quantfmt.families import GGMLFormat, parallel_rows, prefill_threads
 
 from . import _i8gemm
 from ._ggml import (
+    NONFINITE_ROW,
     QK,
     f32_to_f16_bits,
     fp16_table,
+    has_nonfinite,
     vec_dot_ref,
 )
 from ._qtiles import BLAS_MIN_ROWS, Prepared, to_tiles
@@ -111,6 +113,9 @@ def _quantize_rows(w, out, bad, r0, r1):
     nb = w.shape[1] // 32
     for r in range(r0, r1):
         bad[r] = -1
+        if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[r] = NONFINITE_ROW
+            continue
         wr = w[r]  # the row's view, once: the per-block slices then skip a 2-D index (~6% on one thread)
         orow = out[r]
         for b in range(nb):
@@ -196,6 +201,7 @@ class Q4_1(GGMLFormat):
     range_rule = RULE
     summary = "ggml Q4_1: per 32 weights fp16 scale d and min m, 4-bit q, w = d*q + m; gguf-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
+    checks_finite = True  # each row kernel flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):

@@ -35,6 +35,8 @@ from quantfmt import cpu
 from quantfmt.families import KernelFormat, decode_threads, parallel_rows
 from quantfmt.numba_threads import claim
 
+from ._ggml import NONFINITE_ROW, has_nonfinite
+
 QK = 256
 NBINS = 16
 BLOCK_BYTES = 4 * NBINS + QK // 2
@@ -320,7 +322,7 @@ def _nearest_full(x64, c64, bd, idx):
 
 
 @numba.njit(cache=True, nogil=True)
-def _quantize_rows(w, u, cb, p, r0, r1):
+def _quantize_rows(w, u, cb, p, bad, r0, r1):
     # Rows r0..r1-1, on Python threads (families.parallel_rows: a parallel=True driver costs a cold start
     # seconds). cb: float32 (blocks, 48), the bytes seen as float32 (192 = 4 * 48), codebook at 0..15;
     # p: uint8 (blocks, 192), packed indices at 64..191. u: the weights' bits (w C-contiguous, seen as
@@ -333,6 +335,9 @@ def _quantize_rows(w, u, cb, p, r0, r1):
     bd = np.empty(QK)
     idx = np.empty(QK, np.uint8)
     for row in range(r0, r1):
+        if has_nonfinite(w[row]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[row] = NONFINITE_ROW
+            continue
         for b in range(nb):
             k = row * nb + b
             _sort256(u, row * cols + b * QK, acc)  # the 16 bins' sums of the sorted block
@@ -348,10 +353,10 @@ def _quantize_rows(w, u, cb, p, r0, r1):
                     p[k, 4 * NBINS + i] = idx[i] | (idx[i + QK // 2] << np.uint8(4))
 
 
-def _quantize_kernel(w, out):
+def _quantize_kernel(w, out, bad):
     cb = out.view(np.float32).reshape(-1, BLOCK_BYTES // 4)
     parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, w.reshape(-1).view(np.uint32), cb,
-                  out.reshape(-1, BLOCK_BYTES))
+                  out.reshape(-1, BLOCK_BYTES), bad)
 
 
 @numba.njit(cache=True)
@@ -628,6 +633,7 @@ class Q4_A(KernelFormat):
     block_bytes = BLOCK_BYTES
     summary = "4-bit indices into 16 sorted-bin means per 256 weights along a row (llama2.c brainstorm)"
     quantize_kernel = staticmethod(_quantize_kernel)
+    checks_finite = True  # the row kernel flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     dequantize_kernel = staticmethod(_dequantize_kernel)
     get_rows_kernel = staticmethod(_get_rows_kernel)
 

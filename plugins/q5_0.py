@@ -51,7 +51,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
-from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
+from ._ggml import NONFINITE_ROW, QK, f32_to_f16_bits, fp16_table, has_nonfinite, vec_dot_ref
 from ._i8tiles import prepare_int8, qmatmul_int8, qmatmul_path
 from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest_int_ref, row_sigma2, row_sigma2_ref
 
@@ -178,6 +178,9 @@ def _quantize_rows(w, out, bad, r0, r1):
             for j in range(qk):
                 a = np.float32(abs(w[r, c0 + j])).view(np.int32)
                 amax = a if a > amax else amax
+            if amax >= np.int32(0x7F800000):  # |bits| of NaN/inf (checks_finite: no scan before)
+                bad[r] = NONFINITE_ROW
+                break
             first = np.int32(32)
             for j in range(qk):
                 a = np.float32(abs(w[r, c0 + j])).view(np.int32)
@@ -227,6 +230,9 @@ def _quantize_rows_weighted(w, qw, out, bad, r0, r1):
     q = np.empty(32, np.uint8)
     for r in range(r0, r1):
         bad[r] = -1
+        if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[r] = NONFINITE_ROW
+            continue
         sigma2 = row_sigma2(w, r)
         for b in range(nb):
             xb = w[r, b * 32 : b * 32 + 32]
@@ -343,6 +349,8 @@ class Q5_0(ImportanceWeighted, GGMLFormat):
     range_rule = RULE
     summary = "ggml Q5_0: per 32 weights an fp16 scale d and 5-bit q, w = d*(q-16); gguf-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
+    checks_finite = True  # the row kernel's amax flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
+    checks_finite = True  # each row kernel flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):

@@ -54,7 +54,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
-from ._ggml import QK, f32_to_f16_bits, fp16_table, vec_dot_ref
+from ._ggml import NONFINITE_ROW, QK, f32_to_f16_bits, fp16_table, has_nonfinite, vec_dot_ref
 from ._i8tiles import prepare_int8, qmatmul_int8, qmatmul_path
 from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest_int_ref, row_sigma2, row_sigma2_ref
 
@@ -196,6 +196,9 @@ def _quantize_plain_rows(w, out, bad, r0, r1):
     q = np.empty(32, np.uint8)
     for r in range(r0, r1):
         bad[r] = -1
+        if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[r] = NONFINITE_ROW
+            continue
         wr = w[r]  # the row's view, once (as Q4_1's _quantize_rows)
         orow = out[r]
         for b in range(nb):
@@ -249,6 +252,9 @@ def _quantize_rows_weighted(w, qw, out, bad, r0, r1):
     la = np.empty(32, np.int64)
     for r in range(r0, r1):
         bad[r] = -1
+        if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[r] = NONFINITE_ROW
+            continue
         sigma2 = row_sigma2(w, r)
         for b in range(nb):
             xb = w[r, b * 32 : b * 32 + 32]
@@ -389,6 +395,7 @@ class Q5_1(ImportanceWeighted, GGMLFormat):
     range_rule = RULE
     summary = "ggml Q5_1: per 32 weights fp16 scale d and min m, 5-bit q, w = d*q + m; gguf-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
+    checks_finite = True  # each row kernel flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):

@@ -35,7 +35,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import parallel_rows
 
-from ._ggml import f32_to_f16_bits
+from ._ggml import NONFINITE_ROW, f32_to_f16_bits, has_nonfinite
 from ._klanes import qdiv
 from ._kquants import (
     F32,
@@ -181,6 +181,9 @@ def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
     dmin = np.empty(nb, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
+        if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[r] = NONFINITE_ROW
+            continue
         if scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, NMAX,
                             np.float32(REF[0]), np.float32(REF[1]), REF[2],
                             np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2], exact):

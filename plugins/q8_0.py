@@ -30,6 +30,7 @@ from quantfmt.families import GGMLFormat, parallel_rows, prefill_threads
 
 from . import _i8dot, _i8gemm
 from ._ggml import (
+    NONFINITE_ROW,
     QK,
     f32_to_f16_bits,
     fp16_table,
@@ -111,6 +112,9 @@ def _quantize_rows(w, out, outq, bad, r0, r1):
             for j in range(qk):
                 a = np.float32(abs(w[r, c0 + j])).view(np.int32)
                 amaxi = a if a > amaxi else amaxi
+            if amaxi >= np.int32(0x7F800000):  # |bits| of NaN/inf (checks_finite: no scan before)
+                bad[r] = NONFINITE_ROW
+                break
             d = np.int32(amaxi).view(np.float32) / np.float32(127.0)
             if not (d < np.float32(65520.0)):
                 if bad[r] < 0:
@@ -295,6 +299,7 @@ class Q8_0(GGMLFormat):
     range_rule = RULE
     summary = "ggml Q8_0: per 32 weights an fp16 scale d and int8 q, w = d*q; gguf-identical bytes"
     quantize_kernel = staticmethod(_quantize_kernel)
+    checks_finite = True  # the row kernel's amax flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     dequantize_kernel = staticmethod(_dequantize_kernel)
 
     def prepare(self, data, rows, cols):

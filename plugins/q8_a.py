@@ -34,6 +34,7 @@ import quantfmt
 from quantfmt.families import KernelFormat, decode_threads, parallel_rows
 from quantfmt.numba_threads import claim
 
+from ._ggml import NONFINITE_ROW, has_nonfinite
 from ._rounding import round_half_away, round_half_away_scalar
 
 QK = 128  # rows per block (= rows per row group)
@@ -92,7 +93,7 @@ _NEAR_HALF = 2.0**-40
 
 
 @numba.njit(cache=True, nogil=True)
-def _quantize_groups(w, out, g0, g1):
+def _quantize_groups(w, out, bad, g0, g1):
     rows, cols = w.shape
     inv = np.empty(cols)  # 1 / s per column of the group
     gb = GROUP_BYTES_PER_COL * cols
@@ -103,11 +104,20 @@ def _quantize_groups(w, out, g0, g1):
         wg = w[g * QK : (g + 1) * QK]  # the block's own rows
         for c in range(cols):
             sc[c] = np.float32(0.0)
+        flagged = False
         for r in range(QK):
+            # each row tested as it enters L1 for the max (checks_finite: quantize does not scan first);
+            # a group with NaN/inf is left unquantized (quantize raises)
+            if has_nonfinite(wg[r]):
+                bad[g * QK + r] = NONFINITE_ROW
+                flagged = True
+                break
             for c in range(cols):
                 a = abs(wg[r, c])
                 if a > sc[c]:
                     sc[c] = a
+        if flagged:
+            continue
         # v = (w * 127) / s by a multiplication with inv = 1 / s (a division per column and group, not per
         # weight: a vdivpd is ~16 cycles per 8 lanes); inv = 0 where s = 0 gives those blocks' q = 0.
         # inv is correctly rounded, so v' = (w * 127) * inv is within 3 * 2**-53 * 127 < 2**-44 of
@@ -136,8 +146,8 @@ def _quantize_groups(w, out, g0, g1):
                         q[r, c] = np.int8(v)
 
 
-def _quantize_kernel(w, out):
-    parallel_rows(_quantize_groups, w.shape[0] // QK, QK * w.shape[1], w, out, weights=QK * 128)
+def _quantize_kernel(w, out, bad):
+    parallel_rows(_quantize_groups, w.shape[0] // QK, QK * w.shape[1], w, out, bad, weights=QK * 128)
 
 
 # Dequantize multiplies by 1/127 where formats.md divides, and gets the same float32 bits: P = q * s is
@@ -216,6 +226,7 @@ class Q8_A(KernelFormat):
     block_bytes = 4 + QK
     summary = "int8, one float32 absmax scale per 128 weights down a column (llama2.c brainstorm)"
     quantize_kernel = staticmethod(_quantize_kernel)
+    checks_finite = True  # the row kernel flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     dequantize_kernel = staticmethod(_dequantize_kernel)
     get_rows_kernel = staticmethod(_get_rows_kernel)
 

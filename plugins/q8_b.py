@@ -35,6 +35,7 @@ from quantfmt.errors import RangeError
 from quantfmt.families import KernelFormat, decode_threads, parallel_rows
 from quantfmt.numba_threads import claim
 
+from ._ggml import NONFINITE_ROW, has_nonfinite
 from ._rounding import round_half_away
 
 QK = 128
@@ -206,7 +207,7 @@ def _sums16(typingctx, src, off, sums):
 
 
 @numba.njit(cache=True, nogil=True)
-def _quantize_rows(w, u, hdr, q, r0, r1):
+def _quantize_rows(w, u, hdr, q, bad, r0, r1):
     # hdr: float32 (rows * nb, 34), the bytes seen as float32 (136 = 4 * 34): (s, m) at 0, 1;
     # q: int8 (rows * nb, 136), the bytes seen as int8: q[j] at 8 + j. Both views are made once
     # by the caller: slicing views per block costs more than the block's arithmetic. u: w's bits as int32.
@@ -215,6 +216,9 @@ def _quantize_rows(w, u, hdr, q, r0, r1):
     acc = np.empty(16)
     means = np.empty(nb, np.float32)
     for row in range(r0, r1):
+        if has_nonfinite(w[row]):  # (checks_finite: quantize does not scan the tensor first)
+            bad[row] = NONFINITE_ROW
+            continue
         # Each block's sum is one sequential chain in index order (the spec fixes it): sixteen blocks'
         # chains side by side in vectors (_sums16), the rest one chain at a time.
         for b0 in range(0, nb - nb % 16, 16):
@@ -239,10 +243,10 @@ def _quantize_rows(w, u, hdr, q, r0, r1):
 ROW_CHUNK = 64  # rows per claim in decode (a multiple of 4)
 
 
-def _quantize_kernel(w, out):
+def _quantize_kernel(w, out, bad):
     hdr = out.view(np.float32).reshape(-1, BLOCK_BYTES // 4)
     parallel_rows(_quantize_rows, w.shape[0], w.shape[1], w, w.view(np.int32), hdr,
-                  out.view(np.int8).reshape(-1, BLOCK_BYTES))
+                  out.view(np.int8).reshape(-1, BLOCK_BYTES), bad)
 
 
 # Dequantize computes formats.md's float64 quotient (q * s) / 127 without a division (vdivpd: ~16 cycles
@@ -409,6 +413,7 @@ class Q8_B(KernelFormat):
     block_bytes = BLOCK_BYTES
     summary = "int8 of (w - mean), float32 scale and mean per 128 weights along a row (llama2.c brainstorm)"
     quantize_kernel = staticmethod(_quantize_kernel)
+    checks_finite = True  # the row kernel flags a NaN/inf row (NONFINITE_ROW): quantize skips its scan
     dequantize_kernel = staticmethod(_dequantize_kernel)
     get_rows_kernel = staticmethod(_get_rows_kernel)
 

@@ -26,7 +26,9 @@ A format subclasses the family that fits it and supplies only what is its own:
     spares a cold start the parallel=True driver's compile (Q4_0, Q8_0 and the k-quants quantize so).
 
 `KernelFormat`: quantfmt's own research formats (Q8_A, Q8_B, Q4_A), whose numba kernels take the
-    whole tensor: quantize_kernel(w, out), dequantize_kernel(data, rows, cols, out),
+    whole tensor: quantize_kernel(w, out) (quantize_kernel(w, out, bad) for a format with checks_finite:
+    it writes NONFINITE_ROW in bad[r], int64 (rows,), for a row holding NaN/inf, and need not quantize
+    that row's group), dequantize_kernel(data, rows, cols, out),
     get_rows_kernel(data, cols, idx, out) and a `matvec(prep, rows, cols, x, out)` for small
     batches; batches of more than `matvec_max_n` rows go to dequantized tiles + BLAS.
 """
@@ -41,7 +43,7 @@ import numpy as np
 
 from . import blas
 from .errors import RangeError
-from .format import Format
+from .format import Format, nonfinite_rows
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -312,6 +314,7 @@ class GGMLFormat(Format):
         out = np.empty((rows, cols // self.qk, self.block_bytes), np.uint8)
         bad = np.empty(rows, np.int64)
         self.quantize_kernel(w, out, bad)
+        nonfinite_rows(bad)  # (a kernel of a checks_finite format flags NaN/inf rows; first, as the old scan was)
         hit = np.flatnonzero(bad >= 0)
         if hit.size:
             r = int(hit[0])
@@ -385,7 +388,12 @@ class KernelFormat(Format):
 
     def _quantize(self, w):
         out = np.empty(self.nbytes(w.shape), np.uint8)
-        self.quantize_kernel(w, out)
+        if self.checks_finite:
+            bad = np.full(w.shape[0], -1, np.int64)
+            self.quantize_kernel(w, out, bad)
+            nonfinite_rows(bad)
+        else:
+            self.quantize_kernel(w, out)
         self.check_quantized(w, out)
         return out
 
