@@ -174,6 +174,38 @@ def test_median_time_calls_between_before_every_timed_call_and_never_loops():
     assert log == ["f"] + ["b", "f"] * 4  # the untimed warm-up, then each timed call right after `between`
 
 
+def test_paired_medians_alternates_the_functions_in_rounds_after_their_pauses(monkeypatch):
+    from quantfmt.bench import timing
+
+    log = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: log.append(f"sleep{s}"))
+
+    def slow(name):
+        def fn():
+            log.append(name)
+            t0 = timing.time.perf_counter()
+            while timing.time.perf_counter() - t0 < 2 * timing.MIN_SAMPLE_SECONDS:  # never looped
+                pass
+        return fn
+
+    info = {}
+    secs = timing.paired_medians([slow("a"), slow("b")], [0.0, 0.5], 3, info=info)
+    # two untimed warm-ups each, then rounds: (a), (pause, b), in turn
+    assert log == ["a", "a", "b", "b"] + ["a", "sleep0.5", "b"] * 3
+    assert info["samples"] == 3 and all(s >= 2 * timing.MIN_SAMPLE_SECONDS for s in secs)
+
+
+def test_paired_medians_loops_short_calls_and_stops_at_its_budget():
+    from quantfmt.bench import timing
+
+    calls = []
+    fast, slow = (lambda: calls.append(1)), (lambda: timing.time.sleep(0.02))
+    info = {}
+    secs = timing.paired_medians([fast, slow], [0.0, 0.0], 50, budget=0.05, info=info)
+    assert len(calls) > 2 + 10  # a no-op sample is a loop of calls
+    assert 1 <= info["samples"] < 50 and secs[0] < secs[1]
+
+
 def test_parse_shapes():
     assert bench.parse_shapes("4096x4096, 576x1536") == [(4096, 4096), (576, 1536)]
     for bad in ("4096", "0x5", "axb", "1x2x3", ","):

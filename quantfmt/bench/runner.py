@@ -29,6 +29,7 @@ from .timing import (
     loadavg,
     median_time,
     numba_parallel_sum,
+    paired_medians,
     set_numba_threads,
 )
 
@@ -279,28 +280,24 @@ class Bench:
         prepared = fmt.prepare(t.data, rows, cols)
         prep = time.perf_counter() - t0
         for n, act in ((1, x), (PREFILL_N, xs)):
-            # The float32 baseline again, right before this format's figures: the machine's load
-            # drifts over a run and a ratio must compare like with like. The pause lets numba's
-            # spinning pool threads go idle first (see the "interleaved" figures).
-            time.sleep(0.05)
-            if n == 1:
-                base = median_time(lambda: w @ x, self.repeat)
-            else:
-                base = median_time(lambda: xs @ w.T, self.repeat, budget=2.0)
+            # The float32 baseline again, in rounds with this format's calls (timing.paired_medians): the
+            # machine's load drifts over a run and a ratio must compare like with like. Before each
+            # baseline sample a short pause lets numba's or our threads go idle; before each of ours a
+            # longer one: OpenBLAS's threads spin (sched_yield loops) after a call, ~20 ms of CPU in the
+            # next 100 ms measured on the 2-core Xeon, and a kernel timed right then shares a core with them.
+            base_fn = (lambda: w @ x) if n == 1 else (lambda: xs @ w.T)
             what = "numpy float32 W @ x" if n == 1 else "numpy float32 X @ W.T"
-            # And the same courtesy the other way: OpenBLAS's threads spin (sched_yield loops) after
-            # a call, ~20 ms of CPU in the next 100 ms measured on the 2-core Xeon, and a kernel timed
-            # right then shares a core with them. Let them go idle first.
-            time.sleep(BLAS_IDLE_SECONDS)
-            for mode in fmt.modes:
-                tm = QTensor("w", fmt, shape, t.data)
-                info: dict = {}  # the untimed warm-up call does prepare() and any compile left
-                sec = median_time(functools.partial(tm.matmul, act, mode), self.repeat, info=info)
+            # a fresh QTensor per mode: the untimed warm-up call does prepare() and any compile left
+            calls = [functools.partial(QTensor("w", fmt, shape, t.data).matmul, act, mode) for mode in fmt.modes]
+            info: dict = {}
+            base, *secs = paired_medians([base_fn, *calls], [0.05] + [BLAS_IDLE_SECONDS] * len(calls),
+                                         self.repeat, info=info)
+            for mode, sec in zip(fmt.modes, secs, strict=True):
                 self.add(
                     record("qmatmul", fmt.tag, shape, n, sec, what, base, nbytes=t.nbytes + (cols * 4 + rows * 4) * n,
                            mode=mode, path=fmt.kernel_path("qmatmul", n, mode), prepare_seconds=prep,
                            prepared_bytes=getattr(prepared, "nbytes", None),
-                           samples=info["samples"], baseline_before_numba=f32[(shape, n)], **common)
+                           samples=info["samples"], paired=True, baseline_before_numba=f32[(shape, n)], **common)
                 )
 
     # -- the whole run --

@@ -2,8 +2,11 @@
 
 The statistic of every timed figure, in process or of a child process, is `median_time`: the median
 of the timed calls after one untimed warm-up call. Calls shorter than a few ms are looped and divided
-so timer resolution does not matter. (A first call, a cold cache or a cold page cache happens once
-by nature: those figures are single runs, and say so.)
+so timer resolution does not matter. qmatmul's figures, judged as ratios to numpy's float32 matmul,
+take both medians from `paired_medians`, whose samples alternate (baseline, ours, baseline, ...): a
+shared machine's load drifts over seconds, and two blocks of samples taken one after the other would
+see different loads. (A first call, a cold cache or a cold page cache happens once by nature: those
+figures are single runs, and say so.)
 """
 
 from __future__ import annotations
@@ -117,6 +120,47 @@ def median_time(
     if info is not None:
         info["samples"] = len(samples)
     return float(statistics.median(samples))
+
+
+def paired_medians(
+    fns: list[Callable[[], object]],
+    pauses: list[float],
+    repeat: int,
+    budget: float | None = None,
+    info: dict | None = None,
+) -> list[float]:
+    """The median seconds per call of each of fns, their samples taken in rounds: every round sleeps
+    pauses[i] (untimed) and then times one sample of fns[i], for each i in turn.
+
+    Each function gets two untimed warm-up calls first (the first may compile or prepare; the second
+    says whether its samples must be loops of calls, as in median_time). Rounds stop at `repeat`, or
+    once the samples add up to `budget` seconds (one round at least); `info["samples"]` is the count.
+    The pauses are why this exists beside median_time: after a BLAS call OpenBLAS's threads spin for
+    ~0.1 s, after a parallel numba kernel its pool does, and a sample taken then shares a core with them.
+    """
+    budget = SAMPLE_BUDGET_SECONDS if budget is None else budget
+    inner = []
+    for fn in fns:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t0
+        inner.append(min(1000, math.ceil(MIN_SAMPLE_SECONDS / max(first, 1e-7))) if first < MIN_SAMPLE_SECONDS else 1)
+    samples: list[list[float]] = [[] for _ in fns]
+    spent = 0.0
+    while len(samples[0]) < max(1, repeat) and (not samples[0] or spent < budget):
+        for fn, pause, k, into in zip(fns, pauses, inner, samples, strict=True):
+            if pause > 0:
+                time.sleep(pause)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            dt = time.perf_counter() - t0
+            spent += dt
+            into.append(dt / k)
+    if info is not None:
+        info["samples"] = len(samples[0])
+    return [float(statistics.median(s)) for s in samples]
 
 
 def first_call(fn: Callable[[], object]) -> tuple[float, float]:
