@@ -13,7 +13,8 @@ write into must never be used). It does not import numba (plugins that need no k
 such as the plain formats, load without it).
 
 `light_cache_loads()` makes loading a quantfmt kernel from the on-disk cache skip numba's context
-refresh (what it is and why it is safe: its docstring), a third of a `quantfmt convert`'s start-up.
+refresh (what it is and why it is safe: its docstring), a third of a `quantfmt convert`'s start-up,
+and takes numba's runtime (the NRT) from object code cached beside the kernels (`nrt_initialize`).
 
 `choose_threading_layer()` makes numba's workqueue layer the default (why, with figures:
 quantfmt.numba_threads), without importing numba either: before numba loads it sets the
@@ -23,6 +24,8 @@ stands.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import os
 import stat
@@ -167,13 +170,12 @@ def light_cache_loads() -> bool:
     if cls is None or full is None or not all(hasattr(cls, a) for a in ("_load_overload",
                                                                          "_guard_against_spurious_io_errors")):
         return False
-    from numba.core.runtime import rtsys
 
     def load_overload(self, sig, target_context):
         mod = getattr(getattr(self, "_py_func", None), "__module__", None) or ""
         if not mod.startswith(_LIGHT_PREFIXES):
             return full(self, sig, target_context)
-        rtsys.initialize(target_context)  # the NRT's symbols (once per process; numba's refresh does this)
+        nrt_initialize(target_context)  # the NRT's symbols (once per process; numba's refresh does this)
         with self._guard_against_spurious_io_errors():
             # numba's _load_overload, with one step between reading and linking: the hash secret's
             # symbols are registered (by importing numba's hashing module, 10-16 ms) only when the
@@ -197,6 +199,108 @@ def light_cache_loads() -> bool:
 
 
 _light_installed: bool | None = None
+
+
+# ---- numba's runtime (NRT) from cached object code ----------------------------------------------
+# numba.core.runtime.rtsys.initialize compiles the NRT's LLVM module (allocation, reference counts:
+# what every kernel that makes an array links against) from IR in every process: 35-60 ms of LLVM
+# measured on the 2-core Xeon, the largest step of a cached kernel's first call once the light load
+# skips the refresh. nrt_initialize does what initialize does (the C helpers' symbols, then the
+# module) but keeps the module's object code in a file beside the kernels' cache and loads it in
+# later processes (~3 ms), as numba loads a cached kernel: the same codegen call, keyed by what
+# numba keys a kernel's object code by (numba's and llvmlite's versions, the target triple, CPU and
+# features), with a checksum, written atomically. Anything unexpected (another numba's internals,
+# an unreadable, stale or damaged file) falls back to numba's own initialize.
+#: Whether this process took the NRT from the file (tests read it).
+nrt_from_file = False
+
+
+def _nrt_cache_path(codegen) -> str | None:
+    import hashlib
+
+    import llvmlite
+    import numba
+    from numba.core import caching
+
+    key = repr((numba.__version__, llvmlite.__version__, codegen.magic_tuple(), sys.implementation.cache_tag))
+    impl = vars(caching).get("CacheImpl") or vars(caching)["_CacheImpl"]  # (older numba: _CacheImpl)
+    if getattr(numba.config, "CACHE_LOCATOR_CLASSES", None):  # the user's own rules: numba's own way
+        return None
+    for cls in impl._locator_classes:  # numba's: NUMBA_CACHE_DIR, __pycache__, the user's cache dir
+        locator = cls.from_function(nrt_initialize, __file__)  # (None unless its folder is writable)
+        if locator is not None:
+            name = f"quantfmt-nrt-{hashlib.sha256(key.encode()).hexdigest()[:20]}.nbo"
+            return os.path.join(locator.get_cache_path(), name)
+    return None
+
+
+def _nrt_read(path: str):
+    import hashlib
+    import pickle
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    digest, payload = blob[:32], blob[32:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError(f"{path}: checksum mismatch")
+    return pickle.loads(payload)
+
+
+def _nrt_write(path: str, state) -> None:
+    import hashlib
+    import pickle
+
+    payload = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".nrt-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(hashlib.sha256(payload).digest() + payload)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def nrt_initialize(ctx) -> None:
+    """numba's rtsys.initialize(ctx), with the NRT module's object code cached on disk (see above)."""
+    from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.runtime import rtsys
+
+    if getattr(rtsys, "_init", False):
+        return
+    try:
+        import llvmlite.binding as ll
+        from numba.core import config
+        from numba.core.runtime import nrtdynmod
+
+        helpers = importlib.import_module("numba.core.runtime._nrt_python").c_helpers
+        create = nrtdynmod.create_nrt_module
+        codegen = ctx.codegen()
+        path = _nrt_cache_path(codegen)
+    except Exception:  # another numba's internals: its own way
+        return rtsys.initialize(ctx)
+    if path is None or getattr(config, "NRT_STATS", False):
+        return rtsys.initialize(ctx)
+    with global_compiler_lock:
+        if rtsys._init:
+            return
+        for py_name, address in helpers.items():  # as initialize registers them
+            ll.add_symbol(py_name if py_name.startswith("_") else "NRT_" + py_name, address)
+        try:
+            library = codegen.unserialize_library(_nrt_read(path))
+        except Exception:  # missing, stale or damaged: compile it (and replace the file)
+            library = None
+        global nrt_from_file
+        nrt_from_file = library is not None
+        if library is None:
+            ir_mod, library = create(ctx)
+            library.enable_object_caching()
+            library.add_ir_module(ir_mod)
+            library.finalize()
+            with contextlib.suppress(Exception):
+                _nrt_write(path, library.serialize_using_object_code())
+        rtsys._library = library
+        rtsys._init = True
 
 
 def _names_or_unknown(data, symbol: bytes) -> bool:

@@ -222,3 +222,43 @@ _COMPILE_AFTER_LIGHT = textwrap.dedent("""
 def test_a_compile_after_light_loads_gets_numbas_full_context():
     out = subprocess.check_output([sys.executable, "-W", "ignore", "-c", _COMPILE_AFTER_LIGHT], text=True)
     assert float(out.split()[-1]) == 29.0
+
+
+_NRT_CHILD = textwrap.dedent("""
+    import numpy as np, numba, quantfmt
+    from quantfmt import numba_cache
+    data = quantfmt.get_format("Q4_0").quantize(np.linspace(-1, 1, 64 * 1024, dtype=np.float32).reshape(64, 1024))
+
+    @numba.njit
+    def g(n):  # compiled here, after the runtime came from the file or not: links against it
+        a = np.ones(n)
+        b = [a, a + 1.0]
+        return b[1].sum()
+
+    print(numba_cache.nrt_from_file, int(data.sum()), g(10))
+""")
+
+
+def test_the_runtime_comes_from_its_cached_object_code_and_a_bad_file_is_replaced(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != numba_cache.LIGHT_ENV}
+    env[numba_cache.ENV] = str(tmp_path)
+
+    def child(**extra):
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", _NRT_CHILD], capture_output=True, text=True,
+                             env={**env, **extra})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    first = child()  # empty cache: kernels compiled, the runtime compiled and written
+    files = list(tmp_path.rglob("quantfmt-nrt-*.nbo"))
+    assert first[0] == "False" and len(files) == 1
+    second = child()
+    assert second == ["True", *first[1:]] and first[2] == "20.0"
+    # a damaged file: numba's compile again, the same results, and a good file back
+    blob = bytearray(files[0].read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    files[0].write_bytes(bytes(blob))
+    assert child() == first
+    assert child() == second
+    # numba's own loads leave the runtime to numba
+    assert child(**{numba_cache.LIGHT_ENV: "0"}) == first
