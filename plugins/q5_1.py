@@ -243,9 +243,11 @@ def _quantize_plain_kernel(w, out, bad):
     parallel_rows(_quantize_plain_rows, w.shape[0], w.shape[1], w, out, bad, weights=1 << 20)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_rows_weighted(w, qw, out, bad, r0, r1):
-    # ggml's quantize_row_q5_1_impl with quant_weights (make_qkx3_quants), see quantize_weighted_ref
+    # ggml's quantize_row_q5_1_impl with quant_weights (make_qkx3_quants), see quantize_weighted_ref.
+    # error_model="numpy": a division by zero gives inf/NaN as in C, not ZeroDivisionError (sum_xl /
+    # sum_l2 with every weight of the levels' lanes 0: that candidate's error is NaN and loses)
     nb = w.shape[1] // 32
     wt = np.empty(32, np.float32)
     L = np.empty(32, np.int64)

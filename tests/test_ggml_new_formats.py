@@ -223,6 +223,18 @@ def test_weighted_sums_start_from_positive_zero():
     assert np.array_equal(f.quantize_weighted(w, qw), iq4_nl.quantize_ref(w, quant_weights=qw))
 
 
+@pytest.mark.parametrize("tag", sorted(WEIGHTED))
+def test_weighted_quantize_where_every_level_has_zero_weight(tag):
+    # found by test_quantize_hypothesis: Q5_1's search divided sum_xl by a zero sum_l2 (the only
+    # nonzero weight on a zero value), which numba's default error model raised as ZeroDivisionError;
+    # C (and the reference) get inf/NaN there, and that candidate loses
+    w = np.zeros((1, 32), np.float32)
+    w[0, 0] = -162.51758
+    qw = np.zeros(32, np.float32)
+    qw[1] = 1.75
+    np.testing.assert_array_equal(get_format(tag).quantize_weighted(w, qw), weighted_ref(tag, w, qw))
+
+
 @pytest.mark.parametrize("tag", TAGS)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
