@@ -104,7 +104,8 @@ def f32_rows(records: list[dict]) -> list[dict]:
 
 def qmatmul_table(n: int, what: str, call: str) -> Table:
     return Table(
-        f"qmatmul {what} (n={n}), QTensor.matmul vs numpy float32 {call}, their samples taken in alternating rounds",
+        f"qmatmul {what} (n={n}), QTensor.matmul vs numpy float32 {call} "
+        + ("measured just before" if n == 1 else "(their samples taken in alternating rounds)"),
         op("qmatmul", n=n),
         (FORMAT, SHAPE, text("mode", "mode"), MEDIAN, secs("float32", "baseline_seconds"), RATIO3,
          num("GB/s", "gbps", ".1f"), OF_PROBE, secs("prepare", "prepare_seconds"), TARGET, STATUS))

@@ -280,24 +280,39 @@ class Bench:
         prepared = fmt.prepare(t.data, rows, cols)
         prep = time.perf_counter() - t0
         for n, act in ((1, x), (PREFILL_N, xs)):
-            # The float32 baseline again, in rounds with this format's calls (timing.paired_medians): the
-            # machine's load drifts over a run and a ratio must compare like with like. Before each
-            # baseline sample a short pause lets numba's or our threads go idle; before each of ours a
-            # longer one: OpenBLAS's threads spin (sched_yield loops) after a call, ~20 ms of CPU in the
-            # next 100 ms measured on the 2-core Xeon, and a kernel timed right then shares a core with them.
             base_fn = (lambda: w @ x) if n == 1 else (lambda: xs @ w.T)
             what = "numpy float32 W @ x" if n == 1 else "numpy float32 X @ W.T"
             # a fresh QTensor per mode: the untimed warm-up call does prepare() and any compile left
             calls = [functools.partial(QTensor("w", fmt, shape, t.data).matmul, act, mode) for mode in fmt.modes]
             info: dict = {}
-            base, *secs = paired_medians([base_fn, *calls], [0.05] + [BLAS_IDLE_SECONDS] * len(calls),
-                                         self.repeat, info=info)
-            for mode, sec in zip(fmt.modes, secs, strict=True):
+            if n == 1:
+                # Decode reads every weight once and is memory-bound: the baseline's 180 MB read right
+                # before each sample would evict this format's bytes from the L3 (tried: Q4_0's q8_0 decode
+                # read 2.4-3.7 ms instead of 1.5), so the float32 baseline is timed again just before the
+                # format's samples, not between them. The pause before ours: OpenBLAS's threads spin
+                # (sched_yield loops) after a call, ~20 ms of CPU in the next 100 ms measured on the 2-core
+                # Xeon, and a kernel timed right then shares a core with them; the one before the baseline
+                # lets numba's spinning pool threads go idle (see the "interleaved" figures).
+                time.sleep(0.05)
+                base = median_time(base_fn, self.repeat)
+                secs, samples = [], []
+                for fn in calls:
+                    time.sleep(BLAS_IDLE_SECONDS)
+                    secs.append(median_time(fn, self.repeat, info=info))
+                    samples.append(info["samples"])
+            else:
+                # Prefill is compute-bound (each call ~0.1 s): the baseline's samples alternate with the
+                # format's (timing.paired_medians), each after the same pauses, so a load that drifts
+                # over seconds on a shared machine weighs on both sides of the ratio alike.
+                base, *secs = paired_medians([base_fn, *calls], [0.05] + [BLAS_IDLE_SECONDS] * len(calls),
+                                             self.repeat, info=info)
+                samples = [info["samples"]] * len(calls)
+            for mode, sec, k in zip(fmt.modes, secs, samples, strict=True):
                 self.add(
                     record("qmatmul", fmt.tag, shape, n, sec, what, base, nbytes=t.nbytes + (cols * 4 + rows * 4) * n,
                            mode=mode, path=fmt.kernel_path("qmatmul", n, mode), prepare_seconds=prep,
-                           prepared_bytes=getattr(prepared, "nbytes", None),
-                           samples=info["samples"], paired=True, baseline_before_numba=f32[(shape, n)], **common)
+                           prepared_bytes=getattr(prepared, "nbytes", None), samples=k,
+                           paired=n != 1, baseline_before_numba=f32[(shape, n)], **common)
                 )
 
     # -- the whole run --

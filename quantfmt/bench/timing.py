@@ -2,7 +2,7 @@
 
 The statistic of every timed figure, in process or of a child process, is `median_time`: the median
 of the timed calls after one untimed warm-up call. Calls shorter than a few ms are looped and divided
-so timer resolution does not matter. qmatmul's figures, judged as ratios to numpy's float32 matmul,
+so timer resolution does not matter. The prefill figures, judged as ratios to numpy's float32 matmul,
 take both medians from `paired_medians`, whose samples alternate (baseline, ours, baseline, ...): a
 shared machine's load drifts over seconds, and two blocks of samples taken one after the other would
 see different loads. (A first call, a cold cache or a cold page cache happens once by nature: those
