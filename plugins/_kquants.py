@@ -27,6 +27,7 @@ This module is private (its name starts with "_"), so the registry does not load
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -946,10 +947,15 @@ def scale_min_search_np(x, quant_weights, nmax, ref, impl):
 
 
 @jit
-def _sms_prep(w, qw, r, xt, wt, sw):
+def sms_prep(w, qw, r, xt, wt, sw):
     """The search's inputs for row r: xt = the row's 8*nb sub-blocks element-major, wt their weights
     (ggml's quantize_row_q4_K_ref: av_x + |x|; with qw, quantize_row_q4_K_impl: qw*sqrt(sigma2 + x*x),
-    and sw their sums per sub-block). sw is work space (overwritten by the search) when qw is None."""
+    and sw their sums per sub-block). sw is work space (overwritten by the search) when qw is None.
+
+    Returns True when the row may hold a NaN or an infinity: the caller then runs has_nonfinite on it.
+    Without qw, a sub-block's sum of squares is NaN or inf if one of its values is (or, rarely, when
+    finite squares overflow): the row is read once here, not first by a separate scan (~5% of Q4_K's
+    quantize). With qw, always True (quantize_weighted has checked its input already)."""
     nb = w.shape[1] // QK_K
     K = 8 * nb
     for k in range(K):
@@ -963,11 +969,14 @@ def _sms_prep(w, qw, r, xt, wt, sw):
         for i in range(32):
             for k in range(K):
                 sw[k] += xt[i, k] * xt[i, k]
+        maybe = False
         for k in range(K):
+            maybe |= not (sw[k] < np.inf)
             sw[k] = np.float32(np.sqrt(sw[k] / np.float32(32.0)))  # av_x
         for i in range(32):
             for k in range(K):
                 wt[i, k] = sw[k] + abs(xt[i, k])
+        return maybe
     else:
         for b in range(nb):
             sum_x2 = np.float32(0.0)
@@ -982,12 +991,14 @@ def _sms_prep(w, qw, r, xt, wt, sw):
                     wt[i, k] = qw[r, QK_K * b + 32 * j + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
                     sumw += wt[i, k]
                 sw[k] = sumw
+        return True
 
 
 @jit
-def _sms_finish(qw, scales, mins, sw, Lt, L, ls, lm, d, dmin):
-    """From the search's (scales, mins, Lt): the 6-bit ls, lm, float32 d, dmin (ggml's reference:
-    max/63 and nearest_int(63/max * v); with qw: make_qp_quants weighted by sw) and L (nb, 256)."""
+def _sms_finish(qw, scales, mins, sw, ls, lm, d, dmin):
+    """From the search's (scales, mins): the 6-bit ls, lm, float32 d, dmin (ggml's reference: max/63 and
+    nearest_int(63/max * v); with qw: make_qp_quants weighted by sw). The search's L stay in Lt: the
+    final pass reads them only for a sub-block whose stored scale is 0 (its own division makes the rest)."""
     nb = d.shape[0]
     if qw is None:
         for b in range(nb):
@@ -1001,8 +1012,10 @@ def _sms_finish(qw, scales, mins, sw, Lt, L, ls, lm, d, dmin):
             inv_scale = np.float32(63.0) / max_scale if max_scale > 0 else np.float32(0.0)
             inv_min = np.float32(63.0) / max_min if max_min > 0 else np.float32(0.0)
             for j in range(8):
-                ls[b, j] = min(63, nearest_int(inv_scale * scales[8 * b + j]) & 255)
-                lm[b, j] = min(63, nearest_int(inv_min * mins[8 * b + j]) & 255)
+                v = nearest_int(inv_scale * scales[8 * b + j]) & 255  # min(63, ...) as an if: numba's
+                ls[b, j] = v if v < 63 else 63                        # min() is one more cold compile
+                v = nearest_int(inv_min * mins[8 * b + j]) & 255
+                lm[b, j] = v if v < 63 else 63
             d[b] = max_scale / np.float32(63.0)
             dmin[b] = max_min / np.float32(63.0)
     else:
@@ -1014,34 +1027,50 @@ def _sms_finish(qw, scales, mins, sw, Lt, L, ls, lm, d, dmin):
             dmin[b] = make_qp_quants(mins[8 * b : 8 * b + 8], lq, 63, sw[8 * b : 8 * b + 8])
             for j in range(8):
                 lm[b, j] = lq[j]
-    for b in range(nb):
-        for j in range(8):
-            for i in range(32):
-                L[b, 32 * j + i] = Lt[i, 8 * b + j]
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, nmax,
+def scale_min_search(qw, xt, wt, Lt, scales, mins, sw, ls, lm, d, dmin, nmax,
                      rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w, exact=None):
-    """Q4_K/Q5_K, the nb super-blocks of row r of w (rows, 256 * nb): fills L (nb, 256) (the search's
-    quants), ls, lm (nb, 8) (the 6-bit scales and mins) and d, dmin (nb,) in float32 before their fp16
-    rounding. qw: the importance weights (rows, 256 * nb), or None (ggml's reference quantizer; decided
-    when the caller is compiled: quantize compiles no weighted code).
-    Work space: xt, wt (32, M) float32 (zeros past 8 * nb), Lt (32, M) uint8, scales, mins (M,), sw
-    (8 * nb,) float32, with M = 8 * nb rounded up to a multiple of 32 (qkx2_lanes32: one vector kernel).
+    """Q4_K/Q5_K, the nb super-blocks of one row, after sms_prep put them into xt, wt, sw: fills Lt (the
+    search's quants, element-major), ls, lm (nb, 8) (the 6-bit scales and mins) and d, dmin (nb,) in
+    float32 before their fp16 rounding. qw: the importance weights (rows, 256 * nb), or None (ggml's
+    reference quantizer; decided when the caller is compiled: quantize compiles no weighted code).
+    Work space (kq_work): xt, wt (32, M) float32 (zeros past 8 * nb), Lt (32, M) uint8, scales, mins
+    (M,), sw (8 * nb,) float32, with M = 8 * nb rounded up to a multiple of 32 (qkx2_lanes32: one
+    vector kernel).
 
     Returns True (and fills nothing) when the row needs the exact search (redo_rows; exact: see
     qkx2_lanes32).
 
     All 8 * nb sub-blocks of the row are searched in lock step, one lane each (element-major): ~5x
     faster than the eight of one super-block, as the lane loop then runs long vectors."""
-    _sms_prep(w, qw, r, xt, wt, sw)
     if qw is not None:
         rmin, rdelta, nstep = rmin_w, rdelta_w, nstep_w
     if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins, exact):
         return True  # the caller marks the row for redo_rows
-    _sms_finish(qw, scales, mins, sw, Lt, L, ls, lm, d, dmin)
+    _sms_finish(qw, scales, mins, sw, ls, lm, d, dmin)
     return False
+
+
+_WORK = threading.local()
+
+
+def kq_work(nb: int):
+    """This thread's work space of the Q4_K/Q5_K row kernels for rows of nb super-blocks: (xt, wt, Lt,
+    scales, mins, sw, L, ls, lm, d, dmin), see scale_min_search; L (256,) uint8 is one super-block's
+    final quants. Made once per thread and row length, not in the kernel: numba's np.zeros/np.empty
+    are compiled anew in every process (~0.6 s of a cold start), and a row range is ~16 rows. xt and wt
+    keep their zero pad lanes (sms_prep writes only the first 8 * nb columns)."""
+    w = getattr(_WORK, "kq", None)
+    if w is None or w[-1].shape[0] != nb:
+        m = (8 * nb + 31) // 32 * 32
+        f = np.float32
+        w = (np.zeros((32, m), f), np.zeros((32, m), f), np.zeros((32, m), np.uint8), np.zeros(m, f),
+             np.zeros(m, f), np.zeros(8 * nb, f), np.zeros(QK_K, np.uint8), np.zeros((nb, 8), np.int64),
+             np.zeros((nb, 8), np.int64), np.zeros(nb, f), np.zeros(nb, f))
+        _WORK.kq = w
+    return w
 
 
 # ---- Q3_K/Q6_K: the overflow_abs test in the row kernels --------------------------------------
