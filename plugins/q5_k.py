@@ -35,8 +35,8 @@ import numpy as np
 import quantfmt
 from quantfmt.families import parallel_rows
 
-from ._ggml import NONFINITE_ROW, f32_to_f16_bits, has_nonfinite
-from ._klanes import qdiv
+from ._ggml import NONFINITE_ROW, f32_to_f16_bits
+from ._klanes import nibbles, qdiv
 from ._kquants import (
     F32,
     QK_K,
@@ -49,6 +49,7 @@ from ._kquants import (
     pack_scale_min_k4,
     pack_scale_min_k4_np,
     redo_rows,
+    row_nonfinite,
     scale_min_k4,
     scale_min_search,
     scale_min_search_np,
@@ -128,6 +129,7 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 
 
 _QDIV = qdiv(32, True)  # the final pass of a sub-block, one vector division
+_NIBBLES, _HIGH = nibbles("q4"), nibbles("q5h")  # its packing, <32 x i8> vectors
 
 # ---- numba kernels ---------------------------------------------------------------------------
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
@@ -150,22 +152,16 @@ def _quantize_block(x, out, L, Lt, k0, ls, lm, d, dmin):
     df = f16_bits_to_f32(np.int64(hd))
     dmf = f16_bits_to_f32(np.int64(hm))
     for j in range(8):
-        sc, m = scale_min_k4(j, out[4:16])
-        dj = df * np.float32(sc)
+        # ls[j], lm[j] (0..63) are what get_scale_min_k4 reads back from the 12 bytes just packed
+        dj = df * np.float32(ls[j])
         if dj == 0:  # ggml keeps the search's L
             for i in range(32):
                 L[32 * j + i] = Lt[i, k0 + j]
             continue
-        mj = dmf * np.float32(m)
+        mj = dmf * np.float32(lm[j])
         _QDIV(x, 32 * j, mj, dj, 0, NMAX, 0, L, 32 * j)  # L = clamp(nearest_int((x + mj)/dj), 0, NMAX)
-    for i in range(32):
-        h = 0
-        for j in range(8):
-            h |= (np.int64(L[32 * j + i]) >> 4) << j
-        out[16 + i] = np.uint8(h)
-    for k in range(4):
-        for i in range(32):
-            out[48 + 32 * k + i] = (L[64 * k + i] & 15) | ((L[64 * k + 32 + i] & 15) << 4)
+    _HIGH(L, out, 16)  # out[16 + i] = OR_j (L[32j + i] >> 4) << j
+    _NIBBLES(L, out, 48)  # out[48 + 32k + i] = (L[64k + i] & 15) | (L[64k + 32 + i] & 15) << 4
     return False
 
 
@@ -175,7 +171,7 @@ def _rows(w, qw, out, bad, r0, r1, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, d
     for r in range(r0, r1):
         bad[r] = -1
         # checks_finite: quantize does not scan the tensor first; sms_prep's sums of squares tell when to
-        if sms_prep(w, qw, r, xt, wt, sw) and has_nonfinite(w[r]):
+        if sms_prep(w, qw, r, xt, wt, sw) and row_nonfinite(w[r]):
             bad[r] = NONFINITE_ROW
             continue
         if scale_min_search(qw, xt, wt, Lt, scales, mins, sw, ls, lm, d, dmin, NMAX,
