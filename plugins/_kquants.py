@@ -1108,7 +1108,8 @@ def first_big_block(wr):
     bits = wr.view(np.int32)
     m = np.int32(0)
     for c in range(bits.size):
-        m = max(m, bits[c] & np.int32(0x7FFFFFFF))
+        v = np.int32(bits[c] & np.int32(0x7FFFFFFF))
+        m = v if v > m else m  # (not max(): numba's builtin is one more cold compile per process)
     if m < np.int32(_BIG_BITS):
         return -1
     for c in range(bits.size):
