@@ -68,7 +68,8 @@ def has_nonfinite(wr):
     bits = wr.view(np.int32)
     m = np.int32(0)
     for c in range(bits.size):
-        m = max(m, bits[c] & np.int32(0x7FFFFFFF))
+        v = np.int32(bits[c] & np.int32(0x7FFFFFFF))
+        m = v if v > m else m  # (not max(): numba's builtin is one more cold compile per process)
     return m >= np.int32(0x7F800000)
 
 

@@ -26,7 +26,7 @@ This module is private (its name starts with "_"), so the registry does not load
 
 from __future__ import annotations
 
-import math
+import threading
 
 import numba
 import numpy as np
@@ -299,15 +299,15 @@ def nearest_int(f):
 def f16_bits_to_f32(h):
     """float32 value of fp16 bits h (an exact conversion, as ggml's GGML_FP16_TO_FP32)."""
     e = (h >> 10) & 0x1F
-    mant = np.float64(h & 0x3FF)
     if e == 0:
-        v = mant * 5.9604644775390625e-08  # 2**-24
+        v = np.float32(h & 0x3FF) * np.float32(5.9604644775390625e-08)  # 2**-24: exact
     elif e == 31:
-        v = np.inf if mant == 0 else np.nan
+        v = np.float32(np.inf) if (h & 0x3FF) == 0 else np.float32(np.nan)
     else:
-        # (ldexp, exact: float ** int would compile numba's int_power helper, ~0.2 s of a cold start)
-        v = math.ldexp(1024.0 + mant, np.int64(e) - 25)
-    return np.float32(-v if (h & 0x8000) else v)
+        # a normal half: the float32 with exponent e - 15 + 127 and the mantissa's 10 bits on top (exact;
+        # not ldexp, a libm call per use, nor float ** int, numba's int_power helper: ~0.2 s of a cold start)
+        v = np.uint32(((e + 112) << 23) | ((h & 0x3FF) << 13)).view(np.float32)
+    return -v if (h & 0x8000) else v
 
 
 @jit
@@ -937,19 +937,33 @@ def scale_min_search_np(x, quant_weights, nmax, ref, impl):
     return L.reshape(n, 8, 32), ls, lm, d.astype(np.float32), dmin.astype(np.float32)
 
 
-# scale_min_search is a thin inlined function around the vector search (qkx2_lanes32, whose LLVM code
-# is the bulk of the work and is thus generated once, in the format's row kernel), with the scalar
-# work before and after it in separately compiled functions: numba copies an inlined callee's IR
-# (twice, and its whole variable scope once per block) into every call site, which cost ~0.6 s of the
-# Q4_K cold start when all of it was inlined. `qw is None` (quantize) or not (quantize_weighted) is
-# decided when they are compiled (their argument types): quantize compiles no weighted code.
+# A Q4_K/Q5_K row: sms_prep (the row kernel calls it first: its sums of squares also tell whether the
+# row may hold a NaN/inf), then scale_min_search, a thin inlined function around the vector search
+# (qkx2_lanes32, whose LLVM code is the bulk of the work and is thus generated once, in the format's row
+# kernel) and _sms_finish. The scalar work before and after the search is in separately compiled
+# functions: numba copies an inlined callee's IR (twice, and its whole variable scope once per block)
+# into every call site, which cost ~0.6 s of the Q4_K cold start when all of it was inlined. `qw is
+# None` (quantize) or not (quantize_weighted) is decided when they are compiled (their argument types):
+# quantize compiles no weighted code. The work space comes from kq_work (Python, per thread).
+#
+# Where Q4_K's quantize time goes (one thread, 11008x4096, same process): the search ~73%, the final
+# pass (fp16 scales, one vector division per sub-block, packing) ~10%, sms_prep (the row's only read
+# from memory, the element-major transposes, av_x and weights) ~8-12%, _sms_finish ~3%. The search is
+# at its arithmetic bound: per element and trial 18 float operations a <16 x float> vector (12 to
+# round, clamp and sum, 6 for the error), all in ggml's order, ~36 zmm instructions for 32 lanes, and
+# 8 vdivps a trial; 64 lanes (four chains, more latency hidden) measured no faster than 32.
 
 
 @jit
-def _sms_prep(w, qw, r, xt, wt, sw):
+def sms_prep(w, qw, r, xt, wt, sw):
     """The search's inputs for row r: xt = the row's 8*nb sub-blocks element-major, wt their weights
     (ggml's quantize_row_q4_K_ref: av_x + |x|; with qw, quantize_row_q4_K_impl: qw*sqrt(sigma2 + x*x),
-    and sw their sums per sub-block). sw is work space (overwritten by the search) when qw is None."""
+    and sw their sums per sub-block). sw is work space (overwritten by the search) when qw is None.
+
+    Returns True when the row may hold a NaN or an infinity: the caller then runs has_nonfinite on it.
+    Without qw, a sub-block's sum of squares is NaN or inf if one of its values is (or, rarely, when
+    finite squares overflow): the row is read once here, not first by a separate scan (~5% of Q4_K's
+    quantize). With qw, always True (quantize_weighted has checked its input already)."""
     nb = w.shape[1] // QK_K
     K = 8 * nb
     for k in range(K):
@@ -963,11 +977,14 @@ def _sms_prep(w, qw, r, xt, wt, sw):
         for i in range(32):
             for k in range(K):
                 sw[k] += xt[i, k] * xt[i, k]
+        maybe = False
         for k in range(K):
+            maybe |= not (sw[k] < np.inf)
             sw[k] = np.float32(np.sqrt(sw[k] / np.float32(32.0)))  # av_x
         for i in range(32):
             for k in range(K):
                 wt[i, k] = sw[k] + abs(xt[i, k])
+        return maybe
     else:
         for b in range(nb):
             sum_x2 = np.float32(0.0)
@@ -982,12 +999,14 @@ def _sms_prep(w, qw, r, xt, wt, sw):
                     wt[i, k] = qw[r, QK_K * b + 32 * j + i] * np.float32(np.sqrt(sigma2 + xt[i, k] * xt[i, k]))
                     sumw += wt[i, k]
                 sw[k] = sumw
+        return True
 
 
 @jit
-def _sms_finish(qw, scales, mins, sw, Lt, L, ls, lm, d, dmin):
-    """From the search's (scales, mins, Lt): the 6-bit ls, lm, float32 d, dmin (ggml's reference:
-    max/63 and nearest_int(63/max * v); with qw: make_qp_quants weighted by sw) and L (nb, 256)."""
+def _sms_finish(qw, scales, mins, sw, ls, lm, d, dmin):
+    """From the search's (scales, mins): the 6-bit ls, lm, float32 d, dmin (ggml's reference: max/63 and
+    nearest_int(63/max * v); with qw: make_qp_quants weighted by sw). The search's L stay in Lt: the
+    final pass reads them only for a sub-block whose stored scale is 0 (its own division makes the rest)."""
     nb = d.shape[0]
     if qw is None:
         for b in range(nb):
@@ -1001,8 +1020,10 @@ def _sms_finish(qw, scales, mins, sw, Lt, L, ls, lm, d, dmin):
             inv_scale = np.float32(63.0) / max_scale if max_scale > 0 else np.float32(0.0)
             inv_min = np.float32(63.0) / max_min if max_min > 0 else np.float32(0.0)
             for j in range(8):
-                ls[b, j] = min(63, nearest_int(inv_scale * scales[8 * b + j]) & 255)
-                lm[b, j] = min(63, nearest_int(inv_min * mins[8 * b + j]) & 255)
+                v = nearest_int(inv_scale * scales[8 * b + j]) & 255  # min(63, ...) as an if: numba's
+                ls[b, j] = v if v < 63 else 63                        # min() is one more cold compile
+                v = nearest_int(inv_min * mins[8 * b + j]) & 255
+                lm[b, j] = v if v < 63 else 63
             d[b] = max_scale / np.float32(63.0)
             dmin[b] = max_min / np.float32(63.0)
     else:
@@ -1014,34 +1035,60 @@ def _sms_finish(qw, scales, mins, sw, Lt, L, ls, lm, d, dmin):
             dmin[b] = make_qp_quants(mins[8 * b : 8 * b + 8], lq, 63, sw[8 * b : 8 * b + 8])
             for j in range(8):
                 lm[b, j] = lq[j]
-    for b in range(nb):
-        for j in range(8):
-            for i in range(32):
-                L[b, 32 * j + i] = Lt[i, 8 * b + j]
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, nmax,
+def scale_min_search(qw, xt, wt, Lt, scales, mins, sw, ls, lm, d, dmin, nmax,
                      rmin, rdelta, nstep, rmin_w, rdelta_w, nstep_w, exact=None):
-    """Q4_K/Q5_K, the nb super-blocks of row r of w (rows, 256 * nb): fills L (nb, 256) (the search's
-    quants), ls, lm (nb, 8) (the 6-bit scales and mins) and d, dmin (nb,) in float32 before their fp16
-    rounding. qw: the importance weights (rows, 256 * nb), or None (ggml's reference quantizer; decided
-    when the caller is compiled: quantize compiles no weighted code).
-    Work space: xt, wt (32, M) float32 (zeros past 8 * nb), Lt (32, M) uint8, scales, mins (M,), sw
-    (8 * nb,) float32, with M = 8 * nb rounded up to a multiple of 32 (qkx2_lanes32: one vector kernel).
+    """Q4_K/Q5_K, the nb super-blocks of one row, after sms_prep put them into xt, wt, sw: fills Lt (the
+    search's quants, element-major), ls, lm (nb, 8) (the 6-bit scales and mins) and d, dmin (nb,) in
+    float32 before their fp16 rounding. qw: the importance weights (rows, 256 * nb), or None (ggml's
+    reference quantizer; decided when the caller is compiled: quantize compiles no weighted code).
+    Work space (kq_work): xt, wt (32, M) float32 (zeros past 8 * nb), Lt (32, M) uint8, scales, mins
+    (M,), sw (8 * nb,) float32, with M = 8 * nb rounded up to a multiple of 32 (qkx2_lanes32: one
+    vector kernel).
 
     Returns True (and fills nothing) when the row needs the exact search (redo_rows; exact: see
     qkx2_lanes32).
 
     All 8 * nb sub-blocks of the row are searched in lock step, one lane each (element-major): ~5x
     faster than the eight of one super-block, as the lane loop then runs long vectors."""
-    _sms_prep(w, qw, r, xt, wt, sw)
     if qw is not None:
         rmin, rdelta, nstep = rmin_w, rdelta_w, nstep_w
     if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins, exact):
         return True  # the caller marks the row for redo_rows
-    _sms_finish(qw, scales, mins, sw, Lt, L, ls, lm, d, dmin)
+    _sms_finish(qw, scales, mins, sw, ls, lm, d, dmin)
     return False
+
+
+@numba.njit(cache=True, inline="always")
+def row_nonfinite(wr):
+    """has_nonfinite for the rows sms_prep flags (rare): a plain loop, where has_nonfinite's int32 view
+    of the row (fast, vectorized) compiles numba's array view, ~0.15 s of a cold start."""
+    for c in range(wr.size):
+        if not (abs(wr[c]) < np.inf):
+            return True
+    return False
+
+
+_WORK = threading.local()
+
+
+def kq_work(nb: int):
+    """This thread's work space of the Q4_K/Q5_K row kernels for rows of nb super-blocks: (xt, wt, Lt,
+    scales, mins, sw, L, ls, lm, d, dmin), see scale_min_search; L (256,) uint8 is one super-block's
+    final quants. Made once per thread and row length, not in the kernel: numba's np.zeros/np.empty
+    are compiled anew in every process (~0.6 s of a cold start), and a row range is ~16 rows. xt and wt
+    keep their zero pad lanes (sms_prep writes only the first 8 * nb columns)."""
+    w = getattr(_WORK, "kq", None)
+    if w is None or w[-1].shape[0] != nb:
+        m = (8 * nb + 31) // 32 * 32
+        f = np.float32
+        w = (np.zeros((32, m), f), np.zeros((32, m), f), np.zeros((32, m), np.uint8), np.zeros(m, f),
+             np.zeros(m, f), np.zeros(8 * nb, f), np.zeros(QK_K, np.uint8), np.zeros((nb, 8), np.int64),
+             np.zeros((nb, 8), np.int64), np.zeros(nb, f), np.zeros(nb, f))
+        _WORK.kq = w
+    return w
 
 
 # ---- Q3_K/Q6_K: the overflow_abs test in the row kernels --------------------------------------
@@ -1061,7 +1108,8 @@ def first_big_block(wr):
     bits = wr.view(np.int32)
     m = np.int32(0)
     for c in range(bits.size):
-        m = max(m, bits[c] & np.int32(0x7FFFFFFF))
+        v = np.int32(bits[c] & np.int32(0x7FFFFFFF))
+        m = v if v > m else m  # (not max(): numba's builtin is one more cold compile per process)
     if m < np.int32(_BIG_BITS):
         return -1
     for c in range(bits.size):

@@ -34,6 +34,8 @@ With importance weights qw (ggml's quantize_row_q2_K_impl, `quantize_weighted`):
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
@@ -41,7 +43,7 @@ import quantfmt
 from quantfmt.families import parallel_rows
 
 from ._ggml import NONFINITE_ROW, f32_to_f16_bits, has_nonfinite
-from ._klanes import qdiv
+from ._klanes import nibbles, qdiv
 from ._kquants import (
     F32,
     QK_K,
@@ -146,15 +148,17 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 
 
 _QDIV = qdiv(16, True)  # the final pass of a sub-block, one vector division
+_PACK = nibbles("q2")  # its packing, two <32 x i8> vectors
 
 # ---- numba kernels ---------------------------------------------------------------------------
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _quantize_block(x, qw, out, L, scales, mins, sw, lq):
+def _quantize_block(x, qw, out, L, Lt, k0, scales, mins, sw, lq):
     """One super-block x (256,) into out (84,), given its sixteen sub-blocks' make_qkx2_quants
-    results (L (256,), scales, mins (16,); sw (16,) the sums of the importance weights when qw,
+    results (quants Lt[:, k0 + j] of sub-block j, read where its stored scale is 0; L (256,) work
+    space; scales, mins (16,); sw (16,) the sums of the importance weights when qw,
     the row kernel's, is not None: decided at compile time); True if d or dmin overflows fp16."""
     s = out[0:16]
     if qw is None:
@@ -200,37 +204,25 @@ def _quantize_block(x, qw, out, L, scales, mins, sw, lq):
     dmf = f16_bits_to_f32(np.int64(hm))
     for j in range(16):
         dj = df * np.float32(np.int64(s[j]) & 15)
-        if dj == 0:
+        if dj == 0:  # ggml keeps the search's L
+            for i in range(16):
+                L[16 * j + i] = Lt[i, k0 + j]
             continue
         mj = dmf * np.float32(np.int64(s[j]) >> 4)
         _QDIV(x, 16 * j, mj, dj, 0, 3, 0, L, 16 * j)  # L = clamp(nearest_int((x + mj)/dj), 0, 3)
-    for hh in range(2):
-        e = 128 * hh
-        for i in range(32):
-            v = (np.int64(L[e + i]) | (np.int64(L[e + i + 32]) << 2)
-                 | (np.int64(L[e + i + 64]) << 4) | (np.int64(L[e + i + 96]) << 6))
-            out[16 + 32 * hh + i] = np.uint8(v)
+    _PACK(L, out, 16)  # out[16 + 32h + i] = OR_j L[128h + 32j + i] << 2j
     return False
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
+def _rows(w, qw, out, bad, r0, r1, xt, wt, Lt, scales, mins, sw, L, lq, exact=None):
     # qw None (quantize) or the importance weights (quantize_weighted): `qw is None` is decided when the
-    # kernel is compiled, so quantize compiles neither the weighted search nor make_qp_quants
+    # kernel is compiled, so quantize compiles neither the weighted search nor make_qp_quants.
+    # All 16 * nb sub-blocks of a row side by side (element-major), searched in lock step: long lane
+    # loops vectorize far better than one super-block's sixteen. Work space (_work): xt, wt (16, M)
+    # with M = 16 * nb padded with zero lanes to a multiple of 32, so qkx2_lanes16 runs only the 32-lane
+    # vector kernels (the pad lanes are searched and ignored; cold start: two kernels, not four and a loop)
     nb = w.shape[1] // QK_K
-    L = np.empty(QK_K, np.uint8)
-    lq = np.empty(16, np.uint8)
-    # all 16 * nb sub-blocks of a row side by side (element-major), searched in lock step: long
-    # lane loops vectorize far better than one super-block's sixteen
-    # lanes padded with zeros to a multiple of 32: qkx2_lanes16 runs only the 32-lane vector kernels
-    # (the pad lanes are searched and ignored; cold start: two kernels, not four and a loop)
-    m = (16 * nb + 31) // 32 * 32
-    xt = np.zeros((16, m), np.float32)
-    wt = np.zeros((16, m), np.float32)
-    Lt = np.empty((16, m), np.uint8)
-    scales = np.empty(m, np.float32)
-    mins = np.empty(m, np.float32)
-    sw = np.empty(16 * nb, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
         if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
@@ -264,13 +256,35 @@ def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
             continue
         for b in range(nb):
             c = b * QK_K
-            for j in range(16):
-                for i in range(16):
-                    L[16 * j + i] = Lt[i, 16 * b + j]
             sl = slice(16 * b, 16 * b + 16)
-            if _quantize_block(w[r, c : c + QK_K], qw, out[r, b], L, scales[sl], mins[sl], sw[sl], lq):
+            if _quantize_block(w[r, c : c + QK_K], qw, out[r, b], L, Lt, 16 * b, scales[sl], mins[sl], sw[sl], lq):
                 if bad[r] < 0:
                     bad[r] = b
+
+
+_WORK = threading.local()
+
+
+def _work(nb: int):
+    """This thread's work space for rows of nb super-blocks (xt, wt, Lt, scales, mins, sw, L, lq): made
+    once per thread and row length, not in the kernel (numba's np.zeros/np.empty compile anew in every
+    process: part of a cold start)."""
+    w = getattr(_WORK, "q2", None)
+    if w is None or w[5].shape[0] != 16 * nb:
+        m = (16 * nb + 31) // 32 * 32
+        f = np.float32
+        w = (np.zeros((16, m), f), np.zeros((16, m), f), np.zeros((16, m), np.uint8), np.zeros(m, f), np.zeros(m, f),
+             np.zeros(16 * nb, f), np.zeros(QK_K, np.uint8), np.zeros(16, np.uint8))
+        _WORK.q2 = w
+    return w
+
+
+def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
+    """Rows r0..r1-1 (the kernel of parallel_rows and redo_rows), with this thread's work space."""
+    if exact is None:  # (omitted, not None: `exact is None` is pruned when _rows is compiled)
+        _rows(w, qw, out, bad, r0, r1, *_work(w.shape[1] // QK_K))
+    else:
+        _rows(w, qw, out, bad, r0, r1, *_work(w.shape[1] // QK_K), exact)
 
 
 def _quantize_kernel_qw(w, qw, out, bad):

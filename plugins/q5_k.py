@@ -35,8 +35,8 @@ import numpy as np
 import quantfmt
 from quantfmt.families import parallel_rows
 
-from ._ggml import NONFINITE_ROW, f32_to_f16_bits, has_nonfinite
-from ._klanes import qdiv
+from ._ggml import NONFINITE_ROW, f32_to_f16_bits
+from ._klanes import nibbles, qdiv
 from ._kquants import (
     F32,
     QK_K,
@@ -44,13 +44,16 @@ from ._kquants import (
     KQuant,
     f16_bits_to_f32,
     f16_round_np,
+    kq_work,
     nearest_int_np,
     pack_scale_min_k4,
     pack_scale_min_k4_np,
     redo_rows,
+    row_nonfinite,
     scale_min_k4,
     scale_min_search,
     scale_min_search_np,
+    sms_prep,
     unpack_scale_min_k4_np,
 )
 
@@ -126,15 +129,17 @@ def int_parts(data: np.ndarray, rows: int, cols: int):
 
 
 _QDIV = qdiv(32, True)  # the final pass of a sub-block, one vector division
+_NIBBLES, _HIGH = nibbles("q4"), nibbles("q5h")  # its packing, <32 x i8> vectors
 
 # ---- numba kernels ---------------------------------------------------------------------------
 # Scalar code that follows the C statement by statement; no fastmath (byte-identity).
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _quantize_block(x, out, L, ls, lm, d, dmin):
-    """One super-block x (256,) into out, given its scale search (scale_min_search: L, ls, lm,
-    d, dmin); True if d or dmin overflows fp16."""
+def _quantize_block(x, out, L, Lt, k0, ls, lm, d, dmin):
+    """One super-block x (256,) into out, given its scale search (scale_min_search: ls, lm, d, dmin,
+    and its quants Lt[:, k0 + j] of sub-block j, read where the stored scale is 0); L (256,): work
+    space. True if d or dmin overflows fp16."""
     if not (d < np.float32(65520.0) and dmin < np.float32(65520.0)):
         return True
     pack_scale_min_k4(ls, lm, out[4:16])
@@ -147,53 +152,46 @@ def _quantize_block(x, out, L, ls, lm, d, dmin):
     df = f16_bits_to_f32(np.int64(hd))
     dmf = f16_bits_to_f32(np.int64(hm))
     for j in range(8):
-        sc, m = scale_min_k4(j, out[4:16])
-        dj = df * np.float32(sc)
-        if dj == 0:
+        # ls[j], lm[j] (0..63) are what get_scale_min_k4 reads back from the 12 bytes just packed
+        dj = df * np.float32(ls[j])
+        if dj == 0:  # ggml keeps the search's L
+            for i in range(32):
+                L[32 * j + i] = Lt[i, k0 + j]
             continue
-        mj = dmf * np.float32(m)
+        mj = dmf * np.float32(lm[j])
         _QDIV(x, 32 * j, mj, dj, 0, NMAX, 0, L, 32 * j)  # L = clamp(nearest_int((x + mj)/dj), 0, NMAX)
-    for i in range(32):
-        h = 0
-        for j in range(8):
-            h |= (np.int64(L[32 * j + i]) >> 4) << j
-        out[16 + i] = np.uint8(h)
-    for k in range(4):
-        for i in range(32):
-            out[48 + 32 * k + i] = (L[64 * k + i] & 15) | ((L[64 * k + 32 + i] & 15) << 4)
+    _HIGH(L, out, 16)  # out[16 + i] = OR_j (L[32j + i] >> 4) << j
+    _NIBBLES(L, out, 48)  # out[48 + 32k + i] = (L[64k + i] & 15) | (L[64k + 32 + i] & 15) << 4
     return False
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
+def _rows(w, qw, out, bad, r0, r1, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, exact=None):
     nb = w.shape[1] // QK_K
-    m = (8 * nb + 31) // 32 * 32  # lanes padded to the vector kernel's 32 (see scale_min_search)
-    xt = np.zeros((32, m), np.float32)
-    wt = np.zeros((32, m), np.float32)
-    Lt = np.empty((32, m), np.uint8)
-    scales = np.empty(m, np.float32)
-    mins = np.empty(m, np.float32)
-    sw = np.empty(8 * nb, np.float32)
-    L = np.empty((nb, QK_K), np.uint8)
-    ls = np.empty((nb, 8), np.int64)
-    lm = np.empty((nb, 8), np.int64)
-    d = np.empty(nb, np.float32)
-    dmin = np.empty(nb, np.float32)
     for r in range(r0, r1):
         bad[r] = -1
-        if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
+        # checks_finite: quantize does not scan the tensor first; sms_prep's sums of squares tell when to
+        if sms_prep(w, qw, r, xt, wt, sw) and row_nonfinite(w[r]):
             bad[r] = NONFINITE_ROW
             continue
-        if scale_min_search(w, qw, r, xt, wt, Lt, scales, mins, sw, L, ls, lm, d, dmin, NMAX,
+        if scale_min_search(qw, xt, wt, Lt, scales, mins, sw, ls, lm, d, dmin, NMAX,
                             np.float32(REF[0]), np.float32(REF[1]), REF[2],
                             np.float32(IMPL[0]), np.float32(IMPL[1]), IMPL[2], exact):
             bad[r] = REDO
             continue
         for b in range(nb):
             c = b * QK_K
-            if _quantize_block(w[r, c : c + QK_K], out[r, b], L[b], ls[b], lm[b], d[b], dmin[b]):
+            if _quantize_block(w[r, c : c + QK_K], out[r, b], L, Lt, 8 * b, ls[b], lm[b], d[b], dmin[b]):
                 if bad[r] < 0:
                     bad[r] = b
+
+
+def _quantize_rows(w, qw, out, bad, r0, r1, exact=None):
+    """Rows r0..r1-1 (the kernel of parallel_rows and redo_rows), with this thread's work space."""
+    if exact is None:  # (omitted, not None: `exact is None` is pruned when _rows is compiled)
+        _rows(w, qw, out, bad, r0, r1, *kq_work(w.shape[1] // QK_K))
+    else:
+        _rows(w, qw, out, bad, r0, r1, *kq_work(w.shape[1] // QK_K), exact)
 
 
 def _quantize_kernel_qw(w, qw, out, bad):

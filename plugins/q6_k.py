@@ -35,6 +35,8 @@ w = qw in make_qx_quants.
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
@@ -190,23 +192,17 @@ def _quantize_block(x, out, L, scales):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_rows(w, qw, out, bad, r0, r1):
+def _rows(w, qw, out, bad, r0, r1, xt, Lt, qt, scales, L):
     nb = w.shape[1] // QK_K
     M = 16 * nb
     # the row's 16*nb sub-blocks side by side (element-major), searched in lock step (one call per
-    # row: its vector code runs 16 lanes at a time, and no work space is allocated per super-block)
-    # lanes padded with zeros to a multiple of 32: qx_lanes32 runs only the 32-lane vector kernels
-    # (the pad lanes are searched and ignored; cold start: two kernels, not four and a loop)
-    Mp = (M + 31) // 32 * 32
-    xt = np.zeros((16, Mp), np.float32)
-    Lt = np.empty((16, Mp), np.int8)
+    # row: its vector code runs 16 lanes at a time). Work space (_work): xt, qt (16, Mp) with the lanes
+    # padded with zeros to a multiple of 32, so qx_lanes32 runs only the 32-lane vector kernels (the pad
+    # lanes are searched and ignored; cold start: two kernels, not four and a loop), Lt (16, Mp) int8,
+    # scales (Mp,), L (256,) int8.
     # qw None (quantize) or the importance weights (quantize_weighted): `qw is None` is decided when the
     # kernel is compiled, so each compiles only its own path (quantize never compiles the weighted
     # vector kernel, ~1 s of a cold start)
-    if qw is not None:
-        qt = np.zeros((16, Mp), np.float32)
-    scales = np.empty(Mp, np.float32)
-    L = np.empty(QK_K, np.int8)
     for r in range(r0, r1):
         bad[r] = -1
         if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
@@ -240,6 +236,27 @@ def _quantize_rows(w, qw, out, bad, r0, r1):
             if _quantize_block(w[r, c : c + QK_K], out[r, b], L, scales[16 * b : 16 * b + 16]):
                 if bad[r] < 0:
                     bad[r] = b
+
+
+_WORK = threading.local()
+
+
+def _work(nb: int):
+    """This thread's work space for rows of nb super-blocks (xt, Lt, qt, scales, L): made once per thread
+    and row length, not in the kernel (numba's np.zeros/np.empty compile anew in every process: part of
+    a cold start). xt and qt keep their zero pad lanes (the row kernel writes the first 16 * nb columns)."""
+    w = getattr(_WORK, "q6", None)
+    if w is None or w[0].shape[1] != (16 * nb + 31) // 32 * 32:
+        m = (16 * nb + 31) // 32 * 32
+        w = (np.zeros((16, m), np.float32), np.zeros((16, m), np.int8), np.zeros((16, m), np.float32),
+             np.zeros(m, np.float32), np.zeros(QK_K, np.int8))
+        _WORK.q6 = w
+    return w
+
+
+def _quantize_rows(w, qw, out, bad, r0, r1):
+    """Rows r0..r1-1 (the kernel of parallel_rows), with this thread's work space."""
+    _rows(w, qw, out, bad, r0, r1, *_work(w.shape[1] // QK_K))
 
 
 def _quantize_kernel_qw(w, qw, out, bad):

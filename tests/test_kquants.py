@@ -108,6 +108,23 @@ def test_kernel_equals_numpy_reference(tag):
     np.testing.assert_array_equal(f.quantize_weighted(x, qw2), m.quantize_ref(x, qw2))
 
 
+@pytest.mark.parametrize("tag", ["Q2_K", "Q4_K", "Q5_K"])
+def test_sub_blocks_with_a_zero_stored_scale(tag):
+    """Sub-blocks far smaller than the rest of their super-block store scale 0: the final pass then keeps
+    the search's quants (read from the element-major work space), else it divides; both against numpy."""
+    f, m = quantfmt.get_format(tag), module(tag)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6, 1024), dtype=np.float32)
+    n = 16 if tag == "Q2_K" else 32
+    for r in range(6):
+        for b in range(4):
+            for j in rng.choice(256 // n, size=1 + r % 3, replace=False):  # tiny sub-blocks, some shifted
+                c = 256 * b + n * j
+                x[r, c : c + n] = x[r, c : c + n] * np.float32(1e-4) + np.float32(r % 2) * np.float32(1e-3)
+    x[5, 256:512] = 0  # a whole zero super-block (flat lanes: scale 0, L = 0)
+    np.testing.assert_array_equal(f.quantize(x), m.quantize_ref(x))
+
+
 @pytest.mark.parametrize("tag", TAGS)
 def test_weights_change_the_bytes(tag):
     """quantize_weighted really uses the weights: a different imatrix gives different bytes."""

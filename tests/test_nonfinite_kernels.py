@@ -85,8 +85,11 @@ def test_weighted_path(tag):
         assert refused(f, x, quant_weights=qw) == expected(tag, x)
 
 
+# Q4_K/Q5_K at 3e19: finite, but its square overflows float32, so the row kernel's sums of squares
+# flag the row (sms_prep) and the exact re-check must find it finite (a RangeError, not a NaN/inf)
 @pytest.mark.parametrize(("tag", "big"), [("Q8_0", 1e10), ("Q4_0", 1e10), ("Q6_K", 1e19), ("Q3_K", 1e19),
-                                          ("IQ4N", 1e10), ("F16", 1e6), ("BF16", 3.4e38), ("Q8_B", 3e38)])
+                                          ("IQ4N", 1e10), ("F16", 1e6), ("BF16", 3.4e38), ("Q8_B", 3e38),
+                                          ("Q4_K", 3e19), ("Q5_K", 3e19), ("Q4_K", 1e8), ("Q2_K", 1e8)])
 def test_nonfinite_wins_over_a_range_error_in_an_earlier_row(tag, big):
     f = get_format(tag)
     rows, cols = shape_of(f)
