@@ -43,7 +43,14 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from quantfmt.families import decode_threads, parallel_rows, prefill_path, prefill_threads, tiles_prefill
+from quantfmt.families import (
+    MIN_THREADED_WEIGHTS,
+    decode_threads,
+    parallel_rows,
+    prefill_path,
+    prefill_threads,
+    tiles_prefill,
+)
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
@@ -546,3 +553,19 @@ def _matvec_avx2(qn, d, tab, x, lut, out):
 
 
 _MATVEC = {"avx512vnni": _matvec_avx512vnni, "avxvnni": _matvec_avxvnni, "avx2": _matvec_avx2}
+
+
+def matvec_fn(prep: LutPrepared, path: str | None = None):
+    """Format.matvec_fn in mode "q8_0" without Q4_1's term: the one-row kernel with its arguments bound,
+    or None where one row does not run it (the portable path; a matrix large enough for threads)."""
+    path = path or PATH
+    if path == "portable" or prep.rows * prep.cols >= MIN_THREADED_WEIGHTS:
+        return None
+    f, qn, d, tab, lut = _MATVEC[path], prep.qn(), prep.d, prep.kernel_table(path), fp16_table()
+    rows, width = prep.rows, prep.d.shape[0] * T
+
+    def run(x):
+        out = np.empty((1, width), np.float32)
+        return out[:, :rows] if f(qn, d, tab, x, lut, out) else None
+
+    return run

@@ -39,7 +39,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from quantfmt.families import decode_threads, parallel_rows
+from quantfmt.families import MIN_THREADED_WEIGHTS, decode_threads, parallel_rows
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
@@ -286,3 +286,18 @@ def _matvec_avx2(qn, d, x, lut, out):
 
 
 _MATVEC = {"avx512vnni": _matvec_avx512vnni, "avxvnni": _matvec_avxvnni, "avx2": _matvec_avx2}
+
+
+def matvec_fn(qn: np.ndarray, d: np.ndarray, rows: int, cols: int, path: str | None = None):
+    """Format.matvec_fn of Q8_0 in mode "q8_0": the one-row kernel with its arguments bound, or None
+    where one row does not run it (a matrix large enough for threads)."""
+    path = path or PATH
+    if rows * cols >= MIN_THREADED_WEIGHTS:
+        return None
+    f, lut, width = _MATVEC[path], fp16_table(), d.shape[0] * T
+
+    def run(x):
+        out = np.empty((1, width), np.float32)
+        return out[:, :rows] if f(qn, d, x, lut, out) else None
+
+    return run

@@ -191,6 +191,7 @@ class LlamaRunner:
         self.v_cache = np.zeros(kv_shape, np.float32)
         self.scale = np.float32(1.0 / math.sqrt(hd))
         self._scores: np.ndarray | None = None  # the decode attention's scratch (heads, n_ctx)
+        self._matvecs: list | None = None  # per layer, its matrices' one-row products (made on first decode)
         self.pos = 0
 
     @classmethod
@@ -263,16 +264,17 @@ class LlamaRunner:
         s = self._scores
         if s is None:
             s = self._scores = np.empty((nh, self.n_ctx), np.float32)
+        if self._matvecs is None:
+            self._matvecs = [self._layer_matvecs(L) for L in self.layers]
         for li, L in enumerate(self.layers):
-            m = L.modes
+            mv = self._matvecs[li]
             K.rmsnorm1(x[0], L.attn_norm, eps, h[0])
             if L.qkv is not None:
-                qkv = L.qkv.matmul(h, L.fused_modes["qkv"])
-                q, k, v = np.split(qkv, [nh * hd, (nh + nkv) * hd], axis=1)
+                q, k, v = np.split(mv["qkv"](h), [nh * hd, (nh + nkv) * hd], axis=1)
             else:
-                q = L.q.matmul(h, m["q"])
-                k = L.k.matmul(h, m["k"])
-                v = L.v.matmul(h, m["v"])
+                q = mv["q"](h)
+                k = mv["k"](h)
+                v = mv["v"](h)
             if L.bq is not None:
                 q += L.bq
                 k += L.bk
@@ -282,16 +284,27 @@ class LlamaRunner:
             K.rope_store1(q, np.ascontiguousarray(k).reshape(nkv, hd), np.ascontiguousarray(v).reshape(-1),
                           cos, sin, kc, vc, p, adjacent, n_rot)
             K.attend1(q, kc, vc, p + 1, self.scale, s, att[0])
-            x += L.o.matmul(att, m["o"])
+            x += mv["o"](att)
             K.rmsnorm1(x[0], L.ffn_norm, eps, h[0])
             if L.gate_up is not None:
-                gu = L.gate_up.matmul(h, L.fused_modes["gate_up"])
+                gu = mv["gate_up"](h)
                 g, u = np.ascontiguousarray(gu[:, : cfg.n_ff]), gu[:, cfg.n_ff:]
             else:
-                g = np.ascontiguousarray(L.gate.matmul(h, m["gate"]))
-                u = L.up.matmul(h, m["up"])
+                g = np.ascontiguousarray(mv["gate"](h))
+                u = mv["up"](h)
             K.swiglu1(g[0], np.ascontiguousarray(u[0]))
-            x += L.down.matmul(g, m["down"])
+            x += mv["down"](np.ascontiguousarray(g))
+
+    @staticmethod
+    def _layer_matvecs(L) -> dict:
+        """One layer's one-row products (QTensor.matvec_fn), bound once: a decoded token then pays each
+        small matrix's kernel, not matmul's dispatch around it."""
+        fns = {k: getattr(L, k).matvec_fn(L.modes[k]) for k in ("q", "k", "v", "o", "gate", "up", "down")}
+        for k in ("qkv", "gate_up"):
+            t = getattr(L, k)
+            if t is not None:
+                fns[k] = t.matvec_fn(L.fused_modes[k])
+        return fns
 
     def _layers(self, x, p, n):
         """Every layer for positions p..p+n-1, x (n, n_embd) updated in place (prefill, or decode
