@@ -11,8 +11,9 @@ version) than in the weights' kernels. Each step here is one call.
 The arithmetic is model.py's, in the same float32 order where it matters (rmsnorm's mean of squares
 in float64, then x * s * w; RoPE's a*cos - b*sin and b*cos + a*sin, unfused; SwiGLU's g / (1 + exp(-g))
 * u), so decode logits match prefill's to float rounding. The attention's dot products over head_dim
-are summed in another order than BLAS's (fastmath "reassoc" lets LLVM vectorize them), and its exp is
-libm's expf rather than numpy's SIMD one: rounding-level differences, as between two BLAS builds.
+are summed in another order than BLAS's (fastmath "reassoc" lets LLVM vectorize them), and SwiGLU's
+exp is libm's expf rather than numpy's SIMD one: rounding-level differences, as between two BLAS
+builds. Greedy SmolLM2 text (`quantfmt run`, Q4_0/Q8_0/F32) is unchanged.
 """
 
 from __future__ import annotations
