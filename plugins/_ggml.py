@@ -163,6 +163,35 @@ def quantize_activations(x: np.ndarray, with_sum: bool, tag: str = "ggml"):
     return d16, (s16 if with_sum else None), qs
 
 
+@numba.njit(cache=True, nogil=True)
+def act_q8_0_row(x, lut, qs, dx, cx, unsigned):
+    """One activation row x (1, cols) float32 as ggml's Q8_0 blocks for the int8 decode kernels, in one
+    call (the decode of one token: quantize_activations' checks, allocations and thread bookkeeping
+    cost more than this kernel for a row of a few hundred values). Writes qs (1, nb, 32) int8, dx
+    (1, nb) float32 (the fp16 scale decoded by lut = fp16_table()) and cx (1, nb) int32, the kernels'
+    accumulator start: -128 * sum(q) where the kernel's weights are stored unsigned (+128), else 0.
+    Returns False, writing nothing meaningful, where quantize_activations would raise (a NaN/inf or a
+    scale past fp16): the caller then takes that path for its error."""
+    cols = x.shape[1]
+    for j in range(cols):
+        if not np.isfinite(x[0, j]):
+            return False
+    nb = cols // 32
+    d16 = np.empty((1, nb), np.uint16)
+    bad = np.zeros(nb, np.uint8)
+    _act_blocks(x, False, d16, d16, qs, bad, 0, nb)
+    for b in range(nb):
+        if bad[b]:
+            return False
+        dx[0, b] = lut[d16[0, b]]
+        sq = 0
+        if unsigned:
+            for j in range(32):
+                sq += np.int32(qs[0, b, j])
+        cx[0, b] = np.int32(-128) * sq
+    return True
+
+
 def _check_activations(x, tag="ggml"):
     if x.size and not np.isfinite(x).all():
         r, c = (int(v) for v in np.argwhere(~np.isfinite(x))[0])

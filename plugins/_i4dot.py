@@ -43,11 +43,18 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from quantfmt.families import decode_threads, parallel_rows, prefill_path, prefill_threads, tiles_prefill
+from quantfmt.families import (
+    MIN_THREADED_WEIGHTS,
+    decode_threads,
+    parallel_rows,
+    prefill_path,
+    prefill_threads,
+    tiles_prefill,
+)
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
-from ._ggml import QK, fp16_table, quantize_activations
+from ._ggml import QK, act_q8_0_row, fp16_table, quantize_activations
 from ._i8tiles import prepare_int8, q8_k_blocks, qmatmul_int8
 from ._qtiles import BLAS_MIN_ROWS, T, tile_units, to_tiles
 
@@ -75,11 +82,21 @@ class LutPrepared:
     Both are made on first use: a matrix only ever multiplied in one way pays for one.
     """
 
-    __slots__ = ("rows", "cols", "raw", "layout", "table", "d", "_qn", "_values", "_int8")
+    __slots__ = ("rows", "cols", "raw", "layout", "table", "d", "_qn", "_values", "_int8", "_ktables")
 
     def __init__(self, rows, cols, raw, layout, table, d, values):
         self.rows, self.cols, self.raw, self.layout, self.table = rows, cols, raw, layout, table
-        self.d, self._qn, self._values, self._int8 = d, None, values, None
+        self.d, self._qn, self._values, self._int8, self._ktables = d, None, values, None, {}
+
+    def kernel_table(self, path: str) -> np.ndarray:
+        """The table as the decode kernels of `path` want it (uint8 (16,)): vpdpbusd multiplies unsigned
+        bytes, so V + 128 (undone by the accumulators' start); the sign trick of the AVX2 path wants V
+        itself. Made once: per call it was ~2 us of a ~10 us decode of a small matrix."""
+        t = self._ktables.get(path)
+        if t is None:
+            t = self.table.view(np.uint8) if path == "avx2" else (self.table.astype(np.int16) + 128).astype(np.uint8)
+            self._ktables[path] = t
+        return t
 
     def qn(self):
         if self._qn is None:
@@ -137,7 +154,11 @@ def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | N
         return blas_rows(prep, x)
     if mode == "f32" or path == "portable":
         return qmatmul_int8(prep.int8(), x, mode, tag)
-    sxb = np.zeros((n, 0), np.float32)
+    if n == 1 and mode == "q8_0" and m is None and decode_threads(prep.rows, prep.cols) == 1:
+        out = np.empty((1, prep.d.shape[0] * T), np.float32)
+        if _MATVEC[path](prep.qn(), prep.d, prep.kernel_table(path), x, fp16_table(), out):
+            return out[:, : prep.rows]
+    sxb = np.zeros((n, 0), np.float32)  # no Q8_1 sums: the kernel reads sx[i] only where m is given
     if mode == "q8_k":
         qx, dxb = q8_k_blocks(x, tag)
     else:
@@ -145,9 +166,7 @@ def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | N
         dxb = fp16_table()[d16]
         if m is not None:
             sxb = fp16_table()[s16]  # ggml's Q8_1 s = d_x * sum(q_x), rounded to fp16
-    # vpdpbusd wants the table unsigned (V + 128, undone by the accumulators' start); the sign trick
-    # of the AVX2 path wants V itself
-    table = prep.table.view(np.uint8) if path == "avx2" else (prep.table.astype(np.int16) + 128).astype(np.uint8)
+    table = prep.kernel_table(path)
     if takes_prefill(n, path) and m is None:
         return _i8gemm.gemm_lut(prep.raw, prep.layout, table, prep.d, prep.nbp * T, prep.rows, qx, dxb, path)
     nb = dxb.shape[1]
@@ -155,11 +174,19 @@ def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | N
     tiles = prep.d.shape[0]
     out = np.empty((n, tiles * T), np.float32)
     threads = decode_threads(prep.rows, prep.cols)
-    mt = np.zeros(0, np.float32) if m is None else m.reshape(-1)  # empty: the kernel skips the m term
-    parallel_rows(_DECODE[path], threads, 1, prep.qn(), prep.d, table, np.ascontiguousarray(qx).reshape(n, -1),
-                  np.ascontiguousarray(dxb), cx, mt, np.ascontiguousarray(sxb, np.float32), out, nb,
-                  np.zeros(1, np.int64), weights=1)
+    mt = _NO_M if m is None else m.reshape(-1)  # empty: the kernel skips the m term
+    xq = qx.reshape(n, -1)  # qx, dxb, sxb: fresh C-contiguous arrays from the quantizers
+    if threads == 1:
+        # the kernel on this thread: parallel_rows would too, after its own Python bookkeeping
+        # (a decoded token of a small model makes ~200 of these calls)
+        _DECODE[path](prep.qn(), prep.d, table, xq, dxb, cx, mt, sxb, out, nb, np.zeros(1, np.int64), 0, 1)
+    else:
+        parallel_rows(_DECODE[path], threads, 1, prep.qn(), prep.d, table, xq, dxb, cx, mt, sxb, out, nb,
+                      np.zeros(1, np.int64), weights=1)
     return out[:, : prep.rows]
+
+
+_NO_M = np.zeros(0, np.float32)
 
 
 # ---- mode "f32", batches: dequantized rows + sgemm ---------------------------------------------
@@ -483,3 +510,62 @@ def _decode_avx2(qn, d, tab, xq, dx, cx, m, sx, out, nb, counter, _c0, _c1):
 
 
 _DECODE = {"avx512vnni": _decode_avx512vnni, "avxvnni": _decode_avxvnni, "avx2": _decode_avx2}
+
+
+# One activation row, mode "q8_0", no Q4_1 term, one thread: the activations quantized and the decode
+# run in one call (_ggml.act_q8_0_row, then the path's driver inline). A decoded SmolLM2-135M token is
+# ~210 such products of 576 x 576 to 1536 x 576 weights, whose kernels take a few microseconds each;
+# the Python around them (quantize_activations' checks and four allocations, the fp16 lookup, the
+# accumulators' start, the driver's arguments) took 3-5x that. False where the activations need
+# quantize_activations' error (NaN/inf, a scale past fp16). One function per path, as the drivers.
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_avx512vnni(qn, d, tab, x, lut, out):
+    nb = x.shape[1] // QK
+    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
+    if not act_q8_0_row(x, lut, qs, dx, cx, True):
+        return False
+    _decode_avx512vnni(qn, d, tab, qs.reshape(1, nb * QK), dx, cx, np.zeros(0, np.float32),
+                       np.zeros((1, 0), np.float32), out, nb, np.zeros(1, np.int64), 0, 1)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_avxvnni(qn, d, tab, x, lut, out):
+    nb = x.shape[1] // QK
+    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
+    if not act_q8_0_row(x, lut, qs, dx, cx, True):
+        return False
+    _decode_avxvnni(qn, d, tab, qs.reshape(1, nb * QK), dx, cx, np.zeros(0, np.float32),
+                    np.zeros((1, 0), np.float32), out, nb, np.zeros(1, np.int64), 0, 1)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_avx2(qn, d, tab, x, lut, out):
+    nb = x.shape[1] // QK
+    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
+    if not act_q8_0_row(x, lut, qs, dx, cx, False):
+        return False
+    _decode_avx2(qn, d, tab, qs.reshape(1, nb * QK), dx, cx, np.zeros(0, np.float32),
+                 np.zeros((1, 0), np.float32), out, nb, np.zeros(1, np.int64), 0, 1)
+    return True
+
+
+_MATVEC = {"avx512vnni": _matvec_avx512vnni, "avxvnni": _matvec_avxvnni, "avx2": _matvec_avx2}
+
+
+def matvec_fn(prep: LutPrepared, path: str | None = None):
+    """Format.matvec_fn in mode "q8_0" without Q4_1's term: the one-row kernel with its arguments bound,
+    or None where one row does not run it (the portable path; a matrix large enough for threads)."""
+    path = path or PATH
+    if path == "portable" or prep.rows * prep.cols >= MIN_THREADED_WEIGHTS:
+        return None
+    f, qn, d, tab, lut = _MATVEC[path], prep.qn(), prep.d, prep.kernel_table(path), fp16_table()
+    rows, width = prep.rows, prep.d.shape[0] * T
+
+    def run(x):
+        out = np.empty((1, width), np.float32)
+        return out[:, :rows] if f(qn, d, tab, x, lut, out) else None
+
+    return run

@@ -39,11 +39,11 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from quantfmt.families import decode_threads, parallel_rows
+from quantfmt.families import MIN_THREADED_WEIGHTS, decode_threads, parallel_rows
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
-from ._ggml import QK, fp16_table, quantize_activations
+from ._ggml import QK, act_q8_0_row, fp16_table, quantize_activations
 from ._qtiles import G, T, _tile_units
 
 #: "avx512vnni", "avxvnni", "avx2" (the int8 instructions used) or "portable" (Q8_0's float tiles).
@@ -95,6 +95,10 @@ def qmatmul(qn: np.ndarray, d: np.ndarray, rows: int, cols: int, x: np.ndarray, 
     (tiles, nbp, T), on int8 path `path` (default PATH, not "portable")."""
     path = path or PATH
     n = x.shape[0]
+    if n == 1 and decode_threads(rows, cols) == 1:
+        out = np.empty((1, d.shape[0] * T), np.float32)
+        if _MATVEC[path](qn, d, x, fp16_table(), out):
+            return out[:, :rows]
     d16, _, qx = quantize_activations(x, with_sum=False, tag=tag)
     dxb = fp16_table()[d16]
     nb = dxb.shape[1]
@@ -103,8 +107,11 @@ def qmatmul(qn: np.ndarray, d: np.ndarray, rows: int, cols: int, x: np.ndarray, 
     tiles = d.shape[0]
     out = np.empty((n, tiles * T), np.float32)
     threads = decode_threads(rows, cols)
-    parallel_rows(_DECODE[path], threads, 1, qn, d, qx.reshape(n, -1), dxb, cx, out, nb, np.zeros(1, np.int64),
-                  weights=1)
+    if threads == 1:  # on this thread, without parallel_rows' Python bookkeeping (see _i4dot.qmatmul)
+        _DECODE[path](qn, d, qx.reshape(n, -1), dxb, cx, out, nb, np.zeros(1, np.int64), 0, 1)
+    else:
+        parallel_rows(_DECODE[path], threads, 1, qn, d, qx.reshape(n, -1), dxb, cx, out, nb,
+                      np.zeros(1, np.int64), weights=1)
     return out[:, :rows]
 
 
@@ -243,3 +250,54 @@ def _decode_avx2(qn, d, xq, dx, cx, out, nb, counter, _c0, _c1):
 
 
 _DECODE = {"avx512vnni": _decode_avx512vnni, "avxvnni": _decode_avxvnni, "avx2": _decode_avx2}
+
+
+# One activation row on one thread: quantized and multiplied in one call (see _i4dot._MATVEC, why).
+# False where the activations need quantize_activations' error. One function per path, as the drivers.
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_avx512vnni(qn, d, x, lut, out):
+    nb = x.shape[1] // QK
+    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
+    if not act_q8_0_row(x, lut, qs, dx, cx, True):
+        return False
+    _decode_avx512vnni(qn, d, qs.reshape(1, nb * QK), dx, cx, out, nb, np.zeros(1, np.int64), 0, 1)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_avxvnni(qn, d, x, lut, out):
+    nb = x.shape[1] // QK
+    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
+    if not act_q8_0_row(x, lut, qs, dx, cx, True):
+        return False
+    _decode_avxvnni(qn, d, qs.reshape(1, nb * QK), dx, cx, out, nb, np.zeros(1, np.int64), 0, 1)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_avx2(qn, d, x, lut, out):
+    nb = x.shape[1] // QK
+    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
+    if not act_q8_0_row(x, lut, qs, dx, cx, False):
+        return False
+    _decode_avx2(qn, d, qs.reshape(1, nb * QK), dx, cx, out, nb, np.zeros(1, np.int64), 0, 1)
+    return True
+
+
+_MATVEC = {"avx512vnni": _matvec_avx512vnni, "avxvnni": _matvec_avxvnni, "avx2": _matvec_avx2}
+
+
+def matvec_fn(qn: np.ndarray, d: np.ndarray, rows: int, cols: int, path: str | None = None):
+    """Format.matvec_fn of Q8_0 in mode "q8_0": the one-row kernel with its arguments bound, or None
+    where one row does not run it (a matrix large enough for threads)."""
+    path = path or PATH
+    if rows * cols >= MIN_THREADED_WEIGHTS:
+        return None
+    f, lut, width = _MATVEC[path], fp16_table(), d.shape[0] * T
+
+    def run(x):
+        out = np.empty((1, width), np.float32)
+        return out[:, :rows] if f(qn, d, x, lut, out) else None
+
+    return run

@@ -517,6 +517,14 @@ class Q4_0(GGMLFormat):
     def _qmatmul(self, prep, rows, cols, x, mode):
         return nibble_qmatmul(prep, x, mode, self.tag)
 
+    def matvec_fn(self, prep, rows, cols, mode):
+        # one row as nibble_qmatmul takes it in mode q8_0 with the int8 paths: _i4dot's decode
+        if mode != "q8_0" or _i8gemm.PATH == "portable" or prep.m.shape[0] > 0:
+            return None
+        from . import _i4dot
+
+        return _i4dot.matvec_fn(lut_prepared(prep)) if not _i4dot.takes_prefill(1, _i4dot.PATH) else None
+
     def kernel_path(self, op, n=1, mode="f32"):
         return _i8gemm.qmatmul_path(op, n, mode, "q4_0")
 

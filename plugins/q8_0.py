@@ -315,6 +315,10 @@ class Q8_0(GGMLFormat):
             return self._blas_tiles(prep.raw, rows, cols, x)
         return tiles_qmatmul(prep, x, mode, self.tag)
 
+    def matvec_fn(self, prep, rows, cols, mode):
+        # one row as tiles_qmatmul takes it where _i8dot decodes
+        return _i8dot.matvec_fn(decode_tiles(prep), prep.d, rows, cols) if _i8dot.takes(1, mode) else None
+
     def kernel_path(self, op, n=1, mode="f32"):
         return _i8gemm.qmatmul_path(op, n, mode, "q8_0")
 

@@ -108,7 +108,9 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
     import numba
 
     nchunk = n_chunks(rows, cols, weights)
-    nthreads = min(num_threads(), nchunk)  # honours numba.set_num_threads, as prange does
+    # one range: no thread count to read (num_threads() costs ~5-10 us, numba's launch check and a
+    # lock; a decoded SmolLM2 token makes ~400 such calls: its activations, its small matrices)
+    nthreads = 1 if nchunk <= 1 else min(num_threads(), nchunk)  # honours numba.set_num_threads, as prange does
     if nthreads <= 1 or getattr(_in_rows, "active", False):
         # one range, or called from inside a range (a prefill tile's dequantize_kernel): this thread
         # does it all; handing work to the pool from one of its own threads could wait forever

@@ -440,6 +440,16 @@ class Format:
         """Valid bytes of a tensor of `shape` (what the kit checks a format without a quantizer on)."""
         return self.quantize(rng.standard_normal(shape, dtype=np.float32))
 
+    def matvec_fn(self, prepared, rows: int, cols: int, mode: str):
+        """Optional: a callable for ONE activation row, `f(x)` with x float32 (1, cols) C-contiguous,
+        returning `_qmatmul(prepared, rows, cols, x, mode)` (float32 (1, rows)), or None where the caller
+        must take qmatmul instead (which raises the right error, e.g. for non-finite activations).
+
+        For model code that multiplies one token at a time (QTensor.matvec_fn): everything that does
+        not depend on x is bound once, and the call runs no checks, so a small matrix costs its kernel
+        only. None (the default): no such path, callers use qmatmul."""
+        return None
+
     def kernel_path(self, op: str, n: int = 1, mode: str = "f32") -> str:
         """Which implementation `op` ("qmatmul", "quantize", "dequantize", "get_rows") takes here, for
         `n` activation rows in `mode`: a short name the benchmark prints (e.g. "avx512vnni", "portable",

@@ -140,6 +140,28 @@ class QTensor:
                 return y.reshape(*lead, y.shape[-1])
             return self.fmt.qmatmul(self.data, self.shape, x, mode, prepared=self._prepared)
 
+    def matvec_fn(self, mode: str | None = None):
+        """A callable `f(x)` = `self.matmul(x, mode)` for x float32 (1, cols) C-contiguous: the format's
+        one-row path (Format.matvec_fn) where it has one, with matmul taking over where that declines
+        (so errors are matmul's); matmul itself otherwise. Model code binds it once per weight and
+        calls it per token."""
+        mode = mode or "f32"
+        matmul = self.matmul
+        if self._rc is None and len(self.shape) == 2 and self.numel:
+            matmul(np.zeros((1, self.shape[1]), np.float32), mode)  # prepares (and checks the mode)
+        if self._rc is None or type(self.fmt).qmatmul is not Format.qmatmul or mode not in self.fmt.modes:
+            return lambda x: matmul(x, mode)
+        with self._context(), kernel_section():
+            fast = self.fmt.matvec_fn(self._prepared, self._rc[0], self._rc[1], mode)
+        if fast is None:
+            return lambda x: matmul(x, mode)
+
+        def f(x):
+            y = fast(x)
+            return matmul(x, mode) if y is None else y
+
+        return f
+
     def __repr__(self) -> str:
         return f"QTensor({self.name!r}, {self.tag}, shape={self.shape}, {self.nbytes} bytes)"
 

@@ -177,3 +177,29 @@ def test_q4_decode_on_each_path(tag, path, monkeypatch):
             np.testing.assert_allclose(got, mod.qmatmul_q8_ref(data, rows, cols, x), rtol=0, atol=mag * 2e-6,
                                        err_msg=f"{rows}x{cols} n={n}")
             assert fmt.kernel_path("qmatmul", n, "q8_0") == f"lut-{path}"
+
+
+@pytest.mark.parametrize("path", _i8gemm.available())
+@pytest.mark.parametrize("tag", ["Q4_0", "IQ4N"])
+def test_one_row_matvec_equals_the_batch_kernel_and_keeps_its_errors(path, tag, monkeypatch):
+    # n = 1 in mode q8_0 on one thread quantizes and multiplies in one call (_i4dot._MATVEC): the same
+    # activation blocks as quantize_activations and the same driver, so equal to the first row of a
+    # 2-row batch (which goes through those) to the bit; NaN/inf and a too-large scale keep their errors.
+    from quantfmt.errors import NonFiniteError, RangeError
+
+    monkeypatch.setattr(_i4dot, "PATH", path)
+    rng = np.random.default_rng(6)
+    fmt = get_format(tag)
+    for rows, cols in ((70, 512), (576, 576), (33, 1024)):
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        data = fmt.quantize(w)
+        prep = fmt.prepare(data, rows, cols)
+        x = rng.standard_normal((2, cols)).astype(np.float32)
+        x[0, 32:64] = 0
+        one = fmt.qmatmul(data, (rows, cols), x[:1], "q8_0", prepared=prep)
+        np.testing.assert_array_equal(one, fmt.qmatmul(data, (rows, cols), x, "q8_0", prepared=prep)[:1])
+    for bad, err in ((np.nan, NonFiniteError), (-np.inf, NonFiniteError), (1e9, RangeError)):
+        x1 = x[:1].copy()
+        x1[0, 40] = bad
+        with pytest.raises(err):
+            fmt.qmatmul(data, (rows, cols), x1, "q8_0", prepared=prep)

@@ -160,3 +160,27 @@ def test_cpus_with_less(features, paths):
     out = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == paths
+
+
+@pytest.mark.parametrize("path", _i8gemm.available())
+def test_one_row_matvec_equals_the_batch_kernel_and_keeps_its_errors(path, monkeypatch):
+    # n = 1 on one thread quantizes and multiplies in one call (_i8dot._MATVEC): bit for bit the
+    # activations quantize_activations makes and the same driver, so the row of a 2-row batch (which
+    # goes through those) is equal; NaN/inf and an fp16-overflowing scale still raise its errors.
+    from quantfmt.errors import NonFiniteError, RangeError
+
+    monkeypatch.setattr(_i8dot, "PATH", path)
+    rng = np.random.default_rng(5)
+    fmt = get_format("Q8_0")
+    for rows, cols in ((70, 512), (576, 576), (33, 1024)):
+        data = weights(rng, rows, cols)
+        prep = fmt.prepare(data, rows, cols)
+        x = rng.standard_normal((2, cols)).astype(np.float32)
+        x[0, 32:64] = 0  # a zero block
+        one = fmt.qmatmul(data, (rows, cols), x[:1], "q8_0", prepared=prep)
+        np.testing.assert_array_equal(one, fmt.qmatmul(data, (rows, cols), x, "q8_0", prepared=prep)[:1])
+    for bad, err in ((np.nan, NonFiniteError), (np.inf, NonFiniteError), (1e9, RangeError)):
+        x1 = x[:1].copy()
+        x1[0, 40] = bad
+        with pytest.raises(err):
+            fmt.qmatmul(data, (rows, cols), x1, "q8_0", prepared=prep)

@@ -607,3 +607,43 @@ def test_fused_matmuls_equal_separate(weights_hf):
     ref = reference_logits(dequantized(Model(tensors, {})), IDS, layout="adjacent")
     assert rel_err(LlamaRunner.from_model(Model(tensors, m.metadata), fuse=True, activations="f32").forward(IDS),
                    ref) < 2e-4
+
+
+def test_decode_kernels_equal_the_numpy_steps(weights_hf, monkeypatch):
+    # One position at a time runs rmsnorm, RoPE + the cache write, attention and SwiGLU as numba kernels
+    # (quantfmt.llm.decode); model.DECODE_KERNELS = False takes the numpy steps prefill uses. Float
+    # activations: equal to float rounding. Q8_0 activations: an activation can round to the next
+    # quantum, which this sharp random model amplifies (as in test_prefill_equals_token_by_token_decode).
+    from quantfmt.llm import model as llm_model
+
+    qwen = random_weights(3, bias=True, tied=True)
+    cases = ((gguf_twin(weights_hf), "F32", "f32", {}, gguf_kv(), 1e-5),
+             (gguf_twin(weights_hf), "Q4_0", "auto", {}, gguf_kv(), 3e-2),
+             (gguf_twin(weights_hf), "Q8_0", "auto", {"fuse": True}, gguf_kv(), 3e-2),
+             (qwen, "F32", "f32", {}, gguf_kv("qwen2", rope_base=1e6, eps=1e-6), 1e-5))
+    for w, tag, act, kw, kv, tol in cases:
+        m = build(w, tag, {"gguf": {"kv": kv}})
+        got = {}
+        for flag in (False, True):
+            monkeypatch.setattr(llm_model, "DECODE_KERNELS", flag)
+            r = LlamaRunner.from_model(m, activations=act, n_ctx=32, **kw)
+            r.forward(IDS[:3])
+            got[flag] = np.stack([r.forward([t], logits="last") for t in IDS[3:]])
+        assert rel_err(got[True], got[False].astype(np.float64)) < tol, (tag, act, kw)
+
+
+def test_decode_attention_kernel_matches_numpy():
+    from quantfmt.llm import decode
+
+    rng = np.random.default_rng(7)
+    nh, nkv, hd, n_ctx = 6, 2, 16, 40
+    kc = rng.standard_normal((nkv, n_ctx, hd)).astype(np.float32)
+    vc = rng.standard_normal((nkv, n_ctx, hd)).astype(np.float32)
+    q = (3 * rng.standard_normal((nh, hd))).astype(np.float32)
+    for ctx in (1, 17, n_ctx):
+        out = np.empty(nh * hd, np.float32)
+        decode.attend1(q, kc, vc, ctx, np.float32(0.25), np.empty((nh, n_ctx), np.float32), out)
+        s = np.einsum("kgj,ktj->kgt", q.reshape(nkv, -1, hd).astype(np.float64), kc[:, :ctx]) * 0.25
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ref = np.einsum("kgt,ktj->kgj", p / p.sum(-1, keepdims=True), vc[:, :ctx]).reshape(-1)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)

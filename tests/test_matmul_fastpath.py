@@ -52,3 +52,23 @@ def test_fast_path_errors_name_the_tensor(rng):
     with pytest.raises(NonFiniteError) as e:
         t.matmul(x, "q8_0")
     assert e.value.tensor == "blk.0.attn_q.weight" and e.value.file == "m.gguf"
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_matvec_fn_equals_matmul_and_keeps_its_errors(tag, rng):
+    # QTensor.matvec_fn: the format's one-row path (Format.matvec_fn: Q4_0, Q8_0) or matmul itself,
+    # bound once; equal to matmul to the bit, and matmul's errors where the one-row path declines
+    fmt = formats()[tag]
+    br, bc = fmt.block_shape
+    shape = (br * 4 if br > 1 else 48, bc * 2 if bc > 1 else 64)
+    t = QTensor.quantize(rng.standard_normal(shape).astype(np.float32), tag, name="w")
+    for mode in fmt.modes:
+        f = t.matvec_fn(mode)
+        for _ in range(2):
+            x = rng.standard_normal((1, shape[1])).astype(np.float32)
+            np.testing.assert_array_equal(f(x), t.matmul(x, mode))
+        if mode != "f32":
+            x[0, 3] = np.nan
+            with pytest.raises(NonFiniteError) as e:
+                f(x)
+            assert e.value.tensor == "w"

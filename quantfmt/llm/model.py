@@ -35,6 +35,9 @@ BLAS_MIN_BATCH = 32
 DEFAULT_N_CTX = 2048
 # Queries per attention block in prefill: bounds the score matrix to heads x 256 x context.
 ATTN_BLOCK = 256
+#: One position at a time (decode) runs the steps between the matmuls as numba kernels
+#: (quantfmt.llm.decode); tests set this False to compare with the numpy steps prefill uses.
+DECODE_KERNELS = True
 
 
 class RunnerError(QuantfmtError):
@@ -187,6 +190,8 @@ class LlamaRunner:
         self.k_cache = np.zeros(kv_shape, np.float32)
         self.v_cache = np.zeros(kv_shape, np.float32)
         self.scale = np.float32(1.0 / math.sqrt(hd))
+        self._scores: np.ndarray | None = None  # the decode attention's scratch (heads, n_ctx)
+        self._matvecs: list | None = None  # per layer, its matrices' one-row products (made on first decode)
         self.pos = 0
 
     @classmethod
@@ -227,9 +232,86 @@ class LlamaRunner:
         n = ids.size
         if p + n > self.n_ctx:
             raise RunnerError(f"context full: positions {p}..{p + n - 1} do not fit n_ctx = {self.n_ctx}")
+        x = np.array(self.embd.rows(ids), dtype=np.float32)  # our own copy: updated in place
+        if n == 1 and DECODE_KERNELS:
+            self._decode_layers(x, p)
+        else:
+            self._layers(x, p, n)
+        self.pos = p + n
+        if isinstance(logits, str):
+            if logits == "last":
+                return self._head(x[n - 1:])[0]
+            if logits != "all":
+                raise RunnerError(f"logits must be 'all', 'last' or a start index, got {logits!r}")
+            return self._head(x)
+        k0 = int(logits)
+        if not 0 <= k0 < n:
+            raise RunnerError(f"logits start {k0} is not in 0..{n - 1}")
+        return self._head(x[k0:])
+
+    def _decode_layers(self, x, p):
+        """Every layer for one position p, x (1, n_embd) updated in place: the matmuls as in _layers,
+        the steps between them one numba kernel each (quantfmt.llm.decode: numpy's per-call cost and the
+        numpy attention were most of a small model's decode time)."""
+        from . import decode as K
+
+        cfg = self.config
+        hd, nh, nkv, eps, n_rot = cfg.head_dim, cfg.n_head, cfg.n_head_kv, cfg.rms_eps, cfg.n_rot
+        adjacent = cfg.rope_layout == ADJACENT
+        cos, sin = self._cos[p, 0], self._sin[p, 0]
+        h = np.empty((1, cfg.n_embd), np.float32)
+        att = np.empty((1, nh * hd), np.float32)
+        s = self._scores
+        if s is None:
+            s = self._scores = np.empty((nh, self.n_ctx), np.float32)
+        if self._matvecs is None:
+            self._matvecs = [self._layer_matvecs(L) for L in self.layers]
+        for li, L in enumerate(self.layers):
+            mv = self._matvecs[li]
+            K.rmsnorm1(x[0], L.attn_norm, eps, h[0])
+            if L.qkv is not None:
+                q, k, v = np.split(mv["qkv"](h), [nh * hd, (nh + nkv) * hd], axis=1)
+            else:
+                q = mv["q"](h)
+                k = mv["k"](h)
+                v = mv["v"](h)
+            if L.bq is not None:
+                q += L.bq
+                k += L.bk
+                v += L.bv
+            q = np.ascontiguousarray(q).reshape(nh, hd)  # a no-op for the usual whole-tile outputs
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            K.rope_store1(q, np.ascontiguousarray(k).reshape(nkv, hd), np.ascontiguousarray(v).reshape(-1),
+                          cos, sin, kc, vc, p, adjacent, n_rot)
+            K.attend1(q, kc, vc, p + 1, self.scale, s, att[0])
+            x += mv["o"](att)
+            K.rmsnorm1(x[0], L.ffn_norm, eps, h[0])
+            if L.gate_up is not None:
+                gu = mv["gate_up"](h)
+                g, u = np.ascontiguousarray(gu[:, : cfg.n_ff]), gu[:, cfg.n_ff:]
+            else:
+                g = np.ascontiguousarray(mv["gate"](h))
+                u = mv["up"](h)
+            K.swiglu1(g[0], np.ascontiguousarray(u[0]))
+            x += mv["down"](np.ascontiguousarray(g))
+
+    @staticmethod
+    def _layer_matvecs(L) -> dict:
+        """One layer's one-row products (QTensor.matvec_fn), bound once: a decoded token then pays each
+        small matrix's kernel, not matmul's dispatch around it."""
+        fns = {k: getattr(L, k).matvec_fn(L.modes[k]) for k in ("q", "k", "v", "o", "gate", "up", "down")}
+        for k in ("qkv", "gate_up"):
+            t = getattr(L, k)
+            if t is not None:
+                fns[k] = t.matvec_fn(L.fused_modes[k])
+        return fns
+
+    def _layers(self, x, p, n):
+        """Every layer for positions p..p+n-1, x (n, n_embd) updated in place (prefill, or decode
+        without DECODE_KERNELS)."""
+        cfg = self.config
         hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_head_kv
         cos, sin = self._cos[p:p + n], self._sin[p:p + n]
-        x = np.array(self.embd.rows(ids), dtype=np.float32)  # our own copy: updated in place
         blas = self.activations == "blas" and n >= BLAS_MIN_BATCH
         with np.errstate(over="ignore"):  # exp(-g) in SiLU overflows to inf for large -g: the limit is right
             for li, L in enumerate(self.layers):
@@ -268,17 +350,6 @@ class LlamaRunner:
                 np.divide(g, t, out=g)
                 g *= u
                 x += L.down.matmul(g, m["down"])
-        self.pos = p + n
-        if isinstance(logits, str):
-            if logits == "last":
-                return self._head(x[n - 1:])[0]
-            if logits != "all":
-                raise RunnerError(f"logits must be 'all', 'last' or a start index, got {logits!r}")
-            return self._head(x)
-        k0 = int(logits)
-        if not 0 <= k0 < n:
-            raise RunnerError(f"logits start {k0} is not in 0..{n - 1}")
-        return self._head(x[k0:])
 
     def _head(self, x):
         h = _rmsnorm(x, self.output_norm, self.config.rms_eps)
