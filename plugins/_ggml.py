@@ -20,6 +20,8 @@ as a plugin.
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
@@ -164,21 +166,23 @@ def quantize_activations(x: np.ndarray, with_sum: bool, tag: str = "ggml"):
 
 
 @numba.njit(cache=True, nogil=True)
-def act_q8_0_row(x, lut, qs, dx, cx, unsigned):
+def act_q8_0_row(x, lut, work, unsigned):
     """One activation row x (1, cols) float32 as ggml's Q8_0 blocks for the int8 decode kernels, in one
     call (the decode of one token: quantize_activations' checks, allocations and thread bookkeeping
-    cost more than this kernel for a row of a few hundred values). Writes qs (1, nb, 32) int8, dx
-    (1, nb) float32 (the fp16 scale decoded by lut = fp16_table()) and cx (1, nb) int32, the kernels'
-    accumulator start: -128 * sum(q) where the kernel's weights are stored unsigned (+128), else 0.
-    Returns False, writing nothing meaningful, where quantize_activations would raise (a NaN/inf or a
-    scale past fp16): the caller then takes that path for its error."""
+    cost more than this kernel for a row of a few hundred values). Writes work's (act_row_work) qs
+    (1, nb, 32) int8, dx (1, nb) float32 (the fp16 scale decoded by lut = fp16_table()) and cx (1, nb)
+    int32, the kernels' accumulator start: -128 * sum(q) where the kernel's weights are stored unsigned
+    (+128), else 0. Returns False, writing nothing meaningful, where quantize_activations would raise
+    (a NaN/inf or a scale past fp16): the caller then takes that path for its error. No array is made
+    here: numba compiles its allocators anew into every kernel that calls them (~1 s of a cold start)."""
+    qs, _qs2, dx, cx, d16, bad = work[0], work[1], work[2], work[3], work[4], work[5]
     cols = x.shape[1]
     for j in range(cols):
         if not np.isfinite(x[0, j]):
             return False
     nb = cols // 32
-    d16 = np.empty((1, nb), np.uint16)
-    bad = np.zeros(nb, np.uint8)
+    for b in range(nb):
+        bad[b] = 0
     _act_blocks(x, False, d16, d16, qs, bad, 0, nb)
     for b in range(nb):
         if bad[b]:
@@ -190,6 +194,25 @@ def act_q8_0_row(x, lut, qs, dx, cx, unsigned):
                 sq += np.int32(qs[0, b, j])
         cx[0, b] = np.int32(-128) * sq
     return True
+
+
+_ROW_WORK = threading.local()
+
+
+def act_row_work(cols: int) -> tuple:
+    """This thread's work space for act_q8_0_row and a one-row decode driver, rows of `cols`: (qs
+    (1, nb, 32) int8, qs as (1, cols), dx (1, nb) float32, cx (1, nb) int32, d16 (1, nb) uint16, bad
+    (nb,) uint8, an empty m (0,) and sx (1, 0) float32, the drivers' work counter (1,) int64). Made
+    in Python once per thread and width (the kernels fill every part they read; the counter is reset
+    by the caller), so that no kernel allocates."""
+    w = getattr(_ROW_WORK, "w", None)
+    if w is None or w[1].shape[1] != cols:
+        nb = cols // QK
+        qs = np.empty((1, nb, QK), np.int8)
+        w = _ROW_WORK.w = (qs, qs.reshape(1, nb * QK), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32),
+                           np.empty((1, nb), np.uint16), np.empty(nb, np.uint8), np.zeros(0, np.float32),
+                           np.zeros((1, 0), np.float32), np.zeros(1, np.int64))
+    return w
 
 
 def _check_activations(x, tag="ggml"):

@@ -54,7 +54,7 @@ from quantfmt.families import (
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
-from ._ggml import QK, act_q8_0_row, fp16_table, quantize_activations
+from ._ggml import QK, act_q8_0_row, act_row_work, fp16_table, quantize_activations
 from ._i8tiles import prepare_int8, q8_k_blocks, qmatmul_int8
 from ._qtiles import BLAS_MIN_ROWS, T, tile_units, to_tiles
 
@@ -154,10 +154,6 @@ def qmatmul(prep: LutPrepared, x: np.ndarray, mode: str, tag: str, path: str | N
         return blas_rows(prep, x)
     if mode == "f32" or path == "portable":
         return qmatmul_int8(prep.int8(), x, mode, tag)
-    if n == 1 and mode == "q8_0" and m is None and decode_threads(prep.rows, prep.cols) == 1:
-        out = np.empty((1, prep.d.shape[0] * T), np.float32)
-        if _MATVEC[path](prep.qn(), prep.d, prep.kernel_table(path), x, fp16_table(), out):
-            return out[:, : prep.rows]
     sxb = np.zeros((n, 0), np.float32)  # no Q8_1 sums: the kernel reads sx[i] only where m is given
     if mode == "q8_k":
         qx, dxb = q8_k_blocks(x, tag)
@@ -518,37 +514,37 @@ _DECODE = {"avx512vnni": _decode_avx512vnni, "avxvnni": _decode_avxvnni, "avx2":
 # the Python around them (quantize_activations' checks and four allocations, the fp16 lookup, the
 # accumulators' start, the driver's arguments) took 3-5x that. False where the activations need
 # quantize_activations' error (NaN/inf, a scale past fp16). One function per path, as the drivers.
+# Reached through Format.matvec_fn only (model code that binds one per matrix), not from qmatmul: each
+# compiles its driver and the activation quantizer again inside it (~2 s of a cold start, measured),
+# which a format's first qmatmul should not pay for a few microseconds per call.
 
 @numba.njit(cache=True, nogil=True)
-def _matvec_avx512vnni(qn, d, tab, x, lut, out):
-    nb = x.shape[1] // QK
-    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
-    if not act_q8_0_row(x, lut, qs, dx, cx, True):
+def _matvec_avx512vnni(qn, d, tab, x, lut, out, work):
+    if not act_q8_0_row(x, lut, work, True):
         return False
-    _decode_avx512vnni(qn, d, tab, qs.reshape(1, nb * QK), dx, cx, np.zeros(0, np.float32),
-                       np.zeros((1, 0), np.float32), out, nb, np.zeros(1, np.int64), 0, 1)
+    counter = work[8]
+    counter[0] = 0
+    _decode_avx512vnni(qn, d, tab, work[1], work[2], work[3], work[6], work[7], out, x.shape[1] // QK, counter, 0, 1)
     return True
 
 
 @numba.njit(cache=True, nogil=True)
-def _matvec_avxvnni(qn, d, tab, x, lut, out):
-    nb = x.shape[1] // QK
-    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
-    if not act_q8_0_row(x, lut, qs, dx, cx, True):
+def _matvec_avxvnni(qn, d, tab, x, lut, out, work):
+    if not act_q8_0_row(x, lut, work, True):
         return False
-    _decode_avxvnni(qn, d, tab, qs.reshape(1, nb * QK), dx, cx, np.zeros(0, np.float32),
-                    np.zeros((1, 0), np.float32), out, nb, np.zeros(1, np.int64), 0, 1)
+    counter = work[8]
+    counter[0] = 0
+    _decode_avxvnni(qn, d, tab, work[1], work[2], work[3], work[6], work[7], out, x.shape[1] // QK, counter, 0, 1)
     return True
 
 
 @numba.njit(cache=True, nogil=True)
-def _matvec_avx2(qn, d, tab, x, lut, out):
-    nb = x.shape[1] // QK
-    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
-    if not act_q8_0_row(x, lut, qs, dx, cx, False):
+def _matvec_avx2(qn, d, tab, x, lut, out, work):
+    if not act_q8_0_row(x, lut, work, False):
         return False
-    _decode_avx2(qn, d, tab, qs.reshape(1, nb * QK), dx, cx, np.zeros(0, np.float32),
-                 np.zeros((1, 0), np.float32), out, nb, np.zeros(1, np.int64), 0, 1)
+    counter = work[8]
+    counter[0] = 0
+    _decode_avx2(qn, d, tab, work[1], work[2], work[3], work[6], work[7], out, x.shape[1] // QK, counter, 0, 1)
     return True
 
 
@@ -566,6 +562,6 @@ def matvec_fn(prep: LutPrepared, path: str | None = None):
 
     def run(x):
         out = np.empty((1, width), np.float32)
-        return out[:, :rows] if f(qn, d, tab, x, lut, out) else None
+        return out[:, :rows] if f(qn, d, tab, x, lut, out, act_row_work(x.shape[1])) else None
 
     return run

@@ -43,7 +43,7 @@ from quantfmt.families import MIN_THREADED_WEIGHTS, decode_threads, parallel_row
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
-from ._ggml import QK, act_q8_0_row, fp16_table, quantize_activations
+from ._ggml import QK, act_q8_0_row, act_row_work, fp16_table, quantize_activations
 from ._qtiles import G, T, _tile_units
 
 #: "avx512vnni", "avxvnni", "avx2" (the int8 instructions used) or "portable" (Q8_0's float tiles).
@@ -95,10 +95,6 @@ def qmatmul(qn: np.ndarray, d: np.ndarray, rows: int, cols: int, x: np.ndarray, 
     (tiles, nbp, T), on int8 path `path` (default PATH, not "portable")."""
     path = path or PATH
     n = x.shape[0]
-    if n == 1 and decode_threads(rows, cols) == 1:
-        out = np.empty((1, d.shape[0] * T), np.float32)
-        if _MATVEC[path](qn, d, x, fp16_table(), out):
-            return out[:, :rows]
     d16, _, qx = quantize_activations(x, with_sum=False, tag=tag)
     dxb = fp16_table()[d16]
     nb = dxb.shape[1]
@@ -252,36 +248,37 @@ def _decode_avx2(qn, d, xq, dx, cx, out, nb, counter, _c0, _c1):
 _DECODE = {"avx512vnni": _decode_avx512vnni, "avxvnni": _decode_avxvnni, "avx2": _decode_avx2}
 
 
-# One activation row on one thread: quantized and multiplied in one call (see _i4dot._MATVEC, why).
-# False where the activations need quantize_activations' error. One function per path, as the drivers.
+# One activation row on one thread: quantized and multiplied in one call (see _i4dot._MATVEC, why;
+# reached through Format.matvec_fn only, as there). False where the activations need
+# quantize_activations' error. One function per path, as the drivers.
 
 @numba.njit(cache=True, nogil=True)
-def _matvec_avx512vnni(qn, d, x, lut, out):
-    nb = x.shape[1] // QK
-    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
-    if not act_q8_0_row(x, lut, qs, dx, cx, True):
+def _matvec_avx512vnni(qn, d, x, lut, out, work):
+    if not act_q8_0_row(x, lut, work, True):
         return False
-    _decode_avx512vnni(qn, d, qs.reshape(1, nb * QK), dx, cx, out, nb, np.zeros(1, np.int64), 0, 1)
+    counter = work[8]
+    counter[0] = 0
+    _decode_avx512vnni(qn, d, work[1], work[2], work[3], out, x.shape[1] // QK, counter, 0, 1)
     return True
 
 
 @numba.njit(cache=True, nogil=True)
-def _matvec_avxvnni(qn, d, x, lut, out):
-    nb = x.shape[1] // QK
-    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
-    if not act_q8_0_row(x, lut, qs, dx, cx, True):
+def _matvec_avxvnni(qn, d, x, lut, out, work):
+    if not act_q8_0_row(x, lut, work, True):
         return False
-    _decode_avxvnni(qn, d, qs.reshape(1, nb * QK), dx, cx, out, nb, np.zeros(1, np.int64), 0, 1)
+    counter = work[8]
+    counter[0] = 0
+    _decode_avxvnni(qn, d, work[1], work[2], work[3], out, x.shape[1] // QK, counter, 0, 1)
     return True
 
 
 @numba.njit(cache=True, nogil=True)
-def _matvec_avx2(qn, d, x, lut, out):
-    nb = x.shape[1] // QK
-    qs, dx, cx = np.empty((1, nb, QK), np.int8), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32)
-    if not act_q8_0_row(x, lut, qs, dx, cx, False):
+def _matvec_avx2(qn, d, x, lut, out, work):
+    if not act_q8_0_row(x, lut, work, False):
         return False
-    _decode_avx2(qn, d, qs.reshape(1, nb * QK), dx, cx, out, nb, np.zeros(1, np.int64), 0, 1)
+    counter = work[8]
+    counter[0] = 0
+    _decode_avx2(qn, d, work[1], work[2], work[3], out, x.shape[1] // QK, counter, 0, 1)
     return True
 
 
@@ -298,6 +295,6 @@ def matvec_fn(qn: np.ndarray, d: np.ndarray, rows: int, cols: int, path: str | N
 
     def run(x):
         out = np.empty((1, width), np.float32)
-        return out[:, :rows] if f(qn, d, x, lut, out) else None
+        return out[:, :rows] if f(qn, d, x, lut, out, act_row_work(x.shape[1])) else None
 
     return run

@@ -47,7 +47,7 @@ import numpy as np
 import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
-from . import _iq4
+from . import _i4dot, _iq4
 from ._ggml import NONFINITE_ROW, QK, f32_to_f16_bits, fp16_table, has_nonfinite, vec_dot_ref
 from ._i4dot import kernel_path as lut_kernel_path
 from ._i4dot import prepare_lut, qmatmul
@@ -236,6 +236,12 @@ class IQ4N(ImportanceWeighted, GGMLFormat):
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return qmatmul(prep, x, mode, self.tag)
+
+    def matvec_fn(self, prep, rows, cols, mode):
+        # one row as qmatmul takes it in mode q8_0 on the int8 paths: _i4dot's one-row kernel
+        if mode != "q8_0" or _i4dot.PATH == "portable" or _i4dot.takes_prefill(1, _i4dot.PATH):
+            return None
+        return _i4dot.matvec_fn(prep)
 
 
 @quantfmt.hookimpl

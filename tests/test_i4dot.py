@@ -20,6 +20,7 @@ import pytest
 
 from quantfmt import get_format
 from quantfmt.families import prefill_path, prefill_threads
+from quantfmt.tensor import QTensor
 from quantfmt_formats import _i4dot, _i8gemm, iq4_nl, iq4_xs, mxfp4
 from quantfmt_formats._kquants import dot_q8k_ref
 
@@ -182,7 +183,7 @@ def test_q4_decode_on_each_path(tag, path, monkeypatch):
 @pytest.mark.parametrize("path", _i8gemm.available())
 @pytest.mark.parametrize("tag", ["Q4_0", "IQ4N"])
 def test_one_row_matvec_equals_the_batch_kernel_and_keeps_its_errors(path, tag, monkeypatch):
-    # n = 1 in mode q8_0 on one thread quantizes and multiplies in one call (_i4dot._MATVEC): the same
+    # Format.matvec_fn (n = 1, mode q8_0, one thread) quantizes and multiplies in one call (_i4dot._MATVEC): the same
     # activation blocks as quantize_activations and the same driver, so equal to the first row of a
     # 2-row batch (which goes through those) to the bit; NaN/inf and a too-large scale keep their errors.
     from quantfmt.errors import NonFiniteError, RangeError
@@ -196,10 +197,13 @@ def test_one_row_matvec_equals_the_batch_kernel_and_keeps_its_errors(path, tag, 
         prep = fmt.prepare(data, rows, cols)
         x = rng.standard_normal((2, cols)).astype(np.float32)
         x[0, 32:64] = 0
-        one = fmt.qmatmul(data, (rows, cols), x[:1], "q8_0", prepared=prep)
+        t = QTensor("w", fmt, (rows, cols), data)
+        f = t.matvec_fn("q8_0")
+        assert fmt.matvec_fn(t._prepared, rows, cols, "q8_0") is not None  # the one-row kernel, not matmul
+        one = f(np.ascontiguousarray(x[:1]))
         np.testing.assert_array_equal(one, fmt.qmatmul(data, (rows, cols), x, "q8_0", prepared=prep)[:1])
     for bad, err in ((np.nan, NonFiniteError), (-np.inf, NonFiniteError), (1e9, RangeError)):
         x1 = x[:1].copy()
         x1[0, 40] = bad
         with pytest.raises(err):
-            fmt.qmatmul(data, (rows, cols), x1, "q8_0", prepared=prep)
+            f(x1)

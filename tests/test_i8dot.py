@@ -21,6 +21,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from quantfmt import get_format
 from quantfmt.families import prefill_path
+from quantfmt.tensor import QTensor
 from quantfmt_formats import _i8dot, _i8gemm, q8_0
 
 PATHS = [*_i8gemm.available(), "portable"]
@@ -164,7 +165,7 @@ def test_cpus_with_less(features, paths):
 
 @pytest.mark.parametrize("path", _i8gemm.available())
 def test_one_row_matvec_equals_the_batch_kernel_and_keeps_its_errors(path, monkeypatch):
-    # n = 1 on one thread quantizes and multiplies in one call (_i8dot._MATVEC): bit for bit the
+    # Format.matvec_fn, n = 1 on one thread, quantizes and multiplies in one call (_i8dot._MATVEC): bit for bit the
     # activations quantize_activations makes and the same driver, so the row of a 2-row batch (which
     # goes through those) is equal; NaN/inf and an fp16-overflowing scale still raise its errors.
     from quantfmt.errors import NonFiniteError, RangeError
@@ -177,10 +178,13 @@ def test_one_row_matvec_equals_the_batch_kernel_and_keeps_its_errors(path, monke
         prep = fmt.prepare(data, rows, cols)
         x = rng.standard_normal((2, cols)).astype(np.float32)
         x[0, 32:64] = 0  # a zero block
-        one = fmt.qmatmul(data, (rows, cols), x[:1], "q8_0", prepared=prep)
+        t = QTensor("w", fmt, (rows, cols), data)
+        f = t.matvec_fn("q8_0")
+        assert fmt.matvec_fn(t._prepared, rows, cols, "q8_0") is not None  # the one-row kernel, not matmul
+        one = f(np.ascontiguousarray(x[:1]))
         np.testing.assert_array_equal(one, fmt.qmatmul(data, (rows, cols), x, "q8_0", prepared=prep)[:1])
     for bad, err in ((np.nan, NonFiniteError), (np.inf, NonFiniteError), (1e9, RangeError)):
         x1 = x[:1].copy()
         x1[0, 40] = bad
         with pytest.raises(err):
-            fmt.qmatmul(data, (rows, cols), x1, "q8_0", prepared=prep)
+            f(x1)
