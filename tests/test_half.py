@@ -214,13 +214,17 @@ def test_assert_matmul_close_can_fail(rng):
             assert_matmul_close(bad, x, wf)
 
 
-def test_portable_path_compiled_for_a_generic_cpu(tmp_path):
-    # What a CPU without F16C runs: numba compiling for a generic x86-64 (or the host's own generic),
-    # so quantfmt.cpu reports no F16C and the kernels must pick the portable path by themselves.
+@pytest.mark.parametrize("features,path", [("", "portable"), ("+sse4.2,+avx,+avx2,+fma,+f16c", "f16c")])
+def test_paths_compiled_for_other_cpus(tmp_path, features, path):
+    # What a CPU without F16C runs (numba compiling for a generic x86-64, or the host's own generic: the
+    # kernels must pick the portable path by themselves), and what an AVX2 CPU without AVX-512 runs (the
+    # 16-lane decode dot products split into ymm halves), each against numpy.
     code = textwrap.dedent("""
+        import sys
         import numpy as np
         from quantfmt import blas, cpu, get_format
-        assert not cpu.has("f16c")
+        path = sys.argv[1]
+        assert cpu.has("f16c") == (path == "f16c")
         bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(16, 4096)
         ref = bits.view(np.float16).astype(np.float32)
         f = get_format("F16")
@@ -230,20 +234,30 @@ def test_portable_path_compiled_for_a_generic_cpu(tmp_path):
         _half.PARALLEL_MIN = 1  # the parallel conversion kernel too
         assert np.array_equal(f.dequantize(data, bits.shape).view(np.uint32), ref.view(np.uint32))
         fin = np.where(np.isfinite(ref), ref, 0).astype(np.float32)
-        d = fin.astype(np.float16).view(np.uint16).reshape(-1).view(np.uint8)
         rng = np.random.default_rng(0)
-        for n in (1, 20):
-            x = rng.standard_normal((n, 4096)).astype(np.float32)
-            np.testing.assert_allclose(f.qmatmul(d, bits.shape, x), x @ fin.T, rtol=1e-4, atol=1e-3)
+        for tag, w in (("F16", fin.astype(np.float16).view(np.uint16)),
+                       ("BF16", (fin.view(np.uint32) >> 16).astype(np.uint16))):
+            if tag == "BF16":
+                wf = (w.astype(np.uint32) << 16).view(np.float32)
+            else:
+                wf = w.view(np.float16).astype(np.float32)
+            for shape in ((16, 4096), (7, 4096 - 5)):  # four-row groups and a partial one, a column tail
+                ws = wf[: shape[0], : shape[1]]
+                d2 = np.ascontiguousarray(w[: shape[0], : shape[1]]).reshape(-1).view(np.uint8)
+                for n in (1, 3, 20):
+                    x = rng.standard_normal((n, shape[1])).astype(np.float32)
+                    np.testing.assert_allclose(get_format(tag).qmatmul(d2, shape, x), x @ ws.T, rtol=1e-4, atol=1e-3)
         prefill = "blas-per-thread" if _half.prefill_threads() else "blas"
-        assert f.kernel_path("qmatmul", 20) == "tiles-portable+" + prefill
+        assert f.kernel_path("qmatmul", 20) == f"tiles-{path}+" + prefill
         print(f.kernel_path("dequantize"), f.kernel_path("qmatmul", 1), f.kernel_path("qmatmul", 20).split("+")[0])
     """)
     env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
     env.pop("NUMBA_CPU_FEATURES", None)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if features:
+        env["NUMBA_CPU_FEATURES"] = features
+    out = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["portable", "matvec-portable", "tiles-portable"]
+    assert out.stdout.split() == [path, f"matvec-{path}", f"tiles-{path}"]
 
 
 def rounding_corpus(rng) -> np.ndarray:
