@@ -310,9 +310,11 @@ _I16, _I32, _I64, _F32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.Floa
 
 
 def _make_dot4(kind: str):
-    """The intrinsic dot4(w, x, r, k, nstep) -> four float32: rows r..r+3 of w (uint16 bits) dotted with
-    activation row k of x over columns 0 .. nstep*_STEP-1 (the caller adds the rest)."""
+    """The intrinsic dot4(w, x, r, k, nstep) -> four float32: rows r..r+3 of w (uint16 bits, or float32
+    for kind "F32") dotted with activation row k of x over columns 0 .. nstep*_STEP-1 (the caller adds
+    the rest)."""
     vi16, vi32, vf32 = (ir.VectorType(t, _LANES) for t in (_I16, _I32, _F32))
+    elem, velem = (_F32, vf32) if kind == "F32" else (_I16, vi16)
     i8p = ir.IntType(8).as_pointer()
 
     @intrinsic
@@ -333,7 +335,7 @@ def _make_dot4(kind: str):
             xrow = builder.bitcast(builder.gep(builder.bitcast(xa.data, i8p), [builder.mul(kv, xs0)]),
                                    _F32.as_pointer())
             wrows = [builder.bitcast(builder.gep(wbase, [builder.mul(builder.add(rv, c64(i)), ws0)]),
-                                     _I16.as_pointer()) for i in range(4)]
+                                     elem.as_pointer()) for i in range(4)]
             mod = builder.module
             fma = mod.declare_intrinsic(f"llvm.fmuladd.v{_LANES}f32", (), ir.FunctionType(vf32, [vf32] * 3))
             prefetch = mod.declare_intrinsic("llvm.prefetch", (i8p,), ir.FunctionType(ir.VoidType(),
@@ -343,6 +345,8 @@ def _make_dot4(kind: str):
             shift = ir.Constant(vi32, [16] * _LANES)
 
             def to_f32(h):
+                if kind == "F32":
+                    return h
                 if kind == "BF16":  # the bits moved to the top half
                     return builder.bitcast(builder.shl(builder.zext(h, vi32), shift), vf32)
                 return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), _LANES)), vf32)
@@ -352,13 +356,13 @@ def _make_dot4(kind: str):
                 xs = [builder.load(builder.bitcast(builder.gep(xrow, [builder.add(j, c64(u * _LANES))]),
                                                    vf32.as_pointer()), align=4) for u in range(2)]
                 for i in range(4):
-                    ahead = builder.gep(wrows[i], [builder.add(j, c64(PREFETCH // 2))])
+                    ahead = builder.gep(wrows[i], [builder.add(j, c64(PREFETCH // (4 if kind == "F32" else 2)))])
                     # read, keep in all cache levels, data
                     builder.call(prefetch, [builder.bitcast(ahead, i8p), ir.Constant(_I32, 0),
                                             ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
                     for u in range(2):
                         p = builder.gep(wrows[i], [builder.add(j, c64(u * _LANES))])
-                        h = builder.load(builder.bitcast(p, vi16.as_pointer()), align=2)
+                        h = builder.load(builder.bitcast(p, velem.as_pointer()), align=2)
                         builder.store(builder.call(fma, [to_f32(h), xs[u], builder.load(accs[i][u])]), accs[i][u])
             sums = []
             for i in range(4):
@@ -379,6 +383,7 @@ def _make_dot4(kind: str):
 
 _dot4_f16c = _make_dot4("F16")
 _dot4_bf16 = _make_dot4("BF16")
+_dot4_f32 = _make_dot4("F32")
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FAST)
@@ -468,6 +473,35 @@ def matvec_bf16(w, x, out, r0, r1):
         r += 1
 
 
+@numba.njit(cache=True, nogil=True, fastmath=FAST)
+def matvec_f32(w, x, out, r0, r1):
+    cols = w.shape[1]
+    n = x.shape[0]
+    nstep = cols // _STEP
+    r = r0
+    while r + 4 <= r1:
+        for k in range(n):
+            a0, a1, a2, a3 = _dot4_f32(w, x, r, k, nstep)
+            xk = x[k]
+            for j in range(nstep * _STEP, cols):
+                xv = xk[j]
+                a0 += w[r, j] * xv
+                a1 += w[r + 1, j] * xv
+                a2 += w[r + 2, j] * xv
+                a3 += w[r + 3, j] * xv
+            out[k, r], out[k, r + 1], out[k, r + 2], out[k, r + 3] = a0, a1, a2, a3
+        r += 4
+    while r < r1:
+        wr = w[r]
+        for k in range(n):
+            xk = x[k]
+            acc = np.float32(0.0)
+            for j in range(cols):
+                acc += wr[j] * xk[j]
+            out[k, r] = acc
+        r += 1
+
+
 def path_f16() -> str:
     """The F16 path the kernels take here: "f16c" or "portable"."""
     return "f16c" if USE_F16C else "portable"
@@ -506,9 +540,13 @@ def tile_to_f32(kind: str, src: np.ndarray, idx: np.ndarray, out: np.ndarray) ->
 
 
 def matvec(kind: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out (n, rows) = x (n, cols) @ w.T for w the uint16 bits (rows, cols); kind "F16" or "BF16"."""
+    """out (n, rows) = x (n, cols) @ w.T for w the uint16 bits (rows, cols), kind "F16" or "BF16", or
+    w float32 (rows, cols), kind "F32"."""
     rows, cols = w.shape
-    kernel = matvec_bf16 if kind == "BF16" else matvec_f16c if USE_F16C else matvec_f16_portable
+    if kind == "F32":
+        kernel = matvec_f32
+    else:
+        kernel = matvec_bf16 if kind == "BF16" else matvec_f16c if USE_F16C else matvec_f16_portable
     parallel_rows(kernel, rows, cols, w, x, out, weights=MATVEC_GRAB)
     return out
 

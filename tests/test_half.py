@@ -290,3 +290,27 @@ def test_f16_quantize_identical_to_numpy(f16_path, rng):
         f.quantize(big)
     big[-1] = np.nextafter(np.float32(65520), np.float32(0))  # rounds down to 65504
     assert f.quantize(big).view("<u2")[-1] == 0x7BFF
+
+
+def test_f32_qmatmul_matvec_and_blas(rng, monkeypatch):
+    # F32 batches of up to matvec_max_n rows go to _half's matvec (its F32 variant of the 16-lane dot),
+    # more to numpy; both against float64, with infinities and NaN in the weights, odd shapes, an
+    # unaligned buffer, and several row ranges on several threads.
+    f = get_format("F32")
+    assert f.kernel_path("qmatmul", f.matvec_max_n) == "matvec"
+    assert f.kernel_path("qmatmul", f.matvec_max_n + 1) == "blas"
+    for rows, cols in SHAPES:
+        wf = rng.standard_normal((rows, cols)).astype(np.float32)
+        if rows >= 4:
+            wf[0, cols // 2], wf[1, 0], wf[3, cols // 3] = np.inf, -np.inf, np.nan
+        buf = np.empty(wf.nbytes + 1, np.uint8)[1:]
+        buf[:] = wf.reshape(-1).view(np.uint8)
+        for data in (wf.reshape(-1).view(np.uint8), buf):
+            for n in (1, 3, f.matvec_max_n, f.matvec_max_n + 1):
+                x = rng.standard_normal((n, cols)).astype(np.float32)
+                x[:, -1] = 0.0
+                assert_matmul_close(f.qmatmul(data, (rows, cols), x), x, wf)
+    monkeypatch.setattr(_half, "MATVEC_GRAB", 6 * 130)
+    wf = rng.standard_normal((39, 130)).astype(np.float32)
+    x = rng.standard_normal((2, 130)).astype(np.float32)
+    assert_matmul_close(f.qmatmul(wf.reshape(-1).view(np.uint8), (39, 130), x), x, wf)
