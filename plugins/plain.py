@@ -30,6 +30,7 @@ import numpy as np
 
 import quantfmt
 from quantfmt.errors import RangeError
+from quantfmt.families import prefill_threads, rows_prefill
 from quantfmt.format import Format
 
 
@@ -94,13 +95,21 @@ class F32(Format):
 
     def _qmatmul(self, data, rows, cols, x, mode):
         w = data.view(LE_F32).reshape(rows, cols)
-        if x.shape[0] <= self.matvec_max_n and sys.byteorder == "little":
-            return _kernels().matvec("F32", w, x, np.empty((x.shape[0], rows), np.float32))
+        if sys.byteorder == "little":
+            if x.shape[0] <= self.matvec_max_n:
+                return _kernels().matvec("F32", w, x, np.empty((x.shape[0], rows), np.float32))
+            if prefill_threads():
+                # ranges of rows, one single-threaded sgemm each on the thread that took it, as every
+                # format's f32 prefill: numpy's one sgemm on OpenBLAS's threads splits the work in fixed
+                # shares, and waits for a descheduled thread at every call on a shared machine
+                return rows_prefill(w, x)
         return x @ w.T
 
     def kernel_path(self, op, n=1, mode="f32"):
         if op == "qmatmul":
-            return "matvec" if n <= self.matvec_max_n else "blas"
+            if n <= self.matvec_max_n:
+                return "matvec"
+            return "blas-per-thread" if prefill_threads() else "blas"
         return "numpy"
 
 

@@ -232,6 +232,23 @@ def tiles_prefill(fill, rows: int, cols: int, x: np.ndarray, *args, group: int =
     return out
 
 
+def rows_prefill(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """out (n, rows) = x (n, cols) float32 @ w.T for w float32 (rows, cols) already in memory (F32): the
+    split of tiles_prefill (ranges of rows taken by threads one after another, one single-threaded
+    sgemm each, written in place) on w's own rows, nothing converted. Call only where prefill_threads()
+    is not 0."""
+    rows, cols = w.shape
+    out = np.empty((x.shape[0], rows), np.float32)
+    step = prefill_tile_rows(x.shape[0], cols)
+
+    def work(r0: int, r1: int) -> None:
+        np.matmul(x, w[r0:r1].T, out=out[:, r0:r1])
+
+    with blas.one_thread():
+        parallel_rows(work, rows, cols, weights=step * cols)
+    return out
+
+
 class BlockFormat(Format):
     """Blocks of `block_shape = (1, K)` along a row, from two numpy functions on (n, K) blocks."""
 

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 
-from quantfmt import blas, cpu, get_format
+from quantfmt import blas, cpu, families, get_format
 from quantfmt.errors import RangeError
 from quantfmt_formats import _half
 from quantfmt_formats.plain import f32_from_bf16
@@ -222,7 +222,7 @@ def test_paths_compiled_for_other_cpus(tmp_path, features, path):
     code = textwrap.dedent("""
         import sys
         import numpy as np
-        from quantfmt import blas, cpu, get_format
+        from quantfmt import blas, cpu, families, get_format
         path = sys.argv[1]
         assert cpu.has("f16c") == (path == "f16c")
         bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(16, 4096)
@@ -292,13 +292,13 @@ def test_f16_quantize_identical_to_numpy(f16_path, rng):
     assert f.quantize(big).view("<u2")[-1] == 0x7BFF
 
 
-def test_f32_qmatmul_matvec_and_blas(rng, monkeypatch):
+def test_f32_qmatmul_matvec_and_blas(prefill_path, rng, monkeypatch):
     # F32 batches of up to matvec_max_n rows go to _half's matvec (its F32 variant of the 16-lane dot),
-    # more to numpy; both against float64, with infinities and NaN in the weights, odd shapes, an
-    # unaligned buffer, and several row ranges on several threads.
+    # more to sgemms (per thread where BLAS's threads can be set); all against float64, with infinities
+    # and NaN in the weights, odd shapes, an unaligned buffer, and several row ranges on several threads.
     f = get_format("F32")
     assert f.kernel_path("qmatmul", f.matvec_max_n) == "matvec"
-    assert f.kernel_path("qmatmul", f.matvec_max_n + 1) == "blas"
+    assert f.kernel_path("qmatmul", f.matvec_max_n + 1) == prefill_path
     for rows, cols in SHAPES:
         wf = rng.standard_normal((rows, cols)).astype(np.float32)
         if rows >= 4:
@@ -311,6 +311,8 @@ def test_f32_qmatmul_matvec_and_blas(rng, monkeypatch):
                 x[:, -1] = 0.0
                 assert_matmul_close(f.qmatmul(data, (rows, cols), x), x, wf)
     monkeypatch.setattr(_half, "MATVEC_GRAB", 6 * 130)
+    monkeypatch.setattr(families, "PREFILL_TILE", 2 * 130)  # 8-row ranges at n=30: four
     wf = rng.standard_normal((39, 130)).astype(np.float32)
-    x = rng.standard_normal((2, 130)).astype(np.float32)
-    assert_matmul_close(f.qmatmul(wf.reshape(-1).view(np.uint8), (39, 130), x), x, wf)
+    for n in (2, 30):
+        x = rng.standard_normal((n, 130)).astype(np.float32)
+        assert_matmul_close(f.qmatmul(wf.reshape(-1).view(np.uint8), (39, 130), x), x, wf)
