@@ -118,7 +118,7 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
         # does it all; handing work to the pool from one of its own threads could wait forever
         kernel(*args, 0, rows, *tail)
         return
-    chunks = iter(range(nchunk))
+    pending = iter(range(nchunk))
     lock = threading.Lock()
     stop = [False]  # set when a thread fails (or Ctrl-C): the others take no new range
 
@@ -127,7 +127,7 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
         try:
             while True:
                 with lock:
-                    c = None if stop[0] else next(chunks, None)
+                    c = None if stop[0] else next(pending, None)
                 if c is None:
                     return
                 kernel(*args, c * rows // nchunk, (c + 1) * rows // nchunk, *tail)
