@@ -218,7 +218,7 @@ def test_assert_matmul_close_can_fail(rng):
 def test_paths_compiled_for_other_cpus(tmp_path, features, path):
     # What a CPU without F16C runs (numba compiling for a generic x86-64, or the host's own generic: the
     # kernels must pick the portable path by themselves), and what an AVX2 CPU without AVX-512 runs (the
-    # 16-lane decode dot products split into ymm halves), each against numpy.
+    # 16-lane decode dot products of F16, BF16 and F32 split into ymm halves), each against numpy.
     code = textwrap.dedent("""
         import sys
         import numpy as np
@@ -236,11 +236,11 @@ def test_paths_compiled_for_other_cpus(tmp_path, features, path):
         fin = np.where(np.isfinite(ref), ref, 0).astype(np.float32)
         rng = np.random.default_rng(0)
         for tag, w in (("F16", fin.astype(np.float16).view(np.uint16)),
-                       ("BF16", (fin.view(np.uint32) >> 16).astype(np.uint16))):
+                       ("BF16", (fin.view(np.uint32) >> 16).astype(np.uint16)), ("F32", fin)):
             if tag == "BF16":
                 wf = (w.astype(np.uint32) << 16).view(np.float32)
             else:
-                wf = w.view(np.float16).astype(np.float32)
+                wf = w.view(np.float16).astype(np.float32) if tag == "F16" else w
             for shape in ((16, 4096), (7, 4096 - 5)):  # four-row groups and a partial one, a column tail
                 ws = wf[: shape[0], : shape[1]]
                 d2 = np.ascontiguousarray(w[: shape[0], : shape[1]]).reshape(-1).view(np.uint8)
