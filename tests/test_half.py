@@ -305,7 +305,7 @@ def test_f32_qmatmul_matvec_and_blas(prefill_path, rng, monkeypatch):
             wf[0, cols // 2], wf[1, 0], wf[3, cols // 3] = np.inf, -np.inf, np.nan
         buf = np.empty(wf.nbytes + 1, np.uint8)[1:]
         buf[:] = wf.reshape(-1).view(np.uint8)
-        for data in (wf.reshape(-1).view(np.uint8), buf):
+        for data in (wf.reshape(-1).view(np.uint8), buf, bytes(buf)):  # writable, unaligned, read-only
             for n in (1, 3, f.matvec_max_n, f.matvec_max_n + 1):
                 x = rng.standard_normal((n, cols)).astype(np.float32)
                 x[:, -1] = 0.0
