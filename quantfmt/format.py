@@ -326,7 +326,8 @@ class Format:
                 f"{self.tag}: activations of shape {x.shape} do not fit weights of shape {shape}: "
                 f"expected (cols,) or (n, cols) with cols = {cols}"
             )
-        x2 = np.ascontiguousarray(x.reshape(-1, cols), dtype=np.float32)
+        # (n, cols), also for cols == 0, where reshape(-1, 0) cannot tell n
+        x2 = np.ascontiguousarray(x.reshape(x.shape[0] if x.ndim == 2 else 1, cols), dtype=np.float32)
         if x2.shape[0] == 0 or rows == 0 or cols == 0:
             out = np.zeros((x2.shape[0], rows), np.float32)
         else:

@@ -680,6 +680,10 @@ def _empty(k):
         )
     y = f.qmatmul(b"", (0, cols), np.ones((3, cols), np.float32))
     _require(y.shape == (3, 0), f"qmatmul with 0 weight rows gave shape {y.shape}, expected (3, 0)")
+    for x in (np.ones((3, 0), np.float32), np.ones(0, np.float32)):  # no columns: every output is an empty sum
+        y = f.qmatmul(b"", (br, 0), x)
+        want = x.shape[:-1] + (br,)
+        _require(y.shape == want and not y.any(), f"qmatmul, 0 weight columns, x {x.shape}: {y.shape}, want 0s {want}")
     return "(0, cols), (br, 0), (0, 2, cols)"
 
 
