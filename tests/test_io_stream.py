@@ -189,3 +189,27 @@ def test_read_ahead_is_a_hint_that_never_fails(tmp_path):
             time.sleep(0.01)
         assert len(os.listdir("/proc/self/fd")) <= fds
     assert p.read_bytes() == b"x" * (3 << 20)
+
+
+def test_read_ahead_bytes_is_a_quarter_of_available_memory(monkeypatch):
+    import builtins
+    import os
+
+    from quantfmt.io import readahead
+
+    n = readahead.read_ahead_bytes()
+    assert n >= readahead.DEFAULT_BYTES
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        # memory moves between the two reads: within 10% of a quarter, or the floor
+        assert n == readahead.DEFAULT_BYTES or abs(n - avail // 4) < avail // 40
+    real_open = builtins.open
+
+    def no_meminfo(p, *a, **k):
+        if p == "/proc/meminfo":
+            raise OSError("no /proc here")
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_meminfo)
+    assert readahead.read_ahead_bytes() == readahead.DEFAULT_BYTES

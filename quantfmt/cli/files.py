@@ -9,11 +9,6 @@ import click
 
 from .output import output_options, size
 
-# `convert` asks for this much of its input file (from the start) to be read while it starts up
-# (io.readahead.read_ahead); the conversion then asks for each next row block in turn (prefetch_pages).
-# Bounded so that a model larger than memory does not push its own first tensors out of the cache.
-READ_AHEAD_BYTES = 256 << 20
-
 
 def _run_convert(src, dst, recipe, overwrite, out, strict=False, label="converting", **parallel):
     """One progress display for the whole job, whatever runs it (this process, a pool, a Dask cluster):
@@ -195,10 +190,13 @@ def convert(src, dst, to, rules, recipe_file, fallback, strict, overwrite, dry_r
     explicitly (its pattern has no '*', or mentions 'norm').
     """
     from ..gcpause import paused
-    from ..io.readahead import read_ahead
+    from ..io.readahead import read_ahead, read_ahead_bytes
 
     if not dry_run:
-        read_ahead(src, READ_AHEAD_BYTES)  # the input's first bytes come from the disk while the modules load
+        # the input comes from the disk while the modules load and the conversion starts (a quarter of
+        # the available memory of it, io.readahead); the conversion then asks for each next row block
+        # in turn (io.files.prefetch_pages)
+        read_ahead(src, read_ahead_bytes())
     with paused(freeze=True):  # numpy and the modules a conversion runs: no collection while they load
         from ..ops import convert as _  # noqa: F401
         from ..recipe import Recipe

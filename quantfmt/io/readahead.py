@@ -10,6 +10,28 @@ import os
 import stat
 import threading
 
+#: What read_ahead_bytes() asks for where the available memory is not known (not Linux).
+DEFAULT_BYTES = 256 << 20
+
+
+def read_ahead_bytes() -> int:
+    """How much of an input to read ahead: a quarter of the memory available now (Linux: MemAvailable),
+    at least DEFAULT_BYTES; DEFAULT_BYTES where that cannot be read. A quarter, so that the pages read
+    ahead are still cached when the conversion reaches them, while it maps its own tensors and writes
+    its output, and a model larger than memory does not push its own first tensors out.
+
+    Why not a fixed 256 MB: a 500 MB float32 model out of the page cache converted in 0.98-1.09 s
+    with 256 MB read ahead and 0.79-1.0 s with all of it (2-core Xeon, its disk reads 2 GB/s): the
+    remaining half came from the disk while the conversion waited for it, page block by page block."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return max(DEFAULT_BYTES, int(line.split()[1]) * 1024 // 4)
+    except (OSError, ValueError, IndexError):
+        pass
+    return DEFAULT_BYTES
+
 
 def read_ahead(path, nbytes: int) -> None:
     """Start reading the first `nbytes` of the file `path` into the page cache on a helper thread
