@@ -71,7 +71,8 @@ class _Vec:
         trick gives other values, and NaN gives lo here but 0 there: callers use it only where |f|
         is bounded (qx, q3: |iscale*x| <= ~33) or check the bound (qkx2: the lanes it flags)."""
         c = builder.select(builder.fcmp_ordered(">", f, lo), f, lo)
-        c = builder.select(builder.fcmp_ordered("<", c, hi), c, hi)
+        if hi is not None:  # (None: the caller knows that f < hi + 0.5)
+            c = builder.select(builder.fcmp_ordered("<", c, hi), c, hi)
         return builder.fsub(builder.fadd(c, self.cf(12582912.0)), self.cf(12582912.0))
 
     def ptr(self, builder, base, off, vt=None):
@@ -82,10 +83,25 @@ class _Vec:
 
 
 @functools.cache
-def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
+def qkx2_16(n: int, use_mad: bool, lanes: int = 16, groups: int = 1):
     """The intrinsic qkx2(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g): _kquants'
-    make_qkx2_lanes on lanes 16g..16g+15 of x, w (n, M) float32 and L (n, M) uint8 (C order),
-    scale/the_min (M,). The state of the search (min, scale, best error, L) stays per lane, as there.
+    make_qkx2_lanes on lanes lanes*groups*g .. (g+1)*lanes*groups - 1 of x, w (n, M) float32 and L (n, M)
+    uint8 (C order), scale/the_min (M,). The state of the search (min, scale, best error, L) stays per
+    lane, as there.
+
+    groups > 1: that many independent groups of `lanes` lanes go through each trial together, one
+    after the other in each of its steps (every group's rounding and sums, then every group's solve,
+    then every group's error, then every group's take). A trial is a serial chain per group (its
+    iscale needs the previous trial's min, its error the solve, the solve the sums), and with one
+    group the CPU sat idle at each of those joins (~1 zmm instruction a cycle of 2); the next group's
+    loop is independent work to overlap them with. Each lane still does ggml's operations in ggml's
+    order: the same bytes. Measured (whole Q4_K quantize, one thread): +2% over groups=1 for Q4_K/Q5_K,
+    nothing for Q2_K, for +0.6-0.9 s of cold compile: the formats use groups=1 (tests/test_klanes.py
+    keeps groups=2 equal to the loop).
+
+    The trials that need no upper clamp (every lane's isc*(max - min) below nmax + 0.5: 15 of Q4_K's
+    21, 10 of Q5_K's and Q2_K's 16) run a loop without it, and the refit of a lane whose min came out
+    positive (one more division) runs only in the trials where some lane has one: ~1.05-1.08x.
 
     Returns a bit mask (int64) of the lanes whose results may differ from ggml's: the roundings use
     _Vec.round_clamp, exact while |iscale*(x - min)| < 2**21, which each pass checks per lane from
@@ -93,6 +109,7 @@ def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
     multiplication are monotone); the caller redoes the flagged lanes with the scalar search (never
     for ordinary data: a sub-block range must be ~1e-37 or beyond ~1e38 to trip it; flat lanes,
     max == min, are ggml's early return and never flagged)."""
+    assert lanes * groups <= 64  # the returned mask
 
     @intrinsic
     def qkx2(typingctx, x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g):
@@ -105,114 +122,164 @@ def qkx2_16(n: int, use_mad: bool, lanes: int = 16):
             xp, wp, lp, sp, mp = (a.data for a in arrs)
             nmaxv, rminv, rdeltav, nstepv, gv = args[3], args[4], args[5], args[6], args[9]
             M = builder.extract_value(arrs[0].shape, 1)
-            col = builder.mul(gv, ir.Constant(_I64, lanes))
-
-            def off(i):  # i: a Python int or an i64 value
-                return builder.add(builder.mul(i if isinstance(i, ir.Value) else ir.Constant(_I64, i), M), col)
-
-            xs = [builder.load(t.ptr(builder, xp, off(i)), align=4) for i in range(n)]
-            ws = [builder.load(t.ptr(builder, wp, off(i)), align=4) for i in range(n)]
+            col0 = builder.mul(gv, ir.Constant(_I64, lanes * groups))
             nmax32 = builder.trunc(nmaxv, _I32)
             nmaxf = builder.sitofp(nmax32, _F32)
             hi = t.splat(builder, nmaxf)
             zero_f = t.cf(0.0)
-
             fabs = t.fabs(builder)
-
-            def unsafe(isc, mn):  # lanes where some |isc*(x - mn)| may reach 2**21 (or is NaN)
-                span = builder.fsub(mx, mn)
-                below = builder.fsub(mn, xlo)
-                span = builder.select(builder.fcmp_ordered(">", below, span), below, span)
-                bound = builder.fmul(builder.call(fabs, [isc]), span)
-                return builder.fcmp_unordered(">=", bound, t.cf(2097152.0))
 
             def err(d):  # ggml's use_mad: |d|, else d*d
                 return builder.call(fabs, [d]) if use_mad else builder.fmul(d, d)
 
-            mn, mx, sum_w = xs[0], xs[0], ws[0]
-            sum_x = builder.fmul(ws[0], xs[0])
-            for i in range(1, n):
-                mn = builder.select(builder.fcmp_ordered("<", xs[i], mn), xs[i], mn)
-                mx = builder.select(builder.fcmp_ordered(">", xs[i], mx), xs[i], mx)
-                sum_w = builder.fadd(sum_w, ws[i])
-                sum_x = builder.fadd(sum_x, builder.fmul(ws[i], xs[i]))
-            xlo = mn
-            mn = builder.select(builder.fcmp_ordered(">", mn, t.cf(0.0)), t.cf(0.0), mn)
-            flat = builder.fcmp_ordered("==", mx, mn)
-            rng = builder.fsub(mx, mn)
-            isc = builder.fdiv(t.splat(builder, nmaxf), rng)
-            sc0 = builder.fdiv(t.cf(1.0), isc)
-            best = t.cf(0.0)
-            st_bad = cgutils.alloca_once_value(builder, unsafe(isc, mn))
-            for i in range(n):
-                li = t.round_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_f, hi)
-                d = builder.fsub(builder.fadd(builder.fmul(sc0, li), mn), xs[i])
-                best = builder.fadd(best, builder.fmul(ws[i], err(d)))
-            # the trials: a loop in IR (its state in allocas, which LLVM keeps in registers). A lane's L
-            # are those of its last taken trial (or the first pass): kept as that trial's (iscale, min),
-            # L recomputed from them at the end (the same operations: the same L), not selected per trial.
-            st_mn = cgutils.alloca_once_value(builder, mn)
-            st_sc = cgutils.alloca_once_value(builder, sc0)
-            st_best = cgutils.alloca_once_value(builder, best)
-            st_lisc = cgutils.alloca_once_value(builder, isc)
-            st_lmn = cgutils.alloca_once_value(builder, mn)
-            st_sl, st_sl2, st_sxl, st_cur = (cgutils.alloca_once(builder, t.F) for _ in range(4))
-            la_buf = cgutils.alloca_once(builder, t.F, size=n)
+            class G:  # one group's constants and search state (allocas, which LLVM keeps in registers)
+                pass
+
+            gs = []
+            for k in range(groups):
+                s_ = G()
+                s_.col = builder.add(col0, ir.Constant(_I64, lanes * k))
+                gs.append(s_)
+
+            def off(s_, i):  # i: a Python int or an i64 value
+                return builder.add(builder.mul(i if isinstance(i, ir.Value) else ir.Constant(_I64, i), M), s_.col)
+
+            def unsafe(s_, isc, mn):  # lanes where some |isc*(x - mn)| may reach 2**21 (or is NaN)
+                span = builder.fsub(s_.mx, mn)
+                below = builder.fsub(mn, s_.xlo)
+                span = builder.select(builder.fcmp_ordered(">", below, span), below, span)
+                bound = builder.fmul(builder.call(fabs, [isc]), span)
+                return builder.fcmp_unordered(">=", bound, t.cf(2097152.0))
+
+            for s_ in gs:
+                xs = [builder.load(t.ptr(builder, xp, off(s_, i)), align=4) for i in range(n)]
+                ws = [builder.load(t.ptr(builder, wp, off(s_, i)), align=4) for i in range(n)]
+                mn, mx, sum_w = xs[0], xs[0], ws[0]
+                sum_x = builder.fmul(ws[0], xs[0])
+                for i in range(1, n):
+                    mn = builder.select(builder.fcmp_ordered("<", xs[i], mn), xs[i], mn)
+                    mx = builder.select(builder.fcmp_ordered(">", xs[i], mx), xs[i], mx)
+                    sum_w = builder.fadd(sum_w, ws[i])
+                    sum_x = builder.fadd(sum_x, builder.fmul(ws[i], xs[i]))
+                s_.xlo, s_.mx, s_.sum_w, s_.sum_x = mn, mx, sum_w, sum_x
+                mn = builder.select(builder.fcmp_ordered(">", mn, t.cf(0.0)), t.cf(0.0), mn)
+                s_.flat = builder.fcmp_ordered("==", mx, mn)
+                isc = builder.fdiv(t.splat(builder, nmaxf), builder.fsub(mx, mn))
+                sc0 = builder.fdiv(t.cf(1.0), isc)
+                best = t.cf(0.0)
+                s_.st_bad = cgutils.alloca_once_value(builder, unsafe(s_, isc, mn))
+                for i in range(n):
+                    li = t.round_clamp(builder, builder.fmul(isc, builder.fsub(xs[i], mn)), zero_f, hi)
+                    d = builder.fsub(builder.fadd(builder.fmul(sc0, li), mn), xs[i])
+                    best = builder.fadd(best, builder.fmul(ws[i], err(d)))
+                # the trials: a loop in IR. A lane's L are those of its last taken trial (or the first
+                # pass): kept as that trial's (iscale, min), L recomputed from them at the end (the same
+                # operations: the same L), not selected per trial.
+                s_.st_mn = cgutils.alloca_once_value(builder, mn)
+                s_.st_sc = cgutils.alloca_once_value(builder, sc0)
+                s_.st_best = cgutils.alloca_once_value(builder, best)
+                s_.st_lisc = cgutils.alloca_once_value(builder, isc)
+                s_.st_lmn = cgutils.alloca_once_value(builder, mn)
+                s_.st_sl, s_.st_sl2, s_.st_sxl, s_.st_cur = (cgutils.alloca_once(builder, t.F) for _ in range(4))
+                s_.la_buf = cgutils.alloca_once(builder, t.F, size=n)
             with cgutils.for_range(builder, builder.add(nstepv, ir.Constant(nstepv.type, 1))) as loop:
                 s = builder.sitofp(loop.index, _F32)
-                num = builder.fadd(builder.fadd(rminv, builder.fmul(rdeltav, s)), nmaxf)
-                mn = builder.load(st_mn)
-                isc = builder.fdiv(t.splat(builder, num), builder.fsub(mx, mn))
-                builder.store(builder.or_(builder.load(st_bad), unsafe(isc, mn)), st_bad)
-                # the element loops of a trial as loops in IR too (x_i, w_i loaded again, L_i kept in a
-                # stack array): unrolled, they were ~1000 vector instructions per trial, the bulk of the
-                # Q4_K cold start's LLVM time; the same operations in the same order (the same bytes),
-                # and as fast (the unrolled x_i, w_i did not fit in registers either: 4n zmm)
-                for st_v in (st_sl, st_sl2, st_sxl, st_cur):
-                    builder.store(t.cf(0.0), st_v)
-                with cgutils.for_range(builder, ir.Constant(_I64, n)) as el:
-                    i = el.index
-                    xi = builder.load(t.ptr(builder, xp, off(i)), align=4)
-                    wi = builder.load(t.ptr(builder, wp, off(i)), align=4)
-                    li = t.round_clamp(builder, builder.fmul(isc, builder.fsub(xi, mn)), zero_f, hi)
-                    builder.store(li, builder.gep(la_buf, [i]))
-                    wl = builder.fmul(wi, li)
-                    builder.store(builder.fadd(builder.load(st_sl), wl), st_sl)
-                    builder.store(builder.fadd(builder.load(st_sl2), builder.fmul(wl, li)), st_sl2)
-                    builder.store(builder.fadd(builder.load(st_sxl), builder.fmul(wl, xi)), st_sxl)
-                sl, sl2, sxl = builder.load(st_sl), builder.load(st_sl2), builder.load(st_sxl)
-                D = builder.fsub(builder.fmul(sum_w, sl2), builder.fmul(sl, sl))
-                a = builder.fdiv(builder.fsub(builder.fmul(sum_w, sxl), builder.fmul(sum_x, sl)), D)
-                m = builder.fdiv(builder.fsub(builder.fmul(sl2, sum_x), builder.fmul(sl, sxl)), D)
-                pos = builder.fcmp_ordered(">", m, t.cf(0.0))
-                m = builder.select(pos, t.cf(0.0), m)
-                a = builder.select(pos, builder.fdiv(sxl, sl2), a)
-                with cgutils.for_range(builder, ir.Constant(_I64, n)) as el:
-                    i = el.index
-                    xi = builder.load(t.ptr(builder, xp, off(i)), align=4)
-                    wi = builder.load(t.ptr(builder, wp, off(i)), align=4)
-                    li = builder.load(builder.gep(la_buf, [i]))
-                    d = builder.fsub(builder.fadd(builder.fmul(a, li), m), xi)
-                    builder.store(builder.fadd(builder.load(st_cur), builder.fmul(wi, err(d))), st_cur)
-                cur = builder.load(st_cur)
-                take = builder.and_(builder.fcmp_ordered(">", D, t.cf(0.0)),
-                                    builder.fcmp_ordered("<", cur, builder.load(st_best)))
-                builder.store(builder.select(take, cur, builder.load(st_best)), st_best)
-                builder.store(builder.select(take, a, builder.load(st_sc)), st_sc)
-                builder.store(builder.select(take, m, mn), st_mn)
-                builder.store(builder.select(take, isc, builder.load(st_lisc)), st_lisc)
-                builder.store(builder.select(take, mn, builder.load(st_lmn)), st_lmn)
-            # flat lanes (max == min): ggml returns early with L = 0, scale 0
-            sc = builder.select(flat, t.cf(0.0), builder.load(st_sc))
-            builder.store(sc, t.ptr(builder, sp, col), align=4)
-            builder.store(builder.fneg(builder.load(st_mn)), t.ptr(builder, mp, col), align=4)
-            lisc, lmn = builder.load(st_lisc), builder.load(st_lmn)
-            for i in range(n):
-                li = t.round_clamp(builder, builder.fmul(lisc, builder.fsub(xs[i], lmn)), zero_f, hi)
-                li = builder.select(flat, t.cf(0.0), li)
-                builder.store(builder.fptoui(li, t.B), t.ptr(builder, lp, off(i), t.B), align=1)
-            bad = builder.and_(builder.load(st_bad), builder.not_(flat))
-            return builder.zext(builder.bitcast(bad, t.M), _I64)
+                num = t.splat(builder, builder.fadd(builder.fadd(rminv, builder.fmul(rdeltav, s)), nmaxf))
+                for s_ in gs:
+                    mn = builder.load(s_.st_mn)
+                    isc = builder.fdiv(num, builder.fsub(s_.mx, mn))
+                    s_.mn, s_.isc = mn, isc
+                    builder.store(builder.or_(builder.load(s_.st_bad), unsafe(s_, isc, mn)), s_.st_bad)
+                    # the element loops of a trial as loops in IR (x_i, w_i loaded again, L_i kept in a
+                    # stack array): unrolled, they were ~1000 vector instructions per trial, the bulk of
+                    # the Q4_K cold start's LLVM time; the same operations in the same order
+                    for st_v in (s_.st_sl, s_.st_sl2, s_.st_sxl, s_.st_cur):
+                        builder.store(t.cf(0.0), st_v)
+
+                    def sums(clamp_hi, s_=s_, isc=isc, mn=mn):
+                        with cgutils.for_range(builder, ir.Constant(_I64, n)) as el:
+                            i = el.index
+                            xi = builder.load(t.ptr(builder, xp, off(s_, i)), align=4)
+                            wi = builder.load(t.ptr(builder, wp, off(s_, i)), align=4)
+                            y = builder.fmul(isc, builder.fsub(xi, mn))
+                            if clamp_hi:
+                                li = t.round_clamp(builder, y, zero_f, hi)
+                            else:
+                                li = t.round_clamp(builder, y, zero_f, None)
+                            builder.store(li, builder.gep(s_.la_buf, [i]))
+                            wl = builder.fmul(wi, li)
+                            builder.store(builder.fadd(builder.load(s_.st_sl), wl), s_.st_sl)
+                            builder.store(builder.fadd(builder.load(s_.st_sl2), builder.fmul(wl, li)), s_.st_sl2)
+                            builder.store(builder.fadd(builder.load(s_.st_sxl), builder.fmul(wl, xi)), s_.st_sxl)
+
+                    # The upper clamp is a no-op in a trial where every lane's largest value isc*(max - min)
+                    # (an upper bound of each isc*(x - min): x <= max, float - and * by isc > 0 are
+                    # monotone) stays below nmax + 0.5, which then rounds to at most nmax: the trials of
+                    # iscale <= (nmax + 0.5)/range, 15 of Q4_K's 21. The loop without it: 1 of 18 vector
+                    # operations per element fewer.
+                    top = builder.fmul(isc, builder.fsub(s_.mx, mn))
+                    ok = builder.and_(builder.fcmp_ordered(">", isc, zero_f),
+                                      builder.fcmp_ordered("<", top, builder.fadd(hi, t.cf(0.5))))
+                    # a flat lane (all x == min: every isc*(x - min) is inf*0 = NaN, which the lower clamp
+                    # makes 0 either way; D = 0, never taken) does not hold the others back (zero pad lanes)
+                    ok = builder.or_(ok, s_.flat)
+                    all_ok = builder.icmp_unsigned("==", builder.bitcast(ok, t.M), ir.Constant(t.M, (1 << lanes) - 1))
+                    with builder.if_else(all_ok) as (no_clamp, clamp):
+                        with no_clamp:
+                            sums(False)
+                        with clamp:
+                            sums(True)
+                for s_ in gs:
+                    sum_w, sum_x = s_.sum_w, s_.sum_x
+                    sl, sl2, sxl = builder.load(s_.st_sl), builder.load(s_.st_sl2), builder.load(s_.st_sxl)
+                    D = builder.fsub(builder.fmul(sum_w, sl2), builder.fmul(sl, sl))
+                    a = builder.fdiv(builder.fsub(builder.fmul(sum_w, sxl), builder.fmul(sum_x, sl)), D)
+                    m = builder.fdiv(builder.fsub(builder.fmul(sl2, sum_x), builder.fmul(sl, sxl)), D)
+                    pos = builder.fcmp_ordered(">", m, t.cf(0.0))
+                    s_.m = builder.select(pos, t.cf(0.0), m)
+                    # a lane whose min came out positive refits the scale alone: a division (~12 cycles
+                    # a zmm, of the 8 a trial makes) only in the rare trials where some lane needs it
+                    st_a = cgutils.alloca_once_value(builder, a)
+                    anypos = builder.icmp_unsigned("!=", builder.bitcast(pos, t.M), ir.Constant(t.M, 0))
+                    with builder.if_then(anypos, likely=False):
+                        builder.store(builder.select(pos, builder.fdiv(sxl, sl2), a), st_a)
+                    s_.a = builder.load(st_a)
+                    s_.D = D
+                for s_ in gs:
+                    a, m = s_.a, s_.m
+                    with cgutils.for_range(builder, ir.Constant(_I64, n)) as el:
+                        i = el.index
+                        xi = builder.load(t.ptr(builder, xp, off(s_, i)), align=4)
+                        wi = builder.load(t.ptr(builder, wp, off(s_, i)), align=4)
+                        li = builder.load(builder.gep(s_.la_buf, [i]))
+                        d = builder.fsub(builder.fadd(builder.fmul(a, li), m), xi)
+                        builder.store(builder.fadd(builder.load(s_.st_cur), builder.fmul(wi, err(d))), s_.st_cur)
+                for s_ in gs:
+                    cur = builder.load(s_.st_cur)
+                    take = builder.and_(builder.fcmp_ordered(">", s_.D, t.cf(0.0)),
+                                        builder.fcmp_ordered("<", cur, builder.load(s_.st_best)))
+                    builder.store(builder.select(take, cur, builder.load(s_.st_best)), s_.st_best)
+                    builder.store(builder.select(take, s_.a, builder.load(s_.st_sc)), s_.st_sc)
+                    builder.store(builder.select(take, s_.m, s_.mn), s_.st_mn)
+                    builder.store(builder.select(take, s_.isc, builder.load(s_.st_lisc)), s_.st_lisc)
+                    builder.store(builder.select(take, s_.mn, builder.load(s_.st_lmn)), s_.st_lmn)
+            mask = ir.Constant(_I64, 0)
+            for k, s_ in enumerate(gs):
+                # flat lanes (max == min): ggml returns early with L = 0, scale 0
+                flat = s_.flat
+                sc = builder.select(flat, t.cf(0.0), builder.load(s_.st_sc))
+                builder.store(sc, t.ptr(builder, sp, s_.col), align=4)
+                builder.store(builder.fneg(builder.load(s_.st_mn)), t.ptr(builder, mp, s_.col), align=4)
+                lisc, lmn = builder.load(s_.st_lisc), builder.load(s_.st_lmn)
+                for i in range(n):
+                    xi = builder.load(t.ptr(builder, xp, off(s_, i)), align=4)
+                    li = t.round_clamp(builder, builder.fmul(lisc, builder.fsub(xi, lmn)), zero_f, hi)
+                    li = builder.select(flat, t.cf(0.0), li)
+                    builder.store(builder.fptoui(li, t.B), t.ptr(builder, lp, off(s_, i), t.B), align=1)
+                bad = builder.and_(builder.load(s_.st_bad), builder.not_(flat))
+                bits = builder.zext(builder.bitcast(bad, t.M), _I64)
+                mask = builder.or_(mask, builder.shl(bits, ir.Constant(_I64, lanes * k)) if k else bits)
+            return mask
 
         return sig, codegen
 
@@ -483,3 +550,58 @@ def nibbles(kind: str):
         return sig, codegen
 
     return nb
+
+
+@functools.cache
+def transpose16(n: int):
+    """The intrinsic tr(w, r, xt, k0): the element-major copy of 16 sub-blocks of n (16 or 32) consecutive
+    weights, xt[i, k0 + j] = w[r, n*(k0 + j) + i] (j < 16, i < n), the k-quant searches' input layout.
+    As numba compiles it (a scalar load and store per weight, the stores strided) it was ~4% of Q4_K's
+    quantize; here 16x16 tiles go through four rounds of two-vector shuffles (vpermt2ps with AVX-512),
+    16 vector loads and stores a tile. A w or xt not in C order takes the scalar loop."""
+
+    @intrinsic
+    def tr(typingctx, w, r, xt, k0):
+        sig = types.void(w, r, xt, k0)
+        if w.layout != "C" or xt.layout != "C":
+
+            def scalar(w, r, xt, k0):
+                for j in range(16):
+                    for i in range(n):
+                        xt[i, k0 + j] = w[r, n * (k0 + j) + i]
+
+            def codegen_scalar(context, builder, signature, args):
+                return context.compile_internal(builder, scalar, signature, args)
+
+            return sig, codegen_scalar
+
+        def codegen(context, builder, signature, args):
+            t = _Vec(16)
+            at = signature.args
+            wa = context.make_array(at[0])(context, builder, args[0])
+            xa = context.make_array(at[2])(context, builder, args[2])
+            r = context.cast(builder, args[1], at[1], types.intp)
+            k0 = context.cast(builder, args[3], at[3], types.intp)
+            cols = builder.extract_value(wa.shape, 1)
+            M = builder.extract_value(xa.shape, 1)
+            base = builder.add(builder.mul(r, cols), builder.mul(k0, ir.Constant(_I64, n)))
+            for h in range(n // 16):
+                rows = [builder.load(t.ptr(builder, wa.data, builder.add(base, ir.Constant(_I64, n * j + 16 * h))),
+                                     align=4) for j in range(16)]
+                for b in (8, 4, 2, 1):  # swap the off-diagonal b x b blocks of every 2b x 2b block
+                    mp = ir.Constant(t.I, [c if (c // b) % 2 == 0 else 16 + c - b for c in range(16)])
+                    mq = ir.Constant(t.I, [c + b if (c // b) % 2 == 0 else 16 + c for c in range(16)])
+                    new = list(rows)
+                    for p in range(16):
+                        if (p // b) % 2 == 0:
+                            new[p] = builder.shuffle_vector(rows[p], rows[p + b], mp)
+                            new[p + b] = builder.shuffle_vector(rows[p], rows[p + b], mq)
+                    rows = new
+                for i in range(16):
+                    dst = builder.add(builder.mul(ir.Constant(_I64, 16 * h + i), M), k0)
+                    builder.store(rows[i], t.ptr(builder, xa.data, dst), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tr

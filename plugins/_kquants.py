@@ -34,7 +34,7 @@ import numpy as np
 from quantfmt.families import GGMLFormat, parallel_rows, prefill_path
 from quantfmt.format import nonfinite_rows
 
-from ._klanes import q3_16, qkx2_16, qx_16
+from ._klanes import q3_16, qkx2_16, qx_16, transpose16
 
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml: a sub-block below this max |x| counts as all zeros
@@ -374,6 +374,8 @@ def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
 
 
 # (the 32-lane forms: two zmm per quantity, two independent chains for the CPU to overlap)
+_TR32 = transpose16(32)  # sms_prep: a row's 32-weight sub-blocks element-major
+_TR16 = transpose16(16)  # Q2_K's 16-weight ones
 _QKX2_32 = qkx2_16(32, False)  # Q4_K, Q5_K
 _QKX2_32W = qkx2_16(32, False, 32)
 _QKX2_16 = qkx2_16(16, False)  # Q2_K with importance weights
@@ -966,7 +968,10 @@ def sms_prep(w, qw, r, xt, wt, sw):
     quantize). With qw, always True (quantize_weighted has checked its input already)."""
     nb = w.shape[1] // QK_K
     K = 8 * nb
-    for k in range(K):
+    K16 = K // 16 * 16
+    for k0 in range(0, K16, 16):
+        _TR32(w, r, xt, k0)  # 16 sub-blocks at a time, vector shuffles (plugins/_klanes.py)
+    for k in range(K16, K):
         for i in range(32):
             xt[i, k] = w[r, 32 * k + i]
     if qw is None:

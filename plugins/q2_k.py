@@ -45,6 +45,7 @@ from quantfmt.families import parallel_rows
 from ._ggml import NONFINITE_ROW, f32_to_f16_bits, has_nonfinite
 from ._klanes import nibbles, qdiv
 from ._kquants import (
+    _TR16,
     F32,
     QK_K,
     REDO,
@@ -228,9 +229,8 @@ def _rows(w, qw, out, bad, r0, r1, xt, wt, Lt, scales, mins, sw, L, lq, exact=No
         if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
             bad[r] = NONFINITE_ROW
             continue
-        for k in range(16 * nb):
-            for i in range(16):
-                xt[i, k] = w[r, 16 * k + i]
+        for k0 in range(0, 16 * nb, 16):
+            _TR16(w, r, xt, k0)  # 16 sub-blocks at a time, vector shuffles (plugins/_klanes.py)
         if qw is None:
             for i in range(16):
                 for k in range(16 * nb):

@@ -58,6 +58,78 @@ def test_qkx2_vector_equals_loop(cfg, seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("cfg", QKX2)
+@pytest.mark.parametrize("M", [96, 128])
+def test_qkx2_lanes_rows_equal_loop(cfg, seed, M):
+    """qkx2_lanes32/16, the formats' row searches (pairs of 32-lane groups through each trial together,
+    then a last group of 32; the trials that need no upper clamp), against the numba loop, bit for bit;
+    exact=True: the lanes they flag searched again by the scalar search."""
+    rng = np.random.default_rng(seed)
+    n, nmax, rmin, rdelta, nstep, use_mad = cfg
+    x = _lanes(rng, n, M)
+    x[:, 40:] = _lanes(rng, n, M - 40)[:, :M - 40]  # special lanes in both groups of the first pair
+    x[:, 70] = 0.0  # a flat lane in the second group
+    x[:, 72:80] = 0.0  # more zero (pad-like) lanes
+    w = (np.abs(x) + rng.uniform(0, 1, x.shape)).astype(np.float32)
+    w[:, 9] = 0.0
+    out = []
+    for f in ("rows", K.qkx2_lanes_loop):
+        L = np.full((n, M), 77, np.uint8)
+        sc = np.empty(M, np.float32)
+        mi = np.empty(M, np.float32)
+        with np.errstate(all="ignore"):
+            if f == "rows" and n == 32:
+                assert K.qkx2_lanes32(x, w, L, nmax, np.float32(rmin), np.float32(rdelta), nstep, sc, mi, True) == 0
+            elif f == "rows":
+                assert K.qkx2_lanes16(x, w, L, nmax, np.float32(rmin), np.float32(rdelta), nstep, use_mad, sc, mi,
+                                      True) == 0
+            else:
+                f(x, w, L, nmax, np.float32(rmin), np.float32(rdelta), nstep, use_mad, sc, mi)
+        out.append((L, sc.view(np.int32), mi.view(np.int32)))
+    for a, b in zip(*out, strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("cfg", [QKX2[0], QKX2[3]])
+def test_qkx2_two_groups_equal_loop(cfg):
+    """qkx2_16(..., groups=2) (two 32-lane groups through each trial together; not used by the formats,
+    see its docstring) against the numba loop."""
+    from numba import njit
+
+    from quantfmt_formats._klanes import qkx2_16
+
+    rng = np.random.default_rng(5)
+    n, nmax, rmin, rdelta, nstep, use_mad = cfg
+    kern = qkx2_16(n, use_mad, 32, 2)
+
+    @njit
+    def run(x, w, L, sc, mi):
+        m = 0
+        for g in range(x.shape[1] // 64):
+            m |= kern(x, w, L, nmax, np.float32(rmin), np.float32(rdelta), nstep, sc, mi, g)
+        return m
+
+    M = 128
+    x = _lanes(rng, n, M)
+    x[:, 10:13] = rng.standard_normal((n, 3)).astype(np.float32)  # (no flagged lanes: no scalar redo here)
+    x[:, 70] = 0.0
+    w = (np.abs(x) + rng.uniform(0, 1, x.shape)).astype(np.float32)
+    out = []
+    for f in (run, K.qkx2_lanes_loop):
+        L = np.full((n, M), 77, np.uint8)
+        sc = np.empty(M, np.float32)
+        mi = np.empty(M, np.float32)
+        with np.errstate(all="ignore"):
+            if f is run:
+                assert run(x, w, L, sc, mi) == 0
+            else:
+                f(x, w, L, nmax, np.float32(rmin), np.float32(rdelta), nstep, use_mad, sc, mi)
+        out.append((L, sc.view(np.int32), mi.view(np.int32)))
+    for a, b in zip(*out, strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_qx_vector_equals_loop(weighted, seed):
     rng = np.random.default_rng(seed)
