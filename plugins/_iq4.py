@@ -144,6 +144,55 @@ def _lookup(builder, kind, a, lo_tab, hi_tab):
     return q
 
 
+# The fits' index, cheaper ("simd16" fit16 only: there a = id*x is known to lie in [-134.01, 134.01],
+# as |x| <= |max| and |id| <= 134/|max|). Buckets of width 10.25 in a, numbered by one FMA:
+# r = a*FS + FC with FC = 1.5 * 2**23 + 16 rounds a*FS + 16 to an integer n whose low 5 bits are the
+# low 5 bits of r's bit pattern, the index vpermi2ps reads (no clamp, convert or shift). n is
+# monotone in a; each bucket holds at most one midpoint and every midpoint lies >= 0.62 from a bucket
+# edge (FS and the offset chosen to maximize that margin), a in the range gives n in 3..29 (no wrap).
+# Then q = V[best(a)] = FLO[n + (a >= FMID[n])]: FLO[n] is V[#midpoints in buckets below n], and for a
+# bucket with midpoint M_i, FLO[n + 1] = V[i + 1]. Two table lookups, a compare and a masked add
+# instead of clamp, add, convert, shift, three lookups and a blend (18 -> 11 vector ops per element).
+# The FMA only numbers the bucket: a and the compare are exact, so the index is ggml's whatever the
+# bucket rounding (tests/test_iq4_paths.py checks every midpoint's neighbours and the range's ends).
+FS = np.float32(1 / 10.25)
+FC = np.float32(1.5 * 2**23 + 16)
+_fb = np.rint(MID.astype(np.float64) * np.float64(FS) + 16).astype(np.int64)  # each midpoint's bucket
+FMID = np.full(32, np.inf, np.float32)
+FMID[_fb] = MID
+FLO = VF[np.searchsorted(_fb, np.arange(32), side="left")]  # V[#midpoints in buckets below n]
+assert len(set(_fb.tolist())) == 15 and 3 <= _fb.min() and _fb.max() + 1 <= 31
+assert np.rint(-134.01 * np.float64(FS) + 16) >= 0 and np.rint(134.01 * np.float64(FS) + 16) <= 31
+
+
+def _fit_value(builder, a):
+    """V[best(a)] per lane of a (<16 x float>, |a| <= 134.01), by the buckets above (AVX-512)."""
+    perm = builder.module.declare_intrinsic("llvm.x86.avx512.vpermi2var.ps.512", (),
+                                            ir.FunctionType(_V16F, [_V16F, _V16I, _V16F]))
+    fma = builder.module.declare_intrinsic("llvm.fma.v16f32", (), ir.FunctionType(_V16F, [_V16F] * 3))
+    r = builder.call(fma, [a, _vf([FS] * 16), _vf([FC] * 16)])
+    m = builder.call(perm, [_vf(FMID[:16]), builder.bitcast(r, _V16I), _vf(FMID[16:])])
+    # n + 1 as r + 1.0 (exact, r is an integer below 2**24): a masked vaddps; the integer form
+    # select(k, n + 1, n) becomes n - sext(k), two instructions (vpmovm2d, vpsubd)
+    r = builder.select(builder.fcmp_ordered(">=", a, m), builder.fadd(r, _vf([1.0] * 16)), r)
+    return builder.call(perm, [_vf(FLO[:16]), builder.bitcast(r, _V16I), _vf(FLO[16:])])
+
+
+@intrinsic
+def fit_value16(typingctx, a, aoff, out):
+    """out[aoff + i] = V[best(a[aoff + i])] for i < 16 by _fit_value (for tests: |a| <= 134.01)."""
+    sig = types.void(a, aoff, out)
+
+    def codegen(context, builder, signature, args):
+        ap = context.make_array(signature.args[0])(context, builder, args[0]).data
+        op = context.make_array(signature.args[2])(context, builder, args[2]).data
+        v = builder.load(builder.bitcast(builder.gep(ap, [args[1]]), _V16F.as_pointer()), align=4)
+        builder.store(_fit_value(builder, v), builder.bitcast(builder.gep(op, [args[1]]), _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _make_fit16(kind: str):
     @intrinsic
     def fit16(typingctx, x, xoff, wt, mx, sums):
@@ -166,10 +215,21 @@ def _make_fit16(kind: str):
             ids = builder.insert_element(ids, id0, ir.Constant(_I32, 0))
             sqx = sq2 = _vf([0.0] * 16)
             for j in range(32):
-                xj = builder.load(builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, j))]))
+                xg = builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, j))])
+                if kind == "simd16":
+                    # x[j] as a <1 x float> splat: LLVM's SLP pass then leaves the 32 loads alone (as
+                    # scalars it merges them into vector loads and splats each by a vpermps, port 5,
+                    # the busy one here); a splat load is a vbroadcastss from memory, a load port
+                    x1 = builder.load(builder.bitcast(xg, ir.VectorType(_F32, 1).as_pointer()), align=4)
+                    xv = builder.shuffle_vector(x1, ir.Constant(x1.type, ir.Undefined), ir.Constant(_V16I, [0] * 16))
+                    xj = builder.extract_element(x1, ir.Constant(_I32, 0))
+                else:
+                    xj = builder.load(xg)
+                    xv = _splat(builder, xj)
                 wj = builder.load(builder.gep(wp, [ir.Constant(_I64, j)]))
-                xv, wv = _splat(builder, xj), _splat(builder, wj)
-                q = _lookup(builder, kind, builder.fmul(ids, xv), BLO, BHI)
+                wv = _splat(builder, wj)
+                a = builder.fmul(ids, xv)
+                q = _fit_value(builder, a) if kind == "simd16" else _lookup(builder, kind, a, BLO, BHI)
                 wq = builder.fmul(wv, q)
                 sqx = builder.fadd(sqx, builder.fmul(wq, xv))  # separate mul and add: no FMA
                 sq2 = builder.fadd(sq2, builder.fmul(wq, q))

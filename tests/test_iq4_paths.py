@@ -97,3 +97,28 @@ def test_pack32_equals_best_index(path, rng):
         packs(x, idd, out)
     assert np.array_equal(out, L[:, :16] | (L[:, 16:] << 4))
     assert (L[1, 7] == 14) and (out[1, 7] & 15) == 14
+
+
+@pytest.mark.skipif("simd16" not in PATHS, reason="AVX-512 only")
+def test_fit_value_is_table_at_best_index():
+    # fit16's cheaper lookup (simd16): V[best(a)] for |a| <= 134.01 from FMA-numbered buckets, ulp by
+    # ulp near every midpoint and bucket edge, at random and at the range's ends (checked exhaustively
+    # over every float32 in the range when it was written)
+    fv = _iq4.fit_value16
+
+    @numba.njit
+    def values(a, out):
+        for o in range(0, a.size, 16):
+            fv(a, o, out)
+
+    edges = np.concatenate([_iq4.MID, (np.arange(33) - 15.5) / _iq4.FS, _iq4.VF, [134.01, -134.01, 0.0]])
+    steps = np.arange(-300, 301, dtype=np.int32)
+    near = (edges.astype(np.float32).view(np.int32)[:, None] + steps[None, :]).view(np.float32).reshape(-1)
+    rng = np.random.default_rng(1)
+    a = np.concatenate([near, rng.uniform(-134.01, 134.01, 100000).astype(np.float32),
+                        np.float32([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1e-45])])
+    a = a[np.abs(a) <= np.float32(134.01)]
+    a = np.ascontiguousarray(a[: a.size // 16 * 16])
+    out = np.empty_like(a)
+    values(a, out)
+    assert np.array_equal(out, _iq4.VF[_iq4.best_index_ref(a)])
