@@ -193,6 +193,25 @@ def fit_value16(typingctx, a, aoff, out):
     return sig, codegen
 
 
+def _fit_sums(builder, kind, xp, xoffv, wp, mxv):
+    """(sumqx, sumq2) of the 16 fits of a block, lane t = fit t, as <16 x float> (see fit16)."""
+    # ids: lane 0 is 1/(-max/V[0]) (two roundings, as C), lanes 1..15 (itry - 127)/max
+    ids = builder.fdiv(_vf([0.0] + list(range(-134, -119))), _splat(builder, mxv))
+    id0 = builder.fdiv(ir.Constant(_F32, 1.0), builder.fdiv(builder.fneg(mxv), ir.Constant(_F32, -127.0)))
+    ids = builder.insert_element(ids, id0, ir.Constant(_I32, 0))
+    sqx = sq2 = _vf([0.0] * 16)
+    for j in range(32):
+        xj = builder.load(builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, j))]))
+        wj = builder.load(builder.gep(wp, [ir.Constant(_I64, j)]))
+        xv, wv = _splat(builder, xj), _splat(builder, wj)
+        a = builder.fmul(ids, xv)
+        q = _fit_value(builder, a) if kind == "simd16" else _lookup(builder, kind, a, BLO, BHI)
+        wq = builder.fmul(wv, q)
+        sqx = builder.fadd(sqx, builder.fmul(wq, xv))  # separate mul and add: no FMA
+        sq2 = builder.fadd(sq2, builder.fmul(wq, q))
+    return sqx, sq2
+
+
 def _make_fit16(kind: str):
     @intrinsic
     def fit16(typingctx, x, xoff, wt, mx, sums):
@@ -208,31 +227,7 @@ def _make_fit16(kind: str):
             xp = context.make_array(at[0])(context, builder, args[0]).data
             wp = context.make_array(at[2])(context, builder, args[2]).data
             sp = context.make_array(at[4])(context, builder, args[4]).data
-            xoffv, mxv = args[1], args[3]
-            # ids: lane 0 is 1/(-max/V[0]) (two roundings, as C), lanes 1..15 (itry - 127)/max
-            ids = builder.fdiv(_vf([0.0] + list(range(-134, -119))), _splat(builder, mxv))
-            id0 = builder.fdiv(ir.Constant(_F32, 1.0), builder.fdiv(builder.fneg(mxv), ir.Constant(_F32, -127.0)))
-            ids = builder.insert_element(ids, id0, ir.Constant(_I32, 0))
-            sqx = sq2 = _vf([0.0] * 16)
-            for j in range(32):
-                xg = builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, j))])
-                if kind == "simd16":
-                    # x[j] as a <1 x float> splat: LLVM's SLP pass then leaves the 32 loads alone (as
-                    # scalars it merges them into vector loads and splats each by a vpermps, port 5,
-                    # the busy one here); a splat load is a vbroadcastss from memory, a load port
-                    x1 = builder.load(builder.bitcast(xg, ir.VectorType(_F32, 1).as_pointer()), align=4)
-                    xv = builder.shuffle_vector(x1, ir.Constant(x1.type, ir.Undefined), ir.Constant(_V16I, [0] * 16))
-                    xj = builder.extract_element(x1, ir.Constant(_I32, 0))
-                else:
-                    xj = builder.load(xg)
-                    xv = _splat(builder, xj)
-                wj = builder.load(builder.gep(wp, [ir.Constant(_I64, j)]))
-                wv = _splat(builder, wj)
-                a = builder.fmul(ids, xv)
-                q = _fit_value(builder, a) if kind == "simd16" else _lookup(builder, kind, a, BLO, BHI)
-                wq = builder.fmul(wv, q)
-                sqx = builder.fadd(sqx, builder.fmul(wq, xv))  # separate mul and add: no FMA
-                sq2 = builder.fadd(sq2, builder.fmul(wq, q))
+            sqx, sq2 = _fit_sums(builder, kind, xp, args[1], wp, args[3])
             # each fit's candidate d = sumqx/sumq2 and its best = d*sumqx, as the C computes them (the
             # divisions of fits that lose, or have sumq2 <= 0, are never read)
             dv = builder.fdiv(sqx, sq2)
@@ -244,6 +239,61 @@ def _make_fit16(kind: str):
         return sig, codegen
 
     return fit16
+
+
+# ggml's choice among the 16 fits, without a chain of 15 dependent scalar steps ("simd16"): the choice is
+# a walk over states s (the fit last taken; 0 = the first guess, whose best is d0*sumqx[0] with d0 = 0
+# when sumq2[0] <= 0): from s the next fit taken is the first t > s with sumq2[t] > 0 and
+# sumqx[t]^2 > best[s]*sumq2[t] (the same float products and compares as the C), or none. With lanes s,
+# next(s) is built by 15 vector compares (t = 15 down to 1, each overwriting the lanes it takes: the
+# smallest t wins), then next applied 16 times by 4 squarings next = next[next] (vpermd): lane 0 is the
+# fit chosen, d its sumqx/sumq2. The scalar steps (~5 cycles each, 15 a block) cost ~20% of the search.
+
+
+@intrinsic
+def fit16_pick(typingctx, x, xoff, wt, mx, sums):
+    """ggml's fitted scale d of the block x[xoff:xoff+32] (weights wt, signed max mx, |mx| >= 1e-15):
+    fit16 ("simd16") then the choice above. sums: float32 (>= 32,) work space."""
+    sig = types.float32(x, xoff, wt, mx, sums)
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        xp = context.make_array(at[0])(context, builder, args[0]).data
+        wp = context.make_array(at[2])(context, builder, args[2]).data
+        sp = context.make_array(at[4])(context, builder, args[4]).data
+        sqx, sq2 = _fit_sums(builder, "simd16", xp, args[1], wp, args[3])
+        zero, i0 = ir.Constant(_F32, 0.0), ir.Constant(_I32, 0)
+        dv = builder.fdiv(sqx, sq2)
+        bv = builder.fmul(dv, sqx)
+        d0 = builder.select(builder.fcmp_ordered(">", builder.extract_element(sq2, i0), zero),
+                            builder.extract_element(dv, i0), zero)
+        dv = builder.insert_element(dv, d0, i0)
+        bv = builder.insert_element(bv, builder.fmul(d0, builder.extract_element(sqx, i0)), i0)
+        # sumq2 and sumqx^2 through memory: read back as one-use scalar loads, each a broadcast operand of
+        # the multiply or compare below (no shuffle); the pointer goes through an empty asm, so LLVM does
+        # not forward the stored vectors (it would splat lanes by vpermps, on the port the fits need)
+        for i, v in enumerate((sq2, builder.fmul(sqx, sqx))):
+            builder.store(v, builder.bitcast(builder.gep(sp, [ir.Constant(_I64, 16 * i)]), _V16F.as_pointer()),
+                          align=4)
+        sp2 = builder.asm(ir.FunctionType(sp.type, [sp.type]), "", "=r,0", [sp], True)
+        pos = builder.zext(builder.bitcast(builder.fcmp_ordered(">", sq2, _vf([0.0] * 16)), ir.IntType(16)), _I32)
+        nxt = ir.Constant(_V16I, list(range(16)))
+        for t in range(15, 0, -1):
+            q2t = _splat(builder, builder.load(builder.gep(sp2, [ir.Constant(_I64, t)])))
+            s2t = _splat(builder, builder.load(builder.gep(sp2, [ir.Constant(_I64, 16 + t)])))
+            take = builder.fcmp_ordered("<", builder.fmul(bv, q2t), s2t)
+            # lanes s < t, and only if sumq2[t] > 0: (pos >> t & 1) * (2**t - 1) as a lane mask
+            m = builder.mul(builder.and_(builder.lshr(pos, ir.Constant(_I32, t)), ir.Constant(_I32, 1)),
+                            ir.Constant(_I32, (1 << t) - 1))
+            m = builder.bitcast(builder.trunc(m, ir.IntType(16)), ir.VectorType(ir.IntType(1), 16))
+            nxt = builder.select(builder.and_(take, m), ir.Constant(_V16I, [t] * 16), nxt)
+        perm = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.si.512", (),
+                                                ir.FunctionType(_V16I, [_V16I, _V16I]))
+        for _ in range(4):
+            nxt = builder.call(perm, [nxt, nxt])  # nxt[s] = nxt[nxt[s]]
+        return builder.extract_element(dv, builder.extract_element(nxt, i0))
+
+    return sig, codegen
 
 
 @intrinsic
@@ -357,8 +407,16 @@ def search_scales(x, xoff, wts, S, dout):
     search_scale block by block: the 16 fits of each block in _fit16, then ggml's choice among them
     with the loop over blocks inside the loop over fits. Why: the choice is a chain (each `best` feeds
     the next compare, ~9 cycles a fit, ~25% of the search when run block by block); across blocks
-    the chains are independent, so the CPU overlaps them."""
+    the chains are independent, so the CPU overlaps them. On "simd16" fit16_pick makes the choice in
+    vector registers instead (the scalar loop was still ~20% of the search)."""
     n = dout.size
+    if PATH == "simd16":
+        for k in range(n):
+            o = xoff + 32 * k
+            mx = _block_max(x, o)
+            # ggml returns 0 for a block whose max is below eps
+            dout[k] = np.float32(0.0) if abs(mx) < GROUP_MAX_EPS else fit16_pick(x, o, wts[k], mx, S[k])
+        return
     for k in range(n):
         o = xoff + 32 * k
         mx = _block_max(x, o)

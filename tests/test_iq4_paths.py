@@ -122,3 +122,23 @@ def test_fit_value_is_table_at_best_index():
     out = np.empty_like(a)
     values(a, out)
     assert np.array_equal(out, _iq4.VF[_iq4.best_index_ref(a)])
+
+
+def test_search_scales_equal_reference(rng):
+    # the path this CPU selects (simd16: fit16_pick, the choice as a vector walk; portable: fit16 and
+    # the scalar choice) against numpy, with blocks whose sums overflow (inf compares) or vanish
+    x = _blocks(rng)
+    x[::17] *= np.float32(1e9)
+    x[::19] *= np.float32(1e-20)
+    x[3] = 0.0
+    x[23, :] = np.float32(3.0)  # all fits alike
+    # (negative weights, which ggml does not check for: sumq2 <= 0 in some fits, > 0 in others)
+    for wt in ((x * x), (x * x) * rng.uniform(0, 2, x.shape), (x * x) * rng.uniform(-1, 1, x.shape)):
+        wt = np.ascontiguousarray(wt, np.float32)
+        wt[29] = 0.0  # sumq2 = 0 in every fit: d = 0
+        S = np.empty((x.shape[0], 64), np.float32)
+        d = np.empty(x.shape[0], np.float32)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+            _iq4.search_scales(np.ascontiguousarray(x).reshape(-1), 0, wt, S, d)
+            ref = _iq4.search_scales_ref(x, wt)
+        assert np.array_equal(d.view(np.int32), ref.view(np.int32))
