@@ -130,15 +130,17 @@ def test_search_scales_equal_reference(rng):
     x = _blocks(rng)
     x[::17] *= np.float32(1e9)
     x[::19] *= np.float32(1e-20)
-    x[3] = 0.0
+    x[3] = 0.0  # a block of zeros beside one that is not, and the reverse
+    x[6] = 0.0
     x[23, :] = np.float32(3.0)  # all fits alike
     # (negative weights, which ggml does not check for: sumq2 <= 0 in some fits, > 0 in others)
     for wt in ((x * x), (x * x) * rng.uniform(0, 2, x.shape), (x * x) * rng.uniform(-1, 1, x.shape)):
         wt = np.ascontiguousarray(wt, np.float32)
         wt[29] = 0.0  # sumq2 = 0 in every fit: d = 0
-        S = np.empty((x.shape[0], 64), np.float32)
-        d = np.empty(x.shape[0], np.float32)
-        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-            _iq4.search_scales(np.ascontiguousarray(x).reshape(-1), 0, wt, S, d)
-            ref = _iq4.search_scales_ref(x, wt)
-        assert np.array_equal(d.view(np.int32), ref.view(np.int32))
+        for n in (x.shape[0], x.shape[0] - 1):  # (simd16 goes two blocks at a time: an odd count too)
+            S = np.empty((n, 64), np.float32)
+            d = np.empty(n, np.float32)
+            with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+                _iq4.search_scales(np.ascontiguousarray(x[:n]).reshape(-1), 0, np.ascontiguousarray(wt[:n]), S, d)
+                ref = _iq4.search_scales_ref(x[:n], wt[:n])
+            assert np.array_equal(d.view(np.int32), ref.view(np.int32))
