@@ -144,6 +144,81 @@ def _lookup(builder, kind, a, lo_tab, hi_tab):
     return q
 
 
+# The fits' index, cheaper ("simd16" fit16 only: there a = id*x is known to lie in [-134.01, 134.01],
+# as |x| <= |max| and |id| <= 134/|max|). Buckets of width 10.25 in a, numbered by one FMA:
+# r = a*FS + FC with FC = 1.5 * 2**23 + 16 rounds a*FS + 16 to an integer n whose low 5 bits are the
+# low 5 bits of r's bit pattern, the index vpermi2ps reads (no clamp, convert or shift). n is
+# monotone in a; each bucket holds at most one midpoint and every midpoint lies >= 0.62 from a bucket
+# edge (FS and the offset chosen to maximize that margin), a in the range gives n in 3..29 (no wrap).
+# Then q = V[best(a)] = FLO[n + (a >= FMID[n])]: FLO[n] is V[#midpoints in buckets below n], and for a
+# bucket with midpoint M_i, FLO[n + 1] = V[i + 1]. Two table lookups, a compare and a masked add
+# instead of clamp, add, convert, shift, three lookups and a blend (18 -> 11 vector ops per element).
+# The FMA only numbers the bucket: a and the compare are exact, so the index is ggml's whatever the
+# bucket rounding (tests/test_iq4_paths.py checks every midpoint's neighbours and the range's ends).
+FS = np.float32(1 / 10.25)
+FC = np.float32(1.5 * 2**23 + 16)
+_fb = np.rint(MID.astype(np.float64) * np.float64(FS) + 16).astype(np.int64)  # each midpoint's bucket
+FMID = np.full(32, np.inf, np.float32)
+FMID[_fb] = MID
+FLO = VF[np.searchsorted(_fb, np.arange(32), side="left")]  # V[#midpoints in buckets below n]
+assert len(set(_fb.tolist())) == 15 and 3 <= _fb.min() and _fb.max() + 1 <= 31
+assert np.rint(-134.01 * np.float64(FS) + 16) >= 0 and np.rint(134.01 * np.float64(FS) + 16) <= 31
+
+
+def _fit_value(builder, a):
+    """V[best(a)] per lane of a (<16 x float>, |a| <= 134.01), by the buckets above (AVX-512)."""
+    perm = builder.module.declare_intrinsic("llvm.x86.avx512.vpermi2var.ps.512", (),
+                                            ir.FunctionType(_V16F, [_V16F, _V16I, _V16F]))
+    fma = builder.module.declare_intrinsic("llvm.fma.v16f32", (), ir.FunctionType(_V16F, [_V16F] * 3))
+    r = builder.call(fma, [a, _vf([FS] * 16), _vf([FC] * 16)])
+    m = builder.call(perm, [_vf(FMID[:16]), builder.bitcast(r, _V16I), _vf(FMID[16:])])
+    # n + 1 as r + 1.0 (exact, r is an integer below 2**24): a masked vaddps; the integer form
+    # select(k, n + 1, n) becomes n - sext(k), two instructions (vpmovm2d, vpsubd)
+    r = builder.select(builder.fcmp_ordered(">=", a, m), builder.fadd(r, _vf([1.0] * 16)), r)
+    return builder.call(perm, [_vf(FLO[:16]), builder.bitcast(r, _V16I), _vf(FLO[16:])])
+
+
+@intrinsic
+def fit_value16(typingctx, a, aoff, out):
+    """out[aoff + i] = V[best(a[aoff + i])] for i < 16 by _fit_value (for tests: |a| <= 134.01)."""
+    sig = types.void(a, aoff, out)
+
+    def codegen(context, builder, signature, args):
+        ap = context.make_array(signature.args[0])(context, builder, args[0]).data
+        op = context.make_array(signature.args[2])(context, builder, args[2]).data
+        v = builder.load(builder.bitcast(builder.gep(ap, [args[1]]), _V16F.as_pointer()), align=4)
+        builder.store(_fit_value(builder, v), builder.bitcast(builder.gep(op, [args[1]]), _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _fit_sums(builder, kind, xp, blocks):
+    """[(sumqx, sumq2)] of the 16 fits of each block (xoff, weights pointer, max) of blocks, lane t =
+    fit t, as <16 x float> (see fit16). Several blocks go element by element side by side: each block's
+    sums are two chains of 32 dependent additions (4 cycles each), which one block alone leaves the
+    vector ports waiting on (the next block's code does not fit in the out-of-order window)."""
+    ids, sums = [], []
+    for _, _, mxv in blocks:
+        # ids: lane 0 is 1/(-max/V[0]) (two roundings, as C), lanes 1..15 (itry - 127)/max
+        idv = builder.fdiv(_vf([0.0] + list(range(-134, -119))), _splat(builder, mxv))
+        id0 = builder.fdiv(ir.Constant(_F32, 1.0), builder.fdiv(builder.fneg(mxv), ir.Constant(_F32, -127.0)))
+        ids.append(builder.insert_element(idv, id0, ir.Constant(_I32, 0)))
+        sums.append((_vf([0.0] * 16), _vf([0.0] * 16)))
+    for j in range(32):
+        for i, (xoffv, wp, _) in enumerate(blocks):
+            xj = builder.load(builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, j))]))
+            wj = builder.load(builder.gep(wp, [ir.Constant(_I64, j)]))
+            xv, wv = _splat(builder, xj), _splat(builder, wj)
+            a = builder.fmul(ids[i], xv)
+            q = _fit_value(builder, a) if kind == "simd16" else _lookup(builder, kind, a, BLO, BHI)
+            wq = builder.fmul(wv, q)
+            sqx, sq2 = sums[i]
+            sums[i] = (builder.fadd(sqx, builder.fmul(wq, xv)),  # separate mul and add: no FMA
+                       builder.fadd(sq2, builder.fmul(wq, q)))
+    return sums
+
+
 def _make_fit16(kind: str):
     @intrinsic
     def fit16(typingctx, x, xoff, wt, mx, sums):
@@ -159,20 +234,7 @@ def _make_fit16(kind: str):
             xp = context.make_array(at[0])(context, builder, args[0]).data
             wp = context.make_array(at[2])(context, builder, args[2]).data
             sp = context.make_array(at[4])(context, builder, args[4]).data
-            xoffv, mxv = args[1], args[3]
-            # ids: lane 0 is 1/(-max/V[0]) (two roundings, as C), lanes 1..15 (itry - 127)/max
-            ids = builder.fdiv(_vf([0.0] + list(range(-134, -119))), _splat(builder, mxv))
-            id0 = builder.fdiv(ir.Constant(_F32, 1.0), builder.fdiv(builder.fneg(mxv), ir.Constant(_F32, -127.0)))
-            ids = builder.insert_element(ids, id0, ir.Constant(_I32, 0))
-            sqx = sq2 = _vf([0.0] * 16)
-            for j in range(32):
-                xj = builder.load(builder.gep(xp, [builder.add(xoffv, ir.Constant(xoffv.type, j))]))
-                wj = builder.load(builder.gep(wp, [ir.Constant(_I64, j)]))
-                xv, wv = _splat(builder, xj), _splat(builder, wj)
-                q = _lookup(builder, kind, builder.fmul(ids, xv), BLO, BHI)
-                wq = builder.fmul(wv, q)
-                sqx = builder.fadd(sqx, builder.fmul(wq, xv))  # separate mul and add: no FMA
-                sq2 = builder.fadd(sq2, builder.fmul(wq, q))
+            ((sqx, sq2),) = _fit_sums(builder, kind, xp, [(args[1], wp, args[3])])
             # each fit's candidate d = sumqx/sumq2 and its best = d*sumqx, as the C computes them (the
             # divisions of fits that lose, or have sumq2 <= 0, are never read)
             dv = builder.fdiv(sqx, sq2)
@@ -184,6 +246,92 @@ def _make_fit16(kind: str):
         return sig, codegen
 
     return fit16
+
+
+# ggml's choice among the 16 fits, without a chain of 15 dependent scalar steps ("simd16"): the choice is
+# a walk over states s (the fit last taken; 0 = the first guess, whose best is d0*sumqx[0] with d0 = 0
+# when sumq2[0] <= 0): from s the next fit taken is the first t > s with sumq2[t] > 0 and
+# sumqx[t]^2 > best[s]*sumq2[t] (the same float products and compares as the C), or none. With lanes s,
+# next(s) is built by 15 vector compares (t = 15 down to 1, each overwriting the lanes it takes: the
+# smallest t wins), then next applied 16 times by 4 squarings next = next[next] (vpermd): lane 0 is the
+# fit chosen, d its sumqx/sumq2. The scalar steps (~5 cycles each, 15 a block) cost ~20% of the search.
+
+
+def _pick(builder, sqx, sq2, sp):
+    """ggml's choice among the fits (sqx, sq2) as above: the chosen d (float); sp: float* work space (32)."""
+    zero, i0 = ir.Constant(_F32, 0.0), ir.Constant(_I32, 0)
+    dv = builder.fdiv(sqx, sq2)
+    bv = builder.fmul(dv, sqx)
+    d0 = builder.select(builder.fcmp_ordered(">", builder.extract_element(sq2, i0), zero),
+                        builder.extract_element(dv, i0), zero)
+    dv = builder.insert_element(dv, d0, i0)
+    bv = builder.insert_element(bv, builder.fmul(d0, builder.extract_element(sqx, i0)), i0)
+    # sumq2 and sumqx^2 through memory: read back as one-use scalar loads, each a broadcast operand of
+    # the multiply or compare below (no shuffle); the pointer goes through an empty asm, so LLVM does
+    # not forward the stored vectors (it would splat lanes by vpermps, on the port the fits need)
+    for i, v in enumerate((sq2, builder.fmul(sqx, sqx))):
+        builder.store(v, builder.bitcast(builder.gep(sp, [ir.Constant(_I64, 16 * i)]), _V16F.as_pointer()), align=4)
+    sp2 = builder.asm(ir.FunctionType(sp.type, [sp.type]), "", "=r,0", [sp], True)
+    pos = builder.zext(builder.bitcast(builder.fcmp_ordered(">", sq2, _vf([0.0] * 16)), ir.IntType(16)), _I32)
+    nxt = ir.Constant(_V16I, list(range(16)))
+    for t in range(15, 0, -1):
+        q2t = _splat(builder, builder.load(builder.gep(sp2, [ir.Constant(_I64, t)])))
+        s2t = _splat(builder, builder.load(builder.gep(sp2, [ir.Constant(_I64, 16 + t)])))
+        take = builder.fcmp_ordered("<", builder.fmul(bv, q2t), s2t)
+        # lanes s < t, and only if sumq2[t] > 0: (pos >> t & 1) * (2**t - 1) as a lane mask
+        m = builder.mul(builder.and_(builder.lshr(pos, ir.Constant(_I32, t)), ir.Constant(_I32, 1)),
+                        ir.Constant(_I32, (1 << t) - 1))
+        m = builder.bitcast(builder.trunc(m, ir.IntType(16)), ir.VectorType(ir.IntType(1), 16))
+        nxt = builder.select(builder.and_(take, m), ir.Constant(_V16I, [t] * 16), nxt)
+    perm = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.si.512", (),
+                                            ir.FunctionType(_V16I, [_V16I, _V16I]))
+    for _ in range(4):
+        nxt = builder.call(perm, [nxt, nxt])  # nxt[s] = nxt[nxt[s]]
+    return builder.extract_element(dv, builder.extract_element(nxt, i0))
+
+
+@intrinsic
+def fit16_pick(typingctx, x, xoff, wt, mx, sums):
+    """ggml's fitted scale d of the block x[xoff:xoff+32] (weights wt, signed max mx, |mx| >= 1e-15):
+    fit16 ("simd16") then the choice above. sums: float32 (>= 32,) work space."""
+    sig = types.float32(x, xoff, wt, mx, sums)
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        xp = context.make_array(at[0])(context, builder, args[0]).data
+        wp = context.make_array(at[2])(context, builder, args[2]).data
+        sp = context.make_array(at[4])(context, builder, args[4]).data
+        ((sqx, sq2),) = _fit_sums(builder, "simd16", xp, [(args[1], wp, args[3])])
+        return _pick(builder, sqx, sq2, sp)
+
+    return sig, codegen
+
+
+@intrinsic
+def fit16_pick2(typingctx, x, xoff, wts, k, mx1, mx2, dout, sums):
+    """fit16_pick on the two blocks x[xoff:xoff+32] (weights wts[k], max mx1) and x[xoff+32:xoff+64]
+    (wts[k+1], mx2), side by side (see _fit_sums): dout[k], dout[k+1] = their d. sums: float32 (>= 64,)."""
+    if wts.layout != "C" or wts.ndim != 2:  # rows found by k*32 (wts (n, 32))
+        return None
+    sig = types.void(x, xoff, wts, k, mx1, mx2, dout, sums)
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        xp = context.make_array(at[0])(context, builder, args[0]).data
+        wp = context.make_array(at[2])(context, builder, args[2]).data  # (n, 32) C-contiguous
+        op = context.make_array(at[6])(context, builder, args[6]).data
+        sp = context.make_array(at[7])(context, builder, args[7]).data
+        xoffv, kv = args[1], builder.sext(args[3], _I64) if args[3].type.width < 64 else args[3]
+        k1 = builder.add(kv, ir.Constant(_I64, 1))
+        blocks = [(xoffv, builder.gep(wp, [builder.mul(kv, ir.Constant(_I64, 32))]), args[4]),
+                  (builder.add(xoffv, ir.Constant(xoffv.type, 32)),
+                   builder.gep(wp, [builder.mul(k1, ir.Constant(_I64, 32))]), args[5])]
+        for i, (sqx, sq2) in enumerate(_fit_sums(builder, "simd16", xp, blocks)):
+            d = _pick(builder, sqx, sq2, builder.gep(sp, [ir.Constant(_I64, 32 * i)]))
+            builder.store(d, builder.gep(op, [builder.add(kv, ir.Constant(_I64, i))]))
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic
@@ -297,8 +445,26 @@ def search_scales(x, xoff, wts, S, dout):
     search_scale block by block: the 16 fits of each block in _fit16, then ggml's choice among them
     with the loop over blocks inside the loop over fits. Why: the choice is a chain (each `best` feeds
     the next compare, ~9 cycles a fit, ~25% of the search when run block by block); across blocks
-    the chains are independent, so the CPU overlaps them."""
+    the chains are independent, so the CPU overlaps them. On "simd16" fit16_pick makes the choice in
+    vector registers instead (the scalar loop was still ~20% of the search)."""
     n = dout.size
+    if PATH == "simd16":
+        # two blocks at a time (fit16_pick2: their sums' chains overlap), one where the other is all but 0
+        for k in range(0, n - 1, 2):
+            o = xoff + 32 * k
+            mx1 = _block_max(x, o)
+            mx2 = _block_max(x, o + 32)
+            if abs(mx1) >= GROUP_MAX_EPS and abs(mx2) >= GROUP_MAX_EPS:
+                fit16_pick2(x, o, wts, k, mx1, mx2, dout, S[k])
+            else:  # ggml returns 0 for a block whose max is below eps
+                dout[k] = np.float32(0.0) if abs(mx1) < GROUP_MAX_EPS else fit16_pick(x, o, wts[k], mx1, S[k])
+                dout[k + 1] = np.float32(0.0) if abs(mx2) < GROUP_MAX_EPS else fit16_pick(x, o + 32, wts[k + 1],
+                                                                                           mx2, S[k])
+        if n % 2:
+            k = n - 1
+            mx = _block_max(x, xoff + 32 * k)
+            dout[k] = np.float32(0.0) if abs(mx) < GROUP_MAX_EPS else fit16_pick(x, xoff + 32 * k, wts[k], mx, S[k])
+        return
     for k in range(n):
         o = xoff + 32 * k
         mx = _block_max(x, o)

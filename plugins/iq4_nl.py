@@ -133,19 +133,22 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
         if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
             bad[r] = NONFINITE_ROW
             continue
-        for b in range(nb):
-            xb = w[r, b * 32 : b * 32 + 32]
-            wt = wts[b]
-            if has_qw:
+        if has_qw:
+            for b in range(nb):
+                xb = w[r, b * 32 : b * 32 + 32]
+                wt = wts[b]
                 s = np.float32(0.0)
                 for j in range(32):
                     s += xb[j] * xb[j]
                 sigma2 = s * np.float32(0.0625)
                 for j in range(32):
                     wt[j] = qw[b * 32 + j] * np.sqrt(sigma2 + xb[j] * xb[j])
-            else:
-                for j in range(32):
-                    wt[j] = xb[j] * xb[j]
+        else:
+            # one loop over the row, vectorized (block by block it cost ~8% of the quantize)
+            xr = w[r]
+            wtf = wts.reshape(-1)
+            for j in range(xr.size):
+                wtf[j] = xr[j] * xr[j]
         search_scales(wf, r * w.shape[1], wts, S, ds)  # the row's blocks at once (their choices overlap)
         for b in range(nb):
             d = ds[b]

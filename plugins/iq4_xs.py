@@ -181,23 +181,24 @@ def _quantize_rows(w, qw, has_qw, out, bad, r0, r1, vf, bracket):
         if has_nonfinite(w[r]):  # (checks_finite: quantize does not scan the tensor first)
             bad[r] = NONFINITE_ROW
             continue
-        for b in range(nb):
+        if not has_qw:
+            # one loop over the row, vectorized (block by block it cost ~8% of the quantize)
+            xr = w[r]
+            wtf = wts.reshape(-1)
+            for j in range(xr.size):
+                wtf[j] = xr[j] * xr[j]
+        for b in range(nb if has_qw else 0):
             c = b * QK_K
             x = w[r, c : c + QK_K]
             sigma2 = np.float32(0.0)
-            if has_qw:
-                for j in range(QK_K):
-                    sigma2 += x[j] * x[j]
-                sigma2 = sigma2 * np.float32(0.0078125)
+            for j in range(QK_K):
+                sigma2 += x[j] * x[j]
+            sigma2 = sigma2 * np.float32(0.0078125)
             for k in range(8):
                 xb = x[32 * k : 32 * k + 32]
                 wt = wts[8 * b + k]
-                if has_qw:
-                    for j in range(32):
-                        wt[j] = qw[c + 32 * k + j] * np.sqrt(sigma2 + xb[j] * xb[j])
-                else:
-                    for j in range(32):
-                        wt[j] = xb[j] * xb[j]
+                for j in range(32):
+                    wt[j] = qw[c + 32 * k + j] * np.sqrt(sigma2 + xb[j] * xb[j])
         search_scales(wf, r * w.shape[1], wts, S, s_all)  # all the row's blocks at once (choices overlap)
         for b in range(nb):
             c = b * QK_K

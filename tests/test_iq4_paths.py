@@ -97,3 +97,50 @@ def test_pack32_equals_best_index(path, rng):
         packs(x, idd, out)
     assert np.array_equal(out, L[:, :16] | (L[:, 16:] << 4))
     assert (L[1, 7] == 14) and (out[1, 7] & 15) == 14
+
+
+@pytest.mark.skipif("simd16" not in PATHS, reason="AVX-512 only")
+def test_fit_value_is_table_at_best_index():
+    # fit16's cheaper lookup (simd16): V[best(a)] for |a| <= 134.01 from FMA-numbered buckets, ulp by
+    # ulp near every midpoint and bucket edge, at random and at the range's ends (checked exhaustively
+    # over every float32 in the range when it was written)
+    fv = _iq4.fit_value16
+
+    @numba.njit
+    def values(a, out):
+        for o in range(0, a.size, 16):
+            fv(a, o, out)
+
+    edges = np.concatenate([_iq4.MID, (np.arange(33) - 15.5) / _iq4.FS, _iq4.VF, [134.01, -134.01, 0.0]])
+    steps = np.arange(-300, 301, dtype=np.int32)
+    near = (edges.astype(np.float32).view(np.int32)[:, None] + steps[None, :]).view(np.float32).reshape(-1)
+    rng = np.random.default_rng(1)
+    a = np.concatenate([near, rng.uniform(-134.01, 134.01, 100000).astype(np.float32),
+                        np.float32([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1e-45])])
+    a = a[np.abs(a) <= np.float32(134.01)]
+    a = np.ascontiguousarray(a[: a.size // 16 * 16])
+    out = np.empty_like(a)
+    values(a, out)
+    assert np.array_equal(out, _iq4.VF[_iq4.best_index_ref(a)])
+
+
+def test_search_scales_equal_reference(rng):
+    # the path this CPU selects (simd16: fit16_pick, the choice as a vector walk; portable: fit16 and
+    # the scalar choice) against numpy, with blocks whose sums overflow (inf compares) or vanish
+    x = _blocks(rng)
+    x[::17] *= np.float32(1e9)
+    x[::19] *= np.float32(1e-20)
+    x[3] = 0.0  # a block of zeros beside one that is not, and the reverse
+    x[6] = 0.0
+    x[23, :] = np.float32(3.0)  # all fits alike
+    # (negative weights, which ggml does not check for: sumq2 <= 0 in some fits, > 0 in others)
+    for wt in ((x * x), (x * x) * rng.uniform(0, 2, x.shape), (x * x) * rng.uniform(-1, 1, x.shape)):
+        wt = np.ascontiguousarray(wt, np.float32)
+        wt[29] = 0.0  # sumq2 = 0 in every fit: d = 0
+        for n in (x.shape[0], x.shape[0] - 1):  # (simd16 goes two blocks at a time: an odd count too)
+            S = np.empty((n, 64), np.float32)
+            d = np.empty(n, np.float32)
+            with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+                _iq4.search_scales(np.ascontiguousarray(x[:n]).reshape(-1), 0, np.ascontiguousarray(wt[:n]), S, d)
+                ref = _iq4.search_scales_ref(x[:n], wt[:n])
+            assert np.array_equal(d.view(np.int32), ref.view(np.int32))
