@@ -132,7 +132,9 @@ def vload(builder, p, off, vt, align):
 _splat, _vload = splat, vload
 # (block bytes, offset of the quants, nibbles?, minimum m?) per format
 _KINDS = {"q4_0": (18, 2, True, False), "q4_1": (20, 4, True, True), "q8_0": (34, 2, False, False),
-          "lut": (0, 0, True, False)}
+          "q8_1": (34, 2, False, True), "lut": (0, 0, True, False)}
+# "q8_1": Q8_0's bytes with Q4_1's offsets: signed int8 weights (Q5_1's q, 0..31, in Q8_0 blocks made by
+# plugins/_i8tiles.py) and per block m_w * s_x added as Q4_1's (ggml_vec_dot_q5_1_q8_1).
 # "lut": the 4-bit table formats (IQ4_NL, IQ4_XS, MXFP4; plugins/_i4dot.py): nibbles packed as Q4_0's
 # (quant j low, j+16 high, 16 bytes per 32-block), each nibble an index into a 16-entry int8 table that
 # vpshufb looks up in register. For this kind the kernel's `m` is that table (16 bytes: V + 128 for
@@ -333,6 +335,12 @@ _k_q8_0_avxvnni = _make_kernel("q8_0", "avxvnni", RW["avxvnni"], NV)
 _t_q8_0_avxvnni = _make_kernel("q8_0", "avxvnni", RW["avxvnni"], 1)
 _k_q8_0_avx2 = _make_kernel("q8_0", "avx2", RW["avx2"], NV)
 _t_q8_0_avx2 = _make_kernel("q8_0", "avx2", RW["avx2"], 1)
+_k_q8_1_avx512vnni = _make_kernel("q8_1", "avx512vnni", RW["avx512vnni"], NV)
+_t_q8_1_avx512vnni = _make_kernel("q8_1", "avx512vnni", RW["avx512vnni"], 1)
+_k_q8_1_avxvnni = _make_kernel("q8_1", "avxvnni", RW["avxvnni"], NV)
+_t_q8_1_avxvnni = _make_kernel("q8_1", "avxvnni", RW["avxvnni"], 1)
+_k_q8_1_avx2 = _make_kernel("q8_1", "avx2", RW["avx2"], NV)
+_t_q8_1_avx2 = _make_kernel("q8_1", "avx2", RW["avx2"], 1)
 _k_lut_avx512vnni = _make_kernel("lut", "avx512vnni", RW["avx512vnni"], NV)
 _t_lut_avx512vnni = _make_kernel("lut", "avx512vnni", RW["avx512vnni"], 1)
 _k_lut_avxvnni = _make_kernel("lut", "avxvnni", RW["avxvnni"], NV)
@@ -443,6 +451,36 @@ def _drive_q8_0_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0
 
 
 @numba.njit(cache=True, nogil=True)
+def _drive_q8_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng * RW512, job % ng
+        if j < full:
+            _k_q8_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q8_1_avx512vnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, nogil=True)
+def _drive_q8_1_avxvnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q8_1_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q8_1_avxvnni(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, nogil=True)
+def _drive_q8_1_avx2(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
+    for job in range(j0, j1):
+        r, j = job // ng, job % ng
+        if j < full:
+            _k_q8_1_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j * NV, groups, nb, dstride)
+        else:
+            _t_q8_1_avx2(w, d, m, xa, dx, cx, sx, out, r, rows, c0 + j + full * (NV - 1), groups, nb, dstride)
+
+
+@numba.njit(cache=True, nogil=True)
 def _drive_lut_avx512vnni(w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full, j0, j1):
     for job in range(j0, j1):
         r, j = job // ng * RW512, job % ng
@@ -478,6 +516,8 @@ _DRIVERS = {
     ("q4_1", "avxvnni"): _drive_q4_1_avxvnni, ("q4_1", "avx2"): _drive_q4_1_avx2,
     ("q8_0", "avx512vnni"): _drive_q8_0_avx512vnni, ("q8_0", "avxvnni"): _drive_q8_0_avxvnni,
     ("q8_0", "avx2"): _drive_q8_0_avx2,
+    ("q8_1", "avx512vnni"): _drive_q8_1_avx512vnni, ("q8_1", "avxvnni"): _drive_q8_1_avxvnni,
+    ("q8_1", "avx2"): _drive_q8_1_avx2,
     ("lut", "avx512vnni"): _drive_lut_avx512vnni, ("lut", "avxvnni"): _drive_lut_avxvnni,
     ("lut", "avx2"): _drive_lut_avx2,
 }
@@ -510,14 +550,16 @@ def lanes_layout(a: np.ndarray, groups: int, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(z, 1, -1))
 
 
-def qmatmul_q8(kind: str, prep, x: np.ndarray, tag: str, path: str | None = None) -> np.ndarray:
+def qmatmul_q8(kind: str, prep, x: np.ndarray, tag: str, path: str | None = None, raw=None,
+               m=None) -> np.ndarray:
     """Mode "q8_0" x (n, cols) float32 @ W.T for a Q4_0 / Q4_1 / Q8_0 Prepared, on int8 path `path`
-    (default PATH, which must not be "portable")."""
+    (default PATH, which must not be "portable"). `raw` and `m` stand for prep.raw and prep.m where
+    given (kinds "q8_0" and "q8_1" for Q5_0 and Q5_1, plugins/_i8tiles.py)."""
     path = path or PATH
     lanes = LANES[path]
     n, cols = x.shape
     nb = cols // QK
-    has_m = kind == "q4_1"
+    has_m = _KINDS[kind][3]
     d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
     lut = fp16_table()
     groups = -(-n // lanes)
@@ -527,15 +569,15 @@ def qmatmul_q8(kind: str, prep, x: np.ndarray, tag: str, path: str | None = None
     dx = lanes_layout(lut[d16], groups, lanes)
     if kind == "q4_1":
         cx = np.zeros((groups, nb, lanes), np.int32)
-    elif kind == "q8_0" and path == "avx2":
+    elif kind in ("q8_0", "q8_1") and path == "avx2":
         cx = np.zeros((groups, nb, lanes), np.int32)  # the sign trick needs no correction
     else:
         # the initial block sums: -8*sum(q_x) for Q4_0's q - 8; -128*sum(q_x) for Q8_0's q_w + 128
         cx = lanes_layout(qx.sum(-1, dtype=np.int32) * np.int32(-8 if kind == "q4_0" else -128), groups, lanes)
     sx = lanes_layout(lut[s16], groups, lanes) if has_m else dx
-    m = prep.m if has_m else prep.d
+    m = (prep.m if m is None else m) if has_m else prep.d
     out = np.empty((groups * lanes, prep.rows), np.float32)
-    raw = prep.raw.reshape(-1)
+    raw = (prep.raw if raw is None else raw).reshape(-1)
     _run(kind, path, raw, prep.d.reshape(-1), m.reshape(-1), xa.reshape(-1), dx.reshape(-1),
                            cx.reshape(-1), sx.reshape(-1), out.reshape(-1), prep.rows, groups, nb, prep.nbp * 32)
     return out[:n]

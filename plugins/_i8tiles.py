@@ -14,6 +14,10 @@ work unchanged, since they compute exactly sum over blocks of d * sum_j(q_j * x_
                  each 32-block taking its super-block's float32 scale d_x: the same exact
                  integer dots, times d_w*d_x (ggml's ggml_vec_dot_iq4_xs_q8_K multiplies the
                  integer sum over the super-block by fp16(d)*d_x instead: float rounding only).
+Batches in mode "q8_0" (n >= _i8gemm.MIN_ROWS["q8_0"], on CPUs with AVX2) go to plugins/_i8gemm.py
+instead: Q5_0's values as Q8_0 blocks (kind "q8_0"), Q5_1's with Q4_1's offsets (kind "q8_1"), the
+blocks made once from the tiles (int8_operands): n=128 on 11008x4096 ran 0.36-0.38x (Q5_0) and
+0.44-0.48x (Q5_1) of float32 sgemm, where the sgemm on float products below ran 0.99x and 2.1x.
 Q5_1's per-block offset m adds sum_b m_b * S_b, S_b being the block sum of x (mode "f32")
 or ggml's fp16 s = d_x*sum(q_x) of the Q8_1 activation block (mode "q8_0", as
 ggml_vec_dot_q5_1_q8_1 pairs it); that term is one small matrix product over blocks.
@@ -31,6 +35,7 @@ import numpy as np
 from quantfmt.errors import NonFiniteError
 from quantfmt.families import parallel_rows, prefill_path, prefill_threads, tiles_prefill
 
+from . import _i8gemm
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
 from .q8_0 import dequant_tiles, tiles_dot
@@ -46,10 +51,28 @@ def prepare_int8(q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> P
     return Prepared(rows, nb * QK, qt, to_tiles(np.ascontiguousarray(d, np.float32), rows), mm)
 
 
+def int8_operands(prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """What plugins/_i8gemm.py's kernels read for these tiles, made on first use and kept in prep.i8:
+    the block values as Q8_0 blocks (rows, nb * 34) uint8, each block's 32 int8 values after 2 unused
+    bytes (the kernels take the scales from prep.d), and the offsets m tiled as prep.d (Q5_1; prep.d
+    where there are none). 1.06 bytes per weight more, held only by matrices multiplied by batches in
+    mode "q8_0"."""
+    if prep.i8 is None:
+        rows, nb = prep.rows, prep.cols // QK
+        q = prep.q  # (tiles, nbp, 32, T): value j of block b of row tl*T + t at [tl, b, j, t]
+        raw = np.zeros((rows, nb, QK + 2), np.uint8)
+        raw[:, :, 2:] = np.moveaxis(q, 3, 1).reshape(-1, q.shape[1], QK)[:rows, :nb].view(np.uint8)
+        mt = to_tiles(prep.m, rows) if prep.m.size else prep.d
+        prep.i8 = (raw.reshape(rows, -1), mt)
+    return prep.i8
+
+
 def qmatmul_path(op: str, n: int, mode: str) -> str:
     """Format.kernel_path of the formats whose qmatmul is qmatmul_int8 (Q5_0, Q5_1)."""
     if op != "qmatmul":
         return "numba"
+    if _i8gemm.takes("q8_0", n, mode):
+        return f"int8-{_i8gemm.PATH}"
     return prefill_path() if n >= BLAS_MIN_ROWS else f"tiles-{mode}"
 
 
@@ -65,6 +88,10 @@ def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarr
             raise ValueError("mode q8_k has no per-block offsets")  # pragma: no cover - no such format
         return _qmatmul_q8_k(prep, x, tag)
     if mode == "q8_0":
+        if _i8gemm.takes("q8_0", n, mode):
+            # batches: the int8 GEMM of Q8_0 (Q5_0) or Q8_0 with Q4_1's offsets (Q5_1, kind "q8_1")
+            raw, mt = int8_operands(prep)
+            return _i8gemm.qmatmul_q8("q8_1" if has_m else "q8_0", prep, x, tag, raw=raw, m=mt)
         d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
         dx = lut[d16]
         if n >= BLAS_MIN_ROWS:

@@ -59,7 +59,7 @@ class Prepared:
     (plugins/_i8gemm.py), or None.
     """
 
-    __slots__ = ("rows", "cols", "_q", "_make_q", "d", "m", "raw", "lut", "dec")
+    __slots__ = ("rows", "cols", "_q", "_make_q", "d", "m", "raw", "lut", "dec", "i8")
 
     def __init__(self, rows: int, cols: int, q, d: np.ndarray, m: np.ndarray,
                  raw: np.ndarray | None = None):
@@ -69,6 +69,7 @@ class Prepared:
         self.rows, self.cols, self.d, self.m, self.raw = rows, cols, d, m, raw
         self.lut = None  # Q4_0's decode form for plugins/_i4dot.py, made on first use
         self.dec = None  # Q8_0's decode tiles for plugins/_i8dot.py, made on first use
+        self.i8 = None  # Q5_0's and Q5_1's int8 prefill operands (plugins/_i8tiles.py), made on first use
 
     @property
     def q(self) -> np.ndarray:

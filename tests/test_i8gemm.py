@@ -20,7 +20,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from quantfmt import get_format
 from quantfmt.families import prefill_path, prefill_threads
-from quantfmt_formats import _i4dot, _i8dot, _i8gemm, q4_0, q4_1, q8_0
+from quantfmt_formats import _i4dot, _i8dot, _i8gemm, q4_0, q4_1, q5_0, q5_1, q8_0
 
 MODULES = {"Q4_0": q4_0, "Q8_0": q8_0, "Q4_1": q4_1}
 PATHS = [*_i8gemm.available(), "portable"]
@@ -71,6 +71,38 @@ def test_int8_prefill_matches_ggml_dot(tag, path, monkeypatch):
                 if tag in ("Q4_0", "Q4_1") and path != "portable" and _i4dot.PATH != "portable":
                     lut = (f"lut-{_i4dot.PATH}", f"int8-{_i4dot.PATH}")
                 assert fmt.kernel_path("qmatmul", n, "q8_0") in (prefill_path(), "tiles-q8_0", *lut)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("tag,mod", [("Q5_0", q5_0), ("Q5_1", q5_1)])
+def test_q5_batches_take_the_int8_kernels(tag, mod, path, monkeypatch):
+    # Q5_0 as Q8_0 blocks of q - 16 (kind "q8_0"), Q5_1 as Q8_0 blocks of q plus Q4_1's offsets
+    # (kind "q8_1"), made from the int8 tiles on first use (plugins/_i8tiles.py int8_operands)
+    monkeypatch.setattr(_i8gemm, "PATH", path)
+    rng = np.random.default_rng(20261207)
+    fmt = get_format(tag)
+    for rows, cols in SHAPES:
+        data = weights(rng, rows, cols, tag)
+        wq = np.abs(fmt.dequantize(data, (rows, cols)))
+        if tag == "Q5_1":  # d*q + m: the two terms' sums cancel, so the float error is relative to both
+            q, d, m = mod.unpack(data, rows, cols)
+            wq = (np.abs(d[..., None] * q) + np.abs(m[..., None])).reshape(rows, cols)
+        prep = fmt.prepare(data, rows, cols)
+        for n in NS:
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            x[n // 2, :32] *= 300
+            if cols > 32:
+                x[-1, 32:64] = 0  # an all-zero activation block (scale 0)
+            mag = float((np.abs(x) @ np.abs(wq).T).max())
+            got = fmt.qmatmul(data, (rows, cols), x, "q8_0", prepared=prep)
+            assert got.shape == (n, rows) and got.dtype == np.float32
+            np.testing.assert_allclose(got, mod.qmatmul_q8_ref(data, rows, cols, x), rtol=0, atol=mag * 2e-6,
+                                       err_msg=f"{rows}x{cols} n={n}")
+            int8 = n >= _i8gemm.MIN_ROWS["q8_0"] and path != "portable"
+            assert (fmt.kernel_path("qmatmul", n, "q8_0") == f"int8-{path}") == int8
+            # mode f32 never takes int8 activations
+            assert not fmt.kernel_path("qmatmul", n, "f32").startswith("int8")
+        assert (prep.i8 is not None) == (path != "portable")
 
 
 @pytest.mark.parametrize("path", _i8gemm.available())
