@@ -91,3 +91,24 @@ def test_f64_widening_is_numpys_exact_cast(rng):
     w[0, :4] = [-0.0, 1e-45, -3.4e38, 65504.0]
     got = get_format("F64").quantize(w)
     assert np.array_equal(got, w.astype("<f8").reshape(-1).view(np.uint8))
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 40])
+def test_f64_qmatmul_runs_f32_kernels_on_a_float32_copy(n):
+    # prepare converts once; the product is F32's on those values (matvec, or per-thread sgemm)
+    from quantfmt.families import prefill_threads
+
+    rng = np.random.default_rng(n)
+    rows, cols = 301, 130
+    w = rng.standard_normal((rows, cols))
+    fmt = get_format("F64")
+    data = fmt.quantize(w)
+    prep = fmt.prepare(data, rows, cols)
+    assert prep.dtype == np.float32 and prep.shape == (rows, cols)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    got = fmt.qmatmul(data, (rows, cols), x, prepared=prep)
+    ref = x.astype(np.float64) @ w.astype(np.float32).astype(np.float64).T
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(got, get_format("F32").qmatmul(get_format("F32").quantize(w), (rows, cols), x))
+    path = fmt.kernel_path("qmatmul", n)
+    assert path == "float32-copy+" + ("matvec" if n <= 8 else "blas-per-thread" if prefill_threads() else "blas")
