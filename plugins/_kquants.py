@@ -447,10 +447,13 @@ def make_qkx2_lanes(x, w, L, nmax, rmin, rdelta, nstep, use_mad, scale, the_min)
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, exact=None):
-    """make_qkx2_lanes for Q4_K/Q5_K (n = 32, no mad) when M is a multiple of 32 (scale_min_search's
-    callers pad their work space; the pad lanes are searched and ignored): one vector kernel, where
-    make_qkx2_lanes compiles six and its loop for the run-time n / use_mad / tail (cold start ~3x).
+def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, used, exact=None):
+    """make_qkx2_lanes for Q4_K/Q5_K (n = 32, no mad) on the first `used` lanes, when M is a multiple of
+    32 (scale_min_search's callers pad their work space; the pad lanes are searched and ignored): one
+    vector kernel of 32 lanes, where make_qkx2_lanes compiles six and its loop for the run-time n /
+    use_mad / tail (cold start ~3x), and its 16-lane twin for a last group of at most 16 used lanes
+    (rows of nb % 4 in (1, 2) super-blocks: 1536 columns, 48 lanes, had searched 64; Q4_K quantize at
+    4608x1536 ran 1.17 GB/s where 1024, 2048 and 4096 columns ran 1.46).
     exact None: returns nonzero if some lane needs the scalar search (qkx2_16's flags; never for
     ordinary data), and the caller marks the row for redo_rows. exact True (a separate compilation,
     made only when redo_rows first needs it: `exact is None` is pruned at compile time): those lanes
@@ -458,7 +461,10 @@ def qkx2_lanes32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, exact=None)
     costs an ordinary cold start nothing (~1.5 s if compiled in)."""
     flagged = 0
     for g in range(x.shape[1] // 32):
-        m = _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
+        if 32 * g + 16 >= used:  # the 16 lanes from 32 * g (its group 2 * g) hold the rest
+            m = _QKX2_32(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, 2 * g)
+        else:
+            m = _QKX2_32W(x, w, L, nmax, rmin, rdelta, nstep, scale, the_min, g)
         if exact is None:
             flagged |= m
         elif m:
@@ -1060,7 +1066,7 @@ def scale_min_search(qw, xt, wt, Lt, scales, mins, sw, ls, lm, d, dmin, nmax,
     faster than the eight of one super-block, as the lane loop then runs long vectors."""
     if qw is not None:
         rmin, rdelta, nstep = rmin_w, rdelta_w, nstep_w
-    if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins, exact):
+    if qkx2_lanes32(xt, wt, Lt, nmax, rmin, rdelta, nstep, scales, mins, sw.shape[0], exact):
         return True  # the caller marks the row for redo_rows
     _sms_finish(qw, scales, mins, sw, ls, lm, d, dmin)
     return False

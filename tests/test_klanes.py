@@ -59,11 +59,12 @@ def test_qkx2_vector_equals_loop(cfg, seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("cfg", QKX2)
-@pytest.mark.parametrize("M", [96, 128])
-def test_qkx2_lanes_rows_equal_loop(cfg, seed, M):
+@pytest.mark.parametrize("M,used", [(96, 96), (128, 128), (96, 80), (128, 112), (160, 144), (96, 72)])
+def test_qkx2_lanes_rows_equal_loop(cfg, seed, M, used):
     """qkx2_lanes32/16, the formats' row searches (pairs of 32-lane groups through each trial together,
     then a last group of 32; the trials that need no upper clamp), against the numba loop, bit for bit;
-    exact=True: the lanes they flag searched again by the scalar search."""
+    exact=True: the lanes they flag searched again by the scalar search. used < M: Q4_K/Q5_K's last
+    group of at most 16 used lanes on the 16-lane kernel (only the used lanes are compared)."""
     rng = np.random.default_rng(seed)
     n, nmax, rmin, rdelta, nstep, use_mad = cfg
     x = _lanes(rng, n, M)
@@ -79,13 +80,14 @@ def test_qkx2_lanes_rows_equal_loop(cfg, seed, M):
         mi = np.empty(M, np.float32)
         with np.errstate(all="ignore"):
             if f == "rows" and n == 32:
-                assert K.qkx2_lanes32(x, w, L, nmax, np.float32(rmin), np.float32(rdelta), nstep, sc, mi, True) == 0
+                assert K.qkx2_lanes32(x, w, L, nmax, np.float32(rmin), np.float32(rdelta), nstep, sc, mi, used,
+                                      True) == 0
             elif f == "rows":
                 assert K.qkx2_lanes16(x, w, L, nmax, np.float32(rmin), np.float32(rdelta), nstep, use_mad, sc, mi,
                                       True) == 0
             else:
                 f(x, w, L, nmax, np.float32(rmin), np.float32(rdelta), nstep, use_mad, sc, mi)
-        out.append((L, sc.view(np.int32), mi.view(np.int32)))
+        out.append((L[:, :used], sc[:used].view(np.int32), mi[:used].view(np.int32)))
     for a, b in zip(*out, strict=True):
         assert np.array_equal(a, b)
 
