@@ -205,7 +205,8 @@ def test_tq_kernels_are_ggufs_bit_for_bit(tag):
 @pytest.mark.parametrize("per_thread", [True, False], ids=["per-thread", "fallback"])
 @pytest.mark.parametrize("tag", sorted(QUANTIZES))
 def test_tq_qmatmul_every_path(tag, per_thread, monkeypatch):
-    # n <= dot_max_n: the dot kernel; more: per-thread tiles + sgemm, or (fallback) tiles then BLAS.
+    # n = 1: the fused dot kernel; n <= dot_max_n: decoded rows dotted; more: per-thread tiles + sgemm,
+    # or (fallback) tiles then BLAS.
     from quantfmt import families
 
     f = fmt_of(tag)
@@ -223,7 +224,8 @@ def test_tq_qmatmul_every_path(tag, per_thread, monkeypatch):
         assert got.dtype == np.float32 and got.shape == (n, shape[0])
         assert (np.abs(got - x.astype(np.float64) @ w.T) <= 1e-6 * mag + 1e-30).all(), n
         kp = f.kernel_path("qmatmul", n)
-        assert kp == ("dot" if n <= f.dot_max_n else "tiles+blas-per-thread" if per_thread else "blas-tiles"), kp
+        tiles = "tiles+blas-per-thread" if per_thread else "blas-tiles"
+        assert kp == ("dot1" if n == 1 else "dot" if n <= f.dot_max_n else tiles), kp
     got1 = f.qmatmul(data, shape, x[0])
     assert got1.shape == (shape[0],)
     np.testing.assert_allclose(got1, w @ x[0], rtol=0, atol=1e-6 * float((np.abs(w) @ np.abs(x[0])).max()))
