@@ -131,7 +131,7 @@ def test_dequantize_and_get_rows_are_ggufs_bit_for_bit(tag):
     np.testing.assert_array_equal(bits(f.dequantize(odd, (2, 3, SHAPE[1]))), bits(want.reshape(2, 3, -1)))
 
 
-@pytest.mark.parametrize("tag", ["I2XX", "NVF4", "TQ10"])
+@pytest.mark.parametrize("tag", ["I2XX", "NVF4", "I1_M"])
 def test_chunked_decoding_is_the_same(tag, monkeypatch):
     # blocks_per_call splits the work into several calls into gguf; a chunk boundary must not show.
     f = fmt_of(tag)
@@ -159,6 +159,83 @@ def test_qmatmul_is_dequantize_times_x(tag, monkeypatch):
         y1 = f.qmatmul(data, SHAPE, x[2])
         assert y1.shape == (SHAPE[0],) and (np.abs(y1 - w @ x[2]) <= 1e-5 * scale[2]).all()
     assert f.modes == ("f32",)
+
+
+# ---- TQ1_0 / TQ2_0: numba kernels of their own ---------------------------------------------------
+
+
+def tq_byte_sets(tag):
+    """(name, bytes, shape) for a TQ type: gguf's quantization of real-looking data, random blocks with
+    modest scales (example_bytes), every byte value in every digit position, and all-random bytes (fp16
+    scales that are subnormal, inf and NaN included)."""
+    f = fmt_of(tag)
+    rng = np.random.default_rng([7, TAGS.index(tag)])
+    cols = 3 * 256
+    w = (rng.standard_normal((37, cols)) * 10.0 ** rng.uniform(-6, 4, (37, 1))).astype(np.float32)
+    w[5] = (rng.integers(-1, 2, cols) * 0.37).astype(np.float32)  # ternary: every level, exact
+    w[6] = 0
+    out = [("quantized", gguf.quants.quantize(w, T[NAMES[tag]]).reshape(-1), w.shape),
+           ("example bytes", f.example_bytes((301, 512), rng), (301, 512))]
+    blk = (np.add.outer(np.arange(256), np.arange(f.block_bytes)) % 256).astype(np.uint8)  # each byte everywhere
+    blk[:, f.block_bytes - 2 :] = np.array([0.75], np.float16).view(np.uint8)
+    out.append(("every byte", blk.reshape(-1), (16, 16 * 256)))
+    out.append(("random bytes", rng.integers(0, 256, 19 * 2 * f.block_bytes, dtype=np.uint8), (19, 512)))
+    return out
+
+
+@pytest.mark.parametrize("tag", sorted(QUANTIZES))
+def test_tq_kernels_are_ggufs_bit_for_bit(tag):
+    # The numba kernels (not gguf) decode these two; their float32 values must be gguf's bits, signed
+    # zeros and the NaN/inf of non-finite scales included. Odd row counts; 301 rows run on several threads.
+    f = fmt_of(tag)
+    assert isinstance(f, ggml_dequant.TernaryFormat) and f.kernel_path("dequantize") == "numba"
+    rng = np.random.default_rng(1)
+    for what, data, shape in tq_byte_sets(tag):
+        want = gguf_decode(data, tag, shape[1])
+        with np.errstate(all="ignore"):
+            got = f.dequantize(data, shape)
+        np.testing.assert_array_equal(bits(got), bits(want), err_msg=what)
+        for idx in ([0], [shape[0] - 1, 0, 0, -1], np.arange(shape[0])[::-1], rng.integers(0, shape[0], 50),
+                    rng.integers(-shape[0], shape[0], 7).astype(np.int32)):
+            with np.errstate(all="ignore"):
+                rows = f.get_rows(data, shape, idx)
+            np.testing.assert_array_equal(bits(rows), bits(want[np.asarray(idx)]), err_msg=what)
+
+
+@pytest.mark.parametrize("per_thread", [True, False], ids=["per-thread", "fallback"])
+@pytest.mark.parametrize("tag", sorted(QUANTIZES))
+def test_tq_qmatmul_every_path(tag, per_thread, monkeypatch):
+    # n = 1: the fused dot kernel; n <= dot_max_n: decoded rows dotted; more: per-thread tiles + sgemm,
+    # or (fallback) tiles then BLAS.
+    from quantfmt import families
+
+    f = fmt_of(tag)
+    monkeypatch.setattr(families, "PER_THREAD_PREFILL", per_thread)
+    if per_thread and not families.prefill_threads():
+        pytest.skip("numpy's BLAS threads cannot be set here, or one thread only")
+    rng = np.random.default_rng(4)
+    shape = (301, 1024)  # odd rows; several ranges of parallel_rows
+    data = f.quantize(rng.standard_normal(shape, dtype=np.float32))
+    w = f.dequantize(data, shape).astype(np.float64)
+    for n in (1, 2, 3, f.dot_max_n, f.dot_max_n + 1, 40):
+        x = rng.standard_normal((n, shape[1]), dtype=np.float32)
+        mag = np.abs(x).astype(np.float64) @ np.abs(w).T
+        got = f.qmatmul(data, shape, x)
+        assert got.dtype == np.float32 and got.shape == (n, shape[0])
+        assert (np.abs(got - x.astype(np.float64) @ w.T) <= 1e-6 * mag + 1e-30).all(), n
+        kp = f.kernel_path("qmatmul", n)
+        tiles = "tiles+blas-per-thread" if per_thread else "blas-tiles"
+        assert kp == ("dot1" if n == 1 else "dot" if n <= f.dot_max_n else tiles), kp
+    got1 = f.qmatmul(data, shape, x[0])
+    assert got1.shape == (shape[0],)
+    np.testing.assert_allclose(got1, w @ x[0], rtol=0, atol=1e-6 * float((np.abs(w) @ np.abs(x[0])).max()))
+    # a matrix too small for the pool (one range, on this thread) and a single row
+    for small in ((1, 256), (3, 512)):
+        d = f.quantize(rng.standard_normal(small, dtype=np.float32))
+        ws = f.dequantize(d, small).astype(np.float64)
+        for n in (1, 12):
+            x = rng.standard_normal((n, small[1]), dtype=np.float32)
+            np.testing.assert_allclose(f.qmatmul(d, small, x), x @ ws.T, rtol=1e-5, atol=1e-5)
 
 
 # ---- quantize --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from quantfmt import blas, families, get_format
 from quantfmt_formats import _i4dot, _i8gemm
 
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_A", "Q8_B", "Q4_A",
-           "IQ4N", "IQ4X", "MXF4"]
+           "IQ4N", "IQ4X", "MXF4", "TQ10", "TQ20"]
 
 
 def _shape(fmt) -> tuple[int, int]:
