@@ -42,7 +42,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from quantfmt import cpu
-from quantfmt.families import parallel_rows, prefill_path, prefill_threads
+from quantfmt.families import parallel_rows, prefill_path
 
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS
@@ -91,13 +91,6 @@ def qmatmul_path(op: str, n: int, mode: str, kind: str) -> str:
     if takes(kind, n, mode):
         return f"int8-{PATH}"
     if n >= BLAS_MIN_ROWS:
-        if kind == "q4_0" and mode == "f32" and PATH != "portable":
-            from . import _i4dot  # Q4_0's f32 batches: rows from the bytes (q4_0.nibble_qmatmul)
-
-            if _i4dot.PATH != "portable":
-                return _i4dot.kernel_path("qmatmul", n, mode)
-        if kind != "q4_0" and mode == "f32" and prefill_threads():
-            return "rows+blas-per-thread"  # Q4_1's, Q8_0's own dequantize kernel per thread (their _qmatmul)
         return prefill_path()
     if kind != "q8_0" and mode == "f32":
         from . import _q4simd

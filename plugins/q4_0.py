@@ -465,15 +465,10 @@ def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.nda
                           weights=1 << 20)
         return out[:, : prep.rows]
     if n >= BLAS_MIN_ROWS:
-        if not has_m and _i8gemm.PATH != "portable":
-            from . import _i4dot
-
-            if _i4dot.PATH != "portable":
-                # Q4_0 as IQ4_NL with the table -8..7: rows dequantized straight from the ggml bytes
-                # (vpshufb, _i4dot.blas_rows) into each thread's sgemm tile. Interleaved against these
-                # tiles (11008x4096, n=128): 0.82x vs 0.83x float32, the fill ~0.35 vs ~0.53 ms per 1M
-                # weights; and a cold start compiles _dequant_rows_1 (0.2 s), not _dequant_tiles (1.1-1.4 s).
-                return _i4dot.blas_rows(lut_prepared(prep), x)
+        # W.T tiles, one sgemm NN per thread (see _qtiles.blas_matmul). Rows dequantized from the bytes
+        # by vpshufb (_i4dot.blas_rows, as IQ4_NL) fill faster but feed an NT sgemm: n=128 on 11008x4096,
+        # 16 interleaved rounds, 1.02x float32 against 0.97x here; a cold start compiles _dequant_tiles
+        # (1.1-1.4 s) for it.
         return blas_matmul(dequant_tiles, prep, x)
     xp = pad_cols(x, nbp)
     xs = xp.reshape(n, nbp, QK).sum(-1)
@@ -506,9 +501,9 @@ class Q4_0(GGMLFormat):
 
     def prepare(self, data, rows, cols):
         # Tiles of T rows (see "fast qmatmul" above): 0.625 byte per weight, 1.11x the bytes, made on
-        # first use by a kernel that reads them (mode f32 decode, the portable paths): f32 batches and the
-        # int8 kernels read the referenced bytes themselves (_i4dot.blas_rows, plugins/_i8gemm.py) or
-        # their own decode tiles (_i4dot.py).
+        # first use by a kernel that reads them (mode f32 decode and batches, the portable paths): the
+        # int8 kernels read the referenced bytes themselves (plugins/_i8gemm.py) or their own decode
+        # tiles (_i4dot.py).
         blk = np.asarray(data).reshape(rows, cols // QK, BLOCK_BYTES)
         d = to_tiles(fp16_table()[blk[:, :, 0].astype(np.uint16) | (blk[:, :, 1].astype(np.uint16) << 8)], rows)
         return Prepared(rows, cols, lambda: tile_nibbles(data, rows, cols, BLOCK_BYTES)[0], d,

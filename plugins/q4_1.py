@@ -36,7 +36,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat, parallel_rows, prefill_threads
+from quantfmt.families import GGMLFormat, parallel_rows
 
 from . import _i8gemm
 from ._ggml import (
@@ -47,7 +47,7 @@ from ._ggml import (
     has_nonfinite,
     vec_dot_ref,
 )
-from ._qtiles import BLAS_MIN_ROWS, Prepared, to_tiles
+from ._qtiles import Prepared, to_tiles
 from .q4_0 import nibble_qmatmul, tile_nibbles
 
 BLOCK_BYTES = 20
@@ -214,12 +214,7 @@ class Q4_1(GGMLFormat):
         return Prepared(rows, cols, lambda: tile_nibbles(data, rows, cols, BLOCK_BYTES)[0], d, m, data)
 
     def _qmatmul(self, prep, rows, cols, x, mode):
-        if mode == "f32" and x.shape[0] >= BLAS_MIN_ROWS and prefill_threads():
-            # f32 batches: each thread dequantizes whole rows from the ggml bytes with the format's own
-            # dequantize kernel (GGMLFormat._blas_tiles) into its sgemm tile. Per 1M weights on one
-            # thread that fill took ~0.29 ms against ~0.36-0.44 ms for the W.T tiles, and a cold start
-            # compiles nothing more (dequantize() has compiled it).
-            return self._blas_tiles(prep.raw, rows, cols, x)
+        # f32 batches: W.T tiles per thread (q4_0.nibble_qmatmul -> _qtiles.blas_matmul), the sgemm NN
         return nibble_qmatmul(prep, x, mode, self.tag)
 
     def kernel_path(self, op, n=1, mode="f32"):

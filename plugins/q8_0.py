@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat, parallel_rows, prefill_threads
+from quantfmt.families import GGMLFormat, parallel_rows
 
 from . import _i8dot, _i8gemm
 from ._ggml import (
@@ -307,12 +307,7 @@ class Q8_0(GGMLFormat):
         return tile_q8(data, rows, cols)
 
     def _qmatmul(self, prep, rows, cols, x, mode):
-        if mode == "f32" and x.shape[0] >= BLAS_MIN_ROWS and prefill_threads():
-            # f32 batches: each thread dequantizes whole rows from the ggml bytes with the format's own
-            # dequantize kernel (GGMLFormat._blas_tiles) into its sgemm tile. Per 1M weights on one
-            # thread that fill took ~0.29 ms against ~0.36-0.44 ms for the W.T tiles, and a cold start
-            # compiles nothing more (dequantize() has compiled it).
-            return self._blas_tiles(prep.raw, rows, cols, x)
+        # f32 batches: W.T tiles per thread (tiles_qmatmul -> _qtiles.blas_matmul), the sgemm NN
         return tiles_qmatmul(prep, x, mode, self.tag)
 
     def matvec_fn(self, prep, rows, cols, mode):

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf.quants import quantize as gguf_quantize
 
 from quantfmt import get_format
-from quantfmt.families import prefill_path, prefill_threads
+from quantfmt.families import prefill_path
 from quantfmt_formats import _i4dot, _i8dot, _i8gemm, q4_0, q4_1, q5_0, q5_1, q8_0
 
 MODULES = {"Q4_0": q4_0, "Q8_0": q8_0, "Q4_1": q4_1}
@@ -146,12 +146,7 @@ def test_f32_mode_stays_float():
         wq = fmt.dequantize(data, (40, 128))
         x = rng.standard_normal((64, 128)).astype(np.float32)
         mag = float((np.abs(x) @ np.abs(wq).T).max())
-        want = prefill_path()
-        if tag == "Q4_0" and _i8gemm.PATH != "portable" and _i4dot.PATH != "portable":
-            want = _i4dot.kernel_path("qmatmul", 64, "f32")  # rows from the bytes, as IQ4_NL
-        elif tag != "Q4_0" and prefill_threads():
-            want = "rows+blas-per-thread"  # Q4_1, Q8_0: their own dequantize kernel on each thread
-        assert fmt.kernel_path("qmatmul", 64, "f32") == want
+        assert fmt.kernel_path("qmatmul", 64, "f32") == prefill_path()  # W.T tiles, sgemm NN
         got = fmt.qmatmul(data, (40, 128), x, "f32")
         np.testing.assert_allclose(got, x @ wq.T.astype(np.float64), rtol=0, atol=mag * 1e-6)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from quantfmt import blas, families, get_format
-from quantfmt_formats import _i4dot, _i8gemm
+from quantfmt_formats import _i4dot
 
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_A", "Q8_B", "Q4_A",
            "IQ4N", "IQ4X", "MXF4", "TQ10", "TQ20"]
@@ -44,11 +44,8 @@ def test_f32_batches_match_dequantized_weights(tag, per_thread, monkeypatch):
         np.testing.assert_allclose(got, x @ wq.T, rtol=0, atol=mag * 1e-6, err_msg=f"{tag} n={n}")
         kp = fmt.kernel_path("qmatmul", n, "f32")
         # dequantized rows (_i4dot): the table formats, and Q4_0 (IQ4_NL's layout with the table -8..7)
-        rows_path = (tag in ("IQ4N", "IQ4X", "MXF4") or (tag == "Q4_0" and _i8gemm.PATH != "portable")) and \
-            _i4dot.PATH != "portable"
-        if tag in ("Q4_1", "Q8_0") and per_thread:
-            assert kp == "rows+blas-per-thread", kp  # their own dequantize kernel, per thread
-        elif rows_path:
+        rows_path = tag in ("IQ4N", "IQ4X", "MXF4") and _i4dot.PATH != "portable"
+        if rows_path:
             assert kp == ("rows+blas-per-thread" if per_thread else "blas-rows"), kp
         else:
             assert kp == ("tiles+blas-per-thread" if per_thread else "blas-tiles"), kp
