@@ -90,12 +90,13 @@ def kernel_path() -> str:
 
 
 def qmatmul(qn: np.ndarray, d: np.ndarray, rows: int, cols: int, x: np.ndarray, tag: str,
-            path: str | None = None) -> np.ndarray:
+            path: str | None = None, act: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Mode "q8_0" x (n, cols) float32 @ W.T from the decode tiles qn and the float32 d tiles
-    (tiles, nbp, T), on int8 path `path` (default PATH, not "portable")."""
+    (tiles, nbp, T), on int8 path `path` (default PATH, not "portable"); `act`: x already quantized
+    (quantize_activations' d16 and qx: a caller that needs the Q8_1 sums too)."""
     path = path or PATH
     n = x.shape[0]
-    d16, _, qx = quantize_activations(x, with_sum=False, tag=tag)
+    d16, qx = act if act is not None else quantize_activations(x, with_sum=False, tag=tag)[::2]
     dxb = fp16_table()[d16]
     nb = dxb.shape[1]
     # the accumulators' start: -128*sum(q_x) undoes the tiles' q_w + 128; the sign trick needs none

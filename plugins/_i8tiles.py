@@ -35,7 +35,7 @@ import numpy as np
 from quantfmt.errors import NonFiniteError
 from quantfmt.families import parallel_rows, prefill_path, prefill_threads, tiles_prefill
 
-from . import _i8gemm
+from . import _i8dot, _i8gemm
 from ._ggml import QK, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
 from .q8_0 import dequant_tiles, tiles_dot
@@ -49,6 +49,25 @@ def prepare_int8(q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> P
     qt = tile_units(np.ascontiguousarray(q).view(np.uint8), rows, 0, 1).view(np.int8)[..., 0]
     mm = np.zeros((0, 0), np.float32) if m is None else np.ascontiguousarray(m, np.float32)
     return Prepared(rows, nb * QK, qt, to_tiles(np.ascontiguousarray(d, np.float32), rows), mm)
+
+
+def decode_tiles(prep: Prepared) -> np.ndarray:
+    """plugins/_i8dot.py's decode tiles of these int8 tiles (tiles, nbp, 8, T, 4), q + 128, made on first
+    use and kept in prep.dec (1 byte per weight more, held only by matrices decoded in mode "q8_0").
+    Why: Q8_0's float tiles on float activation quants (the path before) decoded 11008x4096 Q5_0 in
+    3.4 ms, 2.7x Q8_0's int8 decode of as many bytes per weight."""
+    if prep.dec is None:
+        q = prep.q  # (tiles, nbp, 32, T) int8
+        tiles, nbp = q.shape[:2]
+        shape = (tiles, nbp, 8, T, 4)
+        size = tiles * nbp * 8 * T * 4
+        raw = np.empty(size + 64, np.uint8)
+        a = -raw.ctypes.data % 64  # as _i8dot.decode_tiles: no zmm load straddles two cache lines
+        qn = raw[a : a + size].reshape(shape)
+        qn[...] = q.view(np.uint8).reshape(tiles, nbp, 8, 4, T).transpose(0, 1, 2, 4, 3)
+        np.bitwise_xor(qn, np.uint8(0x80), out=qn)
+        prep.dec = qn
+    return prep.dec
 
 
 def int8_operands(prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
@@ -71,6 +90,8 @@ def qmatmul_path(op: str, n: int, mode: str) -> str:
     """Format.kernel_path of the formats whose qmatmul is qmatmul_int8 (Q5_0, Q5_1)."""
     if op != "qmatmul":
         return "numba"
+    if _i8dot.takes(n, mode):
+        return _i8dot.kernel_path()
     if _i8gemm.takes("q8_0", n, mode):
         return f"int8-{_i8gemm.PATH}"
     return prefill_path() if n >= BLAS_MIN_ROWS else f"tiles-{mode}"
@@ -88,6 +109,13 @@ def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarr
             raise ValueError("mode q8_k has no per-block offsets")  # pragma: no cover - no such format
         return _qmatmul_q8_k(prep, x, tag)
     if mode == "q8_0":
+        if _i8dot.takes(n, mode):
+            # a few rows (as Q8_0 takes them): Q8_0's int8 decode on these values, then Q5_1's offsets
+            d16, s16, qx = quantize_activations(x, with_sum=has_m, tag=tag)
+            out = _i8dot.qmatmul(decode_tiles(prep), prep.d, prep.rows, cols, x, tag, act=(d16, qx))
+            if has_m:
+                _add_offsets(out, lut[s16], prep.m)
+            return out
         if _i8gemm.takes("q8_0", n, mode):
             # batches: the int8 GEMM of Q8_0 (Q5_0) or Q8_0 with Q4_1's offsets (Q5_1, kind "q8_1")
             raw, mt = int8_operands(prep)
@@ -116,6 +144,13 @@ def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarr
     if has_m:
         _add_offsets(out, x.reshape(n, nb, QK).sum(-1, dtype=np.float32), prep.m)
     return out
+
+
+def matvec_fn(prep: Prepared, rows: int, cols: int, mode: str):
+    """Format.matvec_fn of Q5_0 (no offsets): one row as qmatmul_int8 takes it where _i8dot decodes."""
+    if prep.m.size or not _i8dot.takes(1, mode):
+        return None
+    return _i8dot.matvec_fn(decode_tiles(prep), prep.d, rows, cols)
 
 
 def q8_k_blocks(x: np.ndarray, tag: str) -> tuple[np.ndarray, np.ndarray]:
@@ -162,10 +197,11 @@ def _dequant_tiles_m(q, d, m, t0, t1, wt):
                     wt3[b * QK + j, i, t] = np.float32(q[tl, b, j, t]) * d[tl, b, t] + mm[t]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _add_offsets_rows(out, s, m, r0, r1):
     # Weight rows r0..r1-1 of _add_offsets (families.parallel_rows: a parallel=True driver compiled
-    # ~2x slower cold).
+    # ~2x slower cold). fastmath with `reassoc`: the sum over blocks vectorizes (one add chain ran
+    # 1.5 ms on 11008 x 128 offsets, a Q5_1 decode's whole int8 dot took 1.6).
     n, nb = s.shape
     for r in range(r0, r1):
         for i in range(n):

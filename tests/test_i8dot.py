@@ -22,7 +22,7 @@ from gguf.quants import quantize as gguf_quantize
 from quantfmt import get_format
 from quantfmt.families import prefill_path
 from quantfmt.tensor import QTensor
-from quantfmt_formats import _i8dot, _i8gemm, q8_0
+from quantfmt_formats import _i8dot, _i8gemm, q5_0, q5_1, q8_0
 
 PATHS = [*_i8gemm.available(), "portable"]
 SHAPES = [(1, 32), (37, 96), (70, 512), (33, 1024)]
@@ -71,6 +71,45 @@ def test_decode_matches_ggml_dot(path, monkeypatch):
             ref = q8_0.qmatmul_q8_ref(data, rows, cols, x)
             np.testing.assert_allclose(got, ref, rtol=0, atol=mag * 2e-6, err_msg=f"{rows}x{cols} n={n}")
             assert fmt.kernel_path("qmatmul", n, "q8_0") == expected_path(n, path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("tag,mod", [("Q5_0", q5_0), ("Q5_1", q5_1)])
+def test_q5_decode_takes_the_int8_kernels(tag, mod, path, monkeypatch):
+    # Q5_0's values q - 16 and Q5_1's q as Q8_0's decode tiles (plugins/_i8tiles.py decode_tiles), made
+    # from the int8 tiles on first use; Q5_1 then adds its offsets times ggml's fp16 Q8_1 sums. Against
+    # the numpy ggml dots (ggml_vec_dot_q5_0_q8_0, ggml_vec_dot_q5_1_q8_1), and Q5_0's one-row matvec_fn.
+    monkeypatch.setattr(_i8dot, "PATH", path)
+    rng = np.random.default_rng(20261208)
+    fmt = get_format(tag)
+    for rows, cols in SHAPES:
+        w = (rng.standard_normal((rows, cols)) + 0.3).astype(np.float32)
+        w[:, :32] *= 50
+        w[rows // 2, 32 % cols : 32 % cols + 32] = 0  # an all-zero block (scale 0)
+        data = gguf_quantize(w, getattr(GT, tag)).reshape(-1)
+        if tag == "Q5_1":  # d*q + m: the two terms' sums cancel, so the float error is relative to both
+            q, d, m = mod.unpack(data, rows, cols)
+            wq = (np.abs(d[..., None] * q) + np.abs(m[..., None])).reshape(rows, cols)
+        else:
+            wq = np.abs(fmt.dequantize(data, (rows, cols)))
+        prep = fmt.prepare(data, rows, cols)
+        for n in NS:
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            x[n // 2, -32:] *= 300
+            if cols > 32:
+                x[-1, 32:64] = 0  # an all-zero activation block (scale 0)
+            mag = float((np.abs(x) @ wq.T).max())
+            got = fmt.qmatmul(data, (rows, cols), x, "q8_0", prepared=prep)
+            ref = mod.qmatmul_q8_ref(data, rows, cols, x)
+            np.testing.assert_allclose(got, ref, rtol=0, atol=mag * 2e-6, err_msg=f"{tag} {rows}x{cols} n={n}")
+            decode = path != "portable" and n < _i8dot.MIN_ROWS[path]
+            assert (fmt.kernel_path("qmatmul", n, "q8_0") == f"i8dot-{path}") == decode
+            if n == 1:
+                mv = fmt.matvec_fn(prep, rows, cols, "q8_0")
+                assert (mv is not None) == (decode and tag == "Q5_0")  # Q5_1's offsets: qmatmul
+                if mv is not None:
+                    np.testing.assert_allclose(mv(x), ref, rtol=0, atol=mag * 2e-6)
+        assert (prep.dec is not None) == (path != "portable")
 
 
 @pytest.mark.parametrize("path", _i8gemm.available())

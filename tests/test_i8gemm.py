@@ -98,11 +98,13 @@ def test_q5_batches_take_the_int8_kernels(tag, mod, path, monkeypatch):
             assert got.shape == (n, rows) and got.dtype == np.float32
             np.testing.assert_allclose(got, mod.qmatmul_q8_ref(data, rows, cols, x), rtol=0, atol=mag * 2e-6,
                                        err_msg=f"{rows}x{cols} n={n}")
-            int8 = n >= _i8gemm.MIN_ROWS["q8_0"] and path != "portable"
+            # below _i8dot's MIN_ROWS (and with its own PATH not portable) Q8_0's int8 decode takes them
+            int8 = n >= _i8gemm.MIN_ROWS["q8_0"] and path != "portable" and not _i8dot.takes(n, "q8_0")
             assert (fmt.kernel_path("qmatmul", n, "q8_0") == f"int8-{path}") == int8
             # mode f32 never takes int8 activations
             assert not fmt.kernel_path("qmatmul", n, "f32").startswith("int8")
-        assert (prep.i8 is not None) == (path != "portable")
+        assert (prep.i8 is not None) == (path != "portable" and any(n >= _i8gemm.MIN_ROWS["q8_0"]
+                                                                     and not _i8dot.takes(n, "q8_0") for n in NS))
 
 
 @pytest.mark.parametrize("path", _i8gemm.available())
