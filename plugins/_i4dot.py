@@ -44,7 +44,6 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from quantfmt.families import (
-    MIN_THREADED_WEIGHTS,
     decode_threads,
     parallel_rows,
     prefill_path,
@@ -555,7 +554,7 @@ def matvec_fn(prep: LutPrepared, path: str | None = None):
     """Format.matvec_fn in mode "q8_0" without Q4_1's term: the one-row kernel with its arguments bound,
     or None where one row does not run it (the portable path; a matrix large enough for threads)."""
     path = path or PATH
-    if path == "portable" or prep.rows * prep.cols >= MIN_THREADED_WEIGHTS:
+    if path == "portable" or decode_threads(prep.rows, prep.cols) > 1:
         return None
     f, qn, d, tab, lut = _MATVEC[path], prep.qn(), prep.d, prep.kernel_table(path), fp16_table()
     rows, width = prep.rows, prep.d.shape[0] * T

@@ -39,7 +39,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from quantfmt.families import MIN_THREADED_WEIGHTS, decode_threads, parallel_rows
+from quantfmt.families import decode_threads, parallel_rows
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
@@ -290,7 +290,7 @@ def matvec_fn(qn: np.ndarray, d: np.ndarray, rows: int, cols: int, path: str | N
     """Format.matvec_fn of Q8_0 in mode "q8_0": the one-row kernel with its arguments bound, or None
     where one row does not run it (a matrix large enough for threads)."""
     path = path or PATH
-    if rows * cols >= MIN_THREADED_WEIGHTS:
+    if decode_threads(rows, cols) > 1:
         return None
     f, lut, width = _MATVEC[path], fp16_table(), d.shape[0] * T
 

@@ -28,7 +28,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from quantfmt import cpu
-from quantfmt.families import parallel_rows
+from quantfmt.families import decode_threads, parallel_rows
 
 from ._qtiles import FASTMATH, T
 
@@ -153,6 +153,9 @@ def tiles_dot_f32(q, d, m, x, xs, out, path: str | None = None) -> bool:
     path = path or PATH
     if path == "portable":
         return False
-    parallel_rows(_dot16 if path == "simd16" else _dot8, q.shape[0], q.shape[1] * 32 * T, q, d, m, x, xs, out,
-                  weights=1 << 20)
+    kernel = _dot16 if path == "simd16" else _dot8
+    if decode_threads(q.shape[0] * T, q.shape[1] * 32) == 1:
+        kernel(q, d, m, x, xs, out, 0, q.shape[0])  # on this thread (families.MIN_THREADED_WEIGHTS)
+    else:
+        parallel_rows(kernel, q.shape[0], q.shape[1] * 32 * T, q, d, m, x, xs, out, weights=1 << 20)
     return True

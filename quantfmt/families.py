@@ -36,17 +36,14 @@ A format subclasses the family that fits it and supplies only what is its own:
 from __future__ import annotations
 
 import functools
+import os
 import threading
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import blas
 from .errors import RangeError
 from .format import Format, nonfinite_rows
-
-if TYPE_CHECKING:
-    import concurrent.futures
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,10 +58,14 @@ def n_chunks(rows: int, cols: int, weights: int = 65536) -> int:
     return max(1, min(rows, rows * cols // weights))
 
 
-#: Decode kernels below this many weights run on the calling thread alone (decode_threads): handing
-#: a range to the pool costs more than a small matrix's whole kernel. SmolLM2 (576x576 to 576x1536
-#: matrices) decoded Q4_0 at 16 tokens/s on two threads and 36 with this rule.
-MIN_THREADED_WEIGHTS = 1 << 20
+#: Decode kernels of fewer weights than MIN_THREADED_WEIGHTS * T / (T - 1) on T threads run on the
+#: calling thread alone (decode_threads): handing work to another thread costs a fixed ~0.1 ms (its
+#: wake-up, then the GIL), which splitting over T threads pays back only once the one-thread time is
+#: about T/(T-1) times that. Measured with 2 threads (one decode call, 1 vs 2 threads alternating, the
+#: 2-core Xeon): Q4_0 q8_0 at 4M weights 0.15 vs 0.26 ms, 8M 0.27 vs 0.34, 16M 0.43 vs 0.44; Q4_K
+#: q8_k 4M 0.19 vs 0.25, 8M 0.36 vs 0.36, 16M 0.59 vs 0.51; Q8_0 q8_0 16M 0.67 vs 0.52 ms. SmolLM2
+#: (576x576 to 576x1536 matrices) decoded Q4_0 at 16 tokens/s threaded and 36 on one thread.
+MIN_THREADED_WEIGHTS = 1 << 22
 
 
 def num_threads() -> int:
@@ -84,13 +85,13 @@ def num_threads() -> int:
 
 
 def decode_threads(rows: int, cols: int) -> int:
-    """Threads a decode kernel of a rows x cols matrix should claim work on."""
-    return 1 if rows * cols < MIN_THREADED_WEIGHTS else num_threads()
+    """Threads a decode kernel of a rows x cols matrix should claim work on (see MIN_THREADED_WEIGHTS)."""
+    if rows * cols < MIN_THREADED_WEIGHTS:
+        return 1  # without reading the thread count: a small model's token makes hundreds of these calls
+    t = num_threads()
+    return t if t > 1 and rows * cols * (t - 1) >= MIN_THREADED_WEIGHTS * t else 1
 
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None  # helper threads of parallel_rows
-_pool_size = [0]
-_pool_lock = threading.Lock()
 _in_rows = threading.local()  # .active: this thread is running a range of parallel_rows
 
 
@@ -106,9 +107,8 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
     body optimized again inside the gufunc and again in the driver: measured 1.7 s for Q4_0's
     one-line quantize driver, 7.5 s for Q4_K's, on a busy 2-core machine), while calling the cached
     row kernel from threads runs as fast (the same row kernel; measured equal on 4096x4096 Q4_0).
+    The other threads are _RowsPool's helpers; the caller never waits for one that has not started.
     """
-    import numba
-
     nchunk = min(rows, chunks) if chunks > 0 else n_chunks(rows, cols, weights)
     # one range: no thread count to read (num_threads() costs ~5-10 us, numba's launch check and a
     # lock; a decoded SmolLM2 token makes ~400 such calls: its activations, its small matrices)
@@ -118,40 +118,172 @@ def parallel_rows(kernel, rows: int, cols: int, *args, weights: int = 65536, tai
         # does it all; handing work to the pool from one of its own threads could wait forever
         kernel(*args, 0, rows, *tail)
         return
-    pending = iter(range(nchunk))
-    lock = threading.Lock()
-    stop = [False]  # set when a thread fails (or Ctrl-C): the others take no new range
+    pool = _RowsPool.get()
+    if not pool.busy.acquire(blocking=False):
+        # another thread's call has the helpers: the cores are busy anyway, this thread does it all
+        kernel(*args, 0, rows, *tail)
+        return
+    try:
+        job = _Job(kernel, args, tail, rows, nchunk, nthreads - 1)
+        pool.start(job)
+        try:
+            job.run()
+        except BaseException:
+            job.close()
+            raise
+        finally:
+            try:
+                job.finish()  # waits for the helpers inside a range: they write the outputs the caller reads
+            finally:
+                pool.clear(job)
+    finally:
+        pool.busy.release()
+    if job.error is not None:
+        raise job.error
 
-    def work() -> None:
+
+class _Job:
+    """One parallel_rows call: its ranges, handed out one by one, and the helpers inside it."""
+
+    def __init__(self, kernel, args: tuple, tail: tuple, rows: int, nchunk: int, helpers: int) -> None:
+        self.kernel, self.args, self.tail = kernel, args, tail
+        self.rows, self.nchunk, self.helpers = rows, nchunk, helpers
+        self.next = 0
+        self.closed = False  # no range is handed out any more: all taken, or a thread failed (or Ctrl-C)
+        self.active = 0  # helpers inside the job
+        self.error: BaseException | None = None  # a helper's, re-raised by the caller
+        self.lock = threading.Lock()
+        self.left = threading.Condition(self.lock)  # notified when the last helper leaves
+
+    def run(self) -> None:
         _in_rows.active = True
         try:
             while True:
-                with lock:
-                    c = None if stop[0] else next(pending, None)
-                if c is None:
-                    return
-                kernel(*args, c * rows // nchunk, (c + 1) * rows // nchunk, *tail)
-        except BaseException:
-            stop[0] = True
-            raise
+                with self.lock:
+                    if self.closed or self.next >= self.nchunk:
+                        self.closed = True
+                        return
+                    c = self.next
+                    self.next += 1
+                self.kernel(*self.args, c * self.rows // self.nchunk, (c + 1) * self.rows // self.nchunk, *self.tail)
         finally:
             _in_rows.active = False
 
-    global _pool
-    with _pool_lock:
-        import concurrent.futures  # here, not at import: 15 ms of start-up
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
 
-        if _pool is None or _pool_size[0] < nthreads - 1:
-            most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # (numba ships no stubs)
-            _pool_size[0] = max(nthreads, most) - 1
-            _pool = concurrent.futures.ThreadPoolExecutor(_pool_size[0], thread_name_prefix="quantfmt-rows")
-        pool = _pool
-    helpers = [pool.submit(work) for _ in range(nthreads - 1)]
-    try:
-        work()
-    finally:
-        for h in helpers:
-            h.result()  # re-raises a helper's exception; waits for all before the outputs are read
+    def join(self, index: int) -> bool:
+        """A helper enters if it is one of the job's and ranges are left."""
+        with self.lock:
+            if self.closed or index >= self.helpers or self.next >= self.nchunk:
+                return False
+            self.active += 1
+            return True
+
+    def help(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # handed to the caller, which re-raises it
+            with self.lock:
+                self.closed = True
+                self.error = self.error or e
+        finally:
+            with self.lock:
+                self.active -= 1
+                if self.active == 0:
+                    self.left.notify_all()
+
+    def finish(self) -> None:
+        with self.lock:
+            self.closed = True
+            while self.active:
+                self.left.wait()
+
+
+class _RowsPool:
+    """parallel_rows' helper threads (daemons, started when a call first needs them), waiting on a
+    condition variable for the next call's job.
+
+    Why not a ThreadPoolExecutor (before): the caller waited for every helper it had submitted to,
+    started or not. A helper woken late (its queue, then the GIL: 0.14 ms to over 2 ms after the call
+    began, on the shared 2-core Xeon) held up calls it took no range of; here a helper that comes after
+    the last range finds the job closed, and the caller waits only for helpers inside a range. Measured
+    against it, medians of 200 back-to-back decode calls, alternating processes: Q4_0 2048x2048 q8_0
+    0.34 -> 0.22 ms, Q4_K 4096x4096 q8_k 0.62 -> 0.52 ms, Q4_0 4096x4096 f32 0.65 -> 0.48-0.57 ms.
+    Helpers that busy-wait a while after each call (as OpenMP's and OpenBLAS's do) gained nothing more:
+    a woken helper still waits for the GIL, which Python hands over by a condition variable too.
+    """
+
+    _current: _RowsPool | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.generation = 0  # bumped for each job
+        self.stopping = False
+        self.cond = threading.Condition()
+        self.job: _Job | None = None
+        self.threads: list[threading.Thread] = []
+        self.busy = threading.Lock()  # one job at a time
+
+    @classmethod
+    def get(cls) -> _RowsPool:
+        pool = cls._current
+        if pool is None:
+            with cls._lock:
+                if cls._current is None:
+                    import atexit
+
+                    cls._current = _RowsPool()
+                    atexit.register(cls._current.shutdown)
+                pool = cls._current
+        return pool
+
+    def start(self, job: _Job) -> None:
+        while len(self.threads) < job.helpers:
+            t = threading.Thread(target=self._helper, args=(len(self.threads),),
+                                 name=f"quantfmt-rows-{len(self.threads)}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        with self.cond:
+            self.job = job
+            self.generation += 1
+            self.cond.notify_all()
+
+    def clear(self, job: _Job) -> None:
+        with self.cond:
+            if self.job is job:
+                self.job = None  # drop the call's arrays (a helper that comes late finds nothing)
+
+    def _helper(self, index: int) -> None:
+        seen = 0
+        while True:
+            with self.cond:
+                while self.generation == seen and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                seen, job = self.generation, self.job
+            if job is not None and job.join(index):
+                job.help()
+            del job
+
+    def shutdown(self) -> None:
+        """At exit: let the helpers finish their range (a kernel without the GIL must not outlive the
+        arrays it writes) and stop."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        for t in self.threads:
+            t.join(1.0)
+
+
+def _forget_pool() -> None:  # a forked child has none of its parent's threads
+    _RowsPool._current = None
+    _RowsPool._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 # ---- prefill: float32 tiles of W, one single-threaded sgemm per thread -----------------------------

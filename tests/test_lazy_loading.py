@@ -186,6 +186,63 @@ def test_parallel_rows_covers_every_row_once_on_the_threads_numba_allows():
         numba.set_num_threads(before)
 
 
+def test_parallel_rows_never_waits_for_a_helper_that_has_not_started(monkeypatch):
+    # A helper descheduled (here: asleep for 2 s before it looks at any job) must not hold up a call:
+    # the caller takes every range itself and returns; the late helper finds the job closed.
+    import threading
+
+    import numba
+
+    from quantfmt import families
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("one thread: parallel_rows runs inline")
+    monkeypatch.setattr(families._RowsPool, "_current", None)  # a fresh pool, with the slow helper
+    woke = threading.Event()
+    helper = families._RowsPool._helper
+
+    def late(self, index):
+        time.sleep(2.0)
+        woke.set()
+        helper(self, index)
+
+    monkeypatch.setattr(families._RowsPool, "_helper", late)
+    seen = np.zeros(64, np.int64)
+    threads = set()
+
+    def kernel(out, r0, r1):
+        out[r0:r1] += 1
+        threads.add(threading.get_ident())
+
+    t0 = time.perf_counter()
+    families.parallel_rows(kernel, 64, 1 << 16, seen)
+    assert time.perf_counter() - t0 < 1.0 and not woke.is_set()
+    assert (seen == 1).all() and threads == {threading.get_ident()}
+    assert woke.wait(5.0)
+    families.parallel_rows(kernel, 64, 1 << 16, seen)  # the pool works on once the helper is up
+    assert (seen == 2).all()
+
+
+def test_decode_threads_splits_only_work_that_pays_for_the_hand_off():
+    import numba
+
+    from quantfmt.families import MIN_THREADED_WEIGHTS, decode_threads
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        assert decode_threads(1 << 16, 1 << 16) == 1
+        if before >= 2:
+            numba.set_num_threads(2)  # T/(T-1) = 2: from twice MIN_THREADED_WEIGHTS
+            assert decode_threads(576, 1536) == 1
+            assert decode_threads(MIN_THREADED_WEIGHTS // 4096, 4096) == 1
+            assert decode_threads(2 * MIN_THREADED_WEIGHTS // 4096 - 1, 4096) == 1
+            assert decode_threads(2 * MIN_THREADED_WEIGHTS // 4096, 4096) == 2
+            assert decode_threads(11008, 4096) == 2
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_parallel_rows_reraises_a_kernel_error():
     from quantfmt.families import parallel_rows
 
