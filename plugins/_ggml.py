@@ -175,7 +175,20 @@ def act_q8_0_row(x, lut, work, unsigned):
     (+128), else 0. Returns False, writing nothing meaningful, where quantize_activations would raise
     (a NaN/inf or a scale past fp16): the caller then takes that path for its error. No array is made
     here: numba compiles its allocators anew into every kernel that calls them (~1 s of a cold start)."""
-    qs, _qs2, dx, cx, d16, bad = work[0], work[1], work[2], work[3], work[4], work[5]
+    return _act_row(x, lut, work, unsigned, False)
+
+
+@numba.njit(cache=True, nogil=True)
+def act_q8_1_row(x, lut, work, unsigned):
+    """act_q8_0_row with ggml's Q8_1 sums as well (Q4_1's and Q5_1's term): work's sx (1, nb) float32
+    gets each block's fp16 s = d * sum(q), decoded. False where quantize_activations(with_sum=True)
+    would raise."""
+    return _act_row(x, lut, work, unsigned, True)
+
+
+@numba.njit(cache=True, nogil=True)
+def _act_row(x, lut, work, unsigned, with_sum):
+    qs, _qs2, dx, cx, d16, bad, s16, sx = work[0], work[1], work[2], work[3], work[4], work[5], work[9], work[10]
     cols = x.shape[1]
     for j in range(cols):
         if not np.isfinite(x[0, j]):
@@ -183,11 +196,13 @@ def act_q8_0_row(x, lut, work, unsigned):
     nb = cols // 32
     for b in range(nb):
         bad[b] = 0
-    _act_blocks(x, False, d16, d16, qs, bad, 0, nb)
+    _act_blocks(x, with_sum, d16, s16, qs, bad, 0, nb)
     for b in range(nb):
         if bad[b]:
             return False
         dx[0, b] = lut[d16[0, b]]
+        if with_sum:
+            sx[0, b] = lut[s16[0, b]]
         sq = 0
         if unsigned:
             for j in range(32):
@@ -200,18 +215,20 @@ _ROW_WORK = threading.local()
 
 
 def act_row_work(cols: int) -> tuple:
-    """This thread's work space for act_q8_0_row and a one-row decode driver, rows of `cols`: (qs
-    (1, nb, 32) int8, qs as (1, cols), dx (1, nb) float32, cx (1, nb) int32, d16 (1, nb) uint16, bad
-    (nb,) uint8, an empty m (0,) and sx (1, 0) float32, the drivers' work counter (1,) int64). Made
-    in Python once per thread and width (the kernels fill every part they read; the counter is reset
-    by the caller), so that no kernel allocates."""
+    """This thread's work space for act_q8_0_row / act_q8_1_row and a one-row decode driver, rows of
+    `cols`: (qs (1, nb, 32) int8, qs as (1, cols), dx (1, nb) float32, cx (1, nb) int32, d16 (1, nb)
+    uint16, bad (nb,) uint8, an empty m (0,) and sx (1, 0) float32, the drivers' work counter (1,)
+    int64, then s16 (1, nb) uint16 and sx (1, nb) float32 for the Q8_1 sums). Made in Python once per
+    thread and width (the kernels fill every part they read; the counter is reset by the caller), so
+    that no kernel allocates."""
     w = getattr(_ROW_WORK, "w", None)
     if w is None or w[1].shape[1] != cols:
         nb = cols // QK
         qs = np.empty((1, nb, QK), np.int8)
         w = _ROW_WORK.w = (qs, qs.reshape(1, nb * QK), np.empty((1, nb), np.float32), np.empty((1, nb), np.int32),
                            np.empty((1, nb), np.uint16), np.empty(nb, np.uint8), np.zeros(0, np.float32),
-                           np.zeros((1, 0), np.float32), np.zeros(1, np.int64))
+                           np.zeros((1, 0), np.float32), np.zeros(1, np.int64), np.empty((1, nb), np.uint16),
+                           np.empty((1, nb), np.float32))
     return w
 
 

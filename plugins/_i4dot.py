@@ -53,7 +53,7 @@ from quantfmt.families import (
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
-from ._ggml import QK, act_q8_0_row, act_row_work, fp16_table, quantize_activations
+from ._ggml import QK, act_q8_0_row, act_q8_1_row, act_row_work, fp16_table, quantize_activations
 from ._i8tiles import prepare_int8, q8_k_blocks, qmatmul_int8
 from ._qtiles import BLAS_MIN_ROWS, T, tile_units, to_tiles
 
@@ -550,17 +550,63 @@ def _matvec_avx2(qn, d, tab, x, lut, out, work):
 _MATVEC = {"avx512vnni": _matvec_avx512vnni, "avxvnni": _matvec_avxvnni, "avx2": _matvec_avx2}
 
 
-def matvec_fn(prep: LutPrepared, path: str | None = None):
-    """Format.matvec_fn in mode "q8_0" without Q4_1's term: the one-row kernel with its arguments bound,
-    or None where one row does not run it (the portable path; a matrix large enough for threads)."""
+# The same with Q4_1's term: m (its minimums, tiled as d) times ggml's Q8_1 sums (act_q8_1_row). The
+# shipped SmolLM2 GGUF is Q4_1: its decode took the qmatmul path per matrix before, 2x Q4_0's time per token.
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_m_avx512vnni(qn, d, tab, m, x, lut, out, work):
+    if not act_q8_1_row(x, lut, work, True):
+        return False
+    counter = work[8]
+    counter[0] = 0
+    _decode_avx512vnni(qn, d, tab, work[1], work[2], work[3], m, work[10], out, x.shape[1] // QK, counter, 0, 1)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_m_avxvnni(qn, d, tab, m, x, lut, out, work):
+    if not act_q8_1_row(x, lut, work, True):
+        return False
+    counter = work[8]
+    counter[0] = 0
+    _decode_avxvnni(qn, d, tab, work[1], work[2], work[3], m, work[10], out, x.shape[1] // QK, counter, 0, 1)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_m_avx2(qn, d, tab, m, x, lut, out, work):
+    if not act_q8_1_row(x, lut, work, False):
+        return False
+    counter = work[8]
+    counter[0] = 0
+    _decode_avx2(qn, d, tab, work[1], work[2], work[3], m, work[10], out, x.shape[1] // QK, counter, 0, 1)
+    return True
+
+
+_MATVEC_M = {"avx512vnni": _matvec_m_avx512vnni, "avxvnni": _matvec_m_avxvnni, "avx2": _matvec_m_avx2}
+
+
+def matvec_fn(prep: LutPrepared, path: str | None = None, m: np.ndarray | None = None):
+    """Format.matvec_fn in mode "q8_0" (with Q4_1's term where `m`, its minimums tiled as prep.d, is
+    given): the one-row kernel with its arguments bound, or None where one row does not run it (the
+    portable path; a matrix large enough for threads)."""
     path = path or PATH
     if path == "portable" or decode_threads(prep.rows, prep.cols) > 1:
         return None
-    f, qn, d, tab, lut = _MATVEC[path], prep.qn(), prep.d, prep.kernel_table(path), fp16_table()
+    qn, d, tab, lut = prep.qn(), prep.d, prep.kernel_table(path), fp16_table()
     rows, width = prep.rows, prep.d.shape[0] * T
+    if m is not None:
+        f, mt = _MATVEC_M[path], m.reshape(-1)
+
+        def run_m(x):
+            out = np.empty((1, width), np.float32)
+            return out[:, :rows] if f(qn, d, tab, mt, x, lut, out, act_row_work(x.shape[1])) else None
+
+        return run_m
+    g = _MATVEC[path]
 
     def run(x):
         out = np.empty((1, width), np.float32)
-        return out[:, :rows] if f(qn, d, tab, x, lut, out, act_row_work(x.shape[1])) else None
+        return out[:, :rows] if g(qn, d, tab, x, lut, out, act_row_work(x.shape[1])) else None
 
     return run

@@ -415,6 +415,18 @@ def lut_prepared(prep: Prepared):
     return prep.lut
 
 
+def nibble_matvec_fn(prep: Prepared, mode: str):
+    """Format.matvec_fn of Q4_0 and Q4_1: one row as nibble_qmatmul takes it in mode q8_0 with the int8
+    paths (_i4dot's decode; Q4_1 with its term), or None."""
+    if mode != "q8_0" or _i8gemm.PATH == "portable":
+        return None
+    from . import _i4dot
+
+    if _i4dot.takes_prefill(1, _i4dot.PATH):
+        return None
+    return _i4dot.matvec_fn(lut_prepared(prep), m=prep.m if prep.m.shape[0] > 0 else None)
+
+
 def nibble_qmatmul(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarray:
     """x (n, cols) float32 @ W.T for Q4_0 (prep.m empty) or Q4_1 tiles."""
     n = x.shape[0]
@@ -513,12 +525,7 @@ class Q4_0(GGMLFormat):
         return nibble_qmatmul(prep, x, mode, self.tag)
 
     def matvec_fn(self, prep, rows, cols, mode):
-        # one row as nibble_qmatmul takes it in mode q8_0 with the int8 paths: _i4dot's decode
-        if mode != "q8_0" or _i8gemm.PATH == "portable" or prep.m.shape[0] > 0:
-            return None
-        from . import _i4dot
-
-        return _i4dot.matvec_fn(lut_prepared(prep)) if not _i4dot.takes_prefill(1, _i4dot.PATH) else None
+        return nibble_matvec_fn(prep, mode)
 
     def kernel_path(self, op, n=1, mode="f32"):
         return _i8gemm.qmatmul_path(op, n, mode, "q4_0")

@@ -48,7 +48,7 @@ from ._ggml import (
     vec_dot_ref,
 )
 from ._qtiles import Prepared, to_tiles
-from .q4_0 import nibble_qmatmul, tile_nibbles
+from .q4_0 import nibble_matvec_fn, nibble_qmatmul, tile_nibbles
 
 BLOCK_BYTES = 20
 RULE = "needs max - min below 982800 (= 65520*15) and |min| below 65520"
@@ -216,6 +216,9 @@ class Q4_1(GGMLFormat):
     def _qmatmul(self, prep, rows, cols, x, mode):
         # f32 batches: W.T tiles per thread (q4_0.nibble_qmatmul -> _qtiles.blas_matmul), the sgemm NN
         return nibble_qmatmul(prep, x, mode, self.tag)
+
+    def matvec_fn(self, prep, rows, cols, mode):
+        return nibble_matvec_fn(prep, mode)
 
     def kernel_path(self, op, n=1, mode="f32"):
         return _i8gemm.qmatmul_path(op, n, mode, "q4_1")

@@ -181,11 +181,12 @@ def test_q4_decode_on_each_path(tag, path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", _i8gemm.available())
-@pytest.mark.parametrize("tag", ["Q4_0", "IQ4N"])
+@pytest.mark.parametrize("tag", ["Q4_0", "Q4_1", "IQ4N"])
 def test_one_row_matvec_equals_the_batch_kernel_and_keeps_its_errors(path, tag, monkeypatch):
-    # Format.matvec_fn (n = 1, mode q8_0, one thread) quantizes and multiplies in one call (_i4dot._MATVEC): the same
-    # activation blocks as quantize_activations and the same driver, so equal to the first row of a
-    # 2-row batch (which goes through those) to the bit; NaN/inf and a too-large scale keep their errors.
+    # Format.matvec_fn (n = 1, mode q8_0, one thread) quantizes and multiplies in one call (_i4dot._MATVEC; Q4_1's
+    # _MATVEC_M with its Q8_1 sums): the same activation blocks as quantize_activations and the same driver,
+    # so equal to the first row of a 2-row batch (which goes through those) to the bit; NaN/inf and a
+    # too-large scale keep their errors.
     from quantfmt.errors import NonFiniteError, RangeError
 
     monkeypatch.setattr(_i4dot, "PATH", path)
