@@ -33,10 +33,10 @@ import numba
 import numpy as np
 
 from quantfmt.errors import NonFiniteError
-from quantfmt.families import parallel_rows, prefill_path, prefill_threads, tiles_prefill
+from quantfmt.families import decode_threads, parallel_rows, prefill_path, prefill_threads, tiles_prefill
 
 from . import _i8dot, _i8gemm
-from ._ggml import QK, fp16_table, quantize_activations
+from ._ggml import QK, act_q8_1_row, act_row_work, fp16_table, quantize_activations
 from ._qtiles import BLAS_MIN_ROWS, FASTMATH, Prepared, T, blas_matmul, pad_blocks, pad_cols, tile_units, to_tiles
 from .q8_0 import dequant_tiles, tiles_dot
 
@@ -147,10 +147,60 @@ def qmatmul_int8(prep: Prepared, x: np.ndarray, mode: str, tag: str) -> np.ndarr
 
 
 def matvec_fn(prep: Prepared, rows: int, cols: int, mode: str):
-    """Format.matvec_fn of Q5_0 (no offsets): one row as qmatmul_int8 takes it where _i8dot decodes."""
-    if prep.m.size or not _i8dot.takes(1, mode):
+    """Format.matvec_fn of Q5_0 and Q5_1: one row as qmatmul_int8 takes it where _i8dot decodes (Q5_1:
+    then its offsets times ggml's Q8_1 sums, in the same call), or None."""
+    if not _i8dot.takes(1, mode):
         return None
-    return _i8dot.matvec_fn(decode_tiles(prep), prep.d, rows, cols)
+    if not prep.m.size:
+        return _i8dot.matvec_fn(decode_tiles(prep), prep.d, rows, cols)
+    if decode_threads(rows, cols) > 1:
+        return None
+    f, qn, d, m, lut = _MATVEC_M[_i8dot.PATH], decode_tiles(prep), prep.d, prep.m, fp16_table()
+    width = d.shape[0] * T
+
+    def run(x):
+        out = np.empty((1, width), np.float32)
+        return out[:, :rows] if f(qn, d, m, x, lut, out, act_row_work(x.shape[1])) else None
+
+    return run
+
+
+# One row of Q5_1, as _i8dot's _MATVEC (see why there) plus the offsets' term of qmatmul_int8, in one call.
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_m_avx512vnni(qn, d, m, x, lut, out, work):
+    if not act_q8_1_row(x, lut, work, True):
+        return False
+    counter = work[8]
+    counter[0] = 0
+    _i8dot._decode_avx512vnni(qn, d, work[1], work[2], work[3], out, x.shape[1] // QK, counter, 0, 1)
+    _add_offsets_rows(out, work[10], m, 0, m.shape[0])
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_m_avxvnni(qn, d, m, x, lut, out, work):
+    if not act_q8_1_row(x, lut, work, True):
+        return False
+    counter = work[8]
+    counter[0] = 0
+    _i8dot._decode_avxvnni(qn, d, work[1], work[2], work[3], out, x.shape[1] // QK, counter, 0, 1)
+    _add_offsets_rows(out, work[10], m, 0, m.shape[0])
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_m_avx2(qn, d, m, x, lut, out, work):
+    if not act_q8_1_row(x, lut, work, False):
+        return False
+    counter = work[8]
+    counter[0] = 0
+    _i8dot._decode_avx2(qn, d, work[1], work[2], work[3], out, x.shape[1] // QK, counter, 0, 1)
+    _add_offsets_rows(out, work[10], m, 0, m.shape[0])
+    return True
+
+
+_MATVEC_M = {"avx512vnni": _matvec_m_avx512vnni, "avxvnni": _matvec_m_avxvnni, "avx2": _matvec_m_avx2}
 
 
 def q8_k_blocks(x: np.ndarray, tag: str) -> tuple[np.ndarray, np.ndarray]:

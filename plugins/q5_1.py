@@ -55,7 +55,7 @@ import quantfmt
 from quantfmt.families import GGMLFormat, parallel_rows
 
 from ._ggml import NONFINITE_ROW, QK, f32_to_f16_bits, fp16_table, has_nonfinite, vec_dot_ref
-from ._i8tiles import prepare_int8, qmatmul_int8, qmatmul_path
+from ._i8tiles import matvec_fn, prepare_int8, qmatmul_int8, qmatmul_path
 from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest_int_ref, row_sigma2, row_sigma2_ref
 
 BLOCK_BYTES = 24
@@ -406,6 +406,9 @@ class Q5_1(ImportanceWeighted, GGMLFormat):
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return qmatmul_int8(prep, x, mode, self.tag)
+
+    def matvec_fn(self, prep, rows, cols, mode):
+        return matvec_fn(prep, rows, cols, mode)
 
     def kernel_path(self, op, n=1, mode="f32"):
         return qmatmul_path(op, n, mode)
