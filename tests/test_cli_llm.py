@@ -53,6 +53,9 @@ def test_run_generates_and_reports_speed(tiny):
     assert r.exit_code == 0 and r.stdout.startswith("the thing") and "decode:" in r.stderr
     # the kernels' first calls run before the prompt and are reported apart, not in the speeds
     assert rec["warm_up_seconds"] > 0 and "first calls of the kernels" in r.stderr
+    # one token is the prefill's: no decode rate (it printed "0.0 tokens/s")
+    r = CliRunner().invoke(cli, ["run", str(path), "-p", "the thing", "-n", "1"])
+    assert r.exit_code == 0 and "decode: 1 tokens, no decode step" in r.stderr and "0.0 tokens/s" not in r.stderr
 
 
 def test_warm_up_leaves_the_generation_unchanged(tiny):

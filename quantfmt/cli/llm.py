@@ -82,8 +82,10 @@ def run(path, prompt, n_tokens, temperature, top_p, seed, n_ctx, to, recipe_file
         rec = {"file": str(path), "prompt": prompt, "text": text, **st.to_dict(),
                "kv_cache_bytes": runner.kv_cache_bytes, "model_bytes": model.nbytes}
         out.emit(rec, lambda: None)
+        # one generated token is no decode step (it comes from the prefill's logits): no rate to print
+        rate = f"{st.decode_tokens_per_s:.1f} tokens/s" if st.generated_tokens > 1 else "no decode step"
         out.note(f"prefill: {st.prompt_tokens} tokens, {st.prefill_tokens_per_s:.1f} tokens/s; decode: "
-                 f"{st.generated_tokens} tokens, {st.decode_tokens_per_s:.1f} tokens/s "
+                 f"{st.generated_tokens} tokens, {rate} "
                  f"(model {size(model.nbytes)}, KV cache {size(runner.kv_cache_bytes)}; first calls of the "
                  f"kernels before it, numba compiling or loading its cache: {st.warm_up_seconds:.1f} s)")
 
