@@ -40,12 +40,16 @@ the super-block accumulator: vpdpwssd with (sc, 0) pairs when a sub-block dot fi
 Q3_K, Q4_K: |dot| <= 16*15*127), else vpmulld + vpaddd (Q5_K, Q6_K). msum: vpdpwssd of broadcast mi
 pairs against per-lane bsum pairs. Register tiles, chunks of activation rows and the output stores
 as in _i8gemm. Not used: AMX (see _i8gemm).
+One row (Format.matvec_fn, the runner's decode of a token): the activations' Q8_K, the zmm group
+order and the decode kernel in one compiled call on the calling thread, the bits of qmatmul's.
 Measured (11008x4096, 2 threads on a shared 2-core AVX-512 Xeon, vs float32 x @ w.T in the same
 process): decode Q4_K 0.28x, Q6_K 0.30x (before: 0.80x, 0.92x on the integer form); prefill n=128
 Q4_K 0.61x, Q6_K 0.60x, n=512 0.81x, 0.84x (before: sgemm on dequantized tiles).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numba
 import numpy as np
@@ -58,6 +62,7 @@ from quantfmt.numba_threads import claim
 
 from . import _i8gemm
 from ._i8gemm import LANES, c64, lanes_layout, splat, vload
+from ._kquants import _q8k_blocks
 
 QK_K = 256
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -317,13 +322,25 @@ def _kdec(typingctx, tok, w, dw, mw, xq, xbs, dx, out, r, k, rows, nb):
                 m = b.call(fma8, [b.sitofp(ms, v8f32), splat(b, b.fmul(b.load(b.gep(mwp, [wb])), dxs), v8f32),
                                   b.load(macc)])
                 b.store(m, macc)
+        # the row's sum as a tree (halves added, log2(W) steps): a chain of W + 8 scalar adds was ~100
+        # cycles of latency per row, much of a small matrix's time (576x1536 Q4_K: 6 super-blocks a
+        # row; 0.041 -> 0.031 ms a call). (Two weight rows per call, sharing the activation loads, were
+        # tried after that: no faster.)
         f = b.load(facc)
+        if not sym:
+            m = b.load(macc)
+            if W == 16:
+                m = b.shuffle_vector(m, ir.Constant(v8f32, [0.0] * 8),
+                                     ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
+            f = b.fsub(f, m)
+        h = W
+        while h > 1:
+            h //= 2
+            und = ir.Constant(f.type, ir.Undefined)
+            lo = b.shuffle_vector(f, und, ir.Constant(ir.VectorType(_I32, h), list(range(h))))
+            hi = b.shuffle_vector(f, und, ir.Constant(ir.VectorType(_I32, h), list(range(h, 2 * h))))
+            f = b.fadd(lo, hi)
         s = b.extract_element(f, ir.Constant(_I32, 0))
-        for i in range(1, W):
-            s = b.fadd(s, b.extract_element(f, ir.Constant(_I32, i)))
-        m = b.load(macc)
-        for i in range(8):
-            s = b.fsub(s, b.extract_element(m, ir.Constant(_I32, i)))
         b.store(s, b.gep(outp, [b.add(b.mul(kv, rowsv), rv)]))
         return context.get_dummy_value()
 
@@ -347,6 +364,72 @@ def _drive_decode(tok, w, dw, mw, xq, xbs, dx, out, rows, n, nb, counter, _c0, _
             for k in range(n):
                 _kdec(tok, w, dw, mw, xq, xbs, dx, out, r, k, rows, nb)
         it = claim(counter)
+
+
+# ---- one activation row, one call: Format.matvec_fn ------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec(tok, order, w, dw, mw, x, d, qs, bs, qflat, qp, bsflat, dflat, counter, out, rows):
+    """qmatmul's decode of ONE activation row x (1, cols) in one compiled call: quantize_row_q8_K_ref
+    (_kquants._q8k_blocks, the kernel quantize_q8_K runs), the zmm path's group order (order: the
+    permutation PAIR_ORDER, into qp; empty: none) and the decode driver on this thread. The same
+    operations as qmatmul's, so the same bits. False (nothing computed) if x holds a NaN or an
+    infinity: the caller then takes qmatmul, which raises the error."""
+    for c in range(x.shape[1]):
+        if not (abs(x[0, c]) < np.inf):
+            return False
+    nb = d.shape[1]
+    _q8k_blocks(x, d, qs, bs, 0, nb)
+    src = qflat
+    if order.shape[0] > 0:
+        for b in range(nb):
+            for j in range(8):
+                g = order[j]
+                for i in range(32):
+                    qp[b * QK_K + 32 * j + i] = qflat[b * QK_K + 32 * g + i]
+        src = qp
+    counter[0] = 0
+    _drive_decode(tok, w, dw, mw, src, bsflat, dflat, out, rows, 1, nb, counter, 0, 1)
+    return True
+
+
+_ROW_WORK = threading.local()
+
+
+def _row_work(cols: int) -> tuple:
+    """This thread's work space of _matvec for rows of `cols` (one set per width, kept: a model's
+    layers alternate widths)."""
+    ws = getattr(_ROW_WORK, "by_cols", None)
+    if ws is None:
+        ws = _ROW_WORK.by_cols = {}
+    if cols not in ws:
+        nb = cols // QK_K
+        d = np.empty((1, nb), np.float32)
+        qs = np.empty((1, nb, QK_K), np.int8)
+        bs = np.empty((1, nb, 16), np.int16)
+        ws[cols] = (d, qs, bs, qs.reshape(-1), np.empty(nb * QK_K, np.int8), bs.reshape(-1), d.reshape(-1),
+                    np.zeros(1, np.int64))
+    return ws[cols]
+
+
+def matvec_fn(kind: str, prep, path: str | None = None):
+    """Format.matvec_fn of the k-quants in mode "q8_k": the one-row kernel with its arguments bound, or
+    None where one row does not run it (a matrix large enough for threads: qmatmul splits it)."""
+    path = path or _i8gemm.PATH
+    rows, cols = prep.rows, prep.cols
+    if decode_threads(rows, cols) > 1:
+        return None
+    w = prep.data.reshape(-1)
+    dw, mw = (a.reshape(-1) for a in prep.scales)
+    tok = variant(kind, path)
+    order = PAIR_ORDER[kind].astype(np.int64) if dec_width(path) == 16 else np.zeros(0, np.int64)
+
+    def run(x):
+        out = np.empty((1, rows), np.float32)
+        return out if _matvec(tok, order, w, dw, mw, x, *_row_work(cols), out.reshape(-1), rows) else None
+
+    return run
 
 
 # ---- prefill: a register tile of RW weight rows x NV vectors of activation rows -------------------

@@ -1457,6 +1457,15 @@ class KQuant(GGMLFormat):
     def _qmatmul(self, prep, rows, cols, x, mode):
         return kquant_qmatmul(self, prep, x, mode)
 
+    def matvec_fn(self, prep, rows, cols, mode):
+        # one row in mode q8_k on an int8 path: the activations' Q8_K and the decode in one call
+        # (plugins/_kdot.py), where qmatmul spends ~0.03 ms per call around the kernel
+        from . import _i8gemm, _kdot
+
+        if mode != "q8_k" or _i8gemm.PATH == "portable":
+            return None
+        return _kdot.matvec_fn(prep.kind, prep)
+
     def quantize_weighted(self, w, quant_weights) -> np.ndarray:
         """Quantize with importance weights (ggml's imatrix; shape (cols,) or that of w), as
         ggml_quantize_chunk does when given one."""

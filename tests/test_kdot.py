@@ -102,6 +102,40 @@ def test_extreme_quants_and_activations(tag, monkeypatch):
             check(f, m, data, rows, cols, x[:n])
 
 
+@pytest.mark.parametrize("tag", TAGS)
+def test_matvec_fn_is_qmatmul_to_the_bit(tag, monkeypatch):
+    """Format.matvec_fn (one activation row: its Q8_K and the decode kernel in one compiled call) gives
+    qmatmul's bits on every int8 path, declines where qmatmul must raise (NaN/inf activations) or would
+    split the rows over threads, and is not offered on the portable path or in mode f32."""
+    f = quantfmt.get_format(tag)
+    rng = np.random.default_rng(11)
+    for rows, cols in [(7, 768), (38, 512), (1, 256)]:
+        for data in (f.quantize(rng.standard_normal((rows, cols)).astype(np.float32)),
+                     random_bytes(rng, tag, rows, cols)):
+            for path in _i8gemm.available():
+                monkeypatch.setattr(_i8gemm, "PATH", path)
+                prep = f.prepare(data, rows, cols)
+                mv = f.matvec_fn(prep, rows, cols, "q8_k")
+                for x in (activations(rng, 1, cols), np.zeros((1, cols), np.float32)):
+                    want = f.qmatmul(data, (rows, cols), x, "q8_k", prepared=prep)
+                    got = mv(x)
+                    assert got.shape == (1, rows) and got.dtype == np.float32
+                    np.testing.assert_array_equal(got, want, err_msg=f"{path} {rows}x{cols}")
+                bad = activations(rng, 1, cols)
+                bad[0, cols // 2] = np.nan
+                assert mv(bad) is None
+                assert f.matvec_fn(prep, rows, cols, "f32") is None
+    # the QTensor binding: a NaN activation raises qmatmul's error
+    t = quantfmt.QTensor.quantize(rng.standard_normal((8, 512)).astype(np.float32), tag)
+    fn = t.matvec_fn("q8_k")
+    with pytest.raises(quantfmt.errors.NonFiniteError, match=f"{tag}: qmatmul mode 'q8_k'"):
+        fn(np.full((1, 512), np.nan, np.float32))
+    monkeypatch.setattr(_kdot, "decode_threads", lambda rows, cols: 2)
+    assert f.matvec_fn(f.prepare(data, rows, cols), rows, cols, "q8_k") is None
+    monkeypatch.setattr(_i8gemm, "PATH", "portable")
+    assert f.matvec_fn(f.prepare(data, rows, cols), rows, cols, "q8_k") is None
+
+
 def test_paths_agree_with_each_other():
     # The int8 paths differ only in float order: against each other they agree to float32 rounding.
     rng = np.random.default_rng(9)
