@@ -50,18 +50,20 @@ the weights, for the numpy reference of mode q8_k (plugins/_kquants.py's dot_q8k
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
 import quantfmt
-from quantfmt.families import GGMLFormat, parallel_rows
+from quantfmt.families import GGMLFormat, decode_threads, parallel_rows
 
-from . import _iq4
+from . import _i4dot, _iq4
 from ._ggml import NONFINITE_ROW, f32_to_f16_bits, fp16_table, has_nonfinite
 from ._i4dot import kernel_path as lut_kernel_path
 from ._i4dot import prepare_lut, qmatmul
 from ._iq4 import BRACKET, KVALUES, VF, best_index_ref, pack32, search_scales, search_scales_ref
-from ._kquants import QK_K
+from ._kquants import QK_K, _q8k_blocks
 from ._weighted import ImportanceWeighted, current_weights, nearest_int, nearest_int_ref
 
 BLOCK_BYTES = 136
@@ -279,6 +281,97 @@ def _dequantize_kernel(blocks, lut, idx, out):
     _dequantize_kernel_v(blocks, lut, VF, idx, out)
 
 
+# ---- one activation row in mode q8_k: Format.matvec_fn ------------------------------------------
+# The runner's decode of a token: qmatmul quantizes the row to Q8_K (the Python path, its checks and
+# thread bookkeeping) and then runs _i4dot's decode, ~0.02 ms a call around a kernel of that size
+# on a small model's matrices. Here the row's Q8_K (the kernel quantize_q8_K runs) and the decode run
+# in one compiled call: qmatmul's operations, so its bits. One function per int8 path, each calling
+# its own driver (a dispatcher passed as an argument would not be cached across processes).
+
+
+@numba.njit(cache=True, nogil=True)
+def _act_q8_k_row(x, kd, kq, kb, dx, cx, unsigned):
+    """x (1, cols) as q8_k_blocks gives it to _i4dot's decode: Q8_K super-blocks into kd, kq, kb
+    (_kquants.quantize_q8_K's arrays), each 32-block's scale d_x into dx (1, cols/32) and the kernel's
+    accumulator start -128 * sum(q) into cx (0 where the weights are not stored unsigned, AVX2).
+    False, computing nothing, for a NaN/inf (qmatmul then raises)."""
+    for c in range(x.shape[1]):
+        if not (abs(x[0, c]) < np.inf):
+            return False
+    nbk = kd.shape[1]
+    _q8k_blocks(x, kd, kq, kb, 0, nbk)
+    for b in range(8 * nbk):
+        dx[0, b] = kd[0, b // 8]
+        sq = 0
+        if unsigned:
+            for j in range(32):
+                sq += np.int32(kq[0, b // 8, 32 * (b % 8) + j])
+        cx[0, b] = np.int32(-128) * sq
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_avx512vnni(qn, d, tab, x, kd, kq, kb, xq, dx, cx, m, sx, counter, out):
+    if not _act_q8_k_row(x, kd, kq, kb, dx, cx, True):
+        return False
+    counter[0] = 0
+    _i4dot._decode_avx512vnni(qn, d, tab, xq, dx, cx, m, sx, out, dx.shape[1], counter, 0, 1)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_avxvnni(qn, d, tab, x, kd, kq, kb, xq, dx, cx, m, sx, counter, out):
+    if not _act_q8_k_row(x, kd, kq, kb, dx, cx, True):
+        return False
+    counter[0] = 0
+    _i4dot._decode_avxvnni(qn, d, tab, xq, dx, cx, m, sx, out, dx.shape[1], counter, 0, 1)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _matvec_avx2(qn, d, tab, x, kd, kq, kb, xq, dx, cx, m, sx, counter, out):
+    if not _act_q8_k_row(x, kd, kq, kb, dx, cx, False):
+        return False
+    counter[0] = 0
+    _i4dot._decode_avx2(qn, d, tab, xq, dx, cx, m, sx, out, dx.shape[1], counter, 0, 1)
+    return True
+
+
+_MATVEC = {"avx512vnni": _matvec_avx512vnni, "avxvnni": _matvec_avxvnni, "avx2": _matvec_avx2}
+_ROW_WORK = threading.local()
+
+
+def _row_work(cols: int) -> tuple:
+    """This thread's work space of the _matvec functions for rows of `cols` (kd, kq, kb, xq, dx, cx, m,
+    sx, counter), one set per width, kept (a model's layers alternate widths)."""
+    ws = getattr(_ROW_WORK, "by_cols", None)
+    if ws is None:
+        ws = _ROW_WORK.by_cols = {}
+    if cols not in ws:
+        nbk = cols // QK_K
+        kq = np.empty((1, nbk, QK_K), np.int8)
+        ws[cols] = (np.empty((1, nbk), np.float32), kq, np.empty((1, nbk, 16), np.int16), kq.reshape(1, cols),
+                    np.empty((1, cols // 32), np.float32), np.empty((1, cols // 32), np.int32),
+                    np.zeros(0, np.float32), np.zeros((1, 0), np.float32), np.zeros(1, np.int64))
+    return ws[cols]
+
+
+def matvec_fn(prep, path: str | None = None):
+    """Format.matvec_fn in mode q8_k: the one-row kernel with its arguments bound, or None where one row
+    does not run it (the portable path; a matrix large enough for threads)."""
+    path = path or _i4dot.PATH
+    if path == "portable" or _i4dot.takes_prefill(1, path) or decode_threads(prep.rows, prep.cols) > 1:
+        return None
+    f, qn, d, tab = _MATVEC[path], prep.qn(), prep.d, prep.kernel_table(path)
+    rows, cols, width = prep.rows, prep.cols, prep.d.shape[0] * _i4dot.T
+
+    def run(x):
+        out = np.empty((1, width), np.float32)
+        return out[:, :rows] if f(qn, d, tab, x, *_row_work(cols), out) else None
+
+    return run
+
+
 # ---- the format ---------------------------------------------------------------------------
 
 
@@ -323,6 +416,9 @@ class IQ4X(ImportanceWeighted, GGMLFormat):
 
     def _qmatmul(self, prep, rows, cols, x, mode):
         return qmatmul(prep, x, mode, self.tag)
+
+    def matvec_fn(self, prep, rows, cols, mode):
+        return matvec_fn(prep) if mode == "q8_k" else None
 
 
 @quantfmt.hookimpl

@@ -208,3 +208,33 @@ def test_one_row_matvec_equals_the_batch_kernel_and_keeps_its_errors(path, tag, 
         x1[0, 40] = bad
         with pytest.raises(err):
             f(x1)
+
+
+@pytest.mark.parametrize("path", _i8gemm.available())
+def test_iq4_xs_one_row_q8_k_equals_the_batch_kernel(path, monkeypatch):
+    # IQ4_XS's matvec_fn in mode q8_k: the row's Q8_K super-blocks and _i4dot's decode in one compiled call,
+    # equal to the first row of a 2-row batch (q8_k_blocks, then the same driver) to the bit; NaN/inf keep
+    # qmatmul's error; not offered in mode f32.
+    from quantfmt.errors import NonFiniteError
+
+    monkeypatch.setattr(_i4dot, "PATH", path)
+    rng = np.random.default_rng(7)
+    fmt = get_format("IQ4_XS")
+    for rows, cols in ((70, 512), (576, 1536), (33, 1024)):
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        data = fmt.quantize(w)
+        prep = fmt.prepare(data, rows, cols)
+        x = rng.standard_normal((2, cols)).astype(np.float32)
+        x[0, 256:512] = 0  # an all-zero super-block: d_x = 0
+        x[0, :256] *= np.float32(1e-4)
+        t = QTensor("w", fmt, (rows, cols), data)
+        f = t.matvec_fn("q8_k")
+        assert fmt.matvec_fn(t._prepared, rows, cols, "q8_k") is not None  # the one-row kernel, not matmul
+        assert fmt.matvec_fn(t._prepared, rows, cols, "f32") is None
+        one = f(np.ascontiguousarray(x[:1]))
+        np.testing.assert_array_equal(one, fmt.qmatmul(data, (rows, cols), x, "q8_k", prepared=prep)[:1])
+    for bad in (np.nan, -np.inf):
+        x1 = x[:1].copy()
+        x1[0, 40] = bad
+        with pytest.raises(NonFiniteError, match="IQ4X: qmatmul mode 'q8_k'"):
+            f(x1)
