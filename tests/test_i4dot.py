@@ -181,7 +181,7 @@ def test_q4_decode_on_each_path(tag, path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", _i8gemm.available())
-@pytest.mark.parametrize("tag", ["Q4_0", "Q4_1", "IQ4N"])
+@pytest.mark.parametrize("tag", ["Q4_0", "Q4_1", "IQ4N", "MXF4"])
 def test_one_row_matvec_equals_the_batch_kernel_and_keeps_its_errors(path, tag, monkeypatch):
     # Format.matvec_fn (n = 1, mode q8_0, one thread) quantizes and multiplies in one call (_i4dot._MATVEC; Q4_1's
     # _MATVEC_M with its Q8_1 sums): the same activation blocks as quantize_activations and the same driver,
