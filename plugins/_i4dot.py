@@ -412,6 +412,10 @@ def _make_decode(isa: str):
             with cgutils.for_range(builder, nbv) as loop:
                 b = loop.index
                 k = builder.add(tbase, b)  # (tile, block)
+                # the tile's weights are two sequential streams, its nibbles (16T bytes a block) and its
+                # scales (4T): both prefetched as far ahead in time (_i8gemm.PREFETCH_BYTES)
+                _i8gemm.prefetch(builder, builder.gep(qp, [builder.mul(k, c64(16 * T))]), 16 * T)
+                _i8gemm.prefetch(builder, builder.gep(dp, [builder.mul(k, c64(T))]), 4 * T, _i8gemm.PREFETCH_BYTES // 4)
                 c0 = splat(builder.load(builder.gep(cxp, [b])), vi32)
                 accs = [c0] * parts
                 xo = builder.mul(b, c64(QK))
@@ -435,6 +439,7 @@ def _make_decode(isa: str):
                     f = builder.load(faccs[p])
                     builder.store(builder.call(fma, [builder.sitofp(accs[p], vf32), builder.fmul(dv, s), f]), faccs[p])
                 with builder.if_then(has_m):
+                    _i8gemm.prefetch(builder, builder.gep(mp, [doff]), 4 * T, _i8gemm.PREFETCH_BYTES // 4)
                     sm = splat(builder.load(builder.gep(sxp, [b])), vf32)
                     for p in range(parts):
                         mv = vload(mp, builder.add(doff, c64(lanes * p)), vf32, 4)

@@ -167,6 +167,10 @@ def _make_decode(isa: str):
             with cgutils.for_range(builder, nbv) as loop:
                 b = loop.index
                 k = builder.add(tbase, b)  # (tile, block)
+                # two sequential streams, the tile's quants (32T bytes a block) and its scales (4T), both
+                # prefetched as far ahead in time (_i8gemm.PREFETCH_BYTES: weights from DRAM)
+                _i8gemm.prefetch(builder, builder.gep(qp, [builder.mul(k, c64(32 * T))]), 32 * T)
+                _i8gemm.prefetch(builder, builder.gep(dp, [builder.mul(k, c64(T))]), 4 * T, _i8gemm.PREFETCH_BYTES // 8)
                 c0 = _i8gemm.splat(builder, builder.load(builder.gep(cxp, [b])), vi32)
                 accs = [[c0] + [zero_i] * (ACC_CHAINS - 1) for _ in range(parts)]
                 xo = builder.mul(b, c64(QK))

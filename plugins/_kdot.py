@@ -61,7 +61,7 @@ from quantfmt.families import decode_threads, parallel_rows
 from quantfmt.numba_threads import claim
 
 from . import _i8gemm
-from ._i8gemm import LANES, c64, lanes_layout, splat, vload
+from ._i8gemm import LANES, c64, lanes_layout, prefetch, splat, vload
 from ._kquants import _q8k_blocks
 
 QK_K = 256
@@ -283,6 +283,7 @@ def _kdec(typingctx, tok, w, dw, mw, xq, xbs, dx, out, r, k, rows, nb):
             wb = b.add(b.mul(rv, nbv), blk)  # (row, super-block)
             xb = b.add(b.mul(kv, nbv), blk)  # (activation row, super-block)
             base = b.gep(wp, [b.mul(wb, c64(bb))])
+            prefetch(b, base, bb)
             sc, mi = scales(_Scalars(b, base))
             xbase = b.mul(xb, c64(QK_K))
 
