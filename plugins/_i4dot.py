@@ -594,12 +594,32 @@ _MATVEC_M = {"avx512vnni": _matvec_m_avx512vnni, "avxvnni": _matvec_m_avxvnni, "
 def matvec_fn(prep: LutPrepared, path: str | None = None, m: np.ndarray | None = None):
     """Format.matvec_fn in mode "q8_0" (with Q4_1's term where `m`, its minimums tiled as prep.d, is
     given): the one-row kernel with its arguments bound, or None where one row does not run it (the
-    portable path; a matrix large enough for threads)."""
+    portable path). A matrix large enough for threads (decode_threads): the row quantized by one compiled
+    call (_ggml.act_q8_0_row / act_q8_1_row), the path's driver on parallel_rows' threads, where qmatmul's
+    Python (quantize_activations, its checks and allocations) cost ~0.05 ms a call."""
     path = path or PATH
-    if path == "portable" or decode_threads(prep.rows, prep.cols) > 1:
+    if path == "portable":
         return None
     qn, d, tab, lut = prep.qn(), prep.d, prep.kernel_table(path), fp16_table()
     rows, width = prep.rows, prep.d.shape[0] * T
+    threads = decode_threads(prep.rows, prep.cols)
+    if threads > 1:
+        dec, act, unsigned, mt = _DECODE[path], act_q8_0_row if m is None else act_q8_1_row, path != "avx2", m
+        if mt is not None:
+            mt = mt.reshape(-1)
+
+        def run_threads(x):
+            work = act_row_work(x.shape[1])
+            if not act(x, lut, work, unsigned):
+                return None
+            out = np.empty((1, width), np.float32)
+            counter = work[8]
+            counter[0] = 0
+            parallel_rows(dec, threads, 1, qn, d, tab, work[1], work[2], work[3], work[6] if mt is None else mt,
+                          work[7] if mt is None else work[10], out, x.shape[1] // QK, counter, weights=1)
+            return out[:, :rows]
+
+        return run_threads
     if m is not None:
         f, mt = _MATVEC_M[path], m.reshape(-1)
 

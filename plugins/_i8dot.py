@@ -291,12 +291,28 @@ _MATVEC = {"avx512vnni": _matvec_avx512vnni, "avxvnni": _matvec_avxvnni, "avx2":
 
 
 def matvec_fn(qn: np.ndarray, d: np.ndarray, rows: int, cols: int, path: str | None = None):
-    """Format.matvec_fn of Q8_0 in mode "q8_0": the one-row kernel with its arguments bound, or None
-    where one row does not run it (a matrix large enough for threads)."""
+    """Format.matvec_fn of Q8_0 in mode "q8_0": the one-row kernel with its arguments bound (a matrix
+    large enough for threads: the row quantized in one call, the driver on parallel_rows' threads)."""
     path = path or PATH
-    if decode_threads(rows, cols) > 1:
-        return None
+    threads = decode_threads(rows, cols)
     f, lut, width = _MATVEC[path], fp16_table(), d.shape[0] * T
+    if threads > 1:
+        # the row quantized by one compiled call, the driver on parallel_rows' threads (qmatmul's
+        # Python around the same driver cost ~0.05 ms a call)
+        dec, unsigned = _DECODE[path], path != "avx2"
+
+        def run_threads(x):
+            work = act_row_work(x.shape[1])
+            if not act_q8_0_row(x, lut, work, unsigned):
+                return None
+            out = np.empty((1, width), np.float32)
+            counter = work[8]
+            counter[0] = 0
+            parallel_rows(dec, threads, 1, qn, d, work[1], work[2], work[3], out, x.shape[1] // QK, counter,
+                          weights=1)
+            return out[:, :rows]
+
+        return run_threads
 
     def run(x):
         out = np.empty((1, width), np.float32)

@@ -238,3 +238,28 @@ def test_iq4_xs_one_row_q8_k_equals_the_batch_kernel(path, monkeypatch):
         x1[0, 40] = bad
         with pytest.raises(NonFiniteError, match="IQ4X: qmatmul mode 'q8_k'"):
             f(x1)
+
+
+@pytest.mark.parametrize("path", _i8gemm.available())
+def test_one_row_matvec_on_threads_equals_qmatmul(path, monkeypatch):
+    # A matrix large enough for threads (decode_threads > 1, forced here): matvec_fn quantizes the row in one
+    # compiled call and runs the path's driver on parallel_rows' threads, as qmatmul does after its Python
+    # quantization: the same bits; NaN/inf keep qmatmul's error.
+    from quantfmt.errors import NonFiniteError
+
+    monkeypatch.setattr(_i4dot, "PATH", path)
+    monkeypatch.setattr(_i4dot, "decode_threads", lambda rows, cols: 2)
+    rng = np.random.default_rng(8)
+    for tag in ("Q4_0", "Q4_1", "IQ4N", "MXF4"):
+        fmt = get_format(tag)
+        rows, cols = 333, 1024
+        data = fmt.quantize(rng.standard_normal((rows, cols)).astype(np.float32))
+        t = QTensor("w", fmt, (rows, cols), data)
+        f = t.matvec_fn("q8_0")
+        assert fmt.matvec_fn(t._prepared, rows, cols, "q8_0") is not None
+        x = rng.standard_normal((1, cols)).astype(np.float32)
+        x[0, 64:96] = 0
+        np.testing.assert_array_equal(f(x), fmt.qmatmul(data, (rows, cols), x, "q8_0"), err_msg=tag)
+        x[0, 5] = np.nan
+        with pytest.raises(NonFiniteError):
+            f(x)

@@ -73,6 +73,30 @@ def test_decode_matches_ggml_dot(path, monkeypatch):
             assert fmt.kernel_path("qmatmul", n, "q8_0") == expected_path(n, path)
 
 
+@pytest.mark.parametrize("path", _i8gemm.available())
+def test_one_row_matvec_on_threads_equals_qmatmul(path, monkeypatch):
+    # Q8_0 and Q5_0 on a matrix large enough for threads (forced): the row quantized in one compiled call,
+    # _i8dot's driver on parallel_rows' threads, the bits of qmatmul's path; NaN/inf keep its error.
+    from quantfmt.errors import NonFiniteError
+
+    monkeypatch.setattr(_i8gemm, "PATH", path)
+    monkeypatch.setattr(_i8dot, "PATH", path)
+    monkeypatch.setattr(_i8dot, "decode_threads", lambda rows, cols: 2)
+    rng = np.random.default_rng(12)
+    for tag in ("Q8_0", "Q5_0"):
+        fmt = get_format(tag)
+        rows, cols = 333, 1024
+        data = fmt.quantize(rng.standard_normal((rows, cols)).astype(np.float32))
+        t = QTensor("w", fmt, (rows, cols), data)
+        f = t.matvec_fn("q8_0")
+        assert fmt.matvec_fn(t._prepared, rows, cols, "q8_0") is not None
+        x = rng.standard_normal((1, cols)).astype(np.float32)
+        np.testing.assert_array_equal(f(x), fmt.qmatmul(data, (rows, cols), x, "q8_0"), err_msg=tag)
+        x[0, 5] = np.inf
+        with pytest.raises(NonFiniteError):
+            f(x)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("tag,mod", [("Q5_0", q5_0), ("Q5_1", q5_1)])
 def test_q5_decode_takes_the_int8_kernels(tag, mod, path, monkeypatch):

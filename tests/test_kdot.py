@@ -105,8 +105,8 @@ def test_extreme_quants_and_activations(tag, monkeypatch):
 @pytest.mark.parametrize("tag", TAGS)
 def test_matvec_fn_is_qmatmul_to_the_bit(tag, monkeypatch):
     """Format.matvec_fn (one activation row: its Q8_K and the decode kernel in one compiled call) gives
-    qmatmul's bits on every int8 path, declines where qmatmul must raise (NaN/inf activations) or would
-    split the rows over threads, and is not offered on the portable path or in mode f32."""
+    qmatmul's bits on every int8 path, also where the rows are split over threads, declines where qmatmul
+    must raise (NaN/inf activations), and is not offered on the portable path or in mode f32."""
     f = quantfmt.get_format(tag)
     rng = np.random.default_rng(11)
     for rows, cols in [(7, 768), (38, 512), (1, 256)]:
@@ -130,8 +130,17 @@ def test_matvec_fn_is_qmatmul_to_the_bit(tag, monkeypatch):
     fn = t.matvec_fn("q8_k")
     with pytest.raises(quantfmt.errors.NonFiniteError, match=f"{tag}: qmatmul mode 'q8_k'"):
         fn(np.full((1, 512), np.nan, np.float32))
+    # a matrix large enough for threads: the row made in one call, the driver on parallel_rows' threads
     monkeypatch.setattr(_kdot, "decode_threads", lambda rows, cols: 2)
-    assert f.matvec_fn(f.prepare(data, rows, cols), rows, cols, "q8_k") is None
+    for path in _i8gemm.available():
+        monkeypatch.setattr(_i8gemm, "PATH", path)
+        data = f.quantize(rng.standard_normal((300, 512)).astype(np.float32))
+        prep = f.prepare(data, 300, 512)
+        mv = f.matvec_fn(prep, 300, 512, "q8_k")
+        x = activations(rng, 1, 512)
+        np.testing.assert_array_equal(mv(x), f.qmatmul(data, (300, 512), x, "q8_k", prepared=prep), err_msg=path)
+        x[0, 3] = np.inf
+        assert mv(x) is None
     monkeypatch.setattr(_i8gemm, "PATH", "portable")
     assert f.matvec_fn(f.prepare(data, rows, cols), rows, cols, "q8_k") is None
 
