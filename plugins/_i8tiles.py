@@ -153,10 +153,27 @@ def matvec_fn(prep: Prepared, rows: int, cols: int, mode: str):
         return None
     if not prep.m.size:
         return _i8dot.matvec_fn(decode_tiles(prep), prep.d, rows, cols)
-    if decode_threads(rows, cols) > 1:
-        return None
     f, qn, d, m, lut = _MATVEC_M[_i8dot.PATH], decode_tiles(prep), prep.d, prep.m, fp16_table()
     width = d.shape[0] * T
+    threads = decode_threads(rows, cols)
+    if threads > 1:
+        # the row (with its Q8_1 sums) made by one compiled call, _i8dot's driver and then the offsets'
+        # term on parallel_rows' threads: qmatmul_int8's steps without its Python around them
+        dec, unsigned = _i8dot._DECODE[_i8dot.PATH], _i8dot.PATH != "avx2"
+
+        def run_threads(x):
+            work = act_row_work(x.shape[1])
+            if not act_q8_1_row(x, lut, work, unsigned):
+                return None
+            out = np.empty((1, width), np.float32)
+            counter = work[8]
+            counter[0] = 0
+            parallel_rows(dec, threads, 1, qn, d, work[1], work[2], work[3], out, x.shape[1] // QK, counter,
+                          weights=1)
+            _add_offsets(out, work[10], m)
+            return out[:, :rows]
+
+        return run_threads
 
     def run(x):
         out = np.empty((1, width), np.float32)

@@ -358,12 +358,27 @@ def _row_work(cols: int) -> tuple:
 
 def matvec_fn(prep, path: str | None = None):
     """Format.matvec_fn in mode q8_k: the one-row kernel with its arguments bound, or None where one row
-    does not run it (the portable path; a matrix large enough for threads)."""
+    does not run it (the portable path)."""
     path = path or _i4dot.PATH
-    if path == "portable" or _i4dot.takes_prefill(1, path) or decode_threads(prep.rows, prep.cols) > 1:
+    if path == "portable" or _i4dot.takes_prefill(1, path):
         return None
     f, qn, d, tab = _MATVEC[path], prep.qn(), prep.d, prep.kernel_table(path)
     rows, cols, width = prep.rows, prep.cols, prep.d.shape[0] * _i4dot.T
+    threads = decode_threads(rows, cols)
+    if threads > 1:
+        # the row made by one compiled call, _i4dot's driver on parallel_rows' threads (as qmatmul)
+        dec, unsigned = _i4dot._DECODE[path], path != "avx2"
+
+        def run_threads(x):
+            kd, kq, kb, xq, dx, cx, m, sx, counter = _row_work(cols)
+            if not _act_q8_k_row(x, kd, kq, kb, dx, cx, unsigned):
+                return None
+            out = np.empty((1, width), np.float32)
+            counter[0] = 0
+            parallel_rows(dec, threads, 1, qn, d, tab, xq, dx, cx, m, sx, out, dx.shape[1], counter, weights=1)
+            return out[:, :rows]
+
+        return run_threads
 
     def run(x):
         out = np.empty((1, width), np.float32)

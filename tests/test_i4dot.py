@@ -238,6 +238,14 @@ def test_iq4_xs_one_row_q8_k_equals_the_batch_kernel(path, monkeypatch):
         x1[0, 40] = bad
         with pytest.raises(NonFiniteError, match="IQ4X: qmatmul mode 'q8_k'"):
             f(x1)
+    # a matrix large enough for threads (forced): the row made in one call, the driver on parallel_rows
+    monkeypatch.setattr(iq4_xs, "decode_threads", lambda rows, cols: 2)
+    monkeypatch.setattr(_i4dot, "decode_threads", lambda rows, cols: 2)
+    t = QTensor("w", fmt, (rows, cols), data)
+    f = t.matvec_fn("q8_k")
+    np.testing.assert_array_equal(f(np.ascontiguousarray(x[:1])), fmt.qmatmul(data, (rows, cols), x[:1], "q8_k"))
+    with pytest.raises(NonFiniteError, match="IQ4X: qmatmul mode 'q8_k'"):
+        f(x1)
 
 
 @pytest.mark.parametrize("path", _i8gemm.available())

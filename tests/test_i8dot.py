@@ -22,7 +22,7 @@ from gguf.quants import quantize as gguf_quantize
 from quantfmt import get_format
 from quantfmt.families import prefill_path
 from quantfmt.tensor import QTensor
-from quantfmt_formats import _i8dot, _i8gemm, q5_0, q5_1, q8_0
+from quantfmt_formats import _i8dot, _i8gemm, _i8tiles, q5_0, q5_1, q8_0
 
 PATHS = [*_i8gemm.available(), "portable"]
 SHAPES = [(1, 32), (37, 96), (70, 512), (33, 1024)]
@@ -75,15 +75,17 @@ def test_decode_matches_ggml_dot(path, monkeypatch):
 
 @pytest.mark.parametrize("path", _i8gemm.available())
 def test_one_row_matvec_on_threads_equals_qmatmul(path, monkeypatch):
-    # Q8_0 and Q5_0 on a matrix large enough for threads (forced): the row quantized in one compiled call,
-    # _i8dot's driver on parallel_rows' threads, the bits of qmatmul's path; NaN/inf keep its error.
+    # Q8_0, Q5_0 and Q5_1 on a matrix large enough for threads (forced): the row quantized in one compiled
+    # call, _i8dot's driver (Q5_1: then its offsets) on parallel_rows' threads, the bits of qmatmul's path;
+    # NaN/inf keep its error.
     from quantfmt.errors import NonFiniteError
 
     monkeypatch.setattr(_i8gemm, "PATH", path)
     monkeypatch.setattr(_i8dot, "PATH", path)
     monkeypatch.setattr(_i8dot, "decode_threads", lambda rows, cols: 2)
+    monkeypatch.setattr(_i8tiles, "decode_threads", lambda rows, cols: 2)
     rng = np.random.default_rng(12)
-    for tag in ("Q8_0", "Q5_0"):
+    for tag in ("Q8_0", "Q5_0", "Q5_1"):
         fmt = get_format(tag)
         rows, cols = 333, 1024
         data = fmt.quantize(rng.standard_normal((rows, cols)).astype(np.float32))
