@@ -199,6 +199,7 @@ class LlamaRunner:
         self.scale = np.float32(1.0 / math.sqrt(hd))
         self._scores: np.ndarray | None = None  # the decode attention's scratch (heads, n_ctx)
         self._matvecs: list | None = None  # per layer, its matrices' one-row products (made on first decode)
+        self._head_matvec = None  # the output matrix's
         self.pos = 0
 
     @classmethod
@@ -360,6 +361,11 @@ class LlamaRunner:
 
     def _head(self, x):
         h = _rmsnorm(x, self.output_norm, self.config.rms_eps)
+        if x.shape[0] == 1:
+            # a decoded token: the output matrix's one-row product, bound once (as the layers' matrices)
+            if self._head_matvec is None:
+                self._head_matvec = self.output.matvec_fn(self.output_mode)
+            return self._head_matvec(np.ascontiguousarray(h, np.float32))
         blas = self.activations == "blas" and x.shape[0] >= BLAS_MIN_BATCH
         return self.output.matmul(h, "f32" if blas else self.output_mode)
 
