@@ -606,10 +606,16 @@ def _drive_prefill(tok, w, dw, mw, xa, xbs, dx, out, rows, groups, nb, c0, count
 
 # ---- entry ------------------------------------------------------------------------------------------
 
-#: Activation rows from which the prefill kernel runs (below: the decode kernel once per row).
-#: Measured crossovers (11008x4096, 2 threads, decode vs prefill): Q4_K n = 4 even (n = 6: prefill
-#: 0.64x decode's time), Q6_K n = 4 decode 0.6x prefill's time, n = 6 even.
-MIN_ROWS = {"q2_k": 4, "q3_k": 4, "q4_k": 4, "q5_k": 4, "q6_k": 6}
+#: Activation rows from which the prefill kernel runs, per int8 path (below: the decode kernel, each
+#: weight row once for all n rows). The prefill kernel's time is that of a whole group of LANES[path]
+#: rows whatever n is; the decode's grows with n. Measured (2 threads, ms, decode vs prefill), 11008x4096
+#: in the L3, avx512vnni: Q4_K n=8 5.2 vs 6.5, n=12 6.5 vs 6.3; Q6_K n=8 5.8 vs 8.1, n=12 8.7 vs 8.5; Q2_K
+#: n=12 6.1 vs 6.4; Q3_K n=8 7.2 vs 8.4, n=12 9.7 vs 6.5; Q5_K n=8 7.0 vs 7.4. Forced avxvnni: Q4_K n=6 6.1
+#: vs 5.8, Q6_K n=6 4.6 vs 5.9, n=8 6.5 vs 7.6; forced avx2: Q4_K n=8 7.0 vs 9.5, n=12 10.3 vs 9.9, Q6_K
+#: n=8 6.7 vs 9.7, n=12 15.5 vs 12.7. From DRAM (5632x2048, 40 matrices in turn) decode wins further, to n=16
+#: for Q4_K. It was 4 (6 for Q6_K), measured before the decode kernel's prefetch and tree sum: a 0.68B
+#: Q4_K_M model took 144 ms for 4 prompt tokens and 46 ms for 3.
+MIN_ROWS = {"avx512vnni": 10, "avxvnni": 6, "avx2": 10}
 
 
 def qmatmul(kind: str, prep, dx, qx, bs, path: str | None = None) -> np.ndarray:
@@ -621,7 +627,7 @@ def qmatmul(kind: str, prep, dx, qx, bs, path: str | None = None) -> np.ndarray:
     w = prep.data.reshape(-1)
     dw, mw = prep.scales
     tok = variant(kind, path)
-    if n < MIN_ROWS[kind]:
+    if n < MIN_ROWS[path]:
         if dec_width(path) == 16:
             qx = np.ascontiguousarray(qx.reshape(n, nb, 8, 32)[:, :, PAIR_ORDER[kind]])
         out = np.empty((n, rows), np.float32)

@@ -1372,7 +1372,7 @@ def q8k_path(kind: str, n: int, mode: str) -> str:
     from . import _i8gemm, _kdot
 
     if mode == "q8_k" and _i8gemm.PATH != "portable":
-        return f"{'kdot' if n < _kdot.MIN_ROWS[kind] else 'kgemm'}-{_i8gemm.PATH}"
+        return f"{'kdot' if n < _kdot.MIN_ROWS[_i8gemm.PATH] else 'kgemm'}-{_i8gemm.PATH}"
     return prefill_path() if n >= Q8K_BLAS_MIN_ROWS else f"int-{mode}"
 
 
