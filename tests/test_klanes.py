@@ -193,3 +193,37 @@ def test_qdiv_equals_scalar(n, has_add, lo, hi, bias):
         v = ((x + add) if has_add else x) / np.repeat(div, n)
     want = np.clip(K.nearest_int_np(v.astype(np.float32)), lo, hi) + bias
     assert np.array_equal(L.astype(np.int64), want)
+
+
+@pytest.mark.parametrize("n,has_add,lo,hi,bias", [(16, False, -32, 31, 32), (32, True, 0, 15, 0)])
+def test_qdiv_near_rounding_boundaries(n, has_add, lo, hi, bias):
+    """qdiv where its rounding decides: quotients from a few ulp to a few 2**-12 off k + 1/2, beyond
+    the clamps, and past 2**22, where nearest_int's bit trick wraps. (A multiply by the reciprocal
+    with the division only near boundaries was tried: no faster, and this test caught its margins.)"""
+    import numba
+
+    from quantfmt_formats._klanes import qdiv
+
+    qd = qdiv(n, has_add)
+
+    @numba.njit
+    def run(x, add, div, L):
+        for b in range(x.size // n):
+            qd(x, b * n, add, div[b], lo, hi, bias, L, b * n)
+
+    rng = np.random.default_rng(1)
+    blocks = 4000
+    k = rng.integers(lo - 2, hi + 2, (blocks, n)).astype(np.float64)
+    delta = rng.choice([1e-7, 1e-6, 1e-5, 1.2e-4, 2.4e-4, 2.5e-4, 4e-4, 1e-3, 0.3], (blocks, n))
+    q = k + 0.5 + delta * rng.choice([-1.0, 1.0], (blocks, n))
+    q[::7] = np.round(q[::7])  # whole blocks far from every boundary
+    q[5::97, 3] = rng.uniform(300, 900, q[5::97, 3].shape) * rng.choice([-1.0, 1.0], q[5::97, 3].shape)
+    q[9::97, 5] = rng.uniform(2**22, 2**25, q[9::97, 5].shape)  # where nearest_int's bit trick wraps
+    div = rng.uniform(0.01, 4, blocks).astype(np.float32)
+    add = np.float32(0.375) if has_add else np.float32(0.0)
+    x = (q * div[:, None] - add).astype(np.float32).reshape(-1)
+    L = np.empty(x.size, np.int8)
+    run(x, add, div, L)
+    v = ((x + add) if has_add else x) / np.repeat(div, n)
+    want = np.clip(K.nearest_int_np(v.astype(np.float32)), lo, hi) + bias
+    assert np.array_equal(L.astype(np.int64), want)
