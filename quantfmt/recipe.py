@@ -134,7 +134,13 @@ class Recipe:
     @classmethod
     def from_options(cls, to=None, rules=(), fallback=_UNSET, strict=False, file=None) -> Recipe:
         """The CLI's flags: --recipe (a JSON file, or a llama.cpp mix name such as Q4_K_M) extended by
-        --to, --rule (before the recipe's rules), --fallback."""
+        --to, --rule (before the recipe's rules), --fallback. `--to Q4_K_M` (a mix name that is no
+        format's tag: what llama-quantize takes) is `--recipe Q4_K_M`."""
+        if to is not None and _mix_name(to):
+            if file:
+                raise RecipeError(f"--to {to}: that is a llama.cpp mix, and --recipe {file} is given too; "
+                                  "--to takes a format tag (the default of the tensors no rule names)")
+            file, to = to, None
         base = cls.named_or_file(file) if file else cls(fallback=DEFAULT_FALLBACK)
         parsed = [cls.parse_rule(r) for r in rules]
         default = to if to is not None else base.default
@@ -215,9 +221,7 @@ class Recipe:
         if isinstance(recipe, str):
             if recipe.endswith(".json"):
                 return cls.load(recipe)
-            from .mixes import MIXES
-
-            if recipe.upper() in {k.upper() for k in MIXES} and not _is_tag(recipe):
+            if _mix_name(recipe):
                 return cls(mix=recipe)  # Q4_K_M: a mix; Q4_0 stays the tag (cls(mix="Q4_0") for the mix)
             return cls(default=recipe)
         raise RecipeError(f"a recipe is a Recipe, a tag, a dict or a .json file, not {type(recipe).__name__}")
@@ -373,6 +377,13 @@ def protection(name: str, shape) -> str | None:
     if any(_NORM.search(p) for p in parts[:-1] or parts):
         return "norm"
     return None
+
+
+def _mix_name(name: str) -> bool:
+    """Whether `name` is a llama.cpp mix (Q4_K_M) and no format's tag (Q4_0 and F16 are both: the tag)."""
+    from .mixes import MIXES
+
+    return name.upper() in {k.upper() for k in MIXES} and not _is_tag(name)
 
 
 def _is_tag(name: str) -> bool:

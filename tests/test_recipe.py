@@ -224,6 +224,11 @@ def test_mix_names_on_the_cli_and_dry_run(tmp_path):
     assert r.exit_code == 0, r.output
     assert "dry run: nothing written" in r.output and "mix Q4_K_M" in r.output and "bits per weight" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    # --to with a mix name (what llama-quantize takes) is the mix; beside --recipe, an error that says why
+    r2 = CliRunner().invoke(cli, ["convert", str(src), "--to", "Q4_K_M", "--dry-run"])
+    assert r2.exit_code == 0 and r2.output == r.output, r2.output
+    r2 = CliRunner().invoke(cli, ["convert", str(src), "--to", "q4_k_m", "--recipe", "Q5_K_M", "--dry-run"])
+    assert r2.exit_code == 1 and "--to q4_k_m: that is a llama.cpp mix" in r2.output and "Traceback" not in r2.output
     r = CliRunner().invoke(cli, ["convert", str(src), "--recipe", "Q9_K_X", "--dry-run"])
     assert r.exit_code == 1 and "neither a file nor a llama.cpp mix" in r.output
     r = CliRunner().invoke(cli, ["convert", str(src)])

@@ -155,7 +155,8 @@ def _print_report(rep, out) -> None:
 @click.argument("src", metavar="IN", type=click.Path(exists=True))
 @click.argument("dst", metavar="OUT", type=click.Path(), required=False)
 @click.option("--to", "to", metavar="TAG",
-              help="Default format of the tensors no rule names ('keep', or nothing at all: keep each one's format).")
+              help="Default format of the tensors no rule names ('keep', or nothing at all: keep each one's format); "
+                   "a llama.cpp mix name (Q4_K_M, as llama-quantize takes) is --recipe MIX.")
 @click.option("--rule", "rules", multiple=True, metavar="PATTERN=TAG",
               help="Give tensors whose name matches PATTERN (fnmatch: *, ?, [..]) format TAG ('keep' = unchanged); "
                    "first match wins; repeatable; before the recipe file's rules.")

@@ -28,7 +28,8 @@ def _recipe(to, recipe_file):
 
 
 _model_options = [
-    click.option("--to", "to", metavar="TAG", help="Quantize on load: every matrix to TAG (the recipe defaults)."),
+    click.option("--to", "to", metavar="TAG", help="Quantize on load: every matrix to TAG (the recipe defaults); "
+                 "a llama.cpp mix name (Q4_K_M) is --recipe MIX."),
     click.option("--recipe", "recipe_file", metavar="FILE|MIX", help="Quantize on load with a recipe file or a "
                  "llama.cpp mix (Q4_K_M, ...)."),
     click.option("--threads", type=click.IntRange(1, 1024), help="Threads for BLAS and numba (default: all CPUs)."),
