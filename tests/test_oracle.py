@@ -268,16 +268,21 @@ def smollm2_matrices():
                                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"])
 def test_a_real_checkpoint_quantizes_as_ggml_does(ora, smollm2_matrices, tag):
     """Every SmolLM2 matrix a format's blocks fit (all for the 32-weight blocks, the 1536-column ffn_down for
-    the 256-weight ones), quantized by quantfmt and by ggml's C reference: the same bytes."""
+    the 256-weight ones; for IQ4_NL/IQ4_XS a sample of the layers), quantized by quantfmt and by ggml's C
+    reference: the same bytes."""
     import quantfmt
 
     fmt = quantfmt.get_format(tag)
+    # ggml's IQ4 searches are slow in C (IQ4_NL ~18 MB/s): every 5th (IQ4_XS 3rd) layer, no embedding (34 -> 5 s)
+    every = {"IQ4_NL": 5, "IQ4_XS": 3}.get(tag, 1)
     done = 0
     for name, w in smollm2_matrices.items():
-        if w.shape[1] % fmt.block_shape[1] or (name == "token_embd.weight" and fmt.block_shape[1] > 32):
+        if w.shape[1] % fmt.block_shape[1] or (name == "token_embd.weight" and (fmt.block_shape[1] > 32 or every > 1)):
             continue  # (the 28M-weight embedding: once per 32-block format, not again per k-quant)
+        if every > 1 and name.startswith("blk.") and int(name.split(".")[1]) % every:
+            continue
         got = np.asarray(fmt.quantize(w)).view(np.uint8).reshape(-1)
         want = np.asarray(ora.quantize(fmt.ggml_type, w)).view(np.uint8).reshape(-1)
         assert np.array_equal(got, want), f"{tag} {name}: {int((got != want).sum())} bytes differ"
         done += 1
-    assert done >= 30
+    assert done >= (10 if every > 1 else 30)
