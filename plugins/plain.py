@@ -228,7 +228,9 @@ class BF16(_HalfFormat):
 
         h = np.empty(w.size, np.uint16)
         if bf16_round(w.reshape(-1).view(np.uint32), h):
-            raise _range_error(self.tag, w, (h.reshape(w.shape) & 0x7F80) != 0x7F80, "|w| < 3.3961e38")
+            # judged on the input: a NaN whose mantissa carries into the sign rounds to a finite +-0
+            ok = (w.view(np.uint32) & 0x7FFFFFFF) < 0x7F7F8000
+            raise _range_error(self.tag, w, ok, "|w| < 3.3961e38")
         return h.astype(LE_U16, copy=False).view(np.uint8)
 
 

@@ -6,7 +6,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from quantfmt import QTensor, get_format
-from quantfmt.errors import RangeError
+from quantfmt.errors import NonFiniteError, RangeError
 from quantfmt_formats.plain import bf16_from_f32_ref
 
 
@@ -52,6 +52,33 @@ def test_f16_rounding_against_hand_derived_bits():
     w = np.array([list(cases)], np.float32)
     got = get_format("F16").quantize(w).view("<u2")
     assert [hex(b) for b in got] == [hex(b) for b in cases.values()]
+
+
+def test_bf16_every_finite_bit_pattern_class_rounds_as_the_reference(rng):
+    # Random finite bit patterns over the whole float32 range (every exponent, both signs, ties and
+    # subnormals), more than one kernel chunk with a ragged tail: the kernel's 32-bit vector arithmetic
+    # against numpy's rounding, element by element.
+    from quantfmt_formats._bf16 import CHUNK
+
+    u = rng.integers(0, 2**32, 2 * CHUNK + 4099, dtype=np.uint64).astype(np.uint32)
+    u = u[(u & 0x7F800000) != 0x7F800000]  # finite
+    u = u[(u & 0x7FFFFFFF) < 0x7F7F8000]  # and below the value that rounds to bf16 infinity
+    u[:6] = [0x3F808000, 0x3F818000, 0x7F7F7FFF, 0xFF7F7FFF, 0x00008000, 0x80018000]  # ties, the largest
+    w = u.view(np.float32)
+    got = get_format("BF16").quantize(w[None])
+    assert np.array_equal(got.view("<u2"), bf16_from_f32_ref(w))
+
+
+@pytest.mark.parametrize("bits", [0x7F7F8000, 0xFF7FFFFF, 0x7F800000, 0x7FFFFFFF, 0xFFFFFFFF])
+def test_bf16_flags_an_overflow_or_nonfinite_in_any_chunk(bits):
+    # one bad value at the very end of the last chunk (a NaN whose mantissa carries into the sign
+    # would round to +-0 if only the result were checked)
+    from quantfmt_formats._bf16 import CHUNK
+
+    u = np.full((3, CHUNK + 7), 0x3F800000, np.uint32)
+    u[2, -1] = bits
+    with pytest.raises((RangeError, NonFiniteError), match=r"row 2, column 65542|index \(2, 65542\)"):
+        get_format("BF16").quantize(u.view(np.float32))
 
 
 @pytest.mark.parametrize("tag,value", [("F16", 65520.0), ("F16", -1e6), ("BF16", 3.3962e38), ("BF16", -3.4e38)])
