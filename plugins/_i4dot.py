@@ -46,6 +46,7 @@ from numba.extending import intrinsic
 from quantfmt.families import (
     decode_threads,
     parallel_rows,
+    per_thread_sgemm,
     prefill_path,
     prefill_threads,
     tiles_prefill,
@@ -136,7 +137,7 @@ def kernel_path(op: str, n: int, mode: str) -> str:
         return f"int8-{PATH}" if takes_prefill(n, PATH) else f"lut-{PATH}"
     if n >= BLAS_MIN_ROWS:
         if mode == "f32" and PATH != "portable":
-            return "rows+blas-per-thread" if prefill_threads() else "blas-rows"
+            return f"rows+{per_thread_sgemm()}-per-thread" if prefill_threads() else "blas-rows"
         return prefill_path()
     return f"tiles-{mode}"
 

@@ -30,7 +30,7 @@ import numpy as np
 
 import quantfmt
 from quantfmt.errors import RangeError
-from quantfmt.families import prefill_threads, rows_prefill
+from quantfmt.families import per_thread_sgemm, prefill_threads, rows_prefill
 from quantfmt.format import Format
 
 
@@ -119,7 +119,7 @@ def f32_path(n: int, matvec_max_n: int) -> str:
     """kernel_path of f32_matmul for n activation rows."""
     if n <= matvec_max_n:
         return "matvec"
-    return "blas-per-thread" if prefill_threads() else "blas"
+    return f"{per_thread_sgemm()}-per-thread" if prefill_threads() else "blas"
 
 
 class _HalfFormat(Format):
@@ -151,7 +151,9 @@ class _HalfFormat(Format):
         if op == "qmatmul":
             if n <= self.matvec_max_n:
                 return f"matvec-{conv}"
-            return f"tiles-{conv}+blas-per-thread" if _kernels().prefill_threads() else f"tiles-{conv}+blas"
+            if _kernels().prefill_threads():
+                return f"tiles-{conv}+{per_thread_sgemm()}-per-thread"
+            return f"tiles-{conv}+blas"
         if op in ("dequantize", "get_rows"):
             return conv
         return super().kernel_path(op, n, mode)

@@ -41,7 +41,7 @@ import threading
 
 import numpy as np
 
-from . import blas
+from . import blas, gemm
 from .errors import RangeError
 from .format import Format, nonfinite_rows
 
@@ -310,10 +310,17 @@ def prefill_threads() -> int:
     return t if PER_THREAD_PREFILL and t > 1 and blas.available() else 0
 
 
+def per_thread_sgemm() -> str:
+    """What multiplies a tile on its own thread (kernel_path's "+X-per-thread"): "gemm512" where
+    quantfmt.gemm's AVX-512 kernels run, else "blas" (numpy's BLAS, one thread)."""
+    return "gemm512" if gemm.use() else "blas"
+
+
 def prefill_path() -> str:
-    """kernel_path of a batch that goes to dequantized tiles and sgemm: "tiles+blas-per-thread" where
-    tiles_prefill runs, else "blas-tiles" (tiles dequantized, then BLAS's own threads)."""
-    return "tiles+blas-per-thread" if prefill_threads() else "blas-tiles"
+    """kernel_path of a batch that goes to dequantized tiles and sgemm: "tiles+gemm512-per-thread" or
+    "tiles+blas-per-thread" where tiles_prefill runs, else "blas-tiles" (tiles dequantized, then BLAS's
+    own threads)."""
+    return f"tiles+{per_thread_sgemm()}-per-thread" if prefill_threads() else "blas-tiles"
 
 
 def prefill_tile_rows(n: int, cols: int, group: int = 1) -> int:
@@ -344,7 +351,9 @@ def tiles_prefill(fill, rows: int, cols: int, x: np.ndarray, *args, group: int =
     step = max(group, step // group * group)
     units = -(-rows // group)
     bufs: dict[int, np.ndarray] = {}  # per thread, for this call only (nothing held between calls)
-    xt = np.ascontiguousarray(x.T) if width == 0 else x  # (cols, n): W's rows times it, see tile_times_xt
+    own = gemm.use()
+    # (cols, n): W's rows times it, see tile_times_xt; quantfmt.gemm's kernels want it for W.T too
+    xt = padded_xt(x) if own else np.ascontiguousarray(x.T) if width == 0 else x
 
     def work(u0: int, u1: int) -> None:
         r0, r1 = u0 * group, min(rows, u1 * group)
@@ -359,6 +368,8 @@ def tiles_prefill(fill, rows: int, cols: int, x: np.ndarray, *args, group: int =
         fill(*args, r0, r1, buf)
         if width == 0:
             tile_times_xt(buf[: r1 - r0], xt, out, r0)
+        elif own:
+            gemm.times_cols(xt, buf[:cols], out[:, r0:r1])
         else:
             np.matmul(x, buf[:cols, : r1 - r0], out=out[:, r0:r1])
 
@@ -367,13 +378,29 @@ def tiles_prefill(fill, rows: int, cols: int, x: np.ndarray, *args, group: int =
     return out
 
 
+def padded_xt(x: np.ndarray) -> np.ndarray:
+    """x.T (cols, n16), C-contiguous, its columns past n zero: quantfmt.gemm's operand (n16 = n rounded up
+    to 16, whole vectors)."""
+    n, cols = x.shape
+    xt = np.empty((cols, -(-n // 16) * 16), np.float32)
+    xt[:, :n] = x.T
+    xt[:, n:] = 0
+    return xt
+
+
 def tile_times_xt(w: np.ndarray, xt: np.ndarray, out: np.ndarray, r0: int) -> None:
     """out[:, r0:r0 + len(w)] = (w @ xt).T for W's rows w (r, cols) and xt = x.T C-contiguous (cols, n),
-    on this thread's BLAS. Why not x @ w.T into out directly: OpenBLAS's one-thread sgemm packs a
-    transposed B slower; for a 256-row tile, n = 128 and 4096 columns, x @ w.T took 2.21 ms, w @ xt 1.74
-    (and x @ w.T with w.T stored, NN, 1.88). The (r, n) product is small (128 KB here) and still in L2
-    when it is copied, transposed, into out."""
-    out[:, r0 : r0 + w.shape[0]] = np.matmul(w, xt).T
+    on this thread: quantfmt.gemm's kernels where they run (xt from padded_xt), else BLAS. Why not
+    x @ w.T into out directly: OpenBLAS's one-thread sgemm packs a transposed B slower; for a 256-row
+    tile, n = 128 and 4096 columns, x @ w.T took 2.21 ms, w @ xt 1.74 (and x @ w.T with w.T stored, NN,
+    1.88). The (r, n) product is small (128 KB here) and still in L2 when it is copied, transposed, into
+    out."""
+    if gemm.use():
+        ct = np.empty((w.shape[0], xt.shape[1]), np.float32)
+        gemm.rows_times(w, xt, ct)
+        out[:, r0 : r0 + w.shape[0]] = ct[:, : out.shape[0]].T
+    else:
+        out[:, r0 : r0 + w.shape[0]] = np.matmul(w, xt).T
 
 
 def balanced_chunks(units: int, unit_weights: int, weights: int) -> int:
@@ -393,7 +420,7 @@ def rows_prefill(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     rows, cols = w.shape
     out = np.empty((x.shape[0], rows), np.float32)
     step = prefill_tile_rows(x.shape[0], cols)
-    xt = np.ascontiguousarray(x.T)
+    xt = padded_xt(x) if gemm.use() else np.ascontiguousarray(x.T)
 
     def work(r0: int, r1: int) -> None:
         tile_times_xt(w[r0:r1], xt, out, r0)

@@ -224,7 +224,7 @@ def test_tq_qmatmul_every_path(tag, per_thread, monkeypatch):
         assert got.dtype == np.float32 and got.shape == (n, shape[0])
         assert (np.abs(got - x.astype(np.float64) @ w.T) <= 1e-6 * mag + 1e-30).all(), n
         kp = f.kernel_path("qmatmul", n)
-        tiles = "tiles+blas-per-thread" if per_thread else "blas-tiles"
+        tiles = families.prefill_path() if per_thread else "blas-tiles"
         assert kp == ("dot1" if n == 1 else "dot" if n <= f.dot_max_n else tiles), kp
     got1 = f.qmatmul(data, shape, x[0])
     assert got1.shape == (shape[0],)

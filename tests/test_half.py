@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 
-from quantfmt import blas, cpu, families, get_format
+from quantfmt import blas, cpu, families, gemm, get_format
 from quantfmt.errors import RangeError
 from quantfmt_formats import _half
 from quantfmt_formats.plain import f32_from_bf16
@@ -161,13 +161,17 @@ def _check_qmatmul(tag, rng, monkeypatch):
     assert_matmul_close(f.qmatmul(bits.reshape(-1).view(np.uint8), (40, 130), x), x, reference(tag, bits))
 
 
-PREFILL_PATHS = ["blas"] + (["blas-per-thread"] if blas.available() and numba.config.NUMBA_NUM_THREADS > 1 else [])
+_PER_THREAD = blas.available() and numba.config.NUMBA_NUM_THREADS > 1
+PREFILL_PATHS = (["blas"] + (["blas-per-thread"] if _PER_THREAD else [])
+                 + (["gemm512-per-thread"] if _PER_THREAD and gemm.use() else []))
 
 
 @pytest.fixture(params=PREFILL_PATHS)
 def prefill_path(request, monkeypatch):
-    # per-thread sgemms where numpy's OpenBLAS threads can be set; else (forced here) BLAS's own threads
-    monkeypatch.setattr(blas, "ENABLED", request.param == "blas-per-thread")
+    # per-thread sgemms (quantfmt.gemm's, or numpy's OpenBLAS on one thread) where numpy's OpenBLAS threads
+    # can be set; else (forced here) BLAS's own threads
+    monkeypatch.setattr(blas, "ENABLED", request.param != "blas")
+    monkeypatch.setattr(gemm, "ENABLED", request.param == "gemm512-per-thread")
     # the per-thread path needs two numba threads, whatever an earlier test left numba at
     before = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
@@ -222,7 +226,7 @@ def test_paths_compiled_for_other_cpus(tmp_path, features, path):
     code = textwrap.dedent("""
         import sys
         import numpy as np
-        from quantfmt import blas, cpu, families, get_format
+        from quantfmt import blas, cpu, families, gemm, get_format
         path = sys.argv[1]
         assert cpu.has("f16c") == (path == "f16c")
         bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(16, 4096)
@@ -247,7 +251,8 @@ def test_paths_compiled_for_other_cpus(tmp_path, features, path):
                 for n in (1, 3, 20):
                     x = rng.standard_normal((n, shape[1])).astype(np.float32)
                     np.testing.assert_allclose(get_format(tag).qmatmul(d2, shape, x), x @ ws.T, rtol=1e-4, atol=1e-3)
-        prefill = "blas-per-thread" if _half.prefill_threads() else "blas"
+        prefill = "gemm512-per-thread" if _half.prefill_threads() and gemm.use() else (
+            "blas-per-thread" if _half.prefill_threads() else "blas")
         assert f.kernel_path("qmatmul", 20) == f"tiles-{path}+" + prefill
         print(f.kernel_path("dequantize"), f.kernel_path("qmatmul", 1), f.kernel_path("qmatmul", 20).split("+")[0])
     """)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from quantfmt import get_format
-from quantfmt.families import prefill_path, prefill_threads
+from quantfmt.families import per_thread_sgemm, prefill_path, prefill_threads
 from quantfmt.tensor import QTensor
 from quantfmt_formats import _i4dot, _i8gemm, iq4_nl, iq4_xs, mxfp4
 from quantfmt_formats._kquants import dot_q8k_ref
@@ -115,7 +115,7 @@ def test_f32_mode_stays_float(path, monkeypatch):
                 monkeypatch.setattr(_i4dot, "ROW_CHUNK_BYTES", chunk)
             x = rng.standard_normal((n, cols)).astype(np.float32)
             mag = float((np.abs(x) @ np.abs(wq).T).max())
-            rows_path = "rows+blas-per-thread" if prefill_threads() else "blas-rows"
+            rows_path = f"rows+{per_thread_sgemm()}-per-thread" if prefill_threads() else "blas-rows"
             want = "tiles-f32" if n < 8 else prefill_path() if path == "portable" else rows_path
             assert fmt.kernel_path("qmatmul", n, "f32") == want
             got = fmt.qmatmul(data, (rows, cols), x, "f32", prepared=prep)
@@ -141,7 +141,8 @@ for tag, mod in (("IQ4N", iq4_nl), ("MXF4", mxfp4)):
 
 
 @pytest.mark.parametrize(("features", "paths"), [("+avx2,+fma", ["lut-avx2", "int8-avx2"]),
-                                                 (None, ["tiles-q8_0", prefill_path()])])
+                                                 # no AVX-512 there: BLAS's sgemm, not quantfmt.gemm's
+                                                 (None, ["tiles-q8_0", prefill_path().replace("gemm512", "blas")])])
 def test_cpus_with_less(features, paths):
     # Compiled for a generic CPU with only AVX2 (no AVX-512 instruction may appear), and with
     # nothing (the portable path): each gets its path and the reference's results.

@@ -216,7 +216,8 @@ for n in (1, 20):
 
 
 @pytest.mark.parametrize(("features", "paths"), [("+avx2,+fma", ["i8dot-avx2", "int8-avx2"]),
-                                                 (None, ["tiles-q8_0", prefill_path()])])
+                                                 # no AVX-512 there: BLAS's sgemm, not quantfmt.gemm's
+                                                 (None, ["tiles-q8_0", prefill_path().replace("gemm512", "blas")])])
 def test_cpus_with_less(features, paths):
     # Compiled for a generic CPU with only AVX2 (no AVX-512 instruction may appear), and with
     # nothing (the portable path): each gets its path and the reference's results.

@@ -175,7 +175,8 @@ print(fmt.kernel_path("qmatmul", 9, "q8_0"))
     env.pop("NUMBA_CPU_FEATURES", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() in ("blas-tiles", "tiles+blas-per-thread")  # per-thread: BLAS threads settable
+    assert out.stdout.strip() in ("blas-tiles", "tiles+blas-per-thread",  # per-thread: BLAS threads settable
+                                  "tiles+gemm512-per-thread")
 
 
 @pytest.mark.parametrize(

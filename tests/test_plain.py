@@ -123,7 +123,7 @@ def test_f64_widening_is_numpys_exact_cast(rng):
 @pytest.mark.parametrize("n", [1, 3, 8, 9, 40])
 def test_f64_qmatmul_runs_f32_kernels_on_a_float32_copy(n):
     # prepare converts once; the product is F32's on those values (matvec, or per-thread sgemm)
-    from quantfmt.families import prefill_threads
+    from quantfmt.families import per_thread_sgemm, prefill_threads
 
     rng = np.random.default_rng(n)
     rows, cols = 301, 130
@@ -138,4 +138,5 @@ def test_f64_qmatmul_runs_f32_kernels_on_a_float32_copy(n):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(got, get_format("F32").qmatmul(get_format("F32").quantize(w), (rows, cols), x))
     path = fmt.kernel_path("qmatmul", n)
-    assert path == "float32-copy+" + ("matvec" if n <= 8 else "blas-per-thread" if prefill_threads() else "blas")
+    per_thread = f"{per_thread_sgemm()}-per-thread" if prefill_threads() else "blas"
+    assert path == "float32-copy+" + ("matvec" if n <= 8 else per_thread)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantfmt import blas, families, get_format
+from quantfmt import blas, families, gemm, get_format
 from quantfmt_formats import _i4dot
 
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_A", "Q8_B", "Q4_A",
@@ -24,10 +24,15 @@ def _shape(fmt) -> tuple[int, int]:
     return rows, max(bc, 32) * (2 if bc >= 256 else 8)
 
 
-@pytest.mark.parametrize("per_thread", [True, False], ids=["per-thread", "fallback"])
+@pytest.mark.parametrize("sgemm", ["gemm512", "blas", None], ids=["gemm512-per-thread", "blas-per-thread",
+                                                                  "fallback"])
 @pytest.mark.parametrize("tag", FORMATS)
-def test_f32_batches_match_dequantized_weights(tag, per_thread, monkeypatch):
+def test_f32_batches_match_dequantized_weights(tag, sgemm, monkeypatch):
     fmt = get_format(tag)
+    per_thread = sgemm is not None
+    if sgemm == "gemm512" and not gemm.use():
+        pytest.skip("quantfmt.gemm's kernels need AVX-512")
+    monkeypatch.setattr(gemm, "ENABLED", sgemm == "gemm512")
     monkeypatch.setattr(families, "PER_THREAD_PREFILL", per_thread)
     monkeypatch.setattr(families, "PREFILL_TILE", 1 << 11)  # a few dozen rows per tile: many tiles
     if per_thread and not families.prefill_threads():
@@ -46,9 +51,9 @@ def test_f32_batches_match_dequantized_weights(tag, per_thread, monkeypatch):
         # dequantized rows (_i4dot): the table formats, and Q4_0 (IQ4_NL's layout with the table -8..7)
         rows_path = tag in ("IQ4N", "IQ4X", "MXF4") and _i4dot.PATH != "portable"
         if rows_path:
-            assert kp == ("rows+blas-per-thread" if per_thread else "blas-rows"), kp
+            assert kp == (f"rows+{sgemm}-per-thread" if per_thread else "blas-rows"), kp
         else:
-            assert kp == ("tiles+blas-per-thread" if per_thread else "blas-tiles"), kp
+            assert kp == (f"tiles+{sgemm}-per-thread" if per_thread else "blas-tiles"), kp
 
 
 def test_tiles_prefill_layouts_and_nesting(monkeypatch):
