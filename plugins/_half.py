@@ -34,8 +34,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from quantfmt import cpu
-from quantfmt.families import parallel_rows, tiles_prefill
+from quantfmt import cpu, gemm
+from quantfmt.families import gemm_tile_weights, parallel_rows, tiles_prefill
 from quantfmt.families import prefill_threads as prefill_threads_shared
 from quantfmt.numba_threads import claim
 
@@ -569,7 +569,10 @@ def prefill_tile(n: int, cols: int) -> int:
     """Weights per prefill() tile for n activation rows: 2n rows of W, within [PREFILL_TILE, 4 PREFILL_TILE].
     Every sgemm packs all of x again, so the more activation rows, the taller the tile that pays for it
     (measured at 11008x4096, loaded 2-core Xeon, ratio to float32: n=512, 128-row tiles 1.21x, 256 1.07x,
-    1024 0.98x; n=128, 128 to 512 rows alike, 0.93-0.98x)."""
+    1024 0.98x; n=128, 128 to 512 rows alike, 0.93-0.98x). quantfmt.gemm packs x once per call: there
+    families.gemm_tile_weights."""
+    if gemm.use():
+        return max(cols, gemm_tile_weights(n, PREFILL_TILE))
     return min(max(PREFILL_TILE, 2 * n * cols), 4 * PREFILL_TILE)
 
 

@@ -85,46 +85,62 @@ def _micro(mr: int, nv: int):
 # 2 vectors ran 2% slower, 12 rows spilled), 4 vectors of xt's row k (64 activation rows)
 _rows6x4, _rows6x1, _rows1x4, _rows1x1 = _micro(6, 4), _micro(6, 1), _micro(1, 4), _micro(1, 1)
 # xt's 12 consecutive values broadcast (no row pointers), 2 vectors of W.T's row k (32 weight rows)
-# (the last n % 12 activation rows by 4, then by 1: 128 = 10 * 12 + 2 * 4)
-_cols12x2, _cols12x1, _cols4x2, _cols4x1 = _micro(12, 2), _micro(12, 1), _micro(4, 2), _micro(4, 1)
+# (the last n % 12 activation rows by 8, 4, then 1: 128 = 10 * 12 + 8)
+_cols12x2, _cols12x1, _cols8x2, _cols8x1 = _micro(12, 2), _micro(12, 1), _micro(8, 2), _micro(8, 1)
+_cols4x2, _cols4x1 = _micro(4, 2), _micro(4, 1)
 _cols1x2, _cols1x1 = _micro(1, 2), _micro(1, 1)
 
 
 @numba.njit(cache=True, nogil=True)
-def rows_times(w, xt, ct, kc_block):
+def rows_times(w, xb, n16, ct, kc_block):
+    # xb: quantfmt.gemm.blocks, the block of activation columns m0..m0+b (b = 64, or 16) at m0*K, (K, b)
     r, kk = w.shape
-    n16 = xt.shape[1]
-    ldw, ldx, ldc = w.strides[0] // 4, xt.strides[0] // 4, ct.strides[0] // 4
-    pw, px, pc = w.ctypes.data, xt.ctypes.data, ct.ctypes.data
+    ldw, ldc = w.strides[0] // 4, ct.strides[0] // 4
+    pw, pb0, pc = w.ctypes.data, xb.ctypes.data, ct.ctypes.data
     for k0 in range(0, kk, kc_block):
         kc = min(kc_block, kk - k0)
         add = k0 > 0
-        for m0 in range(0, n16, 64):
-            wide = m0 + 64 <= n16
+        m0 = 0
+        while m0 < n16:
+            b = 64 if m0 + 64 <= n16 else 16
+            pb = pb0 + 4 * (m0 * kk + k0 * b)
             i = 0
             while i < r:
                 pa = pw + 4 * (i * ldw + k0)
                 if i + 6 <= r:
-                    if wide:
-                        _rows6x4(pa, ldw, 1, px + 4 * (k0 * ldx + m0), ldx, pc + 4 * (i * ldc + m0), ldc, kc, add)
+                    if b == 64:
+                        _rows6x4(pa, ldw, 1, pb, b, pc + 4 * (i * ldc + m0), ldc, kc, add)
                     else:
-                        for m in range(m0, n16, 16):
-                            _rows6x1(pa, ldw, 1, px + 4 * (k0 * ldx + m), ldx, pc + 4 * (i * ldc + m), ldc, kc, add)
+                        _rows6x1(pa, ldw, 1, pb, b, pc + 4 * (i * ldc + m0), ldc, kc, add)
                     i += 6
                 else:
-                    if wide:
-                        _rows1x4(pa, ldw, 1, px + 4 * (k0 * ldx + m0), ldx, pc + 4 * (i * ldc + m0), ldc, kc, add)
+                    if b == 64:
+                        _rows1x4(pa, ldw, 1, pb, b, pc + 4 * (i * ldc + m0), ldc, kc, add)
                     else:
-                        for m in range(m0, n16, 16):
-                            _rows1x1(pa, ldw, 1, px + 4 * (k0 * ldx + m), ldx, pc + 4 * (i * ldc + m), ldc, kc, add)
+                        _rows1x1(pa, ldw, 1, pb, b, pc + 4 * (i * ldc + m0), ldc, kc, add)
                     i += 1
+            m0 += b
 
 
 @numba.njit(cache=True, nogil=True)
-def times_cols(xt, wt, out, n, r16, kc_block):
+def pack_blocks(xt, xb):
+    kk, n16 = xt.shape
+    m0 = 0
+    while m0 < n16:
+        b = 64 if m0 + 64 <= n16 else 16
+        base = m0 * kk
+        for k in range(kk):
+            for j in range(b):
+                xb[base + k * b + j] = xt[k, m0 + j]
+        m0 += b
+
+
+@numba.njit(cache=True, nogil=True)
+def times_cols(xp, wt, out, n, r16, kc_block):
+    # xp: quantfmt.gemm.panels, the group of m activation rows starting at row i at i*K, (K, m) C-order
     kk = wt.shape[0]
-    ldx, ldw, ldo = xt.strides[0] // 4, wt.strides[0] // 4, out.strides[0] // 4
-    px, pw, po = xt.ctypes.data, wt.ctypes.data, out.ctypes.data
+    ldw, ldo = wt.strides[0] // 4, out.strides[0] // 4
+    pp, pw, po = xp.ctypes.data, wt.ctypes.data, out.ctypes.data
     for k0 in range(0, kk, kc_block):
         kc = min(kc_block, kk - k0)
         add = k0 > 0
@@ -133,23 +149,47 @@ def times_cols(xt, wt, out, n, r16, kc_block):
             pb = pw + 4 * (k0 * ldw + c0)
             i = 0
             while i < n:
-                pa = px + 4 * (k0 * ldx + i)
+                m = group(n, i)
+                pa = pp + 4 * (i * kk + k0 * m)
                 pc = po + 4 * (i * ldo + c0)
-                if i + 12 <= n:
+                if m == 12:
                     if wide:
-                        _cols12x2(pa, 1, ldx, pb, ldw, pc, ldo, kc, add)
+                        _cols12x2(pa, 1, 12, pb, ldw, pc, ldo, kc, add)
                     else:
-                        _cols12x1(pa, 1, ldx, pb, ldw, pc, ldo, kc, add)
-                    i += 12
-                elif i + 4 <= n:
+                        _cols12x1(pa, 1, 12, pb, ldw, pc, ldo, kc, add)
+                elif m == 8:
                     if wide:
-                        _cols4x2(pa, 1, ldx, pb, ldw, pc, ldo, kc, add)
+                        _cols8x2(pa, 1, 8, pb, ldw, pc, ldo, kc, add)
                     else:
-                        _cols4x1(pa, 1, ldx, pb, ldw, pc, ldo, kc, add)
-                    i += 4
+                        _cols8x1(pa, 1, 8, pb, ldw, pc, ldo, kc, add)
+                elif m == 4:
+                    if wide:
+                        _cols4x2(pa, 1, 4, pb, ldw, pc, ldo, kc, add)
+                    else:
+                        _cols4x1(pa, 1, 4, pb, ldw, pc, ldo, kc, add)
                 else:
                     if wide:
-                        _cols1x2(pa, 1, ldx, pb, ldw, pc, ldo, kc, add)
+                        _cols1x2(pa, 1, 1, pb, ldw, pc, ldo, kc, add)
                     else:
-                        _cols1x1(pa, 1, ldx, pb, ldw, pc, ldo, kc, add)
-                    i += 1
+                        _cols1x1(pa, 1, 1, pb, ldw, pc, ldo, kc, add)
+                i += m
+
+
+@numba.njit(cache=True, nogil=True)
+def group(n, i):
+    """Activation rows in the group starting at row i: 12 while 12 are left, then 8, 4, 1 (128 = 10 * 12 + 8)."""
+    left = n - i
+    return 12 if left >= 12 else 8 if left >= 8 else 4 if left >= 4 else 1
+
+
+@numba.njit(cache=True, nogil=True)
+def pack(xt, n, xp):
+    kk = xt.shape[0]
+    i = 0
+    while i < n:
+        m = group(n, i)
+        base = i * kk
+        for k in range(kk):
+            for j in range(m):
+                xp[base + k * m + j] = xt[k, i + j]
+        i += m

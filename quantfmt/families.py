@@ -328,9 +328,18 @@ def prefill_tile_rows(n: int, cols: int, group: int = 1) -> int:
     multiple of `group`. Every single-threaded sgemm packs all of x again, so more activation rows want
     taller tiles (11008x4096, loaded 2-core Xeon, interleaved, ratio to float32 for tiles of
     128/256/512/1024 rows: Q4_K n=128 1.04/0.80/0.81/0.95, Q4_0 n=128 1.05/0.80/0.84/0.88; n=512, tiles
-    of 512/1024/2048 rows: Q8_0 1.08/0.98/1.01, Q4_K 1.06/0.94/0.93; F16 alike, plugins/_half.py)."""
-    weights = min(max(PREFILL_TILE, 2 * n * cols), 4 * PREFILL_TILE)
+    of 512/1024/2048 rows: Q8_0 1.08/0.98/1.01, Q4_K 1.06/0.94/0.93; F16 alike, plugins/_half.py).
+    quantfmt.gemm's kernels pack x once per call, not per tile, and add each K-block into their (tile rows, n)
+    product, which should stay in L2: there PREFILL_TILE weights up to n = 256, fewer above (256 KiB of
+    product; n=512, 11008x4096, 128-row tiles against 1024: Q8_0 1.07x against 1.29x float32)."""
+    weights = gemm_tile_weights(n, PREFILL_TILE) if gemm.use() else min(max(PREFILL_TILE, 2 * n * cols),
+                                                                        4 * PREFILL_TILE)
     return max(group, weights // max(cols, 1) // group * group)
+
+
+def gemm_tile_weights(n: int, tile: int) -> int:
+    """Weights per prefill tile for n activation rows where quantfmt.gemm multiplies the tiles."""
+    return min(tile, tile * 256 // max(n, 1))
 
 
 def tiles_prefill(fill, rows: int, cols: int, x: np.ndarray, *args, group: int = 1, width: int = 0,
@@ -354,6 +363,8 @@ def tiles_prefill(fill, rows: int, cols: int, x: np.ndarray, *args, group: int =
     own = gemm.use()
     # (cols, n): W's rows times it, see tile_times_xt; quantfmt.gemm's kernels want it for W.T too
     xt = padded_xt(x) if own else np.ascontiguousarray(x.T) if width == 0 else x
+    # the activations as the gemm kernels read them, made once for every tile
+    xp = (gemm.panels(xt, n) if width > 0 else gemm.blocks(xt)) if own else None
 
     def work(u0: int, u1: int) -> None:
         r0, r1 = u0 * group, min(rows, u1 * group)
@@ -367,9 +378,9 @@ def tiles_prefill(fill, rows: int, cols: int, x: np.ndarray, *args, group: int =
         buf = flat[:size].reshape(shape)
         fill(*args, r0, r1, buf)
         if width == 0:
-            tile_times_xt(buf[: r1 - r0], xt, out, r0)
+            tile_times_xt(buf[: r1 - r0], xt, out, r0, xp)
         elif own:
-            gemm.times_cols(xt, buf[:cols], out[:, r0:r1])
+            gemm.times_cols(xt, buf[:cols], out[:, r0:r1], xp)
         else:
             np.matmul(x, buf[:cols, : r1 - r0], out=out[:, r0:r1])
 
@@ -388,7 +399,7 @@ def padded_xt(x: np.ndarray) -> np.ndarray:
     return xt
 
 
-def tile_times_xt(w: np.ndarray, xt: np.ndarray, out: np.ndarray, r0: int) -> None:
+def tile_times_xt(w: np.ndarray, xt: np.ndarray, out: np.ndarray, r0: int, xb: np.ndarray | None = None) -> None:
     """out[:, r0:r0 + len(w)] = (w @ xt).T for W's rows w (r, cols) and xt = x.T C-contiguous (cols, n),
     on this thread: quantfmt.gemm's kernels where they run (xt from padded_xt), else BLAS. Why not
     x @ w.T into out directly: OpenBLAS's one-thread sgemm packs a transposed B slower; for a 256-row
@@ -397,7 +408,7 @@ def tile_times_xt(w: np.ndarray, xt: np.ndarray, out: np.ndarray, r0: int) -> No
     out."""
     if gemm.use():
         ct = np.empty((w.shape[0], xt.shape[1]), np.float32)
-        gemm.rows_times(w, xt, ct)
+        gemm.rows_times(w, xt, ct, xb)
         out[:, r0 : r0 + w.shape[0]] = ct[:, : out.shape[0]].T
     else:
         out[:, r0 : r0 + w.shape[0]] = np.matmul(w, xt).T
@@ -421,9 +432,10 @@ def rows_prefill(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     out = np.empty((x.shape[0], rows), np.float32)
     step = prefill_tile_rows(x.shape[0], cols)
     xt = padded_xt(x) if gemm.use() else np.ascontiguousarray(x.T)
+    xb = gemm.blocks(xt) if gemm.use() else None
 
     def work(r0: int, r1: int) -> None:
-        tile_times_xt(w[r0:r1], xt, out, r0)
+        tile_times_xt(w[r0:r1], xt, out, r0, xb)
 
     with blas.one_thread():
         parallel_rows(work, rows, cols, chunks=balanced_chunks(rows, cols, step * cols))

@@ -3,22 +3,26 @@
     nice .venv/bin/python scripts/prefill_ab.py [--formats Q4_0,Q8_A] [--n 128,512] [--repeat 7] [--shape 11008,4096]
 
 For each format and n: float32 BLAS (`x @ W.T`), qmatmul with families.PER_THREAD_PREFILL False (each format's
-previous path: tiles dequantized, then BLAS's own threads) and True, interleaved in every repeat (a burst of
-load on a shared machine hits all three); prints medians, ratios to float32 and the kernel path of each.
+previous path: tiles dequantized, then BLAS's own threads), per-thread tiles through OpenBLAS's one-thread sgemm
+(quantfmt.gemm.ENABLED False) and per-thread tiles through quantfmt.gemm (where the CPU has AVX-512), interleaved
+in every repeat (a burst of load on a shared machine hits all of them), with a 0.2 s pause after the float32
+baseline (OpenBLAS's threads spin for ~0.1 s after a call and would take a core from whatever runs next); prints
+medians, ratios to float32 and the kernel path of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import numpy as np
 
 import quantfmt
-from quantfmt import families
+from quantfmt import families, gemm
 
-ALL = "Q4_0,Q4_1,Q8_0,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_A,Q8_B,Q4_A,IQ4N,IQ4X,MXF4"
+ALL = "Q4_0,Q4_1,Q8_0,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_A,Q8_B,Q4_A,IQ4N,IQ4X,MXF4,F16,BF16,F32"
 
 
 def main() -> None:
@@ -44,34 +48,41 @@ def ab(fmt, data, prep, wf, x, repeat: int) -> None:
     n = x.shape[0]
     shape = (wf.shape[0], wf.shape[1])
 
-    def old():
-        families.PER_THREAD_PREFILL = False
+    def run(per_thread: bool, own: bool):
+        families.PER_THREAD_PREFILL, gemm.ENABLED = per_thread, own
         try:
             return fmt.qmatmul(data, shape, x, prepared=prep)
         finally:
-            families.PER_THREAD_PREFILL = True
+            families.PER_THREAD_PREFILL, gemm.ENABLED = True, True
 
-    def new():
-        return fmt.qmatmul(data, shape, x, prepared=prep)
+    def f32():
+        r = x @ wf.T
+        time.sleep(0.2)
+        return r
 
-    fns = {"f32": lambda: x @ wf.T, "old": old, "new": new}
+    modes = {"old": (False, False), "blas1": (True, False)}
+    if gemm.use():
+        modes["gemm"] = (True, True)
+    fns = {"f32": f32, **{k: functools.partial(run, *v) for k, v in modes.items()}}
     ref = x @ wf.T
     for f in fns.values():
         f()
-    err = float(np.abs(new() - ref).max() / np.abs(ref).max())
+    err = float(np.abs(fns[list(modes)[-1]]() - ref).max() / np.abs(ref).max())
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, f in fns.items():
             t = time.perf_counter()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(time.perf_counter() - t - (0.2 if k == "f32" else 0))
     med = {k: statistics.median(v) for k, v in times.items()}
-    families.PER_THREAD_PREFILL = False
-    p_old = fmt.kernel_path("qmatmul", n, "f32")
-    families.PER_THREAD_PREFILL = True
-    p_new = fmt.kernel_path("qmatmul", n, "f32")
-    print(f"{fmt.tag:5} n={n:4} f32 {med['f32'] * 1e3:7.1f} ms  old {med['old'] / med['f32']:5.2f}x ({p_old})  "
-          f"new {med['new'] / med['f32']:5.2f}x ({p_new})  max rel err {err:.1e}", flush=True)
+    cols = []
+    for k, (per_thread, own) in modes.items():
+        families.PER_THREAD_PREFILL, gemm.ENABLED = per_thread, own
+        cols.append(f"{k} {med[k] / med['f32']:5.2f}x ({fmt.kernel_path('qmatmul', n, 'f32')})")
+    families.PER_THREAD_PREFILL, gemm.ENABLED = True, True
+    print(f"{fmt.tag:5} n={n:4} f32 {med['f32'] * 1e3:7.1f} ms  " + "  ".join(cols) + f"  max rel err {err:.1e}",
+          flush=True)
+
 
 if __name__ == "__main__":
     main()
