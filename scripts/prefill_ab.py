@@ -6,8 +6,8 @@ For each format and n: float32 BLAS (`x @ W.T`), qmatmul with families.PER_THREA
 previous path: tiles dequantized, then BLAS's own threads), per-thread tiles through OpenBLAS's one-thread sgemm
 (quantfmt.gemm.ENABLED False) and per-thread tiles through quantfmt.gemm (where the CPU has AVX-512), interleaved
 in every repeat (a burst of load on a shared machine hits all of them), with a 0.2 s pause after the float32
-baseline (OpenBLAS's threads spin for ~0.1 s after a call and would take a core from whatever runs next); prints
-medians, ratios to float32 and the kernel path of each.
+baseline and the fallback (OpenBLAS's threads spin for ~0.1 s after a call and would take a core from whatever
+runs next); prints medians, ratios to float32 and the kernel path of each.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def ab(fmt, data, prep, wf, x, repeat: int) -> None:
             return fmt.qmatmul(data, shape, x, prepared=prep)
         finally:
             families.PER_THREAD_PREFILL, gemm.ENABLED = True, True
+            if not per_thread:
+                time.sleep(0.2)  # it ran on OpenBLAS's threads: let them stop spinning
 
     def f32():
         r = x @ wf.T
@@ -73,7 +75,7 @@ def ab(fmt, data, prep, wf, x, repeat: int) -> None:
         for k, f in fns.items():
             t = time.perf_counter()
             f()
-            times[k].append(time.perf_counter() - t - (0.2 if k == "f32" else 0))
+            times[k].append(time.perf_counter() - t - (0.2 if k in ("f32", "old") else 0))
     med = {k: statistics.median(v) for k, v in times.items()}
     cols = []
     for k, (per_thread, own) in modes.items():
