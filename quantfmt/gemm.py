@@ -51,6 +51,13 @@ def _k():
     return _kernels
 
 
+def _rows_contiguous(a: np.ndarray) -> np.ndarray:
+    """a itself where the kernels can read it (native float32, each row contiguous), else such a copy."""
+    if a.dtype == np.float32 and a.dtype.isnative and a.strides[1] == 4:
+        return a
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
 def blocks(xt: np.ndarray) -> np.ndarray:
     """xt (K, n16) as rows_times reads it: its columns in blocks of 64 (the last n16 % 64 in blocks of 16),
     the block starting at column m0 stored at m0*K as (K, b), C-order. Read from xt itself, a step k of a
@@ -71,7 +78,7 @@ def rows_times(w: np.ndarray, xt: np.ndarray, ct: np.ndarray, xb: np.ndarray | N
     if k == 0:
         ct[...] = 0
         return
-    _k().rows_times(w, blocks(xt) if xb is None else xb, xt.shape[1], ct, KC)
+    _k().rows_times(_rows_contiguous(w), blocks(xt) if xb is None else xb, xt.shape[1], ct, KC)
 
 
 def panels(xt: np.ndarray, n: int) -> np.ndarray:
@@ -97,6 +104,6 @@ def times_cols(xt: np.ndarray, wt: np.ndarray, out: np.ndarray, xp: np.ndarray |
         return
     r16 = r // 16 * 16
     if r16:
-        _k().times_cols(panels(xt, n) if xp is None else xp, wt, out, n, r16, KC)
+        _k().times_cols(panels(xt, n) if xp is None else xp, _rows_contiguous(wt), out, n, r16, KC)
     if r16 < r:  # the last r % 16 columns of out: BLAS (a masked kernel would gain nothing measurable)
         np.matmul(xt[:, :n].T, wt[:, r16:r], out=out[:, r16:r])

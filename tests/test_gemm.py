@@ -69,3 +69,19 @@ def test_blocks_of_k_are_summed_from_zero(monkeypatch):
     ref = w.astype(np.float64) @ x.T.astype(np.float64)
     _close(got[64], ref, 1000)
     _close(got[1000], ref, 1000)
+
+
+def test_strided_or_foreign_weights_are_read_as_values():
+    # a column-strided view or a big-endian array: copied, not read through the wrong strides or bytes
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((20, 96), dtype=np.float32)
+    big = rng.standard_normal((40, 192), dtype=np.float32)
+    ref64 = x.astype(np.float64)
+    for w in (big[:, ::2], big[:, :96].astype(">f4")):
+        ct = np.empty((40, 32), np.float32)
+        gemm.rows_times(w, padded_xt(x), ct)
+        _close(ct[:, :20], w.astype(np.float64) @ ref64.T, 96)
+    for wt in (big[:32, :96].T, big[:32, :96].T.astype(">f4", order="C")):  # (96, 32): transposed view, big-endian
+        out = np.empty((20, 32), np.float32)
+        gemm.times_cols(padded_xt(x), wt, out)
+        _close(out, ref64 @ wt.astype(np.float64), 96)
