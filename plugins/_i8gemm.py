@@ -330,6 +330,10 @@ RW512 = 3  # weight rows per zmm register tile
 RW = {"avx512vnni": RW512, "avxvnni": 1, "avx2": 1}
 NV = 4
 CHUNK_GROUPS = 8  # activation vectors per parallel loop (see the drivers)
+#: Multiply-adds per parallel_rows range at the least (_run): ~40-80 us of int8 work per call. With ~64 ranges
+#: whatever the size, SmolLM2-135M's 576-wide matrices (n = 512) gave ranges of ~10 us and prefilled slower on
+#: two threads than on one (342 against 388 tokens/s).
+MIN_RANGE_MACS = 1 << 22
 
 _k_q4_0_avx512vnni = _make_kernel("q4_0", "avx512vnni", RW["avx512vnni"], NV)
 _t_q4_0_avx512vnni = _make_kernel("q4_0", "avx512vnni", RW["avx512vnni"], 1)
@@ -539,17 +543,35 @@ _DRIVERS = {
 
 def _run(kind: str, path: str, w, d, m, xa, dx, cx, sx, out, rows: int, groups: int, nb: int,
          dstride: int) -> None:
-    """All work items of _DRIVERS[(kind, path)], chunk by chunk of activation groups, on the threads."""
+    """All work items of _DRIVERS[(kind, path)], chunk by chunk of activation groups, on the threads: one
+    parallel_rows call over every chunk's items, so that the other thread is woken once per product (its
+    wake-up, 30-80 us, is as long as a chunk of a 576-wide matrix: woken per chunk, it took few items)."""
     drive = _DRIVERS[(kind, path)]
     rw = RW[path]
+    chunks = []  # (first global item, c0, ng, full, items)
+    total = 0
     for c0 in range(0, groups, CHUNK_GROUPS):
         left = min(CHUNK_GROUPS, groups - c0)
         full = left // NV
         ng = full + left % NV
         jobs = -(-rows // rw) * ng
-        # ~64 ranges: small enough to balance threads that a shared machine deschedules
-        parallel_rows(drive, jobs, 1, w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride, c0, ng, full,
-                      weights=max(1, jobs // 64))
+        chunks.append((total, c0, ng, full, jobs))
+        total += jobs
+    args = (w, d, m, xa, dx, cx, sx, out, rows, groups, nb, dstride)
+
+    def work(j0: int, j1: int) -> None:
+        for first, c0, ng, full, jobs in chunks:
+            a, b = max(j0, first), min(j1, first + jobs)
+            if a < b:
+                drive(*args, c0, ng, full, a - first, b - first)
+
+    # a work item's multiply-adds (rw weight rows x NV activation groups x the columns)
+    item_macs = rw * NV * LANES[path] * nb * QK
+    # ~64 ranges: small enough to balance threads that a shared machine deschedules; but each at least
+    # MIN_RANGE_MACS, so that a range's work outweighs its call (numba's dispatch of these 17 arguments holds
+    # the GIL, which the other thread then waits for)
+    per = max(1, total // 64, -(-MIN_RANGE_MACS // item_macs))
+    parallel_rows(work, total, 1, weights=per)
 
 
 # ---- the activations, once per call -----------------------------------------------------------

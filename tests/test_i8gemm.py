@@ -35,6 +35,31 @@ def weights(rng, rows, cols, tag):
     return gguf_quantize(w, getattr(GT, tag)).reshape(-1)
 
 
+@pytest.mark.parametrize("path", [p for p in _i8gemm.available() if p != "portable"])
+@pytest.mark.parametrize("tag", list(MODULES))
+def test_int8_prefill_ranges_across_chunks_on_two_threads(tag, path, monkeypatch):
+    # _run hands out one product's work items, every chunk of activation groups, in one parallel_rows call:
+    # with tiny ranges, two threads take ranges that start and end inside different chunks (the last partial)
+    import numba
+
+    monkeypatch.setattr(_i8gemm, "PATH", path)
+    monkeypatch.setattr(_i8gemm, "MIN_RANGE_MACS", 1)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        rng = np.random.default_rng(7)
+        rows, cols = 70, 96
+        data = weights(rng, rows, cols, tag)
+        fmt = get_format(tag)
+        wq = fmt.dequantize(data, (rows, cols))
+        x = rng.standard_normal((300, cols)).astype(np.float32)
+        got = fmt.qmatmul(data, (rows, cols), x, "q8_0")
+        mag = float((np.abs(x) @ np.abs(wq).T).max())
+        np.testing.assert_allclose(got, MODULES[tag].qmatmul_q8_ref(data, rows, cols, x), rtol=0, atol=mag * 2e-6)
+    finally:
+        numba.set_num_threads(before)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("tag", list(MODULES))
 def test_int8_prefill_matches_ggml_dot(tag, path, monkeypatch):
