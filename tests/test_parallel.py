@@ -269,6 +269,22 @@ def test_gguf_export_in_parallel_is_byte_identical(tmp_path, monkeypatch):
         assert "rope_freqs.weight" in m and m["blk.0.attn_k.weight"].tag == "Q4_0"
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_one_gguf_file_leaves_out_split_keys_it_was_given(src, tmp_path, jobs):
+    # metadata that says "split 1 of 3" (a shard's key-values, copied): one file must not claim to be a split,
+    # which every reader would then look for the siblings of
+    import gguf as gguf_pkg
+
+    kv = [["general.architecture", "STRING", "llama"], ["split.no", "UINT16", 0], ["split.count", "UINT16", 3],
+          ["split.tensors.count", "INT32", 99]]
+    out = tmp_path / "one.gguf"
+    quantfmt.convert(src, out, "Q8_0", metadata={"gguf": {"kv": kv}}, jobs=jobs)
+    with quantfmt.load(out) as m:
+        assert m.metadata["gguf"]["kv"][:1] == kv[:1]
+        assert not any(e[0].startswith("split.") for e in m.metadata["gguf"]["kv"])
+    assert not any(name.startswith("split.") for name in gguf_pkg.GGUFReader(str(out)).fields)
+
+
 def test_gguf_split_output_the_llama_cpp_way(src, tmp_path):
     import gguf as gguf_pkg
 

@@ -597,6 +597,17 @@ def _read_splits(path: str, hdr: GGUFHeader, unsupported: str):
     return Model(tensors, {**meta, "gguf": g}, path=files[0], closers=closers)
 
 
+def one_file(metadata: dict | None) -> dict | None:
+    """`metadata` for a GGUF written as one file: without the split keys (`SPLIT_KEYS`), which describe
+    a set of split files and which the writer of splits sets itself. Kept, they made a file that says it
+    is split k of n, which readers (quantfmt's, llama.cpp's) then look for its siblings for."""
+    g = (metadata or {}).get("gguf") if isinstance(metadata, dict) else None
+    if not isinstance(g, dict) or not isinstance(g.get("kv"), list):
+        return metadata
+    kv = [e for e in g["kv"] if not (isinstance(e, (list, tuple)) and e and e[0] in SPLIT_KEYS)]
+    return metadata if len(kv) == len(g["kv"]) else {**(metadata or {}), "gguf": {**g, "kv": kv}}
+
+
 class _OneSplit(str):
     """A split's path, read as one file (read_gguf does not follow split.count from it)."""
 
@@ -858,7 +869,7 @@ def write_gguf_plans(path, plans, *, metadata: dict | None = None, overwrite: bo
     the header is written from tags and shapes, then each tensor is produced and written in
     turn, so memory holds one tensor at a time. `progress(nbytes)` after each tensor."""
     file = str(path)
-    lay = gguf_layout(path, plans, metadata)
+    lay = gguf_layout(path, plans, one_file(metadata))
     by_name = {p.name: p for p in plans}
     with context(file=file), atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp, \
             open_for_write(tmp) as f:

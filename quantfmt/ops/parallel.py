@@ -431,12 +431,12 @@ def write_gguf_parallel(src, rep, out_path, plans: list[TensorPlan], sources: di
     heads whose q/k rows llama.cpp permutes, or 0); `extras`: GGUF name -> bytes the coordinator
     writes itself (small tensors the export adds). Split files: the first one (the key-values) is
     published last, and a rerun keeps the splits already complete."""
-    from ..io.gguf import gguf_layout, split_layouts
+    from ..io.gguf import gguf_layout, one_file, split_layouts
 
     inputs = [str(i) for i in inputs]
     steps = {s.name: s for s in rep.steps}
     if max_shard_size is None:
-        layouts = [(str(out_path), gguf_layout(out_path, plans, meta))]
+        layouts = [(str(out_path), gguf_layout(out_path, plans, one_file(meta)))]
     else:
         layouts = split_layouts(out_path, plans, meta, max_shard_size)
     files = []
