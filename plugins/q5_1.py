@@ -108,7 +108,9 @@ def _make_qkx3_ref(x: np.ndarray, wt: np.ndarray):
     mn = _first_extreme(x, x.min(axis=-1))
     mx = _first_extreme(x, x.max(axis=-1))
     sum_w = _acc(wt)
-    sum_x = _acc(wt * x)
+    # ggml starts this sum at w[0]*x[0], not at 0: a block whose weighted values are all -0.0 sums to -0.0
+    # (found by tests/test_ggml_new_formats.py's hypothesis test: then m's sign differed from the kernel's)
+    sum_x = np.add.accumulate(wt * x, axis=-1, dtype=np.float32)[..., -1]
     mn = np.where(mn > 0, np.float32(0), mn).astype(np.float32)
     flat = ~(mx > mn)  # max <= min: L = 0, d = 0, m = min
     mx = np.where(flat, mn + np.float32(1), mx).astype(np.float32)  # keeps skipped blocks finite

@@ -617,3 +617,16 @@ def test_weighted_q5_references_sum_from_positive_zero():
     for tag in ("Q5_0", "Q5_1"):
         ours = get_format(tag).quantize_weighted(w, qw)
         np.testing.assert_array_equal(ours, weighted_ref(tag, w, qw))
+
+
+def test_q5_1_weighted_sum_starts_at_the_first_product():
+    # found by test_quantize_hypothesis: every weighted value -0.0 (weight only on a -0.0 column). ggml's
+    # make_qkx3_quants starts sum_x at w[0]*x[0] = -0.0, so the block's m is -0.0 (0x8000); a reference that
+    # summed from +0.0 wrote +0.0. (ggml's C aborts on this block, in nearest_int: no oracle bytes.)
+    w = np.full((1, 32), -0.0, np.float32)
+    w[0, 1] = np.float32(-65.504)
+    qw = np.zeros(32, np.float32)
+    qw[0] = 1
+    ours = get_format("Q5_1").quantize_weighted(w, qw)
+    np.testing.assert_array_equal(ours, weighted_ref("Q5_1", w, qw))
+    assert ours[2:4].view("<u2")[0] == 0x8000
